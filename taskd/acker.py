@@ -1,0 +1,108 @@
+"""The acker: records the outcomes of finished jobs in Redis, many per script call."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable
+
+import anyio
+
+from taskd.store import Outcome, Store
+
+logger = logging.getLogger(__name__)
+
+# Most outcomes recorded by one script call: bounds how long the script blocks Redis.
+ACK_BATCH = 500
+# Pause after a failed ack (Redis down); the outcomes wait and are sent again.
+RETRY_DELAY = 0.5
+
+_Pending = tuple[str, Outcome, anyio.Event]
+
+
+class Acker:
+    """Groups outcomes that arrive while a previous ack is on the wire.
+
+    Under load, many jobs finish during one round trip; sending them together makes
+    the cost per job one script call divided by the batch, not one call each. When
+    idle, an outcome goes out at once.
+    """
+
+    def __init__(self, *, store: Store, daemon_id: str, clock: Callable[[], int]) -> None:
+        self._store = store
+        self._daemon_id = daemon_id
+        self._clock = clock
+        self._pending: list[_Pending] = []
+        self._has_work = anyio.Event()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    async def record(self, queue: str, outcome: Outcome) -> None:
+        """Queue one outcome and wait until Redis has it."""
+        done = anyio.Event()
+        self._pending.append((queue, outcome, done))
+        self._has_work.set()
+        await done.wait()
+
+    async def tick(self) -> int:
+        """Send one batch of pending outcomes; returns how many were sent."""
+        batch, self._pending = self._pending[:ACK_BATCH], self._pending[ACK_BATCH:]
+        by_queue: dict[str, list[_Pending]] = defaultdict(list)
+        for item in batch:
+            by_queue[item[0]].append(item)
+        sent = 0
+        try:
+            for queue, items in by_queue.items():
+                await self._send(queue, items)
+                sent += len(items)
+        except BaseException:
+            # Keep what was not sent, in order, for the next attempt.
+            unsent = [item for items in by_queue.values() for item in items][sent:]
+            self._pending[:0] = unsent
+            raise
+        return sent
+
+    async def run(self) -> None:
+        """Send outcomes as they arrive, until cancelled."""
+        failures = 0
+        while True:
+            if not self._pending:
+                self._has_work = anyio.Event()
+                await self._has_work.wait()
+            try:
+                await self.tick()
+                failures = 0
+            except Exception:
+                failures += 1
+                logger.log(
+                    logging.ERROR if failures == 1 else logging.DEBUG,
+                    "recording job outcomes failed; %d waiting, retrying",
+                    len(self._pending),
+                    exc_info=True,
+                )
+                await anyio.sleep(RETRY_DELAY)
+
+    async def flush(self) -> None:
+        """Send everything pending, retrying through errors (bounded by the caller)."""
+        while self._pending:
+            try:
+                await self.tick()
+            except Exception:
+                logger.warning("recording job outcomes failed at shutdown; retrying")
+                await anyio.sleep(RETRY_DELAY)
+
+    async def _send(self, queue: str, items: list[_Pending]) -> None:
+        outcomes = [outcome for _, outcome, _ in items]
+        recorded = await self._store.ack(queue, self._daemon_id, outcomes, self._clock())
+        if recorded < len(outcomes):
+            # The missing ones were returned to their queue while they ran; their newer
+            # attempt owns the record now.
+            logger.warning(
+                "%d finished jobs of queue %s were no longer this daemon's; outcome dropped",
+                len(outcomes) - recorded,
+                queue,
+            )
+        for _, _, done in items:
+            done.set()

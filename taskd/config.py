@@ -1,0 +1,465 @@
+"""The configuration: frozen dataclasses loaded from TOML, validated at start."""
+
+from __future__ import annotations
+
+import importlib
+import ipaddress
+import json
+import math
+import os
+import re
+import shutil
+import tomllib
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import date, datetime, time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+# Names of the jobs the daemon can run without any code of yours.
+BUILTINS = ("echo", "noop", "sleep", "fail")
+
+# Queue names go into Redis keys and hash tags, so braces and colons are out.
+_QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_HANDLER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+_PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_PYTHON_TARGET = re.compile(
+    r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII
+)
+_HOSTNAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
+_PORT = re.compile(r"[0-9]{1,5}")
+_DB_PATH = re.compile(r"/?|/[0-9]+")
+_BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+# Everything between "scheme://" and the last "@": user names and passwords.
+_USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^@]*@")
+
+_MAX_BODY = 1 << 30
+_WEEK = 7 * 24 * 3600.0
+_TOP_KEYS = ("server", "redis", "workers", "handlers")
+_SERVER_KEYS = ("listen", "max_body")
+_REDIS_KEYS = ("url", "prefix", "data_dir")
+_WORKERS_KEYS = ("concurrency", "queues", "shutdown_timeout", "heartbeat_interval", "dead_after")
+_KINDS = ("builtin", "python", "exec", "http")
+_HANDLER_KEYS = (*_KINDS, "queue", "timeout", "concurrency")
+_NO_HANDLERS = 'at least one handler is required, e.g. [handlers.echo] builtin = "echo"'
+_QUEUE_RULE = "1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
+_HANDLER_RULE = "1-128 letters, digits, '_', '.', ':' or '-', starting with a letter or digit"
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; carries every problem found."""
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        # Both go to Exception so the error survives pickling (e.g. across processes).
+        super().__init__(source, problems)
+        self.source = source
+        self.problems = list(problems)
+
+    def __str__(self) -> str:
+        return "\n".join(f"{self.source}: {problem}" for problem in self.problems)
+
+
+@dataclass(frozen=True, slots=True)
+class ServerConfig:
+    """The HTTP API: where it listens and how large a request it takes."""
+
+    listen: str = "127.0.0.1:7700"
+    max_body: int = 1_048_576
+    host: str | None = "127.0.0.1"
+    port: int | None = 7700
+    unix_path: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class RedisConfig:
+    """Which Redis holds the queues, and the prefix of every key taskd writes."""
+
+    url: str = "embedded"
+    prefix: str = "taskd"
+    data_dir: Path = Path("var")
+
+    @property
+    def embedded(self) -> bool:
+        """Whether taskd starts its own private redis-server."""
+        return self.url == "embedded"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkersConfig:
+    """How many jobs this daemon runs, from which queues, and its liveness timing."""
+
+    concurrency: int = 100
+    queues: tuple[str, ...] = ("default",)
+    shutdown_timeout: float = 30.0
+    heartbeat_interval: float = 5.0
+    dead_after: float = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class HandlerConfig:
+    """How jobs of one type are run; exactly one of builtin, python, exec, http is set."""
+
+    name: str
+    kind: str
+    builtin: str | None = None
+    python: str | None = None
+    exec: tuple[str, ...] | None = None
+    http: str | None = None
+    queue: str = "default"
+    timeout: float = 1800.0
+    concurrency: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    """The whole configuration of one daemon."""
+
+    server: ServerConfig
+    redis: RedisConfig
+    workers: WorkersConfig
+    handlers: Mapping[str, HandlerConfig]
+    source: str = "<config>"
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a TOML config file; raise ConfigError listing every problem."""
+    source = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(source, [f"cannot read file: {e.strerror or e}"]) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, [f"not valid UTF-8: {e}"]) from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, [f"invalid TOML: {e}"]) from e
+    return parse(data, source=source, env=env)
+
+
+def parse(
+    data: Mapping[str, Any], *, source: str = "<config>", env: Mapping[str, str] | None = None
+) -> Config:
+    """Validate already-parsed TOML data; raise ConfigError listing every problem."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    root = _Table(data, "", _TOP_KEYS, problems)
+    server = _server(root.table("server", _SERVER_KEYS))
+    redis = _redis(root.table("redis", _REDIS_KEYS), env.get("TASKD_REDIS_URL", ""))
+    workers = _workers(root.table("workers", _WORKERS_KEYS))
+    handlers = _handlers(root, problems)
+    if problems:
+        raise ConfigError(source, problems)
+    return Config(server, redis, workers, types.MappingProxyType(handlers), source)
+
+
+class _Table:
+    """One TOML table being read: typed getters that note problems under key paths."""
+
+    def __init__(
+        self, data: Mapping[str, Any], path: str, known: tuple[str, ...], problems: list[str]
+    ) -> None:
+        self.data = data
+        self.path = path
+        self.problems = problems
+        self.bad: set[str] = set()  # keys already reported, so checks across keys skip them
+        for key in data:
+            if key not in known:
+                problems.append(f"{self.key(key)}: unknown key (known: {', '.join(known)})")
+
+    def key(self, name: str) -> str:
+        return _join(self.path, name)
+
+    def problem(self, name: str, text: str, *, suffix: str = "") -> None:
+        self.bad.add(name)
+        self.problems.append(f"{self.key(name)}{suffix}: {text}")
+
+    def table(self, name: str, known: tuple[str, ...]) -> _Table:
+        value = self.data.get(name, {})
+        if not isinstance(value, Mapping):
+            self.problem(name, f"must be a table, got {_describe(value)}")
+            value = {}
+        return _Table(value, self.key(name), known, self.problems)
+
+    def integer(self, name: str, default: int, low: int, high: int | None = None) -> int:
+        value = self.data.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int):
+            self.problem(name, f"must be an integer, got {_describe(value)}")
+            return default
+        if value < low or (high is not None and value > high):
+            span = f"from {low} to {high}" if high is not None else f"of at least {low}"
+            self.problem(name, f"must be an integer {span}, got {value}")
+            return default
+        return value
+
+    def seconds(self, name: str, default: float, most: float | None = None) -> float:
+        value = self.data.get(name, default)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            self.problem(name, f"must be a number of seconds, got {_describe(value)}")
+            return default
+        try:
+            seconds = float(value)
+        except OverflowError:
+            seconds = math.inf
+        if not (math.isfinite(seconds) and seconds > 0 and (most is None or seconds <= most)):
+            span = "greater than 0" + (f" and at most {most:g}" if most is not None else "")
+            self.problem(name, f"must be a number of seconds {span}, got {value}")
+            return default
+        return seconds
+
+    def string(self, name: str, default: str) -> str:
+        value = self.data.get(name, default)
+        if not isinstance(value, str):
+            self.problem(name, f"must be a string, got {_describe(value)}")
+            return default
+        return value
+
+    def strings(self, name: str, default: tuple[str, ...], what: str) -> tuple[str, ...]:
+        value = self.data.get(name, default)
+        if not isinstance(value, list | tuple) or not value:
+            self.problem(name, f"must be a non-empty array of {what}, got {_describe(value)}")
+            return default
+        for i, item in enumerate(value):
+            if not isinstance(item, str) or not item:
+                self.problem(
+                    name, f"must be a non-empty string, got {_describe(item)}", suffix=f"[{i}]"
+                )
+        return default if name in self.bad else tuple(value)
+
+
+def _server(t: _Table) -> ServerConfig:
+    default = ServerConfig()
+    listen = t.string("listen", default.listen)
+    max_body = t.integer("max_body", default.max_body, 1, _MAX_BODY)
+    try:
+        host, port, unix_path = _parse_listen(listen)
+    except ValueError as e:
+        t.problem("listen", str(e))
+        return default
+    return ServerConfig(listen, max_body, host, port, unix_path)
+
+
+def _parse_listen(listen: str) -> tuple[str | None, int | None, str | None]:
+    """Split "host:port", "[v6]:port" or "unix:/path" into (host, port, unix_path)."""
+    if listen.startswith("unix:"):
+        path = listen.removeprefix("unix:")
+        if not path.startswith("/"):
+            raise ValueError(f"unix socket path must be absolute, got {listen!r}")
+        return None, None, path
+    bad = ValueError(f"expected host:port or unix:/path, got {listen!r}")
+    host, _, port_text = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise bad from None
+    elif not _HOSTNAME.fullmatch(host):
+        raise bad  # also a bare IPv6 address, whose colons make the port ambiguous
+    if not _PORT.fullmatch(port_text):
+        raise bad
+    port = int(port_text)
+    if port > 65535:
+        raise ValueError(f"port must be from 0 to 65535, got {listen!r}")
+    return host, port, None
+
+
+def _redis(t: _Table, env_url: str) -> RedisConfig:
+    default = RedisConfig()
+    url = t.string("url", default.url)
+    if "url" not in t.bad and (problem := _redis_url_problem(url)):
+        t.problem("url", problem)
+    if env_url:
+        url = env_url
+        if problem := _redis_url_problem(url):
+            t.problem("url", problem, suffix=" (from TASKD_REDIS_URL)")
+    prefix = t.string("prefix", default.prefix)
+    if "prefix" not in t.bad and not _PREFIX.fullmatch(prefix):
+        t.problem("prefix", f"must be 1-64 letters, digits, '_', '.' or '-', got {prefix!r}")
+    data_dir = t.string("data_dir", str(default.data_dir))
+    if "data_dir" not in t.bad and not data_dir:
+        t.problem("data_dir", "must not be empty")
+    return RedisConfig(url, prefix, Path(data_dir))
+
+
+def _redis_url_problem(url: str) -> str | None:
+    if url == "embedded":
+        return None
+    shown = _redact(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError as e:
+        return f"invalid URL {shown!r}: {e}"
+    if parts.scheme in ("redis", "rediss"):
+        if not parts.hostname:
+            return f"a {parts.scheme}:// URL needs a host, got {shown!r}"
+        if not _DB_PATH.fullmatch(parts.path):
+            return f"the database must be a number, as in redis://host:6379/0, got {shown!r}"
+        return None
+    if parts.scheme == "unix":
+        if not parts.path:
+            return f"a unix:// URL needs a socket path, as in unix:///run/redis.sock, got {shown!r}"
+        return None
+    return f'must be "embedded" or a redis://, rediss:// or unix:// URL, got {shown!r}'
+
+
+def _workers(t: _Table) -> WorkersConfig:
+    default = WorkersConfig()
+    concurrency = t.integer("concurrency", default.concurrency, 1, 100_000)
+    queues = t.strings("queues", default.queues, "queue names")
+    if "queues" not in t.bad:
+        _check_queue_names(t, queues)
+    shutdown_timeout = t.seconds("shutdown_timeout", default.shutdown_timeout)
+    heartbeat = t.seconds("heartbeat_interval", default.heartbeat_interval)
+    dead_after = t.seconds("dead_after", default.dead_after)
+    # Fewer than two missed heartbeats would declare a merely slow daemon dead.
+    if not t.bad & {"heartbeat_interval", "dead_after"} and dead_after < 2 * heartbeat:
+        t.problem(
+            "dead_after",
+            f"must be at least 2 x {t.key('heartbeat_interval')} ({2 * heartbeat:g}), "
+            f"got {dead_after:g}",
+        )
+    return WorkersConfig(concurrency, queues, shutdown_timeout, heartbeat, dead_after)
+
+
+def _check_queue_names(t: _Table, queues: tuple[str, ...]) -> None:
+    seen: set[str] = set()
+    for i, queue in enumerate(queues):
+        if not _QUEUE_NAME.fullmatch(queue):
+            t.problem("queues", f"invalid queue name {queue!r}: use {_QUEUE_RULE}", suffix=f"[{i}]")
+        elif queue in seen:
+            t.problem("queues", f"duplicate queue name {queue!r}", suffix=f"[{i}]")
+        seen.add(queue)
+
+
+def _handlers(root: _Table, problems: list[str]) -> dict[str, HandlerConfig]:
+    raw = root.data.get("handlers", {})
+    if not isinstance(raw, Mapping):
+        root.problem("handlers", f"must be a table, got {_describe(raw)}")
+        return {}
+    if not raw:
+        root.problem("handlers", _NO_HANDLERS)
+    handlers: dict[str, HandlerConfig] = {}
+    for name, spec in raw.items():
+        path = _join("handlers", name)
+        if not _HANDLER_NAME.fullmatch(name):
+            problems.append(f"{path}: invalid handler name: use {_HANDLER_RULE}")
+        if not isinstance(spec, Mapping):
+            problems.append(f"{path}: must be a table, got {_describe(spec)}")
+            continue
+        handlers[name] = _handler(name, _Table(spec, path, _HANDLER_KEYS, problems))
+    return handlers
+
+
+def _handler(name: str, t: _Table) -> HandlerConfig:
+    given = [kind for kind in _KINDS if kind in t.data]
+    if len(given) != 1:
+        got = " and ".join(given) or "none"
+        t.problems.append(f"{t.path}: give exactly one of {', '.join(_KINDS)} (got {got})")
+    builtin = _builtin(t) if "builtin" in t.data else None
+    python = _python(t) if "python" in t.data else None
+    argv = _exec(t) if "exec" in t.data else None
+    http = _http(t) if "http" in t.data else None
+    queue = t.string("queue", "default")
+    if "queue" not in t.bad and not _QUEUE_NAME.fullmatch(queue):
+        t.problem("queue", f"invalid queue name {queue!r}: use {_QUEUE_RULE}")
+    timeout = t.seconds("timeout", 1800.0, most=_WEEK)
+    concurrency = t.integer("concurrency", 0, 1) if "concurrency" in t.data else None
+    kind = given[0] if len(given) == 1 else ""
+    return HandlerConfig(name, kind, builtin, python, argv, http, queue, timeout, concurrency)
+
+
+def _builtin(t: _Table) -> str:
+    builtin = t.string("builtin", "")
+    if "builtin" not in t.bad and builtin not in BUILTINS:
+        t.problem("builtin", f"unknown builtin {builtin!r} (known: {', '.join(BUILTINS)})")
+    return builtin
+
+
+def _python(t: _Table) -> str:
+    target = t.string("python", "")
+    if "python" in t.bad:
+        return target
+    if not _PYTHON_TARGET.fullmatch(target):
+        t.problem("python", f"must look like 'package.module:function', got {target!r}")
+        return target
+    module_name, _, qualname = target.partition(":")
+    # Importing now turns a typo into a refusal to start, not a failure per job.
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        t.problem("python", f"cannot import module {module_name!r}: {e}")
+    except Exception as e:
+        t.problem("python", f"cannot import module {module_name!r}: {type(e).__name__}: {e}")
+    else:
+        found: Any = module
+        for attr in qualname.split("."):  # "module:Class.method" names a method
+            found = getattr(found, attr, None)
+        if not callable(found):
+            t.problem("python", f"module {module_name!r} has no callable {qualname!r}")
+    return target
+
+
+def _exec(t: _Table) -> tuple[str, ...]:
+    argv = t.strings("exec", (), "strings (the program and its arguments)")
+    if "exec" in t.bad:
+        return argv
+    program = argv[0]
+    if os.path.isabs(program):
+        found = os.path.isfile(program) and os.access(program, os.X_OK)
+    elif "/" in program or os.sep in program:
+        # A relative path would depend on the working directory of whoever starts taskd.
+        t.problem("exec", f"program must be an absolute path or a name on PATH, got {program!r}")
+        return argv
+    else:
+        found = shutil.which(program) is not None
+    if not found:
+        t.problem("exec", f"program {program!r} not found or not executable")
+    return argv
+
+
+def _http(t: _Table) -> str:
+    url = t.string("http", "")
+    if "http" in t.bad:
+        return url
+    try:
+        parts = urlsplit(url)
+        ok = parts.scheme in ("http", "https") and bool(parts.hostname)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError:
+        ok = False
+    if not ok:
+        t.problem("http", f"must be an http:// or https:// URL with a host, got {_redact(url)!r}")
+    return url
+
+
+def _join(path: str, key: str) -> str:
+    """A key path as TOML would spell it, quoting keys that are not bare."""
+    key = str(key)
+    part = key if _BARE_KEY.fullmatch(key) else json.dumps(key, ensure_ascii=False)
+    return f"{path}.{part}" if path else part
+
+
+def _describe(value: Any) -> str:
+    """A value as a TOML user knows it, for "got ..." in messages."""
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, int | float):
+        return f"{'integer' if isinstance(value, int) else 'float'} {value}"
+    if isinstance(value, str):
+        shown = repr(value) if len(value) <= 60 else repr(value[:57] + "...")
+        return f"string {shown}"
+    if isinstance(value, Mapping):
+        return "table"
+    if isinstance(value, list | tuple):
+        return "array"
+    if isinstance(value, datetime | date | time):
+        return f"datetime {value.isoformat()}"
+    return type(value).__name__
+
+
+def _redact(url: str) -> str:
+    # Error messages end up in logs; passwords in URLs must not.
+    return _USERINFO.sub(r"\1***@", url)

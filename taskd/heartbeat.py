@@ -1,0 +1,92 @@
+"""The heartbeat: registers this daemon in Redis and refreshes its record while it lives."""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import socket
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import anyio
+
+from taskd.jobs import now_ms
+from taskd.store import DaemonInfo, Store
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """Who this daemon is; the id names its in-flight keys in Redis."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: int
+
+    @classmethod
+    def create(cls, clock: Callable[[], int] = now_ms) -> Identity:
+        host, pid = socket.gethostname(), os.getpid()
+        # The random part keeps a restarted daemon (same host, reused pid) apart from the
+        # record its dead predecessor left behind.
+        return cls(
+            id=f"{host}-{pid}-{secrets.token_hex(3)}", host=host, pid=pid, started_at=clock()
+        )
+
+
+class Heartbeat:
+    """Writes this daemon's record every `interval` seconds."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        identity: Identity,
+        concurrency: int,
+        queues: Sequence[str],
+        active: Callable[[], int],
+        interval: float,
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self._store = store
+        self._identity = identity
+        self._concurrency = concurrency
+        self._queues = tuple(queues)
+        self._active = active
+        self._interval = interval
+        self._clock = clock
+
+    async def tick(self) -> None:
+        """Write the record once, with the current time and active job count."""
+        me = self._identity
+        await self._store.register_daemon(
+            DaemonInfo(
+                id=me.id,
+                host=me.host,
+                pid=me.pid,
+                started_at=me.started_at,
+                concurrency=self._concurrency,
+                queues=self._queues,
+                active=self._active(),
+                last_heartbeat=self._clock(),
+            )
+        )
+
+    async def run(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Register (failing loudly if Redis is unreachable at start), then beat until cancelled."""
+        await self.tick()
+        task_status.started()
+        while True:
+            await anyio.sleep(self._interval)
+            try:
+                await self.tick()
+            except Exception:
+                logger.warning("heartbeat failed; retrying in %g s", self._interval, exc_info=True)
+
+    async def deregister(self) -> None:
+        """Remove this daemon's record (at a clean shutdown)."""
+        await self._store.deregister_daemon(self._identity.id)

@@ -1,0 +1,124 @@
+"""The job record: its fields, its states, its ids and how it is shown to people."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+
+# States a job moves through. `scheduled` and `cancelled` are reserved for
+# delayed jobs, retries and cancelling; the store already treats them as states.
+QUEUED = "queued"
+SCHEDULED = "scheduled"
+ACTIVE = "active"
+COMPLETED = "completed"
+FAILED = "failed"
+CANCELLED = "cancelled"
+STATES = (QUEUED, SCHEDULED, ACTIVE, COMPLETED, FAILED, CANCELLED)
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """One job as stored in Redis; times are epoch milliseconds."""
+
+    id: str
+    type: str
+    queue: str
+    payload: Any
+    state: str
+    attempts: int
+    created_at: int
+    started_at: int | None = None
+    finished_at: int | None = None
+    result: Any = None
+    error: str | None = None
+
+    @classmethod
+    def from_fields(cls, fields: dict[bytes, bytes]) -> Job:
+        """Build a job from the fields of its Redis hash."""
+        f = {k.decode(): v for k, v in fields.items()}
+        return cls(
+            id=f["id"].decode(),
+            type=f["type"].decode(),
+            queue=f["queue"].decode(),
+            payload=orjson.loads(f["payload"]),
+            state=f["state"].decode(),
+            attempts=int(f.get("attempts", b"0")),
+            created_at=int(f["created_at"]),
+            started_at=_opt_int(f.get("started_at")),
+            finished_at=_opt_int(f.get("finished_at")),
+            result=orjson.loads(f["result"]) if f.get("result") else None,
+            error=f["error"].decode() if f.get("error") else None,
+        )
+
+    def to_public(self) -> dict[str, Any]:
+        """The job as the HTTP API shows it: RFC 3339 times, nothing internal."""
+        return {
+            "id": self.id,
+            "type": self.type,
+            "queue": self.queue,
+            "state": self.state,
+            "payload": self.payload,
+            "attempts": self.attempts,
+            "created_at": format_ms(self.created_at),
+            "started_at": format_ms(self.started_at),
+            "finished_at": format_ms(self.finished_at),
+            "result": self.result,
+            "error": self.error,
+        }
+
+
+def _opt_int(raw: bytes | None) -> int | None:
+    return int(raw) if raw else None
+
+
+def format_ms(ms: int | None) -> str | None:
+    """Epoch milliseconds as an RFC 3339 UTC time with milliseconds."""
+    if ms is None:
+        return None
+    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def now_ms() -> int:
+    """The wall clock in epoch milliseconds (what job timestamps use)."""
+    return time.time_ns() // 1_000_000
+
+
+class _IdGenerator:
+    """UUIDv7 ids (RFC 9562): time-ordered, so ids sort by creation time.
+
+    Within one millisecond the 12-bit sequence field counts up, so ids made by
+    one process stay strictly increasing; the 62 random bits keep ids of
+    different daemons apart.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last_ms = 0
+        self._seq = 0
+
+    def __call__(self) -> str:
+        with self._lock:
+            ms = now_ms()
+            if ms <= self._last_ms:
+                self._seq += 1
+                if self._seq > 0xFFF:  # sequence exhausted: borrow the next millisecond
+                    self._last_ms += 1
+                    self._seq = 0
+                ms = self._last_ms
+            else:
+                self._last_ms, self._seq = ms, 0
+            seq = self._seq
+        rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+        value = (ms << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | rand
+        h = f"{value:032x}"
+        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+new_id = _IdGenerator()

@@ -1,0 +1,67 @@
+"""Every Redis key name taskd uses, built in one place.
+
+All keys of one queue carry the queue's name as their hash tag (`taskd:{images}:ready`),
+so that one queue lives on one Redis Cluster slot and every script touching a queue
+stays on one shard. Keys that belong to no queue share the tag `{prefix:global}`; queue
+names cannot contain a colon, so no queue shares that slot by accident.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True, slots=True)
+class Keys:
+    """Key builders for one prefix."""
+
+    prefix: str
+
+    # Keys of one queue.
+
+    def ready(self, queue: str) -> str:
+        """List of ids waiting to run; pushed on the left, taken from the right (FIFO)."""
+        return f"{self.prefix}:{{{queue}}}:ready"
+
+    def job_prefix(self, queue: str) -> str:
+        """Prefix of job hashes; Lua scripts append the id to it."""
+        return f"{self.prefix}:{{{queue}}}:job:"
+
+    def job(self, queue: str, job_id: str) -> str:
+        """Hash holding one job's record."""
+        return self.job_prefix(queue) + job_id
+
+    def landing(self, queue: str, daemon_id: str) -> str:
+        """List a daemon's blocking fetch moves one id into (BLMOVE needs a list)."""
+        return f"{self.prefix}:{{{queue}}}:landing:{daemon_id}"
+
+    def active(self, queue: str, daemon_id: str) -> str:
+        """Sorted set of the ids a daemon runs, scored by start time (its in-flight set)."""
+        return f"{self.prefix}:{{{queue}}}:active:{daemon_id}"
+
+    def completed(self, queue: str) -> str:
+        """Sorted set of completed ids, scored by finish time."""
+        return f"{self.prefix}:{{{queue}}}:completed"
+
+    def failed(self, queue: str) -> str:
+        """Sorted set of failed ids, scored by finish time."""
+        return f"{self.prefix}:{{{queue}}}:failed"
+
+    # Keys of the whole installation.
+
+    def _global(self, name: str) -> str:
+        return f"{self.prefix}:{{{self.prefix}:global}}:{name}"
+
+    @property
+    def daemons(self) -> str:
+        """Sorted set of daemon ids, scored by their last heartbeat."""
+        return self._global("daemons")
+
+    def daemon(self, daemon_id: str) -> str:
+        """Hash describing one daemon (host, pid, concurrency, queues, active jobs)."""
+        return self._global(f"daemon:{daemon_id}")
+
+    @property
+    def queues(self) -> str:
+        """Set of every queue name any daemon has served or enqueued to."""
+        return self._global("queues")

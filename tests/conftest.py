@@ -1,0 +1,60 @@
+"""Shared fixtures: one real redis-server for the session, a clean database per test."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+
+import pytest
+from redis import Redis
+from redis.asyncio import Redis as AsyncRedis
+
+from taskd.embedded import EmbeddedRedisError, RedisServer
+
+
+def _free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (another process may still take it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@pytest.fixture(scope="session")
+def free_port() -> Callable[[], int]:
+    """Call it for a free TCP port, e.g. for a daemon a test starts."""
+    return _free_port
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """The session's redis-server on TCP; no AOF, since no test restarts this one."""
+    data_dir = tmp_path_factory.mktemp("redis")
+    # The port is only free until someone binds it: on a clash Redis fails to
+    # bind and start() raises, so try again on another port.
+    for attempt in range(5):
+        server = RedisServer(data_dir=data_dir, port=_free_port(), appendonly=False)
+        try:
+            server.start(timeout=30)
+            break
+        except EmbeddedRedisError:
+            if attempt == 4:
+                raise
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> str:
+    """URL of the session server, flushed so every test starts with an empty database."""
+    with Redis.from_url(redis_server.url) as client:
+        client.flushall()
+    return redis_server.url
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[AsyncRedis]:
+    """An asyncio client on the clean database, closed after the test."""
+    client = AsyncRedis.from_url(redis_url)
+    yield client
+    await client.aclose()

@@ -1,0 +1,79 @@
+"""Python job handlers that the handler tests name in their configs."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import anyio
+
+from taskd.handlers import JobFailed
+from taskd.jobs import Job
+
+
+async def add(job: Job) -> dict[str, Any]:
+    return {"sum": job.payload["a"] + job.payload["b"]}
+
+
+def where_am_i(job: Job) -> dict[str, Any]:
+    """Sync: reports whether it ran off the event loop's thread."""
+    return {"in_worker_thread": threading.current_thread() is not threading.main_thread()}
+
+
+async def explode(job: Job) -> None:
+    raise ValueError("bad input")
+
+
+def explode_sync(job: Job) -> None:
+    raise KeyError("missing")
+
+
+async def own_timeout(job: Job) -> None:
+    raise TimeoutError("upstream took too long")
+
+
+async def fail_cleanly(job: Job) -> None:
+    raise JobFailed("a message of the handler's own")
+
+
+async def not_json(job: Job) -> object:
+    return object()
+
+
+class Gauge:
+    """How many `gated` runs are inside at once, and the most there ever were."""
+
+    def __init__(self) -> None:
+        self.running = 0
+        self.peak = 0
+        self.gate = anyio.Event()
+
+
+GAUGE = Gauge()
+
+
+def reset_gauge() -> Gauge:
+    global GAUGE
+    GAUGE = Gauge()
+    return GAUGE
+
+
+async def gated(job: Job) -> Any:
+    """Count itself in, wait for the test to open the gate, then return the payload."""
+    gauge = GAUGE
+    gauge.running += 1
+    gauge.peak = max(gauge.peak, gauge.running)
+    try:
+        await gauge.gate.wait()
+    finally:
+        gauge.running -= 1
+    return job.payload
+
+
+RELEASE = threading.Event()
+
+
+def blocking(job: Job) -> str:
+    """Sync and uninterruptible: blocks its thread until the test sets RELEASE."""
+    RELEASE.wait(timeout=60)
+    return "released"

@@ -1,0 +1,7 @@
+#!/usr/bin/env python3
+"""Die of SIGKILL sent to itself."""
+
+import os
+import signal
+
+os.kill(os.getpid(), signal.SIGKILL)

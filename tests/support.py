@@ -1,0 +1,174 @@
+"""Test helpers: configs, daemons run in-process or as real processes, polling with deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+
+from taskd.config import Config, parse
+from taskd.daemon import Daemon
+from taskd.handlers import Handlers
+from taskd.store import Store
+
+REPO = Path(__file__).resolve().parent.parent
+
+# Generous: a loaded 2-core CI machine can stall a process for seconds.
+DEADLINE = 20.0
+
+BUILTINS = {name: {"builtin": name} for name in ("echo", "noop", "sleep", "fail")}
+
+
+def make_config(redis_url: str, **sections: Mapping[str, Any]) -> Config:
+    """A config on the test Redis: builtin handlers, intake on a free port, fast heartbeats."""
+    data: dict[str, Any] = {
+        "server": {"listen": "127.0.0.1:0"},
+        "redis": {"url": redis_url},
+        "workers": {
+            "concurrency": 10,
+            "heartbeat_interval": 0.5,
+            "dead_after": 5,
+            "shutdown_timeout": 1,
+        },
+        "handlers": dict(BUILTINS),
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return parse(data, env={})
+
+
+def base_url(daemon: Daemon) -> str:
+    host, port = daemon.intake.addresses[0][:2]
+    return f"http://{host}:{port}"
+
+
+@asynccontextmanager
+async def running_daemon(config: Config) -> AsyncIterator[Daemon]:
+    """A daemon in this process, started and ready; stopped gracefully on exit.
+
+    The daemon runs in a task of its own: pytest-asyncio sets fixtures up and tears them
+    down in different tasks, and an anyio task group must be left in the task that
+    entered it.
+    """
+    started: asyncio.Future[Daemon] = asyncio.get_running_loop().create_future()
+
+    async def serve() -> None:
+        store = Store.from_url(
+            config.redis.url,
+            prefix=config.redis.prefix,
+            blocking_connections=len(config.workers.queues),
+        )
+        try:
+            async with Handlers(config.handlers) as handlers:
+                daemon = Daemon(config=config, store=store, handlers=handlers)
+                async with anyio.create_task_group() as tg:
+                    await tg.start(daemon.run)
+                    started.set_result(daemon)
+        finally:
+            await store.close()
+
+    task = asyncio.create_task(serve())
+    done, _ = await asyncio.wait([started, task], return_when=asyncio.FIRST_COMPLETED)
+    if task in done:
+        task.result()  # raises what stopped start-up
+    daemon = started.result()
+    try:
+        yield daemon
+    finally:
+        daemon.stop()
+        await task
+
+
+async def wait_until(
+    predicate: Callable[[], Awaitable[bool]], what: str, deadline: float = DEADLINE
+) -> None:
+    """Poll `predicate` until it holds; fail naming `what` after `deadline` seconds."""
+    end = time.monotonic() + deadline
+    while not await predicate():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out after {deadline} s waiting for {what}")
+        await anyio.sleep(0.01)
+
+
+async def get_json(session: aiohttp.ClientSession, url: str) -> tuple[int, Any]:
+    async with session.get(url) as response:
+        return response.status, await response.json()
+
+
+async def post_json(session: aiohttp.ClientSession, url: str, body: Any) -> tuple[int, Any]:
+    async with session.post(url, json=body) as response:
+        return response.status, await response.json()
+
+
+async def wait_for_state(
+    session: aiohttp.ClientSession, url: str, job_id: str, states: set[str]
+) -> dict[str, Any]:
+    """Poll GET /jobs/ID until the job is in one of `states`; return it."""
+    job: dict[str, Any] = {}
+
+    async def reached() -> bool:
+        nonlocal job
+        _, job = await get_json(session, f"{url}/jobs/{job_id}")
+        return job.get("state") in states
+
+    await wait_until(reached, f"job {job_id} to reach {states}")
+    return job
+
+
+class DaemonProcess:
+    """A taskd daemon as a real child process, as a user runs it."""
+
+    def __init__(self, args: list[str], *, cwd: Path, env: Mapping[str, str] | None = None) -> None:
+        self.log = cwd / f"taskd-{len(list(cwd.glob('taskd-*.log')))}.log"
+        self._log_file = self.log.open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "taskd", *args],
+            cwd=cwd,
+            env={**os.environ, **(env or {})},
+            stdout=self._log_file,
+            stderr=subprocess.STDOUT,
+        )
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def signal(self, signum: int = signal.SIGTERM) -> None:
+        self.proc.send_signal(signum)
+
+    def wait(self, deadline: float = DEADLINE) -> int:
+        try:
+            return self.proc.wait(timeout=deadline)
+        finally:
+            self._log_file.close()
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self._log_file.close()
+
+
+async def wait_healthy(url: str, process: DaemonProcess) -> None:
+    """Wait until the daemon's /health answers 200 (failing early if it exited)."""
+    async with aiohttp.ClientSession() as session:
+
+        async def healthy() -> bool:
+            if process.proc.poll() is not None:
+                raise AssertionError(f"daemon exited early:\n{process.output()}")
+            try:
+                async with session.get(f"{url}/health") as response:
+                    return response.status == 200
+            except aiohttp.ClientError:
+                return False
+
+        await wait_until(healthy, f"{url}/health")

@@ -1,0 +1,661 @@
+"""Tests of the configuration loader: defaults, the shipped example, every validation rule."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import pickle
+import re
+import shutil
+import sys
+import tomllib
+import types
+from pathlib import Path
+
+import pytest
+
+from taskd import config
+from taskd.config import (
+    Config,
+    ConfigError,
+    HandlerConfig,
+    RedisConfig,
+    ServerConfig,
+    WorkersConfig,
+    load,
+    parse,
+)
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "taskd.toml"
+ECHO = '[handlers.echo]\nbuiltin = "echo"\n'
+
+
+def problems_of(text: str) -> list[str]:
+    """The problems parse() reports for a TOML text; a valid handler is added if none is given."""
+    if "[handlers" not in text and "handlers =" not in text:
+        text += "\n" + ECHO
+    with pytest.raises(ConfigError) as info:
+        parse(tomllib.loads(text), env={})
+    return info.value.problems
+
+
+def parse_text(text: str, env: dict[str, str] | None = None) -> Config:
+    return parse(tomllib.loads(text), env={} if env is None else env)
+
+
+# The shipped example
+
+
+def test_shipped_example_loads_and_documents_the_defaults() -> None:
+    cfg = load(EXAMPLE, env={})
+    assert cfg.source == str(EXAMPLE)
+    assert cfg.server == ServerConfig()
+    assert cfg.redis == RedisConfig()
+    assert cfg.workers == WorkersConfig()
+    assert list(cfg.handlers) == ["echo", "noop", "sleep", "fail"]
+    for name, handler in cfg.handlers.items():
+        assert handler == HandlerConfig(name=name, kind="builtin", builtin=name)
+
+
+def test_shipped_example_commented_handlers_are_well_formed() -> None:
+    # Uncommented, the examples fail only for the program and module that do not exist here.
+    text = EXAMPLE.read_text()
+    text = re.sub(r"(?m)^# (\[handlers\.[^\]]+\]|[a-z_]+ = .*)$", r"\1", text)
+    problems = problems_of(text)
+    assert problems == [
+        "handlers.thumbnail.exec: program '/usr/local/bin/make-thumbnail' "
+        "not found or not executable",
+        "handlers.send-email.python: cannot import module 'myapp.jobs': No module named 'myapp'",
+    ]
+
+
+# Defaults and the shape of the result
+
+
+def test_defaults() -> None:
+    cfg = parse({"handlers": {"echo": {"builtin": "echo"}}}, env={})
+    assert cfg.source == "<config>"
+    assert cfg.server == ServerConfig(
+        listen="127.0.0.1:7700", max_body=1_048_576, host="127.0.0.1", port=7700, unix_path=None
+    )
+    assert cfg.redis == RedisConfig(url="embedded", prefix="taskd", data_dir=Path("var"))
+    assert cfg.redis.embedded
+    assert cfg.workers == WorkersConfig(
+        concurrency=100,
+        queues=("default",),
+        shutdown_timeout=30.0,
+        heartbeat_interval=5.0,
+        dead_after=30.0,
+    )
+    echo = cfg.handlers["echo"]
+    assert echo == HandlerConfig(
+        name="echo",
+        kind="builtin",
+        builtin="echo",
+        python=None,
+        exec=None,
+        http=None,
+        queue="default",
+        timeout=1800.0,
+        concurrency=None,
+    )
+
+
+def test_result_is_immutable() -> None:
+    cfg = parse({"handlers": {"echo": {"builtin": "echo"}}}, env={})
+    assert isinstance(cfg.handlers, types.MappingProxyType)
+    with pytest.raises(TypeError):
+        cfg.handlers["x"] = cfg.handlers["echo"]  # type: ignore[index]
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.workers.concurrency = 1  # type: ignore[misc]
+
+
+def test_every_value_set() -> None:
+    cfg = parse_text(
+        """
+        [server]
+        listen = "0.0.0.0:8080"
+        max_body = 2048
+        [redis]
+        url = "rediss://:pw@redis.example.com:6380/2"
+        prefix = "taskd.staging"
+        data_dir = "/srv/taskd"
+        [workers]
+        concurrency = 8
+        queues = ["default", "images", "mail.v2"]
+        shutdown_timeout = 5
+        heartbeat_interval = 0.5
+        dead_after = 1
+        [handlers."thumb.v2:big"]
+        builtin = "sleep"
+        queue = "images"
+        timeout = 604800
+        concurrency = 4
+        """
+    )
+    assert cfg.server == ServerConfig("0.0.0.0:8080", 2048, "0.0.0.0", 8080, None)
+    assert cfg.redis == RedisConfig(
+        "rediss://:pw@redis.example.com:6380/2", "taskd.staging", Path("/srv/taskd")
+    )
+    assert not cfg.redis.embedded
+    assert cfg.workers == WorkersConfig(8, ("default", "images", "mail.v2"), 5.0, 0.5, 1.0)
+    assert isinstance(cfg.workers.shutdown_timeout, float)
+    handler = cfg.handlers["thumb.v2:big"]
+    assert (handler.queue, handler.timeout, handler.concurrency) == ("images", 604800.0, 4)
+    assert isinstance(handler.timeout, float)
+
+
+# Each kind of handler
+
+
+def test_builtin_handlers() -> None:
+    for name in config.BUILTINS:
+        cfg = parse({"handlers": {"j": {"builtin": name}}}, env={})
+        assert cfg.handlers["j"].kind == "builtin"
+        assert cfg.handlers["j"].builtin == name
+
+
+def test_python_handler() -> None:
+    cfg = parse({"handlers": {"dump": {"python": "json:dumps"}}}, env={})
+    handler = cfg.handlers["dump"]
+    assert (handler.kind, handler.python) == ("python", "json:dumps")
+    assert (handler.builtin, handler.exec, handler.http) == (None, None, None)
+
+
+def test_python_handler_in_a_package() -> None:
+    cfg = parse({"handlers": {"dump": {"python": "os.path:join"}}}, env={})
+    assert cfg.handlers["dump"].python == "os.path:join"
+
+
+def test_python_handler_dotted_attribute() -> None:
+    cfg = parse({"handlers": {"enc": {"python": "json:JSONEncoder.encode"}}}, env={})
+    assert cfg.handlers["enc"].python == "json:JSONEncoder.encode"
+
+
+def test_exec_handler_absolute_path() -> None:
+    cfg = parse({"handlers": {"run": {"exec": [sys.executable, "-c", "pass"]}}}, env={})
+    handler = cfg.handlers["run"]
+    assert handler.kind == "exec"
+    assert handler.exec == (sys.executable, "-c", "pass")
+
+
+@pytest.mark.skipif(shutil.which("sh") is None, reason="needs sh on PATH")
+def test_exec_handler_name_on_path() -> None:
+    cfg = parse({"handlers": {"run": {"exec": ["sh", "-c", "true"]}}}, env={})
+    assert cfg.handlers["run"].exec == ("sh", "-c", "true")
+
+
+def test_http_handler() -> None:
+    cfg = parse({"handlers": {"hook": {"http": "https://hooks.example.com:8443/x"}}}, env={})
+    handler = cfg.handlers["hook"]
+    assert (handler.kind, handler.http) == ("http", "https://hooks.example.com:8443/x")
+
+
+def test_handler_queue_need_not_be_served_here() -> None:
+    cfg = parse_text('[handlers.t]\nbuiltin = "noop"\nqueue = "elsewhere"\n')
+    assert cfg.handlers["t"].queue == "elsewhere"
+    assert cfg.workers.queues == ("default",)
+
+
+# TASKD_REDIS_URL
+
+
+def test_env_overrides_redis_url() -> None:
+    text = '[redis]\nurl = "redis://file:6379/0"\n' + ECHO
+    cfg = parse_text(text, env={"TASKD_REDIS_URL": "redis://env:6379/1"})
+    assert cfg.redis.url == "redis://env:6379/1"
+    assert not cfg.redis.embedded
+
+
+def test_empty_env_does_not_override() -> None:
+    cfg = parse_text('[redis]\nurl = "redis://file:6379/0"\n' + ECHO, env={"TASKD_REDIS_URL": ""})
+    assert cfg.redis.url == "redis://file:6379/0"
+
+
+def test_env_override_is_validated() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_text(ECHO, env={"TASKD_REDIS_URL": "http://nope"})
+    assert info.value.problems == [
+        'redis.url (from TASKD_REDIS_URL): must be "embedded" or a redis://, rediss:// '
+        "or unix:// URL, got 'http://nope'"
+    ]
+
+
+def test_load_passes_env(tmp_path: Path) -> None:
+    path = tmp_path / "taskd.toml"
+    path.write_text(ECHO)
+    cfg = load(path, env={"TASKD_REDIS_URL": "unix:///run/redis.sock"})
+    assert cfg.redis.url == "unix:///run/redis.sock"
+
+
+def test_env_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKD_REDIS_URL", "redis://from-environ:6379/0")
+    cfg = parse({"handlers": {"echo": {"builtin": "echo"}}})
+    assert cfg.redis.url == "redis://from-environ:6379/0"
+
+
+# Every validation rule, with the key path it is reported under
+
+INVALID = [
+    # server
+    ("[server]\nlisten = 7700\n", "server.listen: must be a string, got integer 7700"),
+    ('[server]\nlisten = "7700"\n', "server.listen: expected host:port or unix:/path, got '7700'"),
+    ('[server]\nlisten = "::1:7700"\n', "server.listen: expected host:port or unix:/path"),
+    ('[server]\nlisten = ":7700"\n', "server.listen: expected host:port or unix:/path"),
+    ('[server]\nlisten = "host:"\n', "server.listen: expected host:port or unix:/path"),
+    ('[server]\nlisten = "host:http"\n', "server.listen: expected host:port or unix:/path"),
+    ('[server]\nlisten = "bad host:80"\n', "server.listen: expected host:port or unix:/path"),
+    ('[server]\nlisten = "[nothost]:80"\n', "server.listen: expected host:port or unix:/path"),
+    ('[server]\nlisten = "h:70000"\n', "server.listen: port must be from 0 to 65535"),
+    ('[server]\nlisten = "unix:x.sock"\n', "server.listen: unix socket path must be absolute"),
+    ("[server]\nmax_body = 0\n", "server.max_body: must be an integer from 1 to 1073741824, got 0"),
+    ("[server]\nmax_body = 1073741825\n", "server.max_body: must be an integer from 1 to"),
+    ("[server]\nmax_body = 1.5\n", "server.max_body: must be an integer, got float 1.5"),
+    # redis
+    ('[redis]\nurl = "localhost:6379"\n', 'redis.url: must be "embedded" or a redis://'),
+    ('[redis]\nurl = "redis:///0"\n', "redis.url: a redis:// URL needs a host"),
+    ('[redis]\nurl = "rediss://"\n', "redis.url: a rediss:// URL needs a host"),
+    ('[redis]\nurl = "redis://h:port/0"\n', "redis.url: invalid URL 'redis://h:port/0'"),
+    ('[redis]\nurl = "redis://h:6379/db"\n', "redis.url: the database must be a number"),
+    ('[redis]\nurl = "unix://"\n', "redis.url: a unix:// URL needs a socket path"),
+    ("[redis]\nurl = []\n", "redis.url: must be a string, got array"),
+    ('[redis]\nprefix = ""\n', "redis.prefix: must be 1-64 letters"),
+    ('[redis]\nprefix = "a{b}"\n', "redis.prefix: must be 1-64 letters"),
+    ('[redis]\nprefix = "a:b"\n', "redis.prefix: must be 1-64 letters"),
+    (f'[redis]\nprefix = "{"p" * 65}"\n', "redis.prefix: must be 1-64 letters"),
+    ('[redis]\ndata_dir = ""\n', "redis.data_dir: must not be empty"),
+    ("[redis]\ndata_dir = 1\n", "redis.data_dir: must be a string, got integer 1"),
+    # workers
+    ("[workers]\nconcurrency = 0\n", "workers.concurrency: must be an integer from 1 to 100000"),
+    ("[workers]\nconcurrency = 100001\n", "workers.concurrency: must be an integer from 1 to"),
+    (
+        '[workers]\nconcurrency = "ten"\n',
+        "workers.concurrency: must be an integer, got string 'ten'",
+    ),
+    ("[workers]\nqueues = []\n", "workers.queues: must be a non-empty array of queue names"),
+    ('[workers]\nqueues = "default"\n', "workers.queues: must be a non-empty array"),
+    (
+        '[workers]\nqueues = ["a", 3]\n',
+        "workers.queues[1]: must be a non-empty string, got integer",
+    ),
+    ('[workers]\nqueues = ["a", ""]\n', "workers.queues[1]: must be a non-empty string"),
+    ('[workers]\nqueues = ["a b"]\n', "workers.queues[0]: invalid queue name 'a b'"),
+    ('[workers]\nqueues = ["{tag}"]\n', "workers.queues[0]: invalid queue name '{tag}'"),
+    ('[workers]\nqueues = ["a:b"]\n', "workers.queues[0]: invalid queue name 'a:b'"),
+    ('[workers]\nqueues = ["-a"]\n', "workers.queues[0]: invalid queue name '-a'"),
+    (f'[workers]\nqueues = ["{"q" * 65}"]\n', "workers.queues[0]: invalid queue name"),
+    ('[workers]\nqueues = ["a", "b", "a"]\n', "workers.queues[2]: duplicate queue name 'a'"),
+    ("[workers]\nshutdown_timeout = 0\n", "workers.shutdown_timeout: must be a number of seconds"),
+    ("[workers]\nshutdown_timeout = -1.5\n", "workers.shutdown_timeout: must be a number of"),
+    ("[workers]\nshutdown_timeout = inf\n", "workers.shutdown_timeout: must be a number of"),
+    ("[workers]\nshutdown_timeout = nan\n", "workers.shutdown_timeout: must be a number of"),
+    (
+        '[workers]\nshutdown_timeout = "30s"\n',
+        "workers.shutdown_timeout: must be a number of seconds, got string '30s'",
+    ),
+    ("[workers]\nheartbeat_interval = 0\n", "workers.heartbeat_interval: must be a number of"),
+    ("[workers]\ndead_after = 0\n", "workers.dead_after: must be a number of seconds"),
+    (
+        "[workers]\nheartbeat_interval = 10\ndead_after = 15\n",
+        "workers.dead_after: must be at least 2 x workers.heartbeat_interval (20), got 15",
+    ),
+    (
+        "[workers]\ndead_after = 9.5\n",
+        "workers.dead_after: must be at least 2 x workers.heartbeat_interval (10), got 9.5",
+    ),
+    # handlers: presence, names, kinds
+    (
+        "[handlers]\n",
+        'handlers: at least one handler is required, e.g. [handlers.echo] builtin = "echo"',
+    ),
+    ('handlers = "echo"\n', "handlers: must be a table, got string 'echo'"),
+    ('[handlers]\necho = "echo"\n', "handlers.echo: must be a table, got string 'echo'"),
+    ('[handlers."a b"]\nbuiltin = "echo"\n', 'handlers."a b": invalid handler name'),
+    ('[handlers."-x"]\nbuiltin = "echo"\n', "handlers.-x: invalid handler name"),
+    (f'[handlers.{"h" * 129}]\nbuiltin = "echo"\n', "invalid handler name"),
+    ("[handlers.x]\n", "handlers.x: give exactly one of builtin, python, exec, http (got none)"),
+    ('[handlers.x]\nqueue = "default"\n', "handlers.x: give exactly one of builtin, python"),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nhttp = "http://h/"\n',
+        "handlers.x: give exactly one of builtin, python, exec, http (got builtin and http)",
+    ),
+    # builtin
+    (
+        '[handlers.x]\nbuiltin = "shout"\n',
+        "handlers.x.builtin: unknown builtin 'shout' (known: echo",
+    ),
+    ("[handlers.x]\nbuiltin = true\n", "handlers.x.builtin: must be a string, got boolean true"),
+    # python
+    (
+        '[handlers.x]\npython = "json"\n',
+        "handlers.x.python: must look like 'package.module:function'",
+    ),
+    ('[handlers.x]\npython = "json:"\n', "handlers.x.python: must look like"),
+    ('[handlers.x]\npython = "json:a..b"\n', "handlers.x.python: must look like"),
+    (
+        '[handlers.x]\npython = "json:a.b"\n',
+        "handlers.x.python: module 'json' has no callable 'a.b'",
+    ),
+    ('[handlers.x]\npython = "1json:dumps"\n', "handlers.x.python: must look like"),
+    (
+        '[handlers.x]\npython = "no_such_module_xyz:f"\n',
+        "handlers.x.python: cannot import module 'no_such_module_xyz': "
+        "No module named 'no_such_module_xyz'",
+    ),
+    (
+        '[handlers.x]\npython = "json:nope"\n',
+        "handlers.x.python: module 'json' has no callable 'nope'",
+    ),
+    (
+        '[handlers.x]\npython = "json:__name__"\n',
+        "handlers.x.python: module 'json' has no callable",
+    ),
+    # exec
+    ("[handlers.x]\nexec = []\n", "handlers.x.exec: must be a non-empty array of strings"),
+    ('[handlers.x]\nexec = "/bin/true"\n', "handlers.x.exec: must be a non-empty array of strings"),
+    ('[handlers.x]\nexec = ["/bin/sh", ""]\n', "handlers.x.exec[1]: must be a non-empty string"),
+    ('[handlers.x]\nexec = ["/bin/sh", 1]\n', "handlers.x.exec[1]: must be a non-empty string"),
+    (
+        '[handlers.x]\nexec = ["/nonexistent/prog"]\n',
+        "handlers.x.exec: program '/nonexistent/prog' not found or not executable",
+    ),
+    (
+        '[handlers.x]\nexec = ["no-such-program-xyz"]\n',
+        "handlers.x.exec: program 'no-such-program-xyz' not found or not executable",
+    ),
+    ('[handlers.x]\nexec = ["./run.sh"]\n', "handlers.x.exec: program must be an absolute path"),
+    ('[handlers.x]\nexec = ["/"]\n', "handlers.x.exec: program '/' not found or not executable"),
+    # http
+    ('[handlers.x]\nhttp = "ftp://h/x"\n', "handlers.x.http: must be an http:// or https:// URL"),
+    ('[handlers.x]\nhttp = "https:///x"\n', "handlers.x.http: must be an http:// or https:// URL"),
+    ('[handlers.x]\nhttp = "example.com/x"\n', "handlers.x.http: must be an http:// or https://"),
+    ('[handlers.x]\nhttp = "http://h:port/x"\n', "handlers.x.http: must be an http:// or https://"),
+    # common handler keys
+    (
+        '[handlers.x]\nbuiltin = "echo"\nqueue = "a b"\n',
+        "handlers.x.queue: invalid queue name 'a b'",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nqueue = 1\n',
+        "handlers.x.queue: must be a string, got integer",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\ntimeout = 0\n',
+        "handlers.x.timeout: must be a number of seconds",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\ntimeout = 604801\n',
+        "handlers.x.timeout: must be a number of seconds greater than 0 and at most 604800, "
+        "got 604801",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nconcurrency = 0\n',
+        "handlers.x.concurrency: must be an integer of at least 1, got 0",
+    ),
+    (
+        '[handlers."a.b"]\nbuiltin = "echo"\nconcurrency = 0\n',
+        'handlers."a.b".concurrency: must be an integer of at least 1, got 0',
+    ),
+    # tables of the wrong type
+    ('server = "x"\n', "server: must be a table, got string 'x'"),
+    ("redis = 1\n", "redis: must be a table, got integer 1"),
+    ("workers = [1]\n", "workers: must be a table, got array"),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), INVALID)
+def test_invalid(text: str, expected: str) -> None:
+    # One mistake, one message: no knock-on complaints about other keys.
+    (problem,) = problems_of(text)
+    assert expected in problem
+
+
+# Unknown keys
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("colour = 1\n", "colour: unknown key (known: server, redis, workers, handlers)"),
+        ("[logging]\n", "logging: unknown key (known: server, redis, workers, handlers)"),
+        ('[server]\nlisen = "x"\n', "server.lisen: unknown key (known: listen, max_body)"),
+        ('[redis]\nhost = "x"\n', "redis.host: unknown key (known: url, prefix, data_dir)"),
+        (
+            "[workers]\nthreads = 4\n",
+            "workers.threads: unknown key (known: concurrency, queues, shutdown_timeout, "
+            "heartbeat_interval, dead_after)",
+        ),
+        (
+            '[handlers.thumb]\nbuiltin = "echo"\nfrob = 1\n',
+            "handlers.thumb.frob: unknown key (known: builtin, python, exec, http, queue, "
+            "timeout, concurrency)",
+        ),
+        ('[server]\n"lis ten" = 1\n', 'server."lis ten": unknown key (known: listen, max_body)'),
+    ],
+)
+def test_unknown_keys(text: str, expected: str) -> None:
+    assert problems_of(text) == [expected]
+
+
+# Types
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[server]\nmax_body = true\n", "server.max_body: must be an integer, got boolean true"),
+        (
+            "[workers]\nconcurrency = false\n",
+            "workers.concurrency: must be an integer, got boolean",
+        ),
+        ("[workers]\ndead_after = true\n", "workers.dead_after: must be a number of seconds, got"),
+        (
+            '[handlers.x]\nbuiltin = "echo"\nconcurrency = true\n',
+            "handlers.x.concurrency: must be an integer, got boolean true",
+        ),
+        (
+            '[handlers.x]\nbuiltin = "echo"\ntimeout = true\n',
+            "handlers.x.timeout: must be a number of seconds, got boolean true",
+        ),
+    ],
+)
+def test_bool_is_not_a_number(text: str, expected: str) -> None:
+    (problem,) = problems_of(text)
+    assert problem.startswith(expected)
+
+
+def test_floats_accept_integers() -> None:
+    cfg = parse_text("[workers]\nshutdown_timeout = 10\n" + ECHO)
+    assert cfg.workers.shutdown_timeout == 10.0
+    assert type(cfg.workers.shutdown_timeout) is float
+
+
+def test_integer_rejects_datetime() -> None:
+    problems = problems_of("[workers]\nconcurrency = 2024-01-01\n")
+    assert problems == ["workers.concurrency: must be an integer, got datetime 2024-01-01"]
+
+
+def test_long_string_is_shortened_in_messages() -> None:
+    (problem,) = problems_of(f'[workers]\nconcurrency = "{"x" * 500}"\n')
+    assert len(problem) < 150
+
+
+# Many problems at once
+
+
+def test_all_problems_reported_together(tmp_path: Path) -> None:
+    path = tmp_path / "taskd.toml"
+    path.write_text(
+        """
+        [server]
+        lisen = "x"
+        [workers]
+        concurrency = 0
+        [handlers.thumb]
+        builtin = "echo"
+        frob = 1
+        [handlers.other]
+        python = "json:nope"
+        """
+    )
+    with pytest.raises(ConfigError) as info:
+        load(path, env={})
+    err = info.value
+    assert err.source == str(path)
+    assert err.problems == [
+        "server.lisen: unknown key (known: listen, max_body)",
+        "workers.concurrency: must be an integer from 1 to 100000, got 0",
+        "handlers.thumb.frob: unknown key (known: builtin, python, exec, http, queue, "
+        "timeout, concurrency)",
+        "handlers.other.python: module 'json' has no callable 'nope'",
+    ]
+    lines = str(err).splitlines()
+    assert lines == [f"{path}: {p}" for p in err.problems]
+
+
+def test_file_url_and_env_url_both_checked() -> None:
+    text = '[redis]\nurl = "nope"\n' + ECHO
+    with pytest.raises(ConfigError) as info:
+        parse_text(text, env={"TASKD_REDIS_URL": "also-nope"})
+    assert [p.split(":")[0] for p in info.value.problems] == [
+        "redis.url",
+        "redis.url (from TASKD_REDIS_URL)",
+    ]
+
+
+# ConfigError
+
+
+def test_config_error_str() -> None:
+    err = ConfigError(
+        "taskd.toml",
+        [
+            "workers.concurrency: must be an integer from 1 to 100000, got 0",
+            "handlers.thumb.frob: unknown key",
+        ],
+    )
+    assert str(err) == (
+        "taskd.toml: workers.concurrency: must be an integer from 1 to 100000, got 0\n"
+        "taskd.toml: handlers.thumb.frob: unknown key"
+    )
+    assert err.source == "taskd.toml"
+
+
+def test_config_error_pickles() -> None:
+    err = ConfigError("taskd.toml", ["a: b"])
+    copy = pickle.loads(pickle.dumps(err))
+    assert (copy.source, copy.problems, str(copy)) == ("taskd.toml", ["a: b"], "taskd.toml: a: b")
+
+
+def test_empty_config_needs_a_handler() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({}, env={})
+    assert info.value.problems == [
+        'handlers: at least one handler is required, e.g. [handlers.echo] builtin = "echo"'
+    ]
+
+
+def test_parse_source_is_used_in_errors() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({}, source="inline", env={})
+    assert str(info.value).startswith("inline: handlers: at least one handler is required")
+
+
+def test_passwords_are_not_shown() -> None:
+    problems = problems_of(
+        '[redis]\nurl = "redis://:hunter2@/0"\n'
+        '[handlers.x]\nhttp = "ftp://user:hunter3@example.com/"\n'
+    )
+    assert len(problems) == 2
+    assert "hunter" not in "\n".join(problems)
+    assert "redis://***@/0" in problems[0]
+    with pytest.raises(ConfigError) as info:
+        parse_text(ECHO, env={"TASKD_REDIS_URL": "redis://u:hunter4@h:x/0"})
+    assert "hunter" not in str(info.value)
+
+
+# Reading files
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "nope.toml"
+    with pytest.raises(ConfigError) as info:
+        load(path)
+    assert info.value.source == str(path)
+    assert info.value.problems == ["cannot read file: No such file or directory"]
+    assert str(info.value) == f"{path}: cannot read file: No such file or directory"
+
+
+def test_directory_is_not_a_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path)
+    assert info.value.problems[0].startswith("cannot read file:")
+
+
+def test_load_takes_a_str_path(tmp_path: Path) -> None:
+    path = tmp_path / "taskd.toml"
+    path.write_text(ECHO)
+    cfg = load(str(path), env={})
+    assert cfg.source == str(path)
+    assert list(cfg.handlers) == ["echo"]
+
+
+def test_toml_syntax_error(tmp_path: Path) -> None:
+    path = tmp_path / "taskd.toml"
+    path.write_text('[server]\nlisten = "127.0.0.1:7700\n')
+    with pytest.raises(ConfigError) as info:
+        load(path, env={})
+    (problem,) = info.value.problems
+    assert problem.startswith("invalid TOML: ")
+    assert "line 2" in problem
+    assert "column" in problem
+
+
+def test_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "taskd.toml"
+    path.write_bytes(b'# caf\xe9\n[handlers.echo]\nbuiltin = "echo"\n')
+    with pytest.raises(ConfigError) as info:
+        load(path, env={})
+    assert info.value.problems[0].startswith("not valid UTF-8")
+
+
+# listen
+
+
+@pytest.mark.parametrize(
+    ("listen", "host", "port", "unix_path"),
+    [
+        ("127.0.0.1:7700", "127.0.0.1", 7700, None),
+        ("0.0.0.0:80", "0.0.0.0", 80, None),
+        ("localhost:0", "localhost", 0, None),
+        ("taskd.internal.example.com:65535", "taskd.internal.example.com", 65535, None),
+        ("[::1]:7700", "::1", 7700, None),
+        ("[::]:0", "::", 0, None),
+        ("unix:/run/taskd/taskd.sock", None, None, "/run/taskd/taskd.sock"),
+    ],
+)
+def test_listen(listen: str, host: str | None, port: int | None, unix_path: str | None) -> None:
+    cfg = parse({"server": {"listen": listen}, "handlers": {"e": {"builtin": "echo"}}}, env={})
+    assert cfg.server.listen == listen
+    assert (cfg.server.host, cfg.server.port, cfg.server.unix_path) == (host, port, unix_path)
+
+
+# exec
+
+
+def test_exec_file_that_is_not_executable(tmp_path: Path) -> None:
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o644)
+    if os.access(script, os.X_OK):  # root may execute anything with any x bit; not here
+        pytest.skip("file is executable anyway")
+    problems = problems_of(f'[handlers.x]\nexec = ["{script}"]\n')
+    assert problems == [f"handlers.x.exec: program '{script}' not found or not executable"]
+
+
+def test_exec_executable_script(tmp_path: Path) -> None:
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    cfg = parse({"handlers": {"x": {"exec": [str(script), "--flag"]}}}, env={})
+    assert cfg.handlers["x"].exec == (str(script), "--flag")

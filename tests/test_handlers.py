@@ -1,0 +1,500 @@
+"""Tests of taskd.handlers: builtin, python, exec and http handlers, limits, timeouts."""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import anyio
+import anyio.lowlevel
+import orjson
+import pytest
+import uvloop
+from aiohttp import web
+
+from taskd.config import HandlerConfig
+from taskd.handlers import MAX_OUTPUT, STDERR_TAIL, Handlers, JobFailed
+from taskd.jobs import Job
+from tests import handler_funcs
+
+PROGRAMS = Path(__file__).parent / "programs"
+FUNCS = "tests.handler_funcs"
+
+
+def make_job(
+    job_type: str, payload: Any = None, *, job_id: str = "job-1", attempts: int = 1
+) -> Job:
+    return Job(
+        id=job_id,
+        type=job_type,
+        queue="default",
+        payload=payload,
+        state="active",
+        attempts=attempts,
+        created_at=0,
+    )
+
+
+def program(name: str, *args: str) -> tuple[str, ...]:
+    return (str(PROGRAMS / name), *args)
+
+
+async def run_one(config: HandlerConfig, payload: Any = None) -> Any:
+    async with Handlers({config.name: config}) as handlers:
+        return await handlers.run(make_job(config.name, payload))
+
+
+async def fails_with(config: HandlerConfig, payload: Any = None) -> str:
+    with pytest.raises(JobFailed) as info:
+        await run_one(config, payload)
+    return str(info.value)
+
+
+async def wait_for(condition: Callable[[], bool], what: str, deadline: float = 30.0) -> None:
+    """Poll until condition() holds; fail the test after `deadline` seconds."""
+    end = time.monotonic() + deadline
+    while not condition():
+        if time.monotonic() > end:
+            pytest.fail(f"gave up after {deadline} s waiting for {what}")
+        await anyio.sleep(0.02)
+
+
+def is_gone(pid: int) -> bool:
+    """No such process, or only a zombie left (PID 1 here need not reap orphans)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def read_pids(path: Path) -> tuple[int, int]:
+    child, grandchild = path.read_text().split()
+    return int(child), int(grandchild)
+
+
+# ---------------------------------------------------------------- general
+
+
+async def test_unknown_type_fails() -> None:
+    async with Handlers({}) as handlers:
+        assert not handlers.knows("nope")
+        with pytest.raises(JobFailed) as info:
+            await handlers.run(make_job("nope"))
+    assert str(info.value) == "no handler for type 'nope' in this daemon's config"
+
+
+async def test_knows_configured_types() -> None:
+    handlers = Handlers({"e": HandlerConfig(name="e", kind="builtin", builtin="echo")})
+    assert handlers.knows("e")
+    assert not handlers.knows("f")
+
+
+async def test_cancellation_propagates_not_job_failed() -> None:
+    config = HandlerConfig(name="s", kind="builtin", builtin="sleep", timeout=60)
+    async with Handlers({"s": config}) as handlers:
+        with anyio.move_on_after(0.2) as scope:
+            await handlers.run(make_job("s", {"seconds": 30}))
+    assert scope.cancelled_caught
+
+
+# ---------------------------------------------------------------- builtin
+
+
+async def test_builtin_echo_returns_payload() -> None:
+    payload = {"a": [1, 2, {"b": None}], "s": "ü"}
+    assert (
+        await run_one(HandlerConfig(name="e", kind="builtin", builtin="echo"), payload) == payload
+    )
+
+
+async def test_builtin_noop_returns_none() -> None:
+    assert await run_one(HandlerConfig(name="n", kind="builtin", builtin="noop"), {"x": 1}) is None
+
+
+async def test_builtin_sleep_sleeps() -> None:
+    config = HandlerConfig(name="s", kind="builtin", builtin="sleep")
+    start = time.monotonic()
+    assert await run_one(config, {"seconds": 0.2}) is None
+    assert time.monotonic() - start >= 0.19
+    assert await run_one(config, {"seconds": 0}) is None
+
+
+@pytest.mark.parametrize(
+    "payload", [None, {}, {"seconds": -1}, {"seconds": "1"}, {"seconds": True}, [1], 3]
+)
+async def test_builtin_sleep_rejects_bad_payload(payload: Any) -> None:
+    error = await fails_with(HandlerConfig(name="s", kind="builtin", builtin="sleep"), payload)
+    assert error.startswith('builtin sleep needs a payload like {"seconds": 1.5}')
+
+
+async def test_builtin_fail_with_message() -> None:
+    config = HandlerConfig(name="f", kind="builtin", builtin="fail")
+    assert await fails_with(config, {"message": "it broke"}) == "it broke"
+
+
+@pytest.mark.parametrize("payload", [None, {}, {"message": 42}, "just a string"])
+async def test_builtin_fail_without_message(payload: Any) -> None:
+    config = HandlerConfig(name="f", kind="builtin", builtin="fail")
+    assert await fails_with(config, payload) == "failed on purpose (builtin fail)"
+
+
+async def test_timeout_fails_the_job() -> None:
+    config = HandlerConfig(name="s", kind="builtin", builtin="sleep", timeout=0.2)
+    assert await fails_with(config, {"seconds": 30}) == "timed out after 0.2 s"
+
+
+# ---------------------------------------------------------------- python
+
+
+async def test_python_async_function() -> None:
+    config = HandlerConfig(name="p", kind="python", python=f"{FUNCS}:add")
+    assert await run_one(config, {"a": 2, "b": 3}) == {"sum": 5}
+
+
+async def test_python_sync_function_runs_in_a_worker_thread() -> None:
+    config = HandlerConfig(name="p", kind="python", python=f"{FUNCS}:where_am_i")
+    assert await run_one(config) == {"in_worker_thread": True}
+
+
+@pytest.mark.parametrize(
+    ("func", "error"),
+    [
+        ("explode", "ValueError: bad input"),
+        ("explode_sync", "KeyError: 'missing'"),
+        # A handler's own TimeoutError is an error like any other, not our timeout.
+        ("own_timeout", "TimeoutError: upstream took too long"),
+        ("fail_cleanly", "a message of the handler's own"),
+    ],
+)
+async def test_python_raising(func: str, error: str) -> None:
+    config = HandlerConfig(name="p", kind="python", python=f"{FUNCS}:{func}")
+    assert await fails_with(config) == error
+
+
+async def test_python_result_not_json() -> None:
+    config = HandlerConfig(name="p", kind="python", python=f"{FUNCS}:not_json")
+    error = await fails_with(config)
+    assert error.startswith("handler returned a result that is not JSON: ")
+
+
+async def test_python_sync_timeout_does_not_wait_for_the_thread() -> None:
+    config = HandlerConfig(name="p", kind="python", python=f"{FUNCS}:blocking", timeout=0.3)
+    handler_funcs.RELEASE.clear()
+    try:
+        assert await fails_with(config) == "timed out after 0.3 s"
+    finally:
+        handler_funcs.RELEASE.set()  # let the abandoned thread finish
+
+
+async def test_python_unresolvable_is_refused_at_construction() -> None:
+    with pytest.raises(AttributeError):
+        Handlers({"p": HandlerConfig(name="p", kind="python", python=f"{FUNCS}:no_such")})
+    with pytest.raises(ValueError, match=r"package\.module:function"):
+        Handlers({"p": HandlerConfig(name="p", kind="python", python=FUNCS)})
+
+
+async def test_concurrency_limits_simultaneous_runs() -> None:
+    gauge = handler_funcs.reset_gauge()
+    config = HandlerConfig(name="g", kind="python", python=f"{FUNCS}:gated", concurrency=2)
+    results: list[Any] = []
+    async with Handlers({"g": config}) as handlers:
+
+        async def one(n: int) -> None:
+            results.append(await handlers.run(make_job("g", n, job_id=f"job-{n}")))
+
+        async with anyio.create_task_group() as tg:
+            for n in range(5):
+                tg.start_soon(one, n)
+            await wait_for(lambda: gauge.running == 2, "two runs inside the handler")
+            # Give the other three every chance to get in (they must not).
+            for _ in range(50):
+                await anyio.lowlevel.checkpoint()
+            assert gauge.running == 2
+            gauge.gate.set()
+    assert gauge.peak == 2
+    assert sorted(results) == [0, 1, 2, 3, 4]
+
+
+async def test_concurrency_wait_is_not_part_of_the_timeout() -> None:
+    # Four 0.4 s runs one at a time: the last waits ~1.2 s, beyond the 1 s timeout.
+    config = HandlerConfig(name="s", kind="builtin", builtin="sleep", concurrency=1, timeout=1.0)
+    errors: list[JobFailed] = []
+    async with Handlers({"s": config}) as handlers:
+
+        async def one(n: int) -> None:
+            try:
+                await handlers.run(make_job("s", {"seconds": 0.4}, job_id=f"job-{n}"))
+            except JobFailed as exc:
+                errors.append(exc)
+
+        start = time.monotonic()
+        async with anyio.create_task_group() as tg:
+            for n in range(4):
+                tg.start_soon(one, n)
+    assert errors == []
+    assert time.monotonic() - start >= 1.55
+
+
+# ---------------------------------------------------------------- exec
+
+
+async def test_exec_json_stdout_from_stdin_payload() -> None:
+    payload = {"numbers": [1, 2.5], "text": "héllo", "nested": {"ok": True}}
+    config = HandlerConfig(name="x", kind="exec", exec=program("echo_stdin.py"))
+    assert await run_one(config, payload) == payload
+
+
+async def test_exec_text_stdout() -> None:
+    config = HandlerConfig(name="x", kind="exec", exec=program("say.py", "hello", "world"))
+    assert await run_one(config) == "hello world"
+
+
+async def test_exec_empty_stdout_is_none() -> None:
+    assert await run_one(HandlerConfig(name="x", kind="exec", exec=program("say.py"))) is None
+
+
+async def test_exec_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TASKD_FROM_PARENT", "inherited")
+    config = HandlerConfig(name="show", kind="exec", exec=program("show_env.py"))
+    async with Handlers({"show": config}) as handlers:
+        job = Job(
+            id="j-42",
+            type="show",
+            queue="q1",
+            payload=None,
+            state="active",
+            attempts=3,
+            created_at=0,
+        )
+        env = await handlers.run(job)
+    assert env == {
+        "TASKD_FROM_PARENT": "inherited",
+        "TASKD_JOB_ID": "j-42",
+        "TASKD_JOB_TYPE": "show",
+        "TASKD_QUEUE": "q1",
+        "TASKD_ATTEMPT": "3",
+    }
+
+
+async def test_exec_nonzero_exit_with_stderr_tail() -> None:
+    config = HandlerConfig(name="x", kind="exec", exec=program("fail_with.py", "3"))
+    error = await fails_with(config)
+    assert error.startswith("exit status 3: ")
+    assert error.endswith("noise \nthe real reason")
+    assert len(error) <= len("exit status 3: ") + STDERR_TAIL
+
+
+async def test_exec_killed_by_signal() -> None:
+    error = await fails_with(HandlerConfig(name="x", kind="exec", exec=program("kill_self.py")))
+    assert error == "killed by signal SIGKILL"
+
+
+async def test_exec_stdout_is_capped_but_drained() -> None:
+    size = MAX_OUTPUT * 3
+    config = HandlerConfig(name="x", kind="exec", exec=program("big_output.py", str(size)))
+    result = await run_one(config)
+    assert isinstance(result, str)
+    assert result.startswith("a" * MAX_OUTPUT)
+    assert result[MAX_OUTPUT:] == f"\n[output truncated at {MAX_OUTPUT} bytes]"
+
+
+async def test_exec_program_not_reading_stdin() -> None:
+    config = HandlerConfig(name="x", kind="exec", exec=program("ignore_stdin.py"))
+    assert await run_one(config, {"big": "x" * MAX_OUTPUT}) == "ok"
+
+
+async def test_exec_missing_program() -> None:
+    config = HandlerConfig(name="x", kind="exec", exec=(str(PROGRAMS / "no_such_program"),))
+    assert (await fails_with(config)).startswith("FileNotFoundError: ")
+
+
+async def run_spawner(
+    handlers: Handlers, pid_file: Path, *, cancel: bool
+) -> tuple[list[str], int, int]:
+    """Run spawn_and_sleep.py as a job; once it wrote its pids, cancel it or let it end.
+
+    Returns the job's errors and the pids of the program and of its grandchild.
+    """
+    errors: list[str] = []
+
+    async def run() -> None:
+        try:
+            await handlers.run(make_job("spawn"))
+        except JobFailed as exc:
+            errors.append(str(exc))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(run)
+        await wait_for(pid_file.exists, "the program to write its pid file")
+        if cancel:
+            tg.cancel_scope.cancel()
+    child, grandchild = read_pids(pid_file)
+    return errors, child, grandchild
+
+
+def spawner_config(pid_file: Path, timeout: float) -> HandlerConfig:
+    argv = program("spawn_and_sleep.py", str(pid_file))
+    return HandlerConfig(name="spawn", kind="exec", exec=argv, timeout=timeout)
+
+
+async def test_exec_timeout_kills_the_process_group(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    # Long enough for the program and its grandchild to start on a loaded machine.
+    async with Handlers({"spawn": spawner_config(pid_file, timeout=3)}) as handlers:
+        errors, child, grandchild = await run_spawner(handlers, pid_file, cancel=False)
+    assert errors == ["timed out after 3 s"]
+    assert is_gone(child)  # reaped before the job failed
+    await wait_for(lambda: is_gone(grandchild), "the grandchild to die", deadline=10)
+
+
+async def test_exec_cancellation_kills_the_process_group(tmp_path: Path) -> None:
+    pid_file = tmp_path / "pids"
+    async with Handlers({"spawn": spawner_config(pid_file, timeout=60)}) as handlers:
+        errors, child, grandchild = await run_spawner(handlers, pid_file, cancel=True)
+    assert errors == []  # cancelled, not failed
+    assert is_gone(child)  # reaped before cancellation went on
+    await wait_for(lambda: is_gone(grandchild), "the grandchild to die", deadline=10)
+
+
+def test_exec_under_uvloop(tmp_path: Path) -> None:
+    """The daemon runs on uvloop: exec, cancellation and the group kill work there too."""
+    pid_file = tmp_path / "pids"
+    configs = {
+        "x": HandlerConfig(name="x", kind="exec", exec=program("echo_stdin.py")),
+        "spawn": spawner_config(pid_file, timeout=60),
+    }
+
+    async def main() -> Any:
+        async with Handlers(configs) as handlers:
+            echoed = await handlers.run(make_job("x", {"k": [1, 2]}))
+            errors, child, grandchild = await run_spawner(handlers, pid_file, cancel=True)
+        assert errors == []
+        assert is_gone(child)
+        await wait_for(lambda: is_gone(grandchild), "the grandchild to die", deadline=10)
+        return echoed
+
+    assert uvloop.run(main()) == {"k": [1, 2]}
+
+
+# ---------------------------------------------------------------- http
+
+
+class Server:
+    """A real local HTTP server for the http handler to call."""
+
+    def __init__(self, base: str, release: anyio.Event) -> None:
+        self.base = base
+        self.release = release
+
+    def url(self, path: str) -> str:
+        return f"{self.base}{path}"
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[Server]:
+    release = anyio.Event()
+
+    async def json_echo(request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "payload": orjson.loads(await request.read()),
+                "content_type": request.headers.get("Content-Type"),
+                "job_id": request.headers.get("X-Taskd-Job-Id"),
+                "job_type": request.headers.get("X-Taskd-Job-Type"),
+                "attempt": request.headers.get("X-Taskd-Attempt"),
+            }
+        )
+
+    async def text(request: web.Request) -> web.Response:
+        return web.Response(text="plain text\n")
+
+    async def empty(request: web.Request) -> web.Response:
+        return web.Response(status=204)
+
+    async def error(request: web.Request) -> web.Response:
+        return web.Response(status=500, text="x" * 2000 + " database is down")
+
+    async def slow(request: web.Request) -> web.Response:
+        await release.wait()  # until the fixture ends, far beyond any test's timeout
+        return web.Response(text="too late")
+
+    app = web.Application()
+    app.router.add_post("/json", json_echo)
+    app.router.add_post("/text", text)
+    app.router.add_post("/empty", empty)
+    app.router.add_post("/error", error)
+    app.router.add_post("/slow", slow)
+    runner = web.AppRunner(app, shutdown_timeout=5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield Server(f"http://127.0.0.1:{port}", release)
+    finally:
+        release.set()
+        await runner.cleanup()
+
+
+def http_config(url: str, timeout: float = 30.0) -> HandlerConfig:
+    return HandlerConfig(name="h", kind="http", http=url, timeout=timeout)
+
+
+async def test_http_json_response(server: Server) -> None:
+    config = http_config(server.url("/json"))
+    async with Handlers({"h": config}) as handlers:
+        result = await handlers.run(make_job("h", {"n": [1, 2]}, job_id="j-7", attempts=2))
+    assert result == {
+        "payload": {"n": [1, 2]},
+        "content_type": "application/json",
+        "job_id": "j-7",
+        "job_type": "h",
+        "attempt": "2",
+    }
+
+
+async def test_http_text_response(server: Server) -> None:
+    assert await run_one(http_config(server.url("/text"))) == "plain text"
+
+
+async def test_http_empty_response_is_none(server: Server) -> None:
+    assert await run_one(http_config(server.url("/empty"))) is None
+
+
+async def test_http_error_status(server: Server) -> None:
+    url = server.url("/error")
+    error = await fails_with(http_config(url))
+    prefix = f"HTTP 500 from {url}: "
+    assert error.startswith(prefix)
+    assert error.endswith("x database is down")
+    assert len(error) <= len(prefix) + 500
+
+
+async def test_http_connection_refused() -> None:
+    # A bound socket that never listens: connecting to it is refused at once.
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
+        error = await fails_with(http_config(url))
+    assert error.startswith(f"request to {url} failed: ClientConnectorError(")
+
+
+async def test_http_timeout(server: Server) -> None:
+    assert await fails_with(http_config(server.url("/slow"), timeout=0.5)) == (
+        "timed out after 0.5 s"
+    )
+
+
+async def test_http_needs_async_with(server: Server) -> None:
+    handlers = Handlers({"h": http_config(server.url("/text"))})
+    with pytest.raises(JobFailed, match="RuntimeError: Handlers must be entered"):
+        await handlers.run(make_job("h"))

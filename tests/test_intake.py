@@ -1,0 +1,199 @@
+"""The HTTP API end to end on an in-process daemon: submit, look up, stats, health, bad input."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from taskd.daemon import Daemon
+from tests.support import base_url, get_json, make_config, post_json, running_daemon, wait_for_state
+
+
+@pytest.fixture
+async def daemon(redis_url: str) -> AsyncIterator[Daemon]:
+    config = make_config(redis_url, server={"max_body": 4096})
+    async with running_daemon(config) as running:
+        yield running
+
+
+@pytest.fixture
+async def api(daemon: Daemon) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
+    async with aiohttp.ClientSession() as session:
+        yield session, base_url(daemon)
+
+
+async def test_echo_job_completes_with_its_payload_as_result(
+    api: tuple[aiohttp.ClientSession, str],
+) -> None:
+    session, url = api
+    status, job = await post_json(session, f"{url}/jobs", {"type": "echo", "payload": {"x": 1}})
+    assert status == 201
+    assert job["state"] == "queued"
+    assert job["queue"] == "default"
+    assert job["id"]
+
+    done = await wait_for_state(session, url, job["id"], {"completed", "failed"})
+
+    assert done["state"] == "completed"
+    assert done["result"] == {"x": 1}
+    assert done["attempts"] == 1
+    assert done["error"] is None
+    assert done["created_at"] <= done["started_at"] <= done["finished_at"]
+
+
+async def test_submit_answers_location_of_the_job(api: tuple[aiohttp.ClientSession, str]) -> None:
+    session, url = api
+    async with session.post(f"{url}/jobs", json={"type": "noop"}) as response:
+        job = await response.json()
+        assert response.headers["Location"] == f"/jobs/{job['id']}"
+
+
+async def test_failing_handler_marks_the_job_failed_and_keeps_serving(
+    api: tuple[aiohttp.ClientSession, str],
+) -> None:
+    session, url = api
+    _, job = await post_json(
+        session, f"{url}/jobs", {"type": "fail", "payload": {"message": "boom"}}
+    )
+    failed = await wait_for_state(session, url, job["id"], {"completed", "failed"})
+    assert failed["state"] == "failed"
+    assert failed["error"] == "boom"
+
+    _, job = await post_json(session, f"{url}/jobs", {"type": "echo", "payload": 7})
+    done = await wait_for_state(session, url, job["id"], {"completed", "failed"})
+    assert done["result"] == 7
+
+
+async def test_job_shows_active_while_it_runs(api: tuple[aiohttp.ClientSession, str]) -> None:
+    session, url = api
+    _, job = await post_json(session, f"{url}/jobs", {"type": "sleep", "payload": {"seconds": 30}})
+    active = await wait_for_state(session, url, job["id"], {"active"})
+    assert active["started_at"] is not None
+    assert active["finished_at"] is None
+
+
+async def test_ids_are_time_ordered(api: tuple[aiohttp.ClientSession, str]) -> None:
+    session, url = api
+    ids = [(await post_json(session, f"{url}/jobs", {"type": "noop"}))[1]["id"] for _ in range(20)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == 20
+
+
+async def test_stats_count_states_and_list_this_daemon(
+    daemon: Daemon, api: tuple[aiohttp.ClientSession, str]
+) -> None:
+    session, url = api
+    _, ok = await post_json(session, f"{url}/jobs", {"type": "echo", "payload": 1})
+    _, bad = await post_json(session, f"{url}/jobs", {"type": "fail"})
+    _, slow = await post_json(session, f"{url}/jobs", {"type": "sleep", "payload": {"seconds": 30}})
+    await wait_for_state(session, url, ok["id"], {"completed"})
+    await wait_for_state(session, url, bad["id"], {"failed"})
+    await wait_for_state(session, url, slow["id"], {"active"})
+
+    status, stats = await get_json(session, f"{url}/stats")
+
+    assert status == 200
+    assert stats["queues"]["default"] == {"queued": 0, "active": 1, "completed": 1, "failed": 1}
+    [me] = stats["instances"]
+    assert me["id"] == daemon.identity.id
+    assert me["pid"] == daemon.identity.pid
+    assert me["host"] == daemon.identity.host
+    assert me["concurrency"] == 10
+    assert me["queues"] == ["default"]
+    assert 0 <= me["active"] <= 10
+
+
+async def test_health_is_ok_while_redis_answers(api: tuple[aiohttp.ClientSession, str]) -> None:
+    session, url = api
+    assert await get_json(session, f"{url}/health") == (200, {"status": "ok"})
+
+
+async def test_unknown_job_id_is_404(api: tuple[aiohttp.ClientSession, str]) -> None:
+    session, url = api
+    status, body = await get_json(session, f"{url}/jobs/nope")
+    assert status == 404
+    assert body["error"]["code"] == "not_found"
+    assert "nope" in body["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "code", "message"),
+    [
+        (b"{not json", 400, "invalid_json", "not valid JSON"),
+        (b"", 400, "invalid_json", "not valid JSON"),
+        (b"[1, 2]", 422, "invalid_job", "must be a JSON object"),
+        (b"{}", 422, "invalid_job", "missing field 'type'"),
+        (b'{"type": 5}', 422, "invalid_job", "'type' must be a string, got number"),
+        (b'{"type": null}', 422, "invalid_job", "missing field 'type'"),
+        (b'{"type": "resize"}', 422, "unknown_type", "unknown job type 'resize'"),
+        (b'{"type": "echo", "paylod": 1}', 422, "invalid_job", "unknown field(s) paylod"),
+        (b'{"type": "echo", "payload": NaN}', 400, "invalid_json", "not valid JSON"),
+    ],
+)
+async def test_bad_submissions_get_a_json_error(
+    api: tuple[aiohttp.ClientSession, str], body: bytes, status: int, code: str, message: str
+) -> None:
+    session, url = api
+    headers = {"content-type": "application/json"}
+    async with session.post(f"{url}/jobs", data=body, headers=headers) as response:
+        answer: dict[str, Any] = await response.json()
+        assert response.status == status
+    assert answer["error"]["code"] == code
+    assert message in answer["error"]["message"]
+
+
+async def test_unknown_type_message_lists_the_configured_types(
+    api: tuple[aiohttp.ClientSession, str],
+) -> None:
+    session, url = api
+    _, answer = await post_json(session, f"{url}/jobs", {"type": "resize"})
+    assert "echo, fail, noop, sleep" in answer["error"]["message"]
+
+
+async def test_body_over_the_limit_is_413(api: tuple[aiohttp.ClientSession, str]) -> None:
+    session, url = api
+    status, answer = await post_json(
+        session, f"{url}/jobs", {"type": "echo", "payload": "x" * 5000}
+    )
+    assert status == 413
+    assert answer["error"]["code"] == "body_too_large"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "code"),
+    [("GET", "/nowhere", 404, "not_found"), ("DELETE", "/stats", 405, "method_not_allowed")],
+)
+async def test_routing_errors_are_json(
+    api: tuple[aiohttp.ClientSession, str], method: str, path: str, status: int, code: str
+) -> None:
+    session, url = api
+    async with session.request(method, f"{url}{path}") as response:
+        assert response.status == status
+        assert (await response.json())["error"]["code"] == code
+
+
+async def test_daemon_keeps_serving_after_bad_input(api: tuple[aiohttp.ClientSession, str]) -> None:
+    session, url = api
+    for _ in range(3):
+        async with session.post(f"{url}/jobs", data=b"{oops") as response:
+            assert response.status == 400
+    status, job = await post_json(session, f"{url}/jobs", {"type": "echo", "payload": "still here"})
+    assert status == 201
+    done = await wait_for_state(session, url, job["id"], {"completed"})
+    assert done["result"] == "still here"
+
+
+async def test_submissions_are_refused_once_stopping(
+    daemon: Daemon, api: tuple[aiohttp.ClientSession, str]
+) -> None:
+    session, url = api
+    daemon.intake.refuse_new()
+    status, answer = await post_json(session, f"{url}/jobs", {"type": "noop"})
+    assert status == 503
+    assert answer["error"]["code"] == "shutting_down"
+    status, health = await get_json(session, f"{url}/health")
+    assert status == 503
+    assert health["status"] == "stopping"
