@@ -37,6 +37,7 @@ class Job:
     finished_at: int | None = None
     result: Any = None
     error: str | None = None
+    daemon: str | None = None  # the daemon that ran the latest attempt
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Job:
@@ -54,6 +55,7 @@ class Job:
             finished_at=_opt_int(f.get("finished_at")),
             result=orjson.loads(f["result"]) if f.get("result") else None,
             error=f["error"].decode() if f.get("error") else None,
+            daemon=f["daemon"].decode() if f.get("daemon") else None,
         )
 
     def to_public(self) -> dict[str, Any]:
@@ -70,6 +72,7 @@ class Job:
             "finished_at": format_ms(self.finished_at),
             "result": self.result,
             "error": self.error,
+            "daemon": self.daemon,
         }
 
 

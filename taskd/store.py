@@ -148,7 +148,7 @@ class Store:
         k = self.keys
         flat = await self._claim(
             keys=[k.ready(queue), k.landing(queue, daemon_id), k.active(queue, daemon_id)],
-            args=[limit, now, k.job_prefix(queue)],
+            args=[limit, now, k.job_prefix(queue), daemon_id],
         )
         return [
             Job(
@@ -160,6 +160,7 @@ class Store:
                 attempts=int(flat[i + 3]),
                 created_at=int(flat[i + 4]),
                 started_at=now,
+                daemon=daemon_id,
             )
             for i in range(0, len(flat), 5)
         ]

@@ -77,3 +77,16 @@ def blocking(job: Job) -> str:
     """Sync and uninterruptible: blocks its thread until the test sets RELEASE."""
     RELEASE.wait(timeout=60)
     return "released"
+
+
+TRACKER = Gauge()
+
+
+async def tracked(job: Job) -> None:
+    """Count itself in while it sleeps `payload` seconds (the worker-pool tests read it)."""
+    TRACKER.running += 1
+    TRACKER.peak = max(TRACKER.peak, TRACKER.running)
+    try:
+        await anyio.sleep(job.payload)
+    finally:
+        TRACKER.running -= 1

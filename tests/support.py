@@ -22,6 +22,8 @@ from taskd.handlers import Handlers
 from taskd.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
+# The console script pip installed next to this interpreter: what the README runs.
+TASKD = Path(sys.executable).parent / "taskd"
 
 # Generous: a loaded 2-core CI machine can stall a process for seconds.
 DEADLINE = 20.0
@@ -132,7 +134,7 @@ class DaemonProcess:
         self.log = cwd / f"taskd-{len(list(cwd.glob('taskd-*.log')))}.log"
         self._log_file = self.log.open("wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "taskd", *args],
+            [str(TASKD), *args],
             cwd=cwd,
             env={**os.environ, **(env or {})},
             stdout=self._log_file,

@@ -7,6 +7,7 @@
 -- ARGV[1] -> most jobs to claim, >= 1
 -- ARGV[2] -> now, epoch ms
 -- ARGV[3] -> the queue's job hash prefix
+-- ARGV[4] -> this daemon's id, recorded on the job
 -- Returns a flat array of 5 entries per claimed job: id, type, payload, attempts, created_at.
 local limit = tonumber(ARGV[1])
 local now = ARGV[2]
@@ -20,7 +21,7 @@ local function claim(ids)
     if f[1] then
       redis.call('ZADD', KEYS[3], now, id)
       local attempts = redis.call('HINCRBY', key, 'attempts', 1)
-      redis.call('HSET', key, 'state', 'active', 'started_at', now)
+      redis.call('HSET', key, 'state', 'active', 'started_at', now, 'daemon', ARGV[4])
       out[#out + 1] = id
       out[#out + 1] = f[1]
       out[#out + 1] = f[2]

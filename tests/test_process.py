@@ -1,0 +1,144 @@
+"""taskd as users run it: real daemon processes, started as the README says, stopped by signals."""
+
+from __future__ import annotations
+
+import re
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+from redis.asyncio import Redis
+
+from taskd.keys import Keys
+from tests.support import (
+    REPO,
+    DaemonProcess,
+    get_json,
+    post_json,
+    wait_for_state,
+    wait_healthy,
+    wait_until,
+)
+
+K = Keys("taskd")
+
+
+def shipped_config(tmp_path: Path, port: int) -> Path:
+    """The shipped config/taskd.toml, changed only to listen on a free port."""
+    text = (REPO / "config" / "taskd.toml").read_text()
+    text, replaced = re.subn(
+        r'(?m)^listen = "127\.0\.0\.1:7700"', f'listen = "127.0.0.1:{port}"', text
+    )
+    assert replaced == 1
+    path = tmp_path / "taskd.toml"
+    path.write_text(text)
+    return path
+
+
+async def test_readme_walkthrough_on_the_embedded_redis(tmp_path: Path, free_port: Any) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = shipped_config(tmp_path, port)
+    daemon = DaemonProcess(["--config", str(config)], cwd=tmp_path)
+    try:
+        await wait_healthy(url, daemon)
+        async with aiohttp.ClientSession() as session:
+            status, job = await post_json(
+                session, f"{url}/jobs", {"type": "echo", "payload": {"x": 1}}
+            )
+            assert (status, job["state"]) == (201, "queued")
+            done = await wait_for_state(session, url, job["id"], {"completed", "failed"})
+            assert (done["state"], done["result"]) == ("completed", {"x": 1})
+            _, stats = await get_json(session, f"{url}/stats")
+            assert stats["queues"]["default"]["completed"] == 1
+            assert [i["pid"] for i in stats["instances"]] == [daemon.proc.pid]
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait() == 0, daemon.output()
+    finally:
+        daemon.kill()
+    # The embedded Redis lived under ./var of the working directory, with AOF on.
+    assert (tmp_path / "var" / "appendonly.aof").exists()
+    assert "stopped redis-server" in daemon.output()
+
+    # Started again, the daemon finds the job it completed before: it was persisted.
+    again = DaemonProcess(["--config", str(config)], cwd=tmp_path)
+    try:
+        await wait_healthy(url, again)
+        async with aiohttp.ClientSession() as session:
+            _, found = await get_json(session, f"{url}/jobs/{job['id']}")
+        assert found["result"] == {"x": 1}
+        again.signal(signal.SIGINT)
+        assert again.wait() == 0, again.output()
+    finally:
+        again.kill()
+
+
+async def test_bad_config_stops_startup_with_file_key_and_problem(tmp_path: Path) -> None:
+    config = tmp_path / "broken.toml"
+    config.write_text(
+        '[workers]\nconcurrency = 0\n\n[handlers.echo]\nbuiltin = "echo"\ncolour = 1\n'
+    )
+    daemon = DaemonProcess(["--config", str(config)], cwd=tmp_path)
+    try:
+        assert daemon.wait() == 2
+    finally:
+        daemon.kill()
+    output = daemon.output()
+    assert f"{config}: workers.concurrency: must be an integer from 1 to 100000, got 0" in output
+    assert f"{config}: handlers.echo.colour: unknown key" in output
+
+
+def daemon_config(tmp_path: Path, name: str, port: int) -> Path:
+    path = tmp_path / f"{name}.toml"
+    path.write_text(
+        f'[server]\nlisten = "127.0.0.1:{port}"\n\n'
+        "[workers]\nconcurrency = 8\nshutdown_timeout = 10\nheartbeat_interval = 0.5\n\n"
+        '[handlers.sleep]\nbuiltin = "sleep"\n'
+    )
+    return path
+
+
+async def test_two_daemons_share_work_and_sigterm_loses_nothing(
+    tmp_path: Path, free_port: Any, redis_url: str, redis: Redis
+) -> None:
+    env = {"TASKD_REDIS_URL": redis_url}
+    ports = [free_port(), free_port()]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    daemons = [
+        DaemonProcess(["--config", str(daemon_config(tmp_path, f"d{i}", p))], cwd=tmp_path, env=env)
+        for i, p in enumerate(ports)
+    ]
+    total = 200
+    try:
+        for url, daemon in zip(urls, daemons, strict=True):
+            await wait_healthy(url, daemon)
+        async with aiohttp.ClientSession() as session:
+            for n in range(total):
+                status, _ = await post_json(
+                    session, f"{urls[n % 2]}/jobs", {"type": "sleep", "payload": {"seconds": 0.05}}
+                )
+                assert status == 201
+
+            async def some_done() -> bool:
+                return await redis.zcard(K.completed("default")) >= 40
+
+            await wait_until(some_done, "40 jobs completed")
+            # Stop one daemon under load: it drains or requeues, and the other finishes.
+            daemons[0].signal(signal.SIGTERM)
+            assert daemons[0].wait() == 0, daemons[0].output()
+
+            async def all_done() -> bool:
+                return await redis.zcard(K.completed("default")) == total
+
+            await wait_until(all_done, f"{total} jobs completed")
+    finally:
+        for daemon in daemons:
+            daemon.kill()
+    assert await redis.llen(K.ready("default")) == 0
+    assert await redis.zcard(K.failed("default")) == 0
+    ran_by = {
+        await redis.hget(K.job("default", i.decode()), "daemon")
+        for i in await redis.zrange(K.completed("default"), 0, -1)
+    }
+    assert len(ran_by) == 2

@@ -1,0 +1,145 @@
+"""The worker pool in a running daemon: limits, draining, many jobs in flight, shared work."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from taskd.config import Config
+from taskd.jobs import QUEUED, Job, new_id, now_ms
+from taskd.keys import Keys
+from taskd.store import POOL_SIZE, Store
+from tests import handler_funcs
+from tests.support import (
+    REPO,
+    base_url,
+    make_config,
+    post_json,
+    running_daemon,
+    wait_for_state,
+    wait_until,
+)
+
+K = Keys("taskd")
+TRACKED = {"tracked": {"python": "tests.handler_funcs:tracked"}}
+
+
+def tracked_config(redis_url: str, concurrency: int, **workers: float) -> Config:
+    return make_config(redis_url, workers={"concurrency": concurrency, **workers}, handlers=TRACKED)
+
+
+async def enqueue(redis_url: str, job_type: str, payloads: list[object]) -> list[str]:
+    """Put jobs straight into Redis (faster than HTTP for hundreds of jobs)."""
+    store = Store.from_url(redis_url, prefix="taskd")
+    try:
+        ids = []
+        for payload in payloads:
+            job = Job(new_id(), job_type, "default", payload, QUEUED, 0, now_ms())
+            await store.enqueue(job)
+            ids.append(job.id)
+        return ids
+    finally:
+        await store.close()
+
+
+async def counts(redis: Redis) -> dict[str, int]:
+    return {
+        "ready": await redis.llen(K.ready("default")),
+        "completed": await redis.zcard(K.completed("default")),
+        "failed": await redis.zcard(K.failed("default")),
+    }
+
+
+@pytest.fixture(autouse=True)
+def fresh_tracker() -> None:
+    handler_funcs.TRACKER = handler_funcs.Gauge()
+
+
+async def test_never_more_jobs_running_than_the_concurrency(redis_url: str, redis: Redis) -> None:
+    await enqueue(redis_url, "tracked", [0.01] * 60)
+    async with running_daemon(tracked_config(redis_url, concurrency=4)):
+
+        async def all_done() -> bool:
+            return (await counts(redis))["completed"] == 60
+
+        await wait_until(all_done, "60 jobs completed")
+    assert handler_funcs.TRACKER.peak == 4
+
+
+async def test_drain_lets_running_jobs_finish_within_the_deadline(
+    redis_url: str, redis: Redis
+) -> None:
+    ids = await enqueue(redis_url, "tracked", [0.3] * 3)
+    config = tracked_config(redis_url, concurrency=3, shutdown_timeout=20)
+    async with running_daemon(config):
+        await wait_until(running(3), "3 jobs running")
+    assert await counts(redis) == {"ready": 0, "completed": 3, "failed": 0}
+    for job_id in ids:
+        assert await redis.hget(K.job("default", job_id), "state") == b"completed"
+
+
+async def test_shutdown_returns_unfinished_jobs_to_the_queue(redis_url: str, redis: Redis) -> None:
+    ids = await enqueue(redis_url, "tracked", [60] * 8)
+    config = tracked_config(redis_url, concurrency=3, shutdown_timeout=0.2)
+    async with running_daemon(config) as daemon:
+        await wait_until(running(3), "3 jobs running")
+        me = daemon.identity.id
+    # Everything is back in the queue, as it was: none active, none lost, no attempt used.
+    assert await counts(redis) == {"ready": 8, "completed": 0, "failed": 0}
+    assert sorted(await redis.lrange(K.ready("default"), 0, -1)) == sorted(i.encode() for i in ids)
+    assert await redis.zcard(K.active("default", me)) == 0
+    for job_id in ids:
+        state, attempts = await redis.hmget(K.job("default", job_id), "state", "attempts")
+        assert (state, attempts) == (b"queued", b"0")
+    assert await redis.zcard(K.daemons) == 0  # deregistered
+
+
+async def test_thousands_in_flight_on_few_connections(redis_url: str, redis: Redis) -> None:
+    jobs = 3000
+    await enqueue(redis_url, "tracked", [1.0] * jobs)
+    async with running_daemon(tracked_config(redis_url, concurrency=jobs)):
+        await wait_until(running(jobs), "all jobs running")
+        clients = len(await redis.client_list())
+
+        async def all_done() -> bool:
+            return (await counts(redis))["completed"] == jobs
+
+        await wait_until(all_done, f"{jobs} jobs completed")
+    # The pool, one blocking connection for the one queue, and this test's own client.
+    assert clients <= POOL_SIZE + 1 + 1
+
+
+async def test_exec_handler_runs_in_the_daemon(redis_url: str) -> None:
+    program = str(REPO / "tests" / "programs" / "echo_stdin.py")
+    config = make_config(redis_url, handlers={"copy": {"exec": [program]}})
+    async with running_daemon(config) as daemon, aiohttp.ClientSession() as session:
+        url = base_url(daemon)
+        _, job = await post_json(session, f"{url}/jobs", {"type": "copy", "payload": {"a": [1, 2]}})
+        done = await wait_for_state(session, url, job["id"], {"completed", "failed"})
+    assert done["result"] == {"a": [1, 2]}
+
+
+async def test_two_daemons_share_one_queue(redis_url: str, redis: Redis) -> None:
+    config = tracked_config(redis_url, concurrency=4)
+    async with running_daemon(config) as first, running_daemon(config) as second:
+        ids = await enqueue(redis_url, "tracked", [0.02] * 80)
+
+        async def all_done() -> bool:
+            return (await counts(redis))["completed"] == 80
+
+        await wait_until(all_done, "80 jobs completed")
+        ran_by = [await redis.hget(K.job("default", i), "daemon") for i in ids]
+    assert {d.decode() for d in ran_by if d} == {first.identity.id, second.identity.id}
+    assert handler_funcs.TRACKER.peak <= 8
+
+
+def running(count: int) -> Callable[[], Awaitable[bool]]:
+    """A predicate for wait_until: exactly `count` tracked jobs are running."""
+
+    async def check() -> bool:
+        return handler_funcs.TRACKER.running == count
+
+    return check
