@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
 from taskd.daemon import Daemon
-from tests.support import base_url, get_json, make_config, post_json, running_daemon, wait_for_state
+from taskd.embedded import RedisServer
+from tests.support import (
+    base_url,
+    get_json,
+    make_config,
+    post_json,
+    running_daemon,
+    wait_for_state,
+    wait_until,
+)
 
 
 @pytest.fixture
@@ -197,3 +207,36 @@ async def test_submissions_are_refused_once_stopping(
     status, health = await get_json(session, f"{url}/health")
     assert status == 503
     assert health["status"] == "stopping"
+
+
+async def test_health_reports_an_unreachable_redis_and_recovers(
+    tmp_path: Path, free_port: Any
+) -> None:
+    server = RedisServer(data_dir=tmp_path, port=free_port())
+    server.start()
+    try:
+        async with (
+            running_daemon(make_config(server.url)) as daemon,
+            aiohttp.ClientSession() as session,
+        ):
+            url = base_url(daemon)
+            server.kill()
+
+            async def unhealthy() -> bool:
+                status, body = await get_json(session, f"{url}/health")
+                return status == 503 and "Redis does not answer" in body["reason"]
+
+            await wait_until(unhealthy, "/health to report the outage")
+            status, answer = await post_json(session, f"{url}/jobs", {"type": "noop"})
+            assert (status, answer["error"]["code"]) == (503, "unavailable")
+
+            server.start()
+
+            async def healthy() -> bool:
+                return (await get_json(session, f"{url}/health"))[0] == 200
+
+            await wait_until(healthy, "/health to recover")
+            _, job = await post_json(session, f"{url}/jobs", {"type": "echo", "payload": 2})
+            assert (await wait_for_state(session, url, job["id"], {"completed"}))["result"] == 2
+    finally:
+        server.stop()
