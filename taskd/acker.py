@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import anyio
 
-from taskd.store import Outcome, Store
+from taskd.store import Attempt, Store
 
 logger = logging.getLogger(__name__)
 
@@ -17,7 +17,7 @@ ACK_BATCH = 500
 # Pause after a failed ack (Redis down); the outcomes wait and are sent again.
 RETRY_DELAY = 0.5
 
-_Pending = tuple[str, Outcome, anyio.Event]
+_Pending = tuple[str, Attempt, anyio.Event]
 
 
 class Acker:
@@ -28,10 +28,18 @@ class Acker:
     idle, an outcome goes out at once.
     """
 
-    def __init__(self, *, store: Store, daemon_id: str, clock: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        daemon_id: str,
+        clock: Callable[[], int],
+        on_retry: Callable[[str, int], None] = lambda queue, due: None,
+    ) -> None:
         self._store = store
         self._daemon_id = daemon_id
         self._clock = clock
+        self._on_retry = on_retry
         self._pending: list[_Pending] = []
         self._has_work = anyio.Event()
 
@@ -39,10 +47,10 @@ class Acker:
     def pending(self) -> int:
         return len(self._pending)
 
-    async def record(self, queue: str, outcome: Outcome) -> None:
-        """Queue one outcome and wait until Redis has it."""
+    async def record(self, queue: str, attempt: Attempt) -> None:
+        """Queue one attempt's outcome and wait until Redis has it."""
         done = anyio.Event()
-        self._pending.append((queue, outcome, done))
+        self._pending.append((queue, attempt, done))
         self._has_work.set()
         await done.wait()
 
@@ -94,15 +102,17 @@ class Acker:
                 await anyio.sleep(RETRY_DELAY)
 
     async def _send(self, queue: str, items: list[_Pending]) -> None:
-        outcomes = [outcome for _, outcome, _ in items]
-        recorded = await self._store.ack(queue, self._daemon_id, outcomes, self._clock())
-        if recorded < len(outcomes):
-            # The missing ones were returned to their queue while they ran; their newer
-            # attempt owns the record now.
+        attempts = [attempt for _, attempt, _ in items]
+        recorded = await self._store.ack(queue, self._daemon_id, attempts, self._clock())
+        if recorded < len(attempts):
+            # The missing ones were taken back while they ran (this daemon was taken for
+            # dead); a newer attempt owns their record now.
             logger.warning(
                 "%d finished jobs of queue %s were no longer this daemon's; outcome dropped",
-                len(outcomes) - recorded,
+                len(attempts) - recorded,
                 queue,
             )
-        for _, _, done in items:
+        for _, attempt, done in items:
+            if attempt.outcome == "retry":
+                self._on_retry(queue, attempt.retry_at)
             done.set()

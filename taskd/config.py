@@ -12,7 +12,7 @@ import shutil
 import tomllib
 import types
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
@@ -37,12 +37,25 @@ _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^@]*@")
 
 _MAX_BODY = 1 << 30
 _WEEK = 7 * 24 * 3600.0
-_TOP_KEYS = ("server", "redis", "workers", "handlers")
+# Longer than this, a retention is surely milliseconds written as seconds.
+_TEN_YEARS = 10 * 365 * 24 * 3600.0
+_MAX_ATTEMPTS = 1000
+_TOP_KEYS = ("server", "redis", "workers", "retention", "handlers")
 _SERVER_KEYS = ("listen", "max_body")
 _REDIS_KEYS = ("url", "prefix", "data_dir")
 _WORKERS_KEYS = ("concurrency", "queues", "shutdown_timeout", "heartbeat_interval", "dead_after")
+_RETENTION_KEYS = ("completed", "failed")
 _KINDS = ("builtin", "python", "exec", "http")
-_HANDLER_KEYS = (*_KINDS, "queue", "timeout", "concurrency")
+_HANDLER_KEYS = (
+    *_KINDS,
+    "queue",
+    "timeout",
+    "concurrency",
+    "max_attempts",
+    "backoff_base",
+    "backoff_max",
+    "permanent_exit_codes",
+)
 _NO_HANDLERS = 'at least one handler is required, e.g. [handlers.echo] builtin = "echo"'
 _QUEUE_RULE = "1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
 _HANDLER_RULE = "1-128 letters, digits, '_', '.', ':' or '-', starting with a letter or digit"
@@ -110,6 +123,18 @@ class HandlerConfig:
     queue: str = "default"
     timeout: float = 1800.0
     concurrency: int | None = None
+    max_attempts: int = 3
+    backoff_base: float = 2.0
+    backoff_max: float = 3600.0
+    permanent_exit_codes: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RetentionConfig:
+    """How long finished jobs stay in Redis before they are deleted."""
+
+    completed: float = 86400.0
+    failed: float = 604800.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,6 +145,7 @@ class Config:
     redis: RedisConfig
     workers: WorkersConfig
     handlers: Mapping[str, HandlerConfig]
+    retention: RetentionConfig = field(default_factory=RetentionConfig)
     source: str = "<config>"
 
 
@@ -148,10 +174,11 @@ def parse(
     server = _server(root.table("server", _SERVER_KEYS))
     redis = _redis(root.table("redis", _REDIS_KEYS), env.get("TASKD_REDIS_URL", ""))
     workers = _workers(root.table("workers", _WORKERS_KEYS))
+    retention = _retention(root.table("retention", _RETENTION_KEYS))
     handlers = _handlers(root, problems)
     if problems:
         raise ConfigError(source, problems)
-    return Config(server, redis, workers, types.MappingProxyType(handlers), source)
+    return Config(server, redis, workers, types.MappingProxyType(handlers), retention, source)
 
 
 class _Table:
@@ -203,7 +230,7 @@ class _Table:
         except OverflowError:
             seconds = math.inf
         if not (math.isfinite(seconds) and seconds > 0 and (most is None or seconds <= most)):
-            span = "greater than 0" + (f" and at most {most:g}" if most is not None else "")
+            span = "greater than 0" + (f" and at most {most:.15g}" if most is not None else "")
             self.problem(name, f"must be a number of seconds {span}, got {value}")
             return default
         return seconds
@@ -226,6 +253,21 @@ class _Table:
                     name, f"must be a non-empty string, got {_describe(item)}", suffix=f"[{i}]"
                 )
         return default if name in self.bad else tuple(value)
+
+    def integers(self, name: str, low: int, high: int, what: str) -> tuple[int, ...]:
+        value = self.data.get(name, ())
+        if not isinstance(value, list | tuple):
+            self.problem(name, f"must be an array of {what}, got {_describe(value)}")
+            return ()
+        for i, item in enumerate(value):
+            if isinstance(item, bool) or not isinstance(item, int):
+                text = f"must be an integer, got {_describe(item)}"
+            elif not low <= item <= high:
+                text = f"must be an integer from {low} to {high}, got {item}"
+            else:
+                continue
+            self.problem(name, text, suffix=f"[{i}]")
+        return () if name in self.bad else tuple(value)
 
 
 def _server(t: _Table) -> ServerConfig:
@@ -324,6 +366,13 @@ def _workers(t: _Table) -> WorkersConfig:
     return WorkersConfig(concurrency, queues, shutdown_timeout, heartbeat, dead_after)
 
 
+def _retention(t: _Table) -> RetentionConfig:
+    default = RetentionConfig()
+    completed = t.seconds("completed", default.completed, most=_TEN_YEARS)
+    failed = t.seconds("failed", default.failed, most=_TEN_YEARS)
+    return RetentionConfig(completed, failed)
+
+
 def _check_queue_names(t: _Table, queues: tuple[str, ...]) -> None:
     seen: set[str] = set()
     for i, queue in enumerate(queues):
@@ -367,8 +416,53 @@ def _handler(name: str, t: _Table) -> HandlerConfig:
         t.problem("queue", f"invalid queue name {queue!r}: use {_QUEUE_RULE}")
     timeout = t.seconds("timeout", 1800.0, most=_WEEK)
     concurrency = t.integer("concurrency", 0, 1) if "concurrency" in t.data else None
+    max_attempts = t.integer("max_attempts", 3, 1, _MAX_ATTEMPTS)
+    backoff_base, backoff_max = _backoff(t)
+    exit_codes = _exit_codes(t, given)
     kind = given[0] if len(given) == 1 else ""
-    return HandlerConfig(name, kind, builtin, python, argv, http, queue, timeout, concurrency)
+    return HandlerConfig(
+        name,
+        kind,
+        builtin,
+        python,
+        argv,
+        http,
+        queue,
+        timeout,
+        concurrency,
+        max_attempts,
+        backoff_base,
+        backoff_max,
+        exit_codes,
+    )
+
+
+def _backoff(t: _Table) -> tuple[float, float]:
+    base = t.seconds("backoff_base", 2.0)
+    most = t.seconds("backoff_max", 3600.0, most=_WEEK)
+    # A cap below the first wait would silently override backoff_base: a contradiction.
+    if not t.bad & {"backoff_base", "backoff_max"} and most < base:
+        t.problem(
+            "backoff_max",
+            f"must be at least {t.key('backoff_base')} ({base:g}), got {most:g}",
+        )
+    return base, most
+
+
+def _exit_codes(t: _Table, kinds: list[str]) -> tuple[int, ...]:
+    if "permanent_exit_codes" not in t.data:
+        return ()
+    # With no kind given, "give exactly one of ..." is the problem; this would be noise.
+    if kinds and "exec" not in kinds:
+        t.problem("permanent_exit_codes", "only exec handlers have exit codes")
+        return ()
+    codes = t.integers("permanent_exit_codes", 1, 255, "exit codes")
+    seen: set[int] = set()
+    for i, code in enumerate(codes):
+        if code in seen:
+            t.problem("permanent_exit_codes", f"duplicate exit code {code}", suffix=f"[{i}]")
+        seen.add(code)
+    return () if "permanent_exit_codes" in t.bad else codes
 
 
 def _builtin(t: _Table) -> str:

@@ -9,10 +9,14 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 from anyio.abc import TaskStatus
 
+from taskd.canceller import Canceller
 from taskd.config import Config
 from taskd.handlers import Handlers
 from taskd.heartbeat import Heartbeat, Identity
 from taskd.intake import Intake
+from taskd.janitor import Janitor
+from taskd.promoter import Promoter
+from taskd.reaper import Reaper
 from taskd.store import UNAVAILABLE, Store
 from taskd.workers import BLOCK_TIMEOUT, WorkerPool
 
@@ -20,6 +24,9 @@ logger = logging.getLogger(__name__)
 
 # How long start-up waits for Redis to answer before giving up (systemd restarts us).
 STARTUP_REDIS_TIMEOUT = 15.0
+# Age after which a job in this daemon's active set that it does not run is an orphan: a
+# claim's reply takes milliseconds, so a second is ample even on a loaded machine.
+ORPHAN_GRACE_MS = 1000
 
 
 def redacted(url: str) -> str:
@@ -38,12 +45,17 @@ class Daemon:
         self.config = config
         self.identity = Identity.create()
         workers = config.workers
+        # Queues this daemon knows of: it serves some, and takes jobs for its handlers'.
+        known = frozenset(workers.queues) | {h.queue for h in config.handlers.values()}
+        self.promoter = Promoter(store=store, queues=sorted(known))
         self.pool = WorkerPool(
             store=store,
             handlers=handlers,
+            handler_configs=config.handlers,
             daemon_id=self.identity.id,
             queues=workers.queues,
             concurrency=workers.concurrency,
+            on_retry=self.promoter.wake,
         )
         self.heartbeat = Heartbeat(
             store=store,
@@ -52,14 +64,26 @@ class Daemon:
             queues=workers.queues,
             active=lambda: self.pool.active,
             interval=workers.heartbeat_interval,
+            on_reaped=self.pool.drop_lost,
+            # Claims answered within this grace are never taken for orphans.
+            after_beat=lambda: self.pool.release_orphans(ORPHAN_GRACE_MS),
         )
-        handler_queues = {h.queue for h in config.handlers.values()}
+        self.reaper = Reaper(
+            store=store,
+            daemon_id=self.identity.id,
+            queues=known,
+            interval=workers.heartbeat_interval,
+            dead_after=workers.dead_after,
+        )
+        self.janitor = Janitor(store=store, queues=known, retention=config.retention)
+        self.canceller = Canceller(store=store, cancel_local=self.pool.cancel_local)
         self.intake = Intake(
             store=store,
             server=config.server,
             handlers=config.handlers,
-            queues=frozenset(workers.queues) | handler_queues,
+            queues=known,
             dead_after=workers.dead_after,
+            on_scheduled=self.promoter.wake,
         )
         self._store = store
         self._stopping = anyio.Event()
@@ -74,6 +98,10 @@ class Daemon:
         async with anyio.create_task_group() as tg:
             await tg.start(self._watch_signals)
             await tg.start(self.heartbeat.run)
+            await tg.start(self.canceller.run)
+            tg.start_soon(self.promoter.run)
+            tg.start_soon(self.reaper.run)
+            tg.start_soon(self.janitor.run)
             await tg.start(self.pool.run)
             await tg.start(self.intake.run)
             logger.info(
@@ -133,14 +161,20 @@ async def wait_for_redis(store: Store, url: str, patience: float = STARTUP_REDIS
     await store.ping()
 
 
-async def serve(config: Config, redis_url: str) -> None:
-    """Run one daemon against the Redis at `redis_url` until a stop signal."""
-    store = Store.from_url(
+def connect(config: Config, redis_url: str) -> Store:
+    """The store a daemon with this config uses."""
+    return Store.from_url(
         redis_url,
         prefix=config.redis.prefix,
-        blocking_connections=len(config.workers.queues),
+        # One blocking fetch per queue, and the cancel-request subscription.
+        blocking_connections=len(config.workers.queues) + 1,
         block_timeout=BLOCK_TIMEOUT,
     )
+
+
+async def serve(config: Config, redis_url: str) -> None:
+    """Run one daemon against the Redis at `redis_url` until a stop signal."""
+    store = connect(config, redis_url)
     try:
         await wait_for_redis(store, redis_url)
         async with Handlers(config.handlers) as handlers:

@@ -12,7 +12,7 @@ import math
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, Self, TypeVar
+from typing import Any, NoReturn, Self, TypeVar
 
 import aiohttp
 import anyio
@@ -33,7 +33,14 @@ _T = TypeVar("_T")
 
 
 class JobFailed(Exception):
-    """The attempt failed; str(exc) is the error text stored on the job."""
+    """The attempt failed; str(exc) is the error text stored on the job.
+
+    permanent means retrying cannot help, so the job fails for good at once.
+    """
+
+    def __init__(self, message: str, *, permanent: bool = False) -> None:
+        super().__init__(message)
+        self.permanent = permanent
 
 
 class Handlers:
@@ -75,7 +82,9 @@ class Handlers:
         """
         config = self._configs.get(job.type)
         if config is None:
-            raise JobFailed(f"no handler for type '{job.type}' in this daemon's config")
+            raise JobFailed(
+                f"no handler for type '{job.type}' in this daemon's config", permanent=True
+            )
         limit = self._limits.get(job.type)
         if limit is None:
             result = await self._run_timed(config, job)
@@ -86,7 +95,9 @@ class Handlers:
         try:
             orjson.dumps(result)
         except orjson.JSONEncodeError as exc:
-            raise JobFailed(f"handler returned a result that is not JSON: {exc}") from None
+            # The same code given the same payload will return the same thing.
+            message = f"handler returned a result that is not JSON: {exc}"
+            raise JobFailed(message, permanent=True) from None
         return result
 
     async def _run_timed(self, config: HandlerConfig, job: Job) -> Any:
@@ -114,10 +125,11 @@ class Handlers:
         if config.kind == "python":
             return self._run_python(job)
         if config.kind == "exec":
-            return _run_exec(_require(config.exec, config), job)
+            return _run_exec(_require(config.exec, config), config.permanent_exit_codes, job)
         if config.kind == "http":
             return self._run_http(_require(config.http, config), job)
-        raise JobFailed(f"unknown handler kind '{config.kind}' for type '{job.type}'")
+        message = f"unknown handler kind '{config.kind}' for type '{job.type}'"
+        raise JobFailed(message, permanent=True)
 
     async def _run_python(self, job: Job) -> Any:
         func, is_async = self._python[job.type]
@@ -146,10 +158,17 @@ class Handlers:
             raise JobFailed(f"request to {url} failed: {exc!r}") from exc
         if not 200 <= status < 300:
             tail = body.decode("utf-8", errors="replace")[-HTTP_ERROR_TAIL:].strip()
-            raise JobFailed(f"HTTP {status} from {url}: {tail}")
+            permanent = _permanent_status(status)
+            raise JobFailed(f"HTTP {status} from {url}: {tail}", permanent=permanent)
         if truncated:
             logger.warning("job %s: response from %s cut at %d bytes", job.id, url, MAX_OUTPUT)
         return _parse_output(body, truncated)
+
+
+def _permanent_status(status: int) -> bool:
+    # A 4xx says the request itself is wrong, and the same payload will be wrong
+    # again; but 408 and 429 mean "not now", like a 5xx, and a later try may succeed.
+    return 400 <= status < 500 and status not in (408, 429)
 
 
 def _resolve(spec: str | None, job_type: str) -> PythonHandler:
@@ -166,7 +185,8 @@ def _resolve(spec: str | None, job_type: str) -> PythonHandler:
 
 def _require(value: _T | None, config: HandlerConfig) -> _T:
     if value is None:
-        raise JobFailed(f"handler '{config.name}' of kind {config.kind} has no {config.kind} set")
+        message = f"handler '{config.name}' of kind {config.kind} has no {config.kind} set"
+        raise JobFailed(message, permanent=True)
     return value
 
 
@@ -209,11 +229,18 @@ async def _run_builtin(name: str | None, job: Job) -> Any:
         await anyio.sleep(_sleep_seconds(job.payload))
         return None
     if name == "fail":
-        payload = job.payload
-        if isinstance(payload, dict) and isinstance(payload.get("message"), str):
-            raise JobFailed(payload["message"])
-        raise JobFailed("failed on purpose (builtin fail)")
-    raise JobFailed(f"unknown builtin handler '{name}'")
+        _fail(job.payload)
+    raise JobFailed(f"unknown builtin handler '{name}'", permanent=True)
+
+
+def _fail(payload: Any) -> NoReturn:
+    message = "failed on purpose (builtin fail)"
+    permanent = False
+    if isinstance(payload, dict):
+        if isinstance(payload.get("message"), str):
+            message = payload["message"]
+        permanent = payload.get("permanent") is True
+    raise JobFailed(message, permanent=permanent)
 
 
 def _sleep_seconds(payload: Any) -> float:
@@ -225,15 +252,14 @@ def _sleep_seconds(payload: Any) -> float:
         and seconds >= 0
     ):
         return float(seconds)
-    raise JobFailed(
-        f'builtin sleep needs a payload like {{"seconds": 1.5}} with a number >= 0, got {payload!r}'
-    )
+    need = 'builtin sleep needs a payload like {"seconds": 1.5} with a number >= 0'
+    raise JobFailed(f"{need}, got {payload!r}", permanent=True)
 
 
 # ---------------------------------------------------------------- exec
 
 
-async def _run_exec(argv: tuple[str, ...], job: Job) -> Any:
+async def _run_exec(argv: tuple[str, ...], permanent_codes: tuple[int, ...], job: Job) -> Any:
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.PIPE,
@@ -250,7 +276,9 @@ async def _run_exec(argv: tuple[str, ...], job: Job) -> Any:
         await _kill_group(proc)
         raise
     if code != 0:
-        raise JobFailed(_exit_error(code, bytes(stderr.data)))
+        # A signal death is negative, so never in the list: it stays retryable.
+        permanent = code in permanent_codes
+        raise JobFailed(_exit_error(code, bytes(stderr.data), permanent), permanent=permanent)
     if stdout.dropped:
         logger.warning("job %s: stdout cut at %d bytes", job.id, MAX_OUTPUT)
     return _parse_output(bytes(stdout.data), stdout.dropped > 0)
@@ -329,13 +357,13 @@ async def _kill_group(proc: asyncio.subprocess.Process) -> None:
         await proc.wait()
 
 
-def _exit_error(code: int, stderr: bytes) -> str:
+def _exit_error(code: int, stderr: bytes, permanent: bool) -> str:
     if code < 0:
         try:
             how = f"killed by signal {signal.Signals(-code).name}"
         except ValueError:
             how = f"killed by signal {-code}"
     else:
-        how = f"exit status {code}"
+        how = f"exit status {code} (permanent)" if permanent else f"exit status {code}"
     tail = stderr.decode("utf-8", errors="replace").strip()
     return f"{how}: {tail}" if tail else how

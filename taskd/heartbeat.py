@@ -6,7 +6,7 @@ import logging
 import os
 import secrets
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import anyio
@@ -48,6 +48,8 @@ class Heartbeat:
         queues: Sequence[str],
         active: Callable[[], int],
         interval: float,
+        on_reaped: Callable[[], Awaitable[object]],
+        after_beat: Callable[[], Awaitable[object]],
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self._store = store
@@ -56,12 +58,20 @@ class Heartbeat:
         self._queues = tuple(queues)
         self._active = active
         self._interval = interval
+        self._on_reaped = on_reaped
+        self._after_beat = after_beat
         self._clock = clock
+        self._registered = False
 
     async def tick(self) -> None:
-        """Write the record once, with the current time and active job count."""
+        """Write the record once, with the current time and active job count.
+
+        Finding the record gone means other daemons took this one for dead (a long pause,
+        a partition) and took its jobs back: the beat registers it again, and the jobs it
+        still runs but no longer owns are stopped, since they may run elsewhere already.
+        """
         me = self._identity
-        await self._store.register_daemon(
+        known = await self._store.beat(
             DaemonInfo(
                 id=me.id,
                 host=me.host,
@@ -73,6 +83,11 @@ class Heartbeat:
                 last_heartbeat=self._clock(),
             )
         )
+        if self._registered and not known:
+            logger.warning("this daemon was taken for dead; registered again")
+            await self._on_reaped()
+        self._registered = True
+        await self._after_beat()
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -89,4 +104,4 @@ class Heartbeat:
 
     async def deregister(self) -> None:
         """Remove this daemon's record (at a clean shutdown)."""
-        await self._store.deregister_daemon(self._identity.id)
+        await self._store.deregister_daemon(self._identity.id, self._queues)

@@ -11,26 +11,16 @@ import orjson
 from aiohttp import web
 
 from taskd.config import HandlerConfig, ServerConfig
-from taskd.jobs import QUEUED, Job, format_ms, new_id, now_ms
+from taskd.jobs import FAILED, Job, format_ms, now_ms
 from taskd.store import UNAVAILABLE, Store
+from taskd.validation import ApiError, parse_list_query, parse_submission
 
 logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT = 2.0
 _HEALTH_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *UNAVAILABLE)
-SUBMIT_FIELDS = frozenset({"type", "payload"})
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-
-
-class ApiError(Exception):
-    """An error answered as `{"error": {"code", "message"}}` with an HTTP status."""
-
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-        self.message = message
 
 
 def json_response(
@@ -87,6 +77,7 @@ class Intake:
         handlers: Mapping[str, HandlerConfig],
         queues: frozenset[str],
         dead_after: float,
+        on_scheduled: Callable[[str, int], None] = lambda queue, due: None,
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self._store = store
@@ -94,6 +85,7 @@ class Intake:
         self._handlers = handlers
         self._queues = queues
         self._dead_after_ms = int(dead_after * 1000)
+        self._on_scheduled = on_scheduled
         self._clock = clock
         self._accepting = True
         self.addresses: list[Any] = []
@@ -106,7 +98,12 @@ class Intake:
     def _make_app(self) -> web.Application:
         app = web.Application(client_max_size=self._server.max_body, middlewares=[errors_as_json])
         app.router.add_post("/jobs", self.submit)
+        app.router.add_get("/jobs", self.list_jobs)
         app.router.add_get("/jobs/{id}", self.get_job)
+        app.router.add_delete("/jobs/{id}", self.delete_job)
+        app.router.add_post("/jobs/{id}/cancel", self.cancel_job)
+        app.router.add_post("/jobs/{id}/retry", self.retry_job)
+        app.router.add_get("/dead", self.list_dead)
         app.router.add_get("/stats", self.stats)
         app.router.add_get("/health", self.health)
         return app
@@ -137,64 +134,81 @@ class Intake:
     async def submit(self, request: web.Request) -> web.Response:
         if not self._accepting:
             raise ApiError(503, "shutting_down", "this daemon is shutting down; submit to another")
-        job_type, payload = self._parse_submission(await request.read())
-        handler = self._handlers[job_type]
-        job = Job(
-            id=new_id(),
-            type=job_type,
-            queue=handler.queue,
-            payload=payload,
-            state=QUEUED,
-            attempts=0,
-            created_at=self._clock(),
-        )
+        job = parse_submission(await request.read(), self._handlers, self._clock())
         await self._store.enqueue(job)
+        if job.run_at is not None:
+            self._on_scheduled(job.queue, job.run_at)
         return json_response(job.to_public(), status=201, headers={"Location": f"/jobs/{job.id}"})
 
-    def _parse_submission(self, body: bytes) -> tuple[str, Any]:
-        try:
-            data = orjson.loads(body)
-        except orjson.JSONDecodeError as exc:
-            raise ApiError(
-                400, "invalid_json", f"the request body is not valid JSON: {exc}"
-            ) from None
-        if not isinstance(data, dict):
-            raise ApiError(422, "invalid_job", "the request body must be a JSON object")
-        unknown = sorted(set(data) - SUBMIT_FIELDS)
-        if unknown:
-            raise ApiError(
-                422,
-                "invalid_job",
-                f"unknown field(s) {', '.join(unknown)}; a job takes type, payload",
-            )
-        job_type = data.get("type")
-        if job_type is None:
-            raise ApiError(
-                422, "invalid_job", "missing field 'type': the name of a configured handler"
-            )
-        if not isinstance(job_type, str):
-            raise ApiError(
-                422, "invalid_job", f"field 'type' must be a string, got {_json_kind(job_type)}"
-            )
-        if job_type not in self._handlers:
-            known = ", ".join(sorted(self._handlers))
-            raise ApiError(
-                422, "unknown_type", f"unknown job type '{job_type}'; configured types: {known}"
-            )
-        return job_type, data.get("payload")
-
     async def get_job(self, request: web.Request) -> web.Response:
+        return json_response((await self._find(request)).to_public())
+
+    async def cancel_job(self, request: web.Request) -> web.Response:
+        job = await self._find(request)
+        before = await self._store.cancel(job.queue, job.id, self._clock())
+        if before not in ("queued", "scheduled", "active"):
+            raise _conflict(
+                job.id, before, "only a queued, scheduled or active job can be cancelled"
+            )
+        # An active job is cancelled by the daemon running it, a moment later.
+        status = 202 if before == "active" else 200
+        return json_response((await self._find(request)).to_public(), status=status)
+
+    async def retry_job(self, request: web.Request) -> web.Response:
+        job = await self._find(request)
+        before = await self._store.retry(job.queue, job.id)
+        if before != FAILED:
+            raise _conflict(job.id, before, "only a failed job can be retried")
+        return json_response((await self._find(request)).to_public())
+
+    async def delete_job(self, request: web.Request) -> web.Response:
+        job = await self._find(request)
+        before = await self._store.delete(job.queue, job.id)
+        if before == "active":
+            raise _conflict(job.id, before, "a running job cannot be deleted; cancel it first")
+        if before == "missing":
+            raise _not_found(job.id)
+        return json_response({"id": job.id, "deleted": True})
+
+    async def list_jobs(self, request: web.Request) -> web.Response:
+        query = parse_list_query(request.query)
+        queues = [query.queue] if query.queue else sorted(await self._all_queues())
+        page = await self._store.list_jobs(
+            queues,
+            state=query.state,
+            job_type=query.job_type,
+            limit=query.limit,
+            cursor=query.cursor,
+        )
+        return json_response(
+            {"jobs": [j.to_public() for j in page.jobs], "next_cursor": page.cursor}
+        )
+
+    async def list_dead(self, request: web.Request) -> web.Response:
+        """The dead letters: failed jobs, newest first (GET /jobs?state=failed)."""
+        params = {**request.query, "state": FAILED}
+        query = parse_list_query(params)
+        queues = [query.queue] if query.queue else sorted(await self._all_queues())
+        page = await self._store.list_jobs(
+            queues, state=FAILED, job_type=query.job_type, limit=query.limit, cursor=query.cursor
+        )
+        return json_response(
+            {"jobs": [j.to_public() for j in page.jobs], "next_cursor": page.cursor}
+        )
+
+    async def _find(self, request: web.Request) -> Job:
         job_id = request.match_info["id"]
-        queues = self._queues | await self._store.known_queues()
-        job = await self._store.get_job(job_id, sorted(queues))
+        job = await self._store.get_job(job_id, sorted(await self._all_queues()))
         if job is None:
-            raise ApiError(404, "not_found", f"no job with id '{job_id}'")
-        return json_response(job.to_public())
+            raise _not_found(job_id)
+        return job
+
+    async def _all_queues(self) -> set[str]:
+        return set(self._queues) | await self._store.known_queues()
 
     async def stats(self, request: web.Request) -> web.Response:
         daemons = await self._store.live_daemons(since=self._clock() - self._dead_after_ms)
-        queues = sorted(self._queues | await self._store.known_queues())
-        counts = await self._store.queue_counts(queues, daemons)
+        counts = await self._store.queue_counts(sorted(await self._all_queues()))
         instances = [
             {
                 "id": d.id,
@@ -223,13 +237,9 @@ class Intake:
         return json_response({"status": "ok"})
 
 
-def _json_kind(value: Any) -> str:
-    kinds = {
-        bool: "boolean",
-        int: "number",
-        float: "number",
-        str: "string",
-        list: "array",
-        dict: "object",
-    }
-    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+def _not_found(job_id: str) -> ApiError:
+    return ApiError(404, "not_found", f"no job with id '{job_id}'")
+
+
+def _conflict(job_id: str, state: str, rule: str) -> ApiError:
+    return ApiError(409, "conflict", f"job '{job_id}' is {state}: {rule}")

@@ -11,8 +11,9 @@ from typing import Any
 
 import orjson
 
-# States a job moves through. `scheduled` and `cancelled` are reserved for
-# delayed jobs, retries and cancelling; the store already treats them as states.
+# States a job moves through: queued -> active -> completed, or back to scheduled for a
+# retry, or failed once out of attempts (a dead letter). Delayed jobs start scheduled.
+# Queued, scheduled and active jobs can be cancelled.
 QUEUED = "queued"
 SCHEDULED = "scheduled"
 ACTIVE = "active"
@@ -20,6 +21,7 @@ COMPLETED = "completed"
 FAILED = "failed"
 CANCELLED = "cancelled"
 STATES = (QUEUED, SCHEDULED, ACTIVE, COMPLETED, FAILED, CANCELLED)
+FINAL_STATES = (COMPLETED, FAILED, CANCELLED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +40,10 @@ class Job:
     result: Any = None
     error: str | None = None
     daemon: str | None = None  # the daemon that ran the latest attempt
+    max_attempts: int = 1
+    run_at: int | None = None  # when a scheduled job is due
+    cancel_requested: bool = False
+    history: tuple[dict[str, Any], ...] = ()  # one entry per finished attempt
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Job:
@@ -56,6 +62,10 @@ class Job:
             result=orjson.loads(f["result"]) if f.get("result") else None,
             error=f["error"].decode() if f.get("error") else None,
             daemon=f["daemon"].decode() if f.get("daemon") else None,
+            max_attempts=int(f.get("max_attempts", b"1")),
+            run_at=_opt_int(f.get("run_at")),
+            cancel_requested="cancel_requested" in f,
+            history=tuple(orjson.loads(f["history"])) if f.get("history") else (),
         )
 
     def to_public(self) -> dict[str, Any]:
@@ -73,7 +83,16 @@ class Job:
             "result": self.result,
             "error": self.error,
             "daemon": self.daemon,
+            "max_attempts": self.max_attempts,
+            "run_at": format_ms(self.run_at),
+            "cancel_requested": self.cancel_requested,
+            "history": [_public_entry(entry) for entry in self.history],
         }
+
+
+def _public_entry(entry: dict[str, Any]) -> dict[str, Any]:
+    times = ("started_at", "finished_at")
+    return {k: format_ms(v) if k in times else v for k, v in entry.items()}
 
 
 def _opt_int(raw: bytes | None) -> int | None:

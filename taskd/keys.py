@@ -39,13 +39,41 @@ class Keys:
         """Sorted set of the ids a daemon runs, scored by start time (its in-flight set)."""
         return f"{self.prefix}:{{{queue}}}:active:{daemon_id}"
 
+    def scheduled(self, queue: str) -> str:
+        """Sorted set of ids waiting for their time (delayed jobs, retries), scored by it."""
+        return f"{self.prefix}:{{{queue}}}:scheduled"
+
     def completed(self, queue: str) -> str:
         """Sorted set of completed ids, scored by finish time."""
         return f"{self.prefix}:{{{queue}}}:completed"
 
-    def failed(self, queue: str) -> str:
-        """Sorted set of failed ids, scored by finish time."""
-        return f"{self.prefix}:{{{queue}}}:failed"
+    def dead(self, queue: str) -> str:
+        """Sorted set of failed ids (the dead letters), scored by finish time."""
+        return f"{self.prefix}:{{{queue}}}:dead"
+
+    def cancelled(self, queue: str) -> str:
+        """Sorted set of cancelled ids, scored by finish time."""
+        return f"{self.prefix}:{{{queue}}}:cancelled"
+
+    def finished(self, queue: str, state: str) -> str:
+        """The sorted set of one final state (completed, failed, cancelled)."""
+        return {"completed": self.completed, "failed": self.dead, "cancelled": self.cancelled}[
+            state
+        ](queue)
+
+    def index(self, queue: str) -> str:
+        """Sorted set of every stored id, all scored 0: ids are time-ordered UUIDv7s, so
+        lexicographic order is creation order and a listing can page by id."""
+        return f"{self.prefix}:{{{queue}}}:index"
+
+    def owners(self, queue: str) -> str:
+        """Sorted set of daemons that may hold jobs of the queue, scored by their last
+        heartbeat: the lease a reaper checks in the same script that takes jobs back."""
+        return f"{self.prefix}:{{{queue}}}:owners"
+
+    def totals(self, queue: str) -> str:
+        """Hash of counters since the data began (enqueued, completed, failed, ...)."""
+        return f"{self.prefix}:{{{queue}}}:totals"
 
     # Keys of the whole installation.
 
@@ -60,6 +88,11 @@ class Keys:
     def daemon(self, daemon_id: str) -> str:
         """Hash describing one daemon (host, pid, concurrency, queues, active jobs)."""
         return self._global(f"daemon:{daemon_id}")
+
+    @property
+    def cancel_channel(self) -> str:
+        """Pub/sub channel on which cancel requests of running jobs reach every daemon."""
+        return self._global("cancel")
 
     @property
     def queues(self) -> str:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import heapq
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
+import anyio
 import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
-from redis.asyncio.client import Pipeline
+from redis.asyncio.client import PubSub
 
-from taskd.jobs import ACTIVE, COMPLETED, FAILED, QUEUED, Job
+from taskd.jobs import ACTIVE, FINAL_STATES, Job
 from taskd.keys import Keys
 
 logger = logging.getLogger(__name__)
@@ -22,12 +25,15 @@ logger = logging.getLogger(__name__)
 # for a free one rather than opening more, so connections stay few however many jobs run:
 # claims and acks are batched, so a handful carries a daemon's whole traffic.
 POOL_SIZE = 8
-# Ids moved per requeue script call: bounds how long one script blocks Redis.
-REQUEUE_BATCH = 500
+# Ids moved per script call by requeue, recover, promote and trim: bounds how long one
+# script blocks Redis.
+BATCH = 500
 # Seconds a command may take before it counts as failed; a hung Redis must not hang
 # intake requests forever. Blocking fetches get their own wait on top.
 COMMAND_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
+# Most ids a listing examines per request when filters skip most of them.
+LIST_SCAN_BUDGET = 2000
 
 # What a caller can catch to tell "Redis is unreachable" from a bug.
 UNAVAILABLE: tuple[type[Exception], ...] = (
@@ -38,12 +44,15 @@ UNAVAILABLE: tuple[type[Exception], ...] = (
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
-    """How one attempt ended: `value` is the result as JSON text, or the error text."""
+class Attempt:
+    """How one attempt ended, as the ack script records it."""
 
     job_id: str
-    completed: bool
-    value: bytes | str
+    attempt: int
+    outcome: str  # "completed", "retry", "failed" or "cancelled"
+    value: bytes | str  # the result as JSON, or the error text
+    retry_at: int = 0  # epoch ms, for "retry"
+    history: bytes = b"{}"  # the history entry, a JSON object
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,11 +69,25 @@ class DaemonInfo:
     last_heartbeat: int
 
 
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a job listing; `cursor` continues it (None: nothing more)."""
+
+    jobs: list[Job]
+    cursor: str | None
+
+
 def _load_script(client: aioredis.Redis, name: str) -> Any:
     source = resources.files("taskd").joinpath("lua", f"{name}.lua").read_text()
     # register_script runs EVALSHA and reloads the script by itself after NOSCRIPT
     # (a restarted or flushed Redis), so the script text crosses the wire once.
     return client.register_script(source)
+
+
+_SCRIPTS = (
+    "enqueue", "claim", "ack", "requeue", "promote", "cancel", "retry", "delete",
+    "recover", "trim", "beat", "forget",
+)  # fmt: skip
 
 
 class Store:
@@ -74,16 +97,13 @@ class Store:
         self._r = client
         self._blocking = blocking
         self.keys = keys
-        self._enqueue = _load_script(client, "enqueue")
-        self._claim = _load_script(client, "claim")
-        self._ack = _load_script(client, "ack")
-        self._requeue = _load_script(client, "requeue")
+        self._lua = {name: _load_script(client, name) for name in _SCRIPTS}
 
     @classmethod
     def from_url(
         cls, url: str, *, prefix: str, blocking_connections: int = 1, block_timeout: float = 5.0
     ) -> Store:
-        """Connect lazily: one shared pool, and one pool for blocking fetches (one per queue)."""
+        """Connect lazily: one shared pool, and one for connections that wait (fetch, pub/sub)."""
         shared = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=POOL_SIZE,
@@ -112,23 +132,22 @@ class Store:
         """Raise unless Redis answers."""
         await self._r.ping()
 
-    async def server_info(self) -> dict[str, Any]:
-        """Redis's version and memory use."""
-        info = await self._r.info("server")
-        memory = await self._r.info("memory")
-        return {
-            "version": info.get("redis_version"),
-            "used_memory": memory.get("used_memory"),
-        }
-
-    # Jobs.
+    # Submitting and reading jobs.
 
     async def enqueue(self, job: Job) -> bool:
-        """Store a new queued job; False when its id exists already."""
-        k = self.keys
-        added = await self._enqueue(
-            keys=[k.job(job.queue, job.id), k.ready(job.queue)],
-            args=[job.id, job.type, job.queue, orjson.dumps(job.payload), job.created_at],
+        """Store a new job, queued or (with `run_at`) scheduled; False if its id exists."""
+        k, q = self.keys, job.queue
+        added = await self._lua["enqueue"](
+            keys=[k.job(q, job.id), k.ready(q), k.scheduled(q), k.index(q), k.totals(q)],
+            args=[
+                job.id,
+                job.type,
+                q,
+                orjson.dumps(job.payload),
+                job.created_at,
+                job.max_attempts,
+                job.run_at or 0,
+            ],
         )
         return bool(added)
 
@@ -143,11 +162,18 @@ class Store:
                 return Job.from_fields(fields)
         return None
 
+    # Running jobs.
+
     async def claim(self, queue: str, daemon_id: str, limit: int, now: int) -> list[Job]:
         """Move up to `limit` ready jobs into this daemon's active set and return them."""
         k = self.keys
-        flat = await self._claim(
-            keys=[k.ready(queue), k.landing(queue, daemon_id), k.active(queue, daemon_id)],
+        flat = await self._lua["claim"](
+            keys=[
+                k.ready(queue),
+                k.landing(queue, daemon_id),
+                k.active(queue, daemon_id),
+                k.owners(queue),
+            ],
             args=[limit, now, k.job_prefix(queue), daemon_id],
         )
         return [
@@ -159,10 +185,11 @@ class Store:
                 state=ACTIVE,
                 attempts=int(flat[i + 3]),
                 created_at=int(flat[i + 4]),
+                max_attempts=int(flat[i + 5]),
                 started_at=now,
                 daemon=daemon_id,
             )
-            for i in range(0, len(flat), 5)
+            for i in range(0, len(flat), 6)
         ]
 
     async def wait_for_job(self, queue: str, daemon_id: str, block_seconds: int) -> bool:
@@ -177,57 +204,169 @@ class Store:
         )
         return moved is not None
 
-    async def ack(self, queue: str, daemon_id: str, outcomes: Sequence[Outcome], now: int) -> int:
-        """Record finished jobs of one queue in one script call; returns how many were ours."""
+    async def ack(self, queue: str, daemon_id: str, attempts: Sequence[Attempt], now: int) -> int:
+        """Record finished attempts of one queue in one script call; returns how many were ours."""
         k = self.keys
         args: list[Any] = [now, k.job_prefix(queue)]
-        for outcome in outcomes:
-            args += [outcome.job_id, COMPLETED if outcome.completed else FAILED, outcome.value]
-        recorded = await self._ack(
-            keys=[k.active(queue, daemon_id), k.completed(queue), k.failed(queue)], args=args
-        )
-        return int(recorded)
+        for a in attempts:
+            args += [a.job_id, a.attempt, a.outcome, a.value, a.retry_at, a.history]
+        keys = [
+            k.active(queue, daemon_id),
+            k.completed(queue),
+            k.dead(queue),
+            k.scheduled(queue),
+            k.cancelled(queue),
+            k.totals(queue),
+        ]
+        return int(await self._lua["ack"](keys=keys, args=args))
 
-    async def requeue_inflight(self, queue: str, daemon_id: str) -> int:
+    async def still_owned(self, queue: str, daemon_id: str, job_ids: Sequence[str]) -> set[str]:
+        """Which of these ids are still in this daemon's active set."""
+        if not job_ids:
+            return set()
+        scores = await self._r.zmscore(self.keys.active(queue, daemon_id), list(job_ids))
+        return {job_id for job_id, score in zip(job_ids, scores, strict=True) if score is not None}
+
+    async def requeue_inflight(self, queue: str, daemon_id: str, now: int) -> int:
         """Return all of a daemon's unfinished jobs of one queue to the ready list."""
+        keys, args = self._requeue_call(queue, daemon_id, now)
+        total = 0
+        while moved := int(await self._lua["requeue"](keys=keys, args=args)):
+            total += moved
+        return total
+
+    async def claimed_before(self, queue: str, daemon_id: str, before: int) -> list[str]:
+        """Ids in a daemon's active set that it claimed before `before` (epoch ms)."""
+        ids = await self._r.zrangebyscore(self.keys.active(queue, daemon_id), "-inf", f"({before}")
+        return [_text(job_id) for job_id in ids]
+
+    async def requeue(self, queue: str, daemon_id: str, job_ids: Sequence[str], now: int) -> int:
+        """Return these ids, if still in the daemon's active set, to the ready list."""
+        keys, args = self._requeue_call(queue, daemon_id, now)
+        return int(await self._lua["requeue"](keys=keys, args=[*args, *job_ids]))
+
+    def _requeue_call(self, queue: str, daemon_id: str, now: int) -> tuple[list[str], list[Any]]:
         k = self.keys
         keys = [k.ready(queue), k.landing(queue, daemon_id), k.active(queue, daemon_id)]
+        keys += [k.cancelled(queue), k.totals(queue)]
+        return keys, [k.job_prefix(queue), BATCH, now]
+
+    async def promote(self, queue: str, now: int) -> tuple[int, int | None]:
+        """Move due jobs to the ready list; returns (moved, when the next one is due)."""
+        k = self.keys
+        moved, due = await self._lua["promote"](
+            keys=[k.scheduled(queue), k.ready(queue)], args=[now, BATCH, k.job_prefix(queue)]
+        )
+        return int(moved), (None if int(due) < 0 else int(due))
+
+    # Acting on one job.
+
+    async def cancel(self, queue: str, job_id: str, now: int) -> str:
+        """Cancel a job; returns its state before (see cancel.lua)."""
+        k = self.keys
+        keys = [k.job(queue, job_id), k.ready(queue), k.scheduled(queue)]
+        keys += [k.cancelled(queue), k.totals(queue)]
+        state = await self._lua["cancel"](keys=keys, args=[job_id, now, k.cancel_channel])
+        return _text(state)
+
+    async def retry(self, queue: str, job_id: str) -> str:
+        """Put a failed job back on its queue; returns its state before (see retry.lua)."""
+        k = self.keys
+        keys = [k.job(queue, job_id), k.dead(queue), k.ready(queue)]
+        return _text(await self._lua["retry"](keys=keys, args=[job_id]))
+
+    async def delete(self, queue: str, job_id: str) -> str:
+        """Delete a job that is not running; returns its state before (see delete.lua)."""
+        k = self.keys
+        keys = [k.job(queue, job_id), k.ready(queue), k.scheduled(queue), k.completed(queue)]
+        keys += [k.dead(queue), k.cancelled(queue), k.index(queue)]
+        return _text(await self._lua["delete"](keys=keys, args=[job_id]))
+
+    @asynccontextmanager
+    async def cancel_requests(self) -> AsyncIterator[AsyncIterator[str]]:
+        """Subscribe to cancel requests; yields an iterator of job ids as they arrive."""
+        pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.keys.cancel_channel)
+            yield _messages(pubsub)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    # Recovering the jobs of dead daemons, and expiring finished ones.
+
+    async def stale_owners(self, queue: str, before: int) -> list[str]:
+        """Daemons whose lease on this queue was last renewed before `before`."""
+        ids = await self._r.zrangebyscore(self.keys.owners(queue), "-inf", f"({before}")
+        return [_text(daemon_id) for daemon_id in ids]
+
+    async def recover(self, queue: str, daemon_id: str, now: int, before: int) -> int:
+        """Take back all jobs of a daemon whose lease lapsed; -1 if its lease is alive."""
+        k = self.keys
+        keys = [k.owners(queue), k.ready(queue), k.landing(queue, daemon_id)]
+        keys += [k.active(queue, daemon_id), k.dead(queue), k.cancelled(queue), k.totals(queue)]
+        args = [daemon_id, now, before, k.job_prefix(queue), BATCH]
         total = 0
-        while moved := int(
-            await self._requeue(keys=keys, args=[k.job_prefix(queue), REQUEUE_BATCH])
-        ):
+        while moved := int(await self._lua["recover"](keys=keys, args=args)):
+            if moved < 0:
+                return -1 if total == 0 else total
             total += moved
+        return total
+
+    async def trim(self, queue: str, state: str, cutoff: int) -> int:
+        """Delete jobs of a final state that finished at or before `cutoff`."""
+        k = self.keys
+        keys = [k.finished(queue, state), k.index(queue)]
+        total = 0
+        while deleted := int(
+            await self._lua["trim"](keys=keys, args=[cutoff, BATCH, k.job_prefix(queue)])
+        ):
+            total += deleted
         return total
 
     # Daemons.
 
-    async def register_daemon(self, info: DaemonInfo) -> None:
-        """Add or refresh a daemon's record and its heartbeat time."""
-        fields = {
-            "id": info.id,
-            "host": info.host,
-            "pid": info.pid,
-            "started_at": info.started_at,
-            "concurrency": info.concurrency,
-            "queues": orjson.dumps(list(info.queues)),
-            "active": info.active,
-            "last_heartbeat": info.last_heartbeat,
-        }
-        key = self.keys.daemon(info.id)
-        async with self._r.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
-            pipe.zadd(self.keys.daemons, {info.id: info.last_heartbeat})
-            pipe.sadd(self.keys.queues, *info.queues)
+    async def beat(self, info: DaemonInfo) -> bool:
+        """Write a daemon's record and heartbeat; False if it was not registered before."""
+        fields: list[Any] = [
+            "id", info.id, "host", info.host, "pid", info.pid, "started_at", info.started_at,
+            "concurrency", info.concurrency, "queues", orjson.dumps(list(info.queues)),
+            "active", info.active, "last_heartbeat", info.last_heartbeat,
+        ]  # fmt: skip
+        k = self.keys
+        known = await self._lua["beat"](
+            keys=[k.daemons, k.daemon(info.id)], args=[info.id, info.last_heartbeat, *fields]
+        )
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue in info.queues:
+                pipe.zadd(k.owners(queue), {info.id: info.last_heartbeat})
+            pipe.sadd(k.queues, *info.queues)
             await pipe.execute()
+        return bool(known)
 
-    async def deregister_daemon(self, daemon_id: str) -> None:
+    async def deregister_daemon(self, daemon_id: str, queues: Sequence[str]) -> None:
+        """Remove a daemon that stopped cleanly (its in-flight keys are already empty)."""
         async with self._r.pipeline(transaction=True) as pipe:
             pipe.delete(self.keys.daemon(daemon_id))
             pipe.zrem(self.keys.daemons, daemon_id)
             await pipe.execute()
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.zrem(self.keys.owners(queue), daemon_id)
+            await pipe.execute()
+
+    async def stale_daemons(self, before: int) -> list[str]:
+        ids = await self._r.zrangebyscore(self.keys.daemons, "-inf", f"({before}")
+        return [_text(daemon_id) for daemon_id in ids]
+
+    async def forget_daemon(self, daemon_id: str, before: int) -> bool:
+        """Remove a dead daemon's record, unless it beat again since `before`."""
+        k = self.keys
+        keys = [k.daemons, k.daemon(daemon_id)]
+        return bool(await self._lua["forget"](keys=keys, args=[daemon_id, before]))
 
     async def add_queues(self, queues: Iterable[str]) -> None:
-        """Remember queue names, so that /stats and job lookups know them."""
+        """Remember queue names, so that /stats, lookups and reapers know them."""
         names = list(queues)
         if names:
             await self._r.sadd(self.keys.queues, *names)
@@ -244,32 +383,167 @@ class Store:
             records: list[dict[bytes, bytes]] = await pipe.execute()
         return [_daemon_from_fields(fields) for fields in records if fields]
 
-    async def queue_counts(
-        self, queues: Sequence[str], daemons: Sequence[DaemonInfo]
-    ) -> dict[str, dict[str, int]]:
-        """Per queue, how many jobs are queued, active, completed and failed."""
+    # Statistics and listings.
+
+    async def queue_counts(self, queues: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Per queue, how many jobs are in each state now, and the totals since the start."""
+        k = self.keys
         async with self._r.pipeline(transaction=False) as pipe:
             for queue in queues:
-                self._count_queue(pipe, queue, daemons)
-            replies = await pipe.execute()
-        counts: dict[str, dict[str, int]] = {}
-        at = 0
-        for queue in queues:
-            serving = sum(1 for d in daemons if queue in d.queues)
-            queued, completed, failed = replies[at : at + 3]
-            active = sum(replies[at + 3 : at + 3 + serving])
-            at += 3 + serving
-            counts[queue] = {QUEUED: queued, ACTIVE: active, COMPLETED: completed, FAILED: failed}
+                pipe.zrange(k.owners(queue), 0, -1)
+            owners: list[list[bytes]] = await pipe.execute()
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue, holders in zip(queues, owners, strict=True):
+                pipe.llen(k.ready(queue))
+                pipe.zcard(k.scheduled(queue))
+                for state in FINAL_STATES:
+                    pipe.zcard(k.finished(queue, state))
+                pipe.hgetall(k.totals(queue))
+                for holder in holders:
+                    pipe.zcard(k.active(queue, _text(holder)))
+            replies = iter(await pipe.execute())
+        counts: dict[str, dict[str, Any]] = {}
+        for queue, holders in zip(queues, owners, strict=True):
+            queued, scheduled, completed, failed, cancelled, totals = (
+                next(replies) for _ in range(6)
+            )
+            active = sum(next(replies) for _ in holders)
+            counts[queue] = {
+                "queued": queued,
+                "scheduled": scheduled,
+                "active": active,
+                "completed": completed,
+                "failed": failed,
+                "cancelled": cancelled,
+                "totals": {_text(name): int(value) for name, value in totals.items()},
+            }
         return counts
 
-    def _count_queue(self, pipe: Pipeline, queue: str, daemons: Sequence[DaemonInfo]) -> None:
-        k = self.keys
-        pipe.llen(k.ready(queue))
-        pipe.zcard(k.completed(queue))
-        pipe.zcard(k.failed(queue))
-        for daemon in daemons:
-            if queue in daemon.queues:
-                pipe.zcard(k.active(queue, daemon.id))
+    async def list_jobs(
+        self,
+        queues: Sequence[str],
+        *,
+        state: str | None,
+        job_type: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> Page:
+        """Jobs newest first, filtered, one page at a time.
+
+        Jobs of a final state come from that state's set, newest finished first; all
+        others from the index, newest created first. Filters are applied to what is read,
+        so a page can be short when few jobs match: its cursor then goes on scanning.
+        """
+        walk: _ByFinish | _ByCreation
+        if state in FINAL_STATES:
+            sets = [self.keys.finished(queue, state) for queue in queues]
+            walk = _ByFinish(self._r, sets, cursor)
+        else:
+            walk = _ByCreation(self._r, [self.keys.index(queue) for queue in queues], cursor)
+        jobs: list[Job] = []
+        scanned = 0
+        while len(jobs) < limit and scanned < LIST_SCAN_BUDGET:
+            batch = await walk.next_ids(limit - len(jobs))
+            if not batch:
+                return Page(jobs, None)
+            scanned += len(batch)
+            for job in await self._jobs_by_id(queues, batch):
+                if (state is None or job.state == state) and job_type in (None, job.type):
+                    jobs.append(job)
+        return Page(jobs, walk.cursor)
+
+    async def _jobs_by_id(self, queues: Sequence[str], ids: list[tuple[str, str]]) -> list[Job]:
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue, job_id in ids:
+                pipe.hgetall(self.keys.job(queue, job_id))
+            records: list[dict[bytes, bytes]] = await pipe.execute()
+        # A record can be gone (trimmed, deleted) between the two reads.
+        return [Job.from_fields(fields) for fields in records if fields]
+
+
+class _ByCreation:
+    """Walks index sets (ids ordered as created) of several queues, newest first, merged."""
+
+    def __init__(self, r: aioredis.Redis, index_keys: list[str], cursor: str | None) -> None:
+        self._r = r
+        self._keys = index_keys
+        self.cursor = cursor
+
+    async def next_ids(self, count: int) -> list[tuple[str, str]]:
+        """The next `count` (queue, id) pairs after the cursor; the cursor moves past them."""
+        start = f"({self.cursor}" if self.cursor else "+"
+        async with self._r.pipeline(transaction=False) as pipe:
+            for key in self._keys:
+                pipe.zrevrangebylex(key, start, "-", 0, count)
+            pages: list[list[bytes]] = await pipe.execute()
+        merged = heapq.merge(
+            *([(_text(i), n) for i in page] for n, page in enumerate(pages)), reverse=True
+        )
+        picked = [(self._keys[n], job_id) for job_id, n in list(merged)[:count]]
+        if picked:
+            self.cursor = picked[-1][1]
+        return [(_queue_of(key), job_id) for key, job_id in picked]
+
+
+class _ByFinish:
+    """Walks final-state sets (scored by finish time) of several queues, newest first."""
+
+    def __init__(self, r: aioredis.Redis, keys: list[str], cursor: str | None) -> None:
+        self._r = r
+        self._keys = keys
+        self.cursor = cursor
+
+    async def next_ids(self, count: int) -> list[tuple[str, str]]:
+        after = _parse_finish_cursor(self.cursor)
+        found: list[tuple[int, str, str]] = []
+        for key in self._keys:
+            found += [(score, job_id, key) for score, job_id in await self._page(key, after, count)]
+        found.sort(reverse=True)
+        picked = found[:count]
+        if picked:
+            self.cursor = f"{picked[-1][0]}-{picked[-1][1]}"
+        return [(_queue_of(key), job_id) for _, job_id, key in picked]
+
+    async def _page(
+        self, key: str, after: tuple[int, str] | None, count: int
+    ) -> list[tuple[int, str]]:
+        """Up to `count` entries ordered before `after` by (finish time, id), descending."""
+        top = str(after[0]) if after else "+inf"
+        out: list[tuple[int, str]] = []
+        offset = 0
+        while len(out) < count:
+            batch = await self._r.zrevrangebyscore(
+                key, top, "-inf", start=offset, num=count, withscores=True
+            )
+            if not batch:
+                break
+            offset += len(batch)
+            for member, raw_score in cast(list[tuple[bytes, float]], batch):
+                score, job_id = int(raw_score), _text(member)
+                # Many jobs finish in the same millisecond: within it, order by id.
+                if after is None or (score, job_id) < after:
+                    out.append((score, job_id))
+        return out[:count]
+
+
+async def _messages(pubsub: PubSub) -> AsyncIterator[str]:
+    while True:
+        # A bounded wait: an idle subscription must not trip the connection's read timeout.
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        if message is not None and message["type"] == "message":
+            yield _text(message["data"])
+
+
+def _parse_finish_cursor(cursor: str | None) -> tuple[int, str] | None:
+    if not cursor:
+        return None
+    score, _, job_id = cursor.partition("-")
+    return int(score), job_id
+
+
+def _queue_of(key: str) -> str:
+    """The queue named by a queue key's hash tag."""
+    return key[key.index("{") + 1 : key.index("}")]
 
 
 def _text(value: Any) -> str:

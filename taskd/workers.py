@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Mapping, Sequence
 
 import anyio
 import orjson
 from anyio.abc import TaskGroup
 
 from taskd.acker import Acker
+from taskd.config import HandlerConfig
 from taskd.handlers import Handlers, JobFailed
 from taskd.jobs import Job, now_ms
-from taskd.store import Outcome, Store
+from taskd.store import Attempt, Store
 
 logger = logging.getLogger(__name__)
 
@@ -42,15 +44,18 @@ class WorkerPool:
         *,
         store: Store,
         handlers: Handlers,
+        handler_configs: Mapping[str, HandlerConfig],
         daemon_id: str,
         queues: Sequence[str],
         concurrency: int,
         clock: Callable[[], int] = now_ms,
         fetch_batch: int = FETCH_BATCH,
         block_timeout: int = BLOCK_TIMEOUT,
+        on_retry: Callable[[str, int], None] = lambda queue, due: None,
     ) -> None:
         self._store = store
         self._handlers = handlers
+        self._handler_configs = handler_configs
         self._daemon_id = daemon_id
         self._queues = tuple(queues)
         self._concurrency = concurrency
@@ -58,7 +63,8 @@ class WorkerPool:
         self._fetch_batch = fetch_batch
         self._block_timeout = block_timeout
         self._slots = anyio.Semaphore(concurrency)
-        self._acker = Acker(store=store, daemon_id=daemon_id, clock=clock)
+        self._acker = Acker(store=store, daemon_id=daemon_id, clock=clock, on_retry=on_retry)
+        self._running: dict[str, _Running] = {}
         self._runners: TaskGroup | None = None
         self._fetching = anyio.CancelScope()
         self._stopped = anyio.Event()
@@ -83,7 +89,9 @@ class WorkerPool:
             raise
         self._release(wanted - len(jobs))
         for job in jobs:
-            self._runners.start_soon(self._execute, job, name=f"job {job.id}")
+            # Known as running from now on, before its task starts: see release_orphans.
+            self._running[job.id] = running = _Running(job)
+            self._runners.start_soon(self._execute, running, name=f"job {job.id}")
         return len(jobs)
 
     async def run(
@@ -136,35 +144,139 @@ class WorkerPool:
                 )
                 await anyio.sleep(FETCH_RETRY_DELAY)
 
-    async def _execute(self, job: Job) -> None:
+    def cancel_local(self, job_id: str) -> bool:
+        """Cancel a job this daemon runs, recording it cancelled; False if not running here."""
+        running = self._running.get(job_id)
+        if running is None:
+            return False
+        running.cancel("cancelled")
+        return True
+
+    async def drop_lost(self) -> int:
+        """Stop running jobs this daemon no longer owns (a reaper took them back).
+
+        Called when the heartbeat finds this daemon was taken for dead: its jobs may
+        already run elsewhere, so going on would only widen the window of duplicates.
+        """
+        by_queue: dict[str, list[str]] = {}
+        for job_id, running in list(self._running.items()):
+            by_queue.setdefault(running.job.queue, []).append(job_id)
+        lost = 0
+        for queue, ids in by_queue.items():
+            owned = await self._store.still_owned(queue, self._daemon_id, ids)
+            for job_id in set(ids) - owned:
+                if (still := self._running.get(job_id)) is not None:
+                    still.cancel("lost")
+                    lost += 1
+        return lost
+
+    async def release_orphans(self, grace_ms: int) -> int:
+        """Return to the queue jobs this daemon's active sets hold but it does not run.
+
+        That happens when a claim ran in Redis but its reply was lost (a dropped
+        connection, a Redis restart): nothing would ever finish those jobs, and no reaper
+        takes jobs from a live daemon. `grace_ms` keeps claims whose reply is still on
+        its way out of it.
+        """
+        before = self._clock() - grace_ms
+        released = 0
+        for queue in self._queues:
+            claimed = await self._store.claimed_before(queue, self._daemon_id, before)
+            orphans = [job_id for job_id in claimed if job_id not in self._running]
+            if orphans:
+                released += await self._store.requeue(
+                    queue, self._daemon_id, orphans, self._clock()
+                )
+        if released:
+            logger.warning("returned %d jobs this daemon held but did not run", released)
+        return released
+
+    async def _execute(self, running: _Running) -> None:
+        job = running.job
         try:
-            outcome = await self._attempt(job)
-            await self._acker.record(job.queue, outcome)
+            with running.scope:
+                attempt = await self._attempt(job)
+            if running.scope.cancelled_caught:
+                if running.reason == "lost":
+                    logger.warning("job %s stopped: it was taken back from this daemon", job.id)
+                    return
+                attempt = self._ended(job, "cancelled", "cancelled while running")
+            await self._acker.record(job.queue, attempt)
         finally:
+            del self._running[job.id]
             self._slots.release()
 
-    async def _attempt(self, job: Job) -> Outcome:
+    async def _attempt(self, job: Job) -> Attempt:
         logger.debug("job %s (%s) started, attempt %d", job.id, job.type, job.attempts)
         try:
             result = await self._handlers.run(job)
         except JobFailed as exc:
-            logger.warning("job %s (%s) failed: %s", job.id, job.type, exc)
-            return Outcome(job.id, completed=False, value=str(exc))
+            return self._failed(job, str(exc), permanent=exc.permanent)
         except Exception as exc:
             # Handlers turn their errors into JobFailed; anything else is our bug, and it
             # must fail the one job, not the pool.
             logger.exception("job %s (%s) crashed the worker", job.id, job.type)
-            return Outcome(job.id, completed=False, value=f"internal error: {exc!r}")
+            return self._failed(job, f"internal error: {exc!r}", permanent=False)
         logger.debug("job %s (%s) completed", job.id, job.type)
-        return Outcome(job.id, completed=True, value=orjson.dumps(result))
+        return self._ended(job, "completed", orjson.dumps(result))
+
+    def _failed(self, job: Job, error: str, *, permanent: bool) -> Attempt:
+        policy = self._handler_configs.get(job.type)
+        if permanent or policy is None or job.attempts >= job.max_attempts:
+            logger.warning("job %s (%s) failed for good: %s", job.id, job.type, error)
+            return self._ended(job, "failed", error)
+        wait = backoff(job.attempts, policy.backoff_base, policy.backoff_max)
+        logger.info(
+            "job %s (%s) failed attempt %d of %d, retrying in %.1f s: %s",
+            job.id, job.type, job.attempts, job.max_attempts, wait, error,
+        )  # fmt: skip
+        return self._ended(job, "retry", error, retry_at=self._clock() + int(wait * 1000))
+
+    def _ended(self, job: Job, outcome: str, value: bytes | str, retry_at: int = 0) -> Attempt:
+        entry = {
+            "attempt": job.attempts,
+            "daemon": self._daemon_id,
+            "started_at": job.started_at,
+            "finished_at": self._clock(),
+            "outcome": outcome,
+            "error": None if outcome == "completed" else value,
+        }
+        return Attempt(job.id, job.attempts, outcome, value, retry_at, orjson.dumps(entry))
 
     async def _finish(self) -> None:
         await self._acker.flush()
         for queue in self._queues:
-            moved = await self._store.requeue_inflight(queue, self._daemon_id)
+            moved = await self._store.requeue_inflight(queue, self._daemon_id, self._clock())
             if moved:
                 logger.info("returned %d unfinished jobs to queue %s", moved, queue)
 
     def _release(self, count: int) -> None:
         for _ in range(count):
             self._slots.release()
+
+
+class _Running:
+    """A job running in this daemon, with the scope that can cancel it and why it did."""
+
+    __slots__ = ("job", "reason", "scope")
+
+    def __init__(self, job: Job) -> None:
+        self.job = job
+        self.scope = anyio.CancelScope()
+        self.reason = ""
+
+    def cancel(self, reason: str) -> None:
+        self.reason = reason
+        self.scope.cancel()
+
+
+def backoff(
+    attempt: int, base: float, cap: float, rand: Callable[[], float] = random.random
+) -> float:
+    """Seconds to wait before the attempt after `attempt`: exponential, capped, jittered.
+
+    The jitter keeps the lower half of each step ("equal jitter"): retries of jobs that
+    failed together spread out, yet a wait never falls far below its step.
+    """
+    step = min(cap, base * 2.0 ** min(attempt - 1, 62))
+    return step / 2 + rand() * step / 2

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import Any
 
@@ -90,3 +91,17 @@ async def tracked(job: Job) -> None:
         await anyio.sleep(job.payload)
     finally:
         TRACKER.running -= 1
+
+
+async def record(job: Job) -> None:
+    """Append the job id to the file $TASKD_TEST_RECORD, then sleep `payload` seconds.
+
+    Chaos tests count executions from these files: one line per started attempt, written
+    with O_APPEND so lines of concurrent jobs never interleave.
+    """
+    fd = os.open(os.environ["TASKD_TEST_RECORD"], os.O_WRONLY | os.O_APPEND | os.O_CREAT)
+    try:
+        os.write(fd, f"{job.id}\n".encode())
+    finally:
+        os.close(fd)
+    await anyio.sleep(job.payload)

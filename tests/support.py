@@ -17,9 +17,8 @@ import aiohttp
 import anyio
 
 from taskd.config import Config, parse
-from taskd.daemon import Daemon
+from taskd.daemon import Daemon, connect
 from taskd.handlers import Handlers
-from taskd.store import Store
 
 REPO = Path(__file__).resolve().parent.parent
 # The console script pip installed next to this interpreter: what the README runs.
@@ -65,11 +64,7 @@ async def running_daemon(config: Config) -> AsyncIterator[Daemon]:
     started: asyncio.Future[Daemon] = asyncio.get_running_loop().create_future()
 
     async def serve() -> None:
-        store = Store.from_url(
-            config.redis.url,
-            prefix=config.redis.prefix,
-            blocking_connections=len(config.workers.queues),
-        )
+        store = connect(config, config.redis.url)
         try:
             async with Handlers(config.handlers) as handlers:
                 daemon = Daemon(config=config, store=store, handlers=handlers)

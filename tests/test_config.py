@@ -20,6 +20,7 @@ from taskd.config import (
     ConfigError,
     HandlerConfig,
     RedisConfig,
+    RetentionConfig,
     ServerConfig,
     WorkersConfig,
     load,
@@ -28,6 +29,11 @@ from taskd.config import (
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "taskd.toml"
 ECHO = '[handlers.echo]\nbuiltin = "echo"\n'
+TOP_KEYS = "server, redis, workers, retention, handlers"
+HANDLER_KEYS = (
+    "builtin, python, exec, http, queue, timeout, concurrency, max_attempts, backoff_base, "
+    "backoff_max, permanent_exit_codes"
+)
 
 
 def problems_of(text: str) -> list[str]:
@@ -52,6 +58,7 @@ def test_shipped_example_loads_and_documents_the_defaults() -> None:
     assert cfg.server == ServerConfig()
     assert cfg.redis == RedisConfig()
     assert cfg.workers == WorkersConfig()
+    assert cfg.retention == RetentionConfig()
     assert list(cfg.handlers) == ["echo", "noop", "sleep", "fail"]
     for name, handler in cfg.handlers.items():
         assert handler == HandlerConfig(name=name, kind="builtin", builtin=name)
@@ -87,6 +94,7 @@ def test_defaults() -> None:
         heartbeat_interval=5.0,
         dead_after=30.0,
     )
+    assert cfg.retention == RetentionConfig(completed=86400.0, failed=604800.0)
     echo = cfg.handlers["echo"]
     assert echo == HandlerConfig(
         name="echo",
@@ -98,6 +106,10 @@ def test_defaults() -> None:
         queue="default",
         timeout=1800.0,
         concurrency=None,
+        max_attempts=3,
+        backoff_base=2.0,
+        backoff_max=3600.0,
+        permanent_exit_codes=(),
     )
 
 
@@ -126,11 +138,17 @@ def test_every_value_set() -> None:
         shutdown_timeout = 5
         heartbeat_interval = 0.5
         dead_after = 1
+        [retention]
+        completed = 60
+        failed = 315360000
         [handlers."thumb.v2:big"]
         builtin = "sleep"
         queue = "images"
         timeout = 604800
         concurrency = 4
+        max_attempts = 1000
+        backoff_base = 0.5
+        backoff_max = 604800
         """
     )
     assert cfg.server == ServerConfig("0.0.0.0:8080", 2048, "0.0.0.0", 8080, None)
@@ -140,9 +158,17 @@ def test_every_value_set() -> None:
     assert not cfg.redis.embedded
     assert cfg.workers == WorkersConfig(8, ("default", "images", "mail.v2"), 5.0, 0.5, 1.0)
     assert isinstance(cfg.workers.shutdown_timeout, float)
+    assert cfg.retention == RetentionConfig(60.0, 315360000.0)
+    assert isinstance(cfg.retention.completed, float)
     handler = cfg.handlers["thumb.v2:big"]
     assert (handler.queue, handler.timeout, handler.concurrency) == ("images", 604800.0, 4)
     assert isinstance(handler.timeout, float)
+    assert (handler.max_attempts, handler.backoff_base, handler.backoff_max) == (
+        1000,
+        0.5,
+        604800.0,
+    )
+    assert isinstance(handler.backoff_max, float)
 
 
 # Each kind of handler
@@ -195,6 +221,73 @@ def test_handler_queue_need_not_be_served_here() -> None:
     cfg = parse_text('[handlers.t]\nbuiltin = "noop"\nqueue = "elsewhere"\n')
     assert cfg.handlers["t"].queue == "elsewhere"
     assert cfg.workers.queues == ("default",)
+
+
+# Retries and retention
+
+
+def test_exec_permanent_exit_codes() -> None:
+    spec = {"exec": [sys.executable], "permanent_exit_codes": [65, 1, 255]}
+    cfg = parse({"handlers": {"run": spec}}, env={})
+    assert cfg.handlers["run"].permanent_exit_codes == (65, 1, 255)
+
+
+def test_exec_empty_permanent_exit_codes() -> None:
+    spec = {"exec": [sys.executable], "permanent_exit_codes": []}
+    cfg = parse({"handlers": {"run": spec}}, env={})
+    assert cfg.handlers["run"].permanent_exit_codes == ()
+
+
+def test_every_bad_exit_code_is_reported() -> None:
+    problems = problems_of(
+        f'[handlers.x]\nexec = ["{sys.executable}"]\npermanent_exit_codes = [0, 65, "x", 300]\n'
+    )
+    assert problems == [
+        "handlers.x.permanent_exit_codes[0]: must be an integer from 1 to 255, got 0",
+        "handlers.x.permanent_exit_codes[2]: must be an integer, got string 'x'",
+        "handlers.x.permanent_exit_codes[3]: must be an integer from 1 to 255, got 300",
+    ]
+
+
+def test_exit_codes_without_a_kind_report_only_the_missing_kind() -> None:
+    problems = problems_of("[handlers.x]\npermanent_exit_codes = [65]\n")
+    assert problems == ["handlers.x: give exactly one of builtin, python, exec, http (got none)"]
+
+
+def test_exit_codes_with_exec_among_two_kinds_report_only_the_two_kinds() -> None:
+    problems = problems_of(
+        f'[handlers.x]\nexec = ["{sys.executable}"]\nhttp = "http://h/"\n'
+        "permanent_exit_codes = [65]\n"
+    )
+    assert problems == [
+        "handlers.x: give exactly one of builtin, python, exec, http (got exec and http)"
+    ]
+
+
+def test_backoff_max_may_equal_backoff_base() -> None:
+    cfg = parse_text('[handlers.x]\nbuiltin = "fail"\nbackoff_base = 30\nbackoff_max = 30\n')
+    handler = cfg.handlers["x"]
+    assert (handler.backoff_base, handler.backoff_max) == (30.0, 30.0)
+
+
+def test_bad_backoff_base_is_not_compared_with_backoff_max() -> None:
+    # One mistake, one message: the base that was refused is not also "above the max".
+    problems = problems_of('[handlers.x]\nbuiltin = "fail"\nbackoff_base = -1\nbackoff_max = 1\n')
+    assert problems == [
+        "handlers.x.backoff_base: must be a number of seconds greater than 0, got -1"
+    ]
+
+
+def test_retention_alone() -> None:
+    cfg = parse_text("[retention]\nfailed = 3600\n" + ECHO)
+    assert cfg.retention == RetentionConfig(completed=86400.0, failed=3600.0)
+
+
+def test_config_without_retention_gets_the_default() -> None:
+    # Code that builds a Config by hand, as before retention existed, still works.
+    cfg = Config(ServerConfig(), RedisConfig(), WorkersConfig(), {})
+    assert cfg.retention == RetentionConfig()
+    assert cfg.source == "<config>"
 
 
 # TASKD_REDIS_URL
@@ -396,10 +489,129 @@ INVALID = [
         '[handlers."a.b"]\nbuiltin = "echo"\nconcurrency = 0\n',
         'handlers."a.b".concurrency: must be an integer of at least 1, got 0',
     ),
+    # retries
+    (
+        '[handlers.x]\nbuiltin = "echo"\nmax_attempts = 0\n',
+        "handlers.x.max_attempts: must be an integer from 1 to 1000, got 0",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nmax_attempts = 1001\n',
+        "handlers.x.max_attempts: must be an integer from 1 to 1000, got 1001",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nmax_attempts = 2.5\n',
+        "handlers.x.max_attempts: must be an integer, got float 2.5",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nbackoff_base = 0\n',
+        "handlers.x.backoff_base: must be a number of seconds greater than 0, got 0",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nbackoff_base = -2.0\n',
+        "handlers.x.backoff_base: must be a number of seconds greater than 0, got -2.0",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nbackoff_base = inf\n',
+        "handlers.x.backoff_base: must be a number of seconds greater than 0, got inf",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nbackoff_base = "2s"\n',
+        "handlers.x.backoff_base: must be a number of seconds, got string '2s'",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nbackoff_max = 0\n',
+        "handlers.x.backoff_max: must be a number of seconds greater than 0 and at most 604800, "
+        "got 0",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nbackoff_max = 604801\n',
+        "handlers.x.backoff_max: must be a number of seconds greater than 0 and at most 604800, "
+        "got 604801",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nbackoff_base = 60\nbackoff_max = 30\n',
+        "handlers.x.backoff_max: must be at least handlers.x.backoff_base (60), got 30",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nbackoff_base = 7200\n',
+        "handlers.x.backoff_max: must be at least handlers.x.backoff_base (7200), got 3600",
+    ),
+    (
+        '[handlers."a.b"]\nbuiltin = "echo"\nbackoff_base = 2.5\nbackoff_max = 1.5\n',
+        'handlers."a.b".backoff_max: must be at least handlers."a.b".backoff_base (2.5), got 1.5',
+    ),
+    # permanent_exit_codes
+    (
+        '[handlers.x]\nbuiltin = "fail"\npermanent_exit_codes = [65]\n',
+        "handlers.x.permanent_exit_codes: only exec handlers have exit codes",
+    ),
+    (
+        '[handlers.x]\npython = "json:dumps"\npermanent_exit_codes = []\n',
+        "handlers.x.permanent_exit_codes: only exec handlers have exit codes",
+    ),
+    (
+        '[handlers.x]\nhttp = "http://h/"\npermanent_exit_codes = [65]\n',
+        "handlers.x.permanent_exit_codes: only exec handlers have exit codes",
+    ),
+    (
+        f'[handlers.x]\nexec = ["{sys.executable}"]\npermanent_exit_codes = 65\n',
+        "handlers.x.permanent_exit_codes: must be an array of exit codes, got integer 65",
+    ),
+    (
+        f'[handlers.x]\nexec = ["{sys.executable}"]\npermanent_exit_codes = [65, 0]\n',
+        "handlers.x.permanent_exit_codes[1]: must be an integer from 1 to 255, got 0",
+    ),
+    (
+        f'[handlers.x]\nexec = ["{sys.executable}"]\npermanent_exit_codes = [256]\n',
+        "handlers.x.permanent_exit_codes[0]: must be an integer from 1 to 255, got 256",
+    ),
+    (
+        f'[handlers.x]\nexec = ["{sys.executable}"]\npermanent_exit_codes = [-9]\n',
+        "handlers.x.permanent_exit_codes[0]: must be an integer from 1 to 255, got -9",
+    ),
+    (
+        f'[handlers.x]\nexec = ["{sys.executable}"]\npermanent_exit_codes = ["65"]\n',
+        "handlers.x.permanent_exit_codes[0]: must be an integer, got string '65'",
+    ),
+    (
+        f'[handlers.x]\nexec = ["{sys.executable}"]\npermanent_exit_codes = [65, 1.5]\n',
+        "handlers.x.permanent_exit_codes[1]: must be an integer, got float 1.5",
+    ),
+    (
+        f'[handlers.x]\nexec = ["{sys.executable}"]\npermanent_exit_codes = [65, 75, 65]\n',
+        "handlers.x.permanent_exit_codes[2]: duplicate exit code 65",
+    ),
+    # retention
+    (
+        "[retention]\ncompleted = 0\n",
+        "retention.completed: must be a number of seconds greater than 0 and at most "
+        "315360000, got 0",
+    ),
+    (
+        "[retention]\ncompleted = 315360001\n",
+        "retention.completed: must be a number of seconds greater than 0 and at most "
+        "315360000, got 315360001",
+    ),
+    ("[retention]\ncompleted = nan\n", "retention.completed: must be a number of seconds"),
+    (
+        '[retention]\ncompleted = "1d"\n',
+        "retention.completed: must be a number of seconds, got string '1d'",
+    ),
+    (
+        "[retention]\nfailed = -1\n",
+        "retention.failed: must be a number of seconds greater than 0 and at most "
+        "315360000, got -1",
+    ),
+    (
+        "[retention]\nfailed = 604800000\n",
+        "retention.failed: must be a number of seconds greater than 0 and at most "
+        "315360000, got 604800000",
+    ),
     # tables of the wrong type
     ('server = "x"\n', "server: must be a table, got string 'x'"),
     ("redis = 1\n", "redis: must be a table, got integer 1"),
     ("workers = [1]\n", "workers: must be a table, got array"),
+    ("retention = 1\n", "retention: must be a table, got integer 1"),
 ]
 
 
@@ -416,8 +628,8 @@ def test_invalid(text: str, expected: str) -> None:
 @pytest.mark.parametrize(
     ("text", "expected"),
     [
-        ("colour = 1\n", "colour: unknown key (known: server, redis, workers, handlers)"),
-        ("[logging]\n", "logging: unknown key (known: server, redis, workers, handlers)"),
+        ("colour = 1\n", f"colour: unknown key (known: {TOP_KEYS})"),
+        ("[logging]\n", f"logging: unknown key (known: {TOP_KEYS})"),
         ('[server]\nlisen = "x"\n', "server.lisen: unknown key (known: listen, max_body)"),
         ('[redis]\nhost = "x"\n', "redis.host: unknown key (known: url, prefix, data_dir)"),
         (
@@ -427,10 +639,13 @@ def test_invalid(text: str, expected: str) -> None:
         ),
         (
             '[handlers.thumb]\nbuiltin = "echo"\nfrob = 1\n',
-            "handlers.thumb.frob: unknown key (known: builtin, python, exec, http, queue, "
-            "timeout, concurrency)",
+            f"handlers.thumb.frob: unknown key (known: {HANDLER_KEYS})",
         ),
         ('[server]\n"lis ten" = 1\n', 'server."lis ten": unknown key (known: listen, max_body)'),
+        (
+            "[retention]\ncancelled = 1\n",
+            "retention.cancelled: unknown key (known: completed, failed)",
+        ),
     ],
 )
 def test_unknown_keys(text: str, expected: str) -> None:
@@ -457,6 +672,19 @@ def test_unknown_keys(text: str, expected: str) -> None:
             '[handlers.x]\nbuiltin = "echo"\ntimeout = true\n',
             "handlers.x.timeout: must be a number of seconds, got boolean true",
         ),
+        (
+            '[handlers.x]\nbuiltin = "echo"\nmax_attempts = true\n',
+            "handlers.x.max_attempts: must be an integer, got boolean true",
+        ),
+        (
+            '[handlers.x]\nbuiltin = "echo"\nbackoff_base = true\n',
+            "handlers.x.backoff_base: must be a number of seconds, got boolean true",
+        ),
+        (
+            f'[handlers.x]\nexec = ["{sys.executable}"]\npermanent_exit_codes = [true]\n',
+            "handlers.x.permanent_exit_codes[0]: must be an integer, got boolean true",
+        ),
+        ("[retention]\nfailed = false\n", "retention.failed: must be a number of seconds, got"),
     ],
 )
 def test_bool_is_not_a_number(text: str, expected: str) -> None:
@@ -505,8 +733,7 @@ def test_all_problems_reported_together(tmp_path: Path) -> None:
     assert err.problems == [
         "server.lisen: unknown key (known: listen, max_body)",
         "workers.concurrency: must be an integer from 1 to 100000, got 0",
-        "handlers.thumb.frob: unknown key (known: builtin, python, exec, http, queue, "
-        "timeout, concurrency)",
+        f"handlers.thumb.frob: unknown key (known: {HANDLER_KEYS})",
         "handlers.other.python: module 'json' has no callable 'nope'",
     ]
     lines = str(err).splitlines()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import pickle
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -23,6 +24,7 @@ from tests import handler_funcs
 
 PROGRAMS = Path(__file__).parent / "programs"
 FUNCS = "tests.handler_funcs"
+HERE = "tests.test_handlers"  # for python handlers defined below
 
 
 def make_job(
@@ -48,10 +50,14 @@ async def run_one(config: HandlerConfig, payload: Any = None) -> Any:
         return await handlers.run(make_job(config.name, payload))
 
 
-async def fails_with(config: HandlerConfig, payload: Any = None) -> str:
+async def failure(config: HandlerConfig, payload: Any = None) -> JobFailed:
     with pytest.raises(JobFailed) as info:
         await run_one(config, payload)
-    return str(info.value)
+    return info.value
+
+
+async def fails_with(config: HandlerConfig, payload: Any = None) -> str:
+    return str(await failure(config, payload))
 
 
 async def wait_for(condition: Callable[[], bool], what: str, deadline: float = 30.0) -> None:
@@ -84,12 +90,26 @@ def read_pids(path: Path) -> tuple[int, int]:
 # ---------------------------------------------------------------- general
 
 
-async def test_unknown_type_fails() -> None:
+def test_job_failed_is_retryable_unless_marked_permanent() -> None:
+    assert not JobFailed("flaky").permanent
+    error = JobFailed("bad input", permanent=True)
+    assert (str(error), error.permanent) == ("bad input", True)
+    with pytest.raises(TypeError):
+        JobFailed("bad input", True)  # type: ignore[call-arg]
+
+
+def test_job_failed_pickles_with_its_flag() -> None:
+    copy = pickle.loads(pickle.dumps(JobFailed("bad input", permanent=True)))
+    assert (str(copy), copy.permanent) == ("bad input", True)
+
+
+async def test_unknown_type_fails_for_good() -> None:
     async with Handlers({}) as handlers:
         assert not handlers.knows("nope")
         with pytest.raises(JobFailed) as info:
             await handlers.run(make_job("nope"))
     assert str(info.value) == "no handler for type 'nope' in this daemon's config"
+    assert info.value.permanent
 
 
 async def test_knows_configured_types() -> None:
@@ -132,24 +152,45 @@ async def test_builtin_sleep_sleeps() -> None:
     "payload", [None, {}, {"seconds": -1}, {"seconds": "1"}, {"seconds": True}, [1], 3]
 )
 async def test_builtin_sleep_rejects_bad_payload(payload: Any) -> None:
-    error = await fails_with(HandlerConfig(name="s", kind="builtin", builtin="sleep"), payload)
-    assert error.startswith('builtin sleep needs a payload like {"seconds": 1.5}')
+    error = await failure(HandlerConfig(name="s", kind="builtin", builtin="sleep"), payload)
+    assert str(error).startswith('builtin sleep needs a payload like {"seconds": 1.5}')
+    assert error.permanent
 
 
 async def test_builtin_fail_with_message() -> None:
     config = HandlerConfig(name="f", kind="builtin", builtin="fail")
-    assert await fails_with(config, {"message": "it broke"}) == "it broke"
+    error = await failure(config, {"message": "it broke"})
+    assert (str(error), error.permanent) == ("it broke", False)
 
 
 @pytest.mark.parametrize("payload", [None, {}, {"message": 42}, "just a string"])
 async def test_builtin_fail_without_message(payload: Any) -> None:
     config = HandlerConfig(name="f", kind="builtin", builtin="fail")
-    assert await fails_with(config, payload) == "failed on purpose (builtin fail)"
+    error = await failure(config, payload)
+    assert (str(error), error.permanent) == ("failed on purpose (builtin fail)", False)
 
 
-async def test_timeout_fails_the_job() -> None:
+async def test_builtin_fail_permanent() -> None:
+    config = HandlerConfig(name="f", kind="builtin", builtin="fail")
+    error = await failure(config, {"permanent": True})
+    assert (str(error), error.permanent) == ("failed on purpose (builtin fail)", True)
+    error = await failure(config, {"message": "it broke for good", "permanent": True})
+    assert (str(error), error.permanent) == ("it broke for good", True)
+
+
+@pytest.mark.parametrize(
+    "payload", [{"permanent": False}, {"permanent": 1}, {"permanent": "true"}, ["permanent"]]
+)
+async def test_builtin_fail_permanent_only_when_true(payload: Any) -> None:
+    # Only JSON true counts: a truthy stand-in is more likely a mistake than a wish.
+    config = HandlerConfig(name="f", kind="builtin", builtin="fail")
+    assert not (await failure(config, payload)).permanent
+
+
+async def test_timeout_fails_the_job_retryably() -> None:
     config = HandlerConfig(name="s", kind="builtin", builtin="sleep", timeout=0.2)
-    assert await fails_with(config, {"seconds": 30}) == "timed out after 0.2 s"
+    error = await failure(config, {"seconds": 30})
+    assert (str(error), error.permanent) == ("timed out after 0.2 s", False)
 
 
 # ---------------------------------------------------------------- python
@@ -177,13 +218,33 @@ async def test_python_sync_function_runs_in_a_worker_thread() -> None:
 )
 async def test_python_raising(func: str, error: str) -> None:
     config = HandlerConfig(name="p", kind="python", python=f"{FUNCS}:{func}")
-    assert await fails_with(config) == error
+    failed = await failure(config)
+    assert (str(failed), failed.permanent) == (error, False)
 
 
-async def test_python_result_not_json() -> None:
+async def fail_for_good(job: Job) -> None:
+    raise JobFailed("bad input", permanent=True)
+
+
+def fail_for_good_sync(job: Job) -> None:
+    raise JobFailed("bad input, in a thread", permanent=True)
+
+
+@pytest.mark.parametrize(
+    ("func", "error"),
+    [("fail_for_good", "bad input"), ("fail_for_good_sync", "bad input, in a thread")],
+)
+async def test_python_permanent_failure_passes_through(func: str, error: str) -> None:
+    config = HandlerConfig(name="p", kind="python", python=f"{HERE}:{func}")
+    failed = await failure(config)
+    assert (str(failed), failed.permanent) == (error, True)
+
+
+async def test_python_result_not_json_fails_for_good() -> None:
     config = HandlerConfig(name="p", kind="python", python=f"{FUNCS}:not_json")
-    error = await fails_with(config)
-    assert error.startswith("handler returned a result that is not JSON: ")
+    error = await failure(config)
+    assert str(error).startswith("handler returned a result that is not JSON: ")
+    assert error.permanent
 
 
 async def test_python_sync_timeout_does_not_wait_for_the_thread() -> None:
@@ -287,15 +348,43 @@ async def test_exec_environment(monkeypatch: pytest.MonkeyPatch) -> None:
 
 async def test_exec_nonzero_exit_with_stderr_tail() -> None:
     config = HandlerConfig(name="x", kind="exec", exec=program("fail_with.py", "3"))
-    error = await fails_with(config)
+    failed = await failure(config)
+    error = str(failed)
     assert error.startswith("exit status 3: ")
     assert error.endswith("noise \nthe real reason")
     assert len(error) <= len("exit status 3: ") + STDERR_TAIL
+    assert not failed.permanent
+
+
+def exit_config(code: int, permanent: tuple[int, ...]) -> HandlerConfig:
+    argv = program("fail_with.py", str(code))
+    return HandlerConfig(name="x", kind="exec", exec=argv, permanent_exit_codes=permanent)
+
+
+async def test_exec_listed_exit_code_fails_for_good() -> None:
+    failed = await failure(exit_config(65, permanent=(64, 65)))
+    assert str(failed).startswith("exit status 65 (permanent): ")
+    assert str(failed).endswith("the real reason")
+    assert failed.permanent
+
+
+async def test_exec_unlisted_exit_code_is_retryable() -> None:
+    failed = await failure(exit_config(75, permanent=(64, 65)))
+    assert str(failed).startswith("exit status 75: ")
+    assert not failed.permanent
 
 
 async def test_exec_killed_by_signal() -> None:
-    error = await fails_with(HandlerConfig(name="x", kind="exec", exec=program("kill_self.py")))
-    assert error == "killed by signal SIGKILL"
+    failed = await failure(HandlerConfig(name="x", kind="exec", exec=program("kill_self.py")))
+    assert (str(failed), failed.permanent) == ("killed by signal SIGKILL", False)
+
+
+async def test_exec_signal_is_not_an_exit_code() -> None:
+    # 9 is SIGKILL's number, but a death by signal is no exit: it stays retryable.
+    argv = program("kill_self.py")
+    config = HandlerConfig(name="x", kind="exec", exec=argv, permanent_exit_codes=(9, 137))
+    failed = await failure(config)
+    assert (str(failed), failed.permanent) == ("killed by signal SIGKILL", False)
 
 
 async def test_exec_stdout_is_capped_but_drained() -> None:
@@ -423,6 +512,9 @@ async def server() -> AsyncIterator[Server]:
     async def error(request: web.Request) -> web.Response:
         return web.Response(status=500, text="x" * 2000 + " database is down")
 
+    async def status(request: web.Request) -> web.Response:
+        return web.Response(status=int(request.match_info["code"]), text="the reason")
+
     async def slow(request: web.Request) -> web.Response:
         await release.wait()  # until the fixture ends, far beyond any test's timeout
         return web.Response(text="too late")
@@ -432,6 +524,7 @@ async def server() -> AsyncIterator[Server]:
     app.router.add_post("/text", text)
     app.router.add_post("/empty", empty)
     app.router.add_post("/error", error)
+    app.router.add_post("/status/{code}", status)
     app.router.add_post("/slow", slow)
     runner = web.AppRunner(app, shutdown_timeout=5)
     await runner.setup()
@@ -479,19 +572,40 @@ async def test_http_error_status(server: Server) -> None:
     assert len(error) <= len(prefix) + 500
 
 
+@pytest.mark.parametrize(
+    ("status", "permanent"),
+    [
+        (400, True),
+        (404, True),
+        (422, True),
+        (408, False),
+        (429, False),
+        (500, False),
+        (503, False),
+    ],
+)
+async def test_http_status_permanent_or_retryable(
+    server: Server, status: int, permanent: bool
+) -> None:
+    url = server.url(f"/status/{status}")
+    failed = await failure(http_config(url))
+    assert str(failed) == f"HTTP {status} from {url}: the reason"
+    assert failed.permanent is permanent
+
+
 async def test_http_connection_refused() -> None:
     # A bound socket that never listens: connecting to it is refused at once.
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         url = f"http://127.0.0.1:{sock.getsockname()[1]}/"
-        error = await fails_with(http_config(url))
-    assert error.startswith(f"request to {url} failed: ClientConnectorError(")
+        failed = await failure(http_config(url))
+    assert str(failed).startswith(f"request to {url} failed: ClientConnectorError(")
+    assert not failed.permanent
 
 
 async def test_http_timeout(server: Server) -> None:
-    assert await fails_with(http_config(server.url("/slow"), timeout=0.5)) == (
-        "timed out after 0.5 s"
-    )
+    failed = await failure(http_config(server.url("/slow"), timeout=0.5))
+    assert (str(failed), failed.permanent) == ("timed out after 0.5 s", False)
 
 
 async def test_http_needs_async_with(server: Server) -> None:

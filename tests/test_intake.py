@@ -97,7 +97,7 @@ async def test_stats_count_states_and_list_this_daemon(
 ) -> None:
     session, url = api
     _, ok = await post_json(session, f"{url}/jobs", {"type": "echo", "payload": 1})
-    _, bad = await post_json(session, f"{url}/jobs", {"type": "fail"})
+    _, bad = await post_json(session, f"{url}/jobs", {"type": "fail", "max_attempts": 1})
     _, slow = await post_json(session, f"{url}/jobs", {"type": "sleep", "payload": {"seconds": 30}})
     await wait_for_state(session, url, ok["id"], {"completed"})
     await wait_for_state(session, url, bad["id"], {"failed"})
@@ -106,7 +106,11 @@ async def test_stats_count_states_and_list_this_daemon(
     status, stats = await get_json(session, f"{url}/stats")
 
     assert status == 200
-    assert stats["queues"]["default"] == {"queued": 0, "active": 1, "completed": 1, "failed": 1}
+    default = stats["queues"]["default"]
+    assert {state: default[state] for state in ("queued", "active", "completed", "failed")} == {
+        "queued": 0, "active": 1, "completed": 1, "failed": 1,
+    }  # fmt: skip
+    assert default["totals"] == {"enqueued": 3, "completed": 1, "failed": 1}
     [me] = stats["instances"]
     assert me["id"] == daemon.identity.id
     assert me["pid"] == daemon.identity.pid
@@ -140,6 +144,18 @@ async def test_unknown_job_id_is_404(api: tuple[aiohttp.ClientSession, str]) -> 
         (b'{"type": null}', 422, "invalid_job", "missing field 'type'"),
         (b'{"type": "resize"}', 422, "unknown_type", "unknown job type 'resize'"),
         (b'{"type": "echo", "paylod": 1}', 422, "invalid_job", "unknown field(s) paylod"),
+        (b'{"type": "echo", "delay": -1}', 422, "invalid_job", "'delay' must be a number"),
+        (b'{"type": "echo", "delay": 1e9}', 422, "invalid_job", "'delay' must be a number"),
+        (b'{"type": "echo", "delay": "5"}', 422, "invalid_job", "'delay' must be a number"),
+        (b'{"type": "echo", "delay": true}', 422, "invalid_job", "'delay' must be a number"),
+        (b'{"type": "echo", "delay": 1, "run_at": 5}', 422, "invalid_job", "not both"),
+        (b'{"type": "echo", "run_at": "tomorrow"}', 422, "invalid_job", "not an RFC 3339 time"),
+        (b'{"type": "echo", "run_at": "2030-01-01T00:00:00"}', 422, "invalid_job", "UTC offset"),
+        (b'{"type": "echo", "run_at": "2999-01-01T00:00:00Z"}', 422, "invalid_job", "ahead"),
+        (b'{"type": "echo", "run_at": -5}', 422, "invalid_job", "out of range"),
+        (b'{"type": "echo", "run_at": [1]}', 422, "invalid_job", "got array"),
+        (b'{"type": "echo", "max_attempts": 0}', 422, "invalid_job", "'max_attempts' must be"),
+        (b'{"type": "echo", "max_attempts": 2.5}', 422, "invalid_job", "'max_attempts' must be"),
         (b'{"type": "echo", "payload": NaN}', 400, "invalid_json", "not valid JSON"),
     ],
 )

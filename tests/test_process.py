@@ -136,7 +136,7 @@ async def test_two_daemons_share_work_and_sigterm_loses_nothing(
         for daemon in daemons:
             daemon.kill()
     assert await redis.llen(K.ready("default")) == 0
-    assert await redis.zcard(K.failed("default")) == 0
+    assert await redis.zcard(K.dead("default")) == 0
     ran_by = {
         await redis.hget(K.job("default", i.decode()), "daemon")
         for i in await redis.zrange(K.completed("default"), 0, -1)

@@ -1,15 +1,17 @@
-"""The store's scripts on a real Redis: where a job is after each operation."""
+"""The store's scripts on a real Redis: where a job is, and what its record says, after each."""
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
 
+import anyio
+import orjson
 import pytest
 from redis.asyncio import Redis
 
-from taskd.jobs import QUEUED, Job, new_id
+from taskd.jobs import QUEUED, SCHEDULED, Job, new_id
 from taskd.keys import Keys
-from taskd.store import DaemonInfo, Outcome, Store
+from taskd.store import Attempt, DaemonInfo, Store
 
 Q = "default"
 ME = "daemon-a"
@@ -18,51 +20,69 @@ K = Keys("taskd")
 
 @pytest.fixture
 async def store(redis_url: str) -> AsyncIterator[Store]:
-    store = Store.from_url(redis_url, prefix="taskd")
+    store = Store.from_url(redis_url, prefix="taskd", blocking_connections=2)
     yield store
     await store.close()
 
 
-def new_job(payload: object = None, job_type: str = "echo") -> Job:
+def new_job(payload: object = None, *, run_at: int | None = None, max_attempts: int = 3) -> Job:
     return Job(
-        id=new_id(), type=job_type, queue=Q, payload=payload, state=QUEUED, attempts=0, created_at=1
+        id=new_id(),
+        type="echo",
+        queue=Q,
+        payload=payload,
+        state=SCHEDULED if run_at else QUEUED,
+        attempts=0,
+        created_at=1,
+        max_attempts=max_attempts,
+        run_at=run_at,
     )
 
 
-async def place(redis: Redis, job_id: str) -> list[str]:
-    """Every structure of the queue that holds `job_id` (a job is in exactly one)."""
+async def place(redis: Redis, job_id: str, daemon: str = ME) -> list[str]:
+    """Every structure of the queue that holds `job_id`: a job is in exactly one."""
     found = []
-    if job_id.encode() in await redis.lrange(K.ready(Q), 0, -1):
-        found.append("ready")
-    if job_id.encode() in await redis.lrange(K.landing(Q, ME), 0, -1):
-        found.append("landing")
+    for name, key in [("ready", K.ready(Q)), ("landing", K.landing(Q, daemon))]:
+        if job_id.encode() in await redis.lrange(key, 0, -1):
+            found.append(name)
     for name, key in [
-        ("active", K.active(Q, ME)),
+        ("active", K.active(Q, daemon)),
+        ("scheduled", K.scheduled(Q)),
         ("completed", K.completed(Q)),
-        ("failed", K.failed(Q)),
+        ("failed", K.dead(Q)),
+        ("cancelled", K.cancelled(Q)),
     ]:
         if await redis.zscore(key, job_id) is not None:
             found.append(name)
     return found
 
 
-async def enqueue(store: Store, count: int) -> list[Job]:
-    jobs = [new_job(payload={"n": n}) for n in range(count)]
+async def enqueue(store: Store, count: int, **options: int) -> list[Job]:
+    jobs = [new_job(payload={"n": n}, **options) for n in range(count)]
     for job in jobs:
         assert await store.enqueue(job)
     return jobs
 
 
-async def test_enqueue_stores_the_record_and_queues_the_id(store: Store, redis: Redis) -> None:
-    [job] = await enqueue(store, 1)
-    assert await place(redis, job.id) == ["ready"]
-    stored = await store.get_job(job.id, [Q])
-    assert stored == job
+async def stored(store: Store, job_id: str) -> Job:
+    job = await store.get_job(job_id, [Q])
+    assert job is not None
+    return job
 
 
-async def test_enqueue_refuses_an_existing_id(store: Store, redis: Redis) -> None:
-    [job] = await enqueue(store, 1)
-    assert not await store.enqueue(job)
+def ended(job: Job, outcome: str, value: str = "", retry_at: int = 0) -> Attempt:
+    entry = orjson.dumps({"attempt": job.attempts, "outcome": outcome})
+    return Attempt(job.id, job.attempts, outcome, value, retry_at, entry)
+
+
+async def test_enqueue_queues_or_schedules(store: Store, redis: Redis) -> None:
+    [now] = await enqueue(store, 1)
+    [later] = await enqueue(store, 1, run_at=5000)
+    assert await place(redis, now.id) == ["ready"]
+    assert await place(redis, later.id) == ["scheduled"]
+    assert await stored(store, now.id) == now
+    assert (await stored(store, later.id)).run_at == 5000
+    assert not await store.enqueue(now)  # the same id again changes nothing
     assert await redis.llen(K.ready(Q)) == 1
 
 
@@ -70,15 +90,13 @@ async def test_claim_takes_the_oldest_first_up_to_the_limit(store: Store, redis:
     jobs = await enqueue(store, 5)
     claimed = await store.claim(Q, ME, 3, now=100)
     assert [j.id for j in claimed] == [j.id for j in jobs[:3]]
-    assert all(j.attempts == 1 and j.state == "active" and j.started_at == 100 for j in claimed)
     assert [j.payload for j in claimed] == [{"n": 0}, {"n": 1}, {"n": 2}]
     for job in claimed:
+        assert (job.attempts, job.max_attempts, job.started_at) == (1, 3, 100)
         assert await place(redis, job.id) == ["active"]
-        assert (await store.get_job(job.id, [Q])).daemon == ME  # type: ignore[union-attr]
-    assert await redis.llen(K.ready(Q)) == 2
-
-
-async def test_claim_of_an_empty_queue_returns_nothing(store: Store) -> None:
+        assert (await stored(store, job.id)).daemon == ME
+    assert await redis.zscore(K.owners(Q), ME) == 100
+    assert await store.claim(Q, ME, 10, now=1) != []
     assert await store.claim(Q, ME, 10, now=1) == []
 
 
@@ -88,107 +106,319 @@ async def test_blocking_fetch_lands_the_id_and_claim_takes_it_first(
     first, second = await enqueue(store, 2)
     assert await store.wait_for_job(Q, ME, block_seconds=1)
     assert await place(redis, first.id) == ["landing"]
-
     claimed = await store.claim(Q, ME, 2, now=5)
-
     assert [j.id for j in claimed] == [first.id, second.id]
-    assert await redis.llen(K.landing(Q, ME)) == 0
-
-
-async def test_blocking_fetch_times_out_on_an_empty_queue(store: Store) -> None:
     assert not await store.wait_for_job(Q, ME, block_seconds=1)
 
 
-async def test_claim_drops_ids_whose_record_is_gone(store: Store, redis: Redis) -> None:
-    gone, kept = await enqueue(store, 2)
+async def test_claim_skips_ids_of_jobs_no_longer_queued(store: Store, redis: Redis) -> None:
+    gone, cancelled, kept = await enqueue(store, 3)
     await redis.delete(K.job(Q, gone.id))
-    claimed = await store.claim(Q, ME, 2, now=1)
+    assert await store.wait_for_job(Q, ME, block_seconds=1)  # `gone` lands here...
+    assert await store.cancel(Q, cancelled.id, now=2) == "queued"
+    claimed = await store.claim(Q, ME, 3, now=3)
     assert [j.id for j in claimed] == [kept.id]
-    assert await place(redis, gone.id) == []
+    assert await place(redis, cancelled.id) == ["cancelled"]
 
 
-async def test_ack_records_outcomes_and_leaves_the_active_set(store: Store, redis: Redis) -> None:
-    ok, bad = await enqueue(store, 2)
-    await store.claim(Q, ME, 2, now=10)
-    outcomes = [Outcome(ok.id, completed=True, value=b'{"r":1}'), Outcome(bad.id, False, "boom")]
+async def test_ack_records_each_outcome(store: Store, redis: Redis) -> None:
+    jobs = await enqueue(store, 4)
+    ok, retry, dead, stop = await store.claim(Q, ME, 4, now=10)
+    attempts = [
+        ended(ok, "completed", '{"r":1}'),
+        ended(retry, "retry", "flaky", retry_at=500),
+        ended(dead, "failed", "boom"),
+        ended(stop, "cancelled", "cancelled while running"),
+    ]
+    assert await store.ack(Q, ME, attempts, now=20) == 4
 
-    assert await store.ack(Q, ME, outcomes, now=20) == 2
-
-    done = await store.get_job(ok.id, [Q])
-    failed = await store.get_job(bad.id, [Q])
-    assert done is not None
-    assert failed is not None
+    done = await stored(store, ok.id)
     assert (done.state, done.result, done.error, done.finished_at) == (
         "completed",
         {"r": 1},
         None,
         20,
     )
-    assert (failed.state, failed.result, failed.error) == ("failed", None, "boom")
-    assert await place(redis, ok.id) == ["completed"]
-    assert await place(redis, bad.id) == ["failed"]
+    waiting = await stored(store, retry.id)
+    assert (waiting.state, waiting.run_at, waiting.error, waiting.started_at) == (
+        "scheduled", 500, "flaky", None,
+    )  # fmt: skip
+    assert (await stored(store, dead.id)).state == "failed"
+    assert (await stored(store, stop.id)).state == "cancelled"
+    places = [await place(redis, j.id) for j in jobs]
+    assert places == [["completed"], ["scheduled"], ["failed"], ["cancelled"]]
+    assert done.history == ({"attempt": 1, "outcome": "completed"},)
+    totals = await redis.hgetall(K.totals(Q))
+    assert totals == {
+        b"enqueued": b"4",
+        b"completed": b"1",
+        b"retried": b"1",
+        b"failed": b"1",
+        b"cancelled": b"1",
+    }
 
 
-async def test_ack_of_a_job_no_longer_owned_changes_nothing(store: Store, redis: Redis) -> None:
+async def test_history_grows_one_entry_per_attempt(store: Store) -> None:
     [job] = await enqueue(store, 1)
-    await store.claim(Q, ME, 1, now=10)
-    await redis.zrem(K.active(Q, ME), job.id)  # as if returned to its queue meanwhile
+    [first] = await store.claim(Q, ME, 1, now=1)
+    await store.ack(Q, ME, [ended(first, "retry", "flaky", retry_at=2)], now=1)
+    await store.promote(Q, now=2)
+    [second] = await store.claim(Q, ME, 1, now=3)
+    await store.ack(Q, ME, [ended(second, "completed", "null")], now=4)
+    history = (await stored(store, job.id)).history
+    assert [(e["attempt"], e["outcome"]) for e in history] == [(1, "retry"), (2, "completed")]
 
-    assert await store.ack(Q, ME, [Outcome(job.id, True, b"1")], now=20) == 0
-    stored = await store.get_job(job.id, [Q])
-    assert stored is not None
-    assert stored.state == "active"
-    assert await place(redis, job.id) == []
 
-
-async def test_requeue_returns_landed_and_active_jobs_to_run_next(
+async def test_ack_of_an_attempt_no_longer_owned_changes_nothing(
     store: Store, redis: Redis
 ) -> None:
-    jobs = await enqueue(store, 4)
-    await store.claim(Q, ME, 2, now=10)  # jobs 0 and 1 active
-    assert await store.wait_for_job(Q, ME, block_seconds=1)  # job 2 landed
+    [job] = await enqueue(store, 1)
+    [claimed] = await store.claim(Q, ME, 1, now=10)
+    await redis.zrem(K.active(Q, ME), job.id)  # taken back meanwhile
+    assert await store.ack(Q, ME, [ended(claimed, "completed", "1")], now=20) == 0
+    assert (await stored(store, job.id)).state == "active"
 
-    assert await store.requeue_inflight(Q, ME) == 3
 
-    for job in jobs:
-        assert await place(redis, job.id) == ["ready"]
-    returned = await store.get_job(jobs[0].id, [Q])
-    assert returned is not None
-    assert (returned.state, returned.attempts, returned.started_at) == ("queued", 0, None)
-    # The returned jobs are taken before the one that never left the queue.
+async def test_ack_of_an_older_attempt_changes_nothing(store: Store) -> None:
+    [job] = await enqueue(store, 1)
+    [first] = await store.claim(Q, ME, 1, now=10)
+    await store.recover(Q, ME, now=11, before=11)  # taken back...
+    [second] = await store.claim(Q, ME, 1, now=12)  # ...and claimed again
+    assert await store.ack(Q, ME, [ended(first, "completed", "1")], now=20) == 0
+    assert await store.ack(Q, ME, [ended(second, "completed", "2")], now=21) == 1
+    assert (await stored(store, job.id)).result == 2
+
+
+async def test_requeue_returns_unfinished_jobs_to_run_next(store: Store, redis: Redis) -> None:
+    jobs = await enqueue(store, 5)
+    await store.claim(Q, ME, 3, now=10)  # jobs 0-2 active
+    assert await store.cancel(Q, jobs[2].id, now=11) == "active"
+    assert await store.wait_for_job(Q, ME, block_seconds=1)  # job 3 landed
+
+    assert await store.requeue_inflight(Q, ME, now=12) == 4
+
+    assert [await place(redis, j.id) for j in jobs] == [["ready"]] * 2 + [["cancelled"]] + [
+        ["ready"]
+    ] * 2
+    back = await stored(store, jobs[0].id)
+    assert (back.state, back.attempts, back.started_at) == ("queued", 0, None)
     claimed = await store.claim(Q, ME, 4, now=20)
-    assert claimed[-1].id == jobs[3].id
-    assert {j.id for j in claimed[:3]} == {j.id for j in jobs[:3]}
+    assert claimed[-1].id == jobs[4].id  # the returned ones run before it
 
 
 async def test_requeue_moves_more_than_one_batch(store: Store, redis: Redis) -> None:
     await enqueue(store, 1200)
     await store.claim(Q, ME, 1200, now=1)
-    assert await store.requeue_inflight(Q, ME) == 1200
-    assert await redis.zcard(K.active(Q, ME)) == 0
+    assert await store.requeue_inflight(Q, ME, now=2) == 1200
     assert await redis.llen(K.ready(Q)) == 1200
 
 
-async def test_daemon_registry_and_queue_counts(store: Store) -> None:
-    info = DaemonInfo(
-        id=ME,
-        host="h",
-        pid=1,
-        started_at=1,
-        concurrency=4,
-        queues=(Q,),
-        active=1,
-        last_heartbeat=1000,
-    )
-    await store.register_daemon(info)
-    await enqueue(store, 3)
+async def test_promote_moves_due_jobs_only_and_tells_the_next_due(
+    store: Store, redis: Redis
+) -> None:
+    early, due, later = [new_job(run_at=t) for t in (100, 200, 300)]
+    for job in (later, due, early):
+        await store.enqueue(job)
+    assert await store.promote(Q, now=200) == (2, 300)
+    assert await redis.lrange(K.ready(Q), 0, -1) == [due.id.encode(), early.id.encode()]
+    assert (await stored(store, early.id)).state == "queued"
+    assert await store.promote(Q, now=250) == (0, 300)
+    assert await store.promote(Q, now=300) == (1, None)
+
+
+async def test_concurrent_promoters_move_each_job_once(redis_url: str, redis: Redis) -> None:
+    stores = [Store.from_url(redis_url, prefix="taskd") for _ in range(4)]
+    try:
+        await enqueue(stores[0], 2000, run_at=100)
+        async with anyio.create_task_group() as tg:
+            for s in stores:
+                for _ in range(5):
+                    tg.start_soon(s.promote, Q, 100)
+        ready = await redis.lrange(K.ready(Q), 0, -1)
+        assert await redis.zcard(K.scheduled(Q)) == 0
+    finally:
+        for s in stores:
+            await s.close()
+    assert len(ready) == len(set(ready)) == 2000
+
+
+async def test_cancel_by_state(store: Store, redis: Redis) -> None:
+    active, done = await enqueue(store, 2)
+    await store.claim(Q, ME, 2, now=1)
+    await store.ack(Q, ME, [ended(await stored(store, done.id), "completed", "1")], now=2)
+    [queued] = await enqueue(store, 1)
+    [scheduled] = await enqueue(store, 1, run_at=10_000)
+
+    async with redis.pubsub() as pubsub:
+        await pubsub.subscribe(K.cancel_channel)
+        assert await store.cancel(Q, active.id, now=3) == "active"
+        message = None
+        while message is None:
+            message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=5)
+    assert message["data"] == active.id.encode()
+    assert (await stored(store, active.id)).cancel_requested
+    assert await place(redis, active.id) == ["active"]
+
+    assert await store.cancel(Q, queued.id, now=3) == "queued"
+    assert await store.cancel(Q, scheduled.id, now=3) == "scheduled"
+    assert await store.cancel(Q, done.id, now=3) == "completed"
+    assert await store.cancel(Q, "nope", now=3) == "missing"
+    assert await place(redis, queued.id) == ["cancelled"]
+    assert await place(redis, scheduled.id) == ["cancelled"]
+    assert (await stored(store, scheduled.id)).state == "cancelled"
+
+
+async def test_retry_puts_a_failed_job_back_with_attempts_reset(store: Store, redis: Redis) -> None:
+    [job] = await enqueue(store, 1)
+    [claimed] = await store.claim(Q, ME, 1, now=1)
+    await store.ack(Q, ME, [ended(claimed, "failed", "boom")], now=2)
+    assert await store.retry(Q, job.id) == "failed"
+    back = await stored(store, job.id)
+    assert (back.state, back.attempts, back.error, back.finished_at) == ("queued", 0, None, None)
+    assert await place(redis, job.id) == ["ready"]
+    assert await store.retry(Q, job.id) == "queued"  # not failed: nothing changes
+
+
+async def test_delete_removes_a_job_wherever_it_waits(store: Store, redis: Redis) -> None:
+    [active] = await enqueue(store, 1)
     await store.claim(Q, ME, 1, now=1)
+    [queued] = await enqueue(store, 1)
+    [scheduled] = await enqueue(store, 1, run_at=10_000)
+    assert await store.delete(Q, active.id) == "active"
+    assert await store.delete(Q, queued.id) == "queued"
+    assert await store.delete(Q, scheduled.id) == "scheduled"
+    assert await store.delete(Q, scheduled.id) == "missing"
+    assert await place(redis, queued.id) == []
+    assert await place(redis, scheduled.id) == []
+    assert await place(redis, active.id) == ["active"]
+    assert await redis.zcard(K.index(Q)) == 1
 
-    assert await store.live_daemons(since=1000) == [info]
-    assert await store.live_daemons(since=1001) == []
-    assert Q in await store.known_queues()
-    counts = await store.queue_counts([Q], [info])
-    assert counts == {Q: {"queued": 2, "active": 1, "completed": 0, "failed": 0}}
 
-    await store.deregister_daemon(ME)
-    assert await store.live_daemons(since=0) == []
+async def test_recover_takes_back_the_jobs_of_a_lapsed_lease(store: Store, redis: Redis) -> None:
+    jobs = await enqueue(store, 5, max_attempts=2)
+    await store.claim(Q, ME, 3, now=100)
+    poison = jobs[2]
+    await redis.hset(K.job(Q, poison.id), "attempts", 2)  # its last attempt
+    assert await store.cancel(Q, jobs[1].id, now=100) == "active"
+    assert await store.wait_for_job(Q, ME, block_seconds=1)  # jobs[3] landed
+
+    assert await store.recover(Q, ME, now=200, before=101) == 4
+
+    assert [await place(redis, j.id) for j in jobs] == [
+        ["ready"], ["cancelled"], ["failed"], ["ready"], ["ready"],
+    ]  # fmt: skip
+    lost = await stored(store, jobs[0].id)
+    assert (lost.state, lost.attempts) == ("queued", 1)
+    assert lost.history[0]["outcome"] == "lost"
+    assert "died during attempt 1" in (lost.error or "")
+    dead = await stored(store, poison.id)
+    assert dead.state == "failed"
+    assert "its last" in (dead.error or "")
+    assert await redis.zscore(K.owners(Q), ME) is None
+    assert await redis.hget(K.totals(Q), "recovered") == b"3"
+
+
+async def test_recover_leaves_a_live_lease_alone(store: Store, redis: Redis) -> None:
+    [job] = await enqueue(store, 1)
+    await store.claim(Q, ME, 1, now=100)
+    assert await store.stale_owners(Q, before=100) == []
+    assert await store.stale_owners(Q, before=101) == [ME]
+    assert await store.recover(Q, ME, now=200, before=100) == -1
+    assert await place(redis, job.id) == ["active"]
+
+
+async def test_trim_deletes_jobs_past_their_retention(store: Store, redis: Redis) -> None:
+    jobs = await enqueue(store, 3)
+    claimed = await store.claim(Q, ME, 3, now=1)
+    for n, job in enumerate(claimed):
+        await store.ack(Q, ME, [ended(job, "completed", "1")], now=10 * (n + 1))
+    assert await store.trim(Q, "completed", cutoff=20) == 2
+    assert await store.get_job(jobs[0].id, [Q]) is None
+    assert await store.get_job(jobs[2].id, [Q]) is not None
+    assert await redis.zcard(K.index(Q)) == 1
+    assert await redis.zcard(K.completed(Q)) == 1
+
+
+def info(daemon_id: str, beat: int) -> DaemonInfo:
+    return DaemonInfo(daemon_id, "h", 1, 1, 4, (Q,), 0, beat)
+
+
+async def test_beat_registers_and_tells_when_the_daemon_was_forgotten(store: Store) -> None:
+    assert not await store.beat(info(ME, 1000))
+    assert await store.beat(info(ME, 2000))
+    assert await store.live_daemons(since=2000) == [info(ME, 2000)]
+    assert await store.stale_daemons(before=2001) == [ME]
+    assert not await store.forget_daemon(ME, before=2000)  # it beat at 2000
+    assert await store.forget_daemon(ME, before=2001)
+    assert not await store.beat(info(ME, 3000))  # forgotten: the beat says so
+
+
+async def test_queue_counts_and_totals(store: Store) -> None:
+    await store.beat(info(ME, 1))
+    await enqueue(store, 3)
+    await enqueue(store, 1, run_at=10_000)
+    [claimed, _] = await store.claim(Q, ME, 2, now=1)
+    await store.ack(Q, ME, [ended(claimed, "failed", "x")], now=2)
+    counts = await store.queue_counts([Q])
+    assert counts[Q] == {
+        "queued": 1,
+        "scheduled": 1,
+        "active": 1,
+        "completed": 0,
+        "failed": 1,
+        "cancelled": 0,
+        "totals": {"enqueued": 4, "failed": 1},
+    }
+
+
+async def test_listing_pages_newest_first_across_queues(store: Store) -> None:
+    ids = []
+    for n in range(7):
+        job = new_job(payload=n)
+        if n % 2:
+            job = Job(**{**_fields(job), "queue": "other"})
+        await store.enqueue(job)
+        ids.append(job.id)
+    pages, cursor = [], None
+    while True:
+        page = await store.list_jobs(
+            [Q, "other"], state=None, job_type=None, limit=3, cursor=cursor
+        )
+        pages.append([j.id for j in page.jobs])
+        if page.cursor is None or not page.jobs:
+            break
+        cursor = page.cursor
+    assert [i for p in pages for i in p] == ids[::-1]
+
+
+async def test_listing_final_states_by_finish_time_through_ties(store: Store) -> None:
+    await enqueue(store, 9)
+    claimed = await store.claim(Q, ME, 9, now=1)
+    # Three finish in each of three milliseconds: pages must cross the ties exactly.
+    for n, job in enumerate(claimed):
+        await store.ack(Q, ME, [ended(job, "completed", "1")], now=100 + n // 3)
+    seen: list[str] = []
+    cursor = None
+    for _ in range(10):
+        page = await store.list_jobs([Q], state="completed", job_type=None, limit=2, cursor=cursor)
+        seen += [j.id for j in page.jobs]
+        cursor = page.cursor
+        if cursor is None:
+            break
+    assert sorted(seen) == sorted(j.id for j in claimed)
+    assert len(seen) == 9
+    finished = [(await stored(store, i)).finished_at for i in seen]
+    assert finished == sorted(finished, reverse=True)
+
+
+async def test_listing_filters_by_state_and_type(store: Store) -> None:
+    jobs = await enqueue(store, 4)
+    await store.claim(Q, ME, 1, now=1)
+    page = await store.list_jobs([Q], state="queued", job_type=None, limit=10, cursor=None)
+    assert [j.id for j in page.jobs] == [j.id for j in jobs[1:]][::-1]
+    page = await store.list_jobs([Q], state=None, job_type="nope", limit=10, cursor=None)
+    assert page.jobs == []
+
+
+def _fields(job: Job) -> dict[str, object]:
+    return {name: getattr(job, name) for name in Job.__slots__}

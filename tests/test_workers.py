@@ -49,7 +49,7 @@ async def counts(redis: Redis) -> dict[str, int]:
     return {
         "ready": await redis.llen(K.ready("default")),
         "completed": await redis.zcard(K.completed("default")),
-        "failed": await redis.zcard(K.failed("default")),
+        "failed": await redis.zcard(K.dead("default")),
     }
 
 

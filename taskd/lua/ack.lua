@@ -1,28 +1,61 @@
--- Record the outcomes of finished jobs of one queue and take them out of the daemon's
--- active set. A job no longer in that set is not this daemon's any more (it was returned
--- to its queue meanwhile): it is left alone, so a stale daemon never overwrites the record
--- of a newer attempt.
+-- Record how attempts of one queue's jobs ended, and take them out of the daemon's active
+-- set. An attempt is recorded only while it is still this daemon's: the id is in its
+-- active set with the same attempt number. Otherwise the job was taken back meanwhile
+-- (by a reaper, after this daemon was taken for dead) and a newer attempt owns the record.
 -- KEYS[1] -> this daemon's active set for the queue
 -- KEYS[2] -> the queue's completed set
--- KEYS[3] -> the queue's failed set
+-- KEYS[3] -> the queue's dead set (failed jobs)
+-- KEYS[4] -> the queue's scheduled set (retries wait there)
+-- KEYS[5] -> the queue's cancelled set
+-- KEYS[6] -> the queue's totals hash
 -- ARGV[1] -> now, epoch ms
 -- ARGV[2] -> the queue's job hash prefix
--- ARGV[3..] -> 3 entries per job: id, 'completed' or 'failed', result JSON or error text
--- Returns the number of jobs recorded.
+-- ARGV[3..] -> 6 entries per attempt:
+--   id, attempt number, outcome ('completed', 'retry', 'failed' or 'cancelled'),
+--   result JSON (completed) or error text, retry time in epoch ms (retry) or 0,
+--   history entry (a JSON object) to append to the job's history
+-- Returns the number of attempts recorded.
 local now = ARGV[1]
 local recorded = 0
-for i = 3, #ARGV, 3 do
-  local id, outcome, value = ARGV[i], ARGV[i + 1], ARGV[i + 2]
-  if redis.call('ZREM', KEYS[1], id) == 1 then
-    local key = ARGV[2] .. id
+
+local function append_history(key, entry)
+  local history = redis.call('HGET', key, 'history')
+  if history then
+    history = string.sub(history, 1, -2) .. ',' .. entry .. ']'
+  else
+    history = '[' .. entry .. ']'
+  end
+  redis.call('HSET', key, 'history', history)
+end
+
+local function finish(key, id, state, set, total)
+  redis.call('HSET', key, 'state', state, 'finished_at', now)
+  redis.call('ZADD', set, now, id)
+  redis.call('HINCRBY', KEYS[6], total, 1)
+end
+
+for i = 3, #ARGV, 6 do
+  local id, attempt, outcome, value = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local key = ARGV[2] .. id
+  if redis.call('ZSCORE', KEYS[1], id) and redis.call('HGET', key, 'attempts') == attempt then
+    redis.call('ZREM', KEYS[1], id)
+    append_history(key, ARGV[i + 5])
+    redis.call('HDEL', key, 'cancel_requested')
     if outcome == 'completed' then
-      redis.call('HSET', key, 'state', 'completed', 'finished_at', now, 'result', value)
+      redis.call('HSET', key, 'result', value)
       redis.call('HDEL', key, 'error')
-      redis.call('ZADD', KEYS[2], now, id)
+      finish(key, id, 'completed', KEYS[2], 'completed')
+    elseif outcome == 'retry' then
+      redis.call('HSET', key, 'state', 'scheduled', 'run_at', ARGV[i + 4], 'error', value)
+      redis.call('HDEL', key, 'started_at')
+      redis.call('ZADD', KEYS[4], ARGV[i + 4], id)
+      redis.call('HINCRBY', KEYS[6], 'retried', 1)
+    elseif outcome == 'failed' then
+      redis.call('HSET', key, 'error', value)
+      finish(key, id, 'failed', KEYS[3], 'failed')
     else
-      redis.call('HSET', key, 'state', 'failed', 'finished_at', now, 'error', value)
-      redis.call('HDEL', key, 'result')
-      redis.call('ZADD', KEYS[3], now, id)
+      redis.call('HSET', key, 'error', value)
+      finish(key, id, 'cancelled', KEYS[5], 'cancelled')
     end
     recorded = recorded + 1
   end

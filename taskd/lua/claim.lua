@@ -1,14 +1,17 @@
 -- Claim up to ARGV[1] jobs of one queue for one daemon: first the id its blocking fetch
 -- landed, then ids from the ready list. Each claimed id enters the daemon's active set in
--- the same step as it leaves the list, so a job is never only in a daemon's memory.
+-- the same step as it leaves the list, so a job is never only in a daemon's memory, and
+-- the daemon's lease on the queue is renewed, so a reaper knows to look at its set.
 -- KEYS[1] -> the queue's ready list
 -- KEYS[2] -> this daemon's landing list for the queue
 -- KEYS[3] -> this daemon's active set for the queue
+-- KEYS[4] -> the queue's owners (daemon leases)
 -- ARGV[1] -> most jobs to claim, >= 1
 -- ARGV[2] -> now, epoch ms
 -- ARGV[3] -> the queue's job hash prefix
 -- ARGV[4] -> this daemon's id, recorded on the job
--- Returns a flat array of 5 entries per claimed job: id, type, payload, attempts, created_at.
+-- Returns a flat array of 6 entries per claimed job:
+--   id, type, payload, attempts, created_at, max_attempts.
 local limit = tonumber(ARGV[1])
 local now = ARGV[2]
 local out = {}
@@ -16,22 +19,25 @@ local out = {}
 local function claim(ids)
   for _, id in ipairs(ids) do
     local key = ARGV[3] .. id
-    local f = redis.call('HMGET', key, 'type', 'payload', 'created_at')
-    -- A record can be gone (deleted while queued): drop the stray id.
-    if f[1] then
+    local f = redis.call('HMGET', key, 'state', 'type', 'payload', 'created_at', 'max_attempts')
+    -- Only a queued job runs: a stray id of a deleted or cancelled job is dropped.
+    if f[1] == 'queued' then
       redis.call('ZADD', KEYS[3], now, id)
       local attempts = redis.call('HINCRBY', key, 'attempts', 1)
       redis.call('HSET', key, 'state', 'active', 'started_at', now, 'daemon', ARGV[4])
+      redis.call('HDEL', key, 'run_at')
       out[#out + 1] = id
-      out[#out + 1] = f[1]
       out[#out + 1] = f[2]
-      out[#out + 1] = attempts
       out[#out + 1] = f[3]
+      out[#out + 1] = attempts
+      out[#out + 1] = f[4]
+      out[#out + 1] = f[5]
     end
   end
   return #ids
 end
 
+redis.call('ZADD', KEYS[4], now, ARGV[4])
 local landed = redis.call('RPOP', KEYS[2], limit)
 if landed then
   limit = limit - claim(landed)

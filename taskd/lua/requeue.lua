@@ -1,14 +1,46 @@
 -- Return a daemon's unfinished jobs of one queue to the consuming end of the ready list,
--- so they run next. Active jobs get their attempt back: the daemon stopped them, they did
--- not fail. Moves a bounded batch; call again until it returns 0.
+-- so they run next. Active jobs get their attempt back: the daemon stopped them (or never
+-- started them), they did not fail. A job someone asked to cancel is cancelled instead.
+-- Without ids it moves a bounded batch of all landed and active ids (call again until
+-- it returns 0); with ids, only those of them still in the active set.
 -- KEYS[1] -> the queue's ready list
 -- KEYS[2] -> the daemon's landing list for the queue
 -- KEYS[3] -> the daemon's active set for the queue
+-- KEYS[4] -> the queue's cancelled set
+-- KEYS[5] -> the queue's totals hash
 -- ARGV[1] -> the queue's job hash prefix
 -- ARGV[2] -> most jobs to move
+-- ARGV[3] -> now, epoch ms
+-- ARGV[4..] -> the ids to return (optional)
 -- Returns the number of jobs moved.
 local limit = tonumber(ARGV[2])
 local moved = 0
+
+local function give_back(id)
+  local key = ARGV[1] .. id
+  if redis.call('HEXISTS', key, 'cancel_requested') == 1 then
+    redis.call('HSET', key, 'state', 'cancelled', 'finished_at', ARGV[3], 'error', 'cancelled')
+    redis.call('HDEL', key, 'cancel_requested')
+    redis.call('ZADD', KEYS[4], ARGV[3], id)
+    redis.call('HINCRBY', KEYS[5], 'cancelled', 1)
+  elseif redis.call('EXISTS', key) == 1 then
+    redis.call('HINCRBY', key, 'attempts', -1)
+    redis.call('HSET', key, 'state', 'queued')
+    redis.call('HDEL', key, 'started_at')
+    redis.call('RPUSH', KEYS[1], id)
+  end
+end
+
+if #ARGV > 3 then
+  for i = 4, #ARGV do
+    if redis.call('ZREM', KEYS[3], ARGV[i]) == 1 then
+      give_back(ARGV[i])
+      moved = moved + 1
+    end
+  end
+  return moved
+end
+
 local landed = redis.call('RPOP', KEYS[2], limit)
 if landed then
   for _, id in ipairs(landed) do
@@ -19,13 +51,7 @@ end
 if moved < limit then
   local active = redis.call('ZRANGE', KEYS[3], 0, limit - moved - 1)
   for _, id in ipairs(active) do
-    local key = ARGV[1] .. id
-    if redis.call('EXISTS', key) == 1 then
-      redis.call('HINCRBY', key, 'attempts', -1)
-      redis.call('HSET', key, 'state', 'queued')
-      redis.call('HDEL', key, 'started_at')
-      redis.call('RPUSH', KEYS[1], id)
-    end
+    give_back(id)
     redis.call('ZREM', KEYS[3], id)
   end
   moved = moved + #active

@@ -1,0 +1,58 @@
+"""The janitor deletes finished jobs once their retention is over, so Redis stays bounded."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+
+import anyio
+
+from taskd.config import RetentionConfig
+from taskd.jobs import CANCELLED, COMPLETED, FAILED, now_ms
+from taskd.store import Store
+
+logger = logging.getLogger(__name__)
+
+INTERVAL = 10.0
+
+
+class Janitor:
+    """Every INTERVAL seconds, trims the completed, failed and cancelled jobs of every queue."""
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        queues: Collection[str],
+        retention: RetentionConfig,
+        clock: Callable[[], int] = now_ms,
+        interval: float = INTERVAL,
+    ) -> None:
+        self._store = store
+        self._queues = frozenset(queues)
+        self._keep_ms = {
+            COMPLETED: int(retention.completed * 1000),
+            CANCELLED: int(retention.completed * 1000),
+            FAILED: int(retention.failed * 1000),
+        }
+        self._clock = clock
+        self._interval = interval
+
+    async def tick(self) -> int:
+        """Delete what has expired; returns how many jobs were deleted."""
+        deleted = 0
+        for queue in sorted(self._queues | await self._store.known_queues()):
+            for state, keep in self._keep_ms.items():
+                deleted += await self._store.trim(queue, state, self._clock() - keep)
+        if deleted:
+            logger.debug("deleted %d expired jobs", deleted)
+        return deleted
+
+    async def run(self) -> None:
+        """Trim until cancelled."""
+        while True:
+            try:
+                await self.tick()
+            except Exception:
+                logger.warning("deleting expired jobs failed; retrying", exc_info=True)
+            await anyio.sleep(self._interval)

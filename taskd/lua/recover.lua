@@ -1,0 +1,71 @@
+-- Take a bounded batch of jobs back from a daemon whose lease on this queue has lapsed
+-- (it died, or stalled past dead_after). Its lease is checked in this same script, so a
+-- daemon that beat in the meantime keeps its jobs. Landed ids go back as they were; an
+-- active job's attempt counts (a job that keeps killing daemons must end), so it returns
+-- to the queue or, out of attempts, becomes failed; a job someone cancelled is cancelled.
+-- KEYS[1] -> the queue's owners (daemon leases)
+-- KEYS[2] -> the queue's ready list
+-- KEYS[3] -> the dead daemon's landing list
+-- KEYS[4] -> the dead daemon's active set
+-- KEYS[5] -> the queue's dead set
+-- KEYS[6] -> the queue's cancelled set
+-- KEYS[7] -> the queue's totals hash
+-- ARGV[1] -> the dead daemon's id
+-- ARGV[2] -> now, epoch ms
+-- ARGV[3] -> leases renewed before this time, epoch ms, have lapsed
+-- ARGV[4] -> the queue's job hash prefix
+-- ARGV[5] -> most jobs to move
+-- Returns the number of jobs taken back, or -1 when the daemon's lease is alive.
+local lease = redis.call('ZSCORE', KEYS[1], ARGV[1])
+if lease and tonumber(lease) >= tonumber(ARGV[3]) then
+  return -1
+end
+local now, limit = ARGV[2], tonumber(ARGV[5])
+local moved = 0
+local landed = redis.call('RPOP', KEYS[3], limit)
+if landed then
+  for _, id in ipairs(landed) do
+    redis.call('RPUSH', KEYS[2], id)
+  end
+  moved = #landed
+end
+
+local function finish(key, id, state, set, total, err)
+  redis.call('HSET', key, 'state', state, 'finished_at', now, 'error', err)
+  redis.call('ZADD', set, now, id)
+  redis.call('HINCRBY', KEYS[7], total, 1)
+end
+
+local active = {}
+if moved < limit then
+  active = redis.call('ZRANGE', KEYS[4], 0, limit - moved - 1)
+end
+for _, id in ipairs(active) do
+  local key = ARGV[4] .. id
+  local f = redis.call('HMGET', key, 'attempts', 'max_attempts', 'cancel_requested', 'started_at')
+  if f[1] then
+    local err = 'daemon ' .. ARGV[1] .. ' died during attempt ' .. f[1]
+    local entry = cjson.encode({attempt = tonumber(f[1]), daemon = ARGV[1],
+      started_at = tonumber(f[4]), finished_at = tonumber(now), outcome = 'lost', error = err})
+    local history = redis.call('HGET', key, 'history')
+    history = history and (string.sub(history, 1, -2) .. ',' .. entry .. ']') or ('[' .. entry .. ']')
+    redis.call('HSET', key, 'history', history)
+    redis.call('HDEL', key, 'started_at')
+    if f[3] then
+      redis.call('HDEL', key, 'cancel_requested')
+      finish(key, id, 'cancelled', KEYS[6], 'cancelled', 'cancelled')
+    elseif tonumber(f[1]) >= tonumber(f[2]) then
+      finish(key, id, 'failed', KEYS[5], 'failed', err .. ', its last')
+    else
+      redis.call('HSET', key, 'state', 'queued', 'error', err)
+      redis.call('RPUSH', KEYS[2], id)
+    end
+    redis.call('HINCRBY', KEYS[7], 'recovered', 1)
+  end
+  redis.call('ZREM', KEYS[4], id)
+end
+moved = moved + #active
+if redis.call('LLEN', KEYS[3]) == 0 and redis.call('ZCARD', KEYS[4]) == 0 then
+  redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return moved

@@ -1,0 +1,182 @@
+"""Validation of what clients send: job submissions and listing parameters."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import orjson
+
+from taskd.config import HandlerConfig
+from taskd.jobs import FINAL_STATES, QUEUED, SCHEDULED, STATES, Job, new_id
+
+# The furthest ahead a job may be scheduled: a year and a day. Further is far more
+# likely a unit mistake (milliseconds for seconds) than a plan.
+MAX_DELAY = 366 * 24 * 3600
+MAX_ATTEMPTS = 1000
+SUBMIT_FIELDS = ("type", "payload", "delay", "run_at", "max_attempts")
+LIST_LIMIT_DEFAULT = 50
+LIST_LIMIT_MAX = 1000
+# A listing's cursor is the last job id it gave, or for final states "finish-ms-id".
+_ID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+_CURSOR = {False: re.compile(_ID), True: re.compile(r"[0-9]{1,15}-" + _ID)}
+
+
+class ApiError(Exception):
+    """An error answered as `{"error": {"code", "message"}}` with an HTTP status."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+
+def invalid(message: str) -> ApiError:
+    return ApiError(422, "invalid_job", message)
+
+
+def parse_submission(body: bytes, handlers: Mapping[str, HandlerConfig], now: int) -> Job:
+    """The new job a request body asks for, or an ApiError saying what is wrong with it."""
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise invalid("the request body must be a JSON object")
+    unknown = sorted(set(data) - set(SUBMIT_FIELDS))
+    if unknown:
+        raise invalid(
+            f"unknown field(s) {', '.join(unknown)}; a job takes {', '.join(SUBMIT_FIELDS)}"
+        )
+    handler = handlers[_job_type(data, handlers)]
+    run_at = _run_at(data, now)
+    return Job(
+        id=new_id(),
+        type=handler.name,
+        queue=handler.queue,
+        payload=data.get("payload"),
+        state=SCHEDULED if run_at else QUEUED,
+        attempts=0,
+        created_at=now,
+        max_attempts=_max_attempts(data, handler),
+        run_at=run_at,
+    )
+
+
+def _job_type(data: dict[str, Any], handlers: Mapping[str, HandlerConfig]) -> str:
+    job_type = data.get("type")
+    if job_type is None:
+        raise invalid("missing field 'type': the name of a configured handler")
+    if not isinstance(job_type, str):
+        raise invalid(f"field 'type' must be a string, got {json_kind(job_type)}")
+    if job_type not in handlers:
+        known = ", ".join(sorted(handlers))
+        raise ApiError(
+            422, "unknown_type", f"unknown job type '{job_type}'; configured types: {known}"
+        )
+    return job_type
+
+
+def _run_at(data: dict[str, Any], now: int) -> int | None:
+    """When the job may run, in epoch ms; None for now (a time in the past also means now)."""
+    delay, run_at = data.get("delay"), data.get("run_at")
+    if delay is not None and run_at is not None:
+        raise invalid("give either 'delay' or 'run_at', not both")
+    if delay is not None:
+        if not _is_number(delay) or not 0 <= delay <= MAX_DELAY:
+            raise invalid(
+                f"'delay' must be a number of seconds from 0 to {MAX_DELAY}, got {delay!r}"
+            )
+        due = now + math.ceil(delay * 1000)
+    elif run_at is not None:
+        due = _parse_time(run_at)
+        if due > now + MAX_DELAY * 1000:
+            raise invalid(f"'run_at' is more than {MAX_DELAY} seconds ahead: {run_at!r}")
+    else:
+        return None
+    return due if due > now else None
+
+
+def _parse_time(value: Any) -> int:
+    """An RFC 3339 time with its offset, or epoch seconds, as epoch ms."""
+    if _is_number(value):
+        seconds = float(value)
+    elif isinstance(value, str):
+        try:
+            moment = datetime.fromisoformat(value)
+        except ValueError:
+            raise invalid(f"'run_at' is not an RFC 3339 time: {value!r}") from None
+        if moment.tzinfo is None:
+            raise invalid(f"'run_at' needs a UTC offset (e.g. 'Z' or '+02:00'): {value!r}")
+        seconds = moment.timestamp()
+    else:
+        raise invalid(f"'run_at' must be an RFC 3339 time or epoch seconds, got {json_kind(value)}")
+    if not 0 <= seconds < 1e11:
+        raise invalid(f"'run_at' is out of range: {value!r}")
+    return math.ceil(seconds * 1000)
+
+
+def _max_attempts(data: dict[str, Any], handler: HandlerConfig) -> int:
+    value = data.get("max_attempts", handler.max_attempts)
+    if not _is_int(value) or not 1 <= value <= MAX_ATTEMPTS:
+        raise invalid(f"'max_attempts' must be an integer from 1 to {MAX_ATTEMPTS}, got {value!r}")
+    return int(value)
+
+
+@dataclass(frozen=True, slots=True)
+class ListQuery:
+    """What GET /jobs asks for."""
+
+    queue: str | None
+    state: str | None
+    job_type: str | None
+    limit: int
+    cursor: str | None
+
+
+def parse_list_query(params: Mapping[str, str]) -> ListQuery:
+    """The parameters of a listing, or an ApiError (400) saying which one is wrong."""
+    unknown = sorted(set(params) - {"queue", "state", "type", "limit", "cursor"})
+    if unknown:
+        raise ApiError(400, "invalid_query", f"unknown parameter(s) {', '.join(unknown)}")
+    state = params.get("state") or None
+    if state is not None and state not in STATES:
+        raise ApiError(400, "invalid_query", f"'state' must be one of {', '.join(STATES)}")
+    raw_limit = params.get("limit", str(LIST_LIMIT_DEFAULT))
+    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX:
+        raise ApiError(400, "invalid_query", f"'limit' must be from 1 to {LIST_LIMIT_MAX}")
+    cursor = params.get("cursor") or None
+    if cursor is not None and not _CURSOR[state in FINAL_STATES].fullmatch(cursor):
+        raise ApiError(400, "invalid_query", "'cursor' is not one this API gave out")
+    return ListQuery(
+        queue=params.get("queue") or None,
+        state=state,
+        job_type=params.get("type") or None,
+        limit=int(raw_limit),
+        cursor=cursor,
+    )
+
+
+def json_kind(value: Any) -> str:
+    kinds = {
+        bool: "boolean",
+        int: "number",
+        float: "number",
+        str: "string",
+        list: "array",
+        dict: "object",
+    }
+    return "null" if value is None else kinds.get(type(value), type(value).__name__)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)

@@ -1,0 +1,203 @@
+"""Crash safety with real processes: SIGKILLed daemons, SIGTERM under load, Redis restarts."""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+from redis.asyncio import Redis
+
+from taskd.embedded import RedisServer
+from taskd.jobs import QUEUED, Job, new_id, now_ms
+from taskd.keys import Keys
+from taskd.store import UNAVAILABLE, Store
+from tests.support import REPO, DaemonProcess, get_json, wait_healthy, wait_until
+
+K = Keys("taskd")
+Q = "default"
+
+
+def write_config(
+    tmp_path: Path, name: str, port: int, *, concurrency: int, **workers: float
+) -> Path:
+    settings = {"concurrency": concurrency, "heartbeat_interval": 0.2, "dead_after": 1.5, **workers}
+    lines = [f'[server]\nlisten = "127.0.0.1:{port}"\n', "[workers]"]
+    lines += [f"{key} = {value}" for key, value in settings.items()]
+    lines += ["", "[handlers.record]", 'python = "tests.handler_funcs:record"', "max_attempts = 25"]
+    path = tmp_path / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+class Cluster:
+    """Daemon processes on one Redis, each recording the jobs it starts in its own file."""
+
+    def __init__(self, tmp_path: Path, redis_url: str, free_port: Any, **settings: Any) -> None:
+        self.tmp_path = tmp_path
+        self.redis_url = redis_url
+        self.free_port = free_port
+        self.settings = settings
+        self.daemons: dict[str, DaemonProcess] = {}
+        self.urls: dict[str, str] = {}
+        self.starts = 0
+
+    async def start(self, name: str) -> None:
+        port = self.free_port()
+        config = write_config(self.tmp_path, name, port, **self.settings)
+        self.starts += 1
+        env = {
+            "TASKD_REDIS_URL": self.redis_url,
+            "TASKD_TEST_RECORD": str(self.tmp_path / f"record-{self.starts}.txt"),
+            "PYTHONPATH": str(REPO),
+        }
+        self.daemons[name] = DaemonProcess(["--config", str(config)], cwd=self.tmp_path, env=env)
+        self.urls[name] = f"http://127.0.0.1:{port}"
+        await wait_healthy(self.urls[name], self.daemons[name])
+
+    async def daemon_id(self, name: str) -> str:
+        """The id the daemon `name` registered under (found by its pid in /stats)."""
+        pid = self.daemons[name].proc.pid
+        _, stats = await _stats(self.urls[name])
+        [daemon_id] = [d["id"] for d in stats["instances"] if d["pid"] == pid]
+        return str(daemon_id)
+
+    def executions(self) -> Counter[str]:
+        counts: Counter[str] = Counter()
+        for record in self.tmp_path.glob("record-*.txt"):
+            counts.update(record.read_text().split())
+        return counts
+
+    def stop_all(self) -> None:
+        for daemon in self.daemons.values():
+            daemon.kill()
+
+
+async def enqueue(redis_url: str, count: int, seconds: float) -> list[str]:
+    store = Store.from_url(redis_url, prefix="taskd")
+    try:
+        ids = []
+        for _ in range(count):
+            job = Job(new_id(), "record", Q, seconds, QUEUED, 0, now_ms(), max_attempts=25)
+            await store.enqueue(job)
+            ids.append(job.id)
+        return ids
+    finally:
+        await store.close()
+
+
+async def completed(redis: Redis) -> int:
+    return int(await redis.zcard(K.completed(Q)))
+
+
+async def test_sigkill_chaos_loses_nothing(
+    tmp_path: Path, redis_url: str, redis: Redis, free_port: Any
+) -> None:
+    concurrency, total, kills = 20, 3000, 4
+    cluster = Cluster(tmp_path, redis_url, free_port, concurrency=concurrency)
+    try:
+        for name in ("a", "b", "c"):
+            await cluster.start(name)
+        ids = await enqueue(redis_url, total, seconds=0.05)
+        for _ in range(kills):
+            # Kill only once the daemon runs jobs, so that every kill leaves some behind.
+            victim = await cluster.daemon_id("a")
+            await wait_until(lambda v=victim: _running(redis, v), f"{victim} to run jobs")
+            cluster.daemons["a"].proc.send_signal(signal.SIGKILL)
+            cluster.daemons["a"].kill()
+            await cluster.start("a")
+        await wait_until(lambda: _at_least(redis, total), "every job completed", deadline=120)
+    finally:
+        cluster.stop_all()
+    # Every job completed, none is left anywhere else, and each ran at least once.
+    assert await completed(redis) == total
+    assert await redis.llen(K.ready(Q)) == 0
+    assert await redis.zcard(K.dead(Q)) == 0
+    runs = cluster.executions()
+    assert set(runs) == set(ids)
+    # Only jobs in flight at a kill may run twice: at most `concurrency` per kill.
+    recovered = int(await redis.hget(K.totals(Q), "recovered") or 0)
+    duplicates = sum(runs.values()) - total
+    assert kills <= recovered <= kills * concurrency
+    assert duplicates <= recovered, (duplicates, recovered)
+
+
+async def test_sigterm_under_load_requeues_and_exits_in_time(
+    tmp_path: Path, redis_url: str, redis: Redis, free_port: Any
+) -> None:
+    cluster = Cluster(tmp_path, redis_url, free_port, concurrency=10, shutdown_timeout=1)
+    try:
+        await cluster.start("a")
+        ids = await enqueue(redis_url, 30, seconds=30)
+
+        async def busy() -> bool:
+            _, stats = await _stats(cluster.urls["a"])
+            return bool(stats["queues"][Q]["active"] == 10)
+
+        await wait_until(busy, "10 jobs running")
+        daemon = cluster.daemons["a"]
+        started = time.monotonic()
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait() == 0, daemon.output()
+        # The drain deadline plus process exit; generous for a loaded machine.
+        assert time.monotonic() - started < 1 + 5
+    finally:
+        cluster.stop_all()
+    assert sorted(await redis.lrange(K.ready(Q), 0, -1)) == sorted(i.encode() for i in ids)
+    states = {await redis.hget(K.job(Q, i), "state") for i in ids}
+    assert states == {b"queued"}
+    assert await redis.zcard(K.daemons) == 0
+
+
+async def test_redis_restart_under_load(tmp_path: Path, free_port: Any) -> None:
+    server = RedisServer(data_dir=tmp_path / "redis", port=free_port(), appendonly=True)
+    server.start()
+    cluster = Cluster(tmp_path, server.url, free_port, concurrency=10, dead_after=5)
+    redis = Redis.from_url(server.url)
+    try:
+        for name in ("a", "b"):
+            await cluster.start(name)
+        total = 400
+        await enqueue(server.url, total, seconds=0.01)
+        await wait_until(lambda: _at_least(redis, 50), "50 jobs completed")
+
+        server.stop()  # SIGTERM: Redis writes its AOF and exits
+        status, health = await _health(cluster.urls["a"])
+        assert status == 503, health
+        server.start()
+
+        await wait_until(lambda: _at_least(redis, total), "every job completed", deadline=60)
+        for daemon in cluster.daemons.values():
+            assert daemon.proc.poll() is None, daemon.output()
+        status, _ = await _health(cluster.urls["b"])
+        assert status == 200
+    finally:
+        cluster.stop_all()
+        await redis.aclose()
+        server.stop()
+
+
+async def _running(redis: Redis, daemon_id: str) -> bool:
+    return bool(await redis.zcard(K.active(Q, daemon_id)))
+
+
+async def _at_least(redis: Redis, count: int) -> bool:
+    try:
+        return await completed(redis) >= count
+    except UNAVAILABLE:
+        return False
+
+
+async def _stats(url: str) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session:
+        return await get_json(session, f"{url}/stats")
+
+
+async def _health(url: str) -> tuple[int, Any]:
+    with anyio.fail_after(10):
+        async with aiohttp.ClientSession() as session:
+            return await get_json(session, f"{url}/health")
