@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 BUILTINS = ("echo", "noop", "sleep", "fail")
 
 # Queue names go into Redis keys and hash tags, so braces and colons are out.
-_QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+QUEUE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _HANDLER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 _PREFIX = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 _PYTHON_TARGET = re.compile(
@@ -41,7 +41,7 @@ _WEEK = 7 * 24 * 3600.0
 _TEN_YEARS = 10 * 365 * 24 * 3600.0
 _MAX_ATTEMPTS = 1000
 _TOP_KEYS = ("server", "redis", "workers", "retention", "handlers")
-_SERVER_KEYS = ("listen", "max_body")
+_SERVER_KEYS = ("listen", "max_body", "token")
 _REDIS_KEYS = ("url", "prefix", "data_dir")
 _WORKERS_KEYS = ("concurrency", "queues", "shutdown_timeout", "heartbeat_interval", "dead_after")
 _RETENTION_KEYS = ("completed", "failed")
@@ -83,6 +83,8 @@ class ServerConfig:
     host: str | None = "127.0.0.1"
     port: int | None = 7700
     unix_path: str | None = None
+    # When set, the dashboard and every endpoint that changes something require it.
+    token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -274,12 +276,15 @@ def _server(t: _Table) -> ServerConfig:
     default = ServerConfig()
     listen = t.string("listen", default.listen)
     max_body = t.integer("max_body", default.max_body, 1, _MAX_BODY)
+    token = t.string("token", "") or None
+    if token is not None and (len(token) < 16 or not token.isprintable() or " " in token):
+        t.problem("token", "must be at least 16 printable characters without spaces")
     try:
         host, port, unix_path = _parse_listen(listen)
     except ValueError as e:
         t.problem("listen", str(e))
         return default
-    return ServerConfig(listen, max_body, host, port, unix_path)
+    return ServerConfig(listen, max_body, host, port, unix_path, token)
 
 
 def _parse_listen(listen: str) -> tuple[str | None, int | None, str | None]:
@@ -376,7 +381,7 @@ def _retention(t: _Table) -> RetentionConfig:
 def _check_queue_names(t: _Table, queues: tuple[str, ...]) -> None:
     seen: set[str] = set()
     for i, queue in enumerate(queues):
-        if not _QUEUE_NAME.fullmatch(queue):
+        if not QUEUE_NAME.fullmatch(queue):
             t.problem("queues", f"invalid queue name {queue!r}: use {_QUEUE_RULE}", suffix=f"[{i}]")
         elif queue in seen:
             t.problem("queues", f"duplicate queue name {queue!r}", suffix=f"[{i}]")
@@ -412,7 +417,7 @@ def _handler(name: str, t: _Table) -> HandlerConfig:
     argv = _exec(t) if "exec" in t.data else None
     http = _http(t) if "http" in t.data else None
     queue = t.string("queue", "default")
-    if "queue" not in t.bad and not _QUEUE_NAME.fullmatch(queue):
+    if "queue" not in t.bad and not QUEUE_NAME.fullmatch(queue):
         t.problem("queue", f"invalid queue name {queue!r}: use {_QUEUE_RULE}")
     timeout = t.seconds("timeout", 1800.0, most=_WEEK)
     concurrency = t.integer("concurrency", 0, 1) if "concurrency" in t.data else None

@@ -11,13 +11,16 @@ import orjson
 from aiohttp import web
 
 from taskd.config import HandlerConfig, ServerConfig
-from taskd.jobs import FAILED, Job, format_ms, now_ms
+from taskd.dashboard import Dashboard, token_guard
+from taskd.jobs import FAILED, Job, now_ms
+from taskd.stats import snapshot
 from taskd.store import UNAVAILABLE, Store
-from taskd.validation import ApiError, parse_list_query, parse_submission
+from taskd.validation import ApiError, parse_list_query, parse_submission, valid_queue
 
 logger = logging.getLogger(__name__)
 
 HEALTH_TIMEOUT = 2.0
+EVENT_GRACE = 2.0
 _HEALTH_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *UNAVAILABLE)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -96,7 +99,11 @@ class Intake:
         self._accepting = False
 
     def _make_app(self) -> web.Application:
-        app = web.Application(client_max_size=self._server.max_body, middlewares=[errors_as_json])
+        app = web.Application(
+            client_max_size=self._server.max_body,
+            middlewares=[errors_as_json, token_guard(self._server.token)],
+        )
+        Dashboard(picture=self.picture, stopping=lambda: not self._accepting).add_routes(app)
         app.router.add_post("/jobs", self.submit)
         app.router.add_get("/jobs", self.list_jobs)
         app.router.add_get("/jobs/{id}", self.get_job)
@@ -106,6 +113,8 @@ class Intake:
         app.router.add_get("/dead", self.list_dead)
         app.router.add_get("/stats", self.stats)
         app.router.add_get("/health", self.health)
+        app.router.add_post("/queues/{queue}/pause", self.pause_queue)
+        app.router.add_post("/queues/{queue}/resume", self.resume_queue)
         return app
 
     async def run(
@@ -114,7 +123,11 @@ class Intake:
         """Listen, report started once bound, serve until cancelled, then close."""
         # No access log: one line per request would cost more than the request itself at
         # thousands of submissions a second. Failures are logged where they happen.
-        runner = web.AppRunner(self.app, access_log=None, handle_signals=False)
+        # Open requests get a short grace at close: by then intake has refused new work for
+        # the whole drain, and event streams end by themselves once the daemon stops.
+        runner = web.AppRunner(
+            self.app, access_log=None, handle_signals=False, shutdown_timeout=EVENT_GRACE
+        )
         await runner.setup()
         try:
             site: web.BaseSite
@@ -207,22 +220,42 @@ class Intake:
         return set(self._queues) | await self._store.known_queues()
 
     async def stats(self, request: web.Request) -> web.Response:
-        daemons = await self._store.live_daemons(since=self._clock() - self._dead_after_ms)
-        counts = await self._store.queue_counts(sorted(await self._all_queues()))
-        instances = [
-            {
-                "id": d.id,
-                "host": d.host,
-                "pid": d.pid,
-                "concurrency": d.concurrency,
-                "active": d.active,
-                "queues": list(d.queues),
-                "started_at": format_ms(d.started_at),
-                "last_heartbeat": format_ms(d.last_heartbeat),
-            }
-            for d in daemons
-        ]
-        return json_response({"queues": counts, "instances": instances})
+        return json_response(await self.snapshot())
+
+    async def snapshot(self) -> dict[str, Any]:
+        """The /stats document."""
+        queues = sorted(await self._all_queues())
+        return await snapshot(
+            self._store, queues, now=self._clock(), dead_after_ms=self._dead_after_ms
+        )
+
+    async def picture(self) -> dict[str, Any]:
+        """What the dashboard shows: the stats, the latest jobs and the latest failures."""
+        queues = sorted(await self._all_queues())
+        recent = await self._store.list_jobs(
+            queues, state=None, job_type=None, limit=20, cursor=None
+        )
+        dead = await self._store.list_jobs(
+            queues, state=FAILED, job_type=None, limit=10, cursor=None
+        )
+        return {
+            "stats": await self.snapshot(),
+            "recent": [job.to_public() for job in recent.jobs],
+            "failed": [job.to_public() for job in dead.jobs],
+        }
+
+    async def pause_queue(self, request: web.Request) -> web.Response:
+        queue = _queue_name(request)
+        await self._store.pause(queue)
+        await self._store.add_queues([queue])
+        logger.info("queue %s paused", queue)
+        return json_response({"queue": queue, "paused": True})
+
+    async def resume_queue(self, request: web.Request) -> web.Response:
+        queue = _queue_name(request)
+        await self._store.resume(queue)
+        logger.info("queue %s resumed", queue)
+        return json_response({"queue": queue, "paused": False})
 
     async def health(self, request: web.Request) -> web.Response:
         if not self._accepting:
@@ -243,3 +276,10 @@ def _not_found(job_id: str) -> ApiError:
 
 def _conflict(job_id: str, state: str, rule: str) -> ApiError:
     return ApiError(409, "conflict", f"job '{job_id}' is {state}: {rule}")
+
+
+def _queue_name(request: web.Request) -> str:
+    queue = request.match_info["queue"]
+    if not valid_queue(queue):
+        raise ApiError(404, "not_found", f"'{queue}' is not a queue name")
+    return queue

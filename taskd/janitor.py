@@ -44,6 +44,7 @@ class Janitor:
         for queue in sorted(self._queues | await self._store.known_queues()):
             for state, keep in self._keep_ms.items():
                 deleted += await self._store.trim(queue, state, self._clock() - keep)
+            await self._store.trim_throughput(queue, self._clock())
         if deleted:
             logger.debug("deleted %d expired jobs", deleted)
         return deleted

@@ -71,6 +71,22 @@ class Keys:
         heartbeat: the lease a reaper checks in the same script that takes jobs back."""
         return f"{self.prefix}:{{{queue}}}:owners"
 
+    def paused(self, queue: str) -> str:
+        """Present while the queue is paused: no daemon starts its jobs."""
+        return f"{self.prefix}:{{{queue}}}:paused"
+
+    def throughput(self, queue: str) -> str:
+        """Hash of finished-job counts per 10-second bucket (field: epoch ms // 10000)."""
+        return f"{self.prefix}:{{{queue}}}:throughput"
+
+    def waits(self, queue: str) -> str:
+        """List of the latest wait times (ms from due to start), newest first, capped."""
+        return f"{self.prefix}:{{{queue}}}:waits"
+
+    def runs(self, queue: str) -> str:
+        """List of the latest run times (ms from start to finish), newest first, capped."""
+        return f"{self.prefix}:{{{queue}}}:runs"
+
     def totals(self, queue: str) -> str:
         """Hash of counters since the data began (enqueued, completed, failed, ...)."""
         return f"{self.prefix}:{{{queue}}}:totals"

@@ -34,6 +34,11 @@ COMMAND_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 # Most ids a listing examines per request when filters skip most of them.
 LIST_SCAN_BUDGET = 2000
+# Recent wait and run times kept per queue, for the percentiles /stats shows.
+TIMING_SAMPLES = 1000
+# Throughput is counted in buckets of this many ms, and kept for THROUGHPUT_KEEP_MS.
+BUCKET_MS = 10_000
+THROUGHPUT_KEEP_MS = 600_000
 
 # What a caller can catch to tell "Redis is unreachable" from a bug.
 UNAVAILABLE: tuple[type[Exception], ...] = (
@@ -164,18 +169,19 @@ class Store:
 
     # Running jobs.
 
-    async def claim(self, queue: str, daemon_id: str, limit: int, now: int) -> list[Job]:
-        """Move up to `limit` ready jobs into this daemon's active set and return them."""
+    async def claim(self, queue: str, daemon_id: str, limit: int, now: int) -> list[Job] | None:
+        """Move up to `limit` ready jobs into this daemon's active set and return them.
+
+        None means the queue is paused.
+        """
         k = self.keys
+        keys = [k.ready(queue), k.landing(queue, daemon_id), k.active(queue, daemon_id)]
+        keys += [k.owners(queue), k.paused(queue), k.waits(queue)]
         flat = await self._lua["claim"](
-            keys=[
-                k.ready(queue),
-                k.landing(queue, daemon_id),
-                k.active(queue, daemon_id),
-                k.owners(queue),
-            ],
-            args=[limit, now, k.job_prefix(queue), daemon_id],
+            keys=keys, args=[limit, now, k.job_prefix(queue), daemon_id, TIMING_SAMPLES]
         )
+        if flat and flat[0] == b"paused":
+            return None
         return [
             Job(
                 id=flat[i].decode(),
@@ -207,7 +213,7 @@ class Store:
     async def ack(self, queue: str, daemon_id: str, attempts: Sequence[Attempt], now: int) -> int:
         """Record finished attempts of one queue in one script call; returns how many were ours."""
         k = self.keys
-        args: list[Any] = [now, k.job_prefix(queue)]
+        args: list[Any] = [now, k.job_prefix(queue), now // BUCKET_MS, TIMING_SAMPLES]
         for a in attempts:
             args += [a.job_id, a.attempt, a.outcome, a.value, a.retry_at, a.history]
         keys = [
@@ -217,6 +223,8 @@ class Store:
             k.scheduled(queue),
             k.cancelled(queue),
             k.totals(queue),
+            k.throughput(queue),
+            k.runs(queue),
         ]
         return int(await self._lua["ack"](keys=keys, args=args))
 
@@ -258,6 +266,14 @@ class Store:
             keys=[k.scheduled(queue), k.ready(queue)], args=[now, BATCH, k.job_prefix(queue)]
         )
         return int(moved), (None if int(due) < 0 else int(due))
+
+    # Pausing queues.
+
+    async def pause(self, queue: str) -> None:
+        await self._r.set(self.keys.paused(queue), 1)
+
+    async def resume(self, queue: str) -> None:
+        await self._r.delete(self.keys.paused(queue))
 
     # Acting on one job.
 
@@ -419,6 +435,47 @@ class Store:
             }
         return counts
 
+    async def queue_activity(self, queues: Sequence[str], now: int) -> dict[str, dict[str, Any]]:
+        """Per queue: paused or not, throughput over 1 and 5 minutes, wait and run times.
+
+        Everything is read from bounded structures (a flag, 30 buckets, two capped lists),
+        so the cost does not grow with the number of jobs stored.
+        """
+        k = self.keys
+        buckets = [now // BUCKET_MS - n for n in range(1, 31)]  # the 5 full minutes before now
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.exists(k.paused(queue))
+                pipe.hmget(k.throughput(queue), buckets)
+                pipe.lrange(k.waits(queue), 0, -1)
+                pipe.lrange(k.runs(queue), 0, -1)
+            replies = iter(await pipe.execute())
+        activity: dict[str, dict[str, Any]] = {}
+        for queue in queues:
+            paused, counts, waits, runs = (next(replies) for _ in range(4))
+            done = [int(c) if c else 0 for c in counts]
+            activity[queue] = {
+                "paused": bool(paused),
+                "throughput": {"1m": sum(done[:6]) / 60, "5m": sum(done) / 300},
+                "wait_ms": percentiles(waits),
+                "run_ms": percentiles(runs),
+            }
+        return activity
+
+    async def trim_throughput(self, queue: str, now: int) -> None:
+        """Forget throughput buckets older than THROUGHPUT_KEEP_MS."""
+        key = self.keys.throughput(queue)
+        oldest = (now - THROUGHPUT_KEEP_MS) // BUCKET_MS
+        stale = [field for field in await self._r.hkeys(key) if int(field) < oldest]
+        if stale:
+            await self._r.hdel(key, *stale)
+
+    async def server_info(self) -> dict[str, Any]:
+        """Redis's version and memory use."""
+        info = await self._r.info("server")
+        memory = await self._r.info("memory")
+        return {"version": info.get("redis_version"), "used_memory": memory.get("used_memory")}
+
     async def list_jobs(
         self,
         queues: Sequence[str],
@@ -532,6 +589,18 @@ async def _messages(pubsub: PubSub) -> AsyncIterator[str]:
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
         if message is not None and message["type"] == "message":
             yield _text(message["data"])
+
+
+def percentiles(samples: Sequence[bytes | int]) -> dict[str, int | None]:
+    """p50, p95 and p99 of samples (nearest rank); None each when there are none."""
+    values = sorted(int(v) for v in samples)
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+
+    def rank(q: float) -> int:
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+    return {"p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99)}
 
 
 def _parse_finish_cursor(cursor: str | None) -> tuple[int, str] | None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from taskd.config import HandlerConfig
+from taskd.config import QUEUE_NAME, HandlerConfig
 from taskd.jobs import FINAL_STATES, QUEUED, SCHEDULED, STATES, Job, new_id
 
 # The furthest ahead a job may be scheduled: a year and a day. Further is far more
@@ -160,6 +160,10 @@ def parse_list_query(params: Mapping[str, str]) -> ListQuery:
         limit=int(raw_limit),
         cursor=cursor,
     )
+
+
+def valid_queue(name: str) -> bool:
+    return QUEUE_NAME.fullmatch(name) is not None
 
 
 def json_kind(value: Any) -> str:

@@ -26,6 +26,8 @@ FETCH_BATCH = 100
 BLOCK_TIMEOUT = 5
 # Pause after a failed fetch (Redis down), so a dead Redis is not hammered.
 FETCH_RETRY_DELAY = 0.5
+# How often a paused queue is looked at again: the delay before a resume takes effect.
+PAUSED_POLL = 0.5
 # Longest the final requeue may take at shutdown; past it the reaper recovers the rest.
 FINISH_TIMEOUT = 10.0
 
@@ -74,8 +76,11 @@ class WorkerPool:
         """Slots in use: jobs running, being claimed, or waiting for their ack."""
         return self._concurrency - self._slots.value
 
-    async def tick(self, queue: str) -> int:
-        """One fetch pass: claim as many ready jobs as free slots allow, and start them."""
+    async def tick(self, queue: str) -> int | None:
+        """One fetch pass: claim as many ready jobs as free slots allow, and start them.
+
+        Returns how many started, or None when the queue is paused.
+        """
         assert self._runners is not None, "tick() runs inside run()"
         await self._slots.acquire()
         wanted = 1
@@ -87,6 +92,9 @@ class WorkerPool:
         except BaseException:
             self._release(wanted)
             raise
+        if jobs is None:
+            self._release(wanted)
+            return None
         self._release(wanted - len(jobs))
         for job in jobs:
             # Known as running from now on, before its task starts: see release_orphans.
@@ -130,7 +138,10 @@ class WorkerPool:
         failures = 0
         while True:
             try:
-                if await self.tick(queue) == 0:
+                started = await self.tick(queue)
+                if started is None:
+                    await anyio.sleep(PAUSED_POLL)
+                elif started == 0:
                     await self._store.wait_for_job(queue, self._daemon_id, self._block_timeout)
                 failures = 0
             except Exception:

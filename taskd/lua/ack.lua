@@ -8,15 +8,21 @@
 -- KEYS[4] -> the queue's scheduled set (retries wait there)
 -- KEYS[5] -> the queue's cancelled set
 -- KEYS[6] -> the queue's totals hash
+-- KEYS[7] -> the queue's throughput buckets
+-- KEYS[8] -> the queue's list of recent run times
 -- ARGV[1] -> now, epoch ms
 -- ARGV[2] -> the queue's job hash prefix
--- ARGV[3..] -> 6 entries per attempt:
+-- ARGV[3] -> the current throughput bucket
+-- ARGV[4] -> how many recent run times to keep
+-- ARGV[5..] -> 6 entries per attempt:
 --   id, attempt number, outcome ('completed', 'retry', 'failed' or 'cancelled'),
 --   result JSON (completed) or error text, retry time in epoch ms (retry) or 0,
 --   history entry (a JSON object) to append to the job's history
 -- Returns the number of attempts recorded.
 local now = ARGV[1]
 local recorded = 0
+local finished = 0
+local runs = {}
 
 local function append_history(key, entry)
   local history = redis.call('HGET', key, 'history')
@@ -34,12 +40,19 @@ local function finish(key, id, state, set, total)
   redis.call('HINCRBY', KEYS[6], total, 1)
 end
 
-for i = 3, #ARGV, 6 do
+for i = 5, #ARGV, 6 do
   local id, attempt, outcome, value = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local key = ARGV[2] .. id
   if redis.call('ZSCORE', KEYS[1], id) and redis.call('HGET', key, 'attempts') == attempt then
     redis.call('ZREM', KEYS[1], id)
     append_history(key, ARGV[i + 5])
+    local started = redis.call('HGET', key, 'started_at')
+    if started then
+      runs[#runs + 1] = tonumber(now) - tonumber(started)
+    end
+    if outcome == 'completed' or outcome == 'failed' then
+      finished = finished + 1
+    end
     redis.call('HDEL', key, 'cancel_requested')
     if outcome == 'completed' then
       redis.call('HSET', key, 'result', value)
@@ -59,5 +72,12 @@ for i = 3, #ARGV, 6 do
     end
     recorded = recorded + 1
   end
+end
+if finished > 0 then
+  redis.call('HINCRBY', KEYS[7], ARGV[3], finished)
+end
+if #runs > 0 then
+  redis.call('LPUSH', KEYS[8], unpack(runs))
+  redis.call('LTRIM', KEYS[8], 0, tonumber(ARGV[4]) - 1)
 end
 return recorded

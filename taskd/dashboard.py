@@ -1,0 +1,100 @@
+"""The dashboard: its page, its static files, and the event stream that keeps it live."""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from typing import Any
+
+import anyio
+import orjson
+from aiohttp import web
+from aiohttp.typedefs import Middleware
+
+logger = logging.getLogger(__name__)
+
+# How often the event stream sends a fresh picture.
+EVENT_INTERVAL = 1.0
+_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def token_guard(token: str | None) -> Middleware:
+    """Middleware: with a token configured, the dashboard and every write need it.
+
+    Reads (jobs, stats, health, metrics) stay open, so that probes and scrapers need no
+    secret. The token comes as `Authorization: Bearer ...` or, for the page and the event
+    stream (a browser cannot set headers there), as `?token=...`.
+    """
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if token is None or not _guarded(request) or _presented(request, token):
+            return await handler(request)
+        return web.json_response(
+            {"error": {"code": "unauthorized", "message": "this needs the [server] token"}},
+            status=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    return guard
+
+
+def _guarded(request: web.Request) -> bool:
+    return request.method not in ("GET", "HEAD") or request.path in ("/", "/events")
+
+
+def _presented(request: web.Request, token: str) -> bool:
+    header = request.headers.get("Authorization", "")
+    offered = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    offered = offered or request.query.get("token", "")
+    return hmac.compare_digest(offered.encode(), token.encode())
+
+
+class Dashboard:
+    """Serves the page and streams stats and recent jobs to it."""
+
+    def __init__(
+        self,
+        *,
+        picture: Callable[[], Awaitable[dict[str, Any]]],
+        stopping: Callable[[], bool],
+    ) -> None:
+        self._picture = picture
+        self._stopping = stopping
+
+    def add_routes(self, app: web.Application) -> None:
+        app.router.add_get("/", self.page)
+        app.router.add_get("/static/{name}", self.static)
+        app.router.add_get("/events", self.events)
+
+    async def page(self, request: web.Request) -> web.Response:
+        return self._file("index.html")
+
+    async def static(self, request: web.Request) -> web.Response:
+        return self._file(request.match_info["name"])
+
+    def _file(self, name: str) -> web.Response:
+        suffix = name[name.rfind(".") :] if "." in name else ""
+        path = resources.files("taskd").joinpath("static", name)
+        if "/" in name or suffix not in _TYPES or not path.is_file():
+            raise web.HTTPNotFound()
+        return web.Response(body=path.read_bytes(), content_type=_TYPES[suffix])
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """Server-sent events: one `picture` event a second until the client or we go."""
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+        )
+        await response.prepare(request)
+        try:
+            while not self._stopping():
+                picture = await self._picture()
+                await response.write(b"event: picture\ndata: " + orjson.dumps(picture) + b"\n\n")
+                await anyio.sleep(EVENT_INTERVAL)
+        except (ConnectionResetError, ConnectionError):
+            pass  # the browser went away
+        return response

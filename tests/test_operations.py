@@ -1,0 +1,163 @@
+"""Operating taskd: the /stats document, pausing queues, the token, the event stream."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import anyio
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from tests.support import (
+    base_url,
+    get_json,
+    make_config,
+    post_json,
+    running_daemon,
+    wait_for_state,
+    wait_until,
+)
+
+TOKEN = "s3cret-token-0123456789"
+Api = tuple[aiohttp.ClientSession, str]
+
+
+@pytest.fixture
+async def api(redis_url: str) -> AsyncIterator[Api]:
+    async with (
+        running_daemon(make_config(redis_url)) as daemon,
+        aiohttp.ClientSession() as session,
+    ):
+        yield session, base_url(daemon)
+
+
+async def test_stats_document(api: Api) -> None:
+    session, url = api
+    ids = [(await post_json(session, f"{url}/jobs", {"type": "noop"}))[1]["id"] for _ in range(5)]
+    for job_id in ids:
+        await wait_for_state(session, url, job_id, {"completed"})
+
+    started = time.perf_counter()
+    status, stats = await get_json(session, f"{url}/stats")
+    assert status == 200
+    assert time.perf_counter() - started < 5  # a sanity bound, not a benchmark
+
+    queue = stats["queues"]["default"]
+    assert queue["completed"] == 5
+    assert queue["paused"] is False
+    assert queue["totals"] == {"enqueued": 5, "completed": 5}
+    assert set(queue["throughput"]) == {"1m", "5m"}
+    assert queue["wait_ms"]["p50"] is not None
+    assert queue["wait_ms"]["p50"] <= queue["wait_ms"]["p99"]
+    assert queue["run_ms"]["p99"] is not None
+    [me] = stats["instances"]
+    assert me["uptime_s"] >= 0
+    assert 0 <= me["heartbeat_age_ms"] < 60_000
+    assert stats["redis"]["version"] >= "6.2"
+    assert stats["redis"]["used_memory"] > 0
+
+
+async def test_stats_do_not_scan_keys(api: Api, redis: Redis) -> None:
+    """Reading /stats touches bounded structures only: no KEYS or SCAN, whatever is stored."""
+    session, url = api
+    await redis.config_resetstat()
+    await get_json(session, f"{url}/stats")
+    commands = await redis.info("commandstats")
+    assert not {"cmdstat_keys", "cmdstat_scan"} & set(commands)
+
+
+async def test_a_paused_queue_takes_jobs_but_runs_none_until_resumed(api: Api) -> None:
+    session, url = api
+    status, body = await post_json(session, f"{url}/queues/default/pause", {})
+    assert (status, body) == (200, {"queue": "default", "paused": True})
+    _, job = await post_json(session, f"{url}/jobs", {"type": "echo", "payload": 1})
+    assert job["state"] == "queued"
+
+    async def shows_paused() -> bool:
+        _, stats = await get_json(session, f"{url}/stats")
+        return bool(stats["queues"]["default"]["paused"])
+
+    await wait_until(shows_paused, "/stats to show the queue paused")
+    # Give the daemon time it would need to start the job, had the queue not been paused.
+    with anyio.move_on_after(1.0):
+        await wait_for_state(session, url, job["id"], {"active", "completed"})
+    _, still = await get_json(session, f"{url}/jobs/{job['id']}")
+    assert still["state"] == "queued"
+
+    status, body = await post_json(session, f"{url}/queues/default/resume", {})
+    assert body["paused"] is False
+    assert (await wait_for_state(session, url, job["id"], {"completed"}))["result"] == 1
+
+
+async def test_pausing_a_bad_queue_name_is_404(api: Api) -> None:
+    session, url = api
+    status, body = await post_json(session, f"{url}/queues/no%7Bbraces%7D/pause", {})
+    assert (status, body["error"]["code"]) == (404, "not_found")
+
+
+@pytest.fixture
+async def guarded(redis_url: str) -> AsyncIterator[Api]:
+    config = make_config(redis_url, server={"token": TOKEN})
+    async with running_daemon(config) as daemon, aiohttp.ClientSession() as session:
+        yield session, base_url(daemon)
+
+
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("POST", "/jobs"), ("POST", "/queues/default/pause"), ("DELETE", "/jobs/x"), ("GET", "/")],
+)
+async def test_the_token_guards_writes_and_the_dashboard(
+    guarded: Api, method: str, path: str
+) -> None:
+    session, url = guarded
+    async with session.request(method, f"{url}{path}", json={"type": "noop"}) as response:
+        assert response.status == 401
+        assert (await response.json())["error"]["code"] == "unauthorized"
+        assert response.headers["WWW-Authenticate"] == "Bearer"
+    wrong = {"Authorization": "Bearer nope"}
+    async with session.request(method, f"{url}{path}", headers=wrong) as response:
+        assert response.status == 401
+
+
+async def test_the_token_opens_writes_and_reads_stay_open(guarded: Api) -> None:
+    session, url = guarded
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    async with session.post(f"{url}/jobs", json={"type": "noop"}, headers=headers) as response:
+        assert response.status == 201
+    async with session.get(f"{url}/?token={TOKEN}") as response:
+        assert response.status == 200
+    for path in ("/stats", "/health", "/jobs"):
+        async with session.get(f"{url}{path}") as response:
+            assert response.status == 200, path
+
+
+async def test_the_event_stream_sends_a_picture_every_second(api: Api) -> None:
+    session, url = api
+    await post_json(session, f"{url}/jobs", {"type": "fail", "max_attempts": 1})
+    pictures: list[dict[str, Any]] = []
+    async with session.get(f"{url}/events") as response:
+        assert response.headers["Content-Type"] == "text/event-stream"
+        with anyio.fail_after(20):
+            async for line in response.content:
+                if line.startswith(b"data: "):
+                    pictures.append(orjson.loads(line[6:]))
+                    if len(pictures) == 3 and pictures[-1]["failed"]:
+                        break
+                    pictures = pictures[-2:]
+    last = pictures[-1]
+    assert set(last) == {"stats", "recent", "failed"}
+    assert last["stats"]["queues"]["default"]["failed"] == 1
+    assert last["failed"][0]["state"] == "failed"
+
+
+async def test_the_dashboard_page_is_served(api: Api) -> None:
+    session, url = api
+    async with session.get(f"{url}/") as response:
+        assert response.status == 200
+        assert response.content_type == "text/html"
+    async with session.get(f"{url}/static/..%2Fjobs.py") as response:
+        assert response.status == 404
