@@ -15,9 +15,11 @@ from taskd.handlers import Handlers
 from taskd.heartbeat import Heartbeat, Identity
 from taskd.intake import Intake
 from taskd.janitor import Janitor
+from taskd.metrics import Metrics
 from taskd.promoter import Promoter
 from taskd.reaper import Reaper
 from taskd.store import UNAVAILABLE, Store
+from taskd.systemd import Notifier
 from taskd.workers import BLOCK_TIMEOUT, WorkerPool
 
 logger = logging.getLogger(__name__)
@@ -41,12 +43,20 @@ def redacted(url: str) -> str:
 class Daemon:
     """One taskd process: intake, worker pool and heartbeat sharing one store."""
 
-    def __init__(self, *, config: Config, store: Store, handlers: Handlers) -> None:
+    def __init__(
+        self, *, config: Config, store: Store, handlers: Handlers, notifier: Notifier | None = None
+    ) -> None:
         self.config = config
+        # systemd's readiness and watchdog; inert unless systemd started us (Type=notify).
+        self.notifier = Notifier() if notifier is None else notifier
         self.identity = Identity.create()
         workers = config.workers
         # Queues this daemon knows of: it serves some, and takes jobs for its handlers'.
         known = frozenset(workers.queues) | {h.queue for h in config.handlers.values()}
+        self.metrics = Metrics(
+            concurrency=workers.concurrency,
+            job_types=[(h.queue, h.name) for h in config.handlers.values()],
+        )
         self.promoter = Promoter(store=store, queues=sorted(known))
         self.pool = WorkerPool(
             store=store,
@@ -55,6 +65,7 @@ class Daemon:
             daemon_id=self.identity.id,
             queues=workers.queues,
             concurrency=workers.concurrency,
+            metrics=self.metrics,
             on_retry=self.promoter.wake,
         )
         self.heartbeat = Heartbeat(
@@ -74,6 +85,7 @@ class Daemon:
             queues=known,
             interval=workers.heartbeat_interval,
             dead_after=workers.dead_after,
+            metrics=self.metrics,
         )
         self.janitor = Janitor(store=store, queues=known, retention=config.retention)
         self.canceller = Canceller(store=store, cancel_local=self.pool.cancel_local)
@@ -83,6 +95,8 @@ class Daemon:
             handlers=config.handlers,
             queues=known,
             dead_after=workers.dead_after,
+            metrics=self.metrics,
+            active=lambda: self.pool.active,
             on_scheduled=self.promoter.wake,
         )
         self._store = store
@@ -96,6 +110,8 @@ class Daemon:
         """Start every task, serve until stopped, then shut down in order."""
         await self._store.add_queues({h.queue for h in self.config.handlers.values()})
         async with anyio.create_task_group() as tg:
+            # First in, cancelled last: it pings through start-up and the whole drain.
+            tg.start_soon(self.notifier.run_watchdog)
             await tg.start(self._watch_signals)
             await tg.start(self.heartbeat.run)
             await tg.start(self.canceller.run)
@@ -110,6 +126,10 @@ class Daemon:
                 self.config.workers.concurrency,
                 ", ".join(self.config.workers.queues),
             )
+            self.notifier.ready(
+                f"serving: concurrency {self.config.workers.concurrency}, "
+                f"queues {', '.join(self.config.workers.queues)}"
+            )
             task_status.started()
             await self._stopping.wait()
             await self._shutdown()
@@ -117,12 +137,14 @@ class Daemon:
 
     async def _shutdown(self) -> None:
         """The shutdown order; each step assumes the ones before it are done."""
-        logger.info("shutting down: draining for up to %g s", self.config.workers.shutdown_timeout)
+        grace = self.config.workers.shutdown_timeout
+        logger.info("shutting down: draining for up to %g s", grace)
+        self.notifier.stopping(f"draining for up to {grace:g} s")
         # 1. Stop intake: new submissions get 503, so clients turn to another daemon.
         self.intake.refuse_new()
         # 2-4. Stop fetching, let running jobs finish until the deadline, cancel the rest
         # and return every unfinished job to its queue.
-        await self.pool.drain(self.config.workers.shutdown_timeout)
+        await self.pool.drain(grace)
         # 5. Deregister: nothing of this daemon is left in Redis for a reaper to find.
         try:
             await self.heartbeat.deregister()

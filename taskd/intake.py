@@ -13,6 +13,7 @@ from aiohttp import web
 from taskd.config import HandlerConfig, ServerConfig
 from taskd.dashboard import Dashboard, token_guard
 from taskd.jobs import FAILED, Job, now_ms
+from taskd.metrics import Metrics
 from taskd.stats import snapshot
 from taskd.store import UNAVAILABLE, Store
 from taskd.validation import ApiError, parse_list_query, parse_submission, valid_queue
@@ -80,9 +81,13 @@ class Intake:
         handlers: Mapping[str, HandlerConfig],
         queues: frozenset[str],
         dead_after: float,
+        metrics: Metrics,
+        active: Callable[[], int],
         on_scheduled: Callable[[str, int], None] = lambda queue, due: None,
         clock: Callable[[], int] = now_ms,
     ) -> None:
+        self._metrics = metrics
+        self._active = active
         self._store = store
         self._server = server
         self._handlers = handlers
@@ -113,6 +118,7 @@ class Intake:
         app.router.add_get("/dead", self.list_dead)
         app.router.add_get("/stats", self.stats)
         app.router.add_get("/health", self.health)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/queues/{queue}/pause", self.pause_queue)
         app.router.add_post("/queues/{queue}/resume", self.resume_queue)
         return app
@@ -149,6 +155,7 @@ class Intake:
             raise ApiError(503, "shutting_down", "this daemon is shutting down; submit to another")
         job = parse_submission(await request.read(), self._handlers, self._clock())
         await self._store.enqueue(job)
+        self._metrics.enqueued(job.queue, job.type)
         if job.run_at is not None:
             self._on_scheduled(job.queue, job.run_at)
         return json_response(job.to_public(), status=201, headers={"Location": f"/jobs/{job.id}"})
@@ -243,6 +250,16 @@ class Intake:
             "recent": [job.to_public() for job in recent.jobs],
             "failed": [job.to_public() for job in dead.jobs],
         }
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        """Prometheus metrics: this daemon's, and the queue depths every daemon reports."""
+        now = self._clock()
+        counts = await self._store.queue_counts(sorted(await self._all_queues()))
+        live = await self._store.live_daemons(since=now - self._dead_after_ms)
+        self._metrics.set_cluster(counts, len(live))
+        self._metrics.set_active(self._active())
+        body, content_type = self._metrics.render()
+        return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def pause_queue(self, request: web.Request) -> web.Response:
         queue = _queue_name(request)

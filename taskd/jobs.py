@@ -44,6 +44,7 @@ class Job:
     run_at: int | None = None  # when a scheduled job is due
     cancel_requested: bool = False
     history: tuple[dict[str, Any], ...] = ()  # one entry per finished attempt
+    waited_ms: int = 0  # set by a claim: how long this attempt waited since it was due
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Job:

@@ -8,6 +8,7 @@ from collections.abc import Callable, Collection
 import anyio
 
 from taskd.jobs import now_ms
+from taskd.metrics import Metrics
 from taskd.store import Store
 
 logger = logging.getLogger(__name__)
@@ -29,9 +30,11 @@ class Reaper:
         queues: Collection[str],
         interval: float,
         dead_after: float,
+        metrics: Metrics,
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self._me = daemon_id
         self._queues = frozenset(queues)
         self._interval = interval
@@ -53,6 +56,7 @@ class Reaper:
                         owner, moved, queue,
                     )  # fmt: skip
                     recovered += moved
+                    self._metrics.recovered(queue, moved)
         for daemon_id in await self._store.stale_daemons(before):
             if daemon_id != self._me and await self._store.forget_daemon(daemon_id, before):
                 logger.info("forgot dead daemon %s", daemon_id)

@@ -194,8 +194,9 @@ class Store:
                 max_attempts=int(flat[i + 5]),
                 started_at=now,
                 daemon=daemon_id,
+                waited_ms=int(flat[i + 6]),
             )
-            for i in range(0, len(flat), 6)
+            for i in range(0, len(flat), 7)
         ]
 
     async def wait_for_job(self, queue: str, daemon_id: str, block_seconds: int) -> bool:

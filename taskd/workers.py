@@ -14,6 +14,7 @@ from taskd.acker import Acker
 from taskd.config import HandlerConfig
 from taskd.handlers import Handlers, JobFailed
 from taskd.jobs import Job, now_ms
+from taskd.metrics import Metrics
 from taskd.store import Attempt, Store
 
 logger = logging.getLogger(__name__)
@@ -53,9 +54,11 @@ class WorkerPool:
         clock: Callable[[], int] = now_ms,
         fetch_batch: int = FETCH_BATCH,
         block_timeout: int = BLOCK_TIMEOUT,
+        metrics: Metrics,
         on_retry: Callable[[str, int], None] = lambda queue, due: None,
     ) -> None:
         self._store = store
+        self._metrics = metrics
         self._handlers = handlers
         self._handler_configs = handler_configs
         self._daemon_id = daemon_id
@@ -204,6 +207,7 @@ class WorkerPool:
 
     async def _execute(self, running: _Running) -> None:
         job = running.job
+        self._metrics.started(job.queue, job.type, job.waited_ms / 1000)
         try:
             with running.scope:
                 attempt = await self._attempt(job)
@@ -212,6 +216,8 @@ class WorkerPool:
                     logger.warning("job %s stopped: it was taken back from this daemon", job.id)
                     return
                 attempt = self._ended(job, "cancelled", "cancelled while running")
+            ran = (self._clock() - (job.started_at or self._clock())) / 1000
+            self._metrics.finished(job.queue, job.type, attempt.outcome, ran)
             await self._acker.record(job.queue, attempt)
         finally:
             del self._running[job.id]

@@ -641,7 +641,10 @@ def test_invalid(text: str, expected: str) -> None:
             '[handlers.thumb]\nbuiltin = "echo"\nfrob = 1\n',
             f"handlers.thumb.frob: unknown key (known: {HANDLER_KEYS})",
         ),
-        ('[server]\n"lis ten" = 1\n', 'server."lis ten": unknown key (known: listen, max_body, token)'),
+        (
+            '[server]\n"lis ten" = 1\n',
+            'server."lis ten": unknown key (known: listen, max_body, token)',
+        ),
         (
             "[retention]\ncancelled = 1\n",
             "retention.cancelled: unknown key (known: completed, failed)",

@@ -10,6 +10,7 @@ import aiohttp
 import anyio
 import orjson
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from tests.support import (
@@ -161,3 +162,27 @@ async def test_the_dashboard_page_is_served(api: Api) -> None:
         assert response.content_type == "text/html"
     async with session.get(f"{url}/static/..%2Fjobs.py") as response:
         assert response.status == 404
+
+
+async def test_metrics_count_what_this_daemon_did(api: Api) -> None:
+    session, url = api
+    for job_type in ("echo", "fail"):
+        _, job = await post_json(session, f"{url}/jobs", {"type": job_type, "max_attempts": 1})
+        await wait_for_state(session, url, job["id"], {"completed", "failed"})
+    async with session.get(f"{url}/metrics") as response:
+        assert response.status == 200
+        assert response.content_type == "text/plain"
+        text = await response.text()
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    default = ("queue", "default")
+    assert samples[("taskd_jobs_enqueued_total", (default, ("type", "echo")))] == 1
+    assert samples[("taskd_jobs_completed_total", (default, ("type", "echo")))] == 1
+    assert samples[("taskd_jobs_failed_total", (default, ("type", "fail")))] == 1
+    assert samples[("taskd_queue_jobs", (default, ("state", "completed")))] == 1
+    assert samples[("taskd_job_wait_seconds_count", (default,))] == 2
+    assert samples[("taskd_daemons_live", ())] == 1
+    assert samples[("taskd_daemon_concurrency", ())] == 10

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import signal
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +143,38 @@ async def test_two_daemons_share_work_and_sigterm_loses_nothing(
         for i in await redis.zrange(K.completed("default"), 0, -1)
     }
     assert len(ran_by) == 2
+
+
+async def test_daemon_tells_systemd_it_is_ready_and_stopping(
+    tmp_path: Path, free_port: Any, redis_url: str
+) -> None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(20)
+    env = {
+        "TASKD_REDIS_URL": redis_url,
+        "NOTIFY_SOCKET": str(tmp_path / "notify.sock"),
+        "WATCHDOG_USEC": "2000000",
+    }
+    port = free_port()
+    daemon = DaemonProcess(
+        ["--config", str(daemon_config(tmp_path, "d", port))], cwd=tmp_path, env=env
+    )
+    try:
+        messages = _until(sock, b"READY=1")
+        assert any(m.startswith(b"WATCHDOG=1") for m in messages)
+        await wait_healthy(f"http://127.0.0.1:{port}", daemon)  # ready means serving
+        daemon.signal(signal.SIGTERM)
+        assert b"STOPPING=1" in _until(sock, b"STOPPING=1")[-1]
+        assert daemon.wait() == 0
+    finally:
+        daemon.kill()
+        sock.close()
+
+
+def _until(sock: socket.socket, marker: bytes) -> list[bytes]:
+    """Datagrams received up to and including the first that contains `marker`."""
+    messages = [sock.recv(4096)]
+    while marker not in messages[-1]:
+        messages.append(sock.recv(4096))
+    return messages

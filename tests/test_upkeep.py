@@ -13,6 +13,7 @@ from taskd.config import RetentionConfig
 from taskd.janitor import Janitor
 from taskd.jobs import QUEUED, SCHEDULED, Job, new_id
 from taskd.keys import Keys
+from taskd.metrics import Metrics
 from taskd.promoter import Promoter
 from taskd.reaper import Reaper
 from taskd.store import Attempt, DaemonInfo, Store
@@ -78,7 +79,13 @@ async def test_promoter_drains_more_than_one_batch(store: Store, redis: Redis) -
 
 def reaper(store: Store, clock: Clock, me: str = "live") -> Reaper:
     return Reaper(
-        store=store, daemon_id=me, queues=[Q], interval=1, dead_after=DEAD_AFTER, clock=clock
+        store=store,
+        daemon_id=me,
+        queues=[Q],
+        interval=1,
+        dead_after=DEAD_AFTER,
+        metrics=Metrics(concurrency=1),
+        clock=clock,
     )
 
 

@@ -14,8 +14,8 @@
 -- ARGV[3] -> the queue's job hash prefix
 -- ARGV[4] -> this daemon's id, recorded on the job
 -- ARGV[5] -> how many recent wait times to keep
--- Returns a flat array of 6 entries per claimed job:
---   id, type, payload, attempts, created_at, max_attempts;
+-- Returns a flat array of 7 entries per claimed job:
+--   id, type, payload, attempts, created_at, max_attempts, ms waited since it was due;
 -- or the single entry 'paused'.
 local limit = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
@@ -45,13 +45,15 @@ local function claim(ids)
       redis.call('HSET', key, 'state', 'active', 'started_at', now, 'daemon', ARGV[4])
       redis.call('HDEL', key, 'run_at')
       -- Waiting starts when the job is due: at its run_at, else when it was created.
-      waits[#waits + 1] = now - tonumber(f[6] or f[4])
+      local waited = now - tonumber(f[6] or f[4])
+      waits[#waits + 1] = waited
       out[#out + 1] = id
       out[#out + 1] = f[2]
       out[#out + 1] = f[3]
       out[#out + 1] = attempts
       out[#out + 1] = f[4]
       out[#out + 1] = f[5]
+      out[#out + 1] = waited
     end
   end
   return #ids

@@ -1,0 +1,203 @@
+"""Prometheus metrics of a daemon: what it did, and queue depths read from Redis at scrape time."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    generate_latest,
+)
+
+from taskd import __version__
+
+# From 1 ms (a noop on an idle daemon) to 10 minutes (a long job, or a backlog).
+BUCKETS = (
+    .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 600.0,
+)  # fmt: skip
+
+# How an attempt can end (store.Attempt.outcome) and the counter each one feeds.
+OUTCOMES = ("completed", "retry", "failed", "cancelled")
+
+
+class _TypeChildren:
+    """The labelled children of one (queue, type), so the per-job path skips .labels()."""
+
+    __slots__ = ("enqueued", "outcomes", "run", "wait")
+
+    def __init__(self, metrics: Metrics, queue: str, job_type: str) -> None:
+        self.enqueued = metrics.enqueued_total.labels(queue, job_type)
+        self.wait = metrics.wait_seconds.labels(queue)  # shared by the queue's types
+        self.run = metrics.run_seconds.labels(queue, job_type)
+        # Every outcome's counter exists from the first job on, at 0: a ratio such as
+        # failed / (completed + failed) then has both sides before the first failure.
+        self.outcomes: dict[str, Counter] = {
+            outcome: counter.labels(queue, job_type)
+            for outcome, counter in metrics.outcome_totals.items()
+        }
+
+
+class Metrics:
+    """The metrics of one daemon, in a registry of its own.
+
+    Counters and histograms count what this daemon did; Prometheus sums them over
+    daemons. The queue depth gauges are cluster-wide, read from Redis, so every daemon
+    reports the same numbers: dashboards and alerts take max() over instances, not sum().
+    """
+
+    def __init__(self, *, concurrency: int, job_types: Iterable[tuple[str, str]] = ()) -> None:
+        """`job_types`: (queue, type) pairs whose series should exist, at 0, from the start.
+
+        A counter series that first appears at 3 hides those 3 from increase() and rate(),
+        so the configured handlers' series are best created before their first job.
+        """
+        # A registry per instance, not the global one: several daemons can live in one
+        # process (the tests), and each must expose only its own numbers.
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._init_counters()
+        self._init_histograms()
+        self._init_gauges(concurrency)
+        self._types: dict[tuple[str, str], _TypeChildren] = {}
+        self._cluster: set[tuple[str, str]] = set()
+        for queue, job_type in job_types:
+            self._children(queue, job_type)
+
+    def _init_counters(self) -> None:
+        r, by_type = self.registry, ("queue", "type")
+        self.enqueued_total = Counter(
+            "taskd_jobs_enqueued_total", "Jobs submitted through this daemon.", by_type, registry=r
+        )
+        self.outcome_totals: dict[str, Counter] = {
+            "completed": Counter(
+                "taskd_jobs_completed_total", "Jobs this daemon completed.", by_type, registry=r
+            ),
+            "retry": Counter(
+                "taskd_jobs_retried_total",
+                "Attempts that failed on this daemon and will be retried.",
+                by_type,
+                registry=r,
+            ),
+            "failed": Counter(
+                "taskd_jobs_failed_total",
+                "Jobs that failed for good on this daemon (out of attempts, or a permanent"
+                " failure): the dead letters.",
+                by_type,
+                registry=r,
+            ),
+            "cancelled": Counter(
+                "taskd_jobs_cancelled_total",
+                "Running jobs this daemon cancelled.",
+                by_type,
+                registry=r,
+            ),
+        }
+        self.recovered_total = Counter(
+            "taskd_jobs_recovered_total",
+            "Jobs this daemon's reaper took back from dead daemons.",
+            ("queue",),
+            registry=r,
+        )
+
+    def _init_histograms(self) -> None:
+        r = self.registry
+        self.wait_seconds = Histogram(
+            "taskd_job_wait_seconds",
+            "Time from queued to started, of jobs this daemon started.",
+            ("queue",),
+            buckets=BUCKETS,
+            registry=r,
+        )
+        self.run_seconds = Histogram(
+            "taskd_job_run_seconds",
+            "Time an attempt ran on this daemon, whatever its outcome.",
+            ("queue", "type"),
+            buckets=BUCKETS,
+            registry=r,
+        )
+
+    def _init_gauges(self, concurrency: int) -> None:
+        r = self.registry
+        self.queue_jobs = Gauge(
+            "taskd_queue_jobs",
+            "Jobs per queue and state now, cluster-wide (every daemon reports the same"
+            " numbers: take max over instances).",
+            ("queue", "state"),
+            registry=r,
+        )
+        self.active_jobs = Gauge(
+            "taskd_daemon_active_jobs", "Slots of this daemon in use.", registry=r
+        )
+        self.concurrency = Gauge(
+            "taskd_daemon_concurrency", "Most jobs this daemon runs at once.", registry=r
+        )
+        self.concurrency.set(concurrency)
+        self.daemons_live = Gauge(
+            "taskd_daemons_live",
+            "Daemons registered and heartbeating, cluster-wide (take max over instances).",
+            registry=r,
+        )
+        Info("taskd_build", "The taskd version of this daemon.", registry=r).info(
+            {"version": __version__}
+        )
+
+    def _children(self, queue: str, job_type: str) -> _TypeChildren:
+        key = (queue, job_type)
+        children = self._types.get(key)
+        if children is None:
+            children = self._types[key] = _TypeChildren(self, queue, job_type)
+        return children
+
+    def enqueued(self, queue: str, job_type: str, count: int = 1) -> None:
+        """Jobs submitted through this daemon's intake."""
+        self._children(queue, job_type).enqueued.inc(count)
+
+    def started(self, queue: str, job_type: str, wait_seconds: float) -> None:
+        """An attempt started, `wait_seconds` after its job was queued."""
+        self._children(queue, job_type).wait.observe(wait_seconds)
+
+    def finished(self, queue: str, job_type: str, outcome: str, run_seconds: float) -> None:
+        """An attempt ended: `outcome` is completed, retry, failed or cancelled."""
+        children = self._children(queue, job_type)
+        try:
+            counter = children.outcomes[outcome]
+        except KeyError:
+            raise ValueError(f"unknown outcome {outcome!r}; expected one of {OUTCOMES}") from None
+        counter.inc()
+        children.run.observe(run_seconds)
+
+    def recovered(self, queue: str, count: int) -> None:
+        """Jobs this daemon's reaper took back from dead daemons."""
+        self.recovered_total.labels(queue).inc(count)
+
+    def set_active(self, active: int) -> None:
+        self.active_jobs.set(active)
+
+    def set_cluster(self, counts: Mapping[str, Mapping[str, Any]], live_daemons: int) -> None:
+        """Queue depths as store.queue_counts returns them, and the live daemons.
+
+        Label sets of queues (or states) no longer reported are removed, so a queue that
+        left the configuration does not linger at its last depth.
+        """
+        seen: set[tuple[str, str]] = set()
+        for queue, states in counts.items():
+            # At 0 before the first recovery, so that increase() sees that one too.
+            self.recovered_total.labels(queue)
+            for state, value in states.items():
+                # bool is an int, but no state count is one; "totals" is a mapping.
+                if isinstance(value, int) and not isinstance(value, bool):
+                    self.queue_jobs.labels(queue, state).set(value)
+                    seen.add((queue, state))
+        for gone in self._cluster - seen:
+            self.queue_jobs.remove(*gone)
+        self._cluster = seen
+        self.daemons_live.set(live_daemons)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition body and its content type, for a /metrics answer."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST

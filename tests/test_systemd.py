@@ -1,0 +1,257 @@
+"""The sd_notify protocol against real datagram sockets, and the unit files through systemd."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import anyio
+import pytest
+
+from taskd.config import WorkersConfig
+from taskd.systemd import Notifier
+from tests.support import wait_until
+
+UNITS = Path(__file__).resolve().parent.parent / "systemd"
+# The console script of the taskd under test, which verify can check is executable.
+SCRIPT = Path(sys.executable).parent / "taskd"
+# sun_path holds 108 bytes on Linux; pytest's tmp_path can be longer than that.
+MAX_SOCKET_PATH = 100
+
+
+@dataclass
+class Receiver:
+    """A bound AF_UNIX datagram socket standing in for systemd's notify socket."""
+
+    sock: socket.socket
+    notify_socket: str  # what NOTIFY_SOCKET would say to reach it
+
+    def received(self) -> list[bytes]:
+        """Every datagram queued so far, without waiting."""
+        messages = []
+        while True:
+            try:
+                messages.append(self.sock.recv(4096))
+            except BlockingIOError:
+                return messages
+
+
+def _receiver(address: str, notify_socket: str) -> Receiver:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(address)
+    # A sendto on a unix datagram socket queues the message before it returns, so a
+    # non-blocking read right after notify() sees it: no waiting, no races.
+    sock.setblocking(False)
+    return Receiver(sock, notify_socket)
+
+
+@pytest.fixture
+def receiver(tmp_path: Path) -> Iterator[Receiver]:
+    """A receiver on a filesystem path."""
+    directory = tmp_path
+    if len(os.fsencode(tmp_path / "notify")) > MAX_SOCKET_PATH:
+        directory = Path(tempfile.mkdtemp(prefix="sd"))
+    path = str(directory / "notify")
+    recv = _receiver(path, path)
+    yield recv
+    recv.sock.close()
+    if directory != tmp_path:
+        shutil.rmtree(directory)
+
+
+@pytest.fixture
+def abstract_receiver() -> Iterator[Receiver]:
+    """A receiver in the abstract namespace, as NOTIFY_SOCKET=@name names it."""
+    name = f"taskd-test-{uuid.uuid4().hex}"
+    recv = _receiver("\0" + name, "@" + name)
+    yield recv
+    recv.sock.close()
+
+
+def test_ready_stopping_and_status_send_exact_datagrams(receiver: Receiver) -> None:
+    notifier = Notifier(env={"NOTIFY_SOCKET": receiver.notify_socket})
+    assert notifier.enabled
+    notifier.ready("ready: concurrency 100")
+    notifier.status("draining 3 jobs")
+    notifier.stopping("stopping")
+    assert receiver.received() == [
+        b"READY=1\nSTATUS=ready: concurrency 100",
+        b"STATUS=draining 3 jobs",
+        b"STOPPING=1\nSTATUS=stopping",
+    ]
+
+
+def test_notify_sends_one_datagram_and_flattens_newlines_in_status(receiver: Receiver) -> None:
+    notifier = Notifier(env={"NOTIFY_SOCKET": receiver.notify_socket})
+    notifier.notify("RELOADING=1", "MONOTONIC_USEC=5")
+    notifier.status("two\nlines")
+    assert receiver.received() == [b"RELOADING=1\nMONOTONIC_USEC=5", b"STATUS=two lines"]
+
+
+def test_abstract_namespace_socket(abstract_receiver: Receiver) -> None:
+    notifier = Notifier(env={"NOTIFY_SOCKET": abstract_receiver.notify_socket})
+    notifier.ready("ready")
+    assert abstract_receiver.received() == [b"READY=1\nSTATUS=ready"]
+
+
+def test_reads_the_process_environment_by_default(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", receiver.notify_socket)
+    Notifier().status("from os.environ")
+    assert receiver.received() == [b"STATUS=from os.environ"]
+
+
+def test_disabled_without_notify_socket_sends_nothing(
+    receiver: Receiver, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The process environment names a live socket, but the notifier was given none.
+    monkeypatch.setenv("NOTIFY_SOCKET", receiver.notify_socket)
+    notifier = Notifier(env={})
+    assert not notifier.enabled
+    notifier.ready("ready")
+    notifier.stopping("stopping")
+    notifier.status("status")
+    assert receiver.received() == []
+    monkeypatch.delenv("NOTIFY_SOCKET")
+    assert not Notifier().enabled
+
+
+def test_missing_socket_logs_a_warning_and_does_not_raise(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    notifier = Notifier(env={"NOTIFY_SOCKET": str(tmp_path / "nobody-listens")})
+    with caplog.at_level(logging.WARNING, logger="taskd.systemd"):
+        notifier.ready("ready")
+    assert [r.levelno for r in caplog.records] == [logging.WARNING]
+    assert "nobody-listens" in caplog.records[0].getMessage()
+
+
+def test_unsupported_address_disables_with_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="taskd.systemd"):
+        notifier = Notifier(env={"NOTIFY_SOCKET": "vsock:2:1234"})
+    assert not notifier.enabled
+    assert "vsock:2:1234" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("extra", "interval"),
+    [
+        ({"WATCHDOG_USEC": "2000000"}, 1.0),
+        ({"WATCHDOG_USEC": "100000"}, 0.05),
+        ({}, None),
+        ({"WATCHDOG_USEC": "0"}, None),
+        ({"WATCHDOG_USEC": "soon"}, None),
+        ({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid())}, 1.0),
+        # Inherited from a parent the watchdog was meant for: not ours to ping.
+        ({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": str(os.getpid() + 1)}, None),
+        ({"WATCHDOG_USEC": "2000000", "WATCHDOG_PID": "me"}, None),
+    ],
+)
+def test_watchdog_interval(
+    receiver: Receiver, extra: dict[str, str], interval: float | None
+) -> None:
+    notifier = Notifier(env={"NOTIFY_SOCKET": receiver.notify_socket, **extra})
+    assert notifier.watchdog_interval == interval
+
+
+def test_no_watchdog_without_notify_socket() -> None:
+    assert Notifier(env={"WATCHDOG_USEC": "2000000"}).watchdog_interval is None
+
+
+async def test_run_watchdog_pings_until_cancelled(receiver: Receiver) -> None:
+    notifier = Notifier(env={"NOTIFY_SOCKET": receiver.notify_socket, "WATCHDOG_USEC": "100000"})
+    pings: list[bytes] = []
+
+    async def three_pings() -> bool:
+        pings.extend(receiver.received())
+        return len(pings) >= 3
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(notifier.run_watchdog)
+        await wait_until(three_pings, "three watchdog pings", deadline=30)
+        tg.cancel_scope.cancel()
+    assert set(pings) == {b"WATCHDOG=1"}
+
+
+async def test_run_watchdog_returns_at_once_when_not_asked(receiver: Receiver) -> None:
+    with anyio.fail_after(10):
+        await Notifier(env={"NOTIFY_SOCKET": receiver.notify_socket}).run_watchdog()
+        await Notifier(env={}).run_watchdog()
+    assert receiver.received() == []
+
+
+# The unit files. `systemd-analyze verify` exits 0 even for settings it cannot parse
+# (it ignores them, as systemd would): only its messages naming the unit tell.
+
+needs_systemd_analyze = pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
+UNIT_CASES = [("taskd.service", "taskd.service"), ("taskd@.service", "taskd@1.service")]
+
+
+def installed_copy(source: str, directory: Path, name: str) -> Path:
+    """The unit as installed on this machine: ExecStart names the taskd under test."""
+    assert SCRIPT.exists(), f"no console script at {SCRIPT}: pip install -e . first"
+    text, count = re.subn(
+        r"^ExecStart=/usr/local/bin/taskd ",
+        f"ExecStart={SCRIPT} ",
+        (UNITS / source).read_text(),
+        flags=re.MULTILINE,
+    )
+    assert count == 1, f"{source}: no ExecStart=/usr/local/bin/taskd line"
+    unit = directory / name
+    unit.write_text(text)
+    return unit
+
+
+def verify_problems(unit: Path) -> tuple[list[str], str]:
+    """What `systemd-analyze verify` finds wrong with the unit, and its whole output."""
+    done = subprocess.run(
+        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    output = done.stdout + done.stderr
+    problems = [line for line in output.splitlines() if unit.name in line]
+    if done.returncode != 0:
+        problems.append(f"exit status {done.returncode}")
+    return problems, output
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize(("source", "name"), UNIT_CASES)
+def test_unit_passes_systemd_analyze_verify(tmp_path: Path, source: str, name: str) -> None:
+    problems, output = verify_problems(installed_copy(source, tmp_path, name))
+    assert problems == [], f"systemd-analyze verify {name}:\n{output}"
+
+
+@needs_systemd_analyze
+@pytest.mark.parametrize(("source", "name"), UNIT_CASES)
+def test_verify_catches_a_broken_unit(tmp_path: Path, source: str, name: str) -> None:
+    unit = installed_copy(source, tmp_path, name)
+    text = unit.read_text()
+    assert "\nType=notify\n" in text
+    unit.write_text(text.replace("\nType=notify\n", "\nType=notifyy\n"))
+    problems, output = verify_problems(unit)
+    assert any("notifyy" in line for line in problems), output
+
+
+@pytest.mark.parametrize("source", [source for source, _ in UNIT_CASES])
+def test_stop_timeout_outlasts_the_default_drain(source: str) -> None:
+    # Otherwise systemd SIGKILLs a daemon still draining with the default shutdown_timeout.
+    match = re.search(r"^TimeoutStopSec=(\d+)$", (UNITS / source).read_text(), re.MULTILINE)
+    assert match is not None
+    assert int(match[1]) >= WorkersConfig().shutdown_timeout + 10
