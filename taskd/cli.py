@@ -1,4 +1,4 @@
-"""The command line: `taskd --config FILE` runs the daemon; `taskd check` validates a config."""
+"""The command line: run the daemon, check a config, and ask a running daemon (stats, submit)."""
 
 from __future__ import annotations
 
@@ -8,15 +8,18 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 import anyio
+import orjson
 from redis.utils import HIREDIS_AVAILABLE
 
-from taskd import __version__
+from taskd import __version__, client, logs
+from taskd.client import ClientError, Target
 from taskd.config import Config, ConfigError, load
 from taskd.daemon import redacted, serve
 
-logger = logging.getLogger("taskd")
+logger = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2
 
@@ -32,8 +35,14 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--log-level",
         default="info",
-        choices=["debug", "info", "warning", "error"],
+        choices=logs.LEVELS,
         help="least severe messages to log (default: info)",
+    )
+    parser.add_argument(
+        "--log-format",
+        default="text",
+        choices=logs.FORMATS,
+        help="log lines as key=value text or as JSON objects (default: text)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.add_parser("run", help="run the daemon (the default)")
@@ -41,16 +50,57 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="validate the config file and exit 0, or 2 with its errors"
     )
     check.add_argument("--config", default=argparse.SUPPRESS, help="the TOML config file")
+    _client_commands(commands)
     return parser
+
+
+def _client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`stats` and `submit`, which talk to a running daemon over its HTTP API."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--url",
+        help="the daemon: http://HOST:PORT or unix:/PATH (default: $TASKD_URL, else the "
+        "config file's server.listen, else http://127.0.0.1:7700)",
+    )
+    common.add_argument(
+        "--token",
+        help="the [server] token (default: $TASKD_TOKEN, else the config file's when the URL "
+        "comes from it)",
+    )
+    common.add_argument(
+        "--config",
+        default=argparse.SUPPRESS,
+        metavar="FILE",
+        help="the config file to take the URL from",
+    )
+    stats = commands.add_parser("stats", parents=[common], help="show the queues and daemons")
+    stats.add_argument("--json", action="store_true", help="print the /stats JSON as it is")
+    submit = commands.add_parser("submit", parents=[common], help="submit a job, print it")
+    submit.add_argument("type", metavar="TYPE", help="the job type (a configured handler)")
+    submit.add_argument(
+        "--payload", type=_json_argument, metavar="JSON", help="the payload (default: null)"
+    )
+    when = submit.add_mutually_exclusive_group()
+    when.add_argument("--delay", type=float, metavar="SECONDS", help="run it this much later")
+    when.add_argument(
+        "--run-at", metavar="TIME", help="run it then: RFC 3339 with an offset, or epoch seconds"
+    )
+    submit.add_argument("--max-attempts", type=int, metavar="N", help="attempts before it fails")
+
+
+def _json_argument(text: str) -> Any:
+    try:
+        return orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        # argparse turns this into a usage error, exit status 2, before anything is sent.
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc}): {text!r}") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level.upper(),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.setup(args.log_level, args.log_format)
+    if args.command in ("stats", "submit"):
+        return _ask_daemon(args)
     try:
         config = load(args.config)
     except ConfigError as exc:
@@ -60,6 +110,42 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{args.config}: ok ({len(config.handlers)} handlers)")
         return 0
     return run(config)
+
+
+def _ask_daemon(args: argparse.Namespace) -> int:
+    """Run `stats` or `submit`: 0 when the daemon answered 2xx, else 1 (2 for bad usage)."""
+    try:
+        target = client.locate(args.url, args.token, args.config, os.environ)
+        if args.command == "stats":
+            _stats(target, as_json=args.json)
+        else:
+            _submit(target, args)
+    except ClientError as exc:
+        print(f"taskd: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return 0
+
+
+def _stats(target: Target, *, as_json: bool) -> None:
+    answer = client.call(target, "GET", "/stats")
+    if as_json:
+        print(answer.decode())
+        return
+    print("\n".join(client.stats_lines(client.parse_json(answer, target.url))))
+
+
+def _submit(target: Target, args: argparse.Namespace) -> None:
+    body: dict[str, Any] = {"type": args.type}
+    if args.payload is not None:
+        body["payload"] = args.payload
+    if args.delay is not None:
+        body["delay"] = args.delay
+    if args.run_at is not None:
+        body["run_at"] = client.run_at_value(args.run_at)
+    if args.max_attempts is not None:
+        body["max_attempts"] = args.max_attempts
+    answer = client.call(target, "POST", "/jobs", body)
+    print(client.pretty(client.parse_json(answer, target.url)))
 
 
 def run(config: Config) -> int:

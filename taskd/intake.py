@@ -143,7 +143,7 @@ class Intake:
                 site = web.TCPSite(runner, self._server.host, self._server.port)
             await site.start()
             self.addresses = list(runner.addresses)
-            logger.info("intake listening on %s", ", ".join(map(str, self.addresses)))
+            logger.info("intake listening on %s", ", ".join(map(_address, self.addresses)))
             task_status.started()
             await anyio.sleep_forever()
         finally:
@@ -300,3 +300,11 @@ def _queue_name(request: web.Request) -> str:
     if not valid_queue(queue):
         raise ApiError(404, "not_found", f"'{queue}' is not a queue name")
     return queue
+
+
+def _address(address: Any) -> str:
+    """A bound address as a person would type it: http://host:port, or the socket path."""
+    if isinstance(address, tuple):
+        host = f"[{address[0]}]" if ":" in address[0] else address[0]
+        return f"http://{host}:{address[1]}"
+    return str(address)
