@@ -243,7 +243,7 @@ class WorkerPool:
             logger.warning("job %s (%s) failed for good: %s", job.id, job.type, error)
             return self._ended(job, "failed", error)
         wait = backoff(job.attempts, policy.backoff_base, policy.backoff_max)
-        logger.info(
+        logger.warning(
             "job %s (%s) failed attempt %d of %d, retrying in %.1f s: %s",
             job.id, job.type, job.attempts, job.max_attempts, wait, error,
         )  # fmt: skip
