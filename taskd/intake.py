@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
@@ -16,7 +17,13 @@ from taskd.jobs import FAILED, Job, now_ms
 from taskd.metrics import Metrics
 from taskd.stats import snapshot
 from taskd.store import UNAVAILABLE, Store
-from taskd.validation import ApiError, parse_list_query, parse_submission, valid_queue
+from taskd.validation import (
+    ApiError,
+    parse_batch,
+    parse_list_query,
+    parse_submission,
+    valid_queue,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -110,6 +117,7 @@ class Intake:
         )
         Dashboard(picture=self.picture, stopping=lambda: not self._accepting).add_routes(app)
         app.router.add_post("/jobs", self.submit)
+        app.router.add_post("/jobs/batch", self.submit_batch)
         app.router.add_get("/jobs", self.list_jobs)
         app.router.add_get("/jobs/{id}", self.get_job)
         app.router.add_delete("/jobs/{id}", self.delete_job)
@@ -159,6 +167,20 @@ class Intake:
         if job.run_at is not None:
             self._on_scheduled(job.queue, job.run_at)
         return json_response(job.to_public(), status=201, headers={"Location": f"/jobs/{job.id}"})
+
+    async def submit_batch(self, request: web.Request) -> web.Response:
+        """Many jobs in one request: validated as a whole, then enqueued in few round trips."""
+        if not self._accepting:
+            raise ApiError(503, "shutting_down", "this daemon is shutting down; submit to another")
+        body = await request.read()
+        jobs = parse_batch(body, self._handlers, self._clock(), self._server.max_batch)
+        await self._store.enqueue_many(jobs)
+        for (queue, job_type), count in Counter((j.queue, j.type) for j in jobs).items():
+            self._metrics.enqueued(queue, job_type, count)
+        for job in jobs:
+            if job.run_at is not None:
+                self._on_scheduled(job.queue, job.run_at)
+        return json_response({"ids": [job.id for job in jobs]}, status=201)
 
     async def get_job(self, request: web.Request) -> web.Response:
         return json_response((await self._find(request)).to_public())

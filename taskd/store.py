@@ -34,6 +34,8 @@ COMMAND_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 # Most ids a listing examines per request when filters skip most of them.
 LIST_SCAN_BUDGET = 2000
+# Jobs sent per pipeline by enqueue_many.
+ENQUEUE_CHUNK = 1000
 # Recent wait and run times kept per queue, for the percentiles /stats shows.
 TIMING_SAMPLES = 1000
 # Throughput is counted in buckets of this many ms, and kept for THROUGHPUT_KEEP_MS.
@@ -141,20 +143,29 @@ class Store:
 
     async def enqueue(self, job: Job) -> bool:
         """Store a new job, queued or (with `run_at`) scheduled; False if its id exists."""
+        keys, args = self._enqueue_call(job)
+        return bool(await self._lua["enqueue"](keys=keys, args=args))
+
+    def _enqueue_call(self, job: Job) -> tuple[list[str], list[Any]]:
         k, q = self.keys, job.queue
-        added = await self._lua["enqueue"](
-            keys=[k.job(q, job.id), k.ready(q), k.scheduled(q), k.index(q), k.totals(q)],
-            args=[
-                job.id,
-                job.type,
-                q,
-                orjson.dumps(job.payload),
-                job.created_at,
-                job.max_attempts,
-                job.run_at or 0,
-            ],
-        )
-        return bool(added)
+        keys = [k.job(q, job.id), k.ready(q), k.scheduled(q), k.index(q), k.totals(q)]
+        payload = orjson.dumps(job.payload)
+        args = [job.id, job.type, q, payload, job.created_at, job.max_attempts, job.run_at or 0]
+        return keys, args
+
+    async def enqueue_many(self, jobs: Sequence[Job]) -> None:
+        """Store many new jobs in few round trips: one pipeline per ENQUEUE_CHUNK jobs.
+
+        Each job is still one atomic script; the batch is not one transaction, but every
+        job in it has a fresh id, so a failed batch can only be retried whole by the
+        client, which gets new ids for the jobs it sends again.
+        """
+        for start in range(0, len(jobs), ENQUEUE_CHUNK):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for job in jobs[start : start + ENQUEUE_CHUNK]:
+                    keys, args = self._enqueue_call(job)
+                    await self._lua["enqueue"](keys=keys, args=args, client=pipe)
+                await pipe.execute()
 
     async def get_job(self, job_id: str, queues: Iterable[str]) -> Job | None:
         """The job with this id in any of these queues, or None."""

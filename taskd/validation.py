@@ -42,12 +42,42 @@ def invalid(message: str) -> ApiError:
 
 def parse_submission(body: bytes, handlers: Mapping[str, HandlerConfig], now: int) -> Job:
     """The new job a request body asks for, or an ApiError saying what is wrong with it."""
-    try:
-        data = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+    data = _json_body(body)
     if not isinstance(data, dict):
         raise invalid("the request body must be a JSON object")
+    return _new_job(data, handlers, now)
+
+
+def parse_batch(
+    body: bytes, handlers: Mapping[str, HandlerConfig], now: int, most: int
+) -> list[Job]:
+    """The jobs of a batch, all valid, or an ApiError naming the first bad one's index."""
+    data = _json_body(body)
+    if not isinstance(data, dict) or set(data) != {"jobs"} or not isinstance(data["jobs"], list):
+        raise invalid('the request body must be {"jobs": [job, ...]}')
+    if not 1 <= len(data["jobs"]) <= most:
+        raise invalid(
+            f"a batch holds 1 to {most} jobs ([server] max_batch), got {len(data['jobs'])}"
+        )
+    jobs = []
+    for index, item in enumerate(data["jobs"]):
+        try:
+            if not isinstance(item, dict):
+                raise invalid(f"must be a JSON object, got {json_kind(item)}")
+            jobs.append(_new_job(item, handlers, now))
+        except ApiError as exc:
+            raise ApiError(exc.status, exc.code, f"jobs[{index}]: {exc.message}") from None
+    return jobs
+
+
+def _json_body(body: bytes) -> Any:
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+
+
+def _new_job(data: dict[str, Any], handlers: Mapping[str, HandlerConfig], now: int) -> Job:
     unknown = sorted(set(data) - set(SUBMIT_FIELDS))
     if unknown:
         raise invalid(

@@ -630,7 +630,7 @@ def test_invalid(text: str, expected: str) -> None:
     [
         ("colour = 1\n", f"colour: unknown key (known: {TOP_KEYS})"),
         ("[logging]\n", f"logging: unknown key (known: {TOP_KEYS})"),
-        ('[server]\nlisen = "x"\n', "server.lisen: unknown key (known: listen, max_body, token)"),
+        ('[server]\nlisen = "x"\n', "server.lisen: unknown key (known: listen, max_body, max_batch, token)"),
         ('[redis]\nhost = "x"\n', "redis.host: unknown key (known: url, prefix, data_dir)"),
         (
             "[workers]\nthreads = 4\n",
@@ -643,7 +643,7 @@ def test_invalid(text: str, expected: str) -> None:
         ),
         (
             '[server]\n"lis ten" = 1\n',
-            'server."lis ten": unknown key (known: listen, max_body, token)',
+            'server."lis ten": unknown key (known: listen, max_body, max_batch, token)',
         ),
         (
             "[retention]\ncancelled = 1\n",
@@ -734,7 +734,7 @@ def test_all_problems_reported_together(tmp_path: Path) -> None:
     err = info.value
     assert err.source == str(path)
     assert err.problems == [
-        "server.lisen: unknown key (known: listen, max_body, token)",
+        "server.lisen: unknown key (known: listen, max_body, max_batch, token)",
         "workers.concurrency: must be an integer from 1 to 100000, got 0",
         f"handlers.thumb.frob: unknown key (known: {HANDLER_KEYS})",
         "handlers.other.python: module 'json' has no callable 'nope'",

@@ -8,9 +8,11 @@ from typing import Any
 
 import aiohttp
 import pytest
+from redis.asyncio import Redis
 
 from taskd.daemon import Daemon
 from taskd.embedded import RedisServer
+from taskd.keys import Keys
 from tests.support import (
     base_url,
     get_json,
@@ -256,3 +258,43 @@ async def test_health_reports_an_unreachable_redis_and_recovers(
             assert (await wait_for_state(session, url, job["id"], {"completed"}))["result"] == 2
     finally:
         server.stop()
+
+
+async def test_batch_enqueues_all_and_answers_ids_in_order(
+    api: tuple[aiohttp.ClientSession, str], redis: Redis
+) -> None:
+    session, url = api
+    jobs = [{"type": "echo", "payload": n} for n in range(50)] + [{"type": "noop", "delay": 60}]
+    status, body = await post_json(session, f"{url}/jobs/batch", {"jobs": jobs})
+    assert status == 201
+    assert len(body["ids"]) == 51
+    assert body["ids"] == sorted(body["ids"])  # time-ordered ids, in submission order
+    for n, job_id in enumerate(body["ids"][:50]):
+        done = await wait_for_state(session, url, job_id, {"completed"})
+        assert done["result"] == n
+    _, last = await get_json(session, f"{url}/jobs/{body['ids'][50]}")
+    assert last["state"] == "scheduled"
+
+
+@pytest.mark.parametrize(
+    ("jobs", "message"),
+    [
+        ([{"type": "echo"}, {"type": "nope"}], "jobs[1]: unknown job type 'nope'"),
+        ([{"type": "echo"}, {"type": "echo", "delay": -1}], "jobs[1]: 'delay' must be"),
+        ([{"type": "echo"}, 7], "jobs[1]: must be a JSON object, got number"),
+        ([], "a batch holds 1 to 3 jobs"),
+        ([{"type": "echo"}] * 4, "a batch holds 1 to 3 jobs ([server] max_batch), got 4"),
+    ],
+)
+async def test_a_bad_batch_is_refused_whole(
+    redis_url: str, redis: Redis, jobs: list[Any], message: str
+) -> None:
+    config = make_config(redis_url, server={"max_batch": 3})
+    async with running_daemon(config) as daemon, aiohttp.ClientSession() as session:
+        status, body = await post_json(session, f"{base_url(daemon)}/jobs/batch", {"jobs": jobs})
+    assert status == 422
+    assert body["error"]["code"] == (
+        "unknown_type" if "unknown job type" in message else "invalid_job"
+    )
+    assert message in body["error"]["message"]
+    assert await redis.zcard(Keys("taskd").index("default")) == 0  # nothing was enqueued
