@@ -630,7 +630,10 @@ def test_invalid(text: str, expected: str) -> None:
     [
         ("colour = 1\n", f"colour: unknown key (known: {TOP_KEYS})"),
         ("[logging]\n", f"logging: unknown key (known: {TOP_KEYS})"),
-        ('[server]\nlisen = "x"\n', "server.lisen: unknown key (known: listen, max_body, max_batch, token)"),
+        (
+            '[server]\nlisen = "x"\n',
+            "server.lisen: unknown key (known: listen, max_body, max_batch, token)",
+        ),
         ('[redis]\nhost = "x"\n', "redis.host: unknown key (known: url, prefix, data_dir)"),
         (
             "[workers]\nthreads = 4\n",

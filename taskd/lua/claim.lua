@@ -45,7 +45,8 @@ local function claim(ids)
       redis.call('HSET', key, 'state', 'active', 'started_at', now, 'daemon', ARGV[4])
       redis.call('HDEL', key, 'run_at')
       -- Waiting starts when the job is due: at its run_at, else when it was created.
-      local waited = now - tonumber(f[6] or f[4])
+      -- Clamped: the claim's time is taken before it is sent, a job may be newer.
+      local waited = math.max(0, now - tonumber(f[6] or f[4]))
       waits[#waits + 1] = waited
       out[#out + 1] = id
       out[#out + 1] = f[2]

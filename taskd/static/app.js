@@ -1,0 +1,629 @@
+// The taskd dashboard: one event stream (/events) draws everything; buttons and the form
+// call the JSON API. No framework and no build step, so this file is what the browser runs.
+//
+// Job data (payloads, errors, types) is untrusted: it only ever reaches the page through
+// textContent and attributes, never innerHTML.
+
+"use strict";
+
+// With a [server] token the page is opened as /?token=SECRET; every request needs it too.
+const TOKEN = new URLSearchParams(window.location.search).get("token");
+
+// One point per event (one a second): two minutes of history for the charts.
+const HISTORY_POINTS = 120;
+// A heartbeat older than this looks suspicious (the default interval is 5 s).
+const STALE_HEARTBEAT_MS = 10000;
+// Line colours of the charts, one per queue in name order.
+const PALETTE = ["#2f7de1", "#e0663a", "#22a06b", "#a35bd6", "#d4a106", "#d6336c", "#0f9fb0"];
+// A job in one of these states can still be cancelled.
+const CANCELLABLE = new Set(["queued", "scheduled", "active"]);
+
+const $ = (id) => document.getElementById(id);
+
+// Chart history: [{queue: {throughput, waitP99}}, ...], oldest first.
+const history = [];
+// Job types seen in the stream, offered as suggestions in the form.
+const knownTypes = new Set();
+// The latest picture, to redraw the charts when the window is resized.
+let lastPicture = null;
+
+// ---------------------------------------------------------------- the API
+
+// Calls the JSON API with the token; resolves to the answer's body, or rejects with an
+// Error carrying the API's own message (it is written for people, so we show it as is).
+async function api(method, path, body) {
+  const headers = { Accept: "application/json" };
+  if (TOKEN) headers.Authorization = `Bearer ${TOKEN}`;
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  let response;
+  try {
+    response = await fetch(path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+  } catch (err) {
+    throw new Error(`the daemon does not answer (${err.message})`);
+  }
+  let answer = null;
+  try {
+    answer = await response.json();
+  } catch {
+    // Not JSON (a proxy's error page, say): fall back to the status below.
+  }
+  if (!response.ok) {
+    const message = answer && answer.error ? answer.error.message : null;
+    throw new Error(message || `HTTP ${response.status} ${response.statusText}`);
+  }
+  return answer;
+}
+
+// Shows the outcome of a button's action in the banner at the top of the page.
+function notify(text, isError) {
+  const notice = $("notice");
+  notice.textContent = text;
+  notice.classList.toggle("error", Boolean(isError));
+  notice.hidden = false;
+  clearTimeout(notify.timer);
+  // Successes go away by themselves; errors stay until the next action so they are read.
+  if (!isError) notify.timer = setTimeout(() => (notice.hidden = true), 4000);
+}
+
+// Runs an action for a button: disabled meanwhile so a double click does not send twice.
+async function act(button, doing, method, path) {
+  button.disabled = true;
+  try {
+    await api(method, path);
+    notify(doing, false);
+  } catch (err) {
+    notify(err.message, true);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// ---------------------------------------------------------------- the event stream
+
+// EventSource reconnects by itself after a dropped connection; it only gives up when the
+// server refuses outright (a wrong token, a 404), and then we start a new one later.
+function connect() {
+  const url = TOKEN ? `/events?token=${encodeURIComponent(TOKEN)}` : "/events";
+  const source = new EventSource(url);
+  source.onopen = () => setConnection("live");
+  source.onerror = () => {
+    if (source.readyState === EventSource.CLOSED) {
+      explainRefusal();
+      setTimeout(connect, 5000);
+    } else {
+      setConnection("reconnecting");
+    }
+  };
+  source.addEventListener("picture", (event) => {
+    setConnection("live");
+    render(JSON.parse(event.data));
+  });
+}
+
+// EventSource does not say why it was refused; the page itself answers 401 exactly when
+// the stream does, so ask for it to tell a wrong token from a daemon that is down.
+async function explainRefusal() {
+  setConnection("offline");
+  const headers = TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {};
+  try {
+    const response = await fetch("/", { headers, cache: "no-store" });
+    if (response.status === 401) setConnection("unauthorized");
+  } catch {
+    // Down: "offline" it is.
+  }
+}
+
+const CONNECTION_TEXT = {
+  connecting: "connecting…",
+  live: "live",
+  reconnecting: "reconnecting…",
+  offline: "offline, retrying soon",
+  unauthorized: "token refused: open the page as /?token=…",
+};
+
+function setConnection(state) {
+  $("conn").dataset.state = state;
+  $("conn-text").textContent = CONNECTION_TEXT[state];
+}
+
+// ---------------------------------------------------------------- rendering
+
+function render(picture) {
+  lastPicture = picture;
+  const stats = picture.stats;
+  // Ages are measured against the server's clock, so a skewed laptop clock does not lie.
+  const now = Date.parse(stats.time);
+  renderMeta(stats);
+  renderQueues(stats.queues);
+  remember(stats.queues);
+  drawCharts();
+  renderDaemons(stats.instances);
+  renderRecent(picture.recent, now);
+  renderFailed(picture.failed, now);
+  rememberTypes(picture.recent.concat(picture.failed));
+}
+
+function renderMeta(stats) {
+  const redis = stats.redis || {};
+  const parts = [];
+  if (redis.version) parts.push(`Redis ${redis.version}`);
+  if (redis.used_memory != null) parts.push(formatBytes(redis.used_memory));
+  parts.push(`updated ${new Date(stats.time).toLocaleTimeString()}`);
+  $("meta").textContent = parts.join(" · ");
+}
+
+// Updates a table body in place, one row per item, matched by key. Rows are reused
+// rather than rebuilt every second, so a button under the pointer or keyboard focus
+// survives the next event.
+function syncRows(tbodyId, items, keyOf, createRow, updateRow) {
+  const tbody = $(tbodyId);
+  const existing = new Map();
+  for (const row of Array.from(tbody.rows)) existing.set(row.dataset.key, row);
+  const wanted = new Set(items.map(keyOf));
+  for (const [key, row] of existing) if (!wanted.has(key)) row.remove();
+  items.forEach((item, index) => {
+    const key = keyOf(item);
+    let row = existing.get(key);
+    if (!row) {
+      row = createRow(item);
+      row.dataset.key = key;
+    }
+    updateRow(row, item);
+    // Move only rows out of place: moving a node takes the focus away from it.
+    if (tbody.rows[index] !== row) tbody.insertBefore(row, tbody.rows[index] || null);
+  });
+  // The "nothing here" line next to the table.
+  $(tbodyId.replace("-body", "-empty")).hidden = items.length > 0;
+}
+
+// A row of empty cells, one per column name; a cell is found again by its data-col.
+function makeRow(columns, numeric) {
+  const row = document.createElement("tr");
+  for (const column of columns) {
+    const cell = row.insertCell();
+    cell.dataset.col = column;
+    if (numeric.includes(column)) cell.className = "num";
+  }
+  return row;
+}
+
+function cell(row, column) {
+  return row.querySelector(`[data-col="${column}"]`);
+}
+
+// Sets a cell's text, and its tooltip when the text is shortened for display.
+function setText(row, column, text, title) {
+  const target = cell(row, column);
+  const value = text == null ? "" : String(text);
+  if (target.textContent !== value) target.textContent = value;
+  if (title !== undefined) target.title = title;
+}
+
+function makeButton(label, action) {
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "small";
+  button.textContent = label;
+  button.dataset.action = action;
+  return button;
+}
+
+// ---- queues
+
+const QUEUE_COLUMNS = ["name", "queued", "scheduled", "active", "completed", "failed",
+  "cancelled", "throughput", "wait_p50", "wait_p99", "status", "action"];
+const QUEUE_COUNTS = ["queued", "scheduled", "active", "completed", "failed", "cancelled"];
+
+function renderQueues(queues) {
+  const items = Object.keys(queues).sort().map((name) => ({ name, ...queues[name] }));
+  syncRows("queues-body", items, (q) => q.name, createQueueRow, updateQueueRow);
+}
+
+function createQueueRow(queue) {
+  const row = makeRow(QUEUE_COLUMNS, [...QUEUE_COUNTS, "throughput", "wait_p50", "wait_p99"]);
+  const badge = document.createElement("span");
+  badge.className = "badge";
+  cell(row, "status").append(badge);
+  const button = makeButton("Pause", "pause");
+  // The row's current state decides, not the state when the row was made.
+  button.addEventListener("click", () => {
+    const pausing = row.dataset.paused !== "true";
+    const verb = pausing ? "pause" : "resume";
+    act(button, `Queue ${queue.name}: ${verb} requested`, "POST",
+      `/queues/${encodeURIComponent(queue.name)}/${verb}`);
+  });
+  cell(row, "action").append(button);
+  return row;
+}
+
+function updateQueueRow(row, queue) {
+  setText(row, "name", queue.name);
+  for (const count of QUEUE_COUNTS) setText(row, count, formatCount(queue[count]));
+  const throughput = queue.throughput ? queue.throughput["1m"] : null;
+  setText(row, "throughput", throughput == null ? "–" : throughput.toFixed(2));
+  const wait = queue.wait_ms || {};
+  setText(row, "wait_p50", formatMs(wait.p50));
+  setText(row, "wait_p99", formatMs(wait.p99));
+  row.dataset.paused = String(Boolean(queue.paused));
+  const badge = cell(row, "status").firstChild;
+  badge.textContent = queue.paused ? "paused" : "running";
+  badge.className = queue.paused ? "badge paused" : "badge running";
+  const button = cell(row, "action").firstChild;
+  button.textContent = queue.paused ? "Resume" : "Pause";
+  button.dataset.action = queue.paused ? "resume" : "pause";
+}
+
+// ---- daemons
+
+const DAEMON_COLUMNS = ["id", "host", "pid", "queues", "load", "uptime", "heartbeat"];
+
+function renderDaemons(instances) {
+  syncRows("daemons-body", instances, (d) => d.id,
+    (d) => makeRow(DAEMON_COLUMNS, ["pid", "load", "uptime", "heartbeat"]), updateDaemonRow);
+}
+
+function updateDaemonRow(row, daemon) {
+  setText(row, "id", daemon.id);
+  setText(row, "host", daemon.host);
+  setText(row, "pid", daemon.pid);
+  setText(row, "queues", (daemon.queues || []).join(", "));
+  setText(row, "load", `${daemon.active} / ${daemon.concurrency}`);
+  setText(row, "uptime", formatDuration(daemon.uptime_s * 1000), `since ${daemon.started_at}`);
+  setText(row, "heartbeat", formatMs(daemon.heartbeat_age_ms), daemon.last_heartbeat);
+  cell(row, "heartbeat").classList.toggle("warn", daemon.heartbeat_age_ms > STALE_HEARTBEAT_MS);
+}
+
+// ---- recent jobs
+
+const RECENT_COLUMNS = ["id", "type", "queue", "state", "attempts", "age", "action"];
+
+function renderRecent(jobs, now) {
+  syncRows("recent-body", jobs, (job) => job.id, createRecentRow, (row, job) =>
+    updateRecentRow(row, job, now));
+}
+
+function createRecentRow(job) {
+  const row = makeRow(RECENT_COLUMNS, ["attempts", "age"]);
+  cell(row, "id").className = "mono";
+  const badge = document.createElement("span");
+  cell(row, "state").append(badge);
+  const button = makeButton("Cancel", "cancel");
+  button.addEventListener("click", () =>
+    act(button, `Job ${shortId(job.id)}: cancel requested`, "POST",
+      `/jobs/${encodeURIComponent(job.id)}/cancel`));
+  cell(row, "action").append(button);
+  return row;
+}
+
+function updateRecentRow(row, job, now) {
+  setText(row, "id", shortId(job.id), job.id);
+  setText(row, "type", job.type);
+  setText(row, "queue", job.queue);
+  setText(row, "attempts", `${job.attempts} / ${job.max_attempts}`);
+  const due = job.state === "scheduled" && job.run_at ? `, due ${job.run_at}` : "";
+  setText(row, "age", formatDuration(now - Date.parse(job.created_at)),
+    `created ${job.created_at}${due}`);
+  const state = job.cancel_requested && job.state === "active" ? "cancelling" : job.state;
+  const badge = cell(row, "state").firstChild;
+  badge.textContent = state;
+  badge.className = `badge state-${job.state}`;
+  row.dataset.state = job.state;
+  // Cancel only where the API accepts it; a requested cancel is not asked for twice.
+  const button = cell(row, "action").firstChild;
+  button.hidden = !CANCELLABLE.has(job.state);
+  button.disabled = Boolean(job.cancel_requested);
+}
+
+// ---- failed jobs
+
+const FAILED_COLUMNS = ["id", "type", "queue", "attempts", "age", "error", "action"];
+
+function renderFailed(jobs, now) {
+  syncRows("failed-body", jobs, (job) => job.id, createFailedRow, (row, job) =>
+    updateFailedRow(row, job, now));
+}
+
+function createFailedRow(job) {
+  const row = makeRow(FAILED_COLUMNS, ["attempts", "age"]);
+  cell(row, "id").className = "mono";
+  cell(row, "error").className = "error-text";
+  const button = makeButton("Retry", "retry");
+  button.addEventListener("click", () =>
+    act(button, `Job ${shortId(job.id)}: back on its queue`, "POST",
+      `/jobs/${encodeURIComponent(job.id)}/retry`));
+  cell(row, "action").append(button);
+  return row;
+}
+
+function updateFailedRow(row, job, now) {
+  setText(row, "id", shortId(job.id), job.id);
+  setText(row, "type", job.type);
+  setText(row, "queue", job.queue);
+  setText(row, "attempts", `${job.attempts} / ${job.max_attempts}`);
+  const finished = job.finished_at || job.created_at;
+  setText(row, "age", `${formatDuration(now - Date.parse(finished))} ago`, finished);
+  // Errors can be long (an exec handler's stderr): shortened by CSS, whole in the tooltip.
+  setText(row, "error", job.error || "(no message)", job.error || "");
+}
+
+function rememberTypes(jobs) {
+  const list = $("known-types");
+  for (const job of jobs) {
+    if (knownTypes.has(job.type)) continue;
+    knownTypes.add(job.type);
+    const option = document.createElement("option");
+    option.value = job.type;
+    list.append(option);
+  }
+}
+
+// ---------------------------------------------------------------- charts
+
+// Keeps one point per event: per queue, the throughput and the wait p99.
+function remember(queues) {
+  const point = {};
+  for (const [name, queue] of Object.entries(queues)) {
+    point[name] = {
+      throughput: queue.throughput ? queue.throughput["1m"] : null,
+      waitP99: queue.wait_ms ? queue.wait_ms.p99 : null,
+    };
+  }
+  history.push(point);
+  if (history.length > HISTORY_POINTS) history.shift();
+}
+
+function drawCharts() {
+  const names = lastPicture ? Object.keys(lastPicture.stats.queues).sort() : [];
+  // The smallest scales (1 job/s, 10 ms) keep an idle chart's labels readable.
+  drawChart($("chart-throughput"), names, (p) => p.throughput, 1, (v) => v.toFixed(2));
+  drawChart($("chart-wait"), names, (p) => p.waitP99, 10, formatMs);
+  drawLegend($("legend-throughput"), names);
+  drawLegend($("legend-wait"), names);
+}
+
+// A line chart: x is the last HISTORY_POINTS events (now at the right), y from 0 to the
+// largest value shown (at least `least`). Missing values (no data yet) break the line
+// instead of reading 0.
+function drawChart(canvas, names, valueOf, least, label) {
+  const ctx = fitCanvas(canvas);
+  const { width, height } = canvas.getBoundingClientRect();
+  const pad = { left: 44, right: 8, top: 8, bottom: 18 };
+  const plotW = Math.max(1, width - pad.left - pad.right);
+  const plotH = Math.max(1, height - pad.top - pad.bottom);
+  ctx.clearRect(0, 0, width, height);
+
+  let max = least;
+  for (const point of history) {
+    for (const name of names) {
+      const value = point[name] ? valueOf(point[name]) : null;
+      if (value != null && value > max) max = value;
+    }
+  }
+  max = niceCeiling(max);
+  // The scale starts at 0: a negative sample (clock jitter between daemons) stays on it.
+  const toY = (value) => pad.top + plotH * (1 - Math.max(0, value) / max);
+
+  // Grid lines and labels: 0, half and the top of the scale; time marks under the plot.
+  const style = getComputedStyle(document.body);
+  ctx.font = "11px system-ui, sans-serif";
+  ctx.fillStyle = style.getPropertyValue("--muted").trim() || "#777";
+  ctx.strokeStyle = style.getPropertyValue("--grid").trim() || "#ddd";
+  ctx.lineWidth = 1;
+  ctx.textAlign = "right";
+  ctx.textBaseline = "middle";
+  for (const fraction of [0, 0.5, 1]) {
+    const y = Math.round(pad.top + plotH * (1 - fraction)) + 0.5;
+    ctx.beginPath();
+    ctx.moveTo(pad.left, y);
+    ctx.lineTo(pad.left + plotW, y);
+    ctx.stroke();
+    ctx.fillText(label(max * fraction), pad.left - 6, y);
+  }
+  ctx.textAlign = "center";
+  ctx.textBaseline = "top";
+  const step = plotW / (HISTORY_POINTS - 1);
+  for (const [seconds, text] of [[HISTORY_POINTS - 1, "-2m"], [59, "-1m"], [0, "now"]]) {
+    const x = pad.left + plotW - seconds * step;
+    ctx.textAlign = seconds === 0 ? "right" : seconds === HISTORY_POINTS - 1 ? "left" : "center";
+    ctx.fillText(text, x, pad.top + plotH + 4);
+  }
+
+  // The newest point sits at the right edge; older ones move left one step per event.
+  ctx.lineWidth = 2;
+  ctx.lineJoin = "round";
+  names.forEach((name, index) => {
+    ctx.strokeStyle = PALETTE[index % PALETTE.length];
+    ctx.beginPath();
+    let drawing = false;
+    history.forEach((point, i) => {
+      const value = point[name] ? valueOf(point[name]) : null;
+      if (value == null) {
+        drawing = false;
+        return;
+      }
+      const x = pad.left + plotW - (history.length - 1 - i) * step;
+      const y = toY(value);
+      if (drawing) ctx.lineTo(x, y);
+      else ctx.moveTo(x, y);
+      drawing = true;
+    });
+    ctx.stroke();
+    // A dot on the latest value: it marks "now", and shows a series only one point long.
+    const latest = history.length ? history[history.length - 1][name] : null;
+    const value = latest ? valueOf(latest) : null;
+    if (value != null) {
+      ctx.fillStyle = ctx.strokeStyle;
+      ctx.beginPath();
+      ctx.arc(pad.left + plotW, toY(value), 3, 0, 2 * Math.PI);
+      ctx.fill();
+    }
+  });
+  canvas.dataset.points = String(history.length);
+}
+
+// Sizes the canvas's pixels to its displayed size, so lines stay sharp on any screen.
+function fitCanvas(canvas) {
+  const ratio = window.devicePixelRatio || 1;
+  const { width, height } = canvas.getBoundingClientRect();
+  const pixelsW = Math.round(width * ratio);
+  const pixelsH = Math.round(height * ratio);
+  if (canvas.width !== pixelsW || canvas.height !== pixelsH) {
+    canvas.width = pixelsW;
+    canvas.height = pixelsH;
+  }
+  const ctx = canvas.getContext("2d");
+  ctx.setTransform(ratio, 0, 0, ratio, 0, 0);
+  return ctx;
+}
+
+// A round number at or above `value`, so the axis reads 0 / 5 / 10 rather than 0 / 4.3 / 8.6.
+function niceCeiling(value) {
+  if (!(value > 0)) return 1;
+  const magnitude = 10 ** Math.floor(Math.log10(value));
+  for (const factor of [1, 2, 5, 10]) {
+    if (value <= factor * magnitude) return factor * magnitude;
+  }
+  return 10 * magnitude;
+}
+
+function drawLegend(list, names) {
+  const text = names.join("\n");
+  if (list.dataset.names === text) return; // unchanged: leave the DOM alone
+  list.dataset.names = text;
+  list.replaceChildren(...names.map((name, index) => {
+    const item = document.createElement("li");
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.background = PALETTE[index % PALETTE.length];
+    item.append(swatch, document.createTextNode(name));
+    return item;
+  }));
+}
+
+// ---------------------------------------------------------------- the form
+
+// Reads and checks the form. Returns the request body, or null after showing what is wrong
+// next to the field: better than sending it and reading the API's 422.
+function readForm() {
+  const type = $("job-type").value.trim();
+  const payloadText = $("job-payload").value.trim();
+  const delayText = $("job-delay").value.trim();
+  const body = { type };
+  showPayloadError(null);
+  if (!type) {
+    showResult("Give the job's type, e.g. echo.", true);
+    $("job-type").focus();
+    return null;
+  }
+  if (payloadText) {
+    try {
+      body.payload = JSON.parse(payloadText);
+    } catch (err) {
+      showPayloadError(`The payload is not valid JSON: ${err.message}. ` +
+        'Strings need double quotes, e.g. {"name": "value"}.');
+      return null;
+    }
+  }
+  if (delayText) {
+    const delay = Number(delayText);
+    if (!Number.isFinite(delay) || delay < 0 || delay > 31622400) {
+      showResult("The delay must be a number of seconds from 0 to 31622400.", true);
+      $("job-delay").focus();
+      return null;
+    }
+    body.delay = delay;
+  }
+  return body;
+}
+
+function showPayloadError(text) {
+  const field = $("job-payload");
+  const error = $("payload-error");
+  error.textContent = text || "";
+  error.hidden = !text;
+  field.setAttribute("aria-invalid", text ? "true" : "false");
+  if (text) field.focus();
+}
+
+function showResult(text, isError) {
+  const result = $("submit-result");
+  result.textContent = text;
+  result.classList.toggle("error", isError);
+}
+
+async function submitJob(event) {
+  event.preventDefault();
+  const body = readForm();
+  if (!body) return;
+  const button = $("submit-button");
+  button.disabled = true;
+  showResult("Submitting…", false);
+  try {
+    const job = await api("POST", "/jobs", body);
+    showResult(`Submitted ${shortId(job.id)}: ${job.state} on ${job.queue}.`, false);
+    $("submit-result").dataset.jobId = job.id;
+  } catch (err) {
+    showResult(err.message, true);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// ---------------------------------------------------------------- formatting
+
+// UUIDv7 ids start with the time, so jobs of the same minute share their first digits;
+// the random tail tells them apart.
+function shortId(id) {
+  return `…${id.slice(-8)}`;
+}
+
+function formatCount(n) {
+  return n == null ? "–" : Number(n).toLocaleString("en");
+}
+
+function formatMs(ms) {
+  if (ms == null) return "–";
+  if (ms < 1000) return `${Math.round(ms)} ms`;
+  if (ms < 60000) return `${(ms / 1000).toFixed(1)} s`;
+  return formatDuration(ms);
+}
+
+// "42s", "3m 05s", "2h 10m", "4d 3h": precise enough at a glance.
+function formatDuration(ms) {
+  const s = Math.max(0, Math.floor(ms / 1000));
+  if (s < 60) return `${s}s`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return `${m}m ${String(s % 60).padStart(2, "0")}s`;
+  const h = Math.floor(m / 60);
+  if (h < 24) return `${h}h ${String(m % 60).padStart(2, "0")}m`;
+  return `${Math.floor(h / 24)}d ${h % 24}h`;
+}
+
+function formatBytes(bytes) {
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let value = bytes;
+  let unit = 0;
+  while (value >= 1024 && unit < units.length - 1) {
+    value /= 1024;
+    unit += 1;
+  }
+  return `${value.toFixed(unit === 0 ? 0 : 1)} ${units[unit]} used`;
+}
+
+// ---------------------------------------------------------------- start
+
+function start() {
+  $("submit-form").addEventListener("submit", submitJob);
+  // Clear the JSON complaint as soon as the user edits the payload again.
+  $("job-payload").addEventListener("input", () => showPayloadError(null));
+  // Canvas pixels follow the layout: redraw when it changes (rotation, resizing).
+  window.addEventListener("resize", drawCharts);
+  drawCharts();
+  connect();
+}
+
+start();

@@ -1,0 +1,431 @@
+"""The dashboard in a real headless Chromium, against an in-process daemon.
+
+The daemon runs on the test's event loop, so every Selenium call (they block) runs in a
+worker thread through `in_browser`. Nothing waits by sleeping: the tests poll the DOM with
+WebDriverWait and a deadline.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import aiohttp
+import anyio
+import pytest
+
+from taskd.daemon import Daemon
+from tests.support import DEADLINE, REPO, base_url, get_json, make_config, post_json, running_daemon
+
+pytest.importorskip("selenium", reason="needs selenium (the `test` extra) to drive Chromium")
+
+from selenium import webdriver
+from selenium.common.exceptions import (
+    NoSuchElementException,
+    StaleElementReferenceException,
+)
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.chrome.webdriver import WebDriver
+from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.ui import WebDriverWait
+
+CHROMIUM = shutil.which("chromium")
+CHROMEDRIVER = shutil.which("chromedriver")
+
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None or CHROMEDRIVER is None,
+    reason="needs a headless Chromium: apt-get install chromium chromium-driver (Debian)",
+)
+
+TOKEN = "dashboard-secret-0123456789"
+FLAGS = [
+    "--headless=new",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--window-size=1280,900",
+]
+# What the screenshot test writes into the repository for the README, when asked to.
+SCREENSHOT = REPO / "docs" / "dashboard.png"
+
+T = TypeVar("T")
+
+
+# ---------------------------------------------------------------- fixtures and helpers
+
+
+@pytest.fixture
+async def daemon(redis_url: str) -> AsyncIterator[Daemon]:
+    async with running_daemon(make_config(redis_url)) as running:
+        yield running
+
+
+@pytest.fixture
+def browser(tmp_path: Path) -> Iterator[WebDriver]:
+    """A fresh headless Chromium with its own profile, its console log recorded."""
+    assert CHROMIUM is not None
+    assert CHROMEDRIVER is not None
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in FLAGS:
+        options.add_argument(flag)
+    options.add_argument(f"--user-data-dir={tmp_path / 'chromium-profile'}")
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(options=options, service=Service(executable_path=CHROMEDRIVER))
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+async def in_browser(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking Selenium work in a thread, so the daemon on this loop keeps serving."""
+    return await anyio.to_thread.run_sync(functools.partial(fn, *args))
+
+
+def wait_for(driver: WebDriver, condition: Callable[[WebDriver], Any], what: str) -> Any:
+    """Poll the page until `condition` is truthy; rows replaced meanwhile are retried."""
+    waiter = WebDriverWait(
+        driver,
+        DEADLINE,
+        poll_frequency=0.05,
+        # ValueError: a number cell that shows a dash until there is data.
+        ignored_exceptions=(NoSuchElementException, StaleElementReferenceException, ValueError),
+    )
+    return waiter.until(condition, message=f"timed out after {DEADLINE} s waiting for {what}")
+
+
+def queue_cell(driver: WebDriver, queue: str, column: str) -> WebElement:
+    return driver.find_element(
+        By.CSS_SELECTOR, f'#queues-body tr[data-key="{queue}"] [data-col="{column}"]'
+    )
+
+
+def queue_count(driver: WebDriver, queue: str, column: str) -> int:
+    return int(queue_cell(driver, queue, column).text.replace(",", ""))
+
+
+def open_page(driver: WebDriver, url: str) -> None:
+    """Load the page and wait until the stream is live and the default queue is shown."""
+    driver.get(url)
+    wait_for(
+        driver,
+        lambda d: d.find_element(By.ID, "conn").get_attribute("data-state") == "live",
+        "the connection state to become live",
+    )
+    wait_for(driver, lambda d: queue_cell(d, "default", "name").text == "default", "default")
+
+
+def console_errors(driver: WebDriver) -> list[str]:
+    """The SEVERE entries of the browser console since the last call."""
+    return [entry["message"] for entry in driver.get_log("browser") if entry["level"] == "SEVERE"]
+
+
+def submit_form(driver: WebDriver, job_type: str, payload: str, delay: str = "") -> str:
+    """Fill in and send the page's form; the text it answers with."""
+    for field, value in (("job-type", job_type), ("job-payload", payload), ("job-delay", delay)):
+        element = driver.find_element(By.ID, field)
+        element.clear()
+        element.send_keys(value)
+    before = driver.find_element(By.ID, "submit-result").text
+    driver.find_element(By.ID, "submit-button").click()
+    return str(
+        wait_for(
+            driver,
+            lambda d: (
+                (text := d.find_element(By.ID, "submit-result").text) != before
+                and text != "Submitting…"
+                and text
+            ),
+            "the form's answer",
+        )
+    )
+
+
+def too_wide(driver: WebDriver, width: int) -> list[str]:
+    """The elements sticking out past `width` px (outside scrolling boxes): what to fix."""
+    return list(
+        driver.execute_script(
+            """
+            const out = [];
+            for (const el of document.querySelectorAll("body *")) {
+              // A scrolling box clips what it holds, unless it is placed absolutely.
+              const clipped = el.parentElement.closest(".scroll");
+              if (clipped && getComputedStyle(el).position !== "absolute") continue;
+              const right = el.getBoundingClientRect().right;
+              if (right > arguments[0] + 1) out.push(`${el.tagName}#${el.id} ${right}`);
+            }
+            return out.slice(0, 10);
+            """,
+            width,
+        )
+    )
+
+
+def set_viewport(driver: WebDriver, width: int, height: int, *, mobile: bool = False) -> None:
+    """Emulate a screen of this size, as DevTools' device mode does."""
+    driver.execute_cdp_cmd(
+        "Emulation.setDeviceMetricsOverride",
+        {
+            "width": width,
+            "height": height,
+            "deviceScaleFactor": 2 if mobile else 1,
+            "mobile": mobile,
+        },
+    )
+
+
+# ---------------------------------------------------------------- tests
+
+
+async def test_the_page_loads_live_without_console_errors(
+    daemon: Daemon, browser: WebDriver
+) -> None:
+    url = base_url(daemon)
+
+    def check() -> None:
+        open_page(browser, f"{url}/")
+        assert browser.title == "taskd"
+        daemons = browser.find_element(By.ID, "daemons-body")
+        wait_for(browser, lambda d: daemon.identity.id in daemons.text, "this daemon's row")
+        assert console_errors(browser) == []
+
+    await in_browser(check)
+
+
+async def test_a_job_submitted_through_the_form_runs_and_the_counts_follow(
+    daemon: Daemon, browser: WebDriver
+) -> None:
+    url = base_url(daemon)
+
+    def check() -> None:
+        open_page(browser, f"{url}/")
+        completed = queue_count(browser, "default", "completed")
+
+        # Bad JSON is refused in the page, with a message, before anything is sent.
+        browser.find_element(By.ID, "job-type").send_keys("echo")
+        browser.find_element(By.ID, "job-payload").send_keys("{x: 1}")
+        browser.find_element(By.ID, "submit-button").click()
+        error = browser.find_element(By.ID, "payload-error")
+        wait_for(browser, lambda d: error.is_displayed(), "the payload's error message")
+        assert "not valid JSON" in error.text
+
+        # The API's own message is shown when it refuses the job.
+        assert "unknown job type 'resize'" in submit_form(browser, "resize", "")
+
+        answer = submit_form(browser, "echo", '{"x":1}')
+        assert answer.startswith("Submitted"), answer
+        assert not error.is_displayed()
+        wait_for(
+            browser,
+            lambda d: queue_count(d, "default", "completed") > completed,
+            "the completed count of default to grow",
+        )
+        job_id = browser.find_element(By.ID, "submit-result").get_attribute("data-job-id")
+        row = f'#recent-body tr[data-key="{job_id}"]'
+        wait_for(
+            browser,
+            lambda d: (
+                d.find_element(By.CSS_SELECTOR, row).get_attribute("data-state") == "completed"
+            ),
+            "the job to show completed among the recent jobs",
+        )
+        # The refused submission (422) is the only error the console saw.
+        assert all("422" in message for message in console_errors(browser))
+
+    await in_browser(check)
+    async with aiohttp.ClientSession() as session:
+        _, stats = await get_json(session, f"{url}/stats")
+    assert stats["queues"]["default"]["totals"]["enqueued"] == 1  # the bad JSON never went
+
+
+async def test_pause_and_resume_through_the_page(daemon: Daemon, browser: WebDriver) -> None:
+    url = base_url(daemon)
+
+    def click_and_wait(action: str, badge: str) -> None:
+        button = queue_cell(browser, "default", "action").find_element(By.TAG_NAME, "button")
+        assert button.get_attribute("data-action") == action
+        button.click()
+        wait_for(
+            browser,
+            lambda d: queue_cell(d, "default", "status").text == badge,
+            f"the badge to read {badge}",
+        )
+
+    async def paused() -> bool:
+        async with aiohttp.ClientSession() as session:
+            _, stats = await get_json(session, f"{url}/stats")
+        return bool(stats["queues"]["default"]["paused"])
+
+    await in_browser(open_page, browser, f"{url}/")
+    assert await in_browser(lambda: queue_cell(browser, "default", "status").text) == "running"
+
+    await in_browser(click_and_wait, "pause", "paused")
+    assert await paused()
+
+    await in_browser(click_and_wait, "resume", "running")
+    assert not await paused()
+    assert await in_browser(console_errors, browser) == []
+
+
+async def test_with_a_token_the_page_needs_it_and_works_with_it(
+    redis_url: str, browser: WebDriver
+) -> None:
+    config = make_config(redis_url, server={"token": TOKEN})
+    async with running_daemon(config) as daemon, aiohttp.ClientSession() as session:
+        url = base_url(daemon)
+        for path in ("/", "/events"):
+            async with session.get(f"{url}{path}") as response:
+                assert response.status == 401, path
+
+        def check() -> None:
+            open_page(browser, f"{url}/?token={TOKEN}")
+            completed = queue_count(browser, "default", "completed")
+            answer = submit_form(browser, "echo", '{"x":1}')
+            assert answer.startswith("Submitted"), answer
+            wait_for(
+                browser,
+                lambda d: queue_count(d, "default", "completed") > completed,
+                "the completed count of default to grow",
+            )
+            assert console_errors(browser) == []
+            # Close the page before the daemon stops, so its stream does not hold it up.
+            browser.get("about:blank")
+
+        await in_browser(check)
+
+
+async def test_at_phone_width_the_page_does_not_scroll_sideways(
+    daemon: Daemon, browser: WebDriver, tmp_path: Path
+) -> None:
+    url = base_url(daemon)
+    async with aiohttp.ClientSession() as session:
+        # Long cells: a failed job with a 300-character error, shown among the failures.
+        _, failed = await post_json(
+            session,
+            f"{url}/jobs",
+            {"type": "fail", "payload": {"message": "x" * 300}, "max_attempts": 1},
+        )
+        await post_json(session, f"{url}/jobs", {"type": "echo", "payload": {"x": 1}})
+
+    def check() -> None:
+        set_viewport(browser, 375, 812, mobile=True)
+        open_page(browser, f"{url}/")
+        wait_for(
+            browser,
+            lambda d: d.find_element(
+                By.CSS_SELECTOR, f'#failed-body tr[data-key="{failed["id"]}"]'
+            ),
+            "the failed job's row",
+        )
+        # A mobile viewport widens itself to fit content that overflows: it must not.
+        width = browser.execute_script("return window.innerWidth")
+        assert width == 375, f"the page widened to {width} px by {too_wide(browser, 375)}"
+        for element in ("document.body", "document.documentElement"):
+            scroll_width = browser.execute_script(f"return {element}.scrollWidth")
+            assert scroll_width <= width + 1, f"{element} is {scroll_width} px wide"
+        # The wide tables scroll inside their own boxes instead.
+        queues_box = browser.find_element(By.CSS_SELECTOR, "#queues .scroll")
+        assert browser.execute_script("return arguments[0].clientWidth", queues_box) <= width
+        assert console_errors(browser) == []
+        height = browser.execute_script("return document.documentElement.scrollHeight")
+        set_viewport(browser, 375, int(height), mobile=True)
+        browser.save_screenshot(str(tmp_path / "dashboard-phone.png"))
+
+    await in_browser(check)
+
+
+@pytest.mark.timeout(120)
+async def test_a_screenshot_with_data(redis_url: str, browser: WebDriver, tmp_path: Path) -> None:
+    """Two busy queues, then a running job, a scheduled one and failures; a full-page shot.
+
+    With TASKD_SCREENSHOT=1 it is also written to docs/dashboard.png, for the README.
+    """
+    config = make_config(
+        redis_url,
+        workers={"queues": ["default", "images"]},
+        handlers={"thumbnail": {"builtin": "echo", "queue": "images"}},
+    )
+    async with (
+        running_daemon(config) as daemon,
+        aiohttp.ClientSession() as session,
+        anyio.create_task_group() as tg,
+    ):
+        url = base_url(daemon)
+
+        async def submit(body: dict[str, Any]) -> None:
+            status, job = await post_json(session, f"{url}/jobs", body)
+            assert status == 201, job
+
+        stop_trickle = anyio.Event()
+
+        async def trickle() -> None:
+            """A steady stream of work, so the charts have lines to draw."""
+            n = 0
+            while not stop_trickle.is_set():
+                n += 1
+                await submit({"type": "echo", "payload": {"n": n}})
+                if n % 2:
+                    await submit({"type": "thumbnail", "payload": {"image": n}})
+                with anyio.move_on_after(0.25):
+                    await stop_trickle.wait()
+
+        def wait_for_charts() -> None:
+            open_page(browser, f"{url}/")
+            # A throughput bucket is 10 s: wait for a full one, and for 20 points of history.
+            wait_for(
+                browser,
+                lambda d: (
+                    float(queue_cell(d, "default", "throughput").text) > 0
+                    and int(d.find_element(By.ID, "chart-wait").get_attribute("data-points") or 0)
+                    >= 20
+                ),
+                "throughput to show and the charts to fill",
+            )
+
+        tg.start_soon(trickle)
+        try:
+            await in_browser(wait_for_charts)
+        finally:
+            stop_trickle.set()
+
+        # Last, so that they are among the recent jobs: one of each kind worth showing.
+        for message in ("upstream answered 503", "no such file: /data/in/4711.jpg"):
+            await submit({"type": "fail", "payload": {"message": message}, "max_attempts": 1})
+        await submit({"type": "echo", "payload": {"hello": "world"}, "delay": 3600})
+        await submit({"type": "sleep", "payload": {"seconds": 60}})
+
+        def shoot() -> bytes:
+            recent = "#recent-body tr[data-state={}]"
+            wait_for(
+                browser,
+                lambda d: (
+                    d.find_elements(By.CSS_SELECTOR, recent.format("active"))
+                    and d.find_elements(By.CSS_SELECTOR, recent.format("scheduled"))
+                    and len(d.find_elements(By.CSS_SELECTOR, "#failed-body tr")) == 2
+                ),
+                "a running, a scheduled and two failed jobs on the page",
+            )
+            height = browser.execute_script("return document.documentElement.scrollHeight")
+            set_viewport(browser, 1280, int(height))
+            assert console_errors(browser) == []
+            png = browser.get_screenshot_as_png()
+            browser.get("about:blank")
+            return bytes(png)
+
+        png = await in_browser(shoot)
+
+    assert png.startswith(b"\x89PNG")
+    (tmp_path / "dashboard.png").write_bytes(png)
+    if os.environ.get("TASKD_SCREENSHOT") == "1":
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        SCREENSHOT.write_bytes(png)
