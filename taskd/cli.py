@@ -14,7 +14,7 @@ import anyio
 import orjson
 from redis.utils import HIREDIS_AVAILABLE
 
-from taskd import __version__, client, logs
+from taskd import __version__, bench, client, logs
 from taskd.client import ClientError, Target
 from taskd.config import Config, ConfigError, load
 from taskd.daemon import redacted, serve
@@ -51,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     check.add_argument("--config", default=argparse.SUPPRESS, help="the TOML config file")
     _client_commands(commands)
+    bench.add_parser(commands)
     return parser
 
 
@@ -101,6 +102,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.setup(args.log_level, args.log_format)
     if args.command in ("stats", "submit"):
         return _ask_daemon(args)
+    if args.command == "bench":
+        return bench.main(args)
     try:
         config = load(args.config)
     except ConfigError as exc:

@@ -1,0 +1,79 @@
+"""`taskd bench`: the quick run end to end as users run it, and how rounds are aggregated."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from taskd.bench import SIZES, Figure, aggregate, percentile
+from tests.support import TASKD
+
+# CI promises the quick bench runs "in under a minute"; it takes well under half that.
+QUICK_DEADLINE = 60.0
+
+
+@pytest.mark.timeout(QUICK_DEADLINE + 60)
+def test_quick_bench_runs_every_workload_in_under_a_minute(tmp_path: Path) -> None:
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(TASKD), "bench", "--quick", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=QUICK_DEADLINE + 30,  # past the deadline, but the assertion below says so
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr.decode()
+    assert elapsed < QUICK_DEADLINE, f"took {elapsed:.1f} s\n{done.stderr.decode()}"
+    report = json.loads(done.stdout)
+    assert set(report["machine"]) >= {"cpu", "cores", "python", "redis", "event_loop"}
+    results = report["results"]
+    assert {r["workload"] for r in results} == set(SIZES)
+    for r in results:
+        assert r["median"] > 0, r
+        assert r["min"] <= r["median"] <= r["max"], r
+        assert len(r["rounds"]) == 1, r
+    # Everything it started is gone: no temp directory left behind in its place.
+    assert not list(tmp_path.iterdir())
+
+
+def test_rounds_aggregate_to_median_min_and_max_per_figure() -> None:
+    rounds = [
+        [Figure("accepted", "jobs/s", 300.0), Figure("p99", "ms", 1.0)],
+        [Figure("accepted", "jobs/s", 100.0), Figure("p99", "ms", 5.0)],
+        [Figure("accepted", "jobs/s", 200.0), Figure("p99", "ms", 2.0)],
+    ]
+    results = aggregate("pickup", rounds)
+    assert [(r.workload, r.figure, r.unit) for r in results] == [
+        ("pickup", "accepted", "jobs/s"),
+        ("pickup", "p99", "ms"),
+    ]
+    assert [(r.median, r.min, r.max, r.rounds) for r in results] == [
+        (200.0, 100.0, 300.0, (300.0, 100.0, 200.0)),
+        (2.0, 1.0, 5.0, (1.0, 5.0, 2.0)),
+    ]
+    [even] = aggregate("drain", [[Figure("throughput", "jobs/s", v)] for v in (1.0, 4.0)])
+    assert (even.median, even.min, even.max) == (2.5, 1.0, 4.0)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(100, 0, -1)]
+    assert percentile(values, 0.50) == 51.0
+    assert percentile(values, 0.99) == 100.0
+    assert percentile([7.0], 0.99) == 7.0
+
+
+def test_url_refuses_workloads_that_need_daemons_of_their_own(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(TASKD), "bench", "--url", "http://127.0.0.1:9", "--only", "drain", "pickup"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "not drain" in done.stderr.decode()
