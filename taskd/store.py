@@ -34,7 +34,7 @@ COMMAND_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 # Most ids a listing examines per request when filters skip most of them.
 LIST_SCAN_BUDGET = 2000
-# Jobs sent per pipeline by enqueue_many.
+# Jobs sent per script call by enqueue_many: bounds how long one call blocks Redis.
 ENQUEUE_CHUNK = 1000
 # Recent wait and run times kept per queue, for the percentiles /stats shows.
 TIMING_SAMPLES = 1000
@@ -143,29 +143,32 @@ class Store:
 
     async def enqueue(self, job: Job) -> bool:
         """Store a new job, queued or (with `run_at`) scheduled; False if its id exists."""
-        keys, args = self._enqueue_call(job)
-        return bool(await self._lua["enqueue"](keys=keys, args=args))
+        return bool(await self._enqueue_call(job.queue, job.created_at, [job]))
 
-    def _enqueue_call(self, job: Job) -> tuple[list[str], list[Any]]:
-        k, q = self.keys, job.queue
-        keys = [k.job(q, job.id), k.ready(q), k.scheduled(q), k.index(q), k.totals(q)]
-        payload = orjson.dumps(job.payload)
-        args = [job.id, job.type, q, payload, job.created_at, job.max_attempts, job.run_at or 0]
-        return keys, args
+    async def enqueue_many(self, jobs: Sequence[Job]) -> int:
+        """Store many new jobs in few round trips: one script call per queue and chunk.
 
-    async def enqueue_many(self, jobs: Sequence[Job]) -> None:
-        """Store many new jobs in few round trips: one pipeline per ENQUEUE_CHUNK jobs.
-
-        Each job is still one atomic script; the batch is not one transaction, but every
-        job in it has a fresh id, so a failed batch can only be retried whole by the
-        client, which gets new ids for the jobs it sends again.
+        Each call is atomic; the batch as a whole is not, but every job in it has a fresh
+        id, so a client retries a failed batch whole, with new ids.
         """
-        for start in range(0, len(jobs), ENQUEUE_CHUNK):
-            async with self._r.pipeline(transaction=False) as pipe:
-                for job in jobs[start : start + ENQUEUE_CHUNK]:
-                    keys, args = self._enqueue_call(job)
-                    await self._lua["enqueue"](keys=keys, args=args, client=pipe)
-                await pipe.execute()
+        by_queue: dict[tuple[str, int], list[Job]] = {}
+        for job in jobs:
+            by_queue.setdefault((job.queue, job.created_at), []).append(job)
+        added = 0
+        for (queue, created_at), group in by_queue.items():
+            for start in range(0, len(group), ENQUEUE_CHUNK):
+                chunk = group[start : start + ENQUEUE_CHUNK]
+                added += await self._enqueue_call(queue, created_at, chunk)
+        return added
+
+    async def _enqueue_call(self, queue: str, created_at: int, jobs: Sequence[Job]) -> int:
+        k = self.keys
+        args: list[Any] = [k.job_prefix(queue), queue, created_at]
+        for job in jobs:
+            payload = orjson.dumps(job.payload)
+            args += [job.id, job.type, payload, job.max_attempts, job.run_at or 0]
+        keys = [k.ready(queue), k.scheduled(queue), k.index(queue), k.totals(queue)]
+        return int(await self._lua["enqueue"](keys=keys, args=args))
 
     async def get_job(self, job_id: str, queues: Iterable[str]) -> Job | None:
         """The job with this id in any of these queues, or None."""
@@ -203,11 +206,11 @@ class Store:
                 attempts=int(flat[i + 3]),
                 created_at=int(flat[i + 4]),
                 max_attempts=int(flat[i + 5]),
-                started_at=now,
+                started_at=int(flat[i + 6]),
                 daemon=daemon_id,
-                waited_ms=int(flat[i + 6]),
+                waited_ms=int(flat[i + 7]),
             )
-            for i in range(0, len(flat), 7)
+            for i in range(0, len(flat), 8)
         ]
 
     async def wait_for_job(self, queue: str, daemon_id: str, block_seconds: int) -> bool:

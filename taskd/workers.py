@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 # Most jobs claimed in one round trip: large enough to amortise the round trip under load,
 # small enough that one script call stays short.
-FETCH_BATCH = 100
+FETCH_BATCH = 1000
 # How long a blocking fetch waits on an empty queue before it looks again. Arrivals end the
 # wait at once; this only bounds how long a connection sits in one command.
 BLOCK_TIMEOUT = 5

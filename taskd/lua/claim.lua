@@ -14,8 +14,8 @@
 -- ARGV[3] -> the queue's job hash prefix
 -- ARGV[4] -> this daemon's id, recorded on the job
 -- ARGV[5] -> how many recent wait times to keep
--- Returns a flat array of 7 entries per claimed job:
---   id, type, payload, attempts, created_at, max_attempts, ms waited since it was due;
+-- Returns a flat array of 8 entries per claimed job:
+--   id, type, payload, attempts, created_at, max_attempts, started_at, ms waited since due;
 -- or the single entry 'paused'.
 local limit = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
@@ -40,21 +40,24 @@ local function claim(ids)
       'run_at')
     -- Only a queued job runs: a stray id of a deleted or cancelled job is dropped.
     if f[1] == 'queued' then
+      -- Waiting starts when the job is due: at its run_at, else when it was created. The
+      -- claim's time is read before the call waits for a connection, so a job can be
+      -- newer than it: such a job starts when it was due, not before.
+      local due = tonumber(f[6] or f[4])
+      local started = math.max(now, due)
       redis.call('ZADD', KEYS[3], now, id)
       local attempts = redis.call('HINCRBY', key, 'attempts', 1)
-      redis.call('HSET', key, 'state', 'active', 'started_at', now, 'daemon', ARGV[4])
+      redis.call('HSET', key, 'state', 'active', 'started_at', started, 'daemon', ARGV[4])
       redis.call('HDEL', key, 'run_at')
-      -- Waiting starts when the job is due: at its run_at, else when it was created.
-      -- Clamped: the claim's time is taken before it is sent, a job may be newer.
-      local waited = math.max(0, now - tonumber(f[6] or f[4]))
-      waits[#waits + 1] = waited
+      waits[#waits + 1] = started - due
       out[#out + 1] = id
       out[#out + 1] = f[2]
       out[#out + 1] = f[3]
       out[#out + 1] = attempts
       out[#out + 1] = f[4]
       out[#out + 1] = f[5]
-      out[#out + 1] = waited
+      out[#out + 1] = started
+      out[#out + 1] = started - due
     end
   end
   return #ids
