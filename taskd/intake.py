@@ -110,6 +110,10 @@ class Intake:
         """Answer new submissions with 503 from now on (the daemon is stopping)."""
         self._accepting = False
 
+    def _check_accepting(self) -> None:
+        if not self._accepting:
+            raise ApiError(503, "shutting_down", "this daemon is shutting down; submit to another")
+
     def _make_app(self) -> web.Application:
         app = web.Application(
             client_max_size=self._server.max_body,
@@ -159,8 +163,7 @@ class Intake:
                 await runner.cleanup()
 
     async def submit(self, request: web.Request) -> web.Response:
-        if not self._accepting:
-            raise ApiError(503, "shutting_down", "this daemon is shutting down; submit to another")
+        self._check_accepting()
         job = parse_submission(await request.read(), self._handlers, self._clock())
         await self._store.enqueue(job)
         self._metrics.enqueued(job.queue, job.type)
@@ -170,8 +173,7 @@ class Intake:
 
     async def submit_batch(self, request: web.Request) -> web.Response:
         """Many jobs in one request: validated as a whole, then enqueued in few round trips."""
-        if not self._accepting:
-            raise ApiError(503, "shutting_down", "this daemon is shutting down; submit to another")
+        self._check_accepting()
         body = await request.read()
         jobs = parse_batch(body, self._handlers, self._clock(), self._server.max_batch)
         await self._store.enqueue_many(jobs)
