@@ -44,6 +44,8 @@ SIZES = {
     "concurrency": (10_000, 500),
     "mixed": (100_000, 3_000),
 }
+# Opt-in workloads: they run only when --only names them.
+OPT_IN = ("soak",)
 # What --url can run: these need no daemon of our own and no access to its Redis.
 REMOTE_WORKLOADS = ("intake-single", "intake-batch", "pickup")
 HANDLERS = {
@@ -67,6 +69,13 @@ HTTP_TIMEOUT = 120.0
 IDLE_DEADLINE = 300.0  # s a --url daemon gets to run the jobs left before pickup starts
 JSON = {"Content-Type": "application/json"}
 PROBE_TYPE = "taskd-bench-probe"
+SOAK_SECONDS = (600, 20)  # (full, --quick)
+SOAK_RATE = (8_000, 1_000)  # jobs/s, (full, --quick): about half of what drain measures
+SOAK_RETENTION = 60  # s, completed and failed: so that finished jobs expire within the run
+SOAK_TICK = 0.1  # s between batches at the nominal rate
+SOAK_SAMPLE = 10.0  # s between samples (shorter runs take 10 samples)
+SOAK_EARLY = 60.0  # s: the "at 1 min" sample (a third of the way into shorter runs)
+MIB = 1024 * 1024
 
 
 class BenchError(Exception):
@@ -95,6 +104,14 @@ class Figure:
     name: str
     unit: str
     value: float
+
+
+@dataclass(frozen=True, slots=True)
+class SoakPlan:
+    """How long the soak workload submits jobs, and how fast."""
+
+    seconds: int
+    rate: int  # jobs/s
 
 
 @dataclass(frozen=True, slots=True)
@@ -210,13 +227,14 @@ class Local:
             rows += [dict(zip(fields, reply, strict=True)) for reply in replies]
         return rows
 
-    def spawn(self, concurrency: int) -> Daemon:
-        """Start one daemon process on a free port; it is not ready yet."""
+    def spawn(self, concurrency: int, extra: str = "") -> Daemon:
+        """Start one daemon process on a free port, `extra` TOML added to its config; it is
+        not ready yet."""
         self._spawned += 1
         name = f"daemon-{self._spawned}"
         port = _free_port()
         config = self.tmp / f"{name}.toml"
-        config.write_text(_config_text(port, concurrency))
+        config.write_text(_config_text(port, concurrency) + extra)
         log = self.tmp / f"{name}.log"
         with log.open("wb") as out:
             proc = subprocess.Popen(
@@ -258,6 +276,7 @@ class Bench:
     local: Local | None = None
     url: str | None = None
     notes: list[str] = field(default_factory=list)
+    soak: SoakPlan = field(default_factory=lambda: SoakPlan(SOAK_SECONDS[0], SOAK_RATE[0]))
 
     def size(self, workload: str) -> int:
         full, quick = SIZES[workload]
@@ -301,14 +320,17 @@ class Bench:
             yield daemon.url
 
     @asynccontextmanager
-    async def daemons(self, count: int, *, concurrency: int) -> AsyncIterator[list[Daemon]]:
-        """`count` daemons on the bench's Redis, ready; stopped (SIGTERM, then SIGKILL) after."""
+    async def daemons(
+        self, count: int, *, concurrency: int, extra: str = ""
+    ) -> AsyncIterator[list[Daemon]]:
+        """`count` daemons on the bench's Redis (`extra` TOML added to their config), ready;
+        stopped (SIGTERM, then SIGKILL) after."""
         local = self.need_local()
         started: list[Daemon] = []
         try:
             async with anyio.create_task_group() as tg:
                 for _ in range(count):
-                    tg.start_soon(self._start, started, concurrency)
+                    tg.start_soon(self._start, started, concurrency, extra)
             local.running = started
             yield started
         finally:
@@ -316,10 +338,10 @@ class Bench:
             with anyio.CancelScope(shield=True):
                 await _stop(started)
 
-    async def _start(self, started: list[Daemon], concurrency: int) -> None:
+    async def _start(self, started: list[Daemon], concurrency: int, extra: str) -> None:
         local = self.need_local()
         for attempt in range(1, START_ATTEMPTS + 1):
-            daemon = local.spawn(concurrency)
+            daemon = local.spawn(concurrency, extra)
             started.append(daemon)
             if await self._ready(daemon):
                 return
@@ -617,9 +639,15 @@ async def _connections(local: Local) -> AsyncIterator[_Connections]:
 
 def _peak_rss_mib(pid: int) -> float | None:
     """VmHWM of a live process, in MiB; None where /proc does not tell."""
+    return _status_mib(pid, "VmHWM")
+
+
+def _status_mib(pid: int, name: str) -> float | None:
+    """A size (in kB) from /proc/PID/status of a live process, in MiB; None where /proc
+    does not tell."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
+            if line.startswith(f"{name}:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -685,6 +713,171 @@ def _int(raw: bytes | None) -> int:
     return int(raw)
 
 
+SOAK_CONFIG = f"\n[retention]\ncompleted = {SOAK_RETENTION}\nfailed = {SOAK_RETENTION}\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One look at the soak: the daemon's RSS, Redis memory and keys, the queue's backlog."""
+
+    t: float  # s since the soak started
+    rss: float | None  # MiB, VmRSS; None where /proc does not tell
+    redis: float  # MiB, INFO memory used_memory
+    keys: int  # DBSIZE
+    queued: int  # /stats
+
+
+async def soak(bench: Bench) -> list[Figure]:
+    """One daemon (100 slots, retention 60 s), noop jobs POSTed at a steady rate for minutes:
+    its RSS, Redis memory and key count, sampled, should stay flat once retention deletes."""
+    plan = bench.soak
+    submitter = _Submitter(bench, plan.rate)
+    async with bench.daemons(1, concurrency=100, extra=SOAK_CONFIG) as [daemon]:
+        begin = anyio.current_time()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(submitter.run, daemon.url, begin, begin + plan.seconds)
+            samples = await _soak_samples(bench, daemon, begin, plan.seconds, submitter)
+    _soak_notes(bench, plan, submitter, samples)
+    return [
+        Figure("submitted", "jobs", submitter.sent),
+        Figure("submit rate", "jobs/s", submitter.sent / plan.seconds),
+        *_soak_figures(samples, plan.seconds),
+        Figure("max backlog", "jobs", max(s.queued for s in samples)),
+    ]
+
+
+@dataclass
+class _Submitter:
+    """POST /jobs/batch of noop jobs on a fixed schedule: a batch every `tick` seconds. Late,
+    it catches up, but with at most one extra batch at once; batches further behind are
+    skipped (and counted), so the daemon never gets a burst."""
+
+    bench: Bench
+    rate: int
+    size: int = 0
+    sent: int = 0
+    skipped: int = 0
+
+    def __post_init__(self) -> None:
+        self.size = min(BATCH_SIZE, math.ceil(self.rate * SOAK_TICK))
+
+    @property
+    def tick(self) -> float:
+        return self.size / self.rate
+
+    async def run(self, url: str, begin: float, end: float) -> None:
+        body = orjson.dumps({"jobs": [{"type": "noop"}] * self.size})
+        slot = 0
+        while begin + slot * self.tick < end:
+            await anyio.sleep_until(begin + slot * self.tick)
+            await self.bench.call("POST", f"{url}/jobs/batch", body)
+            self.sent += self.size
+            due = int((anyio.current_time() - begin) / self.tick)  # the latest slot due
+            following = max(slot + 1, due - 1)
+            self.skipped += following - slot - 1
+            slot = following
+
+
+async def _soak_samples(
+    bench: Bench, daemon: Daemon, begin: float, seconds: int, submitter: _Submitter
+) -> list[Sample]:
+    """A sample every SOAK_SAMPLE seconds (10 in all for short runs), the last at the end."""
+    interval = min(SOAK_SAMPLE, seconds / 10)
+    samples: list[Sample] = []
+    for k in range(1, round(seconds / interval) + 1):
+        await anyio.sleep_until(begin + k * interval)
+        if daemon.proc.poll() is not None:
+            raise BenchError(f"the daemon exited ({daemon.proc.returncode})\n{daemon.tail()}")
+        sample = await _sample(bench, daemon, k * interval)
+        samples.append(sample)
+        rss = "?" if sample.rss is None else f"{sample.rss:.1f}"
+        print(
+            f"soak {sample.t:5.0f} s: RSS {rss} MiB, Redis {sample.redis:.1f} MiB, "
+            f"{sample.keys:,} keys, {sample.queued:,} queued, {submitter.sent:,} submitted",
+            file=sys.stderr,
+            flush=True,
+        )
+    return samples
+
+
+async def _sample(bench: Bench, daemon: Daemon, t: float) -> Sample:
+    local = bench.need_local()
+    async with local.redis.pipeline(transaction=False) as pipe:
+        pipe.info("memory")
+        pipe.dbsize()
+        memory, keys = await pipe.execute()
+    stats = await bench.json("GET", f"{daemon.url}/stats")
+    queued = int(stats.get("queues", {}).get(QUEUE, {}).get("queued", 0))
+    rss = _status_mib(daemon.proc.pid, "VmRSS")
+    return Sample(t, rss, int(memory["used_memory"]) / MIB, int(keys), queued)
+
+
+def _soak_series(samples: Sequence[Sample]) -> list[tuple[str, str, list[float]]]:
+    """(name, unit, values) of each series that grows if something leaks."""
+    series = [
+        ("Redis memory", "MiB", [s.redis for s in samples]),
+        ("keys", "keys", [float(s.keys) for s in samples]),
+    ]
+    rss = [s.rss for s in samples if s.rss is not None]
+    if len(rss) == len(samples):
+        series.insert(0, ("daemon RSS", "MiB", rss))
+    return series
+
+
+def _soak_figures(samples: Sequence[Sample], seconds: int) -> list[Figure]:
+    """Per series: at 1 min, at the end, and its growth from the middle to the last third."""
+    early = max(i for i, s in enumerate(samples) if s.t <= min(SOAK_EARLY, seconds / 3) + 1e-6)
+    figures: list[Figure] = []
+    for name, unit, values in _soak_series(samples):
+        figures += [
+            Figure(f"{name} at 1 min", unit, values[early]),
+            Figure(f"{name} at end", unit, values[-1]),
+            Figure(f"{name} growth", "%", growth(values)),
+        ]
+    return figures
+
+
+def growth(values: Sequence[float]) -> float:
+    """(mean of the last third - mean of the middle third) / mean of the middle third, in %."""
+    third = len(values) // 3
+    if third == 0:
+        return 0.0
+    middle = statistics.fmean(values[third : 2 * third])
+    last = statistics.fmean(values[len(values) - third :])
+    return (last - middle) / middle * 100 if middle else 0.0
+
+
+def _soak_notes(
+    bench: Bench, plan: SoakPlan, submitter: _Submitter, samples: Sequence[Sample]
+) -> None:
+    every = f"every {samples[0].t:g} s"
+    bench.note(
+        f"soak: one daemon (100 slots), [retention] completed and failed {SOAK_RETENTION} s, "
+        f"noop jobs in batches of {submitter.size:,} every {submitter.tick * 1e3:g} ms "
+        f"({plan.rate:,}/s) for {plan.seconds:,} s; sampled {every}; growth: last third of the "
+        "samples against the middle third"
+    )
+    bench.note(
+        f"soak: samples fall as a batch arrives, so a backlog of up to one batch "
+        f"({submitter.size:,}) means the daemon keeps up; keys and Redis memory swing by about "
+        "10 s of jobs, as the janitor deletes expired ones every 10 s"
+    )
+    if plan.seconds < 3 * SOAK_EARLY:
+        bench.note("soak: in a run under 3 min, 'at 1 min' is a third of the way in")
+    if submitter.skipped:
+        bench.note(
+            f"soak: the submitter fell behind and skipped {submitter.skipped:,} batches "
+            f"({submitter.skipped * submitter.size:,} jobs): see the submit rate"
+        )
+    for name, unit, values in _soak_series(samples):
+        bench.note(f"soak {name} ({unit}), {every}: {' '.join(_short(v) for v in values)}")
+    bench.note(f"soak queued, {every}: {' '.join(str(s.queued) for s in samples)}")
+
+
+def _short(value: float) -> str:
+    return f"{value:.1f}" if value < 1000 else f"{value:.0f}"
+
+
 Workload = Callable[[Bench], Awaitable[list[Figure]]]
 WORKLOADS: dict[str, Workload] = {
     "intake-single": intake_single,
@@ -693,6 +886,7 @@ WORKLOADS: dict[str, Workload] = {
     "pickup": pickup,
     "concurrency": concurrency,
     "mixed": mixed,
+    "soak": soak,
 }
 
 
@@ -706,6 +900,7 @@ class Options:
     rounds: int
     workloads: tuple[str, ...]
     url: str | None
+    soak: SoakPlan
 
 
 @dataclass
@@ -762,7 +957,7 @@ async def _local(options: Options, redis_url: str, tmp: Path) -> Report:
     local = Local(redis_url, tmp)
     try:
         async with _session() as session:
-            bench = Bench(session, options.quick, local=local)
+            bench = Bench(session, options.quick, local=local, soak=options.soak)
             redis_version = str((await local.redis.info("server"))["redis_version"])
             results = await run_rounds(bench, options)
     finally:
@@ -883,7 +1078,16 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     bench.add_argument(
         "--only", nargs="+", choices=list(WORKLOADS), metavar="NAME",
-        help=f"run only these workloads: {', '.join(WORKLOADS)}",
+        help=f"run only these workloads: {', '.join(WORKLOADS)} "
+        f"({', '.join(OPT_IN)} only when named here)",
+    )  # fmt: skip
+    bench.add_argument(
+        "--soak-seconds", type=_positive, metavar="N",
+        help=f"how long soak submits jobs (default {SOAK_SECONDS[0]}; --quick {SOAK_SECONDS[1]})",
+    )  # fmt: skip
+    bench.add_argument(
+        "--soak-rate", type=_positive, metavar="R",
+        help=f"jobs/s soak submits (default {SOAK_RATE[0]:,}; --quick {SOAK_RATE[1]:,})",
     )  # fmt: skip
     bench.add_argument(
         "--url",
@@ -904,7 +1108,10 @@ def _positive(text: str) -> int:
 
 def main(args: argparse.Namespace) -> int:
     """Run `taskd bench`: 0 with the results printed, 1 if it failed, 2 for bad usage."""
-    workloads = tuple(name for name in WORKLOADS if not args.only or name in args.only)
+    if args.only:
+        workloads = tuple(name for name in WORKLOADS if name in args.only)
+    else:
+        workloads = tuple(name for name in WORKLOADS if name not in OPT_IN)
     if args.url is not None:
         workloads = tuple(name for name in workloads if name in REMOTE_WORKLOADS)
         if args.only and set(args.only) - set(REMOTE_WORKLOADS):
@@ -915,7 +1122,10 @@ def main(args: argparse.Namespace) -> int:
             )
             return 2
     rounds = args.rounds or (1 if args.quick else 3)
-    options = Options(args.quick, args.json, rounds, workloads, args.url)
+    soak = SoakPlan(
+        args.soak_seconds or SOAK_SECONDS[args.quick], args.soak_rate or SOAK_RATE[args.quick]
+    )
+    options = Options(args.quick, args.json, rounds, workloads, args.url, soak)
     try:
         report = run(options)
     except KeyboardInterrupt:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from taskd.bench import SIZES, Figure, aggregate, percentile
+from taskd.bench import SIZES, WORKLOADS, Figure, aggregate, growth, percentile
 from tests.support import TASKD
 
 # CI promises the quick bench runs "in under a minute"; it takes well under half that.
@@ -39,6 +40,53 @@ def test_quick_bench_runs_every_workload_in_under_a_minute(tmp_path: Path) -> No
         assert len(r["rounds"]) == 1, r
     # Everything it started is gone: no temp directory left behind in its place.
     assert not list(tmp_path.iterdir())
+
+
+SOAK_DEADLINE = 45.0
+
+
+@pytest.mark.timeout(SOAK_DEADLINE + 30)
+def test_quick_soak_samples_memory_and_keys_of_a_steady_load(tmp_path: Path) -> None:
+    started = time.monotonic()
+    done = subprocess.run(
+        [str(TASKD), "bench", "--only", "soak", "--quick", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=SOAK_DEADLINE + 15,
+        check=False,
+    )
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr.decode()
+    assert elapsed < SOAK_DEADLINE, f"took {elapsed:.1f} s\n{done.stderr.decode()}"
+    report = json.loads(done.stdout)
+    figures = {r["figure"]: r["median"] for r in report["results"]}
+    units = {r["figure"]: r["unit"] for r in report["results"]}
+    assert {r["workload"] for r in report["results"]} == {"soak"}
+    # 20 s at 1,000 jobs/s; a loaded machine may skip a few batches, not most.
+    submitted = figures["submitted"]
+    assert 10_000 <= submitted <= 20_000, figures
+    for series, unit in (("daemon RSS", "MiB"), ("Redis memory", "MiB"), ("keys", "keys")):
+        for when in ("at 1 min", "at end"):
+            assert figures[f"{series} {when}"] > 0, (series, when, figures)
+            assert units[f"{series} {when}"] == unit
+        assert math.isfinite(figures[f"{series} growth"]), figures
+    assert figures["max backlog"] >= 0
+    # Retention (60 s) deletes nothing within 20 s: one key per job, and a few of taskd's own.
+    assert submitted <= figures["keys at end"] < submitted + 100, figures
+    assert figures["keys at 1 min"] < figures["keys at end"], figures
+    assert any(note.startswith("soak keys (keys), every 2 s: ") for note in report["notes"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_soak_is_not_in_the_default_set() -> None:
+    assert "soak" in WORKLOADS
+    assert "soak" not in SIZES
+
+
+def test_growth_compares_the_last_third_with_the_middle_third() -> None:
+    assert growth([1.0, 2.0, 100.0, 100.0, 110.0, 110.0]) == pytest.approx(10.0)
+    assert growth([5.0] * 60) == 0.0
+    assert growth([3.0, 4.0]) == 0.0
 
 
 def test_rounds_aggregate_to_median_min_and_max_per_figure() -> None:
