@@ -143,3 +143,21 @@ def running(count: int) -> Callable[[], Awaitable[bool]]:
         return handler_funcs.TRACKER.running == count
 
     return check
+
+
+async def test_a_claimed_batch_cut_short_by_shutdown_loses_nothing(
+    redis_url: str, redis: Redis
+) -> None:
+    ids = await enqueue(redis_url, "tracked", [60] * 300)
+    config = tracked_config(redis_url, concurrency=100, shutdown_timeout=0.1)
+    async with running_daemon(config):
+
+        async def some_running() -> bool:
+            return handler_funcs.TRACKER.running > 0
+
+        # Stop while the first claimed batch of 100 is still being started.
+        await wait_until(some_running, "the first jobs of the batch to start")
+    assert await redis.llen(K.ready("default")) == 300
+    assert sorted(await redis.lrange(K.ready("default"), 0, -1)) == sorted(i.encode() for i in ids)
+    states = {await redis.hget(K.job("default", i), "state") for i in ids}
+    assert states == {b"queued"}
