@@ -41,7 +41,7 @@ _WEEK = 7 * 24 * 3600.0
 _TEN_YEARS = 10 * 365 * 24 * 3600.0
 _MAX_ATTEMPTS = 1000
 _TOP_KEYS = ("server", "redis", "workers", "retention", "handlers")
-_SERVER_KEYS = ("listen", "max_body", "max_batch", "token")
+_SERVER_KEYS = ("listen", "max_body", "max_batch", "idempotency_ttl", "token")
 _REDIS_KEYS = ("url", "prefix", "data_dir")
 _WORKERS_KEYS = ("concurrency", "queues", "shutdown_timeout", "heartbeat_interval", "dead_after")
 _RETENTION_KEYS = ("completed", "failed")
@@ -86,6 +86,7 @@ class ServerConfig:
     # When set, the dashboard and every endpoint that changes something require it.
     token: str | None = None
     max_batch: int = 10_000  # most jobs in one POST /jobs/batch
+    idempotency_ttl: float = 86_400.0  # seconds an idempotency key keeps answering its job
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +279,7 @@ def _server(t: _Table) -> ServerConfig:
     listen = t.string("listen", default.listen)
     max_body = t.integer("max_body", default.max_body, 1, _MAX_BODY)
     max_batch = t.integer("max_batch", default.max_batch, 1, 100_000)
+    idempotency_ttl = t.seconds("idempotency_ttl", default.idempotency_ttl, 30 * 86_400.0)
     token = t.string("token", "") or None
     if token is not None and (len(token) < 16 or not token.isprintable() or " " in token):
         t.problem("token", "must be at least 16 printable characters without spaces")
@@ -286,7 +288,7 @@ def _server(t: _Table) -> ServerConfig:
     except ValueError as e:
         t.problem("listen", str(e))
         return default
-    return ServerConfig(listen, max_body, host, port, unix_path, token, max_batch)
+    return ServerConfig(listen, max_body, host, port, unix_path, token, max_batch, idempotency_ttl)
 
 
 def _parse_listen(listen: str) -> tuple[str | None, int | None, str | None]:

@@ -100,6 +100,7 @@ class Intake:
         self._handlers = handlers
         self._queues = queues
         self._dead_after_ms = int(dead_after * 1000)
+        self._dedup_ttl_ms = int(server.idempotency_ttl * 1000)
         self._on_scheduled = on_scheduled
         self._clock = clock
         self._accepting = True
@@ -164,8 +165,14 @@ class Intake:
 
     async def submit(self, request: web.Request) -> web.Response:
         self._check_accepting()
-        job = parse_submission(await request.read(), self._handlers, self._clock())
-        await self._store.enqueue(job)
+        header = request.headers.get("Idempotency-Key")
+        job = parse_submission(await request.read(), self._handlers, self._clock(), header)
+        holder = await self._store.enqueue(job, self._dedup_ttl_ms)
+        if holder != job.id:
+            # A repeated submission: answer the job the first one created.
+            first = await self._store.get_job(holder, [job.queue])
+            if first is not None:
+                return json_response(first.to_public(), headers={"Location": f"/jobs/{holder}"})
         self._metrics.enqueued(job.queue, job.type)
         if job.run_at is not None:
             self._on_scheduled(job.queue, job.run_at)
@@ -176,13 +183,14 @@ class Intake:
         self._check_accepting()
         body = await request.read()
         jobs = parse_batch(body, self._handlers, self._clock(), self._server.max_batch)
-        await self._store.enqueue_many(jobs)
-        for (queue, job_type), count in Counter((j.queue, j.type) for j in jobs).items():
+        holders = await self._store.enqueue_many(jobs, self._dedup_ttl_ms)
+        added = [job for job, holder in zip(jobs, holders, strict=True) if holder == job.id]
+        for (queue, job_type), count in Counter((j.queue, j.type) for j in added).items():
             self._metrics.enqueued(queue, job_type, count)
-        for job in jobs:
+        for job in added:
             if job.run_at is not None:
                 self._on_scheduled(job.queue, job.run_at)
-        return json_response({"ids": [job.id for job in jobs]}, status=201)
+        return json_response({"ids": holders}, status=201)
 
     async def get_job(self, request: web.Request) -> web.Response:
         return json_response((await self._find(request)).to_public())

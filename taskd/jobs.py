@@ -45,6 +45,7 @@ class Job:
     cancel_requested: bool = False
     history: tuple[dict[str, Any], ...] = ()  # one entry per finished attempt
     waited_ms: int = 0  # set by a claim: how long this attempt waited since it was due
+    idempotency_key: str | None = None
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Job:
@@ -67,6 +68,7 @@ class Job:
             run_at=_opt_int(f.get("run_at")),
             cancel_requested="cancel_requested" in f,
             history=tuple(orjson.loads(f["history"])) if f.get("history") else (),
+            idempotency_key=f["idempotency_key"].decode() if f.get("idempotency_key") else None,
         )
 
     def to_public(self) -> dict[str, Any]:
@@ -87,6 +89,7 @@ class Job:
             "max_attempts": self.max_attempts,
             "run_at": format_ms(self.run_at),
             "cancel_requested": self.cancel_requested,
+            "idempotency_key": self.idempotency_key,
             "history": [_public_entry(entry) for entry in self.history],
         }
 

@@ -31,6 +31,10 @@ class Keys:
         """Hash holding one job's record."""
         return self.job_prefix(queue) + job_id
 
+    def idempotency_prefix(self, queue: str) -> str:
+        """Prefix of the strings mapping an idempotency key to the job that holds it."""
+        return f"{self.prefix}:{{{queue}}}:idem:"
+
     def landing(self, queue: str, daemon_id: str) -> str:
         """List a daemon's blocking fetch moves one id into (BLMOVE needs a list)."""
         return f"{self.prefix}:{{{queue}}}:landing:{daemon_id}"

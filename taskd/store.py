@@ -34,6 +34,8 @@ COMMAND_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 5.0
 # Most ids a listing examines per request when filters skip most of them.
 LIST_SCAN_BUDGET = 2000
+# How long an idempotency key holds by default, ms ([server] idempotency_ttl).
+DEDUP_TTL_MS = 86_400_000
 # Jobs sent per script call by enqueue_many: bounds how long one call blocks Redis.
 ENQUEUE_CHUNK = 1000
 # Recent wait and run times kept per queue, for the percentiles /stats shows.
@@ -141,34 +143,50 @@ class Store:
 
     # Submitting and reading jobs.
 
-    async def enqueue(self, job: Job) -> bool:
-        """Store a new job, queued or (with `run_at`) scheduled; False if its id exists."""
-        return bool(await self._enqueue_call(job.queue, job.created_at, [job]))
+    async def enqueue(self, job: Job, dedup_ttl_ms: int = DEDUP_TTL_MS) -> str:
+        """Store a new job, queued or (with `run_at`) scheduled.
 
-    async def enqueue_many(self, jobs: Sequence[Job]) -> int:
+        Returns the id of the job that holds the submission: the job's own, or that of an
+        earlier job with the same idempotency key (then nothing was added).
+        """
+        [holder] = await self._enqueue_call(job.queue, job.created_at, [job], dedup_ttl_ms)
+        return holder
+
+    async def enqueue_many(
+        self, jobs: Sequence[Job], dedup_ttl_ms: int = DEDUP_TTL_MS
+    ) -> list[str]:
         """Store many new jobs in few round trips: one script call per queue and chunk.
 
         Each call is atomic; the batch as a whole is not, but every job in it has a fresh
-        id, so a client retries a failed batch whole, with new ids.
+        id, so a client retries a failed batch whole, with new ids (or idempotency keys).
+        Returns the holders' ids in the order of `jobs`, as `enqueue` does.
         """
-        by_queue: dict[tuple[str, int], list[Job]] = {}
-        for job in jobs:
-            by_queue.setdefault((job.queue, job.created_at), []).append(job)
-        added = 0
-        for (queue, created_at), group in by_queue.items():
-            for start in range(0, len(group), ENQUEUE_CHUNK):
-                chunk = group[start : start + ENQUEUE_CHUNK]
-                added += await self._enqueue_call(queue, created_at, chunk)
-        return added
+        groups: dict[tuple[str, int], list[int]] = {}
+        for index, job in enumerate(jobs):
+            groups.setdefault((job.queue, job.created_at), []).append(index)
+        holders = [""] * len(jobs)
+        for (queue, created_at), indexes in groups.items():
+            for start in range(0, len(indexes), ENQUEUE_CHUNK):
+                chunk = indexes[start : start + ENQUEUE_CHUNK]
+                answered = await self._enqueue_call(
+                    queue, created_at, [jobs[i] for i in chunk], dedup_ttl_ms
+                )
+                for index, holder in zip(chunk, answered, strict=True):
+                    holders[index] = holder
+        return holders
 
-    async def _enqueue_call(self, queue: str, created_at: int, jobs: Sequence[Job]) -> int:
+    async def _enqueue_call(
+        self, queue: str, created_at: int, jobs: Sequence[Job], dedup_ttl_ms: int
+    ) -> list[str]:
         k = self.keys
         args: list[Any] = [k.job_prefix(queue), queue, created_at]
+        args += [k.idempotency_prefix(queue), dedup_ttl_ms]
         for job in jobs:
             payload = orjson.dumps(job.payload)
             args += [job.id, job.type, payload, job.max_attempts, job.run_at or 0]
+            args.append(job.idempotency_key or "")
         keys = [k.ready(queue), k.scheduled(queue), k.index(queue), k.totals(queue)]
-        return int(await self._lua["enqueue"](keys=keys, args=args))
+        return [_text(holder) for holder in await self._lua["enqueue"](keys=keys, args=args)]
 
     async def get_job(self, job_id: str, queues: Iterable[str]) -> Job | None:
         """The job with this id in any of these queues, or None."""

@@ -18,7 +18,8 @@ from taskd.jobs import FINAL_STATES, QUEUED, SCHEDULED, STATES, Job, new_id
 # likely a unit mistake (milliseconds for seconds) than a plan.
 MAX_DELAY = 366 * 24 * 3600
 MAX_ATTEMPTS = 1000
-SUBMIT_FIELDS = ("type", "payload", "delay", "run_at", "max_attempts")
+SUBMIT_FIELDS = ("type", "payload", "delay", "run_at", "max_attempts", "idempotency_key")
+MAX_IDEMPOTENCY_KEY = 255
 LIST_LIMIT_DEFAULT = 50
 LIST_LIMIT_MAX = 1000
 # A listing's cursor is the last job id it gave, or for final states "finish-ms-id".
@@ -40,11 +41,19 @@ def invalid(message: str) -> ApiError:
     return ApiError(422, "invalid_job", message)
 
 
-def parse_submission(body: bytes, handlers: Mapping[str, HandlerConfig], now: int) -> Job:
-    """The new job a request body asks for, or an ApiError saying what is wrong with it."""
+def parse_submission(
+    body: bytes, handlers: Mapping[str, HandlerConfig], now: int, header_key: str | None = None
+) -> Job:
+    """The new job a request body asks for, or an ApiError saying what is wrong with it.
+
+    `header_key` is the request's Idempotency-Key header, the same as the body's
+    `idempotency_key` field (giving both, they must agree).
+    """
     data = _json_body(body)
     if not isinstance(data, dict):
         raise invalid("the request body must be a JSON object")
+    if header_key is not None and data.setdefault("idempotency_key", header_key) != header_key:
+        raise invalid("the Idempotency-Key header and 'idempotency_key' differ")
     return _new_job(data, handlers, now)
 
 
@@ -95,6 +104,7 @@ def _new_job(data: dict[str, Any], handlers: Mapping[str, HandlerConfig], now: i
         created_at=now,
         max_attempts=_max_attempts(data, handler),
         run_at=run_at,
+        idempotency_key=_idempotency_key(data),
     )
 
 
@@ -149,6 +159,20 @@ def _parse_time(value: Any) -> int:
     if not 0 <= seconds < 1e11:
         raise invalid(f"'run_at' is out of range: {value!r}")
     return math.ceil(seconds * 1000)
+
+
+def _idempotency_key(data: dict[str, Any]) -> str | None:
+    key = data.get("idempotency_key")
+    if key is None:
+        return None
+    if (
+        not isinstance(key, str)
+        or not 1 <= len(key) <= MAX_IDEMPOTENCY_KEY
+        or not key.isprintable()
+    ):
+        rule = f"1 to {MAX_IDEMPOTENCY_KEY} printable characters"
+        raise invalid(f"'idempotency_key' must be {rule}, got {key!r}")
+    return key
 
 
 def _max_attempts(data: dict[str, Any], handler: HandlerConfig) -> int:

@@ -30,6 +30,7 @@ from taskd.config import (
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "taskd.toml"
 ECHO = '[handlers.echo]\nbuiltin = "echo"\n'
 TOP_KEYS = "server, redis, workers, retention, handlers"
+SERVER_KEYS = "listen, max_body, max_batch, idempotency_ttl, token"
 HANDLER_KEYS = (
     "builtin, python, exec, http, queue, timeout, concurrency, max_attempts, backoff_base, "
     "backoff_max, permanent_exit_codes"
@@ -632,7 +633,7 @@ def test_invalid(text: str, expected: str) -> None:
         ("[logging]\n", f"logging: unknown key (known: {TOP_KEYS})"),
         (
             '[server]\nlisen = "x"\n',
-            "server.lisen: unknown key (known: listen, max_body, max_batch, token)",
+            f"server.lisen: unknown key (known: {SERVER_KEYS})",
         ),
         ('[redis]\nhost = "x"\n', "redis.host: unknown key (known: url, prefix, data_dir)"),
         (
@@ -646,7 +647,7 @@ def test_invalid(text: str, expected: str) -> None:
         ),
         (
             '[server]\n"lis ten" = 1\n',
-            'server."lis ten": unknown key (known: listen, max_body, max_batch, token)',
+            f'server."lis ten": unknown key (known: {SERVER_KEYS})',
         ),
         (
             "[retention]\ncancelled = 1\n",
@@ -737,7 +738,7 @@ def test_all_problems_reported_together(tmp_path: Path) -> None:
     err = info.value
     assert err.source == str(path)
     assert err.problems == [
-        "server.lisen: unknown key (known: listen, max_body, max_batch, token)",
+        f"server.lisen: unknown key (known: {SERVER_KEYS})",
         "workers.concurrency: must be an integer from 1 to 100000, got 0",
         f"handlers.thumb.frob: unknown key (known: {HANDLER_KEYS})",
         "handlers.other.python: module 'json' has no callable 'nope'",

@@ -82,7 +82,7 @@ async def test_enqueue_queues_or_schedules(store: Store, redis: Redis) -> None:
     assert await place(redis, later.id) == ["scheduled"]
     assert await stored(store, now.id) == now
     assert (await stored(store, later.id)).run_at == 5000
-    assert not await store.enqueue(now)  # the same id again changes nothing
+    assert await store.enqueue(now) == now.id  # the same id again changes nothing
     assert await redis.llen(K.ready(Q)) == 1
 
 

@@ -1,6 +1,9 @@
 -- Enqueue new jobs of one queue: write each record, index it, and either push its id on
--- the ready list or, when it has a time to wait for, put it in the scheduled set. One
--- call takes a bounded batch (the store sends at most ENQUEUE_CHUNK jobs per call).
+-- the ready list or, when it has a time to wait for, put it in the scheduled set. A job
+-- with an idempotency key that a live job of the queue already holds is not added: the
+-- holder's id is answered instead, so a client's retried submission never duplicates a
+-- job, even when the two submissions race through two daemons. One call takes a bounded
+-- batch (the store sends at most ENQUEUE_CHUNK jobs per call).
 -- KEYS[1] -> the queue's ready list
 -- KEYS[2] -> the queue's scheduled set
 -- KEYS[3] -> the queue's index
@@ -8,27 +11,44 @@
 -- ARGV[1] -> the queue's job hash prefix
 -- ARGV[2] -> the queue's name
 -- ARGV[3] -> created_at, epoch ms
--- ARGV[4..] -> 5 entries per job: id, type, payload (JSON text), max_attempts,
---   run_at (epoch ms, or 0 to run now)
--- Returns how many jobs were added; a job whose id exists already is left unchanged.
+-- ARGV[4] -> the queue's idempotency key prefix
+-- ARGV[5] -> how long an idempotency key holds, ms
+-- ARGV[6..] -> 6 entries per job: id, type, payload (JSON text), max_attempts,
+--   run_at (epoch ms, or 0 to run now), idempotency key (or '')
+-- Returns, per job in order, the id of the job that holds it: its own id, or the id of
+-- the earlier job with the same idempotency key.
+local holders = {}
 local added = 0
-for i = 4, #ARGV, 5 do
-  local id = ARGV[i]
-  local key = ARGV[1] .. id
-  if redis.call('EXISTS', key) == 0 then
-    redis.call('HSET', key, 'id', id, 'type', ARGV[i + 1], 'queue', ARGV[2],
-      'payload', ARGV[i + 2], 'attempts', 0, 'max_attempts', ARGV[i + 3],
-      'created_at', ARGV[3])
-    if ARGV[i + 4] ~= '0' then
-      redis.call('HSET', key, 'state', 'scheduled', 'run_at', ARGV[i + 4])
-      redis.call('ZADD', KEYS[2], ARGV[i + 4], id)
-    else
-      redis.call('HSET', key, 'state', 'queued')
-      redis.call('LPUSH', KEYS[1], id)
+for i = 6, #ARGV, 6 do
+  local id, dedup = ARGV[i], ARGV[i + 5]
+  local holder = false
+  if dedup ~= '' then
+    holder = redis.call('GET', ARGV[4] .. dedup)
+  end
+  if holder then
+    holders[#holders + 1] = holder
+  else
+    holders[#holders + 1] = id
+    local key = ARGV[1] .. id
+    if redis.call('EXISTS', key) == 0 then
+      redis.call('HSET', key, 'id', id, 'type', ARGV[i + 1], 'queue', ARGV[2],
+        'payload', ARGV[i + 2], 'attempts', 0, 'max_attempts', ARGV[i + 3],
+        'created_at', ARGV[3])
+      if dedup ~= '' then
+        redis.call('SET', ARGV[4] .. dedup, id, 'PX', ARGV[5])
+        redis.call('HSET', key, 'idempotency_key', dedup)
+      end
+      if ARGV[i + 4] ~= '0' then
+        redis.call('HSET', key, 'state', 'scheduled', 'run_at', ARGV[i + 4])
+        redis.call('ZADD', KEYS[2], ARGV[i + 4], id)
+      else
+        redis.call('HSET', key, 'state', 'queued')
+        redis.call('LPUSH', KEYS[1], id)
+      end
+      redis.call('ZADD', KEYS[3], 0, id)
+      added = added + 1
     end
-    redis.call('ZADD', KEYS[3], 0, id)
-    added = added + 1
   end
 end
 redis.call('HINCRBY', KEYS[4], 'enqueued', added)
-return added
+return holders
