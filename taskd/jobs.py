@@ -46,6 +46,7 @@ class Job:
     history: tuple[dict[str, Any], ...] = ()  # one entry per finished attempt
     waited_ms: int = 0  # set by a claim: how long this attempt waited since it was due
     idempotency_key: str | None = None
+    progress: tuple[float, str, int] | None = None  # value, message, when (epoch ms)
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Job:
@@ -69,6 +70,7 @@ class Job:
             cancel_requested="cancel_requested" in f,
             history=tuple(orjson.loads(f["history"])) if f.get("history") else (),
             idempotency_key=f["idempotency_key"].decode() if f.get("idempotency_key") else None,
+            progress=_progress(f),
         )
 
     def to_public(self) -> dict[str, Any]:
@@ -90,6 +92,13 @@ class Job:
             "run_at": format_ms(self.run_at),
             "cancel_requested": self.cancel_requested,
             "idempotency_key": self.idempotency_key,
+            "progress": None
+            if self.progress is None
+            else {
+                "value": self.progress[0],
+                "message": self.progress[1],
+                "at": format_ms(self.progress[2]),
+            },
             "history": [_public_entry(entry) for entry in self.history],
         }
 
@@ -97,6 +106,12 @@ class Job:
 def _public_entry(entry: dict[str, Any]) -> dict[str, Any]:
     times = ("started_at", "finished_at")
     return {k: format_ms(v) if k in times else v for k, v in entry.items()}
+
+
+def _progress(f: dict[str, bytes]) -> tuple[float, str, int] | None:
+    if "progress" not in f:
+        return None
+    return float(f["progress"]), f["progress_message"].decode(), int(f["progress_at"])
 
 
 def _opt_int(raw: bytes | None) -> int | None:

@@ -95,7 +95,7 @@ def _load_script(client: aioredis.Redis, name: str) -> Any:
 
 _SCRIPTS = (
     "enqueue", "claim", "ack", "requeue", "promote", "cancel", "retry", "delete",
-    "recover", "trim", "beat", "forget",
+    "recover", "trim", "beat", "forget", "progress",
 )  # fmt: skip
 
 
@@ -260,6 +260,15 @@ class Store:
             k.runs(queue),
         ]
         return int(await self._lua["ack"](keys=keys, args=args))
+
+    async def report_progress(
+        self, job: Job, daemon_id: str, value: float, message: str, now: int
+    ) -> bool:
+        """Record a running attempt's progress; False if the attempt is no longer ours."""
+        k = self.keys
+        keys = [k.active(job.queue, daemon_id), k.job(job.queue, job.id)]
+        args = [job.id, job.attempts, repr(value), message, now]
+        return bool(await self._lua["progress"](keys=keys, args=args))
 
     async def still_owned(self, queue: str, daemon_id: str, job_ids: Sequence[str]) -> set[str]:
         """Which of these ids are still in this daemon's active set."""

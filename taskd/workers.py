@@ -15,6 +15,7 @@ from taskd.config import HandlerConfig
 from taskd.handlers import Handlers, JobFailed
 from taskd.jobs import Job, now_ms
 from taskd.metrics import Metrics
+from taskd.progress import set_reporter
 from taskd.store import Attempt, Store
 
 logger = logging.getLogger(__name__)
@@ -225,6 +226,12 @@ class WorkerPool:
 
     async def _attempt(self, job: Job) -> Attempt:
         logger.debug("job %s (%s) started, attempt %d", job.id, job.type, job.attempts)
+
+        async def report(value: float, message: str) -> None:
+            await self._store.report_progress(job, self._daemon_id, value, message, self._clock())
+
+        # Set in this job's own task, so it reaches only this job's handler.
+        set_reporter(report)
         try:
             result = await self._handlers.run(job)
         except JobFailed as exc:

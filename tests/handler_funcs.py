@@ -10,6 +10,7 @@ import anyio
 
 from taskd.handlers import JobFailed
 from taskd.jobs import Job
+from taskd.progress import report_progress
 
 
 async def add(job: Job) -> dict[str, Any]:
@@ -105,3 +106,14 @@ async def record(job: Job) -> None:
     finally:
         os.close(fd)
     await anyio.sleep(job.payload)
+
+
+PROGRESS_GATE = Gauge()
+
+
+async def progressing(job: Job) -> str:
+    """Report half the work done, then wait for the test to open the gate."""
+    await report_progress(50, "halfway there")
+    await PROGRESS_GATE.gate.wait()
+    await report_progress(100, "done")
+    return "finished"

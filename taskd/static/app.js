@@ -309,7 +309,10 @@ function updateRecentRow(row, job, now) {
     `created ${job.created_at}${due}`);
   const state = job.cancel_requested && job.state === "active" ? "cancelling" : job.state;
   const badge = cell(row, "state").firstChild;
-  badge.textContent = state;
+  // A running job's latest progress report, if its handler sends any.
+  const progress = job.state === "active" && job.progress ? ` ${job.progress.value}` : "";
+  badge.textContent = state + progress;
+  badge.title = job.progress ? job.progress.message : "";
   badge.className = `badge state-${job.state}`;
   row.dataset.state = job.state;
   // Cancel only where the API accepts it; a requested cancel is not asked for twice.
