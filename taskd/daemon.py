@@ -9,6 +9,7 @@ from urllib.parse import urlsplit, urlunsplit
 import anyio
 from anyio.abc import TaskStatus
 
+from taskd.callbacks import Callbacks
 from taskd.canceller import Canceller
 from taskd.config import Config
 from taskd.handlers import Handlers
@@ -58,6 +59,7 @@ class Daemon:
             job_types=[(h.queue, h.name) for h in config.handlers.values()],
         )
         self.promoter = Promoter(store=store, queues=sorted(known))
+        self.callbacks = Callbacks(store=store)
         self.pool = WorkerPool(
             store=store,
             handlers=handlers,
@@ -67,6 +69,7 @@ class Daemon:
             concurrency=workers.concurrency,
             metrics=self.metrics,
             on_retry=self.promoter.wake,
+            on_final=self.callbacks.job_ended,
         )
         self.heartbeat = Heartbeat(
             store=store,
@@ -98,6 +101,7 @@ class Daemon:
             metrics=self.metrics,
             active=lambda: self.pool.active,
             on_scheduled=self.promoter.wake,
+            on_final=self.callbacks.job_ended,
         )
         self._store = store
         self._stopping = anyio.Event()
@@ -118,6 +122,7 @@ class Daemon:
             tg.start_soon(self.promoter.run)
             tg.start_soon(self.reaper.run)
             tg.start_soon(self.janitor.run)
+            tg.start_soon(self.callbacks.run)
             await tg.start(self.pool.run)
             await tg.start(self.intake.run)
             logger.info(

@@ -91,8 +91,10 @@ class Intake:
         metrics: Metrics,
         active: Callable[[], int],
         on_scheduled: Callable[[str, int], None] = lambda queue, due: None,
+        on_final: Callable[[Job], Awaitable[None]] | None = None,
         clock: Callable[[], int] = now_ms,
     ) -> None:
+        self._on_final = on_final
         self._metrics = metrics
         self._active = active
         self._store = store
@@ -202,9 +204,12 @@ class Intake:
             raise _conflict(
                 job.id, before, "only a queued, scheduled or active job can be cancelled"
             )
-        # An active job is cancelled by the daemon running it, a moment later.
-        status = 202 if before == "active" else 200
-        return json_response((await self._find(request)).to_public(), status=status)
+        after = await self._find(request)
+        # An active job is cancelled by the daemon running it, a moment later (and that
+        # daemon sends its callback); a waiting one is cancelled now, so we send it.
+        if before != "active" and self._on_final is not None:
+            await self._on_final(after)
+        return json_response(after.to_public(), status=202 if before == "active" else 200)
 
     async def retry_job(self, request: web.Request) -> web.Response:
         job = await self._find(request)

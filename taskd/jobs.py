@@ -47,6 +47,7 @@ class Job:
     waited_ms: int = 0  # set by a claim: how long this attempt waited since it was due
     idempotency_key: str | None = None
     progress: tuple[float, str, int] | None = None  # value, message, when (epoch ms)
+    callback_url: str | None = None  # POSTed the final record when the job ends
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Job:
@@ -71,6 +72,7 @@ class Job:
             history=tuple(orjson.loads(f["history"])) if f.get("history") else (),
             idempotency_key=f["idempotency_key"].decode() if f.get("idempotency_key") else None,
             progress=_progress(f),
+            callback_url=f["callback_url"].decode() if f.get("callback_url") else None,
         )
 
     def to_public(self) -> dict[str, Any]:
@@ -92,6 +94,7 @@ class Job:
             "run_at": format_ms(self.run_at),
             "cancel_requested": self.cancel_requested,
             "idempotency_key": self.idempotency_key,
+            "callback_url": self.callback_url,
             "progress": None
             if self.progress is None
             else {

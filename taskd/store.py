@@ -184,7 +184,7 @@ class Store:
         for job in jobs:
             payload = orjson.dumps(job.payload)
             args += [job.id, job.type, payload, job.max_attempts, job.run_at or 0]
-            args.append(job.idempotency_key or "")
+            args += [job.idempotency_key or "", job.callback_url or ""]
         keys = [k.ready(queue), k.scheduled(queue), k.index(queue), k.totals(queue)]
         return [_text(holder) for holder in await self._lua["enqueue"](keys=keys, args=args)]
 
@@ -227,8 +227,9 @@ class Store:
                 started_at=int(flat[i + 6]),
                 daemon=daemon_id,
                 waited_ms=int(flat[i + 7]),
+                callback_url=_text(flat[i + 8]) or None,
             )
-            for i in range(0, len(flat), 8)
+            for i in range(0, len(flat), 9)
         ]
 
     async def wait_for_job(self, queue: str, daemon_id: str, block_seconds: int) -> bool:
@@ -308,6 +309,10 @@ class Store:
             keys=[k.scheduled(queue), k.ready(queue)], args=[now, BATCH, k.job_prefix(queue)]
         )
         return int(moved), (None if int(due) < 0 else int(due))
+
+    async def count(self, queue: str, name: str) -> None:
+        """Add one to a queue's counter (shown in /stats totals)."""
+        await self._r.hincrby(self.keys.totals(queue), name, 1)
 
     # Pausing queues.
 

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 
@@ -18,7 +19,10 @@ from taskd.jobs import FINAL_STATES, QUEUED, SCHEDULED, STATES, Job, new_id
 # likely a unit mistake (milliseconds for seconds) than a plan.
 MAX_DELAY = 366 * 24 * 3600
 MAX_ATTEMPTS = 1000
-SUBMIT_FIELDS = ("type", "payload", "delay", "run_at", "max_attempts", "idempotency_key")
+SUBMIT_FIELDS = (
+    "type", "payload", "delay", "run_at", "max_attempts", "idempotency_key", "callback_url",
+)  # fmt: skip
+MAX_URL = 2048
 MAX_IDEMPOTENCY_KEY = 255
 LIST_LIMIT_DEFAULT = 50
 LIST_LIMIT_MAX = 1000
@@ -105,6 +109,7 @@ def _new_job(data: dict[str, Any], handlers: Mapping[str, HandlerConfig], now: i
         max_attempts=_max_attempts(data, handler),
         run_at=run_at,
         idempotency_key=_idempotency_key(data),
+        callback_url=_callback_url(data),
     )
 
 
@@ -159,6 +164,16 @@ def _parse_time(value: Any) -> int:
     if not 0 <= seconds < 1e11:
         raise invalid(f"'run_at' is out of range: {value!r}")
     return math.ceil(seconds * 1000)
+
+
+def _callback_url(data: dict[str, Any]) -> str | None:
+    url = data.get("callback_url")
+    if url is None:
+        return None
+    parts = urlsplit(url) if isinstance(url, str) and len(url) <= MAX_URL else None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise invalid(f"'callback_url' must be an http:// or https:// URL, got {url!r}")
+    return str(url)
 
 
 def _idempotency_key(data: dict[str, Any]) -> str | None:

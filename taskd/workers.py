@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import anyio
 import orjson
@@ -30,8 +30,14 @@ BLOCK_TIMEOUT = 5
 FETCH_RETRY_DELAY = 0.5
 # How often a paused queue is looked at again: the delay before a resume takes effect.
 PAUSED_POLL = 0.5
+# Outcomes that end a job (a retry does not).
+FINAL_OUTCOMES = frozenset({"completed", "failed", "cancelled"})
 # Longest the final requeue may take at shutdown; past it the reaper recovers the rest.
 FINISH_TIMEOUT = 10.0
+
+
+async def _nothing(job: Job) -> None:
+    pass
 
 
 class WorkerPool:
@@ -57,7 +63,9 @@ class WorkerPool:
         block_timeout: int = BLOCK_TIMEOUT,
         metrics: Metrics,
         on_retry: Callable[[str, int], None] = lambda queue, due: None,
+        on_final: Callable[[Job], Awaitable[None]] = _nothing,
     ) -> None:
+        self._on_final = on_final
         self._store = store
         self._metrics = metrics
         self._handlers = handlers
@@ -220,6 +228,8 @@ class WorkerPool:
             ran = (self._clock() - (job.started_at or self._clock())) / 1000
             self._metrics.finished(job.queue, job.type, attempt.outcome, ran)
             await self._acker.record(job.queue, attempt)
+            if attempt.outcome in FINAL_OUTCOMES:
+                await self._on_final(job)
         finally:
             del self._running[job.id]
             self._slots.release()

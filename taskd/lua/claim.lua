@@ -14,8 +14,8 @@
 -- ARGV[3] -> the queue's job hash prefix
 -- ARGV[4] -> this daemon's id, recorded on the job
 -- ARGV[5] -> how many recent wait times to keep
--- Returns a flat array of 8 entries per claimed job:
---   id, type, payload, attempts, created_at, max_attempts, started_at, ms waited since due;
+-- Returns a flat array of 9 entries per claimed job: id, type, payload, attempts,
+--   created_at, max_attempts, started_at, ms waited since due, callback URL (or '');
 -- or the single entry 'paused'.
 local limit = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
@@ -37,7 +37,7 @@ local function claim(ids)
   for _, id in ipairs(ids) do
     local key = ARGV[3] .. id
     local f = redis.call('HMGET', key, 'state', 'type', 'payload', 'created_at', 'max_attempts',
-      'run_at')
+      'run_at', 'callback_url')
     -- Only a queued job runs: a stray id of a deleted or cancelled job is dropped.
     if f[1] == 'queued' then
       -- Waiting starts when the job is due: at its run_at, else when it was created. The
@@ -58,6 +58,7 @@ local function claim(ids)
       out[#out + 1] = f[5]
       out[#out + 1] = started
       out[#out + 1] = started - due
+      out[#out + 1] = f[7] or ''
     end
   end
   return #ids

@@ -13,13 +13,13 @@
 -- ARGV[3] -> created_at, epoch ms
 -- ARGV[4] -> the queue's idempotency key prefix
 -- ARGV[5] -> how long an idempotency key holds, ms
--- ARGV[6..] -> 6 entries per job: id, type, payload (JSON text), max_attempts,
---   run_at (epoch ms, or 0 to run now), idempotency key (or '')
+-- ARGV[6..] -> 7 entries per job: id, type, payload (JSON text), max_attempts,
+--   run_at (epoch ms, or 0 to run now), idempotency key (or ''), callback URL (or '')
 -- Returns, per job in order, the id of the job that holds it: its own id, or the id of
 -- the earlier job with the same idempotency key.
 local holders = {}
 local added = 0
-for i = 6, #ARGV, 6 do
+for i = 6, #ARGV, 7 do
   local id, dedup = ARGV[i], ARGV[i + 5]
   local holder = false
   if dedup ~= '' then
@@ -34,6 +34,9 @@ for i = 6, #ARGV, 6 do
       redis.call('HSET', key, 'id', id, 'type', ARGV[i + 1], 'queue', ARGV[2],
         'payload', ARGV[i + 2], 'attempts', 0, 'max_attempts', ARGV[i + 3],
         'created_at', ARGV[3])
+      if ARGV[i + 6] ~= '' then
+        redis.call('HSET', key, 'callback_url', ARGV[i + 6])
+      end
       if dedup ~= '' then
         redis.call('SET', ARGV[4] .. dedup, id, 'PX', ARGV[5])
         redis.call('HSET', key, 'idempotency_key', dedup)
