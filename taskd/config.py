@@ -17,6 +17,9 @@ from datetime import date, datetime, time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
 
 # Names of the jobs the daemon can run without any code of yours.
 BUILTINS = ("echo", "noop", "sleep", "fail")
@@ -40,7 +43,9 @@ _WEEK = 7 * 24 * 3600.0
 # Longer than this, a retention is surely milliseconds written as seconds.
 _TEN_YEARS = 10 * 365 * 24 * 3600.0
 _MAX_ATTEMPTS = 1000
-_TOP_KEYS = ("server", "redis", "workers", "retention", "handlers")
+_TOP_KEYS = ("server", "redis", "workers", "retention", "handlers", "schedules")
+_SCHEDULE_KEYS = ("name", "cron", "timezone", "type", "payload", "queue", "catch_up")
+_CATCH_UP = ("none", "latest")
 _SERVER_KEYS = ("listen", "max_body", "max_batch", "idempotency_ttl", "token")
 _REDIS_KEYS = ("url", "prefix", "data_dir")
 _WORKERS_KEYS = ("concurrency", "queues", "shutdown_timeout", "heartbeat_interval", "dead_after")
@@ -142,6 +147,19 @@ class RetentionConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ScheduleConfig:
+    """A recurring job: one job of `type` at every tick of `cron`, across all daemons."""
+
+    name: str
+    cron: str  # five fields, or @hourly, @daily, @weekly, @monthly, @yearly
+    timezone: str = "UTC"  # an IANA zone, e.g. "Europe/Paris"
+    type: str = ""
+    payload: Any = None
+    queue: str | None = None  # default: the handler's queue
+    catch_up: str = "none"  # a tick missed while every daemon was down: "none" or "latest"
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     """The whole configuration of one daemon."""
 
@@ -150,6 +168,7 @@ class Config:
     workers: WorkersConfig
     handlers: Mapping[str, HandlerConfig]
     retention: RetentionConfig = field(default_factory=RetentionConfig)
+    schedules: tuple[ScheduleConfig, ...] = ()
     source: str = "<config>"
 
 
@@ -180,9 +199,11 @@ def parse(
     workers = _workers(root.table("workers", _WORKERS_KEYS))
     retention = _retention(root.table("retention", _RETENTION_KEYS))
     handlers = _handlers(root, problems)
+    schedules = _schedules(root, handlers, problems)
     if problems:
         raise ConfigError(source, problems)
-    return Config(server, redis, workers, types.MappingProxyType(handlers), retention, source)
+    handler_map = types.MappingProxyType(handlers)
+    return Config(server, redis, workers, handler_map, retention, schedules, source)
 
 
 class _Table:
@@ -409,6 +430,53 @@ def _handlers(root: _Table, problems: list[str]) -> dict[str, HandlerConfig]:
             continue
         handlers[name] = _handler(name, _Table(spec, path, _HANDLER_KEYS, problems))
     return handlers
+
+
+def _schedules(
+    root: _Table, handlers: Mapping[str, HandlerConfig], problems: list[str]
+) -> tuple[ScheduleConfig, ...]:
+    raw = root.data.get("schedules", [])
+    if not isinstance(raw, list):
+        root.problem(
+            "schedules", f"must be an array of tables ([[schedules]]), got {_describe(raw)}"
+        )
+        return ()
+    schedules: list[ScheduleConfig] = []
+    for index, spec in enumerate(raw):
+        path = f"schedules[{index}]"
+        if not isinstance(spec, Mapping):
+            problems.append(f"{path}: must be a table, got {_describe(spec)}")
+            continue
+        schedule = _schedule(_Table(spec, path, _SCHEDULE_KEYS, problems), handlers)
+        if any(s.name == schedule.name for s in schedules):
+            problems.append(f"{path}.name: another schedule is named {schedule.name!r}")
+        schedules.append(schedule)
+    return tuple(schedules)
+
+
+def _schedule(t: _Table, handlers: Mapping[str, HandlerConfig]) -> ScheduleConfig:
+    name = t.string("name", "")
+    if not _HANDLER_NAME.fullmatch(name):
+        t.problem("name", f"required, {_HANDLER_RULE}")
+    cron = t.string("cron", "")
+    if not croniter.is_valid(cron):
+        t.problem("cron", f"not a cron expression (five fields or @hourly and the like): {cron!r}")
+    zone = t.string("timezone", "UTC")
+    try:
+        ZoneInfo(zone)
+    except (ValueError, ZoneInfoNotFoundError):
+        t.problem("timezone", f"unknown time zone {zone!r} (use an IANA name like Europe/Paris)")
+    job_type = t.string("type", "")
+    if job_type not in handlers:
+        t.problem("type", f"must name a configured handler, got {job_type!r}")
+    queue = t.data.get("queue")
+    if queue is not None and (not isinstance(queue, str) or not QUEUE_NAME.fullmatch(queue)):
+        t.problem("queue", f"must be a queue name: {_QUEUE_RULE}")
+    catch_up = t.string("catch_up", "none")
+    if catch_up not in _CATCH_UP:
+        t.problem("catch_up", f"must be one of {', '.join(_CATCH_UP)}, got {catch_up!r}")
+    payload = t.data.get("payload")
+    return ScheduleConfig(name, cron, zone, job_type, payload, queue, catch_up)
 
 
 def _handler(name: str, t: _Table) -> HandlerConfig:

@@ -19,6 +19,7 @@ from taskd.janitor import Janitor
 from taskd.metrics import Metrics
 from taskd.promoter import Promoter
 from taskd.reaper import Reaper
+from taskd.scheduler import Scheduler
 from taskd.store import UNAVAILABLE, Store
 from taskd.systemd import Notifier
 from taskd.workers import BLOCK_TIMEOUT, WorkerPool
@@ -53,7 +54,11 @@ class Daemon:
         self.identity = Identity.create()
         workers = config.workers
         # Queues this daemon knows of: it serves some, and takes jobs for its handlers'.
+        self.scheduler = Scheduler(
+            store=store, schedules=config.schedules, handlers=config.handlers
+        )
         known = frozenset(workers.queues) | {h.queue for h in config.handlers.values()}
+        known |= {self.scheduler.queue_of(s) for s in config.schedules}
         self.metrics = Metrics(
             concurrency=workers.concurrency,
             job_types=[(h.queue, h.name) for h in config.handlers.values()],
@@ -102,6 +107,7 @@ class Daemon:
             active=lambda: self.pool.active,
             on_scheduled=self.promoter.wake,
             on_final=self.callbacks.job_ended,
+            schedules=self.scheduler,
         )
         self._store = store
         self._stopping = anyio.Event()
@@ -123,6 +129,8 @@ class Daemon:
             tg.start_soon(self.reaper.run)
             tg.start_soon(self.janitor.run)
             tg.start_soon(self.callbacks.run)
+            if self.config.schedules:
+                tg.start_soon(self.scheduler.run)
             await tg.start(self.pool.run)
             await tg.start(self.intake.run)
             logger.info(

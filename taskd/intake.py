@@ -11,10 +11,11 @@ import anyio
 import orjson
 from aiohttp import web
 
-from taskd.config import HandlerConfig, ServerConfig
+from taskd.config import HandlerConfig, ScheduleConfig, ServerConfig
 from taskd.dashboard import Dashboard, token_guard
-from taskd.jobs import FAILED, Job, now_ms
+from taskd.jobs import FAILED, Job, format_ms, now_ms
 from taskd.metrics import Metrics
+from taskd.scheduler import Scheduler, next_tick
 from taskd.stats import snapshot
 from taskd.store import UNAVAILABLE, Store
 from taskd.validation import (
@@ -92,8 +93,10 @@ class Intake:
         active: Callable[[], int],
         on_scheduled: Callable[[str, int], None] = lambda queue, due: None,
         on_final: Callable[[Job], Awaitable[None]] | None = None,
+        schedules: Scheduler | None = None,
         clock: Callable[[], int] = now_ms,
     ) -> None:
+        self._scheduler = schedules
         self._on_final = on_final
         self._metrics = metrics
         self._active = active
@@ -134,6 +137,7 @@ class Intake:
         app.router.add_get("/stats", self.stats)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
+        app.router.add_get("/schedules", self.list_schedules)
         app.router.add_post("/queues/{queue}/pause", self.pause_queue)
         app.router.add_post("/queues/{queue}/resume", self.resume_queue)
         return app
@@ -297,6 +301,30 @@ class Intake:
         self._metrics.set_active(self._active())
         body, content_type = self._metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def list_schedules(self, request: web.Request) -> web.Response:
+        """Each recurring schedule with its next and last run and the last job's state."""
+        answer = []
+        for schedule in self._scheduler.schedules if self._scheduler else ():
+            answer.append(await self._schedule_view(schedule))
+        return json_response({"schedules": answer})
+
+    async def _schedule_view(self, schedule: ScheduleConfig) -> dict[str, Any]:
+        assert self._scheduler is not None
+        queue = self._scheduler.queue_of(schedule)
+        last = await self._store.schedule_run(queue, schedule.name)
+        job = await self._store.get_job(last[1], [queue]) if last and last[1] else None
+        return {
+            "name": schedule.name,
+            "cron": schedule.cron,
+            "timezone": schedule.timezone,
+            "type": schedule.type,
+            "queue": queue,
+            "catch_up": schedule.catch_up,
+            "next_run": format_ms(next_tick(schedule, self._clock())),
+            "last_run": format_ms(last[0]) if last else None,
+            "last_job": {"id": job.id, "state": job.state} if job else None,
+        }
 
     async def pause_queue(self, request: web.Request) -> web.Response:
         queue = _queue_name(request)

@@ -75,6 +75,10 @@ class Keys:
         heartbeat: the lease a reaper checks in the same script that takes jobs back."""
         return f"{self.prefix}:{{{queue}}}:owners"
 
+    def schedules(self, queue: str) -> str:
+        """Hash of the recurring schedules whose jobs go to the queue: last tick and job."""
+        return f"{self.prefix}:{{{queue}}}:schedules"
+
     def paused(self, queue: str) -> str:
         """Present while the queue is paused: no daemon starts its jobs."""
         return f"{self.prefix}:{{{queue}}}:paused"

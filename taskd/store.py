@@ -95,7 +95,7 @@ def _load_script(client: aioredis.Redis, name: str) -> Any:
 
 _SCRIPTS = (
     "enqueue", "claim", "ack", "requeue", "promote", "cancel", "retry", "delete",
-    "recover", "trim", "beat", "forget", "progress",
+    "recover", "trim", "beat", "forget", "progress", "schedule",
 )  # fmt: skip
 
 
@@ -313,6 +313,21 @@ class Store:
     async def count(self, queue: str, name: str) -> None:
         """Add one to a queue's counter (shown in /stats totals)."""
         await self._r.hincrby(self.keys.totals(queue), name, 1)
+
+    # Recurring schedules.
+
+    async def schedule_run(self, queue: str, name: str) -> tuple[int, str | None] | None:
+        """The latest tick a schedule fired or skipped, and the job it made; None if never."""
+        tick, job_id = await self._r.hmget(
+            self.keys.schedules(queue), [f"{name}:tick", f"{name}:job"]
+        )
+        if tick is None:
+            return None
+        return int(tick), (_text(job_id) or None) if job_id is not None else None
+
+    async def record_schedule_run(self, queue: str, name: str, tick: int, job_id: str) -> bool:
+        keys = [self.keys.schedules(queue)]
+        return bool(await self._lua["schedule"](keys=keys, args=[name, tick, job_id]))
 
     # Pausing queues.
 

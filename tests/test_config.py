@@ -29,7 +29,7 @@ from taskd.config import (
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "taskd.toml"
 ECHO = '[handlers.echo]\nbuiltin = "echo"\n'
-TOP_KEYS = "server, redis, workers, retention, handlers"
+TOP_KEYS = "server, redis, workers, retention, handlers, schedules"
 SERVER_KEYS = "listen, max_body, max_batch, idempotency_ttl, token"
 HANDLER_KEYS = (
     "builtin, python, exec, http, queue, timeout, concurrency, max_attempts, backoff_base, "
@@ -66,9 +66,10 @@ def test_shipped_example_loads_and_documents_the_defaults() -> None:
 
 
 def test_shipped_example_commented_handlers_are_well_formed() -> None:
-    # Uncommented, the examples fail only for the program and module that do not exist here.
+    # Uncommented, the examples (handlers, the token, a schedule) fail only for the program
+    # and module that do not exist here.
     text = EXAMPLE.read_text()
-    text = re.sub(r"(?m)^# (\[handlers\.[^\]]+\]|[a-z_]+ = .*)$", r"\1", text)
+    text = re.sub(r"(?m)^# (\[handlers\.[^\]]+\]|\[\[schedules\]\]|[a-z_]+ = .*)$", r"\1", text)
     problems = problems_of(text)
     assert problems == [
         "handlers.thumbnail.exec: program '/usr/local/bin/make-thumbnail' "

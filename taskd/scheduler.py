@@ -1,0 +1,120 @@
+"""The scheduler enqueues the jobs of recurring schedules: one job per tick, however many
+daemons run the same schedules."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+import anyio
+from croniter import croniter
+
+from taskd.config import HandlerConfig, ScheduleConfig
+from taskd.jobs import QUEUED, Job, new_id, now_ms
+from taskd.store import Store
+
+logger = logging.getLogger(__name__)
+
+# A tick this much overdue was missed (every daemon was down); `catch_up` decides.
+GRACE_MS = 60_000
+# Longest sleep between passes (the next tick may be far; a Redis outage must heal).
+MAX_SLEEP = 30.0
+RETRY_DELAY = 1.0
+# How long a tick's idempotency key holds: daemons firing the same tick within this make
+# one job. Longer than any clock skew or restart between two daemons.
+TICK_KEY_TTL_MS = 7 * 24 * 3600 * 1000
+
+
+class Scheduler:
+    """Fires each schedule's ticks as they come; all daemons may run one.
+
+    A tick is fired as a submission whose idempotency key names the schedule and the
+    tick, so the enqueue script lets exactly one job through whichever daemons fire it.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        schedules: Sequence[ScheduleConfig],
+        handlers: Mapping[str, HandlerConfig],
+        clock: Callable[[], int] = now_ms,
+    ) -> None:
+        self._store = store
+        self.schedules = tuple(schedules)
+        self._handlers = handlers
+        self._clock = clock
+
+    def queue_of(self, schedule: ScheduleConfig) -> str:
+        return schedule.queue or self._handlers[schedule.type].queue
+
+    async def tick(self) -> int | None:
+        """Fire every due tick once; returns when the next tick falls (epoch ms)."""
+        now = self._clock()
+        for schedule in self.schedules:
+            await self._fire_due(schedule, now)
+        return min((next_tick(s, now) for s in self.schedules), default=None)
+
+    async def run(self) -> None:
+        """Fire ticks until cancelled."""
+        while True:
+            try:
+                next_due = await self.tick()
+            except Exception:
+                logger.warning("firing schedules failed; retrying", exc_info=True)
+                await anyio.sleep(RETRY_DELAY)
+                continue
+            wait = MAX_SLEEP if next_due is None else (next_due - self._clock()) / 1000
+            await anyio.sleep(min(MAX_SLEEP, max(0.001, wait)))
+
+    async def _fire_due(self, schedule: ScheduleConfig, now: int) -> None:
+        due = prev_tick(schedule, now)
+        queue = self.queue_of(schedule)
+        last = await self._store.schedule_run(queue, schedule.name)
+        if last is not None and last[0] >= due:
+            return  # fired (or skipped) already
+        missed = now - due > GRACE_MS
+        if missed and (last is None or schedule.catch_up == "none"):
+            # Down through the tick: no job for it, but remember it as handled.
+            await self._store.record_schedule_run(queue, schedule.name, due, "")
+            logger.info("schedule %s: tick %s missed; not caught up", schedule.name, due)
+            return
+        job_id = await self._fire(schedule, queue, due)
+        await self._store.record_schedule_run(queue, schedule.name, due, job_id)
+
+    async def _fire(self, schedule: ScheduleConfig, queue: str, tick: int) -> str:
+        handler = self._handlers[schedule.type]
+        job = Job(
+            id=new_id(),
+            type=schedule.type,
+            queue=queue,
+            payload=schedule.payload,
+            state=QUEUED,
+            attempts=0,
+            created_at=self._clock(),
+            max_attempts=handler.max_attempts,
+            idempotency_key=f"schedule:{schedule.name}:{tick}",
+        )
+        holder = await self._store.enqueue(job, TICK_KEY_TTL_MS)
+        if holder == job.id:
+            logger.info("schedule %s: enqueued job %s for tick %s", schedule.name, job.id, tick)
+        return holder
+
+
+def prev_tick(schedule: ScheduleConfig, now: int) -> int:
+    """The latest tick at or before `now` (epoch ms)."""
+    return _walk(schedule, now + 1, forward=False)
+
+
+def next_tick(schedule: ScheduleConfig, now: int) -> int:
+    """The first tick after `now` (epoch ms)."""
+    return _walk(schedule, now, forward=True)
+
+
+def _walk(schedule: ScheduleConfig, at: int, *, forward: bool) -> int:
+    start = datetime.fromtimestamp(at / 1000, tz=UTC).astimezone(ZoneInfo(schedule.timezone))
+    times = croniter(schedule.cron, start)
+    moment: datetime = times.get_next(datetime) if forward else times.get_prev(datetime)
+    return int(moment.timestamp() * 1000)
