@@ -278,7 +278,7 @@ class Intake:
         )
 
     async def picture(self) -> dict[str, Any]:
-        """What the dashboard shows: the stats, the latest jobs and the latest failures."""
+        """What the dashboard shows: stats, latest jobs and failures, and the schedules."""
         queues = sorted(await self._all_queues())
         recent = await self._store.list_jobs(
             queues, state=None, job_type=None, limit=20, cursor=None
@@ -286,7 +286,9 @@ class Intake:
         dead = await self._store.list_jobs(
             queues, state=FAILED, job_type=None, limit=10, cursor=None
         )
+        schedules = self._scheduler.schedules if self._scheduler else ()
         return {
+            "schedules": [await self._schedule_view(schedule) for schedule in schedules],
             "stats": await self.snapshot(),
             "recent": [job.to_public() for job in recent.jobs],
             "failed": [job.to_public() for job in dead.jobs],

@@ -150,7 +150,7 @@ async def test_the_event_stream_sends_a_picture_every_second(api: Api) -> None:
                         break
                     pictures = pictures[-2:]
     last = pictures[-1]
-    assert set(last) == {"stats", "recent", "failed"}
+    assert set(last) == {"stats", "recent", "failed", "schedules"}
     assert last["stats"]["queues"]["default"]["failed"] == 1
     assert last["failed"][0]["state"] == "failed"
 

@@ -142,6 +142,7 @@ function render(picture) {
   remember(stats.queues);
   drawCharts();
   renderDaemons(stats.instances);
+  renderSchedules(picture.schedules || []);
   renderRecent(picture.recent, now);
   renderFailed(picture.failed, now);
   rememberTypes(picture.recent.concat(picture.failed));
@@ -275,6 +276,26 @@ function updateDaemonRow(row, daemon) {
   setText(row, "uptime", formatDuration(daemon.uptime_s * 1000), `since ${daemon.started_at}`);
   setText(row, "heartbeat", formatMs(daemon.heartbeat_age_ms), daemon.last_heartbeat);
   cell(row, "heartbeat").classList.toggle("warn", daemon.heartbeat_age_ms > STALE_HEARTBEAT_MS);
+}
+
+// ---- schedules
+
+const SCHEDULE_COLUMNS = ["name", "cron", "type", "queue", "next", "last", "job"];
+
+function renderSchedules(schedules) {
+  syncRows("schedules-body", schedules, (s) => s.name,
+    () => makeRow(SCHEDULE_COLUMNS, []), updateScheduleRow);
+}
+
+function updateScheduleRow(row, schedule) {
+  setText(row, "name", schedule.name);
+  setText(row, "cron", `${schedule.cron} (${schedule.timezone})`);
+  setText(row, "type", schedule.type);
+  setText(row, "queue", schedule.queue);
+  setText(row, "next", schedule.next_run);
+  setText(row, "last", schedule.last_run || "never");
+  const job = schedule.last_job;
+  setText(row, "job", job ? `${shortId(job.id)} ${job.state}` : "", job ? job.id : "");
 }
 
 // ---- recent jobs
