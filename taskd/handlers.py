@@ -71,10 +71,6 @@ class Handlers:
         if session is not None:
             await session.close()
 
-    def knows(self, job_type: str) -> bool:
-        """Whether this daemon has a handler for jobs of this type."""
-        return job_type in self._configs
-
     async def run(self, job: Job) -> Any:
         """Run the job's handler under its concurrency limit and timeout.
 

@@ -105,17 +105,10 @@ def test_job_failed_pickles_with_its_flag() -> None:
 
 async def test_unknown_type_fails_for_good() -> None:
     async with Handlers({}) as handlers:
-        assert not handlers.knows("nope")
         with pytest.raises(JobFailed) as info:
             await handlers.run(make_job("nope"))
     assert str(info.value) == "no handler for type 'nope' in this daemon's config"
     assert info.value.permanent
-
-
-async def test_knows_configured_types() -> None:
-    handlers = Handlers({"e": HandlerConfig(name="e", kind="builtin", builtin="echo")})
-    assert handlers.knows("e")
-    assert not handlers.knows("f")
 
 
 async def test_cancellation_propagates_not_job_failed() -> None:
