@@ -5,11 +5,13 @@ from __future__ import annotations
 import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 
+import aiohttp
 import pytest
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from taskd.embedded import EmbeddedRedisError, RedisServer
+from tests.support import Api, base_url, make_config, running_daemon
 
 
 def _free_port() -> int:
@@ -58,3 +60,13 @@ async def redis(redis_url: str) -> AsyncIterator[AsyncRedis]:
     client = AsyncRedis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def api(redis_url: str) -> AsyncIterator[Api]:
+    """A daemon on the clean database with the usual test config, and a session to it."""
+    async with (
+        running_daemon(make_config(redis_url)) as daemon,
+        aiohttp.ClientSession() as session,
+    ):
+        yield session, base_url(daemon)

@@ -24,6 +24,9 @@ REPO = Path(__file__).resolve().parent.parent
 # The console script pip installed next to this interpreter: what the README runs.
 TASKD = Path(sys.executable).parent / "taskd"
 
+# A session to a daemon, and the daemon's base URL.
+Api = tuple[aiohttp.ClientSession, str]
+
 # Generous: a loaded 2-core CI machine can stall a process for seconds.
 DEADLINE = 20.0
 

@@ -2,28 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
 import anyio
-import pytest
 from redis.asyncio import Redis
 
 from taskd.keys import Keys
-from tests.support import base_url, make_config, post_json, running_daemon, wait_until
+from tests.support import Api, base_url, make_config, post_json, running_daemon, wait_until
 
 K = Keys("taskd")
-Api = tuple[aiohttp.ClientSession, str]
-
-
-@pytest.fixture
-async def api(redis_url: str) -> AsyncIterator[Api]:
-    async with (
-        running_daemon(make_config(redis_url)) as daemon,
-        aiohttp.ClientSession() as session,
-    ):
-        yield session, base_url(daemon)
 
 
 async def submit(

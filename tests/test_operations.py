@@ -14,6 +14,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from tests.support import (
+    Api,
     base_url,
     get_json,
     make_config,
@@ -24,16 +25,6 @@ from tests.support import (
 )
 
 TOKEN = "s3cret-token-0123456789"
-Api = tuple[aiohttp.ClientSession, str]
-
-
-@pytest.fixture
-async def api(redis_url: str) -> AsyncIterator[Api]:
-    async with (
-        running_daemon(make_config(redis_url)) as daemon,
-        aiohttp.ClientSession() as session,
-    ):
-        yield session, base_url(daemon)
 
 
 async def test_stats_document(api: Api) -> None:
