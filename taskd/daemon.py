@@ -59,6 +59,7 @@ class Daemon:
         )
         known = frozenset(workers.queues) | {h.queue for h in config.handlers.values()}
         known |= {self.scheduler.queue_of(s) for s in config.schedules}
+        self.queues = known
         self.metrics = Metrics(
             concurrency=workers.concurrency,
             job_types=[(h.queue, h.name) for h in config.handlers.values()],
@@ -118,7 +119,8 @@ class Daemon:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Start every task, serve until stopped, then shut down in order."""
-        await self._store.add_queues({h.queue for h in self.config.handlers.values()})
+        # Other daemons (their /stats, reapers, janitors) learn of the queues we fill.
+        await self._store.add_queues(self.queues)
         async with anyio.create_task_group() as tg:
             # First in, cancelled last: it pings through start-up and the whole drain.
             tg.start_soon(self.notifier.run_watchdog)

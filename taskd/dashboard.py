@@ -11,15 +11,13 @@ from typing import Any
 import anyio
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Middleware
+from aiohttp.typedefs import Handler, Middleware
 
 logger = logging.getLogger(__name__)
 
 # How often the event stream sends a fresh picture.
 EVENT_INTERVAL = 1.0
 _TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def token_guard(token: str | None) -> Middleware:

@@ -10,6 +10,7 @@ from typing import Any
 import anyio
 import orjson
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from taskd.config import HandlerConfig, ScheduleConfig, ServerConfig
 from taskd.dashboard import Dashboard, token_guard
@@ -31,8 +32,6 @@ logger = logging.getLogger(__name__)
 HEALTH_TIMEOUT = 2.0
 EVENT_GRACE = 2.0
 _HEALTH_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *UNAVAILABLE)
-
-Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def json_response(

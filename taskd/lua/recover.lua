@@ -24,9 +24,7 @@ local now, limit = ARGV[2], tonumber(ARGV[5])
 local moved = 0
 local landed = redis.call('RPOP', KEYS[3], limit)
 if landed then
-  for _, id in ipairs(landed) do
-    redis.call('RPUSH', KEYS[2], id)
-  end
+  redis.call('RPUSH', KEYS[2], unpack(landed))
   moved = #landed
 end
 

@@ -43,9 +43,7 @@ end
 
 local landed = redis.call('RPOP', KEYS[2], limit)
 if landed then
-  for _, id in ipairs(landed) do
-    redis.call('RPUSH', KEYS[1], id)
-  end
+  redis.call('RPUSH', KEYS[1], unpack(landed))
   moved = #landed
 end
 if moved < limit then
