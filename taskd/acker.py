@@ -17,7 +17,17 @@ ACK_BATCH = 500
 # Pause after a failed ack (Redis down); the outcomes wait and are sent again.
 RETRY_DELAY = 0.5
 
-_Pending = tuple[str, Attempt, anyio.Event]
+
+class _Pending:
+    """An outcome waiting to be recorded, and whether it was once sent."""
+
+    __slots__ = ("attempt", "done", "queue", "recorded")
+
+    def __init__(self, queue: str, attempt: Attempt) -> None:
+        self.queue = queue
+        self.attempt = attempt
+        self.done = anyio.Event()
+        self.recorded = False
 
 
 class Acker:
@@ -47,19 +57,21 @@ class Acker:
     def pending(self) -> int:
         return len(self._pending)
 
-    async def record(self, queue: str, attempt: Attempt) -> None:
-        """Queue one attempt's outcome and wait until Redis has it."""
-        done = anyio.Event()
-        self._pending.append((queue, attempt, done))
+    async def record(self, queue: str, attempt: Attempt) -> bool:
+        """Queue one attempt's outcome and wait until Redis has it; False if Redis dropped
+        it, the job having been taken back from this daemon meanwhile."""
+        pending = _Pending(queue, attempt)
+        self._pending.append(pending)
         self._has_work.set()
-        await done.wait()
+        await pending.done.wait()
+        return pending.recorded
 
     async def tick(self) -> int:
         """Send one batch of pending outcomes; returns how many were sent."""
         batch, self._pending = self._pending[:ACK_BATCH], self._pending[ACK_BATCH:]
         by_queue: dict[str, list[_Pending]] = defaultdict(list)
         for item in batch:
-            by_queue[item[0]].append(item)
+            by_queue[item.queue].append(item)
         sent = 0
         try:
             for queue, items in by_queue.items():
@@ -102,17 +114,18 @@ class Acker:
                 await anyio.sleep(RETRY_DELAY)
 
     async def _send(self, queue: str, items: list[_Pending]) -> None:
-        attempts = [attempt for _, attempt, _ in items]
-        recorded = await self._store.ack(queue, self._daemon_id, attempts, self._clock())
-        if recorded < len(attempts):
+        attempts = [item.attempt for item in items]
+        flags = await self._store.ack(queue, self._daemon_id, attempts, self._clock())
+        if not all(flags):
             # The missing ones were taken back while they ran (this daemon was taken for
             # dead); a newer attempt owns their record now.
             logger.warning(
                 "%d finished jobs of queue %s were no longer this daemon's; outcome dropped",
-                len(attempts) - recorded,
+                flags.count(False),
                 queue,
             )
-        for _, attempt, done in items:
-            if attempt.outcome == "retry":
-                self._on_retry(queue, attempt.retry_at)
-            done.set()
+        for item, recorded in zip(items, flags, strict=True):
+            item.recorded = recorded
+            if recorded and item.attempt.outcome == "retry":
+                self._on_retry(queue, item.attempt.retry_at)
+            item.done.set()

@@ -35,11 +35,13 @@ class Callbacks:
         self._store = store
         self._backoff_base = backoff_base
         self._send, self._receive = anyio.create_memory_object_stream[tuple[str, str]](MAX_PENDING)
+        self.queued = 0  # callbacks this daemon took on since it started
 
     async def job_ended(self, job: Job) -> None:
         """Queue the callback of a job that reached a final state, if it asked for one."""
         if job.callback_url is None:
             return
+        self.queued += 1
         try:
             self._send.send_nowait((job.queue, job.id))
         except anyio.ClosedResourceError:

@@ -21,6 +21,9 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
 
+from taskd.jobs import PRIORITIES
+from taskd.slots import QUEUE_MODES
+
 # Names of the jobs the daemon can run without any code of yours.
 BUILTINS = ("echo", "noop", "sleep", "fail")
 
@@ -44,11 +47,17 @@ _WEEK = 7 * 24 * 3600.0
 _TEN_YEARS = 10 * 365 * 24 * 3600.0
 _MAX_ATTEMPTS = 1000
 _TOP_KEYS = ("server", "redis", "workers", "retention", "handlers", "schedules")
-_SCHEDULE_KEYS = ("name", "cron", "timezone", "type", "payload", "queue", "catch_up")
+_SCHEDULE_KEYS = (
+    "name", "cron", "timezone", "type", "payload", "queue", "catch_up", "priority",
+)  # fmt: skip
 _CATCH_UP = ("none", "latest")
 _SERVER_KEYS = ("listen", "max_body", "max_batch", "idempotency_ttl", "token")
 _REDIS_KEYS = ("url", "prefix", "data_dir")
-_WORKERS_KEYS = ("concurrency", "queues", "shutdown_timeout", "heartbeat_interval", "dead_after")
+_WORKERS_KEYS = (
+    "concurrency", "queues", "shutdown_timeout", "heartbeat_interval", "dead_after",
+    "queue_mode", "weights",
+)  # fmt: skip
+_MAX_WEIGHT = 1000
 _RETENTION_KEYS = ("completed", "failed")
 _KINDS = ("builtin", "python", "exec", "http")
 _HANDLER_KEYS = (
@@ -60,7 +69,14 @@ _HANDLER_KEYS = (
     "backoff_base",
     "backoff_max",
     "permanent_exit_codes",
+    "rate_limit",
+    "global_concurrency",
 )
+# A rate limit's unit: how many milliseconds its window spans.
+_RATE_UNITS = {"s": 1000, "m": 60_000, "h": 3_600_000}
+_RATE_LIMIT = re.compile(r"([0-9]+)/([smh])")
+_MAX_RATE_COUNT = 1_000_000
+_RATE_RULE = 'must be "COUNT/s", "COUNT/m" or "COUNT/h" (e.g. "100/s")'
 _NO_HANDLERS = 'at least one handler is required, e.g. [handlers.echo] builtin = "echo"'
 _QUEUE_RULE = "1-64 letters, digits, '_', '.' or '-', starting with a letter or digit"
 _HANDLER_RULE = "1-128 letters, digits, '_', '.', ':' or '-', starting with a letter or digit"
@@ -117,6 +133,24 @@ class WorkersConfig:
     shutdown_timeout: float = 30.0
     heartbeat_interval: float = 5.0
     dead_after: float = 30.0
+    # Which queue gets a free slot: "strict" (in the order of `queues`) or "weighted".
+    queue_mode: str = "weighted"
+    # Weighted mode: (queue, weight) pairs as given; a queue not listed weighs 1.
+    weights: tuple[tuple[str, int], ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimit:
+    """At most `count` jobs of a type start in any `per_ms` milliseconds, across all daemons."""
+
+    count: int
+    per_ms: int
+
+    def __str__(self) -> str:
+        for unit, span in _RATE_UNITS.items():
+            if span == self.per_ms:
+                return f"{self.count}/{unit}"
+        return f"{self.count}/{self.per_ms}ms"
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +170,10 @@ class HandlerConfig:
     backoff_base: float = 2.0
     backoff_max: float = 3600.0
     permanent_exit_codes: tuple[int, ...] = ()
+    rate_limit: RateLimit | None = None  # e.g. 100/s: job starts of this type, all daemons
+    # Jobs of this type running at once across all daemons sharing the Redis; `concurrency`
+    # limits one daemon only.
+    global_concurrency: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +195,7 @@ class ScheduleConfig:
     payload: Any = None
     queue: str | None = None  # default: the handler's queue
     catch_up: str = "none"  # a tick missed while every daemon was down: "none" or "latest"
+    priority: int | None = None  # 0 to 9; default: the job default (jobs.DEFAULT_PRIORITY)
 
 
 @dataclass(frozen=True, slots=True)
@@ -393,7 +432,30 @@ def _workers(t: _Table) -> WorkersConfig:
             f"must be at least 2 x {t.key('heartbeat_interval')} ({2 * heartbeat:g}), "
             f"got {dead_after:g}",
         )
-    return WorkersConfig(concurrency, queues, shutdown_timeout, heartbeat, dead_after)
+    queue_mode = t.string("queue_mode", default.queue_mode)
+    if "queue_mode" not in t.bad and queue_mode not in QUEUE_MODES:
+        t.problem("queue_mode", f"must be one of {', '.join(QUEUE_MODES)}, got {queue_mode!r}")
+    weights = _weights(t, queues, queue_mode) if "weights" in t.data else ()
+    return WorkersConfig(
+        concurrency, queues, shutdown_timeout, heartbeat, dead_after, queue_mode, weights
+    )
+
+
+def _weights(t: _Table, queues: tuple[str, ...], queue_mode: str) -> tuple[tuple[str, int], ...]:
+    if queue_mode == "strict":
+        t.problem("weights", 'only queue_mode = "weighted" takes weights, not "strict"')
+        return ()
+    raw = t.data["weights"]
+    # Every key is read here, so the table reports none as unknown.
+    w = t.table("weights", tuple(raw) if isinstance(raw, Mapping) else ())
+    weights = []
+    for queue in w.data:
+        weight = w.integer(queue, 1, 1, _MAX_WEIGHT)
+        # Against an invalid queues array every name would be reported: noise.
+        if "queues" not in t.bad and queue not in queues:
+            w.problem(queue, f"not a queue of {t.key('queues')} ({', '.join(queues)})")
+        weights.append((queue, weight))
+    return tuple(weights)
 
 
 def _retention(t: _Table) -> RetentionConfig:
@@ -476,7 +538,10 @@ def _schedule(t: _Table, handlers: Mapping[str, HandlerConfig]) -> ScheduleConfi
     if catch_up not in _CATCH_UP:
         t.problem("catch_up", f"must be one of {', '.join(_CATCH_UP)}, got {catch_up!r}")
     payload = t.data.get("payload")
-    return ScheduleConfig(name, cron, zone, job_type, payload, queue, catch_up)
+    priority = (
+        t.integer("priority", 0, PRIORITIES[0], PRIORITIES[-1]) if "priority" in t.data else None
+    )
+    return ScheduleConfig(name, cron, zone, job_type, payload, queue, catch_up, priority)
 
 
 def _handler(name: str, t: _Table) -> HandlerConfig:
@@ -496,6 +561,10 @@ def _handler(name: str, t: _Table) -> HandlerConfig:
     max_attempts = t.integer("max_attempts", 3, 1, _MAX_ATTEMPTS)
     backoff_base, backoff_max = _backoff(t)
     exit_codes = _exit_codes(t, given)
+    rate_limit = _rate_limit(t) if "rate_limit" in t.data else None
+    global_concurrency = (
+        t.integer("global_concurrency", 0, 1, 100_000) if "global_concurrency" in t.data else None
+    )
     kind = given[0] if len(given) == 1 else ""
     return HandlerConfig(
         name,
@@ -511,6 +580,8 @@ def _handler(name: str, t: _Table) -> HandlerConfig:
         backoff_base,
         backoff_max,
         exit_codes,
+        rate_limit,
+        global_concurrency,
     )
 
 
@@ -524,6 +595,21 @@ def _backoff(t: _Table) -> tuple[float, float]:
             f"must be at least {t.key('backoff_base')} ({base:g}), got {most:g}",
         )
     return base, most
+
+
+def _rate_limit(t: _Table) -> RateLimit | None:
+    value = t.data["rate_limit"]
+    shown = _describe(value).removeprefix("string ")  # a string shows quoted, as in the file
+    match = _RATE_LIMIT.fullmatch(value) if isinstance(value, str) else None
+    if match is None:
+        t.problem("rate_limit", f"{_RATE_RULE}, got {shown}")
+        return None
+    digits = match[1].lstrip("0")
+    # Compared as text first: int() of thousands of digits raises.
+    if len(digits) > len(str(_MAX_RATE_COUNT)) or not 1 <= int(digits or "0") <= _MAX_RATE_COUNT:
+        t.problem("rate_limit", f"COUNT must be from 1 to {_MAX_RATE_COUNT}, got {shown}")
+        return None
+    return RateLimit(int(digits), _RATE_UNITS[match[2]])
 
 
 def _exit_codes(t: _Table, kinds: list[str]) -> tuple[int, ...]:

@@ -73,6 +73,8 @@ class Daemon:
             daemon_id=self.identity.id,
             queues=workers.queues,
             concurrency=workers.concurrency,
+            queue_mode=workers.queue_mode,
+            weights=dict(workers.weights),
             metrics=self.metrics,
             on_retry=self.promoter.wake,
             on_final=self.callbacks.job_ended,

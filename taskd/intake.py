@@ -273,7 +273,11 @@ class Intake:
         """The /stats document."""
         queues = sorted(await self._all_queues())
         return await snapshot(
-            self._store, queues, now=self._clock(), dead_after_ms=self._dead_after_ms
+            self._store,
+            queues,
+            now=self._clock(),
+            dead_after_ms=self._dead_after_ms,
+            handlers=self._handlers,
         )
 
     async def picture(self) -> dict[str, Any]:

@@ -22,6 +22,10 @@ FAILED = "failed"
 CANCELLED = "cancelled"
 STATES = (QUEUED, SCHEDULED, ACTIVE, COMPLETED, FAILED, CANCELLED)
 FINAL_STATES = (COMPLETED, FAILED, CANCELLED)
+# Priorities run from 0 to 9, higher first; a job without one gets the middle, so that
+# both urgent and background work can be told apart from the ordinary.
+PRIORITIES = range(10)
+DEFAULT_PRIORITY = 5
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +52,8 @@ class Job:
     idempotency_key: str | None = None
     progress: tuple[float, str, int] | None = None  # value, message, when (epoch ms)
     callback_url: str | None = None  # POSTed the final record when the job ends
+    priority: int = DEFAULT_PRIORITY  # 0 to 9: of a queue's ready jobs, the highest start first
+    waiting_for: str | None = None  # "rate_limit" or "concurrency": why a ready job waits
 
     @classmethod
     def from_fields(cls, fields: dict[bytes, bytes]) -> Job:
@@ -73,6 +79,8 @@ class Job:
             idempotency_key=f["idempotency_key"].decode() if f.get("idempotency_key") else None,
             progress=_progress(f),
             callback_url=f["callback_url"].decode() if f.get("callback_url") else None,
+            priority=int(f.get("priority", DEFAULT_PRIORITY)),
+            waiting_for=f["waiting_for"].decode() if f.get("waiting_for") else None,
         )
 
     def to_public(self) -> dict[str, Any]:
@@ -95,6 +103,8 @@ class Job:
             "cancel_requested": self.cancel_requested,
             "idempotency_key": self.idempotency_key,
             "callback_url": self.callback_url,
+            "priority": self.priority,
+            "waiting_for": self.waiting_for,
             "progress": None
             if self.progress is None
             else {

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from taskd.jobs import PRIORITIES
+
 
 @dataclass(frozen=True, slots=True)
 class Keys:
@@ -20,8 +22,19 @@ class Keys:
     # Keys of one queue.
 
     def ready(self, queue: str) -> str:
-        """List of ids waiting to run; pushed on the left, taken from the right (FIFO)."""
+        """The queue's inbox: the list of ready ids daemons block on (see lua/lib.lua).
+
+        Lists are pushed on the left and taken from the right (FIFO).
+        """
         return f"{self.prefix}:{{{queue}}}:ready"
+
+    def ready_list(self, queue: str, priority: int) -> str:
+        """List of ready ids of one priority that wait behind the inbox's."""
+        return f"{self.ready(queue)}:{priority}"
+
+    def ready_lists(self, queue: str) -> list[str]:
+        """Every list a ready id can be in: the inbox, then each priority's list."""
+        return [self.ready(queue), *(self.ready_list(queue, p) for p in PRIORITIES)]
 
     def job_prefix(self, queue: str) -> str:
         """Prefix of job hashes; Lua scripts append the id to it."""
@@ -69,6 +82,21 @@ class Keys:
         """Sorted set of every stored id, all scored 0: ids are time-ordered UUIDv7s, so
         lexicographic order is creation order and a listing can page by id."""
         return f"{self.prefix}:{{{queue}}}:index"
+
+    def limit_prefix(self, queue: str) -> str:
+        """Prefix of the keys that enforce a job type's limits; scripts append the type
+        and ':running' (ids holding a global_concurrency slot), ':held' (ids waiting for
+        one) or ':starts' (recent starts, for rate_limit)."""
+        return f"{self.prefix}:{{{queue}}}:limit:"
+
+    def limit(self, queue: str, job_type: str, part: str) -> str:
+        """One of a job type's limit keys (see limit_prefix)."""
+        return f"{self.limit_prefix(queue)}{job_type}:{part}"
+
+    def limit_waits(self, queue: str) -> str:
+        """Hash counting, per job type, how often a job waited for a limit
+        (fields TYPE:rate_limit and TYPE:concurrency)."""
+        return f"{self.prefix}:{{{queue}}}:limit_waits"
 
     def owners(self, queue: str) -> str:
         """Sorted set of daemons that may hold jobs of the queue, scored by their last

@@ -12,7 +12,7 @@ import anyio
 from croniter import croniter
 
 from taskd.config import HandlerConfig, ScheduleConfig
-from taskd.jobs import QUEUED, Job, new_id, now_ms
+from taskd.jobs import DEFAULT_PRIORITY, QUEUED, Job, new_id, now_ms
 from taskd.store import Store
 
 logger = logging.getLogger(__name__)
@@ -96,6 +96,7 @@ class Scheduler:
             created_at=self._clock(),
             max_attempts=handler.max_attempts,
             idempotency_key=f"schedule:{schedule.name}:{tick}",
+            priority=DEFAULT_PRIORITY if schedule.priority is None else schedule.priority,
         )
         holder = await self._store.enqueue(job, TICK_KEY_TTL_MS)
         if holder == job.id:

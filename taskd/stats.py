@@ -2,15 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+from taskd.config import HandlerConfig
 from taskd.jobs import format_ms
-from taskd.store import DaemonInfo, Store
+from taskd.store import DaemonInfo, Store, limits_of
 
 
 async def snapshot(
-    store: Store, queues: Sequence[str], *, now: int, dead_after_ms: int
+    store: Store,
+    queues: Sequence[str],
+    *,
+    now: int,
+    dead_after_ms: int,
+    handlers: Mapping[str, HandlerConfig],
 ) -> dict[str, Any]:
     """The same document from any daemon: it is read from Redis, not from local memory.
 
@@ -20,11 +26,35 @@ async def snapshot(
     daemons = await store.live_daemons(since=now - dead_after_ms)
     counts = await store.queue_counts(queues)
     activity = await store.queue_activity(queues, now)
+    limits = {queue: await _limits(store, queue, handlers, now) for queue in queues}
     return {
         "time": format_ms(now),
-        "queues": {queue: {**counts[queue], **activity[queue]} for queue in queues},
+        "queues": {
+            queue: {**counts[queue], **activity[queue], "limits": limits[queue]} for queue in queues
+        },
         "instances": [_instance(daemon, now) for daemon in daemons],
         "redis": await store.server_info(),
+    }
+
+
+async def _limits(
+    store: Store, queue: str, handlers: Mapping[str, HandlerConfig], now: int
+) -> dict[str, Any]:
+    """The limits of the job types whose handler serves this queue, and how they bite."""
+    limited = {
+        name: config
+        for name, config in handlers.items()
+        if config.queue == queue and (config.global_concurrency or config.rate_limit)
+    }
+    specs = [limits_of(name, config) for name, config in limited.items()]
+    status = await store.limit_status(queue, specs, now)
+    return {
+        name: {
+            "global_concurrency": config.global_concurrency,
+            "rate_limit": str(config.rate_limit) if config.rate_limit else None,
+            **status[name],
+        }
+        for name, config in limited.items()
     }
 
 

@@ -16,6 +16,7 @@ import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.client import PubSub
 
+from taskd.config import HandlerConfig
 from taskd.jobs import ACTIVE, FINAL_STATES, Job
 from taskd.keys import Keys
 
@@ -65,6 +66,37 @@ class Attempt:
 
 
 @dataclass(frozen=True, slots=True)
+class Claimed:
+    """What one claim gave: the jobs to run, and what the fetcher should do next."""
+
+    jobs: list[Job]
+    paused: bool = False
+    more: bool = False  # ready jobs are left that the claim did not look at: claim again
+    due: int | None = None  # when the first job put back for its rate limit is due
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """A job type's limits across all daemons, as claims enforce them (0: none)."""
+
+    job_type: str
+    concurrency: int = 0
+    rate_count: int = 0
+    rate_per_ms: int = 0
+
+
+def limits_of(job_type: str, config: HandlerConfig) -> Limits:
+    """A handler's limits across daemons, as claims enforce them."""
+    rate = config.rate_limit
+    return Limits(
+        job_type,
+        concurrency=config.global_concurrency or 0,
+        rate_count=rate.count if rate else 0,
+        rate_per_ms=rate.per_ms if rate else 0,
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class DaemonInfo:
     """A registered daemon as /stats shows it."""
 
@@ -87,7 +119,9 @@ class Page:
 
 
 def _load_script(client: aioredis.Redis, name: str) -> Any:
-    source = resources.files("taskd").joinpath("lua", f"{name}.lua").read_text()
+    lua = resources.files("taskd").joinpath("lua")
+    # lib.lua goes first: Redis 6.2 scripts cannot include one another.
+    source = lua.joinpath("lib.lua").read_text() + lua.joinpath(f"{name}.lua").read_text()
     # register_script runs EVALSHA and reloads the script by itself after NOSCRIPT
     # (a restarted or flushed Redis), so the script text crosses the wire once.
     return client.register_script(source)
@@ -184,7 +218,7 @@ class Store:
         for job in jobs:
             payload = orjson.dumps(job.payload)
             args += [job.id, job.type, payload, job.max_attempts, job.run_at or 0]
-            args += [job.idempotency_key or "", job.callback_url or ""]
+            args += [job.idempotency_key or "", job.callback_url or "", job.priority]
         keys = [k.ready(queue), k.scheduled(queue), k.index(queue), k.totals(queue)]
         return [_text(holder) for holder in await self._lua["enqueue"](keys=keys, args=args)]
 
@@ -201,19 +235,32 @@ class Store:
 
     # Running jobs.
 
-    async def claim(self, queue: str, daemon_id: str, limit: int, now: int) -> list[Job] | None:
-        """Move up to `limit` ready jobs into this daemon's active set and return them.
-
-        None means the queue is paused.
-        """
+    async def claim(
+        self,
+        queue: str,
+        daemon_id: str,
+        limit: int,
+        now: int,
+        limits: Sequence[Limits] = (),
+    ) -> Claimed:
+        """Move up to `limit` ready jobs, highest priority first, into this daemon's active
+        set and return them; jobs over their type's `limits` wait (see claim.lua)."""
         k = self.keys
         keys = [k.ready(queue), k.landing(queue, daemon_id), k.active(queue, daemon_id)]
-        keys += [k.owners(queue), k.paused(queue), k.waits(queue)]
-        flat = await self._lua["claim"](
-            keys=keys, args=[limit, now, k.job_prefix(queue), daemon_id, TIMING_SAMPLES]
+        keys += [k.owners(queue), k.paused(queue), k.waits(queue), k.scheduled(queue)]
+        keys += [k.totals(queue), k.limit_waits(queue)]
+        args: list[Any] = [limit, now, k.job_prefix(queue), daemon_id, TIMING_SAMPLES]
+        args.append(k.limit_prefix(queue))
+        for spec in limits:
+            args += [spec.job_type, spec.concurrency, spec.rate_count, spec.rate_per_ms]
+        status, due, *flat = await self._lua["claim"](keys=keys, args=args)
+        if status == b"paused":
+            return Claimed([], paused=True)
+        return Claimed(
+            self._claimed_jobs(queue, daemon_id, flat), False, status == b"more", int(due) or None
         )
-        if flat and flat[0] == b"paused":
-            return None
+
+    def _claimed_jobs(self, queue: str, daemon_id: str, flat: list[Any]) -> list[Job]:
         return [
             Job(
                 id=flat[i].decode(),
@@ -244,10 +291,14 @@ class Store:
         )
         return moved is not None
 
-    async def ack(self, queue: str, daemon_id: str, attempts: Sequence[Attempt], now: int) -> int:
-        """Record finished attempts of one queue in one script call; returns how many were ours."""
+    async def ack(
+        self, queue: str, daemon_id: str, attempts: Sequence[Attempt], now: int
+    ) -> list[bool]:
+        """Record finished attempts of one queue in one script call; returns, for each,
+        whether it was recorded (False: it was no longer this daemon's)."""
         k = self.keys
         args: list[Any] = [now, k.job_prefix(queue), now // BUCKET_MS, TIMING_SAMPLES]
+        args.append(k.limit_prefix(queue))
         for a in attempts:
             args += [a.job_id, a.attempt, a.outcome, a.value, a.retry_at, a.history]
         keys = [
@@ -259,8 +310,9 @@ class Store:
             k.totals(queue),
             k.throughput(queue),
             k.runs(queue),
+            k.ready(queue),
         ]
-        return int(await self._lua["ack"](keys=keys, args=args))
+        return [bool(flag) for flag in await self._lua["ack"](keys=keys, args=args)]
 
     async def report_progress(
         self, job: Job, daemon_id: str, value: float, message: str, now: int
@@ -300,7 +352,7 @@ class Store:
         k = self.keys
         keys = [k.ready(queue), k.landing(queue, daemon_id), k.active(queue, daemon_id)]
         keys += [k.cancelled(queue), k.totals(queue)]
-        return keys, [k.job_prefix(queue), BATCH, now]
+        return keys, [k.job_prefix(queue), BATCH, now, k.limit_prefix(queue)]
 
     async def promote(self, queue: str, now: int) -> tuple[int, int | None]:
         """Move due jobs to the ready list; returns (moved, when the next one is due)."""
@@ -344,7 +396,8 @@ class Store:
         k = self.keys
         keys = [k.job(queue, job_id), k.ready(queue), k.scheduled(queue)]
         keys += [k.cancelled(queue), k.totals(queue)]
-        state = await self._lua["cancel"](keys=keys, args=[job_id, now, k.cancel_channel])
+        args = [job_id, now, k.cancel_channel, k.limit_prefix(queue)]
+        state = await self._lua["cancel"](keys=keys, args=args)
         return _text(state)
 
     async def retry(self, queue: str, job_id: str) -> str:
@@ -358,7 +411,7 @@ class Store:
         k = self.keys
         keys = [k.job(queue, job_id), k.ready(queue), k.scheduled(queue), k.completed(queue)]
         keys += [k.dead(queue), k.cancelled(queue), k.index(queue)]
-        return _text(await self._lua["delete"](keys=keys, args=[job_id]))
+        return _text(await self._lua["delete"](keys=keys, args=[job_id, k.limit_prefix(queue)]))
 
     @asynccontextmanager
     async def cancel_requests(self) -> AsyncIterator[AsyncIterator[str]]:
@@ -383,7 +436,7 @@ class Store:
         k = self.keys
         keys = [k.owners(queue), k.ready(queue), k.landing(queue, daemon_id)]
         keys += [k.active(queue, daemon_id), k.dead(queue), k.cancelled(queue), k.totals(queue)]
-        args = [daemon_id, now, before, k.job_prefix(queue), BATCH]
+        args = [daemon_id, now, before, k.job_prefix(queue), BATCH, k.limit_prefix(queue)]
         total = 0
         while moved := int(await self._lua["recover"](keys=keys, args=args)):
             if moved < 0:
@@ -472,7 +525,8 @@ class Store:
             owners: list[list[bytes]] = await pipe.execute()
         async with self._r.pipeline(transaction=False) as pipe:
             for queue, holders in zip(queues, owners, strict=True):
-                pipe.llen(k.ready(queue))
+                for ready in k.ready_lists(queue):
+                    pipe.llen(ready)
                 pipe.zcard(k.scheduled(queue))
                 for state in FINAL_STATES:
                     pipe.zcard(k.finished(queue, state))
@@ -482,9 +536,8 @@ class Store:
             replies = iter(await pipe.execute())
         counts: dict[str, dict[str, Any]] = {}
         for queue, holders in zip(queues, owners, strict=True):
-            queued, scheduled, completed, failed, cancelled, totals = (
-                next(replies) for _ in range(6)
-            )
+            queued = sum(next(replies) for _ in k.ready_lists(queue))
+            scheduled, completed, failed, cancelled, totals = (next(replies) for _ in range(5))
             active = sum(next(replies) for _ in holders)
             counts[queue] = {
                 "queued": queued,
@@ -523,6 +576,34 @@ class Store:
                 "run_ms": percentiles(runs),
             }
         return activity
+
+    async def limit_status(
+        self, queue: str, limits: Sequence[Limits], now: int
+    ) -> dict[str, dict[str, int]]:
+        """Per limited job type of a queue: jobs running under its global_concurrency and
+        held for it, starts in the current rate window, and the waits counted so far."""
+        k = self.keys
+        async with self._r.pipeline(transaction=False) as pipe:
+            for spec in limits:
+                pipe.zcard(k.limit(queue, spec.job_type, "running"))
+                pipe.llen(k.limit(queue, spec.job_type, "held"))
+                pipe.zcount(k.limit(queue, spec.job_type, "starts"), now - spec.rate_per_ms, "+inf")
+                fields = [f"{spec.job_type}:{why}" for why in ("rate_limit", "concurrency")]
+                pipe.hmget(k.limit_waits(queue), fields)
+            replies = iter(await pipe.execute())
+        status: dict[str, dict[str, int]] = {}
+        for spec in limits:
+            running, held, started, (rate_waits, concurrency_waits) = (
+                next(replies) for _ in range(4)
+            )
+            status[spec.job_type] = {
+                "running": running,
+                "held": held,
+                "started_in_window": started if spec.rate_count else 0,
+                "rate_limited": int(rate_waits or 0),
+                "concurrency_limited": int(concurrency_waits or 0),
+            }
+        return status
 
     async def trim_throughput(self, queue: str, now: int) -> None:
         """Forget throughput buckets older than THROUGHPUT_KEEP_MS."""

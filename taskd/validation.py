@@ -13,7 +13,16 @@ from urllib.parse import urlsplit
 import orjson
 
 from taskd.config import QUEUE_NAME, HandlerConfig
-from taskd.jobs import FINAL_STATES, QUEUED, SCHEDULED, STATES, Job, new_id
+from taskd.jobs import (
+    DEFAULT_PRIORITY,
+    FINAL_STATES,
+    PRIORITIES,
+    QUEUED,
+    SCHEDULED,
+    STATES,
+    Job,
+    new_id,
+)
 
 # The furthest ahead a job may be scheduled: a year and a day. Further is far more
 # likely a unit mistake (milliseconds for seconds) than a plan.
@@ -21,6 +30,7 @@ MAX_DELAY = 366 * 24 * 3600
 MAX_ATTEMPTS = 1000
 SUBMIT_FIELDS = (
     "type", "payload", "delay", "run_at", "max_attempts", "idempotency_key", "callback_url",
+    "priority",
 )  # fmt: skip
 MAX_URL = 2048
 MAX_IDEMPOTENCY_KEY = 255
@@ -110,6 +120,7 @@ def _new_job(data: dict[str, Any], handlers: Mapping[str, HandlerConfig], now: i
         run_at=run_at,
         idempotency_key=_idempotency_key(data),
         callback_url=_callback_url(data),
+        priority=_priority(data),
     )
 
 
@@ -194,6 +205,18 @@ def _max_attempts(data: dict[str, Any], handler: HandlerConfig) -> int:
     value = data.get("max_attempts", handler.max_attempts)
     if not _is_int(value) or not 1 <= value <= MAX_ATTEMPTS:
         raise invalid(f"'max_attempts' must be an integer from 1 to {MAX_ATTEMPTS}, got {value!r}")
+    return int(value)
+
+
+def _priority(data: dict[str, Any]) -> int:
+    value = data.get("priority")
+    if value is None:
+        return DEFAULT_PRIORITY
+    if not _is_int(value) or value not in PRIORITIES:
+        low, high = PRIORITIES[0], PRIORITIES[-1]
+        raise invalid(
+            f"'priority' must be an integer from {low} (lowest) to {high} (highest), got {value!r}"
+        )
     return int(value)
 
 

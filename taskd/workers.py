@@ -16,7 +16,8 @@ from taskd.handlers import Handlers, JobFailed
 from taskd.jobs import Job, now_ms
 from taskd.metrics import Metrics
 from taskd.progress import set_reporter
-from taskd.store import Attempt, Store
+from taskd.slots import SlotArbiter
+from taskd.store import Attempt, Claimed, Store, limits_of
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +47,8 @@ class WorkerPool:
     Fetching is one task per queue, not one per slot: it claims as many ready jobs as
     there are free slots in one script call, and blocks (BLMOVE) only when the queue is
     empty, so connections stay few as concurrency grows and an idle daemon starts a new
-    job the moment it arrives.
+    job the moment it arrives. Which queue's fetcher gets the free slots is up to
+    `queue_mode` and `weights` (see taskd.slots).
     """
 
     def __init__(
@@ -64,19 +66,27 @@ class WorkerPool:
         metrics: Metrics,
         on_retry: Callable[[str, int], None] = lambda queue, due: None,
         on_final: Callable[[Job], Awaitable[None]] = _nothing,
+        queue_mode: str = "weighted",
+        weights: Mapping[str, int] | None = None,
     ) -> None:
         self._on_final = on_final
+        self._on_retry = on_retry
+        self._limits = [limits_of(name, config) for name, config in handler_configs.items()]
         self._store = store
         self._metrics = metrics
         self._handlers = handlers
         self._handler_configs = handler_configs
         self._daemon_id = daemon_id
         self._queues = tuple(queues)
-        self._concurrency = concurrency
         self._clock = clock
-        self._fetch_batch = fetch_batch
         self._block_timeout = block_timeout
-        self._slots = anyio.Semaphore(concurrency)
+        self._slots = SlotArbiter(
+            capacity=concurrency,
+            queues=self._queues,
+            batch=fetch_batch,
+            mode=queue_mode,
+            weights=weights,
+        )
         self._acker = Acker(store=store, daemon_id=daemon_id, clock=clock, on_retry=on_retry)
         self._running: dict[str, _Running] = {}
         self._runners: TaskGroup | None = None
@@ -86,33 +96,30 @@ class WorkerPool:
     @property
     def active(self) -> int:
         """Slots in use: jobs running, being claimed, or waiting for their ack."""
-        return self._concurrency - self._slots.value
+        return self._slots.active
 
-    async def tick(self, queue: str) -> int | None:
-        """One fetch pass: claim as many ready jobs as free slots allow, and start them.
-
-        Returns how many started, or None when the queue is paused.
-        """
+    async def tick(self, queue: str) -> Claimed:
+        """One fetch pass: claim as many ready jobs as the queue is handed slots, start them."""
         assert self._runners is not None, "tick() runs inside run()"
-        await self._slots.acquire()
-        wanted = 1
-        while wanted < self._fetch_batch and self._slots.value > 0:
-            self._slots.acquire_nowait()
-            wanted += 1
+        wanted = await self._slots.acquire(queue)
         try:
-            jobs = await self._store.claim(queue, self._daemon_id, wanted, self._clock())
+            claim = await self._store.claim(
+                queue, self._daemon_id, wanted, self._clock(), self._limits
+            )
         except BaseException:
-            self._release(wanted)
+            self._slots.settle(queue, wanted, idle=True)
             raise
-        if jobs is None:
-            self._release(wanted)
-            return None
-        self._release(wanted - len(jobs))
-        for job in jobs:
+        if claim.due is not None:
+            self._on_retry(queue, claim.due)  # the promoter wakes for the rate-limited jobs
+        # Fewer jobs than slots and nothing left unexamined: the queue is empty (or paused)
+        # and its fetcher waits; in strict mode that lets the queues after it have slots.
+        dry = claim.paused or (len(claim.jobs) < wanted and not claim.more)
+        self._slots.settle(queue, wanted - len(claim.jobs), idle=dry)
+        for job in claim.jobs:
             # Known as running from now on, before its task starts: see release_orphans.
             self._running[job.id] = running = _Running(job)
             self._runners.start_soon(self._execute, running, name=f"job {job.id}")
-        return len(jobs)
+        return claim
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
@@ -150,10 +157,10 @@ class WorkerPool:
         failures = 0
         while True:
             try:
-                started = await self.tick(queue)
-                if started is None:
+                claim = await self.tick(queue)
+                if claim.paused:
                     await anyio.sleep(PAUSED_POLL)
-                elif started == 0:
+                elif not claim.jobs and not claim.more:
                     await self._store.wait_for_job(queue, self._daemon_id, self._block_timeout)
                 failures = 0
             except Exception:
@@ -227,8 +234,9 @@ class WorkerPool:
                 attempt = self._ended(job, "cancelled", "cancelled while running")
             ran = (self._clock() - (job.started_at or self._clock())) / 1000
             self._metrics.finished(job.queue, job.type, attempt.outcome, ran)
-            await self._acker.record(job.queue, attempt)
-            if attempt.outcome in FINAL_OUTCOMES:
+            recorded = await self._acker.record(job.queue, attempt)
+            # An attempt Redis dropped ended nothing: the job's newer attempt owns it.
+            if recorded and attempt.outcome in FINAL_OUTCOMES:
                 await self._on_final(job)
         finally:
             del self._running[job.id]
@@ -283,10 +291,6 @@ class WorkerPool:
             moved = await self._store.requeue_inflight(queue, self._daemon_id, self._clock())
             if moved:
                 logger.info("returned %d unfinished jobs to queue %s", moved, queue)
-
-    def _release(self, count: int) -> None:
-        for _ in range(count):
-            self._slots.release()
 
 
 class _Running:

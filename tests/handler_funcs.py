@@ -117,3 +117,31 @@ async def progressing(job: Job) -> str:
     await PROGRESS_GATE.gate.wait()
     await report_progress(100, "done")
     return "finished"
+
+
+class Run:
+    """One run of `stepped`: the test sets `go` to let it report again and finish."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.go = anyio.Event()
+        self.reported = anyio.Event()
+
+
+RUNS: list[Run] = []
+
+
+async def stepped(job: Job) -> int:
+    """Report 'run N started', wait for the test's go, report 'run N finishing', return N.
+
+    N counts the runs of every job since the test cleared RUNS, so the reports of two
+    attempts of one job (on two daemons of this process) tell which attempt made them.
+    """
+    run = Run(job.id)
+    number = len(RUNS)
+    RUNS.append(run)
+    await report_progress(number, f"run {number} started")
+    await run.go.wait()
+    await report_progress(100, f"run {number} finishing")
+    run.reported.set()
+    return number

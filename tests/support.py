@@ -15,10 +15,12 @@ from typing import Any
 
 import aiohttp
 import anyio
+from redis.asyncio import Redis
 
 from taskd.config import Config, parse
 from taskd.daemon import Daemon, connect
 from taskd.handlers import Handlers
+from taskd.keys import Keys
 
 REPO = Path(__file__).resolve().parent.parent
 # The console script pip installed next to this interpreter: what the README runs.
@@ -172,3 +174,11 @@ async def wait_healthy(url: str, process: DaemonProcess) -> None:
                 return False
 
         await wait_until(healthy, f"{url}/health")
+
+
+async def ready_ids(redis: Redis, queue: str, prefix: str = "taskd") -> list[bytes]:
+    """Every ready id of a queue, wherever it waits: the inbox, then each priority's list."""
+    found: list[bytes] = []
+    for key in Keys(prefix).ready_lists(queue):
+        found += await redis.lrange(key, 0, -1)
+    return found

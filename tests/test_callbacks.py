@@ -11,8 +11,13 @@ import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
+from taskd.config import Config
+from taskd.daemon import Daemon
+from taskd.jobs import now_ms
 from taskd.keys import Keys
-from tests.support import base_url, make_config, post_json, running_daemon, wait_until
+from taskd.store import Store
+from tests import handler_funcs
+from tests.support import base_url, get_json, make_config, post_json, running_daemon, wait_until
 
 K = Keys("taskd")
 
@@ -110,3 +115,155 @@ async def test_bad_callback_urls_are_refused(redis_url: str) -> None:
                 s, f"{base_url(daemon)}/jobs", {"type": "echo", "callback_url": bad}
             )
             assert (status, body["error"]["code"]) == (422, "invalid_job")
+
+
+def gated_config(redis_url: str, concurrency: int) -> Config:
+    handlers = {"gated": {"python": "tests.handler_funcs:gated"}}
+    return make_config(redis_url, handlers=handlers, workers={"concurrency": concurrency})
+
+
+async def totals(url: str) -> dict[str, int]:
+    """The default queue's totals, from `url`'s /stats."""
+    async with aiohttp.ClientSession() as session:
+        _, stats = await get_json(session, f"{url}/stats")
+    return dict(stats["queues"]["default"]["totals"])
+
+
+async def cancel(url: str, job_id: str) -> int:
+    async with aiohttp.ClientSession() as session:
+        status, _ = await post_json(session, f"{url}/jobs/{job_id}/cancel", {})
+    return status
+
+
+async def running_on(redis: Redis, daemon: Daemon, job_ids: list[str]) -> str:
+    """One of these jobs that runs on `daemon`."""
+    active = {
+        m.decode() for m in await redis.zrange(K.active("default", daemon.identity.id), 0, -1)
+    }
+    return next(job_id for job_id in job_ids if job_id in active)
+
+
+Outcomes = dict[str, tuple[str, Any]]  # job id -> the state and result its callback reports
+
+
+async def fill_slots(urls: list[str], hook: str, gauge: handler_funcs.Gauge) -> Outcomes:
+    """20 jobs held at the gate in 2 x 10 slots: each daemon runs 10 of them."""
+    held = [
+        await submit(urls[i % 2], {"type": "gated", "payload": i, "callback_url": hook})
+        for i in range(20)
+    ]
+    await wait_until(lambda: _running(gauge, 20), "both daemons to fill their slots")
+    return {job["id"]: ("completed", job["payload"]) for job in held}
+
+
+async def cancel_across(redis: Redis, daemons: tuple[Daemon, Daemon], ids: list[str]) -> Outcomes:
+    """Cancel a job running on each daemon through the other one."""
+    cancelled: Outcomes = {}
+    for runner, other in (daemons, daemons[::-1]):
+        job_id = await running_on(redis, runner, ids)
+        assert await cancel(base_url(other), job_id) == 202
+        cancelled[job_id] = ("cancelled", None)
+    return cancelled
+
+
+async def end_more(urls: list[str], hook: str) -> Outcomes:
+    """A waiting job cancelled through the other daemon, 9 failing and 10 echo jobs."""
+    waiting = await submit(urls[1], {"type": "echo", "delay": 60, "callback_url": hook})
+    assert await cancel(urls[0], waiting["id"]) == 200
+    ends: Outcomes = {waiting["id"]: ("cancelled", None)}
+    for i in range(19):
+        body = {"type": "echo", "payload": i} if i % 2 else {"type": "fail", "max_attempts": 1}
+        job = await submit(urls[i % 2], {**body, "callback_url": hook})
+        ends[job["id"]] = ("completed", i) if i % 2 else ("failed", None)
+    return ends
+
+
+async def test_two_daemons_call_back_every_job_exactly_once(
+    redis_url: str, receiver: Receiver, redis: Redis
+) -> None:
+    gauge = handler_funcs.reset_gauge()
+    config = gated_config(redis_url, concurrency=10)
+    async with running_daemon(config) as a, running_daemon(config) as b:
+        urls = [base_url(a), base_url(b)]
+        expected = await fill_slots(urls, receiver.url, gauge)
+        expected |= await cancel_across(redis, (a, b), list(expected))
+        expected |= await end_more(urls, receiver.url)
+        gauge.gate.set()
+        await wait_until(lambda: _sent(urls[1], 40), "40 callbacks, counted")
+        assert (await totals(urls[0]))["callbacks_sent"] == 40
+    by_id = {record["id"]: record for record in receiver.received}
+    assert len(receiver.received) == len(by_id) == len(expected) == 40
+    assert {i: (r["state"], r["result"]) for i, r in by_id.items()} == expected
+    ran_on = {r["history"][-1]["daemon"] for r in by_id.values() if r["history"]}
+    assert ran_on == {a.identity.id, b.identity.id}
+
+
+async def _running(gauge: handler_funcs.Gauge, count: int) -> bool:
+    return gauge.running == count
+
+
+async def _sent(url: str, count: int) -> bool:
+    return (await totals(url)).get("callbacks_sent", 0) >= count
+
+
+async def test_a_callback_failing_on_two_daemons_is_counted_and_changes_nothing(
+    redis_url: str, receiver: Receiver
+) -> None:
+    receiver.failures = 1000
+    gauge = handler_funcs.reset_gauge()
+    config = gated_config(redis_url, concurrency=1)
+    async with running_daemon(config) as a, running_daemon(config) as b:
+        urls = [base_url(a), base_url(b)]
+        body = {"type": "gated", "payload": "kept", "callback_url": receiver.url}
+        jobs = [await submit(url, body) for url in urls]
+        # One slot each, two jobs at the gate: one runs on each daemon.
+        await wait_until(lambda: _running(gauge, 2), "a job on each daemon")
+        gauge.gate.set()
+
+        async def both_counted() -> bool:
+            return (await totals(urls[0])).get("callbacks_failed") == 2
+
+        await wait_until(both_counted, "two failed callbacks, counted")
+        assert (await totals(urls[1]))["callbacks_failed"] == 2
+        async with aiohttp.ClientSession() as session:
+            records = [(await get_json(session, f"{urls[1]}/jobs/{job['id']}"))[1] for job in jobs]
+    assert {record["history"][0]["daemon"] for record in records} == {a.identity.id, b.identity.id}
+    assert [(r["state"], r["result"]) for r in records] == [("completed", "kept")] * 2
+    assert receiver.received == []
+    assert receiver.refused == 8  # every attempt of both, and nothing more
+
+
+async def test_an_attempt_taken_back_from_its_daemon_sends_no_callback(
+    redis_url: str, receiver: Receiver, redis: Redis
+) -> None:
+    """Daemon A's attempt is taken back while it runs and B runs the job again: only B's
+    attempt, the one Redis records, calls back."""
+    handler_funcs.RUNS.clear()
+    handlers = {"steps": {"python": "tests.handler_funcs:stepped"}}
+    config = make_config(redis_url, handlers=handlers, workers={"concurrency": 1})
+    store = Store.from_url(redis_url, prefix="taskd")
+    try:
+        async with running_daemon(config) as a:
+            job = await submit(base_url(a), {"type": "steps", "callback_url": receiver.url})
+            await wait_until(lambda: _runs(1), "A to start the job")
+            async with running_daemon(config) as b:
+                assert await store.requeue("default", a.identity.id, [job["id"]], now_ms()) == 1
+                await wait_until(lambda: _runs(2), "B to start the job again")
+                stale, fresh = handler_funcs.RUNS
+                stale.go.set()
+                await wait_until(lambda: _idle(a), "A's stale attempt to end")
+                fresh.go.set()
+                await wait_until(lambda: _sent(base_url(b), 1), "B's callback")
+                assert (a.callbacks.queued, b.callbacks.queued) == (0, 1)
+    finally:
+        await store.close()
+    [record] = receiver.received
+    assert (record["state"], record["result"], record["daemon"]) == ("completed", 1, b.identity.id)
+
+
+async def _runs(count: int) -> bool:
+    return len(handler_funcs.RUNS) == count
+
+
+async def _idle(daemon: Daemon) -> bool:
+    return daemon.pool.active == 0

@@ -16,7 +16,7 @@ from taskd.embedded import RedisServer
 from taskd.jobs import QUEUED, Job, new_id, now_ms
 from taskd.keys import Keys
 from taskd.store import UNAVAILABLE, Store
-from tests.support import REPO, DaemonProcess, get_json, wait_healthy, wait_until
+from tests.support import REPO, DaemonProcess, get_json, ready_ids, wait_healthy, wait_until
 
 K = Keys("taskd")
 Q = "default"
@@ -115,7 +115,7 @@ async def test_sigkill_chaos_loses_nothing(
         cluster.stop_all()
     # Every job completed, none is left anywhere else, and each ran at least once.
     assert await completed(redis) == total
-    assert await redis.llen(K.ready(Q)) == 0
+    assert len(await ready_ids(redis, Q)) == 0
     assert await redis.zcard(K.dead(Q)) == 0
     runs = cluster.executions()
     assert set(runs) == set(ids)
@@ -147,7 +147,7 @@ async def test_sigterm_under_load_requeues_and_exits_in_time(
         assert time.monotonic() - started < 1 + 5
     finally:
         cluster.stop_all()
-    assert sorted(await redis.lrange(K.ready(Q), 0, -1)) == sorted(i.encode() for i in ids)
+    assert sorted(await ready_ids(redis, Q)) == sorted(i.encode() for i in ids)
     states = {await redis.hget(K.job(Q, i), "state") for i in ids}
     assert states == {b"queued"}
     assert await redis.zcard(K.daemons) == 0

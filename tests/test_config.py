@@ -19,6 +19,7 @@ from taskd.config import (
     Config,
     ConfigError,
     HandlerConfig,
+    RateLimit,
     RedisConfig,
     RetentionConfig,
     ServerConfig,
@@ -33,7 +34,7 @@ TOP_KEYS = "server, redis, workers, retention, handlers, schedules"
 SERVER_KEYS = "listen, max_body, max_batch, idempotency_ttl, token"
 HANDLER_KEYS = (
     "builtin, python, exec, http, queue, timeout, concurrency, max_attempts, backoff_base, "
-    "backoff_max, permanent_exit_codes"
+    "backoff_max, permanent_exit_codes, rate_limit, global_concurrency"
 )
 
 
@@ -112,6 +113,8 @@ def test_defaults() -> None:
         backoff_base=2.0,
         backoff_max=3600.0,
         permanent_exit_codes=(),
+        rate_limit=None,
+        global_concurrency=None,
     )
 
 
@@ -223,6 +226,46 @@ def test_handler_queue_need_not_be_served_here() -> None:
     cfg = parse_text('[handlers.t]\nbuiltin = "noop"\nqueue = "elsewhere"\n')
     assert cfg.handlers["t"].queue == "elsewhere"
     assert cfg.workers.queues == ("default",)
+
+
+# Limits across daemons
+
+
+@pytest.mark.parametrize(
+    ("text", "count", "per_ms"),
+    [
+        ("100/s", 100, 1000),
+        ("1/s", 1, 1000),
+        ("30/m", 30, 60_000),
+        ("1000000/h", 1_000_000, 3_600_000),
+        ("007/s", 7, 1000),
+    ],
+)
+def test_rate_limit(text: str, count: int, per_ms: int) -> None:
+    cfg = parse({"handlers": {"r": {"builtin": "noop", "rate_limit": text}}}, env={})
+    limit = cfg.handlers["r"].rate_limit
+    assert limit == RateLimit(count=count, per_ms=per_ms)
+    assert str(limit) == text.lstrip("0")
+
+
+def test_rate_limit_str_of_an_odd_window() -> None:
+    assert str(RateLimit(5, 250)) == "5/250ms"
+
+
+def test_global_concurrency_and_concurrency_together() -> None:
+    spec = {"builtin": "sleep", "concurrency": 4, "global_concurrency": 100_000}
+    handler = parse({"handlers": {"s": spec}}, env={}).handlers["s"]
+    assert (handler.concurrency, handler.global_concurrency) == (4, 100_000)
+    assert handler.rate_limit is None
+
+
+def test_schedule_priority() -> None:
+    cfg = parse_text(
+        ECHO + '[[schedules]]\nname = "hot"\ncron = "@hourly"\ntype = "echo"\npriority = 9\n'
+        '[[schedules]]\nname = "cold"\ncron = "@daily"\ntype = "echo"\npriority = 0\n'
+        '[[schedules]]\nname = "plain"\ncron = "@daily"\ntype = "echo"\n'
+    )
+    assert [s.priority for s in cfg.schedules] == [9, 0, None]
 
 
 # Retries and retention
@@ -583,6 +626,69 @@ INVALID = [
         f'[handlers.x]\nexec = ["{sys.executable}"]\npermanent_exit_codes = [65, 75, 65]\n',
         "handlers.x.permanent_exit_codes[2]: duplicate exit code 65",
     ),
+    # limits across daemons
+    (
+        '[handlers.resize]\nbuiltin = "echo"\nrate_limit = "100 per s"\n',
+        'handlers.resize.rate_limit: must be "COUNT/s", "COUNT/m" or "COUNT/h" (e.g. "100/s"), '
+        "got '100 per s'",
+    ),
+    ('[handlers.x]\nbuiltin = "echo"\nrate_limit = "100/d"\n', "got '100/d'"),
+    ('[handlers.x]\nbuiltin = "echo"\nrate_limit = "100/sec"\n', "got '100/sec'"),
+    ('[handlers.x]\nbuiltin = "echo"\nrate_limit = "100 / s"\n', "got '100 / s'"),
+    ('[handlers.x]\nbuiltin = "echo"\nrate_limit = "/s"\n', "got '/s'"),
+    ('[handlers.x]\nbuiltin = "echo"\nrate_limit = "-1/s"\n', "got '-1/s'"),
+    ('[handlers.x]\nbuiltin = "echo"\nrate_limit = "1.5/s"\n', "got '1.5/s'"),
+    ('[handlers.x]\nbuiltin = "echo"\nrate_limit = ""\n', "(e.g. \"100/s\"), got ''"),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nrate_limit = 100\n',
+        'handlers.x.rate_limit: must be "COUNT/s", "COUNT/m" or "COUNT/h" (e.g. "100/s"), '
+        "got integer 100",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nrate_limit = "0/s"\n',
+        "handlers.x.rate_limit: COUNT must be from 1 to 1000000, got '0/s'",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nrate_limit = "1000001/m"\n',
+        "handlers.x.rate_limit: COUNT must be from 1 to 1000000, got '1000001/m'",
+    ),
+    (
+        f'[handlers.x]\nbuiltin = "echo"\nrate_limit = "{"9" * 5000}/h"\n',
+        "handlers.x.rate_limit: COUNT must be from 1 to 1000000, got '9999",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nrate_limit = "1/s"\nglobal_concurrency = 0\n',
+        "handlers.x.global_concurrency: must be an integer from 1 to 100000, got 0",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nglobal_concurrency = 0\n',
+        "handlers.x.global_concurrency: must be an integer from 1 to 100000, got 0",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nglobal_concurrency = 100001\n',
+        "handlers.x.global_concurrency: must be an integer from 1 to 100000, got 100001",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nglobal_concurrency = 2.0\n',
+        "handlers.x.global_concurrency: must be an integer, got float 2.0",
+    ),
+    (
+        '[handlers.x]\nbuiltin = "echo"\nglobal_concurrency = "10"\n',
+        "handlers.x.global_concurrency: must be an integer, got string '10'",
+    ),
+    # schedules
+    (
+        ECHO + '[[schedules]]\nname = "s"\ncron = "@daily"\ntype = "echo"\npriority = 10\n',
+        "schedules[0].priority: must be an integer from 0 to 9, got 10",
+    ),
+    (
+        ECHO + '[[schedules]]\nname = "s"\ncron = "@daily"\ntype = "echo"\npriority = -1\n',
+        "schedules[0].priority: must be an integer from 0 to 9, got -1",
+    ),
+    (
+        ECHO + '[[schedules]]\nname = "s"\ncron = "@daily"\ntype = "echo"\npriority = "high"\n',
+        "schedules[0].priority: must be an integer, got string 'high'",
+    ),
     # retention
     (
         "[retention]\ncompleted = 0\n",
@@ -640,7 +746,7 @@ def test_invalid(text: str, expected: str) -> None:
         (
             "[workers]\nthreads = 4\n",
             "workers.threads: unknown key (known: concurrency, queues, shutdown_timeout, "
-            "heartbeat_interval, dead_after)",
+            "heartbeat_interval, dead_after, queue_mode, weights)",
         ),
         (
             '[handlers.thumb]\nbuiltin = "echo"\nfrob = 1\n',
@@ -689,6 +795,19 @@ def test_unknown_keys(text: str, expected: str) -> None:
             "handlers.x.backoff_base: must be a number of seconds, got boolean true",
         ),
         (
+            '[handlers.x]\nbuiltin = "echo"\nglobal_concurrency = true\n',
+            "handlers.x.global_concurrency: must be an integer, got boolean true",
+        ),
+        (
+            '[handlers.x]\nbuiltin = "echo"\nrate_limit = true\n',
+            'handlers.x.rate_limit: must be "COUNT/s", "COUNT/m" or "COUNT/h" (e.g. "100/s"), '
+            "got boolean true",
+        ),
+        (
+            ECHO + '[[schedules]]\nname = "s"\ncron = "@daily"\ntype = "echo"\npriority = true\n',
+            "schedules[0].priority: must be an integer, got boolean true",
+        ),
+        (
             f'[handlers.x]\nexec = ["{sys.executable}"]\npermanent_exit_codes = [true]\n',
             "handlers.x.permanent_exit_codes[0]: must be an integer, got boolean true",
         ),
@@ -713,6 +832,8 @@ def test_integer_rejects_datetime() -> None:
 
 def test_long_string_is_shortened_in_messages() -> None:
     (problem,) = problems_of(f'[workers]\nconcurrency = "{"x" * 500}"\n')
+    assert len(problem) < 150
+    (problem,) = problems_of(f'[handlers.x]\nbuiltin = "echo"\nrate_limit = "{"9" * 5000}/s"\n')
     assert len(problem) < 150
 
 

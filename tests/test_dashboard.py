@@ -19,7 +19,16 @@ import anyio
 import pytest
 
 from taskd.daemon import Daemon
-from tests.support import DEADLINE, REPO, base_url, get_json, make_config, post_json, running_daemon
+from tests.support import (
+    DEADLINE,
+    REPO,
+    base_url,
+    get_json,
+    make_config,
+    post_json,
+    running_daemon,
+    wait_for_state,
+)
 
 pytest.importorskip("selenium", reason="needs selenium (the `test` extra) to drive Chromium")
 
@@ -54,6 +63,8 @@ FLAGS = [
     "--disable-sync",
     "--window-size=1280,900",
 ]
+# What the page shows where a value does not apply, or there is no data yet: an en dash.
+DASH = "\u2013"
 # What the screenshot test writes into the repository for the README, when asked to.
 SCREENSHOT = REPO / "docs" / "dashboard.png"
 
@@ -112,6 +123,13 @@ def queue_cell(driver: WebDriver, queue: str, column: str) -> WebElement:
 
 def queue_count(driver: WebDriver, queue: str, column: str) -> int:
     return int(queue_cell(driver, queue, column).text.replace(",", ""))
+
+
+def row_cell(driver: WebDriver, table: str, key: str, column: str) -> WebElement:
+    """A cell of a table's row, the row found by its data-key (a job's id, say)."""
+    return driver.find_element(
+        By.CSS_SELECTOR, f'#{table}-body tr[data-key="{key}"] [data-col="{column}"]'
+    )
 
 
 def open_page(driver: WebDriver, url: str) -> None:
@@ -197,6 +215,8 @@ async def test_the_page_loads_live_without_console_errors(
         assert browser.title == "taskd"
         daemons = browser.find_element(By.ID, "daemons-body")
         wait_for(browser, lambda d: daemon.identity.id in daemons.text, "this daemon's row")
+        # No handler has limits: no Limits card.
+        assert not browser.find_element(By.ID, "limits").is_displayed()
         assert console_errors(browser) == []
 
     await in_browser(check)
@@ -304,6 +324,86 @@ async def test_with_a_token_the_page_needs_it_and_works_with_it(
         await in_browser(check)
 
 
+async def test_limits_waits_and_priorities_are_shown(
+    redis_url: str, browser: WebDriver, tmp_path: Path
+) -> None:
+    """A type allowed one start an hour: of 3 jobs one runs, 2 wait, and the page says so."""
+    config = make_config(redis_url, handlers={"limited": {"builtin": "echo", "rate_limit": "1/h"}})
+    async with running_daemon(config) as daemon, aiohttp.ClientSession() as session:
+        url = base_url(daemon)
+        priorities = {}
+        for priority in (8, 2, None):  # None: the default, 5
+            body: dict[str, Any] = {"type": "limited", "payload": {"p": priority}}
+            if priority is not None:
+                body["priority"] = priority
+            status, job = await post_json(session, f"{url}/jobs", body)
+            assert status == 201, job
+            priorities[job["id"]] = 5 if priority is None else priority
+        jobs = [
+            await wait_for_state(session, url, job_id, {"completed", "scheduled"})
+            for job_id in priorities
+        ]
+        waiting = [job["id"] for job in jobs if job["state"] == "scheduled"]
+        assert len(waiting) == 2, jobs
+        assert all(job["waiting_for"] == "rate_limit" for job in jobs if job["id"] in waiting)
+
+        def check() -> None:
+            open_page(browser, f"{url}/")
+            # The queue counts the waits, and the Limits card shows the type's limits.
+            wait_for(
+                browser,
+                lambda d: queue_count(d, "default", "rate_limited") == 2,
+                "the queue's rate-limited waits to read 2",
+            )
+            assert queue_count(browser, "default", "concurrency_limited") == 0
+            assert browser.find_element(By.ID, "limits").is_displayed()
+            limit = functools.partial(row_cell, browser, "limits", "default/limited")
+            wait_for(
+                browser,
+                lambda d: limit("rate_limited").text == "2",
+                "the Limits card to count 2 rate-limited waits",
+            )
+            shown = {
+                column: limit(column).text
+                for column in ("type", "queue", "rate", "started", "concurrency", "held")
+            }
+            assert shown == {
+                "type": "limited",
+                "queue": "default",
+                "rate": "1/h",
+                "started": "1",
+                "concurrency": DASH,
+                "held": DASH,
+            }
+            assert limit("concurrency_limited").text == "0"
+            # Every job's priority, and why the waiting ones wait.
+            for job_id, priority in priorities.items():
+                job = functools.partial(row_cell, browser, "recent", job_id)
+                wait_for(
+                    browser,
+                    lambda d, job=job, priority=priority: job("priority").text == str(priority),
+                    f"job {job_id} to show priority {priority}",
+                )
+                row = browser.find_element(By.CSS_SELECTOR, f'#recent-body tr[data-key="{job_id}"]')
+                if job_id in waiting:
+                    assert row.get_attribute("data-waiting-for") == "rate_limit"
+                    assert job("state").text == "scheduled waits for rate limit"
+                else:
+                    assert row.get_attribute("data-waiting-for") == ""
+                    assert job("state").text == "completed"
+            # At phone width the new columns and card scroll in their boxes, not the page.
+            set_viewport(browser, 375, 812, mobile=True)
+            assert browser.execute_script("return document.body.scrollWidth") <= 376, too_wide(
+                browser, 375
+            )
+            assert console_errors(browser) == []
+            browser.save_screenshot(str(tmp_path / "dashboard-limits-phone.png"))
+            # Close the page before the daemon stops, so its stream does not hold it up.
+            browser.get("about:blank")
+
+        await in_browser(check)
+
+
 async def test_at_phone_width_the_page_does_not_scroll_sideways(
     daemon: Daemon, browser: WebDriver, tmp_path: Path
 ) -> None:
@@ -353,7 +453,8 @@ async def test_a_screenshot_with_data(redis_url: str, browser: WebDriver, tmp_pa
     config = make_config(
         redis_url,
         workers={"queues": ["default", "images"]},
-        handlers={"thumbnail": {"builtin": "echo", "queue": "images"}},
+        # Thumbnails come 2 a second, over their rate limit: some wait, as the page shows.
+        handlers={"thumbnail": {"builtin": "echo", "queue": "images", "rate_limit": "1/s"}},
     )
     async with (
         running_daemon(config) as daemon,
@@ -402,7 +503,7 @@ async def test_a_screenshot_with_data(redis_url: str, browser: WebDriver, tmp_pa
         for message in ("upstream answered 503", "no such file: /data/in/4711.jpg"):
             await submit({"type": "fail", "payload": {"message": message}, "max_attempts": 1})
         await submit({"type": "echo", "payload": {"hello": "world"}, "delay": 3600})
-        await submit({"type": "sleep", "payload": {"seconds": 60}})
+        await submit({"type": "sleep", "payload": {"seconds": 60}, "priority": 8})
 
         def shoot() -> bytes:
             recent = "#recent-body tr[data-state={}]"

@@ -23,6 +23,8 @@ from tests.support import (
     wait_until,
 )
 
+PRIORITY_RULE = "'priority' must be an integer from 0 (lowest) to 9 (highest), got"
+
 
 @pytest.fixture
 async def daemon(redis_url: str) -> AsyncIterator[Daemon]:
@@ -158,6 +160,13 @@ async def test_unknown_job_id_is_404(api: tuple[aiohttp.ClientSession, str]) -> 
         (b'{"type": "echo", "run_at": [1]}', 422, "invalid_job", "got array"),
         (b'{"type": "echo", "max_attempts": 0}', 422, "invalid_job", "'max_attempts' must be"),
         (b'{"type": "echo", "max_attempts": 2.5}', 422, "invalid_job", "'max_attempts' must be"),
+        (b'{"type": "echo", "priority": 12}', 422, "invalid_job", f"{PRIORITY_RULE} 12"),
+        (b'{"type": "echo", "priority": 10}', 422, "invalid_job", f"{PRIORITY_RULE} 10"),
+        (b'{"type": "echo", "priority": -1}', 422, "invalid_job", f"{PRIORITY_RULE} -1"),
+        (b'{"type": "echo", "priority": 5.0}', 422, "invalid_job", f"{PRIORITY_RULE} 5.0"),
+        (b'{"type": "echo", "priority": true}', 422, "invalid_job", f"{PRIORITY_RULE} True"),
+        (b'{"type": "echo", "priority": "9"}', 422, "invalid_job", f"{PRIORITY_RULE} '9'"),
+        (b'{"type": "echo", "prio": 9}', 422, "invalid_job", "callback_url, priority"),
         (b'{"type": "echo", "payload": NaN}', 400, "invalid_json", "not valid JSON"),
     ],
 )
@@ -171,6 +180,15 @@ async def test_bad_submissions_get_a_json_error(
         assert response.status == status
     assert answer["error"]["code"] == code
     assert message in answer["error"]["message"]
+
+
+@pytest.mark.parametrize("priority", [0, 9, None])
+async def test_a_valid_priority_is_accepted(
+    api: tuple[aiohttp.ClientSession, str], priority: int | None
+) -> None:
+    session, url = api
+    status, _ = await post_json(session, f"{url}/jobs", {"type": "noop", "priority": priority})
+    assert status == 201
 
 
 async def test_unknown_type_message_lists_the_configured_types(
@@ -282,6 +300,7 @@ async def test_batch_enqueues_all_and_answers_ids_in_order(
         ([{"type": "echo"}, {"type": "nope"}], "jobs[1]: unknown job type 'nope'"),
         ([{"type": "echo"}, {"type": "echo", "delay": -1}], "jobs[1]: 'delay' must be"),
         ([{"type": "echo"}, 7], "jobs[1]: must be a JSON object, got number"),
+        ([{"type": "echo"}, {"type": "echo", "priority": 10}], f"jobs[1]: {PRIORITY_RULE} 10"),
         ([], "a batch holds 1 to 3 jobs"),
         ([{"type": "echo"}] * 4, "a batch holds 1 to 3 jobs ([server] max_batch), got 4"),
     ],

@@ -17,6 +17,7 @@ from tests.support import (
     DaemonProcess,
     get_json,
     post_json,
+    ready_ids,
     wait_for_state,
     wait_healthy,
     wait_until,
@@ -136,7 +137,7 @@ async def test_two_daemons_share_work_and_sigterm_loses_nothing(
     finally:
         for daemon in daemons:
             daemon.kill()
-    assert await redis.llen(K.ready("default")) == 0
+    assert len(await ready_ids(redis, "default")) == 0
     assert await redis.zcard(K.dead("default")) == 0
     ran_by = {
         await redis.hget(K.job("default", i.decode()), "daemon")

@@ -11,6 +11,7 @@ import pytest
 from redis.asyncio import Redis
 
 from taskd.config import ConfigError, HandlerConfig, ScheduleConfig, parse
+from taskd.jobs import DEFAULT_PRIORITY, QUEUED
 from taskd.keys import Keys
 from taskd.scheduler import Scheduler, next_tick, prev_tick
 from taskd.store import Store
@@ -66,6 +67,39 @@ async def test_many_daemons_firing_one_tick_make_one_job(stores: list[Store], re
     assert await schedulers[0].tick() == ms("2026-11-24T10:15:00+00:00")
     await schedulers[1].tick()
     assert await redis.zcard(K.index("default")) == 2
+
+
+async def test_the_enqueued_job_has_the_schedule_fields_and_priority(
+    stores: list[Store], redis: Redis
+) -> None:
+    schedules = [
+        ScheduleConfig(name="hot", cron="*/5 * * * *", type="echo", payload=[1], priority=9),
+        ScheduleConfig(name="cold", cron="*/5 * * * *", type="echo", queue="bg", priority=0),
+        ScheduleConfig(name="plain", cron="*/5 * * * *", type="echo"),
+    ]
+    now = ms("2026-11-24T10:05:00.500+00:00")
+    scheduler = Scheduler(store=stores[0], schedules=schedules, handlers=HANDLERS, clock=Clock(now))
+    await scheduler.tick()
+    tick = ms("2026-11-24T10:05:00+00:00")
+    jobs = []
+    for schedule in schedules:
+        queue = schedule.queue or "default"
+        run = await stores[0].schedule_run(queue, schedule.name)
+        assert run is not None
+        assert run[0] == tick
+        assert run[1] is not None
+        job = await stores[0].get_job(run[1], [queue])
+        assert job is not None
+        jobs.append(job)
+    assert [(j.type, j.queue, j.payload, j.priority) for j in jobs] == [
+        ("echo", "default", [1], 9),
+        ("echo", "bg", None, 0),
+        ("echo", "default", None, DEFAULT_PRIORITY),
+    ]
+    for job, schedule in zip(jobs, schedules, strict=True):
+        assert (job.state, job.attempts, job.created_at) == (QUEUED, 0, now)
+        assert job.max_attempts == HANDLERS["echo"].max_attempts
+        assert job.idempotency_key == f"schedule:{schedule.name}:{tick}"
 
 
 @pytest.mark.parametrize(("catch_up", "jobs"), [("none", 0), ("latest", 1)])
@@ -127,6 +161,10 @@ async def test_get_schedules_shows_next_and_last_runs(redis_url: str) -> None:
             "catch_up: must be one of",
         ),
         ({"cron": "@daily", "type": "echo"}, "schedules[0].name: required"),
+        (
+            {"name": "x", "cron": "@daily", "type": "echo", "priority": 10},
+            "schedules[0].priority: must be an integer from 0 to 9, got 10",
+        ),
     ],
 )
 def test_bad_schedules_are_refused_with_their_key_path(

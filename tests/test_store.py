@@ -12,6 +12,7 @@ from redis.asyncio import Redis
 from taskd.jobs import QUEUED, SCHEDULED, Job, new_id
 from taskd.keys import Keys
 from taskd.store import Attempt, DaemonInfo, Store
+from tests.support import ready_ids
 
 Q = "default"
 ME = "daemon-a"
@@ -42,9 +43,10 @@ def new_job(payload: object = None, *, run_at: int | None = None, max_attempts: 
 async def place(redis: Redis, job_id: str, daemon: str = ME) -> list[str]:
     """Every structure of the queue that holds `job_id`: a job is in exactly one."""
     found = []
-    for name, key in [("ready", K.ready(Q)), ("landing", K.landing(Q, daemon))]:
-        if job_id.encode() in await redis.lrange(key, 0, -1):
-            found.append(name)
+    if job_id.encode() in await ready_ids(redis, Q):
+        found.append("ready")
+    if job_id.encode() in await redis.lrange(K.landing(Q, daemon), 0, -1):
+        found.append("landing")
     for name, key in [
         ("active", K.active(Q, daemon)),
         ("scheduled", K.scheduled(Q)),
@@ -83,12 +85,12 @@ async def test_enqueue_queues_or_schedules(store: Store, redis: Redis) -> None:
     assert await stored(store, now.id) == now
     assert (await stored(store, later.id)).run_at == 5000
     assert await store.enqueue(now) == now.id  # the same id again changes nothing
-    assert await redis.llen(K.ready(Q)) == 1
+    assert len(await ready_ids(redis, Q)) == 1
 
 
 async def test_claim_takes_the_oldest_first_up_to_the_limit(store: Store, redis: Redis) -> None:
     jobs = await enqueue(store, 5)
-    claimed = await store.claim(Q, ME, 3, now=100)
+    claimed = (await store.claim(Q, ME, 3, now=100)).jobs
     assert [j.id for j in claimed] == [j.id for j in jobs[:3]]
     assert [j.payload for j in claimed] == [{"n": 0}, {"n": 1}, {"n": 2}]
     for job in claimed:
@@ -96,8 +98,8 @@ async def test_claim_takes_the_oldest_first_up_to_the_limit(store: Store, redis:
         assert await place(redis, job.id) == ["active"]
         assert (await stored(store, job.id)).daemon == ME
     assert await redis.zscore(K.owners(Q), ME) == 100
-    assert await store.claim(Q, ME, 10, now=1) != []
-    assert await store.claim(Q, ME, 10, now=1) == []
+    assert (await store.claim(Q, ME, 10, now=1)).jobs != []
+    assert (await store.claim(Q, ME, 10, now=1)).jobs == []
 
 
 async def test_blocking_fetch_lands_the_id_and_claim_takes_it_first(
@@ -106,7 +108,7 @@ async def test_blocking_fetch_lands_the_id_and_claim_takes_it_first(
     first, second = await enqueue(store, 2)
     assert await store.wait_for_job(Q, ME, block_seconds=1)
     assert await place(redis, first.id) == ["landing"]
-    claimed = await store.claim(Q, ME, 2, now=5)
+    claimed = (await store.claim(Q, ME, 2, now=5)).jobs
     assert [j.id for j in claimed] == [first.id, second.id]
     assert not await store.wait_for_job(Q, ME, block_seconds=1)
 
@@ -116,21 +118,21 @@ async def test_claim_skips_ids_of_jobs_no_longer_queued(store: Store, redis: Red
     await redis.delete(K.job(Q, gone.id))
     assert await store.wait_for_job(Q, ME, block_seconds=1)  # `gone` lands here...
     assert await store.cancel(Q, cancelled.id, now=2) == "queued"
-    claimed = await store.claim(Q, ME, 3, now=3)
+    claimed = (await store.claim(Q, ME, 3, now=3)).jobs
     assert [j.id for j in claimed] == [kept.id]
     assert await place(redis, cancelled.id) == ["cancelled"]
 
 
 async def test_ack_records_each_outcome(store: Store, redis: Redis) -> None:
     jobs = await enqueue(store, 4)
-    ok, retry, dead, stop = await store.claim(Q, ME, 4, now=10)
+    ok, retry, dead, stop = (await store.claim(Q, ME, 4, now=10)).jobs
     attempts = [
         ended(ok, "completed", '{"r":1}'),
         ended(retry, "retry", "flaky", retry_at=500),
         ended(dead, "failed", "boom"),
         ended(stop, "cancelled", "cancelled while running"),
     ]
-    assert await store.ack(Q, ME, attempts, now=20) == 4
+    assert await store.ack(Q, ME, attempts, now=20) == [True] * 4
 
     done = await stored(store, ok.id)
     assert (done.state, done.result, done.error, done.finished_at) == (
@@ -160,10 +162,10 @@ async def test_ack_records_each_outcome(store: Store, redis: Redis) -> None:
 
 async def test_history_grows_one_entry_per_attempt(store: Store) -> None:
     [job] = await enqueue(store, 1)
-    [first] = await store.claim(Q, ME, 1, now=1)
+    [first] = (await store.claim(Q, ME, 1, now=1)).jobs
     await store.ack(Q, ME, [ended(first, "retry", "flaky", retry_at=2)], now=1)
     await store.promote(Q, now=2)
-    [second] = await store.claim(Q, ME, 1, now=3)
+    [second] = (await store.claim(Q, ME, 1, now=3)).jobs
     await store.ack(Q, ME, [ended(second, "completed", "null")], now=4)
     history = (await stored(store, job.id)).history
     assert [(e["attempt"], e["outcome"]) for e in history] == [(1, "retry"), (2, "completed")]
@@ -173,19 +175,19 @@ async def test_ack_of_an_attempt_no_longer_owned_changes_nothing(
     store: Store, redis: Redis
 ) -> None:
     [job] = await enqueue(store, 1)
-    [claimed] = await store.claim(Q, ME, 1, now=10)
+    [claimed] = (await store.claim(Q, ME, 1, now=10)).jobs
     await redis.zrem(K.active(Q, ME), job.id)  # taken back meanwhile
-    assert await store.ack(Q, ME, [ended(claimed, "completed", "1")], now=20) == 0
+    assert await store.ack(Q, ME, [ended(claimed, "completed", "1")], now=20) == [False]
     assert (await stored(store, job.id)).state == "active"
 
 
 async def test_ack_of_an_older_attempt_changes_nothing(store: Store) -> None:
     [job] = await enqueue(store, 1)
-    [first] = await store.claim(Q, ME, 1, now=10)
+    [first] = (await store.claim(Q, ME, 1, now=10)).jobs
     await store.recover(Q, ME, now=11, before=11)  # taken back...
-    [second] = await store.claim(Q, ME, 1, now=12)  # ...and claimed again
-    assert await store.ack(Q, ME, [ended(first, "completed", "1")], now=20) == 0
-    assert await store.ack(Q, ME, [ended(second, "completed", "2")], now=21) == 1
+    [second] = (await store.claim(Q, ME, 1, now=12)).jobs  # ...and claimed again
+    assert await store.ack(Q, ME, [ended(first, "completed", "1")], now=20) == [False]
+    assert await store.ack(Q, ME, [ended(second, "completed", "2")], now=21) == [True]
     assert (await stored(store, job.id)).result == 2
 
 
@@ -202,7 +204,7 @@ async def test_requeue_returns_unfinished_jobs_to_run_next(store: Store, redis: 
     ] * 2
     back = await stored(store, jobs[0].id)
     assert (back.state, back.attempts, back.started_at) == ("queued", 0, None)
-    claimed = await store.claim(Q, ME, 4, now=20)
+    claimed = (await store.claim(Q, ME, 4, now=20)).jobs
     assert claimed[-1].id == jobs[4].id  # the returned ones run before it
 
 
@@ -210,7 +212,7 @@ async def test_requeue_moves_more_than_one_batch(store: Store, redis: Redis) -> 
     await enqueue(store, 1200)
     await store.claim(Q, ME, 1200, now=1)
     assert await store.requeue_inflight(Q, ME, now=2) == 1200
-    assert await redis.llen(K.ready(Q)) == 1200
+    assert len(await ready_ids(redis, Q)) == 1200
 
 
 async def test_promote_moves_due_jobs_only_and_tells_the_next_due(
@@ -234,7 +236,7 @@ async def test_concurrent_promoters_move_each_job_once(redis_url: str, redis: Re
             for s in stores:
                 for _ in range(5):
                     tg.start_soon(s.promote, Q, 100)
-        ready = await redis.lrange(K.ready(Q), 0, -1)
+        ready = await ready_ids(redis, Q)
         assert await redis.zcard(K.scheduled(Q)) == 0
     finally:
         for s in stores:
@@ -270,7 +272,7 @@ async def test_cancel_by_state(store: Store, redis: Redis) -> None:
 
 async def test_retry_puts_a_failed_job_back_with_attempts_reset(store: Store, redis: Redis) -> None:
     [job] = await enqueue(store, 1)
-    [claimed] = await store.claim(Q, ME, 1, now=1)
+    [claimed] = (await store.claim(Q, ME, 1, now=1)).jobs
     await store.ack(Q, ME, [ended(claimed, "failed", "boom")], now=2)
     assert await store.retry(Q, job.id) == "failed"
     back = await stored(store, job.id)
@@ -329,7 +331,7 @@ async def test_recover_leaves_a_live_lease_alone(store: Store, redis: Redis) -> 
 
 async def test_trim_deletes_jobs_past_their_retention(store: Store, redis: Redis) -> None:
     jobs = await enqueue(store, 3)
-    claimed = await store.claim(Q, ME, 3, now=1)
+    claimed = (await store.claim(Q, ME, 3, now=1)).jobs
     for n, job in enumerate(claimed):
         await store.ack(Q, ME, [ended(job, "completed", "1")], now=10 * (n + 1))
     assert await store.trim(Q, "completed", cutoff=20) == 2
@@ -357,7 +359,7 @@ async def test_queue_counts_and_totals(store: Store) -> None:
     await store.beat(info(ME, 1))
     await enqueue(store, 3)
     await enqueue(store, 1, run_at=10_000)
-    [claimed, _] = await store.claim(Q, ME, 2, now=1)
+    [claimed, _] = (await store.claim(Q, ME, 2, now=1)).jobs
     await store.ack(Q, ME, [ended(claimed, "failed", "x")], now=2)
     counts = await store.queue_counts([Q])
     assert counts[Q] == {
@@ -393,7 +395,7 @@ async def test_listing_pages_newest_first_across_queues(store: Store) -> None:
 
 async def test_listing_final_states_by_finish_time_through_ties(store: Store) -> None:
     await enqueue(store, 9)
-    claimed = await store.claim(Q, ME, 9, now=1)
+    claimed = (await store.claim(Q, ME, 9, now=1)).jobs
     # Three finish in each of three milliseconds: pages must cross the ties exactly.
     for n, job in enumerate(claimed):
         await store.ack(Q, ME, [ended(job, "completed", "1")], now=100 + n // 3)

@@ -18,7 +18,7 @@ from taskd.promoter import Promoter
 from taskd.reaper import Reaper
 from taskd.store import Attempt, DaemonInfo, Store
 from tests import handler_funcs
-from tests.support import make_config, running_daemon, wait_until
+from tests.support import make_config, ready_ids, running_daemon, wait_until
 
 Q = "default"
 K = Keys("taskd")
@@ -61,20 +61,20 @@ async def test_promoter_moves_jobs_when_due_and_reports_the_next(
     await enqueue(store, 1, run_at=clock.now + 5000)
 
     assert await promoter.tick() == clock.now + 1000
-    assert await redis.llen(K.ready(Q)) == 0
+    assert len(await ready_ids(redis, Q)) == 0
     clock.now += 1000
     assert await promoter.tick() == clock.now + 4000
-    assert await redis.llen(K.ready(Q)) == 2
+    assert len(await ready_ids(redis, Q)) == 2
     clock.now += 4000
     assert await promoter.tick() is None
-    assert await redis.llen(K.ready(Q)) == 3
+    assert len(await ready_ids(redis, Q)) == 3
 
 
 async def test_promoter_drains_more_than_one_batch(store: Store, redis: Redis) -> None:
     clock = Clock()
     await enqueue(store, 1200, run_at=clock.now)
     assert await Promoter(store=store, queues=[Q], clock=clock).tick() is None
-    assert await redis.llen(K.ready(Q)) == 1200
+    assert len(await ready_ids(redis, Q)) == 1200
 
 
 def reaper(store: Store, clock: Clock, me: str = "live") -> Reaper:

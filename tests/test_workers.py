@@ -18,6 +18,7 @@ from tests.support import (
     base_url,
     make_config,
     post_json,
+    ready_ids,
     running_daemon,
     wait_for_state,
     wait_until,
@@ -47,7 +48,7 @@ async def enqueue(redis_url: str, job_type: str, payloads: list[object]) -> list
 
 async def counts(redis: Redis) -> dict[str, int]:
     return {
-        "ready": await redis.llen(K.ready("default")),
+        "ready": len(await ready_ids(redis, "default")),
         "completed": await redis.zcard(K.completed("default")),
         "failed": await redis.zcard(K.dead("default")),
     }
@@ -89,7 +90,7 @@ async def test_shutdown_returns_unfinished_jobs_to_the_queue(redis_url: str, red
         me = daemon.identity.id
     # Everything is back in the queue, as it was: none active, none lost, no attempt used.
     assert await counts(redis) == {"ready": 8, "completed": 0, "failed": 0}
-    assert sorted(await redis.lrange(K.ready("default"), 0, -1)) == sorted(i.encode() for i in ids)
+    assert sorted(await ready_ids(redis, "default")) == sorted(i.encode() for i in ids)
     assert await redis.zcard(K.active("default", me)) == 0
     for job_id in ids:
         state, attempts = await redis.hmget(K.job("default", job_id), "state", "attempts")
@@ -157,7 +158,7 @@ async def test_a_claimed_batch_cut_short_by_shutdown_loses_nothing(
 
         # Stop while the first claimed batch of 100 is still being started.
         await wait_until(some_running, "the first jobs of the batch to start")
-    assert await redis.llen(K.ready("default")) == 300
-    assert sorted(await redis.lrange(K.ready("default"), 0, -1)) == sorted(i.encode() for i in ids)
+    assert len(await ready_ids(redis, "default")) == 300
+    assert sorted(await ready_ids(redis, "default")) == sorted(i.encode() for i in ids)
     states = {await redis.hget(K.job("default", i), "state") for i in ids}
     assert states == {b"queued"}

@@ -2,6 +2,7 @@
 -- set. An attempt is recorded only while it is still this daemon's: the id is in its
 -- active set with the same attempt number. Otherwise the job was taken back meanwhile
 -- (by a reaper, after this daemon was taken for dead) and a newer attempt owns the record.
+-- A recorded attempt gives back its slot of its type's global_concurrency (lib.lua).
 -- KEYS[1] -> this daemon's active set for the queue
 -- KEYS[2] -> the queue's completed set
 -- KEYS[3] -> the queue's dead set (failed jobs)
@@ -10,29 +11,21 @@
 -- KEYS[6] -> the queue's totals hash
 -- KEYS[7] -> the queue's throughput buckets
 -- KEYS[8] -> the queue's list of recent run times
+-- KEYS[9] -> the queue's inbox (its ready list), where a held job goes when freed
 -- ARGV[1] -> now, epoch ms
 -- ARGV[2] -> the queue's job hash prefix
 -- ARGV[3] -> the current throughput bucket
 -- ARGV[4] -> how many recent run times to keep
--- ARGV[5..] -> 6 entries per attempt:
+-- ARGV[5] -> the queue's limit key prefix
+-- ARGV[6..] -> 6 entries per attempt:
 --   id, attempt number, outcome ('completed', 'retry', 'failed' or 'cancelled'),
 --   result JSON (completed) or error text, retry time in epoch ms (retry) or 0,
 --   history entry (a JSON object) to append to the job's history
--- Returns the number of attempts recorded.
+-- Returns, per attempt in order, 1 if it was recorded, else 0.
 local now = ARGV[1]
-local recorded = 0
+local recorded = {}
 local finished = 0
 local runs = {}
-
-local function append_history(key, entry)
-  local history = redis.call('HGET', key, 'history')
-  if history then
-    history = string.sub(history, 1, -2) .. ',' .. entry .. ']'
-  else
-    history = '[' .. entry .. ']'
-  end
-  redis.call('HSET', key, 'history', history)
-end
 
 local function finish(key, id, state, set, total)
   redis.call('HSET', key, 'state', state, 'finished_at', now)
@@ -40,11 +33,12 @@ local function finish(key, id, state, set, total)
   redis.call('HINCRBY', KEYS[6], total, 1)
 end
 
-for i = 5, #ARGV, 6 do
+for i = 6, #ARGV, 6 do
   local id, attempt, outcome, value = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
   local key = ARGV[2] .. id
   if redis.call('ZSCORE', KEYS[1], id) and redis.call('HGET', key, 'attempts') == attempt then
     redis.call('ZREM', KEYS[1], id)
+    release_slot(KEYS[9], ARGV[5], ARGV[2], key, id)
     append_history(key, ARGV[i + 5])
     local started = redis.call('HGET', key, 'started_at')
     if started then
@@ -70,7 +64,9 @@ for i = 5, #ARGV, 6 do
       redis.call('HSET', key, 'error', value)
       finish(key, id, 'cancelled', KEYS[5], 'cancelled')
     end
-    recorded = recorded + 1
+    recorded[#recorded + 1] = 1
+  else
+    recorded[#recorded + 1] = 0
   end
 end
 if finished > 0 then

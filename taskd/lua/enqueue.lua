@@ -1,10 +1,10 @@
--- Enqueue new jobs of one queue: write each record, index it, and either push its id on
--- the ready list or, when it has a time to wait for, put it in the scheduled set. A job
+-- Enqueue new jobs of one queue: write each record, index it, and either make it ready
+-- (lib.lua) or, when it has a time to wait for, put it in the scheduled set. A job
 -- with an idempotency key that a live job of the queue already holds is not added: the
 -- holder's id is answered instead, so a client's retried submission never duplicates a
 -- job, even when the two submissions race through two daemons. One call takes a bounded
 -- batch (the store sends at most ENQUEUE_CHUNK jobs per call).
--- KEYS[1] -> the queue's ready list
+-- KEYS[1] -> the queue's inbox (its ready list)
 -- KEYS[2] -> the queue's scheduled set
 -- KEYS[3] -> the queue's index
 -- KEYS[4] -> the queue's totals hash
@@ -13,13 +13,15 @@
 -- ARGV[3] -> created_at, epoch ms
 -- ARGV[4] -> the queue's idempotency key prefix
 -- ARGV[5] -> how long an idempotency key holds, ms
--- ARGV[6..] -> 7 entries per job: id, type, payload (JSON text), max_attempts,
---   run_at (epoch ms, or 0 to run now), idempotency key (or ''), callback URL (or '')
+-- ARGV[6..] -> 8 entries per job: id, type, payload (JSON text), max_attempts,
+--   run_at (epoch ms, or 0 to run now), idempotency key (or ''), callback URL (or ''),
+--   priority (0 to 9)
 -- Returns, per job in order, the id of the job that holds it: its own id, or the id of
 -- the earlier job with the same idempotency key.
 local holders = {}
 local added = 0
-for i = 6, #ARGV, 7 do
+local seen = {}
+for i = 6, #ARGV, 8 do
   local id, dedup = ARGV[i], ARGV[i + 5]
   local holder = false
   if dedup ~= '' then
@@ -33,7 +35,7 @@ for i = 6, #ARGV, 7 do
     if redis.call('EXISTS', key) == 0 then
       redis.call('HSET', key, 'id', id, 'type', ARGV[i + 1], 'queue', ARGV[2],
         'payload', ARGV[i + 2], 'attempts', 0, 'max_attempts', ARGV[i + 3],
-        'created_at', ARGV[3])
+        'created_at', ARGV[3], 'priority', ARGV[i + 7])
       if ARGV[i + 6] ~= '' then
         redis.call('HSET', key, 'callback_url', ARGV[i + 6])
       end
@@ -46,7 +48,7 @@ for i = 6, #ARGV, 7 do
         redis.call('ZADD', KEYS[2], ARGV[i + 4], id)
       else
         redis.call('HSET', key, 'state', 'queued')
-        redis.call('LPUSH', KEYS[1], id)
+        redis.call('LPUSH', ready_list_for(KEYS[1], ARGV[i + 7], seen), id)
       end
       redis.call('ZADD', KEYS[3], 0, id)
       added = added + 1

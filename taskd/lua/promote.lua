@@ -1,7 +1,7 @@
--- Move a bounded batch of due jobs of one queue from the scheduled set to the ready list.
+-- Make a bounded batch of due jobs of one queue ready (lib.lua), out of the scheduled set.
 -- Atomic, so daemons promoting at the same time never move a job twice.
 -- KEYS[1] -> the queue's scheduled set
--- KEYS[2] -> the queue's ready list
+-- KEYS[2] -> the queue's inbox (its ready list)
 -- ARGV[1] -> now, epoch ms
 -- ARGV[2] -> most jobs to move
 -- ARGV[3] -> the queue's job hash prefix
@@ -11,8 +11,9 @@ local due = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, to
 for _, id in ipairs(due) do
   redis.call('ZREM', KEYS[1], id)
   redis.call('HSET', ARGV[3] .. id, 'state', 'queued')
-  -- Pushed at the back, in due order, like any new job.
-  redis.call('LPUSH', KEYS[2], id)
+  redis.call('HDEL', ARGV[3] .. id, 'waiting_for')
+  -- At the back, in due order, like any new job.
+  make_ready(KEYS[2], ARGV[3] .. id, id, false)
 end
 local next_due = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
 if next_due[2] then

@@ -3,8 +3,9 @@
 -- daemon that beat in the meantime keeps its jobs. Landed ids go back as they were; an
 -- active job's attempt counts (a job that keeps killing daemons must end), so it returns
 -- to the queue or, out of attempts, becomes failed; a job someone cancelled is cancelled.
+-- Either way it gives back its slot of its type's global_concurrency.
 -- KEYS[1] -> the queue's owners (daemon leases)
--- KEYS[2] -> the queue's ready list
+-- KEYS[2] -> the queue's inbox (its ready list)
 -- KEYS[3] -> the dead daemon's landing list
 -- KEYS[4] -> the dead daemon's active set
 -- KEYS[5] -> the queue's dead set
@@ -15,6 +16,7 @@
 -- ARGV[3] -> leases renewed before this time, epoch ms, have lapsed
 -- ARGV[4] -> the queue's job hash prefix
 -- ARGV[5] -> most jobs to move
+-- ARGV[6] -> the queue's limit key prefix
 -- Returns the number of jobs taken back, or -1 when the daemon's lease is alive.
 local lease = redis.call('ZSCORE', KEYS[1], ARGV[1])
 if lease and tonumber(lease) >= tonumber(ARGV[3]) then
@@ -45,9 +47,8 @@ for _, id in ipairs(active) do
     local err = 'daemon ' .. ARGV[1] .. ' died during attempt ' .. f[1]
     local entry = cjson.encode({attempt = tonumber(f[1]), daemon = ARGV[1],
       started_at = tonumber(f[4]), finished_at = tonumber(now), outcome = 'lost', error = err})
-    local history = redis.call('HGET', key, 'history')
-    history = history and (string.sub(history, 1, -2) .. ',' .. entry .. ']') or ('[' .. entry .. ']')
-    redis.call('HSET', key, 'history', history)
+    append_history(key, entry)
+    release_slot(KEYS[2], ARGV[6], ARGV[4], key, id)
     redis.call('HDEL', key, 'started_at')
     if f[3] then
       redis.call('HDEL', key, 'cancel_requested')
@@ -56,7 +57,7 @@ for _, id in ipairs(active) do
       finish(key, id, 'failed', KEYS[5], 'failed', err .. ', its last')
     else
       redis.call('HSET', key, 'state', 'queued', 'error', err)
-      redis.call('RPUSH', KEYS[2], id)
+      make_ready(KEYS[2], key, id, true)
     end
     redis.call('HINCRBY', KEYS[7], 'recovered', 1)
   end

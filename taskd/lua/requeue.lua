@@ -1,9 +1,10 @@
--- Return a daemon's unfinished jobs of one queue to the consuming end of the ready list,
+-- Return a daemon's unfinished jobs of one queue to the front of the ready jobs (lib.lua),
 -- so they run next. Active jobs get their attempt back: the daemon stopped them (or never
--- started them), they did not fail. A job someone asked to cancel is cancelled instead.
+-- started them), they did not fail, and their slot of a global_concurrency. A job someone
+-- asked to cancel is cancelled instead.
 -- Without ids it moves a bounded batch of all landed and active ids (call again until
 -- it returns 0); with ids, only those of them still in the active set.
--- KEYS[1] -> the queue's ready list
+-- KEYS[1] -> the queue's inbox (its ready list)
 -- KEYS[2] -> the daemon's landing list for the queue
 -- KEYS[3] -> the daemon's active set for the queue
 -- KEYS[4] -> the queue's cancelled set
@@ -11,13 +12,15 @@
 -- ARGV[1] -> the queue's job hash prefix
 -- ARGV[2] -> most jobs to move
 -- ARGV[3] -> now, epoch ms
--- ARGV[4..] -> the ids to return (optional)
+-- ARGV[4] -> the queue's limit key prefix
+-- ARGV[5..] -> the ids to return (optional)
 -- Returns the number of jobs moved.
 local limit = tonumber(ARGV[2])
 local moved = 0
 
 local function give_back(id)
   local key = ARGV[1] .. id
+  release_slot(KEYS[1], ARGV[4], ARGV[1], key, id)
   if redis.call('HEXISTS', key, 'cancel_requested') == 1 then
     redis.call('HSET', key, 'state', 'cancelled', 'finished_at', ARGV[3], 'error', 'cancelled')
     redis.call('HDEL', key, 'cancel_requested')
@@ -27,12 +30,12 @@ local function give_back(id)
     redis.call('HINCRBY', key, 'attempts', -1)
     redis.call('HSET', key, 'state', 'queued')
     redis.call('HDEL', key, 'started_at')
-    redis.call('RPUSH', KEYS[1], id)
+    make_ready(KEYS[1], key, id, true)
   end
 end
 
-if #ARGV > 3 then
-  for i = 4, #ARGV do
+if #ARGV > 4 then
+  for i = 5, #ARGV do
     if redis.call('ZREM', KEYS[3], ARGV[i]) == 1 then
       give_back(ARGV[i])
       moved = moved + 1

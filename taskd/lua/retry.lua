@@ -1,7 +1,7 @@
 -- Put a failed (dead) job back on its queue with its attempts reset.
 -- KEYS[1] -> the job's hash
 -- KEYS[2] -> the queue's dead set
--- KEYS[3] -> the queue's ready list
+-- KEYS[3] -> the queue's inbox (its ready list)
 -- ARGV[1] -> job id
 -- Returns the job's state before: 'failed' (now queued), another state (nothing
 -- changed), or 'missing'.
@@ -13,6 +13,6 @@ if state == 'failed' then
   redis.call('ZREM', KEYS[2], ARGV[1])
   redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0)
   redis.call('HDEL', KEYS[1], 'started_at', 'finished_at', 'error', 'result')
-  redis.call('LPUSH', KEYS[3], ARGV[1])
+  make_ready(KEYS[3], KEYS[1], ARGV[1], false)
 end
 return state

@@ -139,6 +139,7 @@ function render(picture) {
   const now = Date.parse(stats.time);
   renderMeta(stats);
   renderQueues(stats.queues);
+  renderLimits(stats.queues);
   remember(stats.queues);
   drawCharts();
   renderDaemons(stats.instances);
@@ -216,8 +217,11 @@ function makeButton(label, action) {
 // ---- queues
 
 const QUEUE_COLUMNS = ["name", "queued", "scheduled", "active", "completed", "failed",
-  "cancelled", "throughput", "wait_p50", "wait_p99", "status", "action"];
+  "cancelled", "rate_limited", "concurrency_limited", "throughput", "wait_p50", "wait_p99",
+  "status", "action"];
 const QUEUE_COUNTS = ["queued", "scheduled", "active", "completed", "failed", "cancelled"];
+// Counters of the queue's totals: how often a job waited for its type's limits.
+const LIMIT_WAITS = ["rate_limited", "concurrency_limited"];
 
 function renderQueues(queues) {
   const items = Object.keys(queues).sort().map((name) => ({ name, ...queues[name] }));
@@ -225,7 +229,8 @@ function renderQueues(queues) {
 }
 
 function createQueueRow(queue) {
-  const row = makeRow(QUEUE_COLUMNS, [...QUEUE_COUNTS, "throughput", "wait_p50", "wait_p99"]);
+  const row = makeRow(QUEUE_COLUMNS,
+    [...QUEUE_COUNTS, ...LIMIT_WAITS, "throughput", "wait_p50", "wait_p99"]);
   const badge = document.createElement("span");
   badge.className = "badge";
   cell(row, "status").append(badge);
@@ -244,6 +249,9 @@ function createQueueRow(queue) {
 function updateQueueRow(row, queue) {
   setText(row, "name", queue.name);
   for (const count of QUEUE_COUNTS) setText(row, count, formatCount(queue[count]));
+  // A counter is absent until it first counts.
+  const totals = queue.totals || {};
+  for (const count of LIMIT_WAITS) setText(row, count, formatCount(totals[count] || 0));
   const throughput = queue.throughput ? queue.throughput["1m"] : null;
   setText(row, "throughput", throughput == null ? "–" : throughput.toFixed(2));
   const wait = queue.wait_ms || {};
@@ -256,6 +264,39 @@ function updateQueueRow(row, queue) {
   const button = cell(row, "action").firstChild;
   button.textContent = queue.paused ? "Resume" : "Pause";
   button.dataset.action = queue.paused ? "resume" : "pause";
+}
+
+// ---- limits
+
+const LIMIT_COLUMNS = ["type", "queue", "concurrency", "running", "held", "rate", "started",
+  "rate_limited", "concurrency_limited"];
+
+// One row per limited job type of each queue; the card shows only when there is one.
+function renderLimits(queues) {
+  const items = [];
+  for (const queue of Object.keys(queues).sort()) {
+    const limits = queues[queue].limits || {};
+    for (const type of Object.keys(limits).sort()) items.push({ queue, type, ...limits[type] });
+  }
+  syncRows("limits-body", items, (l) => `${l.queue}/${l.type}`,
+    () => makeRow(LIMIT_COLUMNS, LIMIT_COLUMNS.slice(2)), updateLimitRow);
+  $("limits").hidden = items.length === 0;
+}
+
+function updateLimitRow(row, limit) {
+  setText(row, "type", limit.type);
+  setText(row, "queue", limit.queue);
+  // A dash where the type has no such limit: its counts would only ever read 0.
+  const concurrency = limit.global_concurrency != null;
+  setText(row, "concurrency", concurrency ? formatCount(limit.global_concurrency) : "–");
+  setText(row, "running", concurrency ? formatCount(limit.running) : "–");
+  setText(row, "held", concurrency ? formatCount(limit.held) : "–");
+  const rate = limit.rate_limit != null;
+  setText(row, "rate", rate ? limit.rate_limit : "–");
+  setText(row, "started", rate ? formatCount(limit.started_in_window) : "–");
+  setText(row, "rate_limited", formatCount(limit.rate_limited));
+  setText(row, "concurrency_limited", formatCount(limit.concurrency_limited));
+  cell(row, "held").classList.toggle("warn", limit.held > 0);
 }
 
 // ---- daemons
@@ -300,7 +341,16 @@ function updateScheduleRow(row, schedule) {
 
 // ---- recent jobs
 
-const RECENT_COLUMNS = ["id", "type", "queue", "state", "attempts", "age", "action"];
+const RECENT_COLUMNS = ["id", "type", "queue", "priority", "state", "attempts", "age",
+  "action"];
+// Why a job that could run waits (its `waiting_for`), next to its state: text and tooltip.
+const WAITING_TEXT = new Map([
+  ["rate_limit", ["waits for rate limit", "its type's rate_limit is used up: due when it allows"]],
+  ["concurrency", ["waits for concurrency limit",
+    "held: its type's global_concurrency is reached, it runs when one of them ends"]],
+]);
+// The states in which `waiting_for` means something.
+const WAITING = new Set(["queued", "scheduled"]);
 
 function renderRecent(jobs, now) {
   syncRows("recent-body", jobs, (job) => job.id, createRecentRow, (row, job) =>
@@ -308,10 +358,13 @@ function renderRecent(jobs, now) {
 }
 
 function createRecentRow(job) {
-  const row = makeRow(RECENT_COLUMNS, ["attempts", "age"]);
+  const row = makeRow(RECENT_COLUMNS, ["priority", "attempts", "age"]);
   cell(row, "id").className = "mono";
   const badge = document.createElement("span");
-  cell(row, "state").append(badge);
+  const waiting = document.createElement("span");
+  waiting.className = "waiting";
+  // The space keeps the two apart in copied text and for screen readers.
+  cell(row, "state").append(badge, " ", waiting);
   const button = makeButton("Cancel", "cancel");
   button.addEventListener("click", () =>
     act(button, `Job ${shortId(job.id)}: cancel requested`, "POST",
@@ -324,6 +377,7 @@ function updateRecentRow(row, job, now) {
   setText(row, "id", shortId(job.id), job.id);
   setText(row, "type", job.type);
   setText(row, "queue", job.queue);
+  setText(row, "priority", job.priority);
   setText(row, "attempts", `${job.attempts} / ${job.max_attempts}`);
   const due = job.state === "scheduled" && job.run_at ? `, due ${job.run_at}` : "";
   setText(row, "age", formatDuration(now - Date.parse(job.created_at)),
@@ -336,6 +390,14 @@ function updateRecentRow(row, job, now) {
   badge.title = job.progress ? job.progress.message : "";
   badge.className = `badge state-${job.state}`;
   row.dataset.state = job.state;
+  const why = WAITING.has(job.state) && job.waiting_for
+    ? WAITING_TEXT.get(job.waiting_for) || [`waits for ${job.waiting_for}`, ""]
+    : null;
+  const waiting = cell(row, "state").lastChild;
+  waiting.textContent = why ? why[0] : "";
+  waiting.title = why ? why[1] : "";
+  waiting.hidden = !why;
+  row.dataset.waitingFor = why ? job.waiting_for : "";
   // Cancel only where the API accepts it; a requested cancel is not asked for twice.
   const button = cell(row, "action").firstChild;
   button.hidden = !CANCELLABLE.has(job.state);
@@ -344,7 +406,8 @@ function updateRecentRow(row, job, now) {
 
 // ---- failed jobs
 
-const FAILED_COLUMNS = ["id", "type", "queue", "attempts", "age", "error", "action"];
+const FAILED_COLUMNS = ["id", "type", "queue", "priority", "attempts", "age", "error",
+  "action"];
 
 function renderFailed(jobs, now) {
   syncRows("failed-body", jobs, (job) => job.id, createFailedRow, (row, job) =>
@@ -352,7 +415,7 @@ function renderFailed(jobs, now) {
 }
 
 function createFailedRow(job) {
-  const row = makeRow(FAILED_COLUMNS, ["attempts", "age"]);
+  const row = makeRow(FAILED_COLUMNS, ["priority", "attempts", "age"]);
   cell(row, "id").className = "mono";
   cell(row, "error").className = "error-text";
   const button = makeButton("Retry", "retry");
@@ -367,6 +430,7 @@ function updateFailedRow(row, job, now) {
   setText(row, "id", shortId(job.id), job.id);
   setText(row, "type", job.type);
   setText(row, "queue", job.queue);
+  setText(row, "priority", job.priority);
   setText(row, "attempts", `${job.attempts} / ${job.max_attempts}`);
   const finished = job.finished_at || job.created_at;
   setText(row, "age", `${formatDuration(now - Date.parse(finished))} ago`, finished);

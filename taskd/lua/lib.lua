@@ -1,0 +1,78 @@
+-- Functions the scripts share. Redis 6.2 scripts cannot include one another, so the store
+-- puts this text in front of every script before loading it.
+--
+-- A queue's ready jobs wait in its inbox (the list daemons block on) or in one list per
+-- priority (the inbox's name followed by ':0' to ':9'). A job goes to the inbox while
+-- the list of its priority is empty and the inbox holds fewer than INBOX_MAX ids, else to
+-- its priority's list. So a daemon that found the queue empty and blocks on the inbox is
+-- woken by the next job whatever its priority, a backlog waits in the priority lists, and
+-- every inbox id of a priority is older than the ids in that priority's list: a claim
+-- takes, for each priority from 9 down, the inbox's ids and then the list's.
+local INBOX_MAX = 1000
+
+local function priority_list(inbox, priority)
+  return inbox .. ':' .. priority
+end
+
+-- The list a job of this priority joins now, counted as joined. `seen` caches list
+-- lengths within one script call (pass a table to reuse it; nil for none).
+local function ready_list_for(inbox, priority, seen)
+  seen = seen or {}
+  local list = priority_list(inbox, priority)
+  seen[list] = seen[list] or redis.call('LLEN', list)
+  if seen[list] == 0 then
+    seen[inbox] = seen[inbox] or redis.call('LLEN', inbox)
+    if seen[inbox] < INBOX_MAX then
+      list = inbox
+    end
+  end
+  seen[list] = seen[list] + 1
+  return list
+end
+
+-- Make a job ready: at the consuming end (front) to run next, else at the back.
+local function make_ready(inbox, job_key, id, front)
+  local priority = redis.call('HGET', job_key, 'priority') or '5'
+  redis.call(front and 'RPUSH' or 'LPUSH', ready_list_for(inbox, priority), id)
+end
+
+-- Remove a ready job's id from wherever it waits.
+local function remove_ready(inbox, limit_prefix, job_key, id)
+  local priority = redis.call('HGET', job_key, 'priority') or '5'
+  if redis.call('LREM', inbox, 1, id) == 0 then
+    redis.call('LREM', priority_list(inbox, priority), 1, id)
+  end
+  local waiting = redis.call('HGET', job_key, 'waiting_for')
+  if waiting == 'concurrency' then
+    local kind = redis.call('HGET', job_key, 'type')
+    redis.call('LREM', limit_prefix .. kind .. ':held', 1, id)
+  end
+end
+
+-- Append an entry (JSON object text) to a job's history (a JSON array text).
+local function append_history(job_key, entry)
+  local history = redis.call('HGET', job_key, 'history')
+  if history then
+    history = string.sub(history, 1, -2) .. ',' .. entry .. ']'
+  else
+    history = '[' .. entry .. ']'
+  end
+  redis.call('HSET', job_key, 'history', history)
+end
+
+-- Give back the slot a job held of its type's global_concurrency, and let the type's
+-- longest held job go back to the ready jobs to take it.
+local function release_slot(inbox, limit_prefix, job_prefix, job_key, id)
+  local f = redis.call('HMGET', job_key, 'type', 'slot')
+  if not f[2] then
+    return
+  end
+  redis.call('HDEL', job_key, 'slot')
+  local base = limit_prefix .. f[1]
+  redis.call('ZREM', base .. ':running', id)
+  local held = redis.call('RPOP', base .. ':held')
+  if held then
+    redis.call('HDEL', job_prefix .. held, 'waiting_for')
+    make_ready(inbox, job_prefix .. held, held, true)
+  end
+end

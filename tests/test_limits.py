@@ -1,0 +1,217 @@
+"""Limits across daemons: a job type's global_concurrency and rate_limit, enforced in Redis."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import aiohttp
+import pytest
+from redis.asyncio import Redis
+
+from taskd.jobs import QUEUED, Job, new_id
+from taskd.keys import Keys
+from taskd.store import Attempt, Limits, Store
+from tests import handler_funcs
+from tests.support import (
+    base_url,
+    get_json,
+    make_config,
+    post_json,
+    ready_ids,
+    running_daemon,
+    wait_for_state,
+    wait_until,
+)
+
+Q = "default"
+K = Keys("taskd")
+TWO_AT_ONCE = [Limits("slow", concurrency=2)]
+THREE_A_SECOND = [Limits("slow", rate_count=3, rate_per_ms=1000)]
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[Store]:
+    store = Store.from_url(redis_url, prefix="taskd", blocking_connections=2)
+    yield store
+    await store.close()
+
+
+def job(job_type: str = "slow", n: int = 0) -> Job:
+    return Job(new_id(), job_type, Q, {"n": n}, QUEUED, 0, 1, max_attempts=3)
+
+
+def done(job: Job) -> Attempt:
+    return Attempt(job.id, job.attempts, "completed", "null", 0, b"{}")
+
+
+async def stored(store: Store, job_id: str) -> Job:
+    found = await store.get_job(job_id, [Q])
+    assert found is not None
+    return found
+
+
+async def test_global_concurrency_holds_jobs_over_it_without_an_attempt(store: Store) -> None:
+    jobs = [job(n=n) for n in range(5)] + [job("fast")]
+    await store.enqueue_many(jobs)
+    claimed = (await store.claim(Q, "a", 10, now=2, limits=TWO_AT_ONCE)).jobs
+    assert [j.id for j in claimed] == [jobs[0].id, jobs[1].id, jobs[5].id]
+    held = await stored(store, jobs[2].id)
+    assert (held.state, held.attempts, held.waiting_for) == ("queued", 0, "concurrency")
+    # Another daemon gets none of them either: the limit is in Redis, not in a daemon.
+    assert (await store.claim(Q, "b", 10, now=3, limits=TWO_AT_ONCE)).jobs == []
+    # A finished job frees its slot, and the longest held job goes back to run.
+    assert await store.ack(Q, "a", [done(claimed[0])], now=4) == [True]
+    [next_job] = (await store.claim(Q, "b", 10, now=5, limits=TWO_AT_ONCE)).jobs
+    assert next_job.id == jobs[2].id
+    assert next_job.attempts == 1
+    assert (await stored(store, jobs[2].id)).waiting_for is None
+    counts = await store.limit_status(Q, TWO_AT_ONCE, now=5)
+    assert counts["slow"] == {
+        "running": 2,
+        "held": 2,
+        "started_in_window": 0,
+        "rate_limited": 0,
+        "concurrency_limited": 3,
+    }
+
+
+async def test_slots_come_back_when_a_daemon_dies_or_stops(store: Store, redis: Redis) -> None:
+    jobs = [job(n=n) for n in range(4)]
+    await store.enqueue_many(jobs)
+    await store.claim(Q, "dead", 10, now=2, limits=TWO_AT_ONCE)
+    # The reaper takes the dead daemon's jobs back, and with them their slots.
+    assert await store.recover(Q, "dead", now=100, before=50) == 2
+    assert await redis.zcard(K.limit(Q, "slow", "running")) == 0
+    claimed = (await store.claim(Q, "live", 10, now=101, limits=TWO_AT_ONCE)).jobs
+    assert len(claimed) == 2
+    assert await store.requeue_inflight(Q, "live", now=102) == 2
+    assert await redis.zcard(K.limit(Q, "slow", "running")) == 0
+    assert len((await store.claim(Q, "live", 10, now=103, limits=TWO_AT_ONCE)).jobs) == 2
+
+
+async def test_a_held_job_can_be_cancelled(store: Store, redis: Redis) -> None:
+    jobs = [job(n=n) for n in range(3)]
+    await store.enqueue_many(jobs)
+    await store.claim(Q, "a", 10, now=2, limits=TWO_AT_ONCE)
+    assert await store.cancel(Q, jobs[2].id, now=3) == "queued"
+    assert await redis.llen(K.limit(Q, "slow", "held")) == 0
+    assert (await stored(store, jobs[2].id)).state == "cancelled"
+
+
+async def test_rate_limit_schedules_jobs_over_it_at_the_rate(store: Store) -> None:
+    jobs = [job(n=n) for n in range(6)]
+    await store.enqueue_many(jobs)
+    claim = await store.claim(Q, "a", 10, now=1000, limits=THREE_A_SECOND)
+    assert [j.id for j in claim.jobs] == [j.id for j in jobs[:3]]
+    assert claim.due == 2000
+    waiting = [await stored(store, j.id) for j in jobs[3:]]
+    assert [(j.state, j.attempts, j.waiting_for) for j in waiting] == [
+        ("scheduled", 0, "rate_limit")
+    ] * 3
+    assert [j.run_at for j in waiting] == [2000, 2333, 2666]
+    assert (await store.limit_status(Q, THREE_A_SECOND, now=1500))["slow"]["rate_limited"] == 3
+    # Another daemon at the same time gets none: the window is shared.
+    assert (await store.claim(Q, "b", 10, now=1999, limits=THREE_A_SECOND)).jobs == []
+    assert await store.promote(Q, now=2000) == (1, 2333)
+    [fourth] = (await store.claim(Q, "b", 10, now=2000, limits=THREE_A_SECOND)).jobs
+    assert fourth.id == jobs[3].id
+    assert fourth.attempts == 1
+
+
+async def test_a_claim_stops_at_its_budget_and_says_there_is_more(
+    store: Store, redis: Redis
+) -> None:
+    await store.enqueue_many([job(n=n) for n in range(2500)])
+    claim = await store.claim(Q, "a", 5, now=2, limits=TWO_AT_ONCE)
+    assert len(claim.jobs) == 2
+    assert claim.more
+    while claim.more:
+        claim = await store.claim(Q, "a", 5, now=2, limits=TWO_AT_ONCE)
+        assert claim.jobs == []
+    assert await ready_ids(redis, Q) == []
+    assert await redis.llen(K.limit(Q, "slow", "held")) == 2498
+
+
+async def test_held_jobs_go_when_their_limit_is_removed(store: Store) -> None:
+    jobs = [job(n=n) for n in range(6)]
+    await store.enqueue_many(jobs)
+    assert len((await store.claim(Q, "a", 10, now=2, limits=TWO_AT_ONCE)).jobs) == 2
+    removed = [Limits("slow")]
+    claimed = (await store.claim(Q, "a", 10, now=4, limits=removed)).jobs
+    assert [j.id for j in claimed] == [j.id for j in jobs[2:]]
+
+
+async def test_held_jobs_go_when_none_of_their_type_runs(store: Store, redis: Redis) -> None:
+    jobs = [job(n=n) for n in range(4)]
+    await store.enqueue_many(jobs)
+    await store.claim(Q, "a", 10, now=2, limits=TWO_AT_ONCE)
+    await redis.delete(K.limit(Q, "slow", "running"))  # as if the releases were missed
+    claimed = (await store.claim(Q, "a", 10, now=4, limits=TWO_AT_ONCE)).jobs
+    assert [j.id for j in claimed] == [j.id for j in jobs[2:]]
+
+
+async def test_two_daemons_run_at_most_global_concurrency_jobs_of_a_type(
+    redis_url: str,
+) -> None:
+    gauge = handler_funcs.reset_gauge()
+    handlers = {"gated": {"python": "tests.handler_funcs:gated", "global_concurrency": 3}}
+    config = make_config(redis_url, handlers=handlers)
+    async with (
+        running_daemon(config) as one,
+        running_daemon(config) as two,
+        aiohttp.ClientSession() as session,
+    ):
+        urls = [base_url(one), base_url(two)]
+        ids = []
+        for n in range(12):
+            _, job = await post_json(session, f"{urls[n % 2]}/jobs", {"type": "gated"})
+            ids.append(job["id"])
+        free = await post_json(session, f"{urls[0]}/jobs", {"type": "noop"})
+
+        async def all_waiting() -> bool:
+            _, stats = await get_json(session, f"{urls[1]}/stats")
+            limits = stats["queues"]["default"]["limits"]["gated"]
+            return limits["running"] == 3 and limits["held"] == 9
+
+        await wait_until(all_waiting, "3 gated jobs running and 9 held")
+        assert gauge.running == 3
+        # Other types are not held up by a limited one.
+        await wait_for_state(session, urls[0], free[1]["id"], {"completed"})
+        gauge.gate.set()
+        jobs = [await wait_for_state(session, urls[1], i, {"completed"}) for i in ids]
+    assert gauge.peak == 3
+    assert all(job["attempts"] == 1 for job in jobs)
+    assert {job["daemon"] for job in jobs} == {one.identity.id, two.identity.id}
+
+
+async def test_two_daemons_share_one_rate_limit(redis_url: str) -> None:
+    handlers = {"limited": {"builtin": "echo", "rate_limit": "4/s"}}
+    config = make_config(redis_url, handlers=handlers)
+    async with (
+        running_daemon(config) as one,
+        running_daemon(config) as two,
+        aiohttp.ClientSession() as session,
+    ):
+        urls = [base_url(one), base_url(two)]
+        ids = []
+        for n in range(10):
+            _, job = await post_json(session, f"{urls[n % 2]}/jobs", {"type": "limited"})
+            ids.append(job["id"])
+        jobs = [
+            await wait_for_state(session, urls[n % 2], i, {"completed"}) for n, i in enumerate(ids)
+        ]
+        _, stats = await get_json(session, f"{urls[0]}/stats")
+    starts = sorted(parse_ms(job["started_at"]) for job in jobs)
+    # At most 4 starts in any second, across both daemons: 10 jobs take over 2 s.
+    for n in range(len(starts) - 4):
+        assert starts[n + 4] - starts[n] >= 1000, starts
+    assert all(job["attempts"] == 1 for job in jobs)
+    limits = stats["queues"]["default"]["limits"]["limited"]
+    assert limits["rate_limit"] == "4/s"
+    assert limits["rate_limited"] >= 6
+    assert stats["queues"]["default"]["totals"]["rate_limited"] == limits["rate_limited"]
+
+
+def parse_ms(text: str) -> int:
+    return round(datetime.fromisoformat(text).timestamp() * 1000)

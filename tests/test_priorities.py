@@ -1,0 +1,180 @@
+"""Priorities: a claim starts a queue's highest-priority ready job first, on one or more daemons."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from datetime import datetime
+
+import aiohttp
+import anyio
+import pytest
+from redis.asyncio import Redis
+
+from taskd.jobs import QUEUED, Job, new_id
+from taskd.keys import Keys
+from taskd.store import Store
+from tests.support import (
+    base_url,
+    make_config,
+    post_json,
+    ready_ids,
+    running_daemon,
+    wait_for_state,
+)
+
+Q = "default"
+K = Keys("taskd")
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[Store]:
+    store = Store.from_url(redis_url, prefix="taskd", blocking_connections=2)
+    yield store
+    await store.close()
+
+
+def job(priority: int, n: int = 0) -> Job:
+    return Job(new_id(), "echo", Q, {"n": n}, QUEUED, 0, 1, max_attempts=3, priority=priority)
+
+
+async def test_claims_take_the_highest_priority_first_and_the_oldest_within_one(
+    store: Store,
+) -> None:
+    # More jobs than the inbox holds, so that both the inbox and the priority lists are used.
+    rng = random.Random(7)
+    jobs = [job(rng.randrange(10), n) for n in range(1500)]
+    assert await store.enqueue_many(jobs) == [j.id for j in jobs]
+    taken: list[Job] = []
+    while claimed := (await store.claim(Q, "d", rng.randrange(1, 40), now=2)).jobs:
+        taken += claimed
+    expected = sorted(jobs, key=lambda j: (-j.priority, j.payload["n"]))
+    assert [j.payload["n"] for j in taken] == [j.payload["n"] for j in expected]
+
+
+async def test_a_new_higher_priority_job_goes_before_a_backlog(store: Store) -> None:
+    await store.enqueue_many([job(5, n) for n in range(1200)])
+    await store.claim(Q, "d", 10, now=2)
+    urgent = job(9)
+    await store.enqueue(urgent)
+    [first] = (await store.claim(Q, "d", 1, now=3)).jobs
+    assert first.id == urgent.id
+    background = job(0)
+    await store.enqueue(background)
+    rest = []
+    while claimed := (await store.claim(Q, "d", 500, now=4)).jobs:
+        rest += claimed
+    assert len(rest) == 1191
+    assert rest[-1].id == background.id
+
+
+async def test_an_idle_daemon_is_woken_by_a_job_of_any_priority(store: Store) -> None:
+    for priority in (0, 9, 5):
+        assert (await store.claim(Q, "d", 10, now=1)).jobs == []
+        with anyio.fail_after(5):
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(store.wait_for_job, Q, "d", 5)
+                await anyio.wait_all_tasks_blocked()
+                new = job(priority)
+                await store.enqueue(new)
+        [claimed] = (await store.claim(Q, "d", 10, now=2)).jobs
+        assert claimed.id == new.id
+        assert claimed.attempts == 1
+
+
+async def test_leftovers_of_a_claim_stay_where_a_blocked_daemon_gets_them(
+    store: Store, redis: Redis
+) -> None:
+    # Daemon a found the queue empty and is about to block; meanwhile daemon b claims one
+    # job of a burst. The rest must still wake a blocked daemon, not sit unseen.
+    await store.enqueue_many([job(n % 10, n) for n in range(50)])
+    assert len((await store.claim(Q, "b", 1, now=2)).jobs) == 1
+    with anyio.fail_after(5):
+        assert await store.wait_for_job(Q, "a", 5)
+    claimed = (await store.claim(Q, "a", 100, now=3)).jobs
+    assert len(claimed) == 49
+    assert [j.priority for j in claimed] == sorted((j.priority for j in claimed), reverse=True)
+    assert await ready_ids(redis, Q) == []
+
+
+async def test_returned_and_promoted_jobs_keep_their_priority(store: Store) -> None:
+    low, high = job(1), job(8)
+    await store.enqueue_many([low, high])
+    claimed = (await store.claim(Q, "d", 2, now=2)).jobs
+    assert [j.id for j in claimed] == [high.id, low.id]
+    assert await store.requeue_inflight(Q, "d", now=3) == 2
+    assert [j.id for j in (await store.claim(Q, "d", 2, now=4)).jobs] == [high.id, low.id]
+    later = Job(new_id(), "echo", Q, None, "scheduled", 0, 1, run_at=10, priority=9)
+    await store.enqueue(later)
+    await store.requeue_inflight(Q, "d", now=5)
+    assert await store.promote(Q, now=10) == (1, None)
+    order = [j.id for j in (await store.claim(Q, "d", 3, now=11)).jobs]
+    assert order[-1] == low.id
+    assert set(order[:2]) == {high.id, later.id}
+
+
+async def test_cancel_and_delete_find_a_job_in_its_priority_list(
+    store: Store, redis: Redis
+) -> None:
+    jobs = [job(3, n) for n in range(1100)]  # the last ones wait in the list of priority 3
+    await store.enqueue_many(jobs)
+    assert await redis.llen(K.ready_list(Q, 3)) == 100
+    assert await store.cancel(Q, jobs[-1].id, now=2) == "queued"
+    assert await store.delete(Q, jobs[-2].id) == "queued"
+    assert await store.cancel(Q, jobs[0].id, now=2) == "queued"
+    remaining = set(await ready_ids(redis, Q))
+    assert len(remaining) == 1097
+    assert not {j.id.encode() for j in (jobs[0], jobs[-2], jobs[-1])} & remaining
+
+
+async def test_two_daemons_start_the_highest_priority_jobs_first(redis_url: str) -> None:
+    config = make_config(redis_url, workers={"concurrency": 1})
+    rng = random.Random(3)
+    async with (
+        running_daemon(config) as one,
+        running_daemon(config) as two,
+        aiohttp.ClientSession() as session,
+    ):
+        urls = [base_url(one), base_url(two)]
+        await post_json(session, f"{urls[0]}/queues/default/pause", {})
+        ids = []
+        for n in range(24):
+            body = {
+                "type": "sleep",
+                "payload": {"seconds": 0.05},
+                "priority": rng.choice([0, 5, 9]),
+            }
+            status, job = await post_json(session, f"{urls[n % 2]}/jobs", body)
+            assert status == 201
+            ids.append(job["id"])
+        await post_json(session, f"{urls[1]}/queues/default/resume", {})
+        jobs = [await wait_for_state(session, urls[0], i, {"completed"}) for i in ids]
+    assert {j["daemon"] for j in jobs} == {one.identity.id, two.identity.id}
+    started = {j["id"]: parse_time(j["started_at"]) for j in jobs}
+    # Two daemons claim at once, so a start can precede the start of a job claimed just
+    # before it by a few milliseconds; jobs run 50 ms, so a wrong order shows far more.
+    for high in jobs:
+        for low in jobs:
+            if high["priority"] > low["priority"]:
+                assert started[high["id"]] <= started[low["id"]] + 0.025, (high, low)
+
+
+async def test_idle_daemons_start_a_job_of_any_priority_at_once(redis_url: str) -> None:
+    config = make_config(redis_url)
+    async with (
+        running_daemon(config) as one,
+        running_daemon(config),
+        aiohttp.ClientSession() as session,
+    ):
+        url = base_url(one)
+        for priority in (0, 9, 3):
+            _, job = await post_json(session, f"{url}/jobs", {"type": "noop", "priority": priority})
+            done = await wait_for_state(session, url, job["id"], {"completed"})
+            # Far below the blocking fetch's timeout (5 s): the job woke a daemon.
+            waited = parse_time(done["started_at"]) - parse_time(done["created_at"])
+            assert waited < 1.0, done
+            assert done["priority"] == priority
+
+
+def parse_time(text: str) -> float:
+    return datetime.fromisoformat(text).timestamp()
