@@ -11,6 +11,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from taskd.embedded import EmbeddedRedisError, RedisServer
+from taskd.store import Store
 from tests.support import Api, base_url, make_config, running_daemon
 
 
@@ -60,6 +61,14 @@ async def redis(redis_url: str) -> AsyncIterator[AsyncRedis]:
     client = AsyncRedis.from_url(redis_url)
     yield client
     await client.aclose()
+
+
+@pytest.fixture
+async def store(redis_url: str) -> AsyncIterator[Store]:
+    """A store on the clean database (two blocking connections), closed after the test."""
+    store = Store.from_url(redis_url, prefix="taskd", blocking_connections=2)
+    yield store
+    await store.close()
 
 
 @pytest.fixture

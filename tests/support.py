@@ -182,3 +182,28 @@ async def ready_ids(redis: Redis, queue: str, prefix: str = "taskd") -> list[byt
     for key in Keys(prefix).ready_lists(queue):
         found += await redis.lrange(key, 0, -1)
     return found
+
+
+@asynccontextmanager
+async def two_daemons(
+    config: Config,
+) -> AsyncIterator[tuple[aiohttp.ClientSession, tuple[Daemon, Daemon], list[str]]]:
+    """Two daemons in this process on one Redis, a session, and their base URLs."""
+    async with (
+        running_daemon(config) as one,
+        running_daemon(config) as two,
+        aiohttp.ClientSession() as session,
+    ):
+        yield session, (one, two), [base_url(one), base_url(two)]
+
+
+async def submit_in_turn(
+    session: aiohttp.ClientSession, urls: list[str], body: Mapping[str, Any], count: int
+) -> list[str]:
+    """Submit `count` jobs of `body`, through each of `urls` in turn; their ids in order."""
+    ids = []
+    for n in range(count):
+        status, job = await post_json(session, f"{urls[n % len(urls)]}/jobs", body)
+        assert status == 201, job
+        ids.append(str(job["id"]))
+    return ids

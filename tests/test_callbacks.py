@@ -234,29 +234,25 @@ async def test_a_callback_failing_on_two_daemons_is_counted_and_changes_nothing(
 
 
 async def test_an_attempt_taken_back_from_its_daemon_sends_no_callback(
-    redis_url: str, receiver: Receiver, redis: Redis
+    redis_url: str, receiver: Receiver, store: Store
 ) -> None:
     """Daemon A's attempt is taken back while it runs and B runs the job again: only B's
     attempt, the one Redis records, calls back."""
     handler_funcs.RUNS.clear()
     handlers = {"steps": {"python": "tests.handler_funcs:stepped"}}
     config = make_config(redis_url, handlers=handlers, workers={"concurrency": 1})
-    store = Store.from_url(redis_url, prefix="taskd")
-    try:
-        async with running_daemon(config) as a:
-            job = await submit(base_url(a), {"type": "steps", "callback_url": receiver.url})
-            await wait_until(lambda: _runs(1), "A to start the job")
-            async with running_daemon(config) as b:
-                assert await store.requeue("default", a.identity.id, [job["id"]], now_ms()) == 1
-                await wait_until(lambda: _runs(2), "B to start the job again")
-                stale, fresh = handler_funcs.RUNS
-                stale.go.set()
-                await wait_until(lambda: _idle(a), "A's stale attempt to end")
-                fresh.go.set()
-                await wait_until(lambda: _sent(base_url(b), 1), "B's callback")
-                assert (a.callbacks.queued, b.callbacks.queued) == (0, 1)
-    finally:
-        await store.close()
+    async with running_daemon(config) as a:
+        job = await submit(base_url(a), {"type": "steps", "callback_url": receiver.url})
+        await wait_until(lambda: _runs(1), "A to start the job")
+        async with running_daemon(config) as b:
+            assert await store.requeue("default", a.identity.id, [job["id"]], now_ms()) == 1
+            await wait_until(lambda: _runs(2), "B to start the job again")
+            stale, fresh = handler_funcs.RUNS
+            stale.go.set()
+            await wait_until(lambda: _idle(a), "A's stale attempt to end")
+            fresh.go.set()
+            await wait_until(lambda: _sent(base_url(b), 1), "B's callback")
+            assert (a.callbacks.queued, b.callbacks.queued) == (0, 1)
     [record] = receiver.received
     assert (record["state"], record["result"], record["daemon"]) == ("completed", 1, b.identity.id)
 

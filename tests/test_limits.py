@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from datetime import datetime
 
-import aiohttp
-import pytest
 from redis.asyncio import Redis
 
 from taskd.jobs import QUEUED, Job, new_id
@@ -14,12 +11,12 @@ from taskd.keys import Keys
 from taskd.store import Attempt, Limits, Store
 from tests import handler_funcs
 from tests.support import (
-    base_url,
     get_json,
     make_config,
     post_json,
     ready_ids,
-    running_daemon,
+    submit_in_turn,
+    two_daemons,
     wait_for_state,
     wait_until,
 )
@@ -28,13 +25,6 @@ Q = "default"
 K = Keys("taskd")
 TWO_AT_ONCE = [Limits("slow", concurrency=2)]
 THREE_A_SECOND = [Limits("slow", rate_count=3, rate_per_ms=1000)]
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[Store]:
-    store = Store.from_url(redis_url, prefix="taskd", blocking_connections=2)
-    yield store
-    await store.close()
 
 
 def job(job_type: str = "slow", n: int = 0) -> Job:
@@ -157,16 +147,8 @@ async def test_two_daemons_run_at_most_global_concurrency_jobs_of_a_type(
     gauge = handler_funcs.reset_gauge()
     handlers = {"gated": {"python": "tests.handler_funcs:gated", "global_concurrency": 3}}
     config = make_config(redis_url, handlers=handlers)
-    async with (
-        running_daemon(config) as one,
-        running_daemon(config) as two,
-        aiohttp.ClientSession() as session,
-    ):
-        urls = [base_url(one), base_url(two)]
-        ids = []
-        for n in range(12):
-            _, job = await post_json(session, f"{urls[n % 2]}/jobs", {"type": "gated"})
-            ids.append(job["id"])
+    async with two_daemons(config) as (session, (one, two), urls):
+        ids = await submit_in_turn(session, urls, {"type": "gated"}, 12)
         free = await post_json(session, f"{urls[0]}/jobs", {"type": "noop"})
 
         async def all_waiting() -> bool:
@@ -188,16 +170,8 @@ async def test_two_daemons_run_at_most_global_concurrency_jobs_of_a_type(
 async def test_two_daemons_share_one_rate_limit(redis_url: str) -> None:
     handlers = {"limited": {"builtin": "echo", "rate_limit": "4/s"}}
     config = make_config(redis_url, handlers=handlers)
-    async with (
-        running_daemon(config) as one,
-        running_daemon(config) as two,
-        aiohttp.ClientSession() as session,
-    ):
-        urls = [base_url(one), base_url(two)]
-        ids = []
-        for n in range(10):
-            _, job = await post_json(session, f"{urls[n % 2]}/jobs", {"type": "limited"})
-            ids.append(job["id"])
+    async with two_daemons(config) as (session, _, urls):
+        ids = await submit_in_turn(session, urls, {"type": "limited"}, 10)
         jobs = [
             await wait_for_state(session, urls[n % 2], i, {"completed"}) for n, i in enumerate(ids)
         ]

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator
 from datetime import datetime
 
 import aiohttp
 import anyio
-import pytest
 from redis.asyncio import Redis
 
 from taskd.jobs import QUEUED, Job, new_id
@@ -20,18 +18,12 @@ from tests.support import (
     post_json,
     ready_ids,
     running_daemon,
+    two_daemons,
     wait_for_state,
 )
 
 Q = "default"
 K = Keys("taskd")
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[Store]:
-    store = Store.from_url(redis_url, prefix="taskd", blocking_connections=2)
-    yield store
-    await store.close()
 
 
 def job(priority: int, n: int = 0) -> Job:
@@ -130,12 +122,7 @@ async def test_cancel_and_delete_find_a_job_in_its_priority_list(
 async def test_two_daemons_start_the_highest_priority_jobs_first(redis_url: str) -> None:
     config = make_config(redis_url, workers={"concurrency": 1})
     rng = random.Random(3)
-    async with (
-        running_daemon(config) as one,
-        running_daemon(config) as two,
-        aiohttp.ClientSession() as session,
-    ):
-        urls = [base_url(one), base_url(two)]
+    async with two_daemons(config) as (session, (one, two), urls):
         await post_json(session, f"{urls[0]}/queues/default/pause", {})
         ids = []
         for n in range(24):

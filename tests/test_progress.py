@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from typing import Any
 
 import aiohttp
@@ -64,13 +63,6 @@ async def test_progress_outside_a_job_does_nothing_and_bad_values_are_refused() 
     await report_progress(10, "nobody listens")
     with pytest.raises(ValueError, match="finite number"):
         await report_progress(float("nan"))
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[Store]:
-    store = Store.from_url(redis_url, prefix="taskd")
-    yield store
-    await store.close()
 
 
 def one_slot(redis_url: str) -> Config:

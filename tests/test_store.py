@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import anyio
 import orjson
-import pytest
 from redis.asyncio import Redis
 
 from taskd.jobs import QUEUED, SCHEDULED, Job, new_id
@@ -17,13 +14,6 @@ from tests.support import ready_ids
 Q = "default"
 ME = "daemon-a"
 K = Keys("taskd")
-
-
-@pytest.fixture
-async def store(redis_url: str) -> AsyncIterator[Store]:
-    store = Store.from_url(redis_url, prefix="taskd", blocking_connections=2)
-    yield store
-    await store.close()
 
 
 def new_job(payload: object = None, *, run_at: int | None = None, max_attempts: int = 3) -> Job:
