@@ -1,93 +1,181 @@
-"""The callback sender: POSTs a finished job's final record to the job's callback_url."""
+"""The callback sender: POSTs final job records to their callback_url, from Redis's outbox."""
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Sequence
 
 import aiohttp
 import anyio
 import orjson
+from anyio.abc import TaskGroup
 
-from taskd.jobs import Job
+from taskd.jobs import Job, now_ms
 from taskd.store import Store
 
 logger = logging.getLogger(__name__)
 
-# Deliveries waiting to be sent; past this, new ones are dropped (and counted) rather
-# than letting a dead endpoint grow the daemon's memory without bound.
-MAX_PENDING = 10_000
-SENDERS = 8
+# Callbacks one daemon sends at once: each may wait for a slow endpoint and its retries,
+# so there are many, but few enough that a dead endpoint costs little memory.
+SENDERS = 32
 ATTEMPTS = 4
 REQUEST_TIMEOUT = 10.0
+# How often an idle sender looks at its queues' outboxes: callbacks of jobs that other
+# daemons (or reapers) ended are seen within this. Jobs this daemon ends wake it at once.
+POLL_INTERVAL = 1.0
+# Longest the return of unsent callbacks may take when the daemon stops.
+RETURN_TIMEOUT = 5.0
 
 
 class Callbacks:
-    """Sends callbacks from a few tasks of its own, with retries, never blocking workers.
+    """Sends callbacks from tasks of its own, with retries, never blocking workers.
 
-    A callback reports an outcome; it never changes it. One that keeps failing is logged
-    and counted in the queue's totals (`callbacks_failed`); one that arrives is counted as
-    `callbacks_sent`. Deliveries live in this daemon's memory: those not yet sent when it
-    stops (or dies) are not sent.
+    The script that ends a job with a callback_url puts its id in the queue's outbox in
+    the same step, so no crash loses a callback. A daemon takes callbacks of the queues
+    it serves into its own set in flight (a reaper returns them to the outbox should the
+    daemon die), sends each, and records it `callbacks_sent` or, after ATTEMPTS tries,
+    `callbacks_failed` in the queue's totals; a callback reports an outcome and never
+    changes it. A callback is sent at least once: twice only if its daemon died between
+    sending it and recording it. Callbacks not sent when the daemon stops go back to the
+    outbox for any daemon to send.
     """
 
-    def __init__(self, *, store: Store, backoff_base: float = 0.5) -> None:
+    def __init__(
+        self,
+        *,
+        store: Store,
+        daemon_id: str,
+        queues: Sequence[str],
+        clock: Callable[[], int] = now_ms,
+        backoff_base: float = 0.5,
+        senders: int = SENDERS,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
         self._store = store
+        self._daemon_id = daemon_id
+        self._queues = tuple(queues)
+        self._clock = clock
         self._backoff_base = backoff_base
-        self._send, self._receive = anyio.create_memory_object_stream[tuple[str, str]](MAX_PENDING)
-        self.queued = 0  # callbacks this daemon took on since it started
+        self._free = senders
+        self._poll_interval = poll_interval
+        self._wake = anyio.Event()
+        self._sending: set[tuple[str, str]] = set()
+        self._scope = anyio.CancelScope()
+        self._stopped = anyio.Event()
+        self.queued = 0  # callbacks this daemon took from the outboxes since it started
 
     async def job_ended(self, job: Job) -> None:
-        """Queue the callback of a job that reached a final state, if it asked for one."""
-        if job.callback_url is None:
-            return
-        self.queued += 1
-        try:
-            self._send.send_nowait((job.queue, job.id))
-        except anyio.ClosedResourceError:
-            logger.warning("callback of job %s not sent: the daemon is stopping", job.id)
-        except anyio.WouldBlock:
-            logger.warning("callback of job %s dropped: %d already waiting", job.id, MAX_PENDING)
-            await self._count(job.queue, "callbacks_failed")
+        """A job this daemon ended reached its final state: look at the outbox now."""
+        if job.callback_url is not None:
+            self._wake.set()
+
+    async def tick(self, session: aiohttp.ClientSession, tg: TaskGroup) -> int:
+        """One pass: take as many callbacks as there are free senders, and start them."""
+        taken = 0
+        for queue in self._queues:
+            if self._free == 0:
+                break
+            ids = await self._store.take_callbacks(
+                queue, self._daemon_id, self._free, self._clock()
+            )
+            for job_id in ids:
+                self._free -= 1
+                self._sending.add((queue, job_id))
+                tg.start_soon(self._deliver, session, queue, job_id)
+            taken += len(ids)
+        self.queued += taken
+        return taken
 
     async def run(self) -> None:
-        """Send callbacks until cancelled."""
+        """Send callbacks until stop() (or cancellation), then return the unsent ones."""
         timeout = aiohttp.ClientTimeout(total=REQUEST_TIMEOUT)
-        with self._send, self._receive:
-            async with (
-                aiohttp.ClientSession(timeout=timeout) as session,
-                anyio.create_task_group() as tg,
-            ):
-                for _ in range(SENDERS):
-                    tg.start_soon(self._sender, session)
+        try:
+            with self._scope:
+                async with (
+                    aiohttp.ClientSession(timeout=timeout) as session,
+                    anyio.create_task_group() as tg,
+                ):
+                    await self._loop(session, tg)
+        finally:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(RETURN_TIMEOUT):
+                await self._return_unsent()
+            self._stopped.set()
 
-    async def _sender(self, session: aiohttp.ClientSession) -> None:
-        with self._receive.clone() as deliveries:
-            async for queue, job_id in deliveries:
-                await self.tick(session, queue, job_id)
+    async def stop(self) -> None:
+        """Stop sending and return what was not sent to the outboxes."""
+        self._scope.cancel()
+        await self._stopped.wait()
 
-    async def tick(self, session: aiohttp.ClientSession, queue: str, job_id: str) -> bool:
-        """Deliver one callback, retrying with backoff; True if the endpoint took it."""
+    async def _loop(self, session: aiohttp.ClientSession, tg: TaskGroup) -> None:
+        failures = 0
+        while True:
+            self._wake = anyio.Event()
+            try:
+                taken = await self.tick(session, tg)
+                failures = 0
+            except Exception:
+                failures += 1
+                logger.log(
+                    logging.ERROR if failures == 1 else logging.DEBUG,
+                    "taking callbacks failed; retrying",
+                    exc_info=True,
+                )
+                taken = 0
+            if taken == 0 or self._free == 0:
+                with anyio.move_on_after(self._poll_interval):
+                    await self._wake.wait()
+
+    async def _deliver(self, session: aiohttp.ClientSession, queue: str, job_id: str) -> None:
+        try:
+            outcome = await self.send(session, queue, job_id)
+            if not await self._store.callback_done(queue, self._daemon_id, job_id, outcome):
+                logger.warning("callback of job %s was taken back from this daemon", job_id)
+            self._sending.discard((queue, job_id))
+        except Exception:
+            # Still in this daemon's set in flight: returned to the outbox when it stops.
+            logger.warning("recording the callback of job %s failed", job_id, exc_info=True)
+        finally:
+            self._free += 1
+            self._wake.set()
+
+    async def send(self, session: aiohttp.ClientSession, queue: str, job_id: str) -> str:
+        """Deliver one callback, retrying with backoff: 'sent', 'failed' or 'dropped'
+        (the job is gone: deleted or past its retention)."""
         for attempt in range(1, ATTEMPTS + 1):
             job = await self._store.get_job(job_id, [queue])
             if job is None or job.callback_url is None:
-                return False  # deleted meanwhile: nothing left to report
+                return "dropped"
             error = await _post(session, job)
             if error is None:
-                await self._count(queue, "callbacks_sent")
-                return True
+                return "sent"
             if attempt < ATTEMPTS:
                 await anyio.sleep(self._backoff_base * math.pow(2, attempt - 1))
         logger.warning("callback of job %s failed for good: %s", job_id, error)
-        await self._count(queue, "callbacks_failed")
-        return False
+        return "failed"
 
-    async def _count(self, queue: str, name: str) -> None:
-        # Counting must not fail a delivery: a lost count is only a statistic.
-        try:
-            await self._store.count(queue, name)
-        except Exception:
-            logger.debug("could not count %s", name, exc_info=True)
+    async def release_orphans(self, grace_ms: int) -> int:
+        """Return to the outbox callbacks this daemon's sets in flight hold but it does not
+        send: a take whose reply was lost (see WorkerPool.release_orphans)."""
+        before = self._clock() - grace_ms
+        released = 0
+        for queue in self._queues:
+            for job_id in await self._store.sending_before(queue, self._daemon_id, before):
+                if (queue, job_id) not in self._sending:
+                    await self._store.callback_done(queue, self._daemon_id, job_id, "returned")
+                    released += 1
+        return released
+
+    async def _return_unsent(self) -> None:
+        returned = 0
+        for queue, job_id in list(self._sending):
+            try:
+                await self._store.callback_done(queue, self._daemon_id, job_id, "returned")
+                returned += 1
+            except Exception:
+                logger.warning("could not return callback of job %s", job_id, exc_info=True)
+        if returned:
+            logger.info("returned %d unsent callbacks to their outbox", returned)
 
 
 async def _post(session: aiohttp.ClientSession, job: Job) -> str | None:

@@ -65,7 +65,7 @@ class Daemon:
             job_types=[(h.queue, h.name) for h in config.handlers.values()],
         )
         self.promoter = Promoter(store=store, queues=sorted(known))
-        self.callbacks = Callbacks(store=store)
+        self.callbacks = Callbacks(store=store, daemon_id=self.identity.id, queues=workers.queues)
         self.pool = WorkerPool(
             store=store,
             handlers=handlers,
@@ -87,8 +87,7 @@ class Daemon:
             active=lambda: self.pool.active,
             interval=workers.heartbeat_interval,
             on_reaped=self.pool.drop_lost,
-            # Claims answered within this grace are never taken for orphans.
-            after_beat=lambda: self.pool.release_orphans(ORPHAN_GRACE_MS),
+            after_beat=self._release_orphans,
         )
         self.reaper = Reaper(
             store=store,
@@ -162,12 +161,20 @@ class Daemon:
         # 2-4. Stop fetching, let running jobs finish until the deadline, cancel the rest
         # and return every unfinished job to its queue.
         await self.pool.drain(grace)
-        # 5. Deregister: nothing of this daemon is left in Redis for a reaper to find.
+        # 5. Stop sending callbacks, returning the unsent ones to their outbox for any
+        # daemon to send (before deregistering: a reaper would not look for them after).
+        await self.callbacks.stop()
+        # 6. Deregister: nothing of this daemon is left in Redis for a reaper to find.
         try:
             await self.heartbeat.deregister()
         except UNAVAILABLE:
             logger.warning("could not deregister: Redis unreachable")
         logger.info("taskd %s stopped", self.identity.id)
+
+    async def _release_orphans(self) -> None:
+        # Claims answered within this grace are never taken for orphans.
+        await self.pool.release_orphans(ORPHAN_GRACE_MS)
+        await self.callbacks.release_orphans(ORPHAN_GRACE_MS)
 
     async def _watch_signals(
         self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED

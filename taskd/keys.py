@@ -83,6 +83,14 @@ class Keys:
         lexicographic order is creation order and a listing can page by id."""
         return f"{self.prefix}:{{{queue}}}:index"
 
+    def callbacks(self, queue: str) -> str:
+        """The callback outbox: ids of final jobs whose callback is still to be sent."""
+        return f"{self.prefix}:{{{queue}}}:callbacks"
+
+    def sending(self, queue: str, daemon_id: str) -> str:
+        """Sorted set of the callbacks a daemon is sending, scored by when it took them."""
+        return f"{self.prefix}:{{{queue}}}:sending:{daemon_id}"
+
     def limit_prefix(self, queue: str) -> str:
         """Prefix of the keys that enforce a job type's limits; scripts append the type
         and ':running' (ids holding a global_concurrency slot), ':held' (ids waiting for

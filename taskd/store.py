@@ -129,7 +129,8 @@ def _load_script(client: aioredis.Redis, name: str) -> Any:
 
 _SCRIPTS = (
     "enqueue", "claim", "ack", "requeue", "promote", "cancel", "retry", "delete",
-    "recover", "trim", "beat", "forget", "progress", "schedule",
+    "recover", "trim", "beat", "forget", "progress", "schedule", "take_callbacks",
+    "callback_done",
 )  # fmt: skip
 
 
@@ -311,6 +312,7 @@ class Store:
             k.throughput(queue),
             k.runs(queue),
             k.ready(queue),
+            k.callbacks(queue),
         ]
         return [bool(flag) for flag in await self._lua["ack"](keys=keys, args=args)]
 
@@ -351,7 +353,7 @@ class Store:
     def _requeue_call(self, queue: str, daemon_id: str, now: int) -> tuple[list[str], list[Any]]:
         k = self.keys
         keys = [k.ready(queue), k.landing(queue, daemon_id), k.active(queue, daemon_id)]
-        keys += [k.cancelled(queue), k.totals(queue)]
+        keys += [k.cancelled(queue), k.totals(queue), k.callbacks(queue)]
         return keys, [k.job_prefix(queue), BATCH, now, k.limit_prefix(queue)]
 
     async def promote(self, queue: str, now: int) -> tuple[int, int | None]:
@@ -365,6 +367,28 @@ class Store:
     async def count(self, queue: str, name: str) -> None:
         """Add one to a queue's counter (shown in /stats totals)."""
         await self._r.hincrby(self.keys.totals(queue), name, 1)
+
+    # Callbacks.
+
+    async def take_callbacks(self, queue: str, daemon_id: str, most: int, now: int) -> list[str]:
+        """Move up to `most` ids from the queue's callback outbox into this daemon's
+        callbacks in flight, and return them."""
+        k = self.keys
+        keys = [k.callbacks(queue), k.sending(queue, daemon_id), k.owners(queue)]
+        ids = await self._lua["take_callbacks"](keys=keys, args=[most, now, daemon_id])
+        return [_text(job_id) for job_id in ids]
+
+    async def sending_before(self, queue: str, daemon_id: str, before: int) -> list[str]:
+        """Callbacks in a daemon's set in flight that it took before `before` (epoch ms)."""
+        ids = await self._r.zrangebyscore(self.keys.sending(queue, daemon_id), "-inf", f"({before}")
+        return [_text(job_id) for job_id in ids]
+
+    async def callback_done(self, queue: str, daemon_id: str, job_id: str, outcome: str) -> bool:
+        """End a callback in flight: 'sent', 'failed' (both counted) or 'returned' to the
+        outbox; False if it was no longer this daemon's."""
+        k = self.keys
+        keys = [k.sending(queue, daemon_id), k.totals(queue), k.callbacks(queue)]
+        return bool(await self._lua["callback_done"](keys=keys, args=[job_id, outcome]))
 
     # Recurring schedules.
 
@@ -395,7 +419,7 @@ class Store:
         """Cancel a job; returns its state before (see cancel.lua)."""
         k = self.keys
         keys = [k.job(queue, job_id), k.ready(queue), k.scheduled(queue)]
-        keys += [k.cancelled(queue), k.totals(queue)]
+        keys += [k.cancelled(queue), k.totals(queue), k.callbacks(queue)]
         args = [job_id, now, k.cancel_channel, k.limit_prefix(queue)]
         state = await self._lua["cancel"](keys=keys, args=args)
         return _text(state)
@@ -432,17 +456,21 @@ class Store:
         return [_text(daemon_id) for daemon_id in ids]
 
     async def recover(self, queue: str, daemon_id: str, now: int, before: int) -> int:
-        """Take back all jobs of a daemon whose lease lapsed; -1 if its lease is alive."""
+        """Take back all jobs (and callbacks in flight) of a daemon whose lease lapsed;
+        returns how many jobs, or -1 if its lease is alive."""
         k = self.keys
         keys = [k.owners(queue), k.ready(queue), k.landing(queue, daemon_id)]
         keys += [k.active(queue, daemon_id), k.dead(queue), k.cancelled(queue), k.totals(queue)]
+        keys += [k.callbacks(queue), k.sending(queue, daemon_id)]
         args = [daemon_id, now, before, k.job_prefix(queue), BATCH, k.limit_prefix(queue)]
         total = 0
-        while moved := int(await self._lua["recover"](keys=keys, args=args)):
-            if moved < 0:
+        while True:
+            jobs, callbacks = await self._lua["recover"](keys=keys, args=args)
+            if jobs < 0:
                 return -1 if total == 0 else total
-            total += moved
-        return total
+            if jobs == callbacks == 0:
+                return total
+            total += jobs
 
     async def trim(self, queue: str, state: str, cutoff: int) -> int:
         """Delete jobs of a final state that finished at or before `cutoff`."""
@@ -564,16 +592,18 @@ class Store:
                 pipe.hmget(k.throughput(queue), buckets)
                 pipe.lrange(k.waits(queue), 0, -1)
                 pipe.lrange(k.runs(queue), 0, -1)
+                pipe.llen(k.callbacks(queue))
             replies = iter(await pipe.execute())
         activity: dict[str, dict[str, Any]] = {}
         for queue in queues:
-            paused, counts, waits, runs = (next(replies) for _ in range(4))
+            paused, counts, waits, runs, callbacks = (next(replies) for _ in range(5))
             done = [int(c) if c else 0 for c in counts]
             activity[queue] = {
                 "paused": bool(paused),
                 "throughput": {"1m": sum(done[:6]) / 60, "5m": sum(done) / 300},
                 "wait_ms": percentiles(waits),
                 "run_ms": percentiles(runs),
+                "callbacks_pending": callbacks,
             }
         return activity
 

@@ -4,20 +4,32 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import pytest
 from aiohttp import web
 from redis.asyncio import Redis
 
 from taskd.config import Config
 from taskd.daemon import Daemon
-from taskd.jobs import now_ms
+from taskd.jobs import QUEUED, Job, new_id, now_ms
 from taskd.keys import Keys
-from taskd.store import Store
+from taskd.store import Attempt, Store
 from tests import handler_funcs
-from tests.support import base_url, get_json, make_config, post_json, running_daemon, wait_until
+from tests.support import (
+    REPO,
+    DaemonProcess,
+    base_url,
+    get_json,
+    make_config,
+    post_json,
+    running_daemon,
+    wait_healthy,
+    wait_until,
+)
 
 K = Keys("taskd")
 
@@ -263,3 +275,117 @@ async def _runs(count: int) -> bool:
 
 async def _idle(daemon: Daemon) -> bool:
     return daemon.pool.active == 0
+
+
+# Durable callbacks: the outbox in Redis, taken, returned and recovered.
+
+
+def with_callback(n: int, url: str | None = "http://127.0.0.1:9/hook") -> Job:
+    return Job(new_id(), "echo", "default", n, QUEUED, 0, 1, max_attempts=1, callback_url=url)
+
+
+async def test_ending_scripts_fill_the_outbox_and_a_reaper_returns_what_was_in_flight(
+    store: Store, redis: Redis
+) -> None:
+    jobs = [with_callback(n) for n in range(4)] + [with_callback(4, url=None)]
+    await store.enqueue_many(jobs)
+    claimed = {j.id: j for j in (await store.claim("default", "dead", 5, now=10)).jobs}
+    ends = [done(claimed[jobs[0].id], "completed"), done(claimed[jobs[1].id], "failed")]
+    ends.append(done(claimed[jobs[4].id], "completed"))  # no callback_url: not called back
+    assert await store.ack("default", "dead", ends, now=11) == [True] * 3
+    assert await store.cancel("default", jobs[2].id, now=12) == "active"
+    assert await store.requeue_inflight("default", "dead", now=13) == 2  # 2 cancelled, 3 back
+    outbox = [jobs[0].id, jobs[1].id, jobs[2].id]
+    assert await store.take_callbacks("default", "dead", 10, now=14) == outbox
+    assert await store.callback_done("default", "dead", jobs[0].id, "sent")
+    # The daemon dies with two callbacks in flight: a reaper returns them to the outbox.
+    assert await store.recover("default", "dead", now=100, before=50) == 0
+    assert not await store.callback_done("default", "dead", jobs[1].id, "failed")
+    assert await store.take_callbacks("default", "live", 10, now=101) == outbox[1:]
+    assert await store.callback_done("default", "live", jobs[1].id, "failed")
+    assert await store.callback_done("default", "live", jobs[2].id, "returned")
+    assert await store.take_callbacks("default", "live", 10, now=102) == [jobs[2].id]
+    totals = await redis.hgetall(K.totals("default"))
+    assert (totals[b"callbacks_sent"], totals[b"callbacks_failed"]) == (b"1", b"1")
+
+
+def done(job: Job, outcome: str) -> Attempt:
+    return Attempt(job.id, job.attempts, outcome, "null", 0, b"{}")
+
+
+@dataclass
+class SlowReceiver:
+    """An endpoint that takes requests in but answers none until `gate` is set."""
+
+    url: str = ""
+    arrived: int = 0
+    answered: list[str] = field(default_factory=list)
+    gate: anyio.Event = field(default_factory=anyio.Event)
+
+    async def handle(self, request: web.Request) -> web.Response:
+        self.arrived += 1
+        await self.gate.wait()
+        self.answered.append((await request.json())["id"])
+        return web.Response(status=204)
+
+
+@pytest.fixture
+async def slow_receiver(free_port: Any) -> AsyncIterator[SlowReceiver]:
+    recv = SlowReceiver()
+    app = web.Application()
+    app.router.add_post("/hook", recv.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    recv.url = f"http://127.0.0.1:{port}/hook"
+    yield recv
+    recv.gate.set()
+    await runner.cleanup()
+
+
+async def test_a_stopping_daemon_leaves_its_unsent_callbacks_to_another(
+    redis_url: str, slow_receiver: SlowReceiver, redis: Redis
+) -> None:
+    config = make_config(redis_url)
+    async with running_daemon(config) as first:
+        job = await submit(base_url(first), {"type": "echo", "callback_url": slow_receiver.url})
+        await wait_until(lambda: _arrived(slow_receiver, 1), "the first daemon's callback")
+    assert await redis.lrange(K.callbacks("default"), 0, -1) == [job["id"].encode()]
+    slow_receiver.gate.set()
+    async with running_daemon(config) as second:
+        await wait_until(lambda: _sent(base_url(second), 1), "the second daemon's callback")
+    # The first daemon's request may be answered too, once the gate opens: at least once.
+    assert job["id"] in slow_receiver.answered
+    assert await redis.hget(K.totals("default"), "callbacks_sent") == b"1"
+
+
+async def _arrived(receiver: SlowReceiver, count: int) -> bool:
+    return receiver.arrived == count
+
+
+async def test_a_callback_in_flight_when_its_daemon_is_killed_is_sent_by_another(
+    redis_url: str, slow_receiver: SlowReceiver, redis: Redis, tmp_path: Path, free_port: Any
+) -> None:
+    port = free_port()
+    config = tmp_path / "taskd.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{port}"\n'
+        "[workers]\nheartbeat_interval = 0.2\ndead_after = 1.5\n"
+        '[handlers.echo]\nbuiltin = "echo"\n'
+    )
+    env = {"TASKD_REDIS_URL": redis_url, "PYTHONPATH": str(REPO)}
+    doomed = DaemonProcess(["--config", str(config)], cwd=tmp_path, env=env)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        await wait_healthy(url, doomed)
+        job = await submit(url, {"type": "echo", "callback_url": slow_receiver.url})
+        await wait_until(lambda: _arrived(slow_receiver, 1), "the doomed daemon's callback")
+    finally:
+        doomed.kill()
+    slow_receiver.gate.set()
+    workers = {"heartbeat_interval": 0.2, "dead_after": 1.5}
+    async with running_daemon(make_config(redis_url, workers=workers)) as survivor:
+        await wait_until(lambda: _sent(base_url(survivor), 1), "the survivor's callback")
+    assert job["id"] in slow_receiver.answered
+    assert await redis.hget(K.totals("default"), "recovered") is None  # the job had ended

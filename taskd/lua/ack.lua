@@ -12,6 +12,7 @@
 -- KEYS[7] -> the queue's throughput buckets
 -- KEYS[8] -> the queue's list of recent run times
 -- KEYS[9] -> the queue's inbox (its ready list), where a held job goes when freed
+-- KEYS[10] -> the queue's callback outbox, which a final job with a callback_url joins
 -- ARGV[1] -> now, epoch ms
 -- ARGV[2] -> the queue's job hash prefix
 -- ARGV[3] -> the current throughput bucket
@@ -31,6 +32,7 @@ local function finish(key, id, state, set, total)
   redis.call('HSET', key, 'state', state, 'finished_at', now)
   redis.call('ZADD', set, now, id)
   redis.call('HINCRBY', KEYS[6], total, 1)
+  call_back(KEYS[10], key, id)
 end
 
 for i = 6, #ARGV, 6 do

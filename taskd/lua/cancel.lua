@@ -6,6 +6,7 @@
 -- KEYS[3] -> the queue's scheduled set
 -- KEYS[4] -> the queue's cancelled set
 -- KEYS[5] -> the queue's totals hash
+-- KEYS[6] -> the queue's callback outbox
 -- ARGV[1] -> job id
 -- ARGV[2] -> now, epoch ms
 -- ARGV[3] -> the cancel channel
@@ -25,6 +26,7 @@ if state == 'queued' or state == 'scheduled' then
   redis.call('HDEL', KEYS[1], 'run_at', 'waiting_for')
   redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])
   redis.call('HINCRBY', KEYS[5], 'cancelled', 1)
+  call_back(KEYS[6], KEYS[1], ARGV[1])
 elseif state == 'active' then
   redis.call('HSET', KEYS[1], 'cancel_requested', ARGV[2])
   redis.call('PUBLISH', ARGV[3], ARGV[1])

@@ -76,3 +76,11 @@ local function release_slot(inbox, limit_prefix, job_prefix, job_key, id)
     make_ready(inbox, job_prefix .. held, held, true)
   end
 end
+
+-- A job reached a final state: if it asked for a callback, its id joins the queue's
+-- outbox, in the same step, so the callback survives any crash (callbacks.py sends it).
+local function call_back(outbox, job_key, id)
+  if redis.call('HEXISTS', job_key, 'callback_url') == 1 then
+    redis.call('LPUSH', outbox, id)
+  end
+end

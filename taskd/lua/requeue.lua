@@ -9,6 +9,7 @@
 -- KEYS[3] -> the daemon's active set for the queue
 -- KEYS[4] -> the queue's cancelled set
 -- KEYS[5] -> the queue's totals hash
+-- KEYS[6] -> the queue's callback outbox
 -- ARGV[1] -> the queue's job hash prefix
 -- ARGV[2] -> most jobs to move
 -- ARGV[3] -> now, epoch ms
@@ -26,6 +27,7 @@ local function give_back(id)
     redis.call('HDEL', key, 'cancel_requested')
     redis.call('ZADD', KEYS[4], ARGV[3], id)
     redis.call('HINCRBY', KEYS[5], 'cancelled', 1)
+    call_back(KEYS[6], key, id)
   elseif redis.call('EXISTS', key) == 1 then
     redis.call('HINCRBY', key, 'attempts', -1)
     redis.call('HSET', key, 'state', 'queued')
