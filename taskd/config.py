@@ -52,7 +52,7 @@ _SCHEDULE_KEYS = (
 )  # fmt: skip
 _CATCH_UP = ("none", "latest")
 _SERVER_KEYS = ("listen", "max_body", "max_batch", "idempotency_ttl", "token")
-_REDIS_KEYS = ("url", "prefix", "data_dir")
+_REDIS_KEYS = ("url", "prefix", "data_dir", "cluster")
 _WORKERS_KEYS = (
     "concurrency", "queues", "shutdown_timeout", "heartbeat_interval", "dead_after",
     "queue_mode", "weights",
@@ -117,6 +117,8 @@ class RedisConfig:
     url: str = "embedded"
     prefix: str = "taskd"
     data_dir: Path = Path("var")
+    # The url names one node of a Redis Cluster; taskd finds the others from it.
+    cluster: bool = False
 
     @property
     def embedded(self) -> bool:
@@ -391,7 +393,23 @@ def _redis(t: _Table, env_url: str) -> RedisConfig:
     data_dir = t.string("data_dir", str(default.data_dir))
     if "data_dir" not in t.bad and not data_dir:
         t.problem("data_dir", "must not be empty")
-    return RedisConfig(url, prefix, Path(data_dir))
+    cluster = t.data.get("cluster", False)
+    if not isinstance(cluster, bool):
+        t.problem("cluster", f"must be true or false, got {_describe(cluster)}")
+        cluster = False
+    elif cluster and (problem := _cluster_url_problem(url)):
+        t.problem("cluster", problem)
+    return RedisConfig(url, prefix, Path(data_dir), cluster)
+
+
+def _cluster_url_problem(url: str) -> str | None:
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss"):
+        shown = _redact(url)
+        return f"a Redis Cluster needs the redis:// or rediss:// url of a node, got {shown!r}"
+    if parts.path.strip("/") not in ("", "0"):
+        return f"a Redis Cluster has only database 0, got {_redact(url)!r}"
+    return None
 
 
 def _redis_url_problem(url: str) -> str | None:

@@ -215,6 +215,7 @@ def connect(config: Config, redis_url: str) -> Store:
         # One blocking fetch per queue, and the cancel-request subscription.
         blocking_connections=len(config.workers.queues) + 1,
         block_timeout=BLOCK_TIMEOUT,
+        cluster=config.redis.cluster,
     )
 
 

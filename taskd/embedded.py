@@ -14,7 +14,7 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -90,11 +90,13 @@ class RedisServer:
         port: int | None = None,
         binary: str | None = None,
         appendonly: bool = True,
+        extra_args: Sequence[str] = (),
     ) -> None:
         self._data_dir = Path(data_dir).absolute()
         self._port = port
         self._binary = binary
         self._appendonly = appendonly
+        self._extra_args = tuple(extra_args)  # more redis-server options, e.g. cluster mode
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
 
@@ -252,6 +254,7 @@ class RedisServer:
             *("--daemonize", "no"),
             *("--logfile", str(self._log_path)),
             *("--maxmemory-policy", "noeviction"),
+            *self._extra_args,
         ]
 
     def _spawn(self, binary: str) -> subprocess.Popen[bytes]:

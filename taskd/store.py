@@ -15,6 +15,7 @@ import orjson
 import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
 
 from taskd.config import HandlerConfig
 from taskd.jobs import ACTIVE, FINAL_STATES, Job
@@ -50,6 +51,10 @@ UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.exceptions.ConnectionError,
     redis.exceptions.TimeoutError,
     OSError,
+    # A Redis Cluster that is failing over, or misses a node for some slots.
+    redis.exceptions.ClusterDownError,
+    redis.exceptions.TryAgainError,
+    redis.exceptions.SlotNotCoveredError,
 )
 
 
@@ -137,17 +142,45 @@ _SCRIPTS = (
 class Store:
     """Typed Redis operations of one taskd installation (one key prefix)."""
 
-    def __init__(self, *, client: aioredis.Redis, blocking: aioredis.Redis, keys: Keys) -> None:
+    def __init__(
+        self,
+        *,
+        client: aioredis.Redis,
+        blocking: aioredis.Redis,
+        keys: Keys,
+        cluster: bool = False,
+    ) -> None:
         self._r = client
         self._blocking = blocking
         self.keys = keys
+        self._cluster = cluster
         self._lua = {name: _load_script(client, name) for name in _SCRIPTS}
 
     @classmethod
     def from_url(
-        cls, url: str, *, prefix: str, blocking_connections: int = 1, block_timeout: float = 5.0
+        cls,
+        url: str,
+        *,
+        prefix: str,
+        blocking_connections: int = 1,
+        block_timeout: float = 5.0,
+        cluster: bool = False,
     ) -> Store:
-        """Connect lazily: one shared pool, and one for connections that wait (fetch, pub/sub)."""
+        """Connect lazily: one shared pool, and one for connections that wait (fetch, pub/sub).
+
+        With `cluster`, `url` names one node of a Redis Cluster: every script and blocking
+        command touches keys of one queue (one hash tag, so one slot), and the client
+        sends each to the node that serves it.
+        """
+        if cluster:
+            return cls(
+                client=_cluster_client(url, POOL_SIZE, COMMAND_TIMEOUT, gated=True),
+                blocking=_cluster_client(
+                    url, blocking_connections + 1, block_timeout + COMMAND_TIMEOUT, gated=False
+                ),
+                keys=Keys(prefix),
+                cluster=True,
+            )
         shared = aioredis.BlockingConnectionPool.from_url(
             url,
             max_connections=POOL_SIZE,
@@ -440,6 +473,10 @@ class Store:
     @asynccontextmanager
     async def cancel_requests(self) -> AsyncIterator[AsyncIterator[str]]:
         """Subscribe to cancel requests; yields an iterator of job ids as they arrive."""
+        if self._cluster:
+            # Its pub/sub finds the node of the channel from the slot map, which the
+            # cluster client reads at its first command: read it now.
+            await cast(RedisCluster, self._blocking).initialize()
         pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
         try:
             await pubsub.subscribe(self.keys.cancel_channel)
@@ -644,7 +681,16 @@ class Store:
             await self._r.hdel(key, *stale)
 
     async def server_info(self) -> dict[str, Any]:
-        """Redis's version and memory use."""
+        """Redis's version and memory use (of a cluster: the lowest version, all memory)."""
+        if self._cluster:
+            cluster = cast(RedisCluster, self._r)
+            servers = await cluster.info("server", target_nodes=RedisCluster.PRIMARIES)
+            memories = await cluster.info("memory", target_nodes=RedisCluster.PRIMARIES)
+            return {
+                "version": min(str(i.get("redis_version")) for i in _per_node(servers)),
+                "used_memory": sum(int(i.get("used_memory", 0)) for i in _per_node(memories)),
+                "nodes": len(_per_node(servers)),
+            }
         info = await self._r.info("server")
         memory = await self._r.info("memory")
         return {"version": info.get("redis_version"), "used_memory": memory.get("used_memory")}
@@ -786,6 +832,47 @@ def _parse_finish_cursor(cursor: str | None) -> tuple[int, str] | None:
 def _queue_of(key: str) -> str:
     """The queue named by a queue key's hash tag."""
     return key[key.index("{") + 1 : key.index("}")]
+
+
+class _GatedCluster(RedisCluster):
+    """A cluster client whose commands wait for one of a few turns.
+
+    redis-py's cluster client raises when a node's connections run out instead of waiting
+    for one, as the single-node pool does; the gate keeps callers waiting instead, so
+    connections stay few however many requests arrive at once.
+    """
+
+    def __init__(self, *args: Any, turns: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._turns = anyio.Semaphore(turns)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self._turns:
+            return await super().execute_command(*args, **kwargs)
+
+
+def _cluster_client(url: str, turns: int, timeout: float, *, gated: bool) -> aioredis.Redis:
+    options: dict[str, Any] = {
+        "socket_timeout": timeout,
+        "socket_connect_timeout": CONNECT_TIMEOUT,
+        # Room for pipelines, which take connections beside the gated commands.
+        "max_connections": turns * 4,
+    }
+    client = (
+        _GatedCluster.from_url(url, turns=turns, **options)
+        if gated
+        else RedisCluster.from_url(url, **options)
+    )
+    # Typed as the single-node client: the store calls only commands both clients take
+    # the same way, and tells the cluster apart where they differ (server_info).
+    return cast(aioredis.Redis, client)
+
+
+def _per_node(info: Any) -> list[dict[str, Any]]:
+    """INFO answers of a cluster client, one per node, whatever shape it gives them in."""
+    if isinstance(info, dict) and info and all(isinstance(v, dict) for v in info.values()):
+        return list(info.values())
+    return [info]
 
 
 def _text(value: Any) -> str:

@@ -12,6 +12,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from taskd.embedded import EmbeddedRedisError, RedisServer
 from taskd.store import Store
+from tests.cluster import RedisCluster
 from tests.support import Api, base_url, make_config, running_daemon
 
 
@@ -45,6 +46,22 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
                 raise
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisCluster]:
+    """The session's Redis Cluster: three masters on 127.0.0.1, no replicas, no AOF."""
+    cluster = RedisCluster(data_dir=tmp_path_factory.mktemp("cluster"))
+    cluster.start(timeout=30)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def cluster_url(redis_cluster: RedisCluster) -> str:
+    """URL of one node of the session cluster, every master flushed before the test."""
+    redis_cluster.flushall()
+    return redis_cluster.url
 
 
 @pytest.fixture

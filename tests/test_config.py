@@ -403,6 +403,16 @@ INVALID = [
     (f'[redis]\nprefix = "{"p" * 65}"\n', "redis.prefix: must be 1-64 letters"),
     ('[redis]\ndata_dir = ""\n', "redis.data_dir: must not be empty"),
     ("[redis]\ndata_dir = 1\n", "redis.data_dir: must be a string, got integer 1"),
+    ('[redis]\ncluster = "yes"\n', "redis.cluster: must be true or false, got string 'yes'"),
+    (
+        "[redis]\ncluster = true\n",
+        "redis.cluster: a Redis Cluster needs the redis:// or rediss:// url of a node, "
+        "got 'embedded'",
+    ),
+    (
+        '[redis]\nurl = "redis://h:6379/2"\ncluster = true\n',
+        "redis.cluster: a Redis Cluster has only database 0, got 'redis://h:6379/2'",
+    ),
     # workers
     ("[workers]\nconcurrency = 0\n", "workers.concurrency: must be an integer from 1 to 100000"),
     ("[workers]\nconcurrency = 100001\n", "workers.concurrency: must be an integer from 1 to"),
@@ -742,7 +752,10 @@ def test_invalid(text: str, expected: str) -> None:
             '[server]\nlisen = "x"\n',
             f"server.lisen: unknown key (known: {SERVER_KEYS})",
         ),
-        ('[redis]\nhost = "x"\n', "redis.host: unknown key (known: url, prefix, data_dir)"),
+        (
+            '[redis]\nhost = "x"\n',
+            "redis.host: unknown key (known: url, prefix, data_dir, cluster)",
+        ),
         (
             "[workers]\nthreads = 4\n",
             "workers.threads: unknown key (known: concurrency, queues, shutdown_timeout, "
