@@ -133,12 +133,15 @@ async def test_held_jobs_go_when_their_limit_is_removed(store: Store) -> None:
 
 
 async def test_held_jobs_go_when_none_of_their_type_runs(store: Store, redis: Redis) -> None:
-    jobs = [job(n=n) for n in range(4)]
+    jobs = [job(n=n) for n in range(6)]
     await store.enqueue_many(jobs)
     await store.claim(Q, "a", 10, now=2, limits=TWO_AT_ONCE)
     await redis.delete(K.limit(Q, "slow", "running"))  # as if the releases were missed
     claimed = (await store.claim(Q, "a", 10, now=4, limits=TWO_AT_ONCE)).jobs
-    assert [j.id for j in claimed] == [j.id for j in jobs[2:]]
+    assert [j.id for j in claimed] == [j.id for j in jobs[2:4]]
+    # Only as many as may run are freed: the others stay held, not churned.
+    assert await redis.llen(K.limit(Q, "slow", "held")) == 2
+    assert (await store.limit_status(Q, TWO_AT_ONCE, now=4))["slow"]["concurrency_limited"] == 4
 
 
 async def test_two_daemons_run_at_most_global_concurrency_jobs_of_a_type(

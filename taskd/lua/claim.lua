@@ -60,7 +60,9 @@ end
 -- ready jobs, where this claim looks next (pushed last to first, to keep their order).
 for _, l in pairs(limits) do
   if l.concurrency == 0 or redis.call('ZCARD', l.base .. ':running') == 0 then
-    local freed = redis.call('RPOP', l.base .. ':held', math.max(l.concurrency, INBOX_MAX)) or {}
+    -- As many as may run: a job an ack just freed may still be on its way to a claim.
+    local most = l.concurrency > 0 and l.concurrency or INBOX_MAX
+    local freed = redis.call('RPOP', l.base .. ':held', most) or {}
     for i = #freed, 1, -1 do
       redis.call('HDEL', prefix .. freed[i], 'waiting_for')
       make_ready(KEYS[1], prefix .. freed[i], freed[i], true)
