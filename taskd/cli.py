@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import os
 import sys
@@ -173,6 +174,10 @@ def run(config: Config) -> int:
 
 def _run_loop(config: Config, url: str) -> int:
     logger.info("taskd %s starting with Redis at %s", __version__, redacted(url))
+    # What start-up built (modules, classes, config) lives as long as the process: frozen,
+    # the collector no longer scans it in each full collection, and with thousands of
+    # jobs in flight those come often (see "Performance" in the README).
+    gc.freeze()
     anyio.run(_serve, config, url, backend="asyncio", backend_options={"use_uvloop": True})
     return 0
 

@@ -71,8 +71,13 @@ class Handlers:
         if session is not None:
             await session.close()
 
-    async def run(self, job: Job) -> Any:
+    async def run(self, job: Job, scope: anyio.CancelScope) -> Any:
         """Run the job's handler under its concurrency limit and timeout.
+
+        `scope` is the caller's cancel scope around this call. The timeout is its
+        deadline, set once the job holds a place under the limit (the wait for one is
+        not part of it): so a job costs one cancel scope, not two. A scope cancelled by
+        its deadline is the caller's to report, with timed_out().
 
         Return its JSON-able result or raise JobFailed.
         """
@@ -83,11 +88,12 @@ class Handlers:
             )
         limit = self._limits.get(job.type)
         if limit is None:
-            result = await self._run_timed(config, job)
+            scope.deadline = anyio.current_time() + config.timeout
+            result = await self._run_guarded(config, job)
         else:
-            # The wait for a slot is outside the timeout: only running counts.
             async with limit:
-                result = await self._run_timed(config, job)
+                scope.deadline = anyio.current_time() + config.timeout
+                result = await self._run_guarded(config, job)
         try:
             orjson.dumps(result)
         except orjson.JSONEncodeError as exc:
@@ -96,14 +102,11 @@ class Handlers:
             raise JobFailed(message, permanent=True) from None
         return result
 
-    async def _run_timed(self, config: HandlerConfig, job: Job) -> Any:
-        try:
-            with anyio.fail_after(config.timeout):
-                return await self._run_guarded(config, job)
-        except TimeoutError:
-            # Only our deadline gets here: handler errors became JobFailed inside.
-            logger.warning("job %s (%s) timed out after %g s", job.id, job.type, config.timeout)
-            raise JobFailed(f"timed out after {config.timeout:g} s") from None
+    def timed_out(self, job: Job) -> JobFailed:
+        """The failure of a job whose run() scope was cancelled by its deadline."""
+        timeout = self._configs[job.type].timeout
+        logger.warning("job %s (%s) timed out after %g s", job.id, job.type, timeout)
+        return JobFailed(f"timed out after {timeout:g} s")
 
     async def _run_guarded(self, config: HandlerConfig, job: Job) -> Any:
         # Exception, not BaseException: cancellation must pass through untouched.

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import random
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 
 import anyio
 import orjson
-from anyio.abc import TaskGroup
 
 from taskd.acker import Acker
 from taskd.config import HandlerConfig
@@ -35,6 +35,10 @@ PAUSED_POLL = 0.5
 FINAL_OUTCOMES = frozenset({"completed", "failed", "cancelled"})
 # Longest the final requeue may take at shutdown; past it the reaper recovers the rest.
 FINISH_TIMEOUT = 10.0
+# Why a running job's scope was cancelled (see _Running); a timeout has no reason.
+CANCELLED = "cancelled"
+LOST = "lost"
+STOPPED = "stopped"  # the pool stopped at shutdown: the job goes back to its queue
 
 
 async def _nothing(job: Job) -> None:
@@ -49,6 +53,12 @@ class WorkerPool:
     empty, so connections stay few as concurrency grows and an idle daemon starts a new
     job the moment it arrives. Which queue's fetcher gets the free slots is up to
     `queue_mode` and `weights` (see taskd.slots).
+
+    Each job runs in a plain asyncio task with one cancel scope (see _Running), not in an
+    anyio task group, whose tasks cost a handle and a second cancel scope each: at
+    10,000 jobs at once that is most of the daemon's work. What the group would do for
+    them, the pool does: it waits for its jobs when it stops, and cancels them at the
+    deadline hurry() sets, or at once if the pool itself is cancelled.
     """
 
     def __init__(
@@ -89,8 +99,11 @@ class WorkerPool:
         )
         self._acker = Acker(store=store, daemon_id=daemon_id, clock=clock, on_retry=on_retry)
         self._running: dict[str, _Running] = {}
-        self._runners: TaskGroup | None = None
         self._fetching = anyio.CancelScope()
+        # Its deadline (hurry) ends fetching and the wait for the running jobs.
+        self._grace = anyio.CancelScope()
+        self._stopping = False  # past the grace: the running jobs are being stopped
+        self._emptied = anyio.Event()  # set when the last running job ends
         self._stopped = anyio.Event()
 
     @property
@@ -100,7 +113,6 @@ class WorkerPool:
 
     async def tick(self, queue: str) -> Claimed:
         """One fetch pass: claim as many ready jobs as the queue is handed slots, start them."""
-        assert self._runners is not None, "tick() runs inside run()"
         wanted = await self._slots.acquire(queue)
         try:
             claim = await self._store.claim(
@@ -115,10 +127,11 @@ class WorkerPool:
         # and its fetcher waits; in strict mode that lets the queues after it have slots.
         dry = claim.paused or (len(claim.jobs) < wanted and not claim.more)
         self._slots.settle(queue, wanted - len(claim.jobs), idle=dry)
+        create_task = asyncio.get_running_loop().create_task
         for job in claim.jobs:
             # Known as running from now on, before its task starts: see release_orphans.
             self._running[job.id] = running = _Running(job)
-            self._runners.start_soon(self._execute, running, name=f"job {job.id}")
+            running.task = create_task(self._execute(running))
         return claim
 
     async def run(
@@ -127,14 +140,19 @@ class WorkerPool:
         """Fetch and run jobs until drain() is called, then requeue what did not finish."""
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._acker.run)
-            async with anyio.create_task_group() as runners:
-                self._runners = runners
-                with self._fetching:
-                    async with anyio.create_task_group() as fetchers:
-                        for queue in self._queues:
-                            fetchers.start_soon(self._fetch_loop, queue)
-                        task_status.started()
-            # Fetching has stopped and every runner has finished or been cancelled.
+            try:
+                with self._grace:
+                    with self._fetching:
+                        async with anyio.create_task_group() as fetchers:
+                            for queue in self._queues:
+                                fetchers.start_soon(self._fetch_loop, queue)
+                            task_status.started()
+                    await self._all_ended()
+            finally:
+                # Past the deadline, or the pool itself cancelled: no job outlives it.
+                with anyio.CancelScope(shield=True):
+                    await self._stop_jobs()
+            # Fetching has stopped and every job has finished or been cancelled.
             with anyio.move_on_after(FINISH_TIMEOUT, shield=True):
                 await self._finish()
             tg.cancel_scope.cancel()
@@ -148,10 +166,21 @@ class WorkerPool:
 
     def hurry(self, grace: float = 0.0) -> None:
         """Cancel the running jobs `grace` seconds from now (a second stop signal)."""
-        if self._runners is not None:
-            deadline = anyio.current_time() + grace
-            scope = self._runners.cancel_scope
-            scope.deadline = min(scope.deadline, deadline)
+        deadline = anyio.current_time() + grace
+        self._grace.deadline = min(self._grace.deadline, deadline)
+
+    async def _all_ended(self) -> None:
+        """Wait until no job runs; call it once fetching stopped (no job starts after)."""
+        while self._running:
+            self._emptied = anyio.Event()
+            await self._emptied.wait()
+
+    async def _stop_jobs(self) -> None:
+        """Cancel the running jobs and wait for them to end."""
+        self._stopping = True
+        for running in list(self._running.values()):
+            running.stop()
+        await self._all_ended()
 
     async def _fetch_loop(self, queue: str) -> None:
         failures = 0
@@ -179,7 +208,7 @@ class WorkerPool:
         running = self._running.get(job_id)
         if running is None:
             return False
-        running.cancel("cancelled")
+        running.cancel(CANCELLED)
         return True
 
     async def drop_lost(self) -> int:
@@ -196,7 +225,7 @@ class WorkerPool:
             owned = await self._store.still_owned(queue, self._daemon_id, ids)
             for job_id in set(ids) - owned:
                 if (still := self._running.get(job_id)) is not None:
-                    still.cancel("lost")
+                    still.cancel(LOST)
                     lost += 1
         return lost
 
@@ -223,26 +252,38 @@ class WorkerPool:
 
     async def _execute(self, running: _Running) -> None:
         job = running.job
-        self._metrics.started(job.queue, job.type, job.waited_ms / 1000)
         try:
+            self._metrics.started(job.queue, job.type, job.waited_ms / 1000)
             with running.scope:
-                attempt = await self._attempt(job)
+                attempt = await self._attempt(job, running.scope)
+            running.attempting = False
+            if self._stopping:
+                # Stopped as its attempt ended: as stop() would have, cancel the task so
+                # that it does not wait for its ack (the final flush sends it).
+                running.task.cancel()
             if running.scope.cancelled_caught:
-                if running.reason == "lost":
+                if running.reason == LOST:
                     logger.warning("job %s stopped: it was taken back from this daemon", job.id)
                     return
-                attempt = self._ended(job, "cancelled", "cancelled while running")
+                if running.reason == STOPPED:
+                    return  # the pool's final requeue returns it to its queue
+                attempt = self._interrupted(job, running.reason)
             ran = (self._clock() - (job.started_at or self._clock())) / 1000
             self._metrics.finished(job.queue, job.type, attempt.outcome, ran)
             recorded = await self._acker.record(job.queue, attempt)
             # An attempt Redis dropped ended nothing: the job's newer attempt owns it.
             if recorded and attempt.outcome in FINAL_OUTCOMES:
                 await self._on_final(job)
+        except Exception:
+            # No task group to take it to: our bug, and it ends this job, not the pool.
+            logger.exception("job %s (%s) crashed the worker", job.id, job.type)
         finally:
             del self._running[job.id]
             self._slots.release()
+            if not self._running:
+                self._emptied.set()
 
-    async def _attempt(self, job: Job) -> Attempt:
+    async def _attempt(self, job: Job, scope: anyio.CancelScope) -> Attempt:
         logger.debug("job %s (%s) started, attempt %d", job.id, job.type, job.attempts)
 
         async def report(value: float, message: str) -> None:
@@ -251,7 +292,7 @@ class WorkerPool:
         # Set in this job's own task, so it reaches only this job's handler.
         set_reporter(report)
         try:
-            result = await self._handlers.run(job)
+            result = await self._handlers.run(job, scope)
         except JobFailed as exc:
             return self._failed(job, str(exc), permanent=exc.permanent)
         except Exception as exc:
@@ -261,6 +302,13 @@ class WorkerPool:
             return self._failed(job, f"internal error: {exc!r}", permanent=False)
         logger.debug("job %s (%s) completed", job.id, job.type)
         return self._ended(job, "completed", orjson.dumps(result))
+
+    def _interrupted(self, job: Job, reason: str) -> Attempt:
+        """The attempt of a job whose scope was cancelled: by cancel() or by its deadline."""
+        if reason == CANCELLED:
+            return self._ended(job, "cancelled", "cancelled while running")
+        failure = self._handlers.timed_out(job)  # no reason given: the handler's timeout
+        return self._failed(job, str(failure), permanent=failure.permanent)
 
     def _failed(self, job: Job, error: str, *, permanent: bool) -> Attempt:
         policy = self._handler_configs.get(job.type)
@@ -294,18 +342,35 @@ class WorkerPool:
 
 
 class _Running:
-    """A job running in this daemon, with the scope that can cancel it and why it did."""
+    """A job running in this daemon: its task, its one cancel scope, why it was cancelled.
 
-    __slots__ = ("job", "reason", "scope")
+    The scope, around the attempt, cancels the job (cancel_local, drop_lost, stop) and,
+    its deadline set by the handler, times it out: `reason` is CANCELLED, LOST or
+    STOPPED, or empty for a timeout.
+    """
+
+    __slots__ = ("attempting", "job", "reason", "scope", "task")
+
+    task: asyncio.Task[None]
 
     def __init__(self, job: Job) -> None:
         self.job = job
         self.scope = anyio.CancelScope()
         self.reason = ""
+        self.attempting = True  # until its scope is left: then it waits for its ack
 
     def cancel(self, reason: str) -> None:
-        self.reason = reason
+        if not self.scope.cancel_called:  # the first cause wins, a deadline included
+            self.reason = reason
         self.scope.cancel()
+
+    def stop(self) -> None:
+        """Cancel it, wherever it is: the attempt through its scope, which keeps shields
+        (an exec handler reaps its killed program), the wait for its ack by the task."""
+        if self.attempting:
+            self.cancel(STOPPED)
+        else:
+            self.task.cancel()
 
 
 def backoff(

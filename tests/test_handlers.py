@@ -45,9 +45,17 @@ def program(name: str, *args: str) -> tuple[str, ...]:
     return (str(PROGRAMS / name), *args)
 
 
+async def run_job(handlers: Handlers, job: Job) -> Any:
+    """Run a job as the worker pool does: in a cancel scope whose deadline the handler
+    sets to its timeout; a scope cancelled by it is a timeout, as JobFailed."""
+    with anyio.CancelScope() as scope:
+        return await handlers.run(job, scope)
+    raise handlers.timed_out(job)
+
+
 async def run_one(config: HandlerConfig, payload: Any = None) -> Any:
     async with Handlers({config.name: config}) as handlers:
-        return await handlers.run(make_job(config.name, payload))
+        return await run_job(handlers, make_job(config.name, payload))
 
 
 async def failure(config: HandlerConfig, payload: Any = None) -> JobFailed:
@@ -106,7 +114,7 @@ def test_job_failed_pickles_with_its_flag() -> None:
 async def test_unknown_type_fails_for_good() -> None:
     async with Handlers({}) as handlers:
         with pytest.raises(JobFailed) as info:
-            await handlers.run(make_job("nope"))
+            await run_job(handlers, make_job("nope"))
     assert str(info.value) == "no handler for type 'nope' in this daemon's config"
     assert info.value.permanent
 
@@ -115,7 +123,7 @@ async def test_cancellation_propagates_not_job_failed() -> None:
     config = HandlerConfig(name="s", kind="builtin", builtin="sleep", timeout=60)
     async with Handlers({"s": config}) as handlers:
         with anyio.move_on_after(0.2) as scope:
-            await handlers.run(make_job("s", {"seconds": 30}))
+            await run_job(handlers, make_job("s", {"seconds": 30}))
     assert scope.cancelled_caught
 
 
@@ -263,7 +271,7 @@ async def test_concurrency_limits_simultaneous_runs() -> None:
     async with Handlers({"g": config}) as handlers:
 
         async def one(n: int) -> None:
-            results.append(await handlers.run(make_job("g", n, job_id=f"job-{n}")))
+            results.append(await run_job(handlers, make_job("g", n, job_id=f"job-{n}")))
 
         async with anyio.create_task_group() as tg:
             for n in range(5):
@@ -286,7 +294,7 @@ async def test_concurrency_wait_is_not_part_of_the_timeout() -> None:
 
         async def one(n: int) -> None:
             try:
-                await handlers.run(make_job("s", {"seconds": 0.4}, job_id=f"job-{n}"))
+                await run_job(handlers, make_job("s", {"seconds": 0.4}, job_id=f"job-{n}"))
             except JobFailed as exc:
                 errors.append(exc)
 
@@ -329,7 +337,7 @@ async def test_exec_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             attempts=3,
             created_at=0,
         )
-        env = await handlers.run(job)
+        env = await run_job(handlers, job)
     assert env == {
         "TASKD_FROM_PARENT": "inherited",
         "TASKD_JOB_ID": "j-42",
@@ -410,7 +418,7 @@ async def run_spawner(
 
     async def run() -> None:
         try:
-            await handlers.run(make_job("spawn"))
+            await run_job(handlers, make_job("spawn"))
         except JobFailed as exc:
             errors.append(str(exc))
 
@@ -457,7 +465,7 @@ def test_exec_under_uvloop(tmp_path: Path) -> None:
 
     async def main() -> Any:
         async with Handlers(configs) as handlers:
-            echoed = await handlers.run(make_job("x", {"k": [1, 2]}))
+            echoed = await run_job(handlers, make_job("x", {"k": [1, 2]}))
             errors, child, grandchild = await run_spawner(handlers, pid_file, cancel=True)
         assert errors == []
         assert is_gone(child)
@@ -538,7 +546,7 @@ def http_config(url: str, timeout: float = 30.0) -> HandlerConfig:
 async def test_http_json_response(server: Server) -> None:
     config = http_config(server.url("/json"))
     async with Handlers({"h": config}) as handlers:
-        result = await handlers.run(make_job("h", {"n": [1, 2]}, job_id="j-7", attempts=2))
+        result = await run_job(handlers, make_job("h", {"n": [1, 2]}, job_id="j-7", attempts=2))
     assert result == {
         "payload": {"n": [1, 2]},
         "content_type": "application/json",
@@ -604,4 +612,4 @@ async def test_http_timeout(server: Server) -> None:
 async def test_http_needs_async_with(server: Server) -> None:
     handlers = Handlers({"h": http_config(server.url("/text"))})
     with pytest.raises(JobFailed, match="RuntimeError: Handlers must be entered"):
-        await handlers.run(make_job("h"))
+        await run_job(handlers, make_job("h"))

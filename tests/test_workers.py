@@ -5,10 +5,13 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import aiohttp
+import anyio
 import pytest
 from redis.asyncio import Redis
 
 from taskd.config import Config
+from taskd.daemon import Daemon, connect
+from taskd.handlers import Handlers
 from taskd.jobs import QUEUED, Job, new_id, now_ms
 from taskd.keys import Keys
 from taskd.store import POOL_SIZE, Store
@@ -162,3 +165,50 @@ async def test_a_claimed_batch_cut_short_by_shutdown_loses_nothing(
     assert sorted(await ready_ids(redis, "default")) == sorted(i.encode() for i in ids)
     states = {await redis.hget(K.job("default", i), "state") for i in ids}
     assert states == {b"queued"}
+
+
+async def test_a_handler_past_its_timeout_fails_the_attempt(redis_url: str) -> None:
+    slow = {"builtin": "sleep", "timeout": 0.2, "backoff_base": 0.05, "backoff_max": 0.05}
+    config = make_config(redis_url, handlers={"slow": slow})
+    async with running_daemon(config) as daemon, aiohttp.ClientSession() as session:
+        url = base_url(daemon)
+        body = {"type": "slow", "payload": {"seconds": 30}, "max_attempts": 2}
+        _, job = await post_json(session, f"{url}/jobs", body)
+        done = await wait_for_state(session, url, job["id"], {"failed"})
+    assert [(entry["outcome"], entry["error"]) for entry in done["history"]] == [
+        ("retry", "timed out after 0.2 s"),
+        ("failed", "timed out after 0.2 s"),
+    ]
+
+
+async def test_waiting_for_the_handler_concurrency_is_not_part_of_the_timeout(
+    redis_url: str, redis: Redis
+) -> None:
+    # Three 0.4 s runs one at a time: the last waits ~0.8 s, and would end past the 1 s
+    # timeout if the wait counted.
+    one = {"builtin": "sleep", "concurrency": 1, "timeout": 1.0}
+    ids = await enqueue(redis_url, "one", [{"seconds": 0.4}] * 3)
+    async with running_daemon(make_config(redis_url, handlers={"one": one})):
+
+        async def all_done() -> bool:
+            return (await counts(redis))["completed"] == 3
+
+        await wait_until(all_done, "3 jobs completed")
+    for job_id in ids:
+        assert await redis.hget(K.job("default", job_id), "attempts") == b"1"
+
+
+async def test_jobs_do_not_outlive_a_cancelled_pool(redis_url: str) -> None:
+    # Jobs run in plain asyncio tasks, not in a task group of the pool: cancelling the
+    # daemon (as a crash of one of its tasks does) must still end them before it returns.
+    await enqueue(redis_url, "tracked", [60] * 3)
+    config = tracked_config(redis_url, concurrency=3)
+    store = connect(config, config.redis.url)
+    try:
+        async with Handlers(config.handlers) as handlers, anyio.create_task_group() as tg:
+            await tg.start(Daemon(config=config, store=store, handlers=handlers).run)
+            await wait_until(running(3), "3 jobs running")
+            tg.cancel_scope.cancel()
+    finally:
+        await store.close()
+    assert handler_funcs.TRACKER.running == 0
