@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ from tests.support import (
 )
 
 K = Keys("taskd")
+web_handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 @dataclass
@@ -51,18 +53,25 @@ class Receiver:
         return web.Response(status=204)
 
 
+@asynccontextmanager
+async def endpoint(handle: web_handler, port: int) -> AsyncIterator[str]:
+    """A real HTTP endpoint on 127.0.0.1:`port` whose POST /hook runs `handle`; its URL."""
+    app = web.Application()
+    app.router.add_post("/hook", handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        yield f"http://127.0.0.1:{port}/hook"
+    finally:
+        await runner.cleanup()
+
+
 @pytest.fixture
 async def receiver(free_port: Any) -> AsyncIterator[Receiver]:
     recv = Receiver()
-    app = web.Application()
-    app.router.add_post("/hook", recv.handle)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    recv.url = f"http://127.0.0.1:{port}/hook"
-    yield recv
-    await runner.cleanup()
+    async with endpoint(recv.handle, free_port()) as recv.url:
+        yield recv
 
 
 async def submit(url: str, body: dict[str, Any]) -> dict[str, Any]:
@@ -332,16 +341,9 @@ class SlowReceiver:
 @pytest.fixture
 async def slow_receiver(free_port: Any) -> AsyncIterator[SlowReceiver]:
     recv = SlowReceiver()
-    app = web.Application()
-    app.router.add_post("/hook", recv.handle)
-    runner = web.AppRunner(app, shutdown_timeout=0.1)
-    await runner.setup()
-    port = free_port()
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-    recv.url = f"http://127.0.0.1:{port}/hook"
-    yield recv
-    recv.gate.set()
-    await runner.cleanup()
+    async with endpoint(recv.handle, free_port()) as recv.url:
+        yield recv
+        recv.gate.set()
 
 
 async def test_a_stopping_daemon_leaves_its_unsent_callbacks_to_another(
