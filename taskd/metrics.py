@@ -16,6 +16,7 @@ from prometheus_client import (
 )
 
 from taskd import __version__
+from taskd.jobs import STATES
 
 # From 1 ms (a noop on an idle daemon) to 10 minutes (a long job, or a backlog).
 BUCKETS = (
@@ -103,6 +104,13 @@ class Metrics:
             ("queue",),
             registry=r,
         )
+        self.limit_waits_total = Counter(
+            "taskd_job_limit_waits_total",
+            "Times this daemon's claims found a job over its type's limit (rate_limit or"
+            " concurrency, its global_concurrency): the job waited, its attempt kept.",
+            ("queue", "limit"),
+            registry=r,
+        )
 
     def _init_histograms(self) -> None:
         r = self.registry
@@ -137,6 +145,12 @@ class Metrics:
             "taskd_daemon_concurrency", "Most jobs this daemon runs at once.", registry=r
         )
         self.concurrency.set(concurrency)
+        self.callbacks_pending = Gauge(
+            "taskd_callbacks_pending",
+            "Callbacks waiting in a queue's outbox to be sent, cluster-wide (take max).",
+            ("queue",),
+            registry=r,
+        )
         self.daemons_live = Gauge(
             "taskd_daemons_live",
             "Daemons registered and heartbeating, cluster-wide (take max over instances).",
@@ -175,6 +189,13 @@ class Metrics:
         """Jobs this daemon's reaper took back from dead daemons."""
         self.recovered_total.labels(queue).inc(count)
 
+    def limited(self, queue: str, rate: int, concurrency: int) -> None:
+        """A claim made jobs wait for their type's limits."""
+        if rate:
+            self.limit_waits_total.labels(queue, "rate_limit").inc(rate)
+        if concurrency:
+            self.limit_waits_total.labels(queue, "concurrency").inc(concurrency)
+
     def set_active(self, active: int) -> None:
         self.active_jobs.set(active)
 
@@ -188,11 +209,11 @@ class Metrics:
         for queue, states in counts.items():
             # At 0 before the first recovery, so that increase() sees that one too.
             self.recovered_total.labels(queue)
-            for state, value in states.items():
-                # bool is an int, but no state count is one; "totals" is a mapping.
-                if isinstance(value, int) and not isinstance(value, bool):
-                    self.queue_jobs.labels(queue, state).set(value)
+            for state in STATES:
+                if state in states:
+                    self.queue_jobs.labels(queue, state).set(states[state])
                     seen.add((queue, state))
+            self.callbacks_pending.labels(queue).set(states.get("callbacks_pending", 0))
         for gone in self._cluster - seen:
             self.queue_jobs.remove(*gone)
         self._cluster = seen

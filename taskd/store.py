@@ -78,6 +78,8 @@ class Claimed:
     paused: bool = False
     more: bool = False  # ready jobs are left that the claim did not look at: claim again
     due: int | None = None  # when the first job put back for its rate limit is due
+    rate_limited: int = 0  # jobs it put back for their rate_limit
+    held: int = 0  # jobs it held for their global_concurrency
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,11 +289,15 @@ class Store:
         args.append(k.limit_prefix(queue))
         for spec in limits:
             args += [spec.job_type, spec.concurrency, spec.rate_count, spec.rate_per_ms]
-        status, due, *flat = await self._lua["claim"](keys=keys, args=args)
+        status, due, rate_limited, held, *flat = await self._lua["claim"](keys=keys, args=args)
         if status == b"paused":
             return Claimed([], paused=True)
         return Claimed(
-            self._claimed_jobs(queue, daemon_id, flat), False, status == b"more", int(due) or None
+            self._claimed_jobs(queue, daemon_id, flat),
+            more=status == b"more",
+            due=int(due) or None,
+            rate_limited=int(rate_limited),
+            held=int(held),
         )
 
     def _claimed_jobs(self, queue: str, daemon_id: str, flat: list[Any]) -> list[Job]:
@@ -582,7 +588,8 @@ class Store:
     # Statistics and listings.
 
     async def queue_counts(self, queues: Sequence[str]) -> dict[str, dict[str, Any]]:
-        """Per queue, how many jobs are in each state now, and the totals since the start."""
+        """Per queue, how many jobs are in each state now, the totals since the start, and
+        the callbacks waiting in its outbox."""
         k = self.keys
         async with self._r.pipeline(transaction=False) as pipe:
             for queue in queues:
@@ -596,13 +603,16 @@ class Store:
                 for state in FINAL_STATES:
                     pipe.zcard(k.finished(queue, state))
                 pipe.hgetall(k.totals(queue))
+                pipe.llen(k.callbacks(queue))
                 for holder in holders:
                     pipe.zcard(k.active(queue, _text(holder)))
             replies = iter(await pipe.execute())
         counts: dict[str, dict[str, Any]] = {}
         for queue, holders in zip(queues, owners, strict=True):
             queued = sum(next(replies) for _ in k.ready_lists(queue))
-            scheduled, completed, failed, cancelled, totals = (next(replies) for _ in range(5))
+            scheduled, completed, failed, cancelled, totals, callbacks = (
+                next(replies) for _ in range(6)
+            )
             active = sum(next(replies) for _ in holders)
             counts[queue] = {
                 "queued": queued,
@@ -612,6 +622,7 @@ class Store:
                 "failed": failed,
                 "cancelled": cancelled,
                 "totals": {_text(name): int(value) for name, value in totals.items()},
+                "callbacks_pending": callbacks,
             }
         return counts
 
@@ -629,18 +640,16 @@ class Store:
                 pipe.hmget(k.throughput(queue), buckets)
                 pipe.lrange(k.waits(queue), 0, -1)
                 pipe.lrange(k.runs(queue), 0, -1)
-                pipe.llen(k.callbacks(queue))
             replies = iter(await pipe.execute())
         activity: dict[str, dict[str, Any]] = {}
         for queue in queues:
-            paused, counts, waits, runs, callbacks = (next(replies) for _ in range(5))
+            paused, counts, waits, runs = (next(replies) for _ in range(4))
             done = [int(c) if c else 0 for c in counts]
             activity[queue] = {
                 "paused": bool(paused),
                 "throughput": {"1m": sum(done[:6]) / 60, "5m": sum(done) / 300},
                 "wait_ms": percentiles(waits),
                 "run_ms": percentiles(runs),
-                "callbacks_pending": callbacks,
             }
         return activity
 

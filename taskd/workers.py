@@ -123,6 +123,8 @@ class WorkerPool:
             raise
         if claim.due is not None:
             self._on_retry(queue, claim.due)  # the promoter wakes for the rate-limited jobs
+        if claim.rate_limited or claim.held:
+            self._metrics.limited(queue, claim.rate_limited, claim.held)
         # Fewer jobs than slots and nothing left unexamined: the queue is empty (or paused)
         # and its fetcher waits; in strict mode that lets the queues after it have slots.
         dry = claim.paused or (len(claim.jobs) < wanted and not claim.more)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime
 
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from taskd.jobs import QUEUED, Job, new_id
@@ -179,6 +181,7 @@ async def test_two_daemons_share_one_rate_limit(redis_url: str) -> None:
             await wait_for_state(session, urls[n % 2], i, {"completed"}) for n, i in enumerate(ids)
         ]
         _, stats = await get_json(session, f"{urls[0]}/stats")
+        waits = [await limit_waits(session, url) for url in urls]
     starts = sorted(parse_ms(job["started_at"]) for job in jobs)
     # At most 4 starts in any second, across both daemons: 10 jobs take over 2 s.
     for n in range(len(starts) - 4):
@@ -188,6 +191,19 @@ async def test_two_daemons_share_one_rate_limit(redis_url: str) -> None:
     assert limits["rate_limit"] == "4/s"
     assert limits["rate_limited"] >= 6
     assert stats["queues"]["default"]["totals"]["rate_limited"] == limits["rate_limited"]
+    # Each daemon's /metrics counts the waits its own claims made.
+    assert sum(waits) == limits["rate_limited"]
+
+
+async def limit_waits(session: aiohttp.ClientSession, url: str) -> float:
+    async with session.get(f"{url}/metrics") as response:
+        text = await response.text()
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == "taskd_job_limit_waits_total" and sample.labels["limit"] == "rate_limit"
+    )
 
 
 def parse_ms(text: str) -> int:

@@ -62,8 +62,10 @@ def busy_metrics() -> Metrics:
     for outcome in ("completed", "retry", "failed", "cancelled"):
         m.finished("default", "echo", outcome, 0.02)
     m.recovered("default", 2)
+    m.limited("default", 2, 1)
     m.set_active(5)
-    m.set_cluster({"default": {"queued": 1, "totals": {"enqueued": 3}}}, live_daemons=2)
+    counts = {"queued": 1, "totals": {"enqueued": 3}, "callbacks_pending": 4}
+    m.set_cluster({"default": counts}, live_daemons=2)
     return m
 
 
@@ -155,6 +157,17 @@ def test_set_cluster_sets_int_states_and_removes_vanished_queues() -> None:
     assert value(m, "taskd_daemons_live") == 1
 
 
+def test_callbacks_pending_and_limit_waits() -> None:
+    m = Metrics(concurrency=4)
+    m.set_cluster({"hooks": {"queued": 0, "callbacks_pending": 12, "totals": {}}}, 1)
+    assert value(m, "taskd_callbacks_pending", queue="hooks") == 12
+    assert ("hooks", "callbacks_pending") not in depths(m)  # not a job state
+    m.limited("hooks", rate=3, concurrency=0)
+    m.limited("hooks", rate=1, concurrency=2)
+    assert value(m, "taskd_job_limit_waits_total", queue="hooks", limit="rate_limit") == 4
+    assert value(m, "taskd_job_limit_waits_total", queue="hooks", limit="concurrency") == 2
+
+
 def test_job_types_exist_at_zero_from_the_start() -> None:
     m = Metrics(concurrency=4, job_types=[("images", "resize")])
     labels = {"queue": "images", "type": "resize"}
@@ -189,6 +202,8 @@ def test_exported_names_follow_conventions() -> None:
         "taskd_jobs_failed_total",
         "taskd_jobs_cancelled_total",
         "taskd_jobs_recovered_total",
+        "taskd_job_limit_waits_total",
+        "taskd_callbacks_pending",
         "taskd_job_wait_seconds_bucket",
         "taskd_job_run_seconds_bucket",
         "taskd_queue_jobs",

@@ -360,6 +360,7 @@ async def test_queue_counts_and_totals(store: Store) -> None:
         "failed": 1,
         "cancelled": 0,
         "totals": {"enqueued": 4, "failed": 1},
+        "callbacks_pending": 0,
     }
 
 

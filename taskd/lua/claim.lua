@@ -24,11 +24,13 @@
 -- ARGV[6] -> the queue's limit key prefix
 -- ARGV[7..] -> 4 entries per configured job type: type, global_concurrency (0: none),
 --   rate_limit count (0: none), rate_limit window in ms
--- Returns {status, due, then 9 entries per claimed job: id, type, payload, attempts,
+-- Returns {status, due, rate-limited, held, then 9 entries per claimed job: id, type,
+--   payload, attempts,
 --   created_at, max_attempts, started_at, ms waited since due, callback URL (or '')}.
 --   status: 'ok'; 'more' when it stopped at its budget of ids examined with ready jobs
 --   left (claim again rather than block); 'paused'. due: when the earliest job it
---   scheduled for its rate limit is due (epoch ms), or 0.
+--   scheduled for its rate limit is due (epoch ms), or 0. rate-limited, held: how many
+--   jobs it put back for their rate_limit and held for their global_concurrency.
 local limit = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
 local prefix = ARGV[3]
@@ -36,7 +38,7 @@ local prefix = ARGV[3]
 local budget = limit + INBOX_MAX
 -- Leftover ids kept in the inbox, so that daemons blocked on it still wake up.
 local KEEP = 16
-local out = {'ok', 0}
+local out = {'ok', 0, 0, 0}
 local waits = {}
 local examined = 0
 
@@ -46,7 +48,7 @@ if redis.call('EXISTS', KEYS[5]) == 1 then
   if landed then
     redis.call('RPUSH', KEYS[1], unpack(landed))
   end
-  return {'paused', 0}
+  return {'paused', 0, 0, 0}
 end
 
 local limits = {}
@@ -74,6 +76,8 @@ local function wait_for(key, id, kind, why)
   redis.call('HSET', key, 'waiting_for', why)
   redis.call('HINCRBY', KEYS[8], why == 'rate_limit' and 'rate_limited' or 'concurrency_limited', 1)
   redis.call('HINCRBY', KEYS[9], kind .. ':' .. why, 1)
+  local slot = why == 'rate_limit' and 3 or 4
+  out[slot] = out[slot] + 1
 end
 
 local function rate_due(l)
