@@ -53,10 +53,6 @@ class Acker:
         self._pending: list[_Pending] = []
         self._has_work = anyio.Event()
 
-    @property
-    def pending(self) -> int:
-        return len(self._pending)
-
     async def record(self, queue: str, attempt: Attempt) -> bool:
         """Queue one attempt's outcome and wait until Redis has it; False if Redis dropped
         it, the job having been taken back from this daemon meanwhile."""

@@ -65,7 +65,7 @@ class Callbacks:
         self._stopped = anyio.Event()
         self.queued = 0  # callbacks this daemon took from the outboxes since it started
 
-    async def job_ended(self, job: Job) -> None:
+    def job_ended(self, job: Job) -> None:
         """A job this daemon ended reached its final state: look at the outbox now."""
         if job.callback_url is not None:
             self._wake.set()

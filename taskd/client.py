@@ -15,11 +15,12 @@ from urllib.parse import urlsplit
 import orjson
 
 from taskd.config import ServerConfig
+from taskd.jobs import STATES
 
 DEFAULT_URL = "http://127.0.0.1:7700"
 # Long enough for a daemon whose Redis is slow, short enough that a hung one is noticed.
 TIMEOUT = 30.0
-COUNTS = ("queued", "scheduled", "active", "completed", "failed", "cancelled")
+COUNTS = STATES  # the columns of `taskd stats`
 
 
 class ClientError(Exception):

@@ -45,7 +45,7 @@ _MAX_BODY = 1 << 30
 _WEEK = 7 * 24 * 3600.0
 # Longer than this, a retention is surely milliseconds written as seconds.
 _TEN_YEARS = 10 * 365 * 24 * 3600.0
-_MAX_ATTEMPTS = 1000
+MAX_ATTEMPTS = 1000  # attempts a job may have at most (submissions are held to it too)
 _TOP_KEYS = ("server", "redis", "workers", "retention", "handlers", "schedules")
 _SCHEDULE_KEYS = (
     "name", "cron", "timezone", "type", "payload", "queue", "catch_up", "priority",
@@ -576,7 +576,7 @@ def _handler(name: str, t: _Table) -> HandlerConfig:
         t.problem("queue", f"invalid queue name {queue!r}: use {_QUEUE_RULE}")
     timeout = t.seconds("timeout", 1800.0, most=_WEEK)
     concurrency = t.integer("concurrency", 0, 1) if "concurrency" in t.data else None
-    max_attempts = t.integer("max_attempts", 3, 1, _MAX_ATTEMPTS)
+    max_attempts = t.integer("max_attempts", 3, 1, MAX_ATTEMPTS)
     backoff_base, backoff_max = _backoff(t)
     exit_codes = _exit_codes(t, given)
     rate_limit = _rate_limit(t) if "rate_limit" in t.data else None

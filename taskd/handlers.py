@@ -71,7 +71,7 @@ class Handlers:
         if session is not None:
             await session.close()
 
-    async def run(self, job: Job, scope: anyio.CancelScope) -> Any:
+    async def run(self, job: Job, scope: anyio.CancelScope) -> bytes:
         """Run the job's handler under its concurrency limit and timeout.
 
         `scope` is the caller's cancel scope around this call. The timeout is its
@@ -79,7 +79,7 @@ class Handlers:
         not part of it): so a job costs one cancel scope, not two. A scope cancelled by
         its deadline is the caller's to report, with timed_out().
 
-        Return its JSON-able result or raise JobFailed.
+        Return its result as JSON, or raise JobFailed.
         """
         config = self._configs.get(job.type)
         if config is None:
@@ -95,12 +95,11 @@ class Handlers:
                 scope.deadline = anyio.current_time() + config.timeout
                 result = await self._run_guarded(config, job)
         try:
-            orjson.dumps(result)
+            return orjson.dumps(result)
         except orjson.JSONEncodeError as exc:
             # The same code given the same payload will return the same thing.
             message = f"handler returned a result that is not JSON: {exc}"
             raise JobFailed(message, permanent=True) from None
-        return result
 
     def timed_out(self, job: Job) -> JobFailed:
         """The failure of a job whose run() scope was cancelled by its deadline."""

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
@@ -91,7 +91,7 @@ class Intake:
         metrics: Metrics,
         active: Callable[[], int],
         on_scheduled: Callable[[str, int], None] = lambda queue, due: None,
-        on_final: Callable[[Job], Awaitable[None]] | None = None,
+        on_final: Callable[[Job], None] | None = None,
         schedules: Scheduler | None = None,
         clock: Callable[[], int] = now_ms,
     ) -> None:
@@ -172,12 +172,19 @@ class Intake:
         self._check_accepting()
         header = request.headers.get("Idempotency-Key")
         job = parse_submission(await request.read(), self._handlers, self._clock(), header)
-        holder = await self._store.enqueue(job, self._dedup_ttl_ms)
-        if holder != job.id:
+        # Twice at most: a first job deleted between the two calls holds its key no more.
+        for _ in range(2):
+            holder = await self._store.enqueue(job, self._dedup_ttl_ms)
+            if holder == job.id:
+                break
             # A repeated submission: answer the job the first one created.
             first = await self._store.get_job(holder, [job.queue])
             if first is not None:
                 return json_response(first.to_public(), headers={"Location": f"/jobs/{holder}"})
+        else:
+            raise ApiError(
+                503, "unavailable", "the job holding this idempotency key keeps changing; retry"
+            )
         self._metrics.enqueued(job.queue, job.type)
         if job.run_at is not None:
             self._on_scheduled(job.queue, job.run_at)
@@ -211,7 +218,7 @@ class Intake:
         # An active job is cancelled by the daemon running it, a moment later (and that
         # daemon sends its callback); a waiting one is cancelled now, so we send it.
         if before != "active" and self._on_final is not None:
-            await self._on_final(after)
+            self._on_final(after)
         return json_response(after.to_public(), status=202 if before == "active" else 200)
 
     async def retry_job(self, request: web.Request) -> web.Response:

@@ -403,10 +403,6 @@ class Store:
         )
         return int(moved), (None if int(due) < 0 else int(due))
 
-    async def count(self, queue: str, name: str) -> None:
-        """Add one to a queue's counter (shown in /stats totals)."""
-        await self._r.hincrby(self.keys.totals(queue), name, 1)
-
     # Callbacks.
 
     async def take_callbacks(self, queue: str, daemon_id: str, most: int, now: int) -> list[str]:
@@ -423,8 +419,8 @@ class Store:
         return [_text(job_id) for job_id in ids]
 
     async def callback_done(self, queue: str, daemon_id: str, job_id: str, outcome: str) -> bool:
-        """End a callback in flight: 'sent', 'failed' (both counted) or 'returned' to the
-        outbox; False if it was no longer this daemon's."""
+        """End a callback in flight: 'sent', 'failed' (both counted), 'dropped' (its job is
+        gone) or 'returned' to the outbox; False if it was no longer this daemon's."""
         k = self.keys
         keys = [k.sending(queue, daemon_id), k.totals(queue), k.callbacks(queue)]
         return bool(await self._lua["callback_done"](keys=keys, args=[job_id, outcome]))
@@ -663,7 +659,9 @@ class Store:
             for spec in limits:
                 pipe.zcard(k.limit(queue, spec.job_type, "running"))
                 pipe.llen(k.limit(queue, spec.job_type, "held"))
-                pipe.zcount(k.limit(queue, spec.job_type, "starts"), now - spec.rate_per_ms, "+inf")
+                # As claim.lua counts it: a start at exactly now - window has left the window.
+                starts = k.limit(queue, spec.job_type, "starts")
+                pipe.zcount(starts, f"({now - spec.rate_per_ms}", "+inf")
                 fields = [f"{spec.job_type}:{why}" for why in ("rate_limit", "concurrency")]
                 pipe.hmget(k.limit_waits(queue), fields)
             replies = iter(await pipe.execute())

@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from taskd.config import QUEUE_NAME, HandlerConfig
+from taskd.config import MAX_ATTEMPTS, QUEUE_NAME, HandlerConfig
 from taskd.jobs import (
     DEFAULT_PRIORITY,
     FINAL_STATES,
@@ -27,7 +27,6 @@ from taskd.jobs import (
 # The furthest ahead a job may be scheduled: a year and a day. Further is far more
 # likely a unit mistake (milliseconds for seconds) than a plan.
 MAX_DELAY = 366 * 24 * 3600
-MAX_ATTEMPTS = 1000
 SUBMIT_FIELDS = (
     "type", "payload", "delay", "run_at", "max_attempts", "idempotency_key", "callback_url",
     "priority",

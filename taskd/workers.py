@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import anyio
 import orjson
@@ -13,7 +13,7 @@ import orjson
 from taskd.acker import Acker
 from taskd.config import HandlerConfig
 from taskd.handlers import Handlers, JobFailed
-from taskd.jobs import Job, now_ms
+from taskd.jobs import FINAL_STATES, Job, now_ms
 from taskd.metrics import Metrics
 from taskd.progress import set_reporter
 from taskd.slots import SlotArbiter
@@ -32,7 +32,7 @@ FETCH_RETRY_DELAY = 0.5
 # How often a paused queue is looked at again: the delay before a resume takes effect.
 PAUSED_POLL = 0.5
 # Outcomes that end a job (a retry does not).
-FINAL_OUTCOMES = frozenset({"completed", "failed", "cancelled"})
+FINAL_OUTCOMES = frozenset(FINAL_STATES)
 # Longest the final requeue may take at shutdown; past it the reaper recovers the rest.
 FINISH_TIMEOUT = 10.0
 # Why a running job's scope was cancelled (see _Running); a timeout has no reason.
@@ -41,7 +41,7 @@ LOST = "lost"
 STOPPED = "stopped"  # the pool stopped at shutdown: the job goes back to its queue
 
 
-async def _nothing(job: Job) -> None:
+def _nothing(job: Job) -> None:
     pass
 
 
@@ -75,7 +75,7 @@ class WorkerPool:
         block_timeout: int = BLOCK_TIMEOUT,
         metrics: Metrics,
         on_retry: Callable[[str, int], None] = lambda queue, due: None,
-        on_final: Callable[[Job], Awaitable[None]] = _nothing,
+        on_final: Callable[[Job], None] = _nothing,
         queue_mode: str = "weighted",
         weights: Mapping[str, int] | None = None,
     ) -> None:
@@ -275,7 +275,7 @@ class WorkerPool:
             recorded = await self._acker.record(job.queue, attempt)
             # An attempt Redis dropped ended nothing: the job's newer attempt owns it.
             if recorded and attempt.outcome in FINAL_OUTCOMES:
-                await self._on_final(job)
+                self._on_final(job)
         except Exception:
             # No task group to take it to: our bug, and it ends this job, not the pool.
             logger.exception("job %s (%s) crashed the worker", job.id, job.type)
@@ -303,7 +303,7 @@ class WorkerPool:
             logger.exception("job %s (%s) crashed the worker", job.id, job.type)
             return self._failed(job, f"internal error: {exc!r}", permanent=False)
         logger.debug("job %s (%s) completed", job.id, job.type)
-        return self._ended(job, "completed", orjson.dumps(result))
+        return self._ended(job, "completed", result)
 
     def _interrupted(self, job: Job, reason: str) -> Attempt:
         """The attempt of a job whose scope was cancelled: by cancel() or by its deadline."""

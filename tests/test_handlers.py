@@ -49,7 +49,7 @@ async def run_job(handlers: Handlers, job: Job) -> Any:
     """Run a job as the worker pool does: in a cancel scope whose deadline the handler
     sets to its timeout; a scope cancelled by it is a timeout, as JobFailed."""
     with anyio.CancelScope() as scope:
-        return await handlers.run(job, scope)
+        return orjson.loads(await handlers.run(job, scope))
     raise handlers.timed_out(job)
 
 

@@ -9,7 +9,15 @@ import anyio
 from redis.asyncio import Redis
 
 from taskd.keys import Keys
-from tests.support import Api, base_url, make_config, post_json, running_daemon, wait_until
+from tests.support import (
+    Api,
+    base_url,
+    get_json,
+    make_config,
+    post_json,
+    running_daemon,
+    wait_until,
+)
 
 K = Keys("taskd")
 
@@ -99,3 +107,18 @@ async def test_a_key_is_free_again_after_its_ttl(redis_url: str) -> None:
             return status == 201 and job["id"] != first["id"]
 
         await wait_until(new_job, "the idempotency key to expire")
+
+
+async def test_a_key_whose_job_is_gone_makes_a_new_job(api: Api, redis: Redis) -> None:
+    session, url = api
+    status, first = await submit(session, url, {"type": "echo", "delay": 60}, key="k")
+    assert status == 201
+    async with session.delete(f"{url}/jobs/{first['id']}") as response:
+        assert response.status == 200
+    status, again = await submit(session, url, {"type": "echo", "delay": 60}, key="k")
+    assert status == 201
+    assert again["id"] != first["id"]
+    _, stored = await get_json(session, f"{url}/jobs/{again['id']}")
+    assert stored["idempotency_key"] == "k"
+    status, repeat = await submit(session, url, {"type": "echo", "delay": 60}, key="k")
+    assert (status, repeat["id"]) == (200, again["id"])

@@ -18,10 +18,11 @@ if not state then
   return 'missing'
 end
 if state == 'queued' or state == 'scheduled' then
-  -- The id may be in a daemon's landing list instead (its blocking fetch just took it):
-  -- the claim there skips a job that is no longer queued.
-  remove_ready(KEYS[2], ARGV[4], KEYS[1], ARGV[1])
-  redis.call('ZREM', KEYS[3], ARGV[1])
+  if state == 'queued' then
+    remove_queued(KEYS[2], ARGV[4], KEYS[1], ARGV[1])
+  else
+    redis.call('ZREM', KEYS[3], ARGV[1])
+  end
   redis.call('HSET', KEYS[1], 'state', 'cancelled', 'finished_at', ARGV[2], 'error', 'cancelled')
   redis.call('HDEL', KEYS[1], 'run_at', 'waiting_for')
   redis.call('ZADD', KEYS[4], ARGV[2], ARGV[1])

@@ -44,10 +44,7 @@ local examined = 0
 
 redis.call('ZADD', KEYS[4], now, ARGV[4])
 if redis.call('EXISTS', KEYS[5]) == 1 then
-  local landed = redis.call('RPOP', KEYS[2], INBOX_MAX)
-  if landed then
-    redis.call('RPUSH', KEYS[1], unpack(landed))
-  end
+  move_to_front(KEYS[2], KEYS[1], INBOX_MAX)
   return {'paused', 0, 0, 0}
 end
 
@@ -63,12 +60,7 @@ end
 for _, l in pairs(limits) do
   if l.concurrency == 0 or redis.call('ZCARD', l.base .. ':running') == 0 then
     -- As many as may run: a job an ack just freed may still be on its way to a claim.
-    local most = l.concurrency > 0 and l.concurrency or INBOX_MAX
-    local freed = redis.call('RPOP', l.base .. ':held', most) or {}
-    for i = #freed, 1, -1 do
-      redis.call('HDEL', prefix .. freed[i], 'waiting_for')
-      make_ready(KEYS[1], prefix .. freed[i], freed[i], true)
-    end
+    free_held(KEYS[1], l.base, prefix, l.concurrency > 0 and l.concurrency or INBOX_MAX)
   end
 end
 
@@ -129,7 +121,6 @@ local function admit(id, key, kind, attempt)
   end
   if l.concurrency > 0 then
     redis.call('ZADD', l.base .. ':running', now, id)
-    redis.call('HSET', key, 'slot', 1)
     l.running = l.running + 1
   end
   return true

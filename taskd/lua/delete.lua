@@ -17,7 +17,7 @@ if state == 'active' then
   return state
 end
 if state == 'queued' then
-  remove_ready(KEYS[2], ARGV[2], KEYS[1], ARGV[1])
+  remove_queued(KEYS[2], ARGV[2], KEYS[1], ARGV[1])
 end
 for i = 3, 7 do
   redis.call('ZREM', KEYS[i], ARGV[1])

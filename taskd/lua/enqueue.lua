@@ -17,7 +17,7 @@
 --   run_at (epoch ms, or 0 to run now), idempotency key (or ''), callback URL (or ''),
 --   priority (0 to 9)
 -- Returns, per job in order, the id of the job that holds it: its own id, or the id of
--- the earlier job with the same idempotency key.
+-- the earlier job with the same idempotency key, while that job is stored.
 local holders = {}
 local added = 0
 local seen = {}
@@ -26,6 +26,10 @@ for i = 6, #ARGV, 8 do
   local holder = false
   if dedup ~= '' then
     holder = redis.call('GET', ARGV[4] .. dedup)
+    -- A key whose job is gone (deleted, or past its retention) holds nothing any more.
+    if holder and redis.call('EXISTS', ARGV[1] .. holder) == 0 then
+      holder = false
+    end
   end
   if holder then
     holders[#holders + 1] = holder

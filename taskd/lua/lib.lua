@@ -36,16 +36,34 @@ local function make_ready(inbox, job_key, id, front)
   redis.call(front and 'RPUSH' or 'LPUSH', ready_list_for(inbox, priority), id)
 end
 
--- Remove a ready job's id from wherever it waits.
-local function remove_ready(inbox, limit_prefix, job_key, id)
-  local priority = redis.call('HGET', job_key, 'priority') or '5'
-  if redis.call('LREM', inbox, 1, id) == 0 then
-    redis.call('LREM', priority_list(inbox, priority), 1, id)
+-- Remove a queued job's id from wherever it waits: its type's held list, or the ready
+-- lists (a landed id stays: the claim that takes it skips a job no longer queued).
+local function remove_queued(inbox, limit_prefix, job_key, id)
+  local f = redis.call('HMGET', job_key, 'priority', 'waiting_for', 'type')
+  if f[2] == 'concurrency' then
+    redis.call('LREM', limit_prefix .. f[3] .. ':held', 1, id)
+  elseif redis.call('LREM', inbox, 1, id) == 0 then
+    redis.call('LREM', priority_list(inbox, f[1] or '5'), 1, id)
   end
-  local waiting = redis.call('HGET', job_key, 'waiting_for')
-  if waiting == 'concurrency' then
-    local kind = redis.call('HGET', job_key, 'type')
-    redis.call('LREM', limit_prefix .. kind .. ':held', 1, id)
+end
+
+-- Move up to `most` ids from `from` to the consuming end of `to`, keeping their order:
+-- pushed last to first, so that the first taken from `from` is taken first again.
+local function move_to_front(from, to, most)
+  local ids = redis.call('RPOP', from, most) or {}
+  for i = #ids, 1, -1 do
+    redis.call('RPUSH', to, ids[i])
+  end
+  return #ids
+end
+
+-- Let up to `most` of a type's held jobs (base: its limit keys) go back to the front of
+-- the ready jobs, longest held first.
+local function free_held(inbox, base, job_prefix, most)
+  local freed = redis.call('RPOP', base .. ':held', most) or {}
+  for i = #freed, 1, -1 do
+    redis.call('HDEL', job_prefix .. freed[i], 'waiting_for')
+    make_ready(inbox, job_prefix .. freed[i], freed[i], true)
   end
 end
 
@@ -60,20 +78,12 @@ local function append_history(job_key, entry)
   redis.call('HSET', job_key, 'history', history)
 end
 
--- Give back the slot a job held of its type's global_concurrency, and let the type's
--- longest held job go back to the ready jobs to take it.
+-- Give back the slot a job held of its type's global_concurrency (if it held one), and
+-- let the type's longest held job go back to the ready jobs to take it.
 local function release_slot(inbox, limit_prefix, job_prefix, job_key, id)
-  local f = redis.call('HMGET', job_key, 'type', 'slot')
-  if not f[2] then
-    return
-  end
-  redis.call('HDEL', job_key, 'slot')
-  local base = limit_prefix .. f[1]
-  redis.call('ZREM', base .. ':running', id)
-  local held = redis.call('RPOP', base .. ':held')
-  if held then
-    redis.call('HDEL', job_prefix .. held, 'waiting_for')
-    make_ready(inbox, job_prefix .. held, held, true)
+  local base = limit_prefix .. (redis.call('HGET', job_key, 'type') or '')
+  if redis.call('ZREM', base .. ':running', id) == 1 then
+    free_held(inbox, base, job_prefix, 1)
   end
 end
 

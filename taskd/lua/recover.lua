@@ -27,12 +27,7 @@ if lease and tonumber(lease) >= tonumber(ARGV[3]) then
   return {-1, 0}
 end
 local now, limit = ARGV[2], tonumber(ARGV[5])
-local moved = 0
-local landed = redis.call('RPOP', KEYS[3], limit)
-if landed then
-  redis.call('RPUSH', KEYS[2], unpack(landed))
-  moved = #landed
-end
+local moved = move_to_front(KEYS[3], KEYS[2], limit)
 
 local function finish(key, id, state, set, total, err)
   redis.call('HSET', key, 'state', state, 'finished_at', now, 'error', err)

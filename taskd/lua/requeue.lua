@@ -46,11 +46,7 @@ if #ARGV > 4 then
   return moved
 end
 
-local landed = redis.call('RPOP', KEYS[2], limit)
-if landed then
-  redis.call('RPUSH', KEYS[1], unpack(landed))
-  moved = #landed
-end
+moved = move_to_front(KEYS[2], KEYS[1], limit)
 if moved < limit then
   local active = redis.call('ZRANGE', KEYS[3], 0, limit - moved - 1)
   for _, id in ipairs(active) do

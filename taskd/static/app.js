@@ -373,12 +373,17 @@ function createRecentRow(job) {
   return row;
 }
 
-function updateRecentRow(row, job, now) {
+// The cells every job table shows alike.
+function setJobCells(row, job) {
   setText(row, "id", shortId(job.id), job.id);
   setText(row, "type", job.type);
   setText(row, "queue", job.queue);
   setText(row, "priority", job.priority);
   setText(row, "attempts", `${job.attempts} / ${job.max_attempts}`);
+}
+
+function updateRecentRow(row, job, now) {
+  setJobCells(row, job);
   const due = job.state === "scheduled" && job.run_at ? `, due ${job.run_at}` : "";
   setText(row, "age", formatDuration(now - Date.parse(job.created_at)),
     `created ${job.created_at}${due}`);
@@ -427,11 +432,7 @@ function createFailedRow(job) {
 }
 
 function updateFailedRow(row, job, now) {
-  setText(row, "id", shortId(job.id), job.id);
-  setText(row, "type", job.type);
-  setText(row, "queue", job.queue);
-  setText(row, "priority", job.priority);
-  setText(row, "attempts", `${job.attempts} / ${job.max_attempts}`);
+  setJobCells(row, job);
   const finished = job.finished_at || job.created_at;
   setText(row, "age", `${formatDuration(now - Date.parse(finished))} ago`, finished);
   // Errors can be long (an exec handler's stderr): shortened by CSS, whole in the tooltip.
