@@ -333,13 +333,20 @@ async def _communicate(proc: asyncio.subprocess.Process, data: bytes) -> tuple[_
 
 
 async def _feed_stdin(stdin: asyncio.StreamWriter | None, data: bytes) -> None:
+    # A program may exit or close stdin without reading it all: its choice, judged by its
+    # exit status alone. The loop may then have closed our end before this task runs, and
+    # a write to a closed transport raises RuntimeError under uvloop (asyncio's own loop
+    # drops it with a warning), so look first: write() is synchronous, nothing can close
+    # the pipe between the look and the write. Once written, a pipe closed by the other
+    # end fails drain() with a ConnectionError (BrokenPipeError, ConnectionResetError).
     if stdin is None:
         return
     try:
-        stdin.write(data)
-        await stdin.drain()
-    except (BrokenPipeError, ConnectionResetError):
-        pass  # the program exited or closed stdin without reading it all: its choice
+        if not stdin.is_closing():
+            stdin.write(data)
+            await stdin.drain()
+    except ConnectionError:
+        pass
     finally:
         stdin.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import pickle
 import socket
@@ -475,6 +476,112 @@ def test_exec_under_uvloop(tmp_path: Path) -> None:
     assert uvloop.run(main()) == {"k": [1, 2]}
 
 
+# ------------------------------------------------- exec: programs that leave stdin unread
+# The daemon runs on uvloop, whose pipes fail differently from asyncio's when the program
+# has already gone, and the race is timing-dependent: so each runs on both, many times.
+
+LOOPS = pytest.mark.parametrize("use_uvloop", [False, True], ids=["asyncio", "uvloop"])
+SMALL = {"x": 1}
+LARGE = {"x": "a" * 100_000}  # more than a pipe holds: the write blocks until read
+
+
+def sh(script: str, name: str = "x", timeout: float = 60) -> HandlerConfig:
+    return HandlerConfig(name=name, kind="exec", exec=("/bin/sh", "-c", script), timeout=timeout)
+
+
+def on_loop(use_uvloop: bool, main: Callable[[], Any]) -> Any:
+    return anyio.run(main, backend_options={"use_uvloop": use_uvloop})
+
+
+async def outcomes(config: HandlerConfig, payloads: list[Any], at_once: int = 20) -> list[Any]:
+    """Each payload run as a job, `at_once` at a time as the worker pool runs them (a busy
+    loop is what lets a program exit before its stdin is written): each one's result, or
+    the text of its JobFailed, in order."""
+    found: list[Any] = [None] * len(payloads)
+    limiter = anyio.CapacityLimiter(at_once)
+
+    async def run(n: int, handlers: Handlers) -> None:
+        async with limiter:
+            try:
+                found[n] = await run_job(handlers, make_job(config.name, payloads[n]))
+            except JobFailed as exc:
+                found[n] = f"failed: {exc}"
+
+    async with Handlers({config.name: config}) as handlers, anyio.create_task_group() as tg:
+        for n in range(len(payloads)):
+            tg.start_soon(run, n, handlers)
+    return found
+
+
+@LOOPS
+def test_exec_program_that_never_reads_stdin_completes(use_uvloop: bool) -> None:
+    config = HandlerConfig(name="x", kind="exec", exec=("/bin/true",))
+
+    async def main() -> list[Any]:
+        return await outcomes(config, [SMALL] * 200 + [LARGE] * 20)
+
+    assert on_loop(use_uvloop, main) == [None] * 220
+
+
+@LOOPS
+def test_exec_program_that_reads_half_its_stdin_completes(use_uvloop: bool) -> None:
+    config = sh("head -c 50000 >/dev/null; echo half")
+
+    async def main() -> list[Any]:
+        return await outcomes(config, [LARGE] * 30)
+
+    assert on_loop(use_uvloop, main) == ["half"] * 30
+
+
+@LOOPS
+def test_exec_failing_without_reading_stdin_fails_by_its_status(use_uvloop: bool) -> None:
+    config = sh("exit 3")
+
+    async def main() -> list[Any]:
+        return await outcomes(config, [SMALL] * 50 + [LARGE] * 10)
+
+    assert on_loop(use_uvloop, main) == ["failed: exit status 3"] * 60
+
+
+@LOOPS
+@pytest.mark.parametrize("payload", [SMALL, LARGE], ids=["small", "large"])
+def test_exec_timeout_of_a_program_that_never_reads(
+    use_uvloop: bool, payload: Any, tmp_path: Path
+) -> None:
+    pids = tmp_path / "pids"
+    config = sh(f"echo $$ >> {pids}; exec sleep 60", timeout=0.5)
+
+    async def main() -> list[Any]:
+        return await outcomes(config, [payload] * 3)
+
+    assert on_loop(use_uvloop, main) == ["failed: timed out after 0.5 s"] * 3
+    assert all(is_gone(int(pid)) for pid in pids.read_text().split())  # killed and reaped
+
+
+@LOOPS
+@pytest.mark.parametrize("payload", [SMALL, LARGE], ids=["small", "large"])
+def test_exec_cancel_of_a_program_that_never_reads(
+    use_uvloop: bool, payload: Any, tmp_path: Path
+) -> None:
+    pid_file = tmp_path / "pid"
+    config = sh(f"echo $$ > {pid_file}.tmp && mv {pid_file}.tmp {pid_file}; exec sleep 60")
+
+    async def main() -> list[Any]:
+        found: list[Any] = []
+
+        async def run() -> None:
+            found.extend(await outcomes(config, [payload]))
+
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(run)
+            await wait_for(pid_file.exists, "the program to write its pid")
+            tg.cancel_scope.cancel()
+        return found
+
+    assert on_loop(use_uvloop, main) == []  # cancelled: neither a result nor a failure
+    assert is_gone(int(pid_file.read_text()))  # killed and reaped before cancellation went on
+
+
 # ---------------------------------------------------------------- http
 
 
@@ -613,3 +720,24 @@ async def test_http_needs_async_with(server: Server) -> None:
     handlers = Handlers({"h": http_config(server.url("/text"))})
     with pytest.raises(JobFailed, match="RuntimeError: Handlers must be entered"):
         await run_job(handlers, make_job("h"))
+
+
+@LOOPS
+@pytest.mark.parametrize("payload", [SMALL, LARGE], ids=["small", "large"])
+def test_http_server_closing_before_it_reads_the_request(use_uvloop: bool, payload: Any) -> None:
+    """A server that hangs up at once, mid-body or not: a retryable failure each time,
+    never an error of the event loop's."""
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.close()
+
+    async def main() -> list[Any]:
+        server = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            return await outcomes(http_config(f"http://127.0.0.1:{port}/"), [payload] * 20)
+
+    found = on_loop(use_uvloop, main)
+    assert all(
+        isinstance(f, str) and f.startswith("failed: request to http://127.0.0.1:") for f in found
+    ), found

@@ -179,3 +179,47 @@ def _until(sock: socket.socket, marker: bytes) -> list[bytes]:
     while marker not in messages[-1]:
         messages.append(sock.recv(4096))
     return messages
+
+
+async def test_exec_programs_that_ignore_stdin_complete_in_a_real_daemon(
+    tmp_path: Path, free_port: Any, redis_url: str, redis: Redis
+) -> None:
+    """The daemon process runs on uvloop and its workers keep the loop busy: the case in
+    which a program used to exit before its stdin was written, and its job fail."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = tmp_path / "exec.toml"
+    config.write_text(
+        f'[server]\nlisten = "127.0.0.1:{port}"\n\n[workers]\nconcurrency = 20\n\n'
+        '[handlers.t]\nexec = ["/bin/true"]\n'
+    )
+    daemon = DaemonProcess(
+        ["--config", str(config)], cwd=tmp_path, env={"TASKD_REDIS_URL": redis_url}
+    )
+    small, large = (
+        {"type": "t", "payload": {"x": 1}},
+        {"type": "t", "payload": {"x": "a" * 100_000}},
+    )
+    total = 220
+    try:
+        await wait_healthy(url, daemon)
+        async with aiohttp.ClientSession() as session:
+            status, body = await post_json(session, f"{url}/jobs/batch", {"jobs": [small] * 200})
+            assert status == 201, body
+            for _ in range(20):
+                status, body = await post_json(session, f"{url}/jobs", large)
+                assert status == 201, body
+
+            async def all_ended() -> bool:
+                ended = [
+                    await redis.zcard(K.completed("default")),
+                    await redis.zcard(K.dead("default")),
+                ]
+                return sum(ended) == total
+
+            await wait_until(all_ended, f"{total} jobs to end")
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait() == 0, daemon.output()
+    finally:
+        daemon.kill()
+    assert await redis.zcard(K.completed("default")) == total
