@@ -84,6 +84,7 @@ class Daemon:
             identity=self.identity,
             concurrency=workers.concurrency,
             queues=workers.queues,
+            types=list(config.handlers),
             active=lambda: self.pool.active,
             interval=workers.heartbeat_interval,
             on_reaped=self.pool.drop_lost,

@@ -49,16 +49,11 @@ class Handlers:
     def __init__(self, configs: Mapping[str, HandlerConfig]) -> None:
         self._configs = dict(configs)
         self._python: dict[str, tuple[PythonHandler, bool]] = {}
-        self._limits: dict[str, anyio.Semaphore] = {}
         self._session: aiohttp.ClientSession | None = None
         for job_type, config in self._configs.items():
             if config.kind == "python":
                 func = _resolve(config.python, job_type)
                 self._python[job_type] = (func, inspect.iscoroutinefunction(func))
-            if config.concurrency is not None:
-                if config.concurrency < 1:
-                    raise ValueError(f"handler '{job_type}': concurrency must be at least 1")
-                self._limits[job_type] = anyio.Semaphore(config.concurrency)
 
     async def __aenter__(self) -> Self:
         # One session for every http handler, so connections are pooled; the
@@ -72,28 +67,23 @@ class Handlers:
             await session.close()
 
     async def run(self, job: Job, scope: anyio.CancelScope) -> bytes:
-        """Run the job's handler under its concurrency limit and timeout.
+        """Run the job's handler under its timeout.
 
-        `scope` is the caller's cancel scope around this call. The timeout is its
-        deadline, set once the job holds a place under the limit (the wait for one is
-        not part of it): so a job costs one cancel scope, not two. A scope cancelled by
-        its deadline is the caller's to report, with timed_out().
+        `scope` is the caller's cancel scope around this call; the timeout is its
+        deadline, so a job costs one cancel scope, not two. A scope cancelled by its
+        deadline is the caller's to report, with timed_out(). The handler's concurrency
+        is the worker pool's to keep: its claims take no more jobs of a type than that.
 
         Return its result as JSON, or raise JobFailed.
         """
         config = self._configs.get(job.type)
         if config is None:
+            # Claims take only types this daemon has handlers for; a direct caller erred.
             raise JobFailed(
                 f"no handler for type '{job.type}' in this daemon's config", permanent=True
             )
-        limit = self._limits.get(job.type)
-        if limit is None:
-            scope.deadline = anyio.current_time() + config.timeout
-            result = await self._run_guarded(config, job)
-        else:
-            async with limit:
-                scope.deadline = anyio.current_time() + config.timeout
-                result = await self._run_guarded(config, job)
+        scope.deadline = anyio.current_time() + config.timeout
+        result = await self._run_guarded(config, job)
         try:
             return orjson.dumps(result)
         except orjson.JSONEncodeError as exc:

@@ -46,6 +46,7 @@ class Heartbeat:
         identity: Identity,
         concurrency: int,
         queues: Sequence[str],
+        types: Sequence[str],
         active: Callable[[], int],
         interval: float,
         on_reaped: Callable[[], Awaitable[object]],
@@ -56,6 +57,8 @@ class Heartbeat:
         self._identity = identity
         self._concurrency = concurrency
         self._queues = tuple(queues)
+        # Registered, so that /stats can tell the job types no live daemon can run.
+        self._types = tuple(sorted(types))
         self._active = active
         self._interval = interval
         self._on_reaped = on_reaped
@@ -81,6 +84,7 @@ class Heartbeat:
                 queues=self._queues,
                 active=self._active(),
                 last_heartbeat=self._clock(),
+                types=self._types,
             )
         )
         if self._registered and not known:

@@ -17,7 +17,7 @@ from taskd.dashboard import Dashboard, token_guard
 from taskd.jobs import FAILED, Job, format_ms, now_ms
 from taskd.metrics import Metrics
 from taskd.scheduler import Scheduler, next_tick
-from taskd.stats import snapshot
+from taskd.stats import no_handler, snapshot
 from taskd.store import UNAVAILABLE, Store
 from taskd.validation import (
     ApiError,
@@ -223,7 +223,7 @@ class Intake:
 
     async def retry_job(self, request: web.Request) -> web.Response:
         job = await self._find(request)
-        before = await self._store.retry(job.queue, job.id)
+        before = await self._store.retry(job.queue, job.id, self._clock())
         if before != FAILED:
             raise _conflict(job.id, before, "only a failed job can be retried")
         return json_response((await self._find(request)).to_public())
@@ -307,9 +307,13 @@ class Intake:
     async def metrics(self, request: web.Request) -> web.Response:
         """Prometheus metrics: this daemon's, and the queue depths every daemon reports."""
         now = self._clock()
-        counts = await self._store.queue_counts(sorted(await self._all_queues()))
+        queues = sorted(await self._all_queues())
+        counts = await self._store.queue_counts(queues)
         live = await self._store.live_daemons(since=now - self._dead_after_ms)
         self._metrics.set_cluster(counts, len(live))
+        self._metrics.set_without_handler(
+            no_handler(await self._store.unhandled(queues), live, now)
+        )
         self._metrics.set_active(self._active())
         body, content_type = self._metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})

@@ -93,8 +93,10 @@ class Keys:
 
     def limit_prefix(self, queue: str) -> str:
         """Prefix of the keys that enforce a job type's limits; scripts append the type
-        and ':running' (ids holding a global_concurrency slot), ':held' (ids waiting for
-        one) or ':starts' (recent starts, for rate_limit)."""
+        and ':running' (ids holding a global_concurrency slot), ':line' (ids held for
+        one, a sorted set best first: priority, then when each became due) or ':starts'
+        (recent starts, for rate_limit). ':held' is the plain list older daemons held
+        jobs in; claims move what it holds into the line."""
         return f"{self.prefix}:{{{queue}}}:limit:"
 
     def limit(self, queue: str, job_type: str, part: str) -> str:
@@ -105,6 +107,12 @@ class Keys:
         """Hash counting, per job type, how often a job waited for a limit
         (fields TYPE:rate_limit and TYPE:concurrency)."""
         return f"{self.prefix}:{{{queue}}}:limit_waits"
+
+    def unhandled(self, queue: str) -> str:
+        """Hash of the job types a claim found ready but had no handler for: type ->
+        'ID DUE', the first such job it passed and when it became due (epoch ms). A claim
+        that starts a job of the type removes its field."""
+        return f"{self.prefix}:{{{queue}}}:unhandled"
 
     def owners(self, queue: str) -> str:
         """Sorted set of daemons that may hold jobs of the queue, scored by their last

@@ -66,6 +66,7 @@ class Metrics:
         self._init_gauges(concurrency)
         self._types: dict[tuple[str, str], _TypeChildren] = {}
         self._cluster: set[tuple[str, str]] = set()
+        self._stranded: set[tuple[str, str]] = set()
         for queue, job_type in job_types:
             self._children(queue, job_type)
 
@@ -151,6 +152,14 @@ class Metrics:
             ("queue",),
             registry=r,
         )
+        self.without_handler = Gauge(
+            "taskd_jobs_without_handler_wait_seconds",
+            "How long the oldest ready job a claim passed has waited, per queue and job type"
+            " that no live daemon serving the queue has a handler for; cluster-wide (take"
+            " max). No series while every type has a daemon.",
+            ("queue", "type"),
+            registry=r,
+        )
         self.daemons_live = Gauge(
             "taskd_daemons_live",
             "Daemons registered and heartbeating, cluster-wide (take max over instances).",
@@ -218,6 +227,17 @@ class Metrics:
             self.queue_jobs.remove(*gone)
         self._cluster = seen
         self.daemons_live.set(live_daemons)
+
+    def set_without_handler(self, stranded: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
+        """Ready job types no live daemon can run, as stats.no_handler returns them."""
+        seen: set[tuple[str, str]] = set()
+        for queue, types in stranded.items():
+            for job_type, entry in types.items():
+                self.without_handler.labels(queue, job_type).set(entry["wait_ms"] / 1000)
+                seen.add((queue, job_type))
+        for gone in self._stranded - seen:
+            self.without_handler.remove(*gone)
+        self._stranded = seen
 
     def render(self) -> tuple[bytes, str]:
         """The exposition body and its content type, for a /metrics answer."""

@@ -7,7 +7,7 @@ from typing import Any
 
 from taskd.config import HandlerConfig
 from taskd.jobs import format_ms
-from taskd.store import DaemonInfo, Store, limits_of
+from taskd.store import DaemonInfo, Store, Unhandled, limits_of
 
 
 async def snapshot(
@@ -24,16 +24,39 @@ async def snapshot(
     does not grow with the number of jobs stored.
     """
     daemons = await store.live_daemons(since=now - dead_after_ms)
+    in_flight = await store.in_flight(daemons)
     counts = await store.queue_counts(queues)
     activity = await store.queue_activity(queues, now)
     limits = {queue: await _limits(store, queue, handlers, now) for queue in queues}
+    stranded = no_handler(await store.unhandled(queues), daemons, now)
     return {
         "time": format_ms(now),
         "queues": {
-            queue: {**counts[queue], **activity[queue], "limits": limits[queue]} for queue in queues
+            queue: {
+                **counts[queue],
+                **activity[queue],
+                "limits": limits[queue],
+                "no_handler": stranded[queue],
+            }
+            for queue in queues
         },
-        "instances": [_instance(daemon, now) for daemon in daemons],
+        "instances": [_instance(daemon, in_flight[daemon.id], now) for daemon in daemons],
         "redis": await store.server_info(),
+    }
+
+
+def no_handler(
+    unhandled: Mapping[str, Sequence[Unhandled]], daemons: Sequence[DaemonInfo], now: int
+) -> dict[str, dict[str, Any]]:
+    """Per queue, the ready job types that no live daemon serving it has a handler for
+    (as each registers them), with the job a claim passed and how long it has waited."""
+    return {
+        queue: {
+            entry.job_type: {"job": entry.job_id, "wait_ms": max(0, now - entry.due)}
+            for entry in entries
+            if not any(queue in d.queues and entry.job_type in d.types for d in daemons)
+        }
+        for queue, entries in unhandled.items()
     }
 
 
@@ -58,14 +81,15 @@ async def _limits(
     }
 
 
-def _instance(daemon: DaemonInfo, now: int) -> dict[str, Any]:
+def _instance(daemon: DaemonInfo, active: int, now: int) -> dict[str, Any]:
     return {
         "id": daemon.id,
         "host": daemon.host,
         "pid": daemon.pid,
         "concurrency": daemon.concurrency,
-        "active": daemon.active,
+        "active": active,
         "queues": list(daemon.queues),
+        "types": list(daemon.types),
         "started_at": format_ms(daemon.started_at),
         "uptime_s": round((now - daemon.started_at) / 1000, 1),
         "last_heartbeat": format_ms(daemon.last_heartbeat),

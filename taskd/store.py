@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import heapq
 import logging
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -18,7 +18,7 @@ from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 
 from taskd.config import HandlerConfig
-from taskd.jobs import ACTIVE, FINAL_STATES, Job
+from taskd.jobs import ACTIVE, FINAL_STATES, QUEUED, Job
 from taskd.keys import Keys
 
 logger = logging.getLogger(__name__)
@@ -45,6 +45,13 @@ TIMING_SAMPLES = 1000
 # Throughput is counted in buckets of this many ms, and kept for THROUGHPUT_KEEP_MS.
 BUCKET_MS = 10_000
 THROUGHPUT_KEEP_MS = 600_000
+
+# The counters of a queue's totals hash, which the scripts count up; /stats shows each,
+# at 0 until its first event.
+TOTALS = (
+    "enqueued", "completed", "retried", "failed", "cancelled", "recovered",
+    "callbacks_sent", "callbacks_failed", "rate_limited", "concurrency_limited",
+)  # fmt: skip
 
 # What a caller can catch to tell "Redis is unreachable" from a bug.
 UNAVAILABLE: tuple[type[Exception], ...] = (
@@ -80,6 +87,9 @@ class Claimed:
     due: int | None = None  # when the first job put back for its rate limit is due
     rate_limited: int = 0  # jobs it put back for their rate_limit
     held: int = 0  # jobs it held for their global_concurrency
+    # Ready jobs it left where they were: no handler here, or no free slot of the handler's
+    # concurrency. Claiming again at once would find them again.
+    skipped: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +125,16 @@ class DaemonInfo:
     queues: tuple[str, ...]
     active: int
     last_heartbeat: int
+    types: tuple[str, ...] = ()  # the job types it has handlers for
+
+
+@dataclass(frozen=True, slots=True)
+class Unhandled:
+    """A ready job of a type that a claim found no handler for in its daemon."""
+
+    job_type: str
+    job_id: str  # the first such job that claim passed
+    due: int  # when that job became due, epoch ms
 
 
 @dataclass(frozen=True, slots=True)
@@ -277,19 +297,25 @@ class Store:
         daemon_id: str,
         limit: int,
         now: int,
-        limits: Sequence[Limits] = (),
+        limits: Sequence[Limits],
+        free: Mapping[str, int] | None = None,
     ) -> Claimed:
         """Move up to `limit` ready jobs, highest priority first, into this daemon's active
-        set and return them; jobs over their type's `limits` wait (see claim.lua)."""
+        set and return them: only jobs of the types in `limits` (those this daemon has a
+        handler for), at most `free[type]` of a type (absent: no local cap). Jobs over
+        their type's global `limits` wait; the others stay ready (see claim.lua)."""
         k = self.keys
+        free = free or {}
         keys = [k.ready(queue), k.landing(queue, daemon_id), k.active(queue, daemon_id)]
         keys += [k.owners(queue), k.paused(queue), k.waits(queue), k.scheduled(queue)]
-        keys += [k.totals(queue), k.limit_waits(queue)]
+        keys += [k.totals(queue), k.limit_waits(queue), k.unhandled(queue)]
         args: list[Any] = [limit, now, k.job_prefix(queue), daemon_id, TIMING_SAMPLES]
         args.append(k.limit_prefix(queue))
         for spec in limits:
-            args += [spec.job_type, spec.concurrency, spec.rate_count, spec.rate_per_ms]
-        status, due, rate_limited, held, *flat = await self._lua["claim"](keys=keys, args=args)
+            args += [spec.job_type, free.get(spec.job_type, -1), spec.concurrency]
+            args += [spec.rate_count, spec.rate_per_ms]
+        reply = await self._lua["claim"](keys=keys, args=args)
+        status, due, rate_limited, held, skipped, *flat = reply
         if status == b"paused":
             return Claimed([], paused=True)
         return Claimed(
@@ -298,6 +324,7 @@ class Store:
             due=int(due) or None,
             rate_limited=int(rate_limited),
             held=int(held),
+            skipped=int(skipped),
         )
 
     def _claimed_jobs(self, queue: str, daemon_id: str, flat: list[Any]) -> list[Job]:
@@ -459,11 +486,11 @@ class Store:
         state = await self._lua["cancel"](keys=keys, args=args)
         return _text(state)
 
-    async def retry(self, queue: str, job_id: str) -> str:
+    async def retry(self, queue: str, job_id: str, now: int) -> str:
         """Put a failed job back on its queue; returns its state before (see retry.lua)."""
         k = self.keys
         keys = [k.job(queue, job_id), k.dead(queue), k.ready(queue)]
-        return _text(await self._lua["retry"](keys=keys, args=[job_id]))
+        return _text(await self._lua["retry"](keys=keys, args=[job_id, now]))
 
     async def delete(self, queue: str, job_id: str) -> str:
         """Delete a job that is not running; returns its state before (see delete.lua)."""
@@ -529,6 +556,7 @@ class Store:
         fields: list[Any] = [
             "id", info.id, "host", info.host, "pid", info.pid, "started_at", info.started_at,
             "concurrency", info.concurrency, "queues", orjson.dumps(list(info.queues)),
+            "types", orjson.dumps(list(info.types)),
             "active", info.active, "last_heartbeat", info.last_heartbeat,
         ]  # fmt: skip
         k = self.keys
@@ -581,6 +609,40 @@ class Store:
             records: list[dict[bytes, bytes]] = await pipe.execute()
         return [_daemon_from_fields(fields) for fields in records if fields]
 
+    async def in_flight(self, daemons: Sequence[DaemonInfo]) -> dict[str, int]:
+        """Per daemon, the jobs its active sets hold now (claimed, running or being acked):
+        live, where DaemonInfo.active is as of its last heartbeat."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            for daemon in daemons:
+                for queue in daemon.queues:
+                    pipe.zcard(self.keys.active(queue, daemon.id))
+            replies = iter(await pipe.execute())
+        return {daemon.id: sum(next(replies) for _ in daemon.queues) for daemon in daemons}
+
+    async def unhandled(self, queues: Sequence[str]) -> dict[str, list[Unhandled]]:
+        """Per queue, the job types claims found ready with no handler in their daemon,
+        each with the first job passed, while that job is still queued."""
+        k = self.keys
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.hgetall(k.unhandled(queue))
+            noted: list[dict[bytes, bytes]] = await pipe.execute()
+        found = [
+            (queue, Unhandled(_text(kind), job_id, int(due)))
+            for queue, fields in zip(queues, noted, strict=True)
+            for kind, value in fields.items()
+            for job_id, due in [_text(value).split(" ")]
+        ]
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue, entry in found:
+                pipe.hget(k.job(queue, entry.job_id), "state")
+            states = await pipe.execute()
+        result: dict[str, list[Unhandled]] = {queue: [] for queue in queues}
+        for (queue, entry), state in zip(found, states, strict=True):
+            if state == QUEUED.encode():
+                result[queue].append(entry)
+        return result
+
     # Statistics and listings.
 
     async def queue_counts(self, queues: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -617,7 +679,10 @@ class Store:
                 "completed": completed,
                 "failed": failed,
                 "cancelled": cancelled,
-                "totals": {_text(name): int(value) for name, value in totals.items()},
+                "totals": {
+                    **dict.fromkeys(TOTALS, 0),
+                    **{_text(name): int(value) for name, value in totals.items()},
+                },
                 "callbacks_pending": callbacks,
             }
         return counts
@@ -658,7 +723,7 @@ class Store:
         async with self._r.pipeline(transaction=False) as pipe:
             for spec in limits:
                 pipe.zcard(k.limit(queue, spec.job_type, "running"))
-                pipe.llen(k.limit(queue, spec.job_type, "held"))
+                pipe.zcard(k.limit(queue, spec.job_type, "line"))
                 # As claim.lua counts it: a start at exactly now - window has left the window.
                 starts = k.limit(queue, spec.job_type, "starts")
                 pipe.zcount(starts, f"({now - spec.rate_per_ms}", "+inf")
@@ -898,4 +963,6 @@ def _daemon_from_fields(fields: dict[bytes, bytes]) -> DaemonInfo:
         queues=tuple(orjson.loads(f["queues"])),
         active=int(f["active"]),
         last_heartbeat=int(f["last_heartbeat"]),
+        # Daemons of an older taskd do not say: taken as knowing none.
+        types=tuple(orjson.loads(f["types"])) if "types" in f else (),
     )

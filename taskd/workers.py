@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import anyio
@@ -31,6 +32,13 @@ BLOCK_TIMEOUT = 5
 FETCH_RETRY_DELAY = 0.5
 # How often a paused queue is looked at again: the delay before a resume takes effect.
 PAUSED_POLL = 0.5
+# A claim that skipped ready jobs this daemon cannot start (no handler, or its handler's
+# concurrency full) must not block on the queue, which those jobs keep non-empty: the
+# fetcher waits for one of its own jobs to end, or looks again after a wait that doubles
+# from SKIP_POLL_MIN to SKIP_POLL_MAX while nothing changes (the pick-up delay of other
+# jobs while such a backlog stands at the head of the queue and no other daemon is idle).
+SKIP_POLL_MIN = 0.05
+SKIP_POLL_MAX = 1.0
 # Outcomes that end a job (a retry does not).
 FINAL_OUTCOMES = frozenset(FINAL_STATES)
 # Longest the final requeue may take at shutdown; past it the reaper recovers the rest.
@@ -52,7 +60,9 @@ class WorkerPool:
     there are free slots in one script call, and blocks (BLMOVE) only when the queue is
     empty, so connections stay few as concurrency grows and an idle daemon starts a new
     job the moment it arrives. Which queue's fetcher gets the free slots is up to
-    `queue_mode` and `weights` (see taskd.slots).
+    `queue_mode` and `weights` (see taskd.slots). A claim takes only jobs that can start
+    at once: of types this daemon has handlers for, and within each handler's
+    `concurrency` here, so no job waits in this daemon for a slot of its own.
 
     Each job runs in a plain asyncio task with one cancel scope (see _Running), not in an
     anyio task group, whose tasks cost a handle and a second cancel scope each: at
@@ -82,6 +92,15 @@ class WorkerPool:
         self._on_final = on_final
         self._on_retry = on_retry
         self._limits = [limits_of(name, config) for name, config in handler_configs.items()]
+        # Handler concurrency per type, and the jobs of those types this daemon holds now
+        # (claimed until acked, like the pool's slots) or is offering a claim room for.
+        self._caps = {
+            name: config.concurrency
+            for name, config in handler_configs.items()
+            if config.concurrency is not None
+        }
+        self._taken = dict.fromkeys(self._caps, 0)
+        self._job_ended = anyio.Event()
         self._store = store
         self._metrics = metrics
         self._handlers = handlers
@@ -114,13 +133,20 @@ class WorkerPool:
     async def tick(self, queue: str) -> Claimed:
         """One fetch pass: claim as many ready jobs as the queue is handed slots, start them."""
         wanted = await self._slots.acquire(queue)
+        # Room offered to this claim is taken until it answers, so that a claim of another
+        # queue meanwhile cannot be offered the same room.
+        free = {name: cap - self._taken[name] for name, cap in self._caps.items()}
+        self._take_types(free, 1)
         try:
             claim = await self._store.claim(
-                queue, self._daemon_id, wanted, self._clock(), self._limits
+                queue, self._daemon_id, wanted, self._clock(), self._limits, free
             )
         except BaseException:
             self._slots.settle(queue, wanted, idle=True)
             raise
+        finally:
+            self._take_types(free, -1)
+        self._take_types(Counter(job.type for job in claim.jobs), 1)
         if claim.due is not None:
             self._on_retry(queue, claim.due)  # the promoter wakes for the rate-limited jobs
         if claim.rate_limited or claim.held:
@@ -184,15 +210,26 @@ class WorkerPool:
             running.stop()
         await self._all_ended()
 
+    def _take_types(self, counts: Mapping[str, int], sign: int) -> None:
+        for name, count in counts.items():
+            if name in self._taken:
+                self._taken[name] += sign * count
+
     async def _fetch_loop(self, queue: str) -> None:
         failures = 0
+        skip_poll = SKIP_POLL_MIN
         while True:
             try:
                 claim = await self.tick(queue)
                 if claim.paused:
                     await anyio.sleep(PAUSED_POLL)
-                elif not claim.jobs and not claim.more:
+                elif claim.more:
+                    pass
+                elif claim.skipped:
+                    await self._a_job_ends(skip_poll)
+                elif not claim.jobs:
                     await self._store.wait_for_job(queue, self._daemon_id, self._block_timeout)
+                skip_poll = min(2 * skip_poll, SKIP_POLL_MAX) if claim.skipped else SKIP_POLL_MIN
                 failures = 0
             except Exception:
                 failures += 1
@@ -204,6 +241,11 @@ class WorkerPool:
                     exc_info=True,
                 )
                 await anyio.sleep(FETCH_RETRY_DELAY)
+
+    async def _a_job_ends(self, seconds: float) -> None:
+        """Wait until one of this daemon's jobs ends (its slots free), at most `seconds`."""
+        with anyio.move_on_after(seconds):
+            await self._job_ended.wait()
 
     def cancel_local(self, job_id: str) -> bool:
         """Cancel a job this daemon runs, recording it cancelled; False if not running here."""
@@ -281,7 +323,10 @@ class WorkerPool:
             logger.exception("job %s (%s) crashed the worker", job.id, job.type)
         finally:
             del self._running[job.id]
+            self._take_types({job.type: 1}, -1)
             self._slots.release()
+            self._job_ended.set()
+            self._job_ended = anyio.Event()
             if not self._running:
                 self._emptied.set()
 

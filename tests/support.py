@@ -21,6 +21,7 @@ from taskd.config import Config, parse
 from taskd.daemon import Daemon, connect
 from taskd.handlers import Handlers
 from taskd.keys import Keys
+from taskd.store import Limits
 
 REPO = Path(__file__).resolve().parent.parent
 # The console script pip installed next to this interpreter: what the README runs.
@@ -33,6 +34,8 @@ Api = tuple[aiohttp.ClientSession, str]
 DEADLINE = 20.0
 
 BUILTINS = {name: {"builtin": name} for name in ("echo", "noop", "sleep", "fail")}
+# For claims made straight through the store: the types it may take, here only "echo".
+ECHO = (Limits("echo"),)
 
 
 def make_config(redis_url: str, **sections: Mapping[str, Any]) -> Config:

@@ -15,6 +15,7 @@ from taskd.jobs import QUEUED, Job, new_id
 from taskd.keys import Keys
 from taskd.store import Attempt, Limits, Store
 from tests.support import (
+    ECHO,
     REPO,
     DaemonProcess,
     get_json,
@@ -89,7 +90,7 @@ async def test_cancel_requests_reach_subscribers_through_the_cluster(
     async with cluster_store.cancel_requests() as requests:
         for j in running:
             await cluster_store.enqueue(j)
-            [claimed] = (await cluster_store.claim(j.queue, "a", 1, now=1)).jobs
+            [claimed] = (await cluster_store.claim(j.queue, "a", 1, now=1, limits=ECHO)).jobs
             assert claimed.id == j.id
             assert await cluster_store.cancel(j.queue, j.id, now=2) == "active"
         heard = []

@@ -19,6 +19,8 @@ import anyio
 import pytest
 
 from taskd.daemon import Daemon
+from taskd.jobs import QUEUED, Job, new_id, now_ms
+from taskd.store import Store
 from tests.support import (
     DEADLINE,
     REPO,
@@ -215,8 +217,9 @@ async def test_the_page_loads_live_without_console_errors(
         assert browser.title == "taskd"
         daemons = browser.find_element(By.ID, "daemons-body")
         wait_for(browser, lambda d: daemon.identity.id in daemons.text, "this daemon's row")
-        # No handler has limits: no Limits card.
+        # No handler has limits: no Limits card; every type has a daemon: no No handler card.
         assert not browser.find_element(By.ID, "limits").is_displayed()
+        assert not browser.find_element(By.ID, "unhandled").is_displayed()
         assert console_errors(browser) == []
 
     await in_browser(check)
@@ -402,6 +405,36 @@ async def test_limits_waits_and_priorities_are_shown(
             browser.get("about:blank")
 
         await in_browser(check)
+
+
+async def test_job_types_no_daemon_can_run_and_each_daemons_types_are_shown(
+    daemon: Daemon, browser: WebDriver, redis_url: str
+) -> None:
+    url = base_url(daemon)
+    store = Store.from_url(redis_url, prefix="taskd")
+    stranded = Job(new_id(), "resize", "default", None, QUEUED, 0, now_ms())
+    try:
+        await store.enqueue(stranded)  # as a daemon with the handler, since gone, would
+    finally:
+        await store.close()
+
+    def check() -> None:
+        open_page(browser, f"{url}/")
+        row = functools.partial(row_cell, browser, "unhandled", "default/resize")
+        wait_for(browser, lambda d: row("job").text != "", "the No handler card's row")
+        assert browser.find_element(By.ID, "unhandled").is_displayed()
+        assert (row("type").text, row("queue").text) == ("resize", "default")
+        assert row("job").get_attribute("title") == stranded.id
+        mine = functools.partial(row_cell, browser, "daemons", daemon.identity.id)
+        assert mine("types").text == "echo, fail, noop, sleep"
+        set_viewport(browser, 375, 812, mobile=True)
+        assert browser.execute_script("return document.body.scrollWidth") <= 376, too_wide(
+            browser, 375
+        )
+        assert console_errors(browser) == []
+        browser.get("about:blank")
+
+    await in_browser(check)
 
 
 async def test_at_phone_width_the_page_does_not_scroll_sideways(

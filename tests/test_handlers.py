@@ -265,48 +265,6 @@ async def test_python_unresolvable_is_refused_at_construction() -> None:
         Handlers({"p": HandlerConfig(name="p", kind="python", python=FUNCS)})
 
 
-async def test_concurrency_limits_simultaneous_runs() -> None:
-    gauge = handler_funcs.reset_gauge()
-    config = HandlerConfig(name="g", kind="python", python=f"{FUNCS}:gated", concurrency=2)
-    results: list[Any] = []
-    async with Handlers({"g": config}) as handlers:
-
-        async def one(n: int) -> None:
-            results.append(await run_job(handlers, make_job("g", n, job_id=f"job-{n}")))
-
-        async with anyio.create_task_group() as tg:
-            for n in range(5):
-                tg.start_soon(one, n)
-            await wait_for(lambda: gauge.running == 2, "two runs inside the handler")
-            # Give the other three every chance to get in (they must not).
-            for _ in range(50):
-                await anyio.lowlevel.checkpoint()
-            assert gauge.running == 2
-            gauge.gate.set()
-    assert gauge.peak == 2
-    assert sorted(results) == [0, 1, 2, 3, 4]
-
-
-async def test_concurrency_wait_is_not_part_of_the_timeout() -> None:
-    # Four 0.4 s runs one at a time: the last waits ~1.2 s, beyond the 1 s timeout.
-    config = HandlerConfig(name="s", kind="builtin", builtin="sleep", concurrency=1, timeout=1.0)
-    errors: list[JobFailed] = []
-    async with Handlers({"s": config}) as handlers:
-
-        async def one(n: int) -> None:
-            try:
-                await run_job(handlers, make_job("s", {"seconds": 0.4}, job_id=f"job-{n}"))
-            except JobFailed as exc:
-                errors.append(exc)
-
-        start = time.monotonic()
-        async with anyio.create_task_group() as tg:
-            for n in range(4):
-                tg.start_soon(one, n)
-    assert errors == []
-    assert time.monotonic() - start >= 1.55
-
-
 # ---------------------------------------------------------------- exec
 
 

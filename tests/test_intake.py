@@ -114,14 +114,20 @@ async def test_stats_count_states_and_list_this_daemon(
     assert {state: default[state] for state in ("queued", "active", "completed", "failed")} == {
         "queued": 0, "active": 1, "completed": 1, "failed": 1,
     }  # fmt: skip
-    assert default["totals"] == {"enqueued": 3, "completed": 1, "failed": 1}
+    assert default["totals"] == {
+        "enqueued": 3, "completed": 1, "retried": 0, "failed": 1, "cancelled": 0,
+        "recovered": 0, "callbacks_sent": 0, "callbacks_failed": 0, "rate_limited": 0,
+        "concurrency_limited": 0,
+    }  # fmt: skip
+    assert default["no_handler"] == {}
     [me] = stats["instances"]
     assert me["id"] == daemon.identity.id
     assert me["pid"] == daemon.identity.pid
     assert me["host"] == daemon.identity.host
     assert me["concurrency"] == 10
     assert me["queues"] == ["default"]
-    assert 0 <= me["active"] <= 10
+    assert me["types"] == ["echo", "fail", "noop", "sleep"]
+    assert me["active"] == 1  # the sleeping job, now: not as of the last heartbeat
 
 
 async def test_health_is_ok_while_redis_answers(api: tuple[aiohttp.ClientSession, str]) -> None:

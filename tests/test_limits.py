@@ -46,13 +46,14 @@ async def stored(store: Store, job_id: str) -> Job:
 async def test_global_concurrency_holds_jobs_over_it_without_an_attempt(store: Store) -> None:
     jobs = [job(n=n) for n in range(5)] + [job("fast")]
     await store.enqueue_many(jobs)
-    claimed = (await store.claim(Q, "a", 10, now=2, limits=TWO_AT_ONCE)).jobs
+    limits = [*TWO_AT_ONCE, Limits("fast")]
+    claimed = (await store.claim(Q, "a", 10, now=2, limits=limits)).jobs
     assert [j.id for j in claimed] == [jobs[0].id, jobs[1].id, jobs[5].id]
     held = await stored(store, jobs[2].id)
     assert (held.state, held.attempts, held.waiting_for) == ("queued", 0, "concurrency")
     # Another daemon gets none of them either: the limit is in Redis, not in a daemon.
     assert (await store.claim(Q, "b", 10, now=3, limits=TWO_AT_ONCE)).jobs == []
-    # A finished job frees its slot, and the longest held job goes back to run.
+    # A finished job frees its slot, and the best held job starts next.
     assert await store.ack(Q, "a", [done(claimed[0])], now=4) == [True]
     [next_job] = (await store.claim(Q, "b", 10, now=5, limits=TWO_AT_ONCE)).jobs
     assert next_job.id == jobs[2].id
@@ -87,7 +88,7 @@ async def test_a_held_job_can_be_cancelled(store: Store, redis: Redis) -> None:
     await store.enqueue_many(jobs)
     await store.claim(Q, "a", 10, now=2, limits=TWO_AT_ONCE)
     assert await store.cancel(Q, jobs[2].id, now=3) == "queued"
-    assert await redis.llen(K.limit(Q, "slow", "held")) == 0
+    assert await redis.zcard(K.limit(Q, "slow", "line")) == 0
     assert (await stored(store, jobs[2].id)).state == "cancelled"
 
 
@@ -122,7 +123,7 @@ async def test_a_claim_stops_at_its_budget_and_says_there_is_more(
         claim = await store.claim(Q, "a", 5, now=2, limits=TWO_AT_ONCE)
         assert claim.jobs == []
     assert await ready_ids(redis, Q) == []
-    assert await redis.llen(K.limit(Q, "slow", "held")) == 2498
+    assert await redis.zcard(K.limit(Q, "slow", "line")) == 2498
 
 
 async def test_held_jobs_go_when_their_limit_is_removed(store: Store) -> None:
@@ -142,7 +143,7 @@ async def test_held_jobs_go_when_none_of_their_type_runs(store: Store, redis: Re
     claimed = (await store.claim(Q, "a", 10, now=4, limits=TWO_AT_ONCE)).jobs
     assert [j.id for j in claimed] == [j.id for j in jobs[2:4]]
     # Only as many as may run are freed: the others stay held, not churned.
-    assert await redis.llen(K.limit(Q, "slow", "held")) == 2
+    assert await redis.zcard(K.limit(Q, "slow", "line")) == 2
     assert (await store.limit_status(Q, TWO_AT_ONCE, now=4))["slow"]["concurrency_limited"] == 4
 
 

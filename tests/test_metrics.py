@@ -66,6 +66,7 @@ def busy_metrics() -> Metrics:
     m.set_active(5)
     counts = {"queued": 1, "totals": {"enqueued": 3}, "callbacks_pending": 4}
     m.set_cluster({"default": counts}, live_daemons=2)
+    m.set_without_handler({"default": {"resize": {"job": "j", "wait_ms": 1500}}})
     return m
 
 
@@ -157,6 +158,16 @@ def test_set_cluster_sets_int_states_and_removes_vanished_queues() -> None:
     assert value(m, "taskd_daemons_live") == 1
 
 
+def test_jobs_without_handler_come_and_go_per_queue_and_type() -> None:
+    m = Metrics(concurrency=4)
+    m.set_without_handler({"default": {"resize": {"job": "j", "wait_ms": 2500}}, "other": {}})
+    assert (
+        value(m, "taskd_jobs_without_handler_wait_seconds", queue="default", type="resize") == 2.5
+    )
+    m.set_without_handler({"default": {}, "other": {}})  # a daemon with the handler came
+    assert not [s for s in samples(m) if s.name == "taskd_jobs_without_handler_wait_seconds"]
+
+
 def test_callbacks_pending_and_limit_waits() -> None:
     m = Metrics(concurrency=4)
     m.set_cluster({"hooks": {"queued": 0, "callbacks_pending": 12, "totals": {}}}, 1)
@@ -210,6 +221,7 @@ def test_exported_names_follow_conventions() -> None:
         "taskd_daemon_active_jobs",
         "taskd_daemon_concurrency",
         "taskd_daemons_live",
+        "taskd_jobs_without_handler_wait_seconds",
         "taskd_build_info",
     } <= names
 

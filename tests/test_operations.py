@@ -41,7 +41,7 @@ async def test_stats_document(api: Api) -> None:
     queue = stats["queues"]["default"]
     assert queue["completed"] == 5
     assert queue["paused"] is False
-    assert queue["totals"] == {"enqueued": 5, "completed": 5}
+    assert {name: n for name, n in queue["totals"].items() if n} == {"enqueued": 5, "completed": 5}
     assert set(queue["throughput"]) == {"1m", "5m"}
     assert queue["wait_ms"]["p50"] is not None
     assert queue["wait_ms"]["p50"] <= queue["wait_ms"]["p99"]

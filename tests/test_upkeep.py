@@ -18,7 +18,7 @@ from taskd.promoter import Promoter
 from taskd.reaper import Reaper
 from taskd.store import Attempt, DaemonInfo, Store
 from tests import handler_funcs
-from tests.support import make_config, ready_ids, running_daemon, wait_until
+from tests.support import ECHO, make_config, ready_ids, running_daemon, wait_until
 
 Q = "default"
 K = Keys("taskd")
@@ -97,7 +97,7 @@ async def test_two_reapers_take_a_dead_daemons_jobs_back_exactly_once(
     try:
         await enqueue(stores[0], 300)
         await stores[0].beat(DaemonInfo("dead", "h", 1, 1, 300, (Q,), 300, clock.now))
-        await stores[0].claim(Q, "dead", 300, clock.now)
+        await stores[0].claim(Q, "dead", 300, clock.now, limits=ECHO)
         clock.now += int(DEAD_AFTER * 1000) + 1
         results: list[int] = []
 
@@ -120,8 +120,8 @@ async def test_two_reapers_take_a_dead_daemons_jobs_back_exactly_once(
 async def test_reaper_leaves_live_daemons_and_itself_alone(store: Store, redis: Redis) -> None:
     clock = Clock()
     await enqueue(store, 2)
-    await store.claim(Q, "me", 1, clock.now)
-    await store.claim(Q, "other", 1, clock.now)
+    await store.claim(Q, "me", 1, clock.now, limits=ECHO)
+    await store.claim(Q, "other", 1, clock.now, limits=ECHO)
     clock.now += int(DEAD_AFTER * 1000)  # exactly dead_after: not yet dead
     assert await reaper(store, clock, me="x").tick() == 0
     clock.now += 1
@@ -134,7 +134,7 @@ async def test_janitor_deletes_finished_jobs_after_their_retention(
 ) -> None:
     clock = Clock()
     done, dead = await enqueue(store, 2)
-    await store.claim(Q, "d", 2, clock.now)
+    await store.claim(Q, "d", 2, clock.now, limits=ECHO)
     await store.ack(Q, "d", [_ended(done, "completed"), _ended(dead, "failed")], clock.now)
     janitor = Janitor(
         store=store, queues=[Q], retention=RetentionConfig(completed=60, failed=600), clock=clock
@@ -204,7 +204,9 @@ async def test_a_claim_whose_reply_was_lost_is_run_after_all(redis_url: str, red
             job = Job(new_id(), "echo", Q, "found", QUEUED, 0, 1, max_attempts=3)
             await store.enqueue(job)
             # The claim runs in Redis for the daemon, but the daemon never hears of it.
-            await store.claim(Q, daemon.identity.id, 1, now=daemon.identity.started_at - 5000)
+            await store.claim(
+                Q, daemon.identity.id, 1, now=daemon.identity.started_at - 5000, limits=ECHO
+            )
 
             async def done() -> bool:
                 return await redis.hget(K.job(Q, job.id), "state") == b"completed"

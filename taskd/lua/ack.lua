@@ -40,7 +40,7 @@ for i = 6, #ARGV, 6 do
   local key = ARGV[2] .. id
   if redis.call('ZSCORE', KEYS[1], id) and redis.call('HGET', key, 'attempts') == attempt then
     redis.call('ZREM', KEYS[1], id)
-    release_slot(KEYS[9], ARGV[5], ARGV[2], key, id)
+    release_slot(KEYS[9], ARGV[5], key, id)
     append_history(key, ARGV[i + 5])
     local started = redis.call('HGET', key, 'started_at')
     if started then

@@ -9,6 +9,8 @@
 -- every inbox id of a priority is older than the ids in that priority's list: a claim
 -- takes, for each priority from 9 down, the inbox's ids and then the list's.
 local INBOX_MAX = 1000
+-- The priority of a job without one (jobs.DEFAULT_PRIORITY).
+local DEFAULT_PRIORITY = 5
 
 local function priority_list(inbox, priority)
   return inbox .. ':' .. priority
@@ -32,18 +34,18 @@ end
 
 -- Make a job ready: at the consuming end (front) to run next, else at the back.
 local function make_ready(inbox, job_key, id, front)
-  local priority = redis.call('HGET', job_key, 'priority') or '5'
+  local priority = redis.call('HGET', job_key, 'priority') or DEFAULT_PRIORITY
   redis.call(front and 'RPUSH' or 'LPUSH', ready_list_for(inbox, priority), id)
 end
 
--- Remove a queued job's id from wherever it waits: its type's held list, or the ready
--- lists (a landed id stays: the claim that takes it skips a job no longer queued).
+-- Remove a queued job's id from wherever it waits: its type's line of held jobs, or the
+-- ready lists (a landed id stays: the claim that takes it skips a job no longer queued).
 local function remove_queued(inbox, limit_prefix, job_key, id)
   local f = redis.call('HMGET', job_key, 'priority', 'waiting_for', 'type')
   if f[2] == 'concurrency' then
-    redis.call('LREM', limit_prefix .. f[3] .. ':held', 1, id)
+    redis.call('ZREM', limit_prefix .. f[3] .. ':line', id)
   elseif redis.call('LREM', inbox, 1, id) == 0 then
-    redis.call('LREM', priority_list(inbox, f[1] or '5'), 1, id)
+    redis.call('LREM', priority_list(inbox, f[1] or DEFAULT_PRIORITY), 1, id)
   end
 end
 
@@ -58,10 +60,10 @@ local function move_to_front(from, to, most)
 end
 
 -- Let up to `most` of a type's held jobs (base: its limit keys) go back to the front of
--- the ready jobs, longest held first.
+-- the ready jobs, best first.
 local function free_held(inbox, base, job_prefix, most)
-  local freed = redis.call('RPOP', base .. ':held', most) or {}
-  for i = #freed, 1, -1 do
+  local freed = redis.call('ZPOPMIN', base .. ':line', most)
+  for i = #freed - 1, 1, -2 do
     redis.call('HDEL', job_prefix .. freed[i], 'waiting_for')
     make_ready(inbox, job_prefix .. freed[i], freed[i], true)
   end
@@ -78,12 +80,16 @@ local function append_history(job_key, entry)
   redis.call('HSET', job_key, 'history', history)
 end
 
--- Give back the slot a job held of its type's global_concurrency (if it held one), and
--- let the type's longest held job go back to the ready jobs to take it.
-local function release_slot(inbox, limit_prefix, job_prefix, job_key, id)
+-- Give back the slot a job held of its type's global_concurrency (if it held one). Held
+-- jobs stay in their line, which claims walk best first; the best one's id goes to the
+-- front of the inbox only as a wake-up call, so that a daemon blocked on it claims.
+local function release_slot(inbox, limit_prefix, job_key, id)
   local base = limit_prefix .. (redis.call('HGET', job_key, 'type') or '')
   if redis.call('ZREM', base .. ':running', id) == 1 then
-    free_held(inbox, base, job_prefix, 1)
+    local best = redis.call('ZRANGE', base .. ':line', 0, 0)[1]
+    if best then
+      redis.call('RPUSH', inbox, best)
+    end
   end
 end
 

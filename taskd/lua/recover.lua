@@ -2,7 +2,8 @@
 -- (it died, or stalled past dead_after). Its lease is checked in this same script, so a
 -- daemon that beat in the meantime keeps its jobs. Landed ids go back as they were; an
 -- active job's attempt counts (a job that keeps killing daemons must end), so it returns
--- to the queue or, out of attempts, becomes failed; a job someone cancelled is cancelled.
+-- to the queue (due again from now, as its run_at) or, out of attempts, becomes failed; a
+-- job someone cancelled is cancelled.
 -- Either way it gives back its slot of its type's global_concurrency. The callbacks the
 -- daemon was sending go back to the outbox, and a job that ends here calls back too.
 -- KEYS[1] -> the queue's owners (daemon leases)
@@ -55,7 +56,7 @@ for _, id in ipairs(active) do
     local entry = cjson.encode({attempt = tonumber(f[1]), daemon = ARGV[1],
       started_at = tonumber(f[4]), finished_at = tonumber(now), outcome = 'lost', error = err})
     append_history(key, entry)
-    release_slot(KEYS[2], ARGV[6], ARGV[4], key, id)
+    release_slot(KEYS[2], ARGV[6], key, id)
     redis.call('HDEL', key, 'started_at')
     if f[3] then
       redis.call('HDEL', key, 'cancel_requested')
@@ -63,7 +64,7 @@ for _, id in ipairs(active) do
     elseif tonumber(f[1]) >= tonumber(f[2]) then
       finish(key, id, 'failed', KEYS[5], 'failed', err .. ', its last')
     else
-      redis.call('HSET', key, 'state', 'queued', 'error', err)
+      redis.call('HSET', key, 'state', 'queued', 'error', err, 'run_at', now)
       make_ready(KEYS[2], key, id, true)
     end
     redis.call('HINCRBY', KEYS[7], 'recovered', 1)

@@ -1,7 +1,8 @@
 -- Return a daemon's unfinished jobs of one queue to the front of the ready jobs (lib.lua),
 -- so they run next. Active jobs get their attempt back: the daemon stopped them (or never
--- started them), they did not fail, and their slot of a global_concurrency. A job someone
--- asked to cancel is cancelled instead.
+-- started them), they did not fail, and their slot of a global_concurrency; they are due
+-- again from now (run_at), so their next wait counts from here. A job someone asked to
+-- cancel is cancelled instead.
 -- Without ids it moves a bounded batch of all landed and active ids (call again until
 -- it returns 0); with ids, only those of them still in the active set.
 -- KEYS[1] -> the queue's inbox (its ready list)
@@ -21,7 +22,7 @@ local moved = 0
 
 local function give_back(id)
   local key = ARGV[1] .. id
-  release_slot(KEYS[1], ARGV[4], ARGV[1], key, id)
+  release_slot(KEYS[1], ARGV[4], key, id)
   if redis.call('HEXISTS', key, 'cancel_requested') == 1 then
     redis.call('HSET', key, 'state', 'cancelled', 'finished_at', ARGV[3], 'error', 'cancelled')
     redis.call('HDEL', key, 'cancel_requested')
@@ -30,7 +31,7 @@ local function give_back(id)
     call_back(KEYS[6], key, id)
   elseif redis.call('EXISTS', key) == 1 then
     redis.call('HINCRBY', key, 'attempts', -1)
-    redis.call('HSET', key, 'state', 'queued')
+    redis.call('HSET', key, 'state', 'queued', 'run_at', ARGV[3])
     redis.call('HDEL', key, 'started_at')
     make_ready(KEYS[1], key, id, true)
   end

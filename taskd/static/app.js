@@ -140,6 +140,7 @@ function render(picture) {
   renderMeta(stats);
   renderQueues(stats.queues);
   renderLimits(stats.queues);
+  renderUnhandled(stats.queues);
   remember(stats.queues);
   drawCharts();
   renderDaemons(stats.instances);
@@ -299,9 +300,33 @@ function updateLimitRow(row, limit) {
   cell(row, "held").classList.toggle("warn", limit.held > 0);
 }
 
+// ---- job types without a handler
+
+const UNHANDLED_COLUMNS = ["type", "queue", "waited", "job"];
+
+// One row per ready job type no live daemon of its queue can run; shown only when there is one.
+function renderUnhandled(queues) {
+  const items = [];
+  for (const queue of Object.keys(queues).sort()) {
+    const types = queues[queue].no_handler || {};
+    for (const type of Object.keys(types).sort()) items.push({ queue, type, ...types[type] });
+  }
+  syncRows("unhandled-body", items, (u) => `${u.queue}/${u.type}`,
+    () => makeRow(UNHANDLED_COLUMNS, ["waited"]), updateUnhandledRow);
+  $("unhandled").hidden = items.length === 0;
+}
+
+function updateUnhandledRow(row, entry) {
+  setText(row, "type", entry.type);
+  setText(row, "queue", entry.queue);
+  setText(row, "waited", formatMs(entry.wait_ms));
+  setText(row, "job", shortId(entry.job), entry.job);
+  cell(row, "waited").classList.add("warn");
+}
+
 // ---- daemons
 
-const DAEMON_COLUMNS = ["id", "host", "pid", "queues", "load", "uptime", "heartbeat"];
+const DAEMON_COLUMNS = ["id", "host", "pid", "queues", "types", "load", "uptime", "heartbeat"];
 
 function renderDaemons(instances) {
   syncRows("daemons-body", instances, (d) => d.id,
@@ -313,6 +338,7 @@ function updateDaemonRow(row, daemon) {
   setText(row, "host", daemon.host);
   setText(row, "pid", daemon.pid);
   setText(row, "queues", (daemon.queues || []).join(", "));
+  setText(row, "types", (daemon.types || []).join(", "));
   setText(row, "load", `${daemon.active} / ${daemon.concurrency}`);
   setText(row, "uptime", formatDuration(daemon.uptime_s * 1000), `since ${daemon.started_at}`);
   setText(row, "heartbeat", formatMs(daemon.heartbeat_age_ms), daemon.last_heartbeat);
