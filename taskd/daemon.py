@@ -98,7 +98,12 @@ class Daemon:
             dead_after=workers.dead_after,
             metrics=self.metrics,
         )
-        self.janitor = Janitor(store=store, queues=known, retention=config.retention)
+        self.janitor = Janitor(
+            store=store,
+            queues=known,
+            retention=config.retention,
+            unlimited=[h.name for h in config.handlers.values() if not h.global_concurrency],
+        )
         self.canceller = Canceller(store=store, cancel_local=self.pool.cancel_local)
         self.intake = Intake(
             store=store,

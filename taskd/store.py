@@ -157,7 +157,7 @@ def _load_script(client: aioredis.Redis, name: str) -> Any:
 _SCRIPTS = (
     "enqueue", "claim", "ack", "requeue", "promote", "cancel", "retry", "delete",
     "recover", "trim", "beat", "forget", "progress", "schedule", "take_callbacks",
-    "callback_done",
+    "callback_done", "free_held",
 )  # fmt: skip
 
 
@@ -743,6 +743,18 @@ class Store:
                 "concurrency_limited": int(concurrency_waits or 0),
             }
         return status
+
+    async def free_held(self, queue: str, job_types: Sequence[str]) -> int:
+        """Return to the ready jobs the held jobs of these types, which have no
+        global_concurrency any more (see free_held.lua); how many."""
+        if not job_types:
+            return 0
+        k = self.keys
+        args = [k.job_prefix(queue), k.limit_prefix(queue), BATCH, *job_types]
+        total = 0
+        while freed := int(await self._lua["free_held"](keys=[k.ready(queue)], args=args)):
+            total += freed
+        return total
 
     async def trim_throughput(self, queue: str, now: int) -> None:
         """Forget throughput buckets older than THROUGHPUT_KEEP_MS."""

@@ -100,7 +100,8 @@ class WorkerPool:
             if config.concurrency is not None
         }
         self._taken = dict.fromkeys(self._caps, 0)
-        self._job_ended = anyio.Event()
+        # Set when a job ends, while a fetcher waits for that (see _a_job_ends).
+        self._job_ended: anyio.Event | None = None
         self._store = store
         self._metrics = metrics
         self._handlers = handlers
@@ -146,7 +147,8 @@ class WorkerPool:
             raise
         finally:
             self._take_types(free, -1)
-        self._take_types(Counter(job.type for job in claim.jobs), 1)
+        if self._caps:
+            self._take_types(Counter(job.type for job in claim.jobs), 1)
         if claim.due is not None:
             self._on_retry(queue, claim.due)  # the promoter wakes for the rate-limited jobs
         if claim.rate_limited or claim.held:
@@ -229,7 +231,9 @@ class WorkerPool:
                     await self._a_job_ends(skip_poll)
                 elif not claim.jobs:
                     await self._store.wait_for_job(queue, self._daemon_id, self._block_timeout)
-                skip_poll = min(2 * skip_poll, SKIP_POLL_MAX) if claim.skipped else SKIP_POLL_MIN
+                # Back off only while nothing moves: a claim that started jobs resets it.
+                quiet = claim.skipped and not claim.jobs
+                skip_poll = min(2 * skip_poll, SKIP_POLL_MAX) if quiet else SKIP_POLL_MIN
                 failures = 0
             except Exception:
                 failures += 1
@@ -244,6 +248,8 @@ class WorkerPool:
 
     async def _a_job_ends(self, seconds: float) -> None:
         """Wait until one of this daemon's jobs ends (its slots free), at most `seconds`."""
+        if self._job_ended is None:
+            self._job_ended = anyio.Event()
         with anyio.move_on_after(seconds):
             await self._job_ended.wait()
 
@@ -323,10 +329,12 @@ class WorkerPool:
             logger.exception("job %s (%s) crashed the worker", job.id, job.type)
         finally:
             del self._running[job.id]
-            self._take_types({job.type: 1}, -1)
+            if job.type in self._taken:
+                self._taken[job.type] -= 1
             self._slots.release()
-            self._job_ended.set()
-            self._job_ended = anyio.Event()
+            if self._job_ended is not None:
+                self._job_ended.set()
+                self._job_ended = None
             if not self._running:
                 self._emptied.set()
 

@@ -16,7 +16,7 @@ from taskd.keys import Keys
 from taskd.metrics import Metrics
 from taskd.promoter import Promoter
 from taskd.reaper import Reaper
-from taskd.store import Attempt, DaemonInfo, Store
+from taskd.store import Attempt, DaemonInfo, Limits, Store
 from tests import handler_funcs
 from tests.support import ECHO, make_config, ready_ids, running_daemon, wait_until
 
@@ -149,6 +149,23 @@ async def test_janitor_deletes_finished_jobs_after_their_retention(
     # Nothing of the jobs is left: no record, no id in any set; only bounded statistics.
     bounded = {K.totals(Q), K.owners(Q), K.waits(Q), K.runs(Q), K.throughput(Q)}
     assert set(await redis.keys()) == {key.encode() for key in bounded}
+
+
+async def test_janitor_frees_jobs_held_for_a_limit_since_removed(store: Store) -> None:
+    clock = Clock()
+    jobs = [Job(new_id(), "slow", Q, n, QUEUED, 0, 1, max_attempts=3) for n in range(3)]
+    await store.enqueue_many(jobs)
+    limited = [Limits("slow", concurrency=1)]
+    assert (await store.claim(Q, "d", 10, clock.now, limits=limited)).held == 2
+    retention = RetentionConfig(completed=60, failed=600)
+    # A daemon that still has the limit leaves them held; one without it frees them.
+    await Janitor(store=store, queues=[Q], retention=retention, clock=clock).tick()
+    assert (await store.limit_status(Q, limited, clock.now))["slow"]["held"] == 2
+    janitor = Janitor(store=store, queues=[Q], retention=retention, unlimited=["slow"], clock=clock)
+    await janitor.tick()
+    assert (await store.limit_status(Q, limited, clock.now))["slow"]["held"] == 0
+    claimed = (await store.claim(Q, "d", 10, clock.now, limits=[Limits("slow")])).jobs
+    assert [j.id for j in claimed] == [j.id for j in jobs[1:]]
 
 
 def _ended(job: Job, outcome: str) -> Attempt:

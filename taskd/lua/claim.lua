@@ -8,8 +8,9 @@
 --
 -- A job this daemon cannot start now is skipped: it goes back where it was, in order,
 -- for any daemon that can take it. That is a job of a type it has no handler for (the
--- first such job of each type is noted in the queue's unhandled hash, for /stats), or of
--- a type whose handler `concurrency` has no free slot here. Skipped ids count against
+-- first such job of each type is noted in the queue's unhandled hash, over what an
+-- earlier claim noted, for /stats), or of a type whose handler `concurrency` has no free
+-- slot here. Skipped ids count against
 -- the budget of ids examined, so a long run of them at the head of a priority hides the
 -- jobs behind it from this daemon (status 'ok' with skipped > 0: the daemon waits for a
 -- slot of its own to free, or looks again a little later, and never spins).
@@ -53,15 +54,21 @@ local prefix = ARGV[3]
 local budget = limit + INBOX_MAX
 -- Leftover ids kept in the inbox, so that daemons blocked on it still wake up.
 local KEEP = 16
--- A held job's score: priority first (9 lowest), then the time it became due.
+-- A held job's score: (9 - priority) steps, plus the time it became due (epoch ms, below
+-- one step), so the line pops the highest priority first, the oldest first within one.
 local PRIORITY_STEP = 1e13
 local out = {'ok', 0, 0, 0, 0}
 local waits = {}
 local examined = 0
 -- Per priority, the ids examined but not taken, in the order they were found.
 local back = {}
-for p = 0, 9 do
-  back[p] = {}
+local function put_back(id, p)
+  local ids = back[p]
+  if not ids then
+    ids = {}
+    back[p] = ids
+  end
+  ids[#ids + 1] = id
 end
 
 redis.call('ZADD', KEYS[4], now, ARGV[4])
@@ -70,11 +77,15 @@ if redis.call('EXISTS', KEYS[5]) == 1 then
   return {'paused', 0, 0, 0, 0}
 end
 
+local function read(id)
+  return redis.call('HMGET', prefix .. id, 'state', 'type', 'payload', 'created_at',
+    'max_attempts', 'run_at', 'callback_url', 'priority', 'attempts', 'waiting_for')
+end
+
 -- The fields of a queued job, or nil for a stray id (a deleted or cancelled job).
 local function examine(id)
   examined = examined + 1
-  local f = redis.call('HMGET', prefix .. id, 'state', 'type', 'payload', 'created_at',
-    'max_attempts', 'run_at', 'callback_url', 'priority', 'attempts', 'waiting_for')
+  local f = read(id)
   if f[1] == 'queued' then
     return f
   end
@@ -97,6 +108,8 @@ local function best_held(t)
 end
 
 local types = {}
+-- The types with a global_concurrency: only they can have held jobs to start.
+local limited = {}
 for i = 7, #ARGV, 5 do
   local t = {free = tonumber(ARGV[i + 1]), concurrency = tonumber(ARGV[i + 2]),
     count = tonumber(ARGV[i + 3]), window = tonumber(ARGV[i + 4]), base = ARGV[6] .. ARGV[i]}
@@ -104,28 +117,23 @@ for i = 7, #ARGV, 5 do
     t.free = math.huge
   end
   types[ARGV[i]] = t
-  -- Daemons of an older taskd hold jobs in a plain list, in hold order: into the line.
-  for _, id in ipairs(redis.call('RPOP', t.base .. ':held', INBOX_MAX) or {}) do
-    local f = redis.call('HMGET', prefix .. id, 'state', 'type', 'payload', 'created_at',
-      'max_attempts', 'run_at', 'callback_url', 'priority')
-    if f[1] == 'queued' then
-      redis.call('ZADD', t.base .. ':line', hold_score(f), id)
+  if t.concurrency > 0 then
+    limited[#limited + 1] = t
+    -- Daemons of an older taskd hold jobs in a plain list, in hold order: into the line.
+    local old = redis.call('RPOP', t.base .. ':held', INBOX_MAX) or {}
+    for _, id in ipairs(old) do
+      local f = read(id)
+      if f[1] == 'queued' then
+        redis.call('ZADD', t.base .. ':line', hold_score(f), id)
+      end
     end
-  end
-  if t.concurrency == 0 then
-    -- Its global_concurrency was removed: nothing would free its held jobs, so free them.
-    free_held(KEYS[1], t.base, prefix, INBOX_MAX)
-  else
     t.running = redis.call('ZCARD', t.base .. ':running')
     best_held(t)
   end
 end
 
--- Types some claim found no handler for; a start of one shows a handler exists now.
-local unhandled = {}
-for _, kind in ipairs(redis.call('HKEYS', KEYS[10])) do
-  unhandled[kind] = true
-end
+-- Types some job of which this claim noted as having no handler here.
+local noted = {}
 
 local function wait_for(key, kind, why)
   redis.call('HSET', key, 'waiting_for', why)
@@ -203,19 +211,14 @@ local function start(id, f, t)
   end
   limit = limit - 1
   t.free = t.free - 1
-  if unhandled[f[2]] then
-    redis.call('HDEL', KEYS[10], f[2])
-    unhandled[f[2]] = nil
-  end
 end
 
 local function skip(id, f, p, t)
-  local queue_back = back[p]
-  queue_back[#queue_back + 1] = id
+  put_back(id, p)
   out[5] = out[5] + 1
-  if not t and not unhandled[f[2]] then
+  if not t and not noted[f[2]] then
     redis.call('HSET', KEYS[10], f[2], id .. ' ' .. due_of(f))
-    unhandled[f[2]] = true
+    noted[f[2]] = true
   end
 end
 
@@ -239,7 +242,7 @@ end
 
 -- The held jobs of priority p, while their type has a free slot here and globally.
 local function start_held(p)
-  for _, t in pairs(types) do
+  for _, t in ipairs(limited) do
     while t.best == p and limit > 0 and t.free > 0 and t.running < t.concurrency do
       local id = redis.call('ZPOPMIN', t.base .. ':line')[1]
       local f = examine(id)
@@ -272,7 +275,7 @@ for p = 9, 0, -1 do
     if limit > 0 then
       take(entry[1], entry[2], p)
     else
-      back[p][#back[p] + 1] = entry[1]
+      put_back(entry[1], p)
     end
   end
   local list = priority_list(KEYS[1], p)
@@ -294,7 +297,7 @@ end
 -- pushed last to first, so that the first is taken first.
 local returning = {}
 for p = 9, 0, -1 do
-  for _, id in ipairs(back[p]) do
+  for _, id in ipairs(back[p] or {}) do
     returning[#returning + 1] = {id, p}
   end
 end

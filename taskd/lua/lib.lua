@@ -60,13 +60,14 @@ local function move_to_front(from, to, most)
 end
 
 -- Let up to `most` of a type's held jobs (base: its limit keys) go back to the front of
--- the ready jobs, best first.
+-- the ready jobs, best first; returns how many.
 local function free_held(inbox, base, job_prefix, most)
   local freed = redis.call('ZPOPMIN', base .. ':line', most)
   for i = #freed - 1, 1, -2 do
     redis.call('HDEL', job_prefix .. freed[i], 'waiting_for')
     make_ready(inbox, job_prefix .. freed[i], freed[i], true)
   end
+  return #freed / 2
 end
 
 -- Append an entry (JSON object text) to a job's history (a JSON array text).
