@@ -51,7 +51,7 @@ _SCHEDULE_KEYS = (
     "name", "cron", "timezone", "type", "payload", "queue", "catch_up", "priority",
 )  # fmt: skip
 _CATCH_UP = ("none", "latest")
-_SERVER_KEYS = ("listen", "max_body", "max_batch", "idempotency_ttl", "token")
+_SERVER_KEYS = ("listen", "max_body", "max_batch", "idempotency_ttl", "token", "allowed_hosts")
 _REDIS_KEYS = ("url", "prefix", "data_dir", "cluster")
 _WORKERS_KEYS = (
     "concurrency", "queues", "shutdown_timeout", "heartbeat_interval", "dead_after",
@@ -108,6 +108,9 @@ class ServerConfig:
     token: str | None = None
     max_batch: int = 10_000  # most jobs in one POST /jobs/batch
     idempotency_ttl: float = 86_400.0  # seconds an idempotency key keeps answering its job
+    # Host names requests may name besides IP addresses and localhost ("*": any), so that
+    # a page whose name was rebound to this address cannot talk to the API.
+    allowed_hosts: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -308,10 +311,13 @@ class _Table:
             return default
         return value
 
-    def strings(self, name: str, default: tuple[str, ...], what: str) -> tuple[str, ...]:
+    def strings(
+        self, name: str, default: tuple[str, ...], what: str, *, empty: bool = False
+    ) -> tuple[str, ...]:
         value = self.data.get(name, default)
-        if not isinstance(value, list | tuple) or not value:
-            self.problem(name, f"must be a non-empty array of {what}, got {_describe(value)}")
+        if not isinstance(value, list | tuple) or (not value and not empty):
+            rule = "an array" if empty else "a non-empty array"
+            self.problem(name, f"must be {rule} of {what}, got {_describe(value)}")
             return default
         for i, item in enumerate(value):
             if not isinstance(item, str) or not item:
@@ -345,12 +351,26 @@ def _server(t: _Table) -> ServerConfig:
     token = t.string("token", "") or None
     if token is not None and (len(token) < 16 or not token.isprintable() or " " in token):
         t.problem("token", "must be at least 16 printable characters without spaces")
+    allowed_hosts = t.strings("allowed_hosts", default.allowed_hosts, "host names", empty=True)
+    for name in allowed_hosts:
+        if name != "*" and not _HOSTNAME.fullmatch(name):
+            t.problem("allowed_hosts", f"not a host name: {name!r}")
     try:
         host, port, unix_path = _parse_listen(listen)
     except ValueError as e:
         t.problem("listen", str(e))
         return default
-    return ServerConfig(listen, max_body, host, port, unix_path, token, max_batch, idempotency_ttl)
+    return ServerConfig(
+        listen=listen,
+        max_body=max_body,
+        host=host,
+        port=port,
+        unix_path=unix_path,
+        token=token,
+        max_batch=max_batch,
+        idempotency_ttl=idempotency_ttl,
+        allowed_hosts=tuple(name.lower() for name in allowed_hosts),
+    )
 
 
 def _parse_listen(listen: str) -> tuple[str | None, int | None, str | None]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import logging
 from collections.abc import Awaitable, Callable
 from importlib import resources
@@ -11,45 +10,12 @@ from typing import Any
 import anyio
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler, Middleware
 
 logger = logging.getLogger(__name__)
 
 # How often the event stream sends a fresh picture.
 EVENT_INTERVAL = 1.0
 _TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
-
-
-def token_guard(token: str | None) -> Middleware:
-    """Middleware: with a token configured, the dashboard and every write need it.
-
-    Reads (jobs, stats, health, metrics) stay open, so that probes and scrapers need no
-    secret. The token comes as `Authorization: Bearer ...` or, for the page and the event
-    stream (a browser cannot set headers there), as `?token=...`.
-    """
-
-    @web.middleware
-    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token is None or not _guarded(request) or _presented(request, token):
-            return await handler(request)
-        return web.json_response(
-            {"error": {"code": "unauthorized", "message": "this needs the [server] token"}},
-            status=401,
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-
-    return guard
-
-
-def _guarded(request: web.Request) -> bool:
-    return request.method not in ("GET", "HEAD") or request.path in ("/", "/events")
-
-
-def _presented(request: web.Request, token: str) -> bool:
-    header = request.headers.get("Authorization", "")
-    offered = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-    offered = offered or request.query.get("token", "")
-    return hmac.compare_digest(offered.encode(), token.encode())
 
 
 class Dashboard:

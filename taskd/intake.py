@@ -13,7 +13,8 @@ from aiohttp import web
 from aiohttp.typedefs import Handler
 
 from taskd.config import HandlerConfig, ScheduleConfig, ServerConfig
-from taskd.dashboard import Dashboard, token_guard
+from taskd.dashboard import Dashboard
+from taskd.guards import browser_guard, require_json, token_guard
 from taskd.jobs import FAILED, Job, format_ms, now_ms
 from taskd.metrics import Metrics
 from taskd.scheduler import Scheduler, next_tick
@@ -122,7 +123,11 @@ class Intake:
     def _make_app(self) -> web.Application:
         app = web.Application(
             client_max_size=self._server.max_body,
-            middlewares=[errors_as_json, token_guard(self._server.token)],
+            middlewares=[
+                errors_as_json,
+                browser_guard(self._server),
+                token_guard(self._server.token),
+            ],
         )
         Dashboard(picture=self.picture, stopping=lambda: not self._accepting).add_routes(app)
         app.router.add_post("/jobs", self.submit)
@@ -170,6 +175,7 @@ class Intake:
 
     async def submit(self, request: web.Request) -> web.Response:
         self._check_accepting()
+        require_json(request)
         header = request.headers.get("Idempotency-Key")
         job = parse_submission(await request.read(), self._handlers, self._clock(), header)
         # Twice at most: a first job deleted between the two calls holds its key no more.
@@ -193,6 +199,7 @@ class Intake:
     async def submit_batch(self, request: web.Request) -> web.Response:
         """Many jobs in one request: validated as a whole, then enqueued in few round trips."""
         self._check_accepting()
+        require_json(request)
         body = await request.read()
         jobs = parse_batch(body, self._handlers, self._clock(), self._server.max_batch)
         holders = await self._store.enqueue_many(jobs, self._dedup_ttl_ms)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import re
 from collections.abc import Mapping
@@ -33,6 +35,18 @@ SUBMIT_FIELDS = (
 )  # fmt: skip
 MAX_URL = 2048
 MAX_IDEMPOTENCY_KEY = 255
+# How deep a payload may nest (objects and arrays): far beyond real data, and well inside
+# what orjson encodes (254 levels, the job record around the payload included).
+MAX_DEPTH = 64
+# Integers JSON parsers keep exactly here: orjson's range. Beyond it orjson silently
+# makes a float of them, changing the payload, so they are refused.
+INT_RANGE = (-(2**63), 2**64 - 1)
+# A run of digits long enough to be such an integer (or part of a string, or a fraction).
+_LONG_DIGITS = re.compile(rb"[0-9]{19,}")
+# RFC 3339 date-time with its offset; Python's fromisoformat takes more forms than that.
+_RFC3339 = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+)
 LIST_LIMIT_DEFAULT = 50
 LIST_LIMIT_MAX = 1000
 # A listing's cursor is the last job id it gave, or for final states "finish-ms-id".
@@ -65,8 +79,12 @@ def parse_submission(
     data = _json_body(body)
     if not isinstance(data, dict):
         raise invalid("the request body must be a JSON object")
-    if header_key is not None and data.setdefault("idempotency_key", header_key) != header_key:
-        raise invalid("the Idempotency-Key header and 'idempotency_key' differ")
+    if header_key is not None:
+        # A null field is as good as an absent one.
+        if data.get("idempotency_key") is None:
+            data["idempotency_key"] = header_key
+        if data["idempotency_key"] != header_key:
+            raise invalid("the Idempotency-Key header and 'idempotency_key' differ")
     return _new_job(data, handlers, now)
 
 
@@ -93,10 +111,35 @@ def parse_batch(
 
 
 def _json_body(body: bytes) -> Any:
+    """The parsed body. A key given twice in one object keeps its last value."""
     try:
-        return orjson.loads(body)
+        data = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
         raise ApiError(400, "invalid_json", f"the request body is not valid JSON: {exc}") from None
+    if _LONG_DIGITS.search(body):
+        _check_integers(body)
+    return data
+
+
+def _check_integers(body: bytes) -> None:
+    """Refuse integers outside INT_RANGE, which orjson would have made floats of.
+
+    Only bodies with a long run of digits get here, so the slower stdlib parser, which
+    hands over every integer's text, costs nothing on the usual path.
+    """
+
+    def exact(text: str) -> int:
+        value = int(text)
+        if not INT_RANGE[0] <= value <= INT_RANGE[1]:
+            raise invalid(
+                f"the integer {text[:40]} is outside the 64-bit range taskd keeps exactly"
+                f" ({INT_RANGE[0]} to {INT_RANGE[1]}); send it as a string"
+            )
+        return value
+
+    # As deep as recursion fails, the payload's depth is refused, naming its job's index.
+    with contextlib.suppress(RecursionError):
+        json.loads(body, parse_int=exact)
 
 
 def _new_job(data: dict[str, Any], handlers: Mapping[str, HandlerConfig], now: int) -> Job:
@@ -106,6 +149,7 @@ def _new_job(data: dict[str, Any], handlers: Mapping[str, HandlerConfig], now: i
             f"unknown field(s) {', '.join(unknown)}; a job takes {', '.join(SUBMIT_FIELDS)}"
         )
     handler = handlers[_job_type(data, handlers)]
+    _check_depth(data.get("payload"))
     run_at = _run_at(data, now)
     return Job(
         id=new_id(),
@@ -121,6 +165,18 @@ def _new_job(data: dict[str, Any], handlers: Mapping[str, HandlerConfig], now: i
         callback_url=_callback_url(data),
         priority=_priority(data),
     )
+
+
+def _check_depth(payload: Any) -> None:
+    """Refuse a payload nested deeper than MAX_DEPTH, before anything is written: deeper
+    ones would fail to encode halfway through a batch."""
+    pending = [(payload, 1)] if isinstance(payload, dict | list) else []
+    while pending:
+        value, depth = pending.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if depth > MAX_DEPTH:
+            raise invalid(f"'payload' nests deeper than {MAX_DEPTH} levels of objects and arrays")
+        pending += [(child, depth + 1) for child in children if isinstance(child, dict | list)]
 
 
 def _job_type(data: dict[str, Any], handlers: Mapping[str, HandlerConfig]) -> str:
@@ -162,13 +218,15 @@ def _parse_time(value: Any) -> int:
     if _is_number(value):
         seconds = float(value)
     elif isinstance(value, str):
+        if not _RFC3339.fullmatch(value):
+            raise invalid(
+                f"'run_at' is not an RFC 3339 time with a UTC offset"
+                f" (e.g. '2026-12-04T10:00:00Z' or '...+02:00'): {value!r}"
+            )
         try:
-            moment = datetime.fromisoformat(value)
+            seconds = datetime.fromisoformat(value.upper()).timestamp()
         except ValueError:
-            raise invalid(f"'run_at' is not an RFC 3339 time: {value!r}") from None
-        if moment.tzinfo is None:
-            raise invalid(f"'run_at' needs a UTC offset (e.g. 'Z' or '+02:00'): {value!r}")
-        seconds = moment.timestamp()
+            raise invalid(f"'run_at' is not a valid time: {value!r}") from None
     else:
         raise invalid(f"'run_at' must be an RFC 3339 time or epoch seconds, got {json_kind(value)}")
     if not 0 <= seconds < 1e11:
@@ -239,7 +297,11 @@ def parse_list_query(params: Mapping[str, str]) -> ListQuery:
     if state is not None and state not in STATES:
         raise ApiError(400, "invalid_query", f"'state' must be one of {', '.join(STATES)}")
     raw_limit = params.get("limit", str(LIST_LIMIT_DEFAULT))
-    if not raw_limit.isdigit() or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX:
+    # ASCII digits only: str.isdigit() also takes digits int() refuses, such as "²".
+    if (
+        not (raw_limit.isascii() and raw_limit.isdigit())
+        or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX
+    ):
         raise ApiError(400, "invalid_query", f"'limit' must be from 1 to {LIST_LIMIT_MAX}")
     cursor = params.get("cursor") or None
     if cursor is not None and not _CURSOR[state in FINAL_STATES].fullmatch(cursor):

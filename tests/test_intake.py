@@ -174,6 +174,39 @@ async def test_unknown_job_id_is_404(api: tuple[aiohttp.ClientSession, str]) -> 
         (b'{"type": "echo", "priority": "9"}', 422, "invalid_job", f"{PRIORITY_RULE} '9'"),
         (b'{"type": "echo", "prio": 9}', 422, "invalid_job", "callback_url, priority"),
         (b'{"type": "echo", "payload": NaN}', 400, "invalid_json", "not valid JSON"),
+        (
+            b'{"type": "echo", "payload": ' + b"[" * 65 + b"]" * 65 + b"}",
+            422,
+            "invalid_job",
+            "nests deeper than 64 levels",
+        ),
+        (
+            b'{"type": "echo", "payload": {"a": ' + b"[" * 300 + b"]" * 300 + b"}}",
+            422,
+            "invalid_job",
+            "nests deeper than 64 levels",
+        ),
+        (
+            b'{"type": "echo", "payload": 18446744073709551616}',
+            422,
+            "invalid_job",
+            "the integer 18446744073709551616 is outside the 64-bit range",
+        ),
+        (
+            b'{"type": "echo", "payload": [-9223372036854775809]}',
+            422,
+            "invalid_job",
+            "the integer -9223372036854775809 is outside the 64-bit range",
+        ),
+        (b'{"type": "echo", "run_at": "2030-01-01 00:00:00Z"}', 422, "invalid_job", "RFC 3339"),
+        (b'{"type": "echo", "run_at": "20300101T000000Z"}', 422, "invalid_job", "RFC 3339"),
+        (b'{"type": "echo", "run_at": "2030-01-01T00:00:00+0100"}', 422, "invalid_job", "RFC 3339"),
+        (
+            b'{"type": "echo", "run_at": "2030-02-30T00:00:00Z"}',
+            422,
+            "invalid_job",
+            "not a valid time",
+        ),
     ],
 )
 async def test_bad_submissions_get_a_json_error(
@@ -230,7 +263,8 @@ async def test_routing_errors_are_json(
 async def test_daemon_keeps_serving_after_bad_input(api: tuple[aiohttp.ClientSession, str]) -> None:
     session, url = api
     for _ in range(3):
-        async with session.post(f"{url}/jobs", data=b"{oops") as response:
+        headers = {"Content-Type": "application/json"}
+        async with session.post(f"{url}/jobs", data=b"{oops", headers=headers) as response:
             assert response.status == 400
     status, job = await post_json(session, f"{url}/jobs", {"type": "echo", "payload": "still here"})
     assert status == 201

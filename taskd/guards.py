@@ -1,0 +1,124 @@
+"""Who may use the API: requests name this daemon's host, writes come from its own pages or
+from programs, JSON bodies say they are JSON, and guarded endpoints carry the token."""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+from collections.abc import Collection
+
+from aiohttp import web
+from aiohttp.typedefs import Handler, Middleware
+
+from taskd.config import ServerConfig
+from taskd.validation import ApiError
+
+# Methods that change nothing: a foreign page may cause them (it cannot read the answer,
+# which the browser keeps from it without CORS headers, and we send none).
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def browser_guard(server: ServerConfig) -> Middleware:
+    """Middleware against the two ways a web page in the operator's browser reaches a
+    daemon it should not:
+
+    - DNS rebinding: the page's own name made to resolve to this address sends that name
+      as Host. A Host must be an IP address, localhost (or *.localhost), or one of
+      [server] allowed_hosts: 421 otherwise. A unix socket is out of a browser's reach.
+    - Cross-site writes: a page may POST to any address (a "simple" request needs no
+      preflight). A write whose Origin is not the daemon's own is refused with 403.
+      Programs (curl, clients) send no Origin and are not affected.
+    """
+    allowed = frozenset(server.allowed_hosts)
+    any_host = "*" in allowed or server.unix_path is not None
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        if host is not None and not any_host and not _known_host(host, allowed):
+            raise ApiError(
+                421,
+                "misdirected",
+                f"this daemon does not answer to the host {_name(host)!r}: use its address,"
+                " or list the name in [server] allowed_hosts",
+            )
+        origin = request.headers.get("Origin")
+        if request.method not in SAFE_METHODS and not _own_origin(request, origin, host):
+            raise ApiError(
+                403,
+                "forbidden_origin",
+                f"writes are taken from this daemon's own pages and from programs, not"
+                f" from pages of {origin}",
+            )
+        return await handler(request)
+
+    return guard
+
+
+def _own_origin(request: web.Request, origin: str | None, host: str | None) -> bool:
+    """No Origin (a program), or this daemon's own (its dashboard)."""
+    if origin is None:
+        return True
+    return host is not None and origin.lower() == f"{request.scheme}://{host}".lower()
+
+
+def require_json(request: web.Request) -> None:
+    """Refuse a body that does not say it is JSON: an HTML form or a `text/plain` fetch
+    from a foreign page is sent without asking the daemon first; a JSON one is not."""
+    if request.content_type != "application/json":
+        raise ApiError(
+            415,
+            "unsupported_media_type",
+            f"send the body as JSON, with Content-Type: application/json"
+            f" (got {request.content_type or 'none'})",
+        )
+
+
+def _name(host: str) -> str:
+    """The host name (or address) of a Host header, without its port."""
+    if host.startswith("["):
+        return host[1 : host.find("]")] if "]" in host else host
+    return host.rpartition(":")[0] if ":" in host else host
+
+
+def _known_host(host: str, allowed: Collection[str]) -> bool:
+    name = _name(host).lower().rstrip(".")
+    if name == "localhost" or name.endswith(".localhost") or name in allowed:
+        return True
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True  # no rebinding through an address: the browser asked for this very one
+
+
+def token_guard(token: str | None) -> Middleware:
+    """Middleware: with a token configured, the dashboard and every write need it.
+
+    Reads (jobs, stats, health, metrics) stay open, so that probes and scrapers need no
+    secret. The token comes as `Authorization: Bearer ...` or, for the page and the event
+    stream (a browser cannot set headers there), as `?token=...`.
+    """
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if token is None or not _guarded(request) or _presented(request, token):
+            return await handler(request)
+        return web.json_response(
+            {"error": {"code": "unauthorized", "message": "this needs the [server] token"}},
+            status=401,
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+
+    return guard
+
+
+def _guarded(request: web.Request) -> bool:
+    return request.method not in ("GET", "HEAD") or request.path in ("/", "/events")
+
+
+def _presented(request: web.Request, token: str) -> bool:
+    header = request.headers.get("Authorization", "")
+    offered = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
+    offered = offered or request.query.get("token", "")
+    return hmac.compare_digest(offered.encode(), token.encode())
