@@ -38,6 +38,11 @@ _HOSTNAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 _PORT = re.compile(r"[0-9]{1,5}")
 _DB_PATH = re.compile(r"/?|/[0-9]+")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# The job's own variables (TASKD_JOB_ID and the like) and the daemon's (TASKD_REDIS_URL,
+# with its password) share this prefix: a handler may neither fake the one nor leak the other.
+_JOB_ENV_PREFIX = "TASKD_"
+_ENV_RULE = "use letters, digits and '_', not starting with a digit"
 # Everything between "scheme://" and the last "@": user names and passwords.
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^@]*@")
 
@@ -71,6 +76,8 @@ _HANDLER_KEYS = (
     "permanent_exit_codes",
     "rate_limit",
     "global_concurrency",
+    "env",
+    "pass_env",
 )
 # A rate limit's unit: how many milliseconds its window spans.
 _RATE_UNITS = {"s": 1000, "m": 60_000, "h": 3_600_000}
@@ -179,6 +186,10 @@ class HandlerConfig:
     # Jobs of this type running at once across all daemons sharing the Redis; `concurrency`
     # limits one daemon only.
     global_concurrency: int | None = None
+    # exec only: (name, value) pairs set in the program's environment, as given.
+    env: tuple[tuple[str, str], ...] = ()
+    # exec only: names copied from the daemon's environment, where set there.
+    pass_env: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -589,7 +600,8 @@ def _handler(name: str, t: _Table) -> HandlerConfig:
         t.problems.append(f"{t.path}: give exactly one of {', '.join(_KINDS)} (got {got})")
     builtin = _builtin(t) if "builtin" in t.data else None
     python = _python(t) if "python" in t.data else None
-    argv = _exec(t) if "exec" in t.data else None
+    env = _env(t, given)
+    argv = _exec(t, dict(env).get("PATH")) if "exec" in t.data else None
     http = _http(t) if "http" in t.data else None
     queue = t.string("queue", "default")
     if "queue" not in t.bad and not QUEUE_NAME.fullmatch(queue):
@@ -599,6 +611,7 @@ def _handler(name: str, t: _Table) -> HandlerConfig:
     max_attempts = t.integer("max_attempts", 3, 1, MAX_ATTEMPTS)
     backoff_base, backoff_max = _backoff(t)
     exit_codes = _exit_codes(t, given)
+    pass_env = _pass_env(t, given)
     rate_limit = _rate_limit(t) if "rate_limit" in t.data else None
     global_concurrency = (
         t.integer("global_concurrency", 0, 1, 100_000) if "global_concurrency" in t.data else None
@@ -620,6 +633,8 @@ def _handler(name: str, t: _Table) -> HandlerConfig:
         exit_codes,
         rate_limit,
         global_concurrency,
+        env,
+        pass_env,
     )
 
 
@@ -666,6 +681,69 @@ def _exit_codes(t: _Table, kinds: list[str]) -> tuple[int, ...]:
     return () if "permanent_exit_codes" in t.bad else codes
 
 
+def _exec_only(t: _Table, name: str, kinds: list[str]) -> bool:
+    """Whether key `name` is given and may be read: its handler runs a program."""
+    if name not in t.data:
+        return False
+    # With no kind given, "give exactly one of ..." is the problem; this would be noise.
+    if kinds and "exec" not in kinds:
+        t.problem(name, "only exec handlers run a program with an environment")
+        return False
+    return True
+
+
+def _env(t: _Table, kinds: list[str]) -> tuple[tuple[str, str], ...]:
+    if not _exec_only(t, "env", kinds):
+        return ()
+    raw = t.data["env"]
+    # Every key is read here, so the table reports none as unknown.
+    e = t.table("env", tuple(raw) if isinstance(raw, Mapping) else ())
+    pairs = []
+    for name, value in e.data.items():
+        if problem := _env_name_problem(name):
+            e.problem(name, problem)
+        elif not isinstance(value, str):
+            e.problem(name, f"must be a string, got {_describe(value)}")
+        elif "\0" in value:
+            # The value is not shown: it may well be a secret.
+            e.problem(name, "must not contain a NUL byte")
+        else:
+            pairs.append((name, value))
+    return tuple(pairs)
+
+
+def _pass_env(t: _Table, kinds: list[str]) -> tuple[str, ...]:
+    if not _exec_only(t, "pass_env", kinds):
+        return ()
+    names = t.data["pass_env"]
+    if not isinstance(names, list | tuple):
+        t.problem("pass_env", f"must be an array of variable names, got {_describe(names)}")
+        return ()
+    seen: set[str] = set()
+    for i, name in enumerate(names):
+        if not isinstance(name, str):
+            t.problem("pass_env", f"must be a string, got {_describe(name)}", suffix=f"[{i}]")
+            continue
+        problem = _env_name_problem(name)
+        if problem is None and name in seen:
+            problem = f"duplicate name {name!r}"
+        if problem is not None:
+            t.problem("pass_env", problem, suffix=f"[{i}]")
+        seen.add(name)
+    return () if "pass_env" in t.bad else tuple(names)
+
+
+def _env_name_problem(name: str) -> str | None:
+    if not _ENV_NAME.fullmatch(name):
+        return f"invalid environment variable name {name!r}: {_ENV_RULE}"
+    if name.startswith(_JOB_ENV_PREFIX):
+        return (
+            f"reserved name {name!r}: {_JOB_ENV_PREFIX}* names are taskd's (the job's "
+            "variables cannot be overridden, the daemon's are not passed on)"
+        )
+    return None
+
+
 def _builtin(t: _Table) -> str:
     builtin = t.string("builtin", "")
     if "builtin" not in t.bad and builtin not in BUILTINS:
@@ -697,7 +775,8 @@ def _python(t: _Table) -> str:
     return target
 
 
-def _exec(t: _Table) -> tuple[str, ...]:
+def _exec(t: _Table, env_path: str | None) -> tuple[str, ...]:
+    """The argv; a bare program name is looked up on the PATH the program will get."""
     argv = t.strings("exec", (), "strings (the program and its arguments)")
     if "exec" in t.bad:
         return argv
@@ -709,7 +788,11 @@ def _exec(t: _Table) -> tuple[str, ...]:
         t.problem("exec", f"program must be an absolute path or a name on PATH, got {program!r}")
         return argv
     else:
-        found = shutil.which(program) is not None
+        # A handler's env.PATH is where the program will be looked up, not the daemon's.
+        found = shutil.which(program, path=env_path) is not None
+        if not found and env_path is not None:
+            t.problem("exec", f"program {program!r} not found on {t.key('env')}.PATH")
+            return argv
     if not found:
         t.problem("exec", f"program {program!r} not found or not executable")
     return argv

@@ -27,6 +27,10 @@ MAX_OUTPUT = 1024 * 1024  # most bytes of stdout / response body kept as the res
 STDERR_TAIL = 4096  # bytes of an exec program's stderr kept for the error text
 HTTP_ERROR_TAIL = 500  # characters of a failed response's body kept for the error text
 _CHUNK = 64 * 1024
+# What an exec program gets of the daemon's environment unasked: enough to find other
+# programs and to handle text and time. The rest of it (TASKD_REDIS_URL with its password,
+# tokens, cloud credentials) is the daemon's; a handler passes on more by name (pass_env).
+BASE_ENV = ("PATH", "HOME", "LANG", "LC_ALL", "TZ")
 
 PythonHandler = Callable[[Job], Any]
 _T = TypeVar("_T")
@@ -113,7 +117,7 @@ class Handlers:
         if config.kind == "python":
             return self._run_python(job)
         if config.kind == "exec":
-            return _run_exec(_require(config.exec, config), config.permanent_exit_codes, job)
+            return _run_exec(_require(config.exec, config), config, job)
         if config.kind == "http":
             return self._run_http(_require(config.http, config), job)
         message = f"unknown handler kind '{config.kind}' for type '{job.type}'"
@@ -247,13 +251,13 @@ def _sleep_seconds(payload: Any) -> float:
 # ---------------------------------------------------------------- exec
 
 
-async def _run_exec(argv: tuple[str, ...], permanent_codes: tuple[int, ...], job: Job) -> Any:
+async def _run_exec(argv: tuple[str, ...], config: HandlerConfig, job: Job) -> Any:
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=_exec_env(job),
+        env=_exec_env(config, job),
         start_new_session=True,  # its own process group, so a kill reaches grandchildren
     )
     try:
@@ -265,21 +269,29 @@ async def _run_exec(argv: tuple[str, ...], permanent_codes: tuple[int, ...], job
         raise
     if code != 0:
         # A signal death is negative, so never in the list: it stays retryable.
-        permanent = code in permanent_codes
+        permanent = code in config.permanent_exit_codes
         raise JobFailed(_exit_error(code, bytes(stderr.data), permanent), permanent=permanent)
     if stdout.dropped:
         logger.warning("job %s: stdout cut at %d bytes", job.id, MAX_OUTPUT)
     return _parse_output(bytes(stdout.data), stdout.dropped > 0)
 
 
-def _exec_env(job: Job) -> dict[str, str]:
-    return {
-        **os.environ,
-        "TASKD_JOB_ID": job.id,
-        "TASKD_JOB_TYPE": job.type,
-        "TASKD_QUEUE": job.queue,
-        "TASKD_ATTEMPT": str(job.attempts),
-    }
+def _exec_env(config: HandlerConfig, job: Job) -> dict[str, str]:
+    """The whole environment of the job's program: BASE_ENV and the handler's pass_env
+    where the daemon has them, then the handler's env, then the job's TASKD_* variables."""
+    names = (*BASE_ENV, *config.pass_env)
+    env = {name: os.environ[name] for name in names if name in os.environ}
+    # A program that runs others by bare name needs a PATH; without one each would guess.
+    env.setdefault("PATH", os.defpath)
+    env.update(config.env)
+    # Last, so nothing overrides them (the config refuses TASKD_* names anyway).
+    env.update(
+        TASKD_JOB_ID=job.id,
+        TASKD_JOB_TYPE=job.type,
+        TASKD_QUEUE=job.queue,
+        TASKD_ATTEMPT=str(job.attempts),
+    )
+    return env
 
 
 class _Capture:

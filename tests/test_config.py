@@ -34,7 +34,7 @@ TOP_KEYS = "server, redis, workers, retention, handlers, schedules"
 SERVER_KEYS = "listen, max_body, max_batch, idempotency_ttl, token, allowed_hosts"
 HANDLER_KEYS = (
     "builtin, python, exec, http, queue, timeout, concurrency, max_attempts, backoff_base, "
-    "backoff_max, permanent_exit_codes, rate_limit, global_concurrency"
+    "backoff_max, permanent_exit_codes, rate_limit, global_concurrency, env, pass_env"
 )
 
 
@@ -115,6 +115,8 @@ def test_defaults() -> None:
         permanent_exit_codes=(),
         rate_limit=None,
         global_concurrency=None,
+        env=(),
+        pass_env=(),
     )
 
 
@@ -306,6 +308,144 @@ def test_exit_codes_with_exec_among_two_kinds_report_only_the_two_kinds() -> Non
     )
     assert problems == [
         "handlers.x: give exactly one of builtin, python, exec, http (got exec and http)"
+    ]
+
+
+# The environment of an exec handler's program
+
+EXEC = f'[handlers.x]\nexec = ["{sys.executable}"]\n'
+
+
+def test_exec_env_and_pass_env() -> None:
+    handler = parse_text(
+        EXEC + 'env = { A = "1", lower_case = "", "_X9" = "a=b c" }\n'
+        'pass_env = ["SECRET_TOKEN", "http_proxy"]\n'
+    ).handlers["x"]
+    assert handler.env == (("A", "1"), ("lower_case", ""), ("_X9", "a=b c"))
+    assert handler.pass_env == ("SECRET_TOKEN", "http_proxy")
+
+
+def test_exec_empty_env_and_pass_env() -> None:
+    handler = parse_text(EXEC + "env = {}\npass_env = []\n").handlers["x"]
+    assert (handler.env, handler.pass_env) == ((), ())
+
+
+def test_exec_program_is_looked_up_on_the_path_env_sets(tmp_path: Path) -> None:
+    # The program will run with env.PATH, so that is where it must be found.
+    script = tmp_path / "only-here"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    text = f'[handlers.x]\nexec = ["only-here"]\nenv = {{ PATH = "{tmp_path}" }}\n'
+    assert parse_text(text).handlers["x"].exec == ("only-here",)
+    assert problems_of('[handlers.x]\nexec = ["sh"]\nenv = { PATH = "/nonexistent" }\n') == [
+        "handlers.x.exec: program 'sh' not found on handlers.x.env.PATH"
+    ]
+
+
+RESERVED = (
+    "names are taskd's (the job's variables cannot be overridden, the daemon's are not passed on)"
+)
+NAME_RULE = "use letters, digits and '_', not starting with a digit"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            'env = { "1A" = "x" }',
+            f"handlers.x.env.1A: invalid environment variable name '1A': {NAME_RULE}",
+        ),
+        (
+            'env = { "A-B" = "x" }',
+            f"handlers.x.env.A-B: invalid environment variable name 'A-B': {NAME_RULE}",
+        ),
+        (
+            'env = { "A B" = "x" }',
+            f"handlers.x.env.\"A B\": invalid environment variable name 'A B': {NAME_RULE}",
+        ),
+        (
+            'env = { "" = "x" }',
+            f"handlers.x.env.\"\": invalid environment variable name '': {NAME_RULE}",
+        ),
+        (
+            'env = { "É" = "x" }',
+            f"handlers.x.env.\"É\": invalid environment variable name 'É': {NAME_RULE}",
+        ),
+        ("env = { A = 1 }", "handlers.x.env.A: must be a string, got integer 1"),
+        ("env = { A = true }", "handlers.x.env.A: must be a string, got boolean true"),
+        ('env = { A = ["x"] }', "handlers.x.env.A: must be a string, got array"),
+        ('env = { A = { B = "x" } }', "handlers.x.env.A: must be a string, got table"),
+        # The value is not shown: it may be a secret.
+        ('env = { A = "se\\u0000cret" }', "handlers.x.env.A: must not contain a NUL byte"),
+        ('env = ["A=1"]', "handlers.x.env: must be a table, got array"),
+        ('env = "A=1"', "handlers.x.env: must be a table, got string 'A=1'"),
+        (
+            'env = { TASKD_JOB_ID = "x" }',
+            f"handlers.x.env.TASKD_JOB_ID: reserved name 'TASKD_JOB_ID': TASKD_* {RESERVED}",
+        ),
+        (
+            'env = { TASKD_ANYTHING = "x" }',
+            f"handlers.x.env.TASKD_ANYTHING: reserved name 'TASKD_ANYTHING': TASKD_* {RESERVED}",
+        ),
+        (
+            'pass_env = "HOME"',
+            "handlers.x.pass_env: must be an array of variable names, got string 'HOME'",
+        ),
+        (
+            'pass_env = { A = "1" }',
+            "handlers.x.pass_env: must be an array of variable names, got table",
+        ),
+        ("pass_env = [1]", "handlers.x.pass_env[0]: must be a string, got integer 1"),
+        (
+            'pass_env = ["A", "1A"]',
+            f"handlers.x.pass_env[1]: invalid environment variable name '1A': {NAME_RULE}",
+        ),
+        (
+            'pass_env = [""]',
+            f"handlers.x.pass_env[0]: invalid environment variable name '': {NAME_RULE}",
+        ),
+        ('pass_env = ["A", "B", "A"]', "handlers.x.pass_env[2]: duplicate name 'A'"),
+        (
+            'pass_env = ["TASKD_REDIS_URL"]',
+            f"handlers.x.pass_env[0]: reserved name 'TASKD_REDIS_URL': TASKD_* {RESERVED}",
+        ),
+    ],
+)
+def test_bad_exec_environment(text: str, expected: str) -> None:
+    assert problems_of(EXEC + text + "\n") == [expected]
+
+
+@pytest.mark.parametrize("key", ["env", "pass_env"])
+@pytest.mark.parametrize(
+    "kind", ['builtin = "echo"', 'python = "json:dumps"', 'http = "http://h/"']
+)
+def test_environment_only_on_exec_handlers(kind: str, key: str) -> None:
+    value = '{ A = "1" }' if key == "env" else '["A"]'
+    problems = problems_of(f"[handlers.x]\n{kind}\n{key} = {value}\n")
+    assert problems == [f"handlers.x.{key}: only exec handlers run a program with an environment"]
+
+
+def test_environment_without_a_kind_reports_only_the_missing_kind() -> None:
+    problems = problems_of('[handlers.x]\nenv = { A = "1" }\npass_env = ["B"]\n')
+    assert problems == ["handlers.x: give exactly one of builtin, python, exec, http (got none)"]
+
+
+def test_every_bad_environment_setting_is_reported(tmp_path: Path) -> None:
+    path = tmp_path / "taskd.toml"
+    path.write_text(
+        EXEC + 'env = { A = 1, "2B" = "x", TASKD_QUEUE = "q", OK = "fine" }\n'
+        'pass_env = ["HOME", 7, "HOME"]\n'
+        '[handlers.y]\nbuiltin = "echo"\nenv = { A = "1" }\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load(path, env={})
+    assert str(info.value).splitlines() == [
+        f"{path}: handlers.x.env.A: must be a string, got integer 1",
+        f"{path}: handlers.x.env.2B: invalid environment variable name '2B': {NAME_RULE}",
+        f"{path}: handlers.x.env.TASKD_QUEUE: reserved name 'TASKD_QUEUE': TASKD_* {RESERVED}",
+        f"{path}: handlers.x.pass_env[1]: must be a string, got integer 7",
+        f"{path}: handlers.x.pass_env[2]: duplicate name 'HOME'",
+        f"{path}: handlers.y.env: only exec handlers run a program with an environment",
     ]
 
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pickle
 import socket
+import sys
 import time
+import tomllib
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -18,7 +21,7 @@ import pytest
 import uvloop
 from aiohttp import web
 
-from taskd.config import HandlerConfig
+from taskd.config import ConfigError, HandlerConfig, parse
 from taskd.handlers import MAX_OUTPUT, STDERR_TAIL, Handlers, JobFailed
 from taskd.jobs import Job
 from tests import handler_funcs
@@ -283,13 +286,31 @@ async def test_exec_empty_stdout_is_none() -> None:
     assert await run_one(HandlerConfig(name="x", kind="exec", exec=program("say.py"))) is None
 
 
-async def test_exec_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("TASKD_FROM_PARENT", "inherited")
-    config = HandlerConfig(name="show", kind="exec", exec=program("show_env.py"))
-    async with Handlers({"show": config}) as handlers:
+# What a daemon's environment may well hold that its programs must not see.
+SECRETS = {"TASKD_REDIS_URL": "redis://:secret@host/0", "SECRET_TOKEN": "x"}
+JOB_VARS = {
+    "TASKD_JOB_ID": "j-42",
+    "TASKD_JOB_TYPE": "show",
+    "TASKD_QUEUE": "q1",
+    "TASKD_ATTEMPT": "3",
+}
+
+
+def daemon_env(monkeypatch: pytest.MonkeyPatch, **env: str | None) -> None:
+    """Set (or, for None, unset) variables of this process, the daemon of these tests."""
+    for name, value in env.items():
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
+async def program_env(config: HandlerConfig) -> dict[str, str]:
+    """The whole environment show_env.py is started with, as a job of config's type."""
+    async with Handlers({config.name: config}) as handlers:
         job = Job(
             id="j-42",
-            type="show",
+            type=config.name,
             queue="q1",
             payload=None,
             state="active",
@@ -297,13 +318,81 @@ async def test_exec_environment(monkeypatch: pytest.MonkeyPatch) -> None:
             created_at=0,
         )
         env = await run_job(handlers, job)
-    assert env == {
-        "TASKD_FROM_PARENT": "inherited",
-        "TASKD_JOB_ID": "j-42",
-        "TASKD_JOB_TYPE": "show",
-        "TASKD_QUEUE": "q1",
-        "TASKD_ATTEMPT": "3",
+    assert isinstance(env, dict)
+    return env
+
+
+# Run by this interpreter, not by "#!/usr/bin/env python3": that may find a wrapper (a pyenv
+# shim) that adds variables of its own, and these tests check the environment exactly.
+SHOW_ENV = (sys.executable, str(PROGRAMS / "show_env.py"))
+
+
+def show_env(**settings: Any) -> HandlerConfig:
+    return HandlerConfig(name="show", kind="exec", exec=SHOW_ENV, **settings)
+
+
+async def test_exec_environment_is_minimal(monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon_env(
+        monkeypatch,
+        **SECRETS,
+        TASKD_FROM_PARENT="not inherited either",
+        HOME="/home/taskd",
+        LANG="C.UTF-8",
+        TZ="Europe/Paris",
+        LC_ALL=None,
+    )
+    assert await program_env(show_env()) == {
+        "PATH": os.environ["PATH"],
+        "HOME": "/home/taskd",
+        "LANG": "C.UTF-8",
+        "TZ": "Europe/Paris",
+        **JOB_VARS,
     }
+
+
+async def test_exec_environment_has_a_path_when_the_daemon_has_none(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    daemon_env(monkeypatch, PATH=None)
+    assert (await program_env(show_env()))["PATH"] == os.defpath
+
+
+async def test_exec_env_and_pass_env_from_the_config(monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon_env(monkeypatch, **SECRETS, NOT_SET_HERE=None)
+    text = f"""
+        [handlers.show]
+        exec = {json.dumps(SHOW_ENV)}
+        env = {{ A = "1", EMPTY = "" }}
+        pass_env = ["SECRET_TOKEN", "NOT_SET_HERE"]
+    """
+    config = parse(tomllib.loads(text), env={}).handlers["show"]
+    env = await program_env(config)
+    assert (env["A"], env["EMPTY"], env["SECRET_TOKEN"]) == ("1", "", "x")
+    assert "NOT_SET_HERE" not in env  # asked for, but the daemon has none to pass on
+    assert "TASKD_REDIS_URL" not in env
+    assert {name: env[name] for name in JOB_VARS} == JOB_VARS
+
+
+async def test_exec_env_wins_over_the_base_and_pass_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    daemon_env(monkeypatch, LANG="C.UTF-8", OTHER="from the daemon")
+    config = show_env(env=(("LANG", "C"), ("OTHER", "from the config")), pass_env=("OTHER",))
+    env = await program_env(config)
+    assert (env["LANG"], env["OTHER"]) == ("C", "from the config")
+
+
+async def test_exec_job_variables_win_over_env() -> None:
+    # The config refuses TASKD_* names; a HandlerConfig made in code still cannot fake them.
+    config = show_env(env=(("TASKD_JOB_ID", "fake"), ("TASKD_ATTEMPT", "1")))
+    env = await program_env(config)
+    assert {name: env[name] for name in JOB_VARS} == JOB_VARS
+
+
+def test_exec_job_variables_in_env_are_refused_at_load() -> None:
+    text = f'[handlers.show]\nexec = {json.dumps(SHOW_ENV)}\nenv = {{ TASKD_JOB_ID = "x" }}\n'
+    with pytest.raises(ConfigError) as info:
+        parse(tomllib.loads(text), env={})
+    (problem,) = info.value.problems
+    assert problem.startswith("handlers.show.env.TASKD_JOB_ID: reserved name 'TASKD_JOB_ID'")
 
 
 async def test_exec_nonzero_exit_with_stderr_tail() -> None:
