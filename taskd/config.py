@@ -56,7 +56,10 @@ _SCHEDULE_KEYS = (
     "name", "cron", "timezone", "type", "payload", "queue", "catch_up", "priority",
 )  # fmt: skip
 _CATCH_UP = ("none", "latest")
-_SERVER_KEYS = ("listen", "max_body", "max_batch", "idempotency_ttl", "token", "allowed_hosts")
+_SERVER_KEYS = (
+    "listen", "max_body", "max_batch", "idempotency_ttl", "token", "allowed_hosts",
+    "public_reads", "public_health", "public_metrics",
+)  # fmt: skip
 _REDIS_KEYS = ("url", "prefix", "data_dir", "cluster")
 _WORKERS_KEYS = (
     "concurrency", "queues", "shutdown_timeout", "heartbeat_interval", "dead_after",
@@ -111,13 +114,17 @@ class ServerConfig:
     host: str | None = "127.0.0.1"
     port: int | None = 7700
     unix_path: str | None = None
-    # When set, the dashboard and every endpoint that changes something require it.
+    # When set, every endpoint needs it (as Authorization: Bearer), except the dashboard's
+    # page and files, and what the three settings below leave open.
     token: str | None = None
     max_batch: int = 10_000  # most jobs in one POST /jobs/batch
     idempotency_ttl: float = 86_400.0  # seconds an idempotency key keeps answering its job
     # Host names requests may name besides IP addresses and localhost ("*": any), so that
     # a page whose name was rebound to this address cannot talk to the API.
     allowed_hosts: tuple[str, ...] = ()
+    public_reads: bool = False  # with a token: reads (jobs, stats, the dashboard's) need none
+    public_health: bool = True  # with a token: /health needs none (probes have no secret)
+    public_metrics: bool = True  # with a token: /metrics needs none (nor do scrapers)
 
 
 @dataclass(frozen=True, slots=True)
@@ -300,6 +307,13 @@ class _Table:
             return default
         return value
 
+    def boolean(self, name: str, default: bool) -> bool:
+        value = self.data.get(name, default)
+        if not isinstance(value, bool):
+            self.problem(name, f"must be true or false, got {_describe(value)}")
+            return default
+        return value
+
     def seconds(self, name: str, default: float, most: float | None = None) -> float:
         value = self.data.get(name, default)
         if isinstance(value, bool) or not isinstance(value, int | float):
@@ -381,6 +395,9 @@ def _server(t: _Table) -> ServerConfig:
         max_batch=max_batch,
         idempotency_ttl=idempotency_ttl,
         allowed_hosts=tuple(name.lower() for name in allowed_hosts),
+        public_reads=t.boolean("public_reads", default.public_reads),
+        public_health=t.boolean("public_health", default.public_health),
+        public_metrics=t.boolean("public_metrics", default.public_metrics),
     )
 
 
@@ -424,11 +441,8 @@ def _redis(t: _Table, env_url: str) -> RedisConfig:
     data_dir = t.string("data_dir", str(default.data_dir))
     if "data_dir" not in t.bad and not data_dir:
         t.problem("data_dir", "must not be empty")
-    cluster = t.data.get("cluster", False)
-    if not isinstance(cluster, bool):
-        t.problem("cluster", f"must be true or false, got {_describe(cluster)}")
-        cluster = False
-    elif cluster and (problem := _cluster_url_problem(url)):
+    cluster = t.boolean("cluster", False)
+    if cluster and (problem := _cluster_url_problem(url)):
         t.problem("cluster", problem)
     return RedisConfig(url, prefix, Path(data_dir), cluster)
 

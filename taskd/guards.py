@@ -92,17 +92,27 @@ def _known_host(host: str, allowed: Collection[str]) -> bool:
     return True  # no rebinding through an address: the browser asked for this very one
 
 
-def token_guard(token: str | None) -> Middleware:
-    """Middleware: with a token configured, the dashboard and every write need it.
-
-    Reads (jobs, stats, health, metrics) stay open, so that probes and scrapers need no
-    secret. The token comes as `Authorization: Bearer ...` or, for the page and the event
-    stream (a browser cannot set headers there), as `?token=...`.
+def token_guard(server: ServerConfig) -> Middleware:
+    """Middleware: with [server] token set, every endpoint needs it, as
+    `Authorization: Bearer TOKEN`, except the dashboard's page and files (they hold no
+    data: the page asks for the token), and what public_reads, public_health and
+    public_metrics leave open. Never in the URL: URLs end up in logs and histories.
     """
+    token = server.token
+    open_paths = {"/"}
+    if server.public_health:
+        open_paths.add("/health")
+    if server.public_metrics:
+        open_paths.add("/metrics")
+
+    def needs_token(request: web.Request) -> bool:
+        if request.path in open_paths or request.path.startswith("/static/"):
+            return False
+        return not (server.public_reads and request.method in SAFE_METHODS)
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token is None or not _guarded(request) or _presented(request, token):
+        if token is None or not needs_token(request) or _presented(request, token):
             return await handler(request)
         return web.json_response(
             {"error": {"code": "unauthorized", "message": "this needs the [server] token"}},
@@ -113,12 +123,8 @@ def token_guard(token: str | None) -> Middleware:
     return guard
 
 
-def _guarded(request: web.Request) -> bool:
-    return request.method not in ("GET", "HEAD") or request.path in ("/", "/events")
-
-
 def _presented(request: web.Request, token: str) -> bool:
-    header = request.headers.get("Authorization", "")
-    offered = header.removeprefix("Bearer ").strip() if header.startswith("Bearer ") else ""
-    offered = offered or request.query.get("token", "")
-    return hmac.compare_digest(offered.encode(), token.encode())
+    scheme, _, offered = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer":
+        return False
+    return hmac.compare_digest(offered.strip().encode(), token.encode())

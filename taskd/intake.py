@@ -126,7 +126,7 @@ class Intake:
             middlewares=[
                 errors_as_json,
                 browser_guard(self._server),
-                token_guard(self._server.token),
+                token_guard(self._server),
             ],
         )
         Dashboard(picture=self.picture, stopping=lambda: not self._accepting).add_routes(app)

@@ -109,7 +109,7 @@ async def test_submit_with_a_bad_payload_is_a_usage_error_and_sends_nothing(
     assert done.code == 2
     assert "argument --payload: not valid JSON" in done.err
     assert "{x:1}" in done.err
-    stats = await taskd("stats", "--json", "--url", running.url, cwd=tmp_path)
+    stats = await taskd("stats", "--json", "--url", running.url, "--token", TOKEN, cwd=tmp_path)
     assert stats.code == 0, stats.err
     counts = json.loads(stats.out)["queues"]["default"]
     assert counts["queued"] == counts["scheduled"] == counts["completed"] == 0

@@ -31,7 +31,10 @@ from taskd.config import (
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "taskd.toml"
 ECHO = '[handlers.echo]\nbuiltin = "echo"\n'
 TOP_KEYS = "server, redis, workers, retention, handlers, schedules"
-SERVER_KEYS = "listen, max_body, max_batch, idempotency_ttl, token, allowed_hosts"
+SERVER_KEYS = (
+    "listen, max_body, max_batch, idempotency_ttl, token, allowed_hosts, public_reads,"
+    " public_health, public_metrics"
+)
 HANDLER_KEYS = (
     "builtin, python, exec, http, queue, timeout, concurrency, max_attempts, backoff_base, "
     "backoff_max, permanent_exit_codes, rate_limit, global_concurrency, env, pass_env"

@@ -306,12 +306,26 @@ async def test_with_a_token_the_page_needs_it_and_works_with_it(
     config = make_config(redis_url, server={"token": TOKEN})
     async with running_daemon(config) as daemon, aiohttp.ClientSession() as session:
         url = base_url(daemon)
-        for path in ("/", "/events"):
-            async with session.get(f"{url}{path}") as response:
-                assert response.status == 401, path
+        async with session.get(f"{url}/events") as response:
+            assert response.status == 401
 
         def check() -> None:
-            open_page(browser, f"{url}/?token={TOKEN}")
+            # The page asks for the token, and keeps it in this tab (not in the URL).
+            browser.get(f"{url}/")
+            wait_for(
+                browser,
+                lambda d: d.find_element(By.ID, "token-form").is_displayed(),
+                "the page to ask for the token",
+            )
+            assert browser.find_element(By.ID, "conn").get_attribute("data-state") == "needs_token"
+            # The refusal that made it ask is the only complaint in the console.
+            [refusal] = console_errors(browser)
+            assert "/events" in refusal
+            assert "401" in refusal
+            browser.find_element(By.ID, "token-input").send_keys(TOKEN + "\n")
+            open_page(browser, f"{url}/")  # a reload keeps the token: the tab remembers it
+            assert not browser.find_element(By.ID, "token-form").is_displayed()
+            assert "token" not in browser.current_url
             completed = queue_count(browser, "default", "completed")
             answer = submit_form(browser, "echo", '{"x":1}')
             assert answer.startswith("Submitted"), answer

@@ -100,11 +100,19 @@ async def guarded(redis_url: str) -> AsyncIterator[Api]:
 
 @pytest.mark.parametrize(
     ("method", "path"),
-    [("POST", "/jobs"), ("POST", "/queues/default/pause"), ("DELETE", "/jobs/x"), ("GET", "/")],
+    [
+        ("POST", "/jobs"),
+        ("POST", "/queues/default/pause"),
+        ("DELETE", "/jobs/x"),
+        ("GET", "/jobs"),
+        ("GET", "/jobs/x"),
+        ("GET", "/dead"),
+        ("GET", "/stats"),
+        ("GET", "/schedules"),
+        ("GET", "/events"),
+    ],
 )
-async def test_the_token_guards_writes_and_the_dashboard(
-    guarded: Api, method: str, path: str
-) -> None:
+async def test_the_token_guards_every_write_and_read(guarded: Api, method: str, path: str) -> None:
     session, url = guarded
     async with session.request(method, f"{url}{path}", json={"type": "noop"}) as response:
         assert response.status == 401
@@ -113,18 +121,47 @@ async def test_the_token_guards_writes_and_the_dashboard(
     wrong = {"Authorization": "Bearer nope"}
     async with session.request(method, f"{url}{path}", headers=wrong) as response:
         assert response.status == 401
+    # Never in the URL: URLs end up in logs and browser histories.
+    async with session.request(method, f"{url}{path}?token={TOKEN}") as response:
+        assert response.status == 401
 
 
-async def test_the_token_opens_writes_and_reads_stay_open(guarded: Api) -> None:
+async def test_the_token_opens_everything_and_probes_stay_open(guarded: Api) -> None:
     session, url = guarded
     headers = {"Authorization": f"Bearer {TOKEN}"}
     async with session.post(f"{url}/jobs", json={"type": "noop"}, headers=headers) as response:
         assert response.status == 201
-    async with session.get(f"{url}/?token={TOKEN}") as response:
-        assert response.status == 200
-    for path in ("/stats", "/health", "/jobs"):
+    for path in ("/stats", "/jobs", "/dead"):
+        async with session.get(f"{url}{path}", headers=headers) as response:
+            assert response.status == 200, path
+    # The page and its files hold no data (the page asks for the token); probes need none.
+    for path in ("/", "/static/app.js", "/health", "/metrics"):
         async with session.get(f"{url}{path}") as response:
             assert response.status == 200, path
+
+
+@pytest.mark.parametrize(
+    ("settings", "open_paths", "closed_paths"),
+    [
+        ({"public_reads": True}, ["/stats", "/jobs", "/dead", "/health"], []),
+        ({"public_health": False, "public_metrics": False}, [], ["/health", "/metrics"]),
+    ],
+)
+async def test_what_stays_open_with_a_token_is_configurable(
+    redis_url: str, settings: dict[str, bool], open_paths: list[str], closed_paths: list[str]
+) -> None:
+    config = make_config(redis_url, server={"token": TOKEN, **settings})
+    async with running_daemon(config) as daemon, aiohttp.ClientSession() as session:
+        url = base_url(daemon)
+        for path in open_paths:
+            async with session.get(f"{url}{path}") as response:
+                assert response.status == 200, path
+        for path in closed_paths:
+            async with session.get(f"{url}{path}") as response:
+                assert response.status == 401, path
+        # public_reads opens reads only: writes still need the token.
+        async with session.post(f"{url}/jobs", json={"type": "noop"}) as response:
+            assert response.status == 401
 
 
 async def test_the_event_stream_sends_a_picture_every_second(api: Api) -> None:

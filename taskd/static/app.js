@@ -6,8 +6,14 @@
 
 "use strict";
 
-// With a [server] token the page is opened as /?token=SECRET; every request needs it too.
-const TOKEN = new URLSearchParams(window.location.search).get("token");
+// With a [server] token every request needs it, as an Authorization header (never in the
+// URL, which ends up in logs and histories). The page asks for it once per tab.
+const TOKEN_KEY = "taskd-token";
+let token = sessionStorage.getItem(TOKEN_KEY);
+
+function authHeaders() {
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
 
 // One point per event (one a second): two minutes of history for the charts.
 const HISTORY_POINTS = 120;
@@ -32,8 +38,7 @@ let lastPicture = null;
 // Calls the JSON API with the token; resolves to the answer's body, or rejects with an
 // Error carrying the API's own message (it is written for people, so we show it as is).
 async function api(method, path, body) {
-  const headers = { Accept: "application/json" };
-  if (TOKEN) headers.Authorization = `Bearer ${TOKEN}`;
+  const headers = { Accept: "application/json", ...authHeaders() };
   if (body !== undefined) headers["Content-Type"] = "application/json";
   let response;
   try {
@@ -84,37 +89,58 @@ async function act(button, doing, method, path) {
 
 // ---------------------------------------------------------------- the event stream
 
-// EventSource reconnects by itself after a dropped connection; it only gives up when the
-// server refuses outright (a wrong token, a 404), and then we start a new one later.
-function connect() {
-  const url = TOKEN ? `/events?token=${encodeURIComponent(TOKEN)}` : "/events";
-  const source = new EventSource(url);
-  source.onopen = () => setConnection("live");
-  source.onerror = () => {
-    if (source.readyState === EventSource.CLOSED) {
-      explainRefusal();
-      setTimeout(connect, 5000);
-    } else {
-      setConnection("reconnecting");
+// Read with fetch, not EventSource, which cannot send the Authorization header. A stream
+// that ends or fails is opened again after a pause; a refused token asks for another.
+const RETRY_MS = 2000;
+
+async function connect() {
+  try {
+    const response = await fetch("/events", { headers: authHeaders(), cache: "no-store" });
+    if (response.status === 401) {
+      askForToken();
+      return;
     }
-  };
-  source.addEventListener("picture", (event) => {
+    if (!response.ok) throw new Error(`HTTP ${response.status}`);
     setConnection("live");
-    render(JSON.parse(event.data));
-  });
+    await readEvents(response.body.pipeThrough(new TextDecoderStream()).getReader());
+    setConnection("reconnecting");
+  } catch {
+    setConnection("offline");
+  }
+  setTimeout(connect, RETRY_MS);
 }
 
-// EventSource does not say why it was refused; the page itself answers 401 exactly when
-// the stream does, so ask for it to tell a wrong token from a daemon that is down.
-async function explainRefusal() {
-  setConnection("offline");
-  const headers = TOKEN ? { Authorization: `Bearer ${TOKEN}` } : {};
-  try {
-    const response = await fetch("/", { headers, cache: "no-store" });
-    if (response.status === 401) setConnection("unauthorized");
-  } catch {
-    // Down: "offline" it is.
+// Server-sent events: frames end with a blank line; a "picture" frame's data is JSON.
+async function readEvents(reader) {
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += value;
+    let end;
+    while ((end = buffer.indexOf("\n\n")) >= 0) {
+      const lines = buffer.slice(0, end).split("\n");
+      buffer = buffer.slice(end + 2);
+      const data = lines.filter((l) => l.startsWith("data: ")).map((l) => l.slice(6));
+      if (lines.includes("event: picture") && data.length) render(JSON.parse(data.join("\n")));
+    }
   }
+}
+
+function askForToken() {
+  setConnection(token ? "unauthorized" : "needs_token");
+  $("token-form").hidden = false;
+  $("token-input").focus();
+}
+
+function useToken(event) {
+  event.preventDefault();
+  token = $("token-input").value.trim();
+  sessionStorage.setItem(TOKEN_KEY, token);
+  $("token-input").value = "";
+  $("token-form").hidden = true;
+  setConnection("connecting");
+  connect();
 }
 
 const CONNECTION_TEXT = {
@@ -122,7 +148,8 @@ const CONNECTION_TEXT = {
   live: "live",
   reconnecting: "reconnecting…",
   offline: "offline, retrying soon",
-  unauthorized: "token refused: open the page as /?token=…",
+  needs_token: "this daemon needs its token",
+  unauthorized: "token refused: enter the right one",
 };
 
 function setConnection(state) {
@@ -733,6 +760,7 @@ function formatBytes(bytes) {
 
 function start() {
   $("submit-form").addEventListener("submit", submitJob);
+  $("token-form").addEventListener("submit", useToken);
   // Clear the JSON complaint as soon as the user edits the payload again.
   $("job-payload").addEventListener("input", () => showPayloadError(null));
   // Canvas pixels follow the layout: redraw when it changes (rotation, resizing).
