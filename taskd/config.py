@@ -40,13 +40,14 @@ _DB_PATH = re.compile(r"/?|/[0-9]+")
 _BARE_KEY = re.compile(r"[A-Za-z0-9_-]+")
 # Everything between "scheme://" and the last "@": user names and passwords.
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^@]*@")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _MAX_BODY = 1 << 30
 _WEEK = 7 * 24 * 3600.0
 # Longer than this, a retention is surely milliseconds written as seconds.
 _TEN_YEARS = 10 * 365 * 24 * 3600.0
 MAX_ATTEMPTS = 1000  # attempts a job may have at most (submissions are held to it too)
-_TOP_KEYS = ("server", "redis", "workers", "retention", "handlers", "schedules")
+_TOP_KEYS = ("server", "redis", "workers", "retention", "callbacks", "handlers", "schedules")
 _SCHEDULE_KEYS = (
     "name", "cron", "timezone", "type", "payload", "queue", "catch_up", "priority",
 )  # fmt: skip
@@ -59,6 +60,10 @@ _WORKERS_KEYS = (
 )  # fmt: skip
 _MAX_WEIGHT = 1000
 _RETENTION_KEYS = ("completed", "failed")
+_CALLBACKS_KEYS = ("allow", "deny")
+_CIDR_RULE = 'a network like "10.0.0.0/8" or an address like "10.1.2.3"'
+_MAX_REDIRECTS = 10
+DEFAULT_MAX_REDIRECTS = 3
 _KINDS = ("builtin", "python", "exec", "http")
 _HANDLER_KEYS = (
     *_KINDS,
@@ -71,6 +76,7 @@ _HANDLER_KEYS = (
     "permanent_exit_codes",
     "rate_limit",
     "global_concurrency",
+    "max_redirects",
 )
 # A rate limit's unit: how many milliseconds its window spans.
 _RATE_UNITS = {"s": 1000, "m": 60_000, "h": 3_600_000}
@@ -176,6 +182,8 @@ class HandlerConfig:
     # Jobs of this type running at once across all daemons sharing the Redis; `concurrency`
     # limits one daemon only.
     global_concurrency: int | None = None
+    # http only: redirects followed, each destination checked as the first one is.
+    max_redirects: int = DEFAULT_MAX_REDIRECTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,6 +192,15 @@ class RetentionConfig:
 
     completed: float = 86400.0
     failed: float = 604800.0
+
+
+@dataclass(frozen=True, slots=True)
+class CallbacksConfig:
+    """Where callbacks and http handlers may connect, besides public addresses (see
+    taskd.egress): networks permitted though private, and networks refused though public."""
+
+    allow: tuple[Network, ...] = ()
+    deny: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +228,7 @@ class Config:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     schedules: tuple[ScheduleConfig, ...] = ()
     source: str = "<config>"
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
 
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -239,12 +257,15 @@ def parse(
     redis = _redis(root.table("redis", _REDIS_KEYS), env.get("TASKD_REDIS_URL", ""))
     workers = _workers(root.table("workers", _WORKERS_KEYS))
     retention = _retention(root.table("retention", _RETENTION_KEYS))
+    callbacks = _callbacks(root.table("callbacks", _CALLBACKS_KEYS))
     handlers = _handlers(root, problems)
     schedules = _schedules(root, handlers, problems)
     if problems:
         raise ConfigError(source, problems)
     handler_map = types.MappingProxyType(handlers)
-    return Config(server, redis, workers, handler_map, retention, schedules, source)
+    return Config(
+        server, redis, workers, handler_map, retention, schedules, source, callbacks=callbacks
+    )
 
 
 class _Table:
@@ -483,6 +504,27 @@ def _retention(t: _Table) -> RetentionConfig:
     return RetentionConfig(completed, failed)
 
 
+def _callbacks(t: _Table) -> CallbacksConfig:
+    return CallbacksConfig(_networks(t, "allow"), _networks(t, "deny"))
+
+
+def _networks(t: _Table, name: str) -> tuple[Network, ...]:
+    value = t.data.get(name, [])
+    if not isinstance(value, list):
+        t.problem(name, f"must be an array of networks ({_CIDR_RULE}), got {_describe(value)}")
+        return ()
+    networks = []
+    for i, item in enumerate(value):
+        try:
+            # ip_network() takes integers as addresses too: a TOML 10 is no network.
+            if not isinstance(item, str):
+                raise ValueError
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            t.problem(name, f"must be {_CIDR_RULE}, got {_describe(item)}", suffix=f"[{i}]")
+    return () if name in t.bad else tuple(networks)
+
+
 def _check_queue_names(t: _Table, queues: tuple[str, ...]) -> None:
     seen: set[str] = set()
     for i, queue in enumerate(queues):
@@ -583,6 +625,7 @@ def _handler(name: str, t: _Table) -> HandlerConfig:
     global_concurrency = (
         t.integer("global_concurrency", 0, 1, 100_000) if "global_concurrency" in t.data else None
     )
+    max_redirects = _max_redirects(t, given)
     kind = given[0] if len(given) == 1 else ""
     return HandlerConfig(
         name,
@@ -600,6 +643,7 @@ def _handler(name: str, t: _Table) -> HandlerConfig:
         exit_codes,
         rate_limit,
         global_concurrency,
+        max_redirects,
     )
 
 
@@ -613,6 +657,16 @@ def _backoff(t: _Table) -> tuple[float, float]:
             f"must be at least {t.key('backoff_base')} ({base:g}), got {most:g}",
         )
     return base, most
+
+
+def _max_redirects(t: _Table, kinds: list[str]) -> int:
+    if "max_redirects" not in t.data:
+        return DEFAULT_MAX_REDIRECTS
+    # With no kind given, "give exactly one of ..." is the problem; this would be noise.
+    if kinds and "http" not in kinds:
+        t.problem("max_redirects", "only http handlers follow redirects")
+        return DEFAULT_MAX_REDIRECTS
+    return t.integer("max_redirects", DEFAULT_MAX_REDIRECTS, 0, _MAX_REDIRECTS)
 
 
 def _rate_limit(t: _Table) -> RateLimit | None:

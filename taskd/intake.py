@@ -14,6 +14,7 @@ from aiohttp.typedefs import Handler
 
 from taskd.config import HandlerConfig, ScheduleConfig, ServerConfig
 from taskd.dashboard import Dashboard, token_guard
+from taskd.egress import DEFAULT_POLICY, Policy
 from taskd.jobs import FAILED, Job, format_ms, now_ms
 from taskd.metrics import Metrics
 from taskd.scheduler import Scheduler, next_tick
@@ -94,8 +95,10 @@ class Intake:
         on_final: Callable[[Job], None] | None = None,
         schedules: Scheduler | None = None,
         clock: Callable[[], int] = now_ms,
+        egress: Policy = DEFAULT_POLICY,
     ) -> None:
         self._scheduler = schedules
+        self._egress = egress  # what callback_urls may name
         self._on_final = on_final
         self._metrics = metrics
         self._active = active
@@ -171,7 +174,9 @@ class Intake:
     async def submit(self, request: web.Request) -> web.Response:
         self._check_accepting()
         header = request.headers.get("Idempotency-Key")
-        job = parse_submission(await request.read(), self._handlers, self._clock(), header)
+        job = parse_submission(
+            await request.read(), self._handlers, self._clock(), header, egress=self._egress
+        )
         # Twice at most: a first job deleted between the two calls holds its key no more.
         for _ in range(2):
             holder = await self._store.enqueue(job, self._dedup_ttl_ms)
@@ -194,7 +199,9 @@ class Intake:
         """Many jobs in one request: validated as a whole, then enqueued in few round trips."""
         self._check_accepting()
         body = await request.read()
-        jobs = parse_batch(body, self._handlers, self._clock(), self._server.max_batch)
+        jobs = parse_batch(
+            body, self._handlers, self._clock(), self._server.max_batch, egress=self._egress
+        )
         holders = await self._store.enqueue_many(jobs, self._dedup_ttl_ms)
         added = [job for job, holder in zip(jobs, holders, strict=True) if holder == job.id]
         for (queue, job_type), count in Counter((j.queue, j.type) for j in added).items():
