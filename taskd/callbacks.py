@@ -11,6 +11,7 @@ import anyio
 import orjson
 from anyio.abc import TaskGroup
 
+from taskd.egress import DEFAULT_POLICY, Policy, Refused, connector
 from taskd.jobs import Job, now_ms
 from taskd.store import Store
 
@@ -39,6 +40,9 @@ class Callbacks:
     changes it. A callback is sent at least once: twice only if its daemon died between
     sending it and recording it. Callbacks not sent when the daemon stops go back to the
     outbox for any daemon to send.
+
+    `egress` is where callbacks may go (by default, public addresses only); they follow
+    no redirect, which would lead them past it.
     """
 
     def __init__(
@@ -51,8 +55,10 @@ class Callbacks:
         backoff_base: float = 0.5,
         senders: int = SENDERS,
         poll_interval: float = POLL_INTERVAL,
+        egress: Policy = DEFAULT_POLICY,
     ) -> None:
         self._store = store
+        self._egress = egress
         self._daemon_id = daemon_id
         self._queues = tuple(queues)
         self._clock = clock
@@ -93,7 +99,9 @@ class Callbacks:
         try:
             with self._scope:
                 async with (
-                    aiohttp.ClientSession(timeout=timeout) as session,
+                    aiohttp.ClientSession(
+                        timeout=timeout, connector=connector(self._egress)
+                    ) as session,
                     anyio.create_task_group() as tg,
                 ):
                     await self._loop(session, tg)
@@ -146,7 +154,12 @@ class Callbacks:
             job = await self._store.get_job(job_id, [queue])
             if job is None or job.callback_url is None:
                 return "dropped"
-            error = await _post(session, job)
+            try:
+                error = await _post(session, job, self._egress)
+            except Refused as exc:
+                # The same policy would refuse every retry.
+                logger.warning("callback of job %s failed for good: %s", job_id, exc)
+                return "failed"
             if error is None:
                 return "sent"
             if attempt < ATTEMPTS:
@@ -178,15 +191,22 @@ class Callbacks:
             logger.info("returned %d unsent callbacks to their outbox", returned)
 
 
-async def _post(session: aiohttp.ClientSession, job: Job) -> str | None:
-    """POST the job's record; None on a 2xx answer, else what went wrong."""
+async def _post(session: aiohttp.ClientSession, job: Job, egress: Policy) -> str | None:
+    """POST the job's record; None on a 2xx answer, else what went wrong. Raise Refused
+    if the policy refuses the destination (names are checked by the session's resolver)."""
     assert job.callback_url is not None
+    # Submission refused these already; a job submitted under another policy may not be.
+    egress.check_url(job.callback_url)
     body = orjson.dumps(job.to_public())
     headers = {"Content-Type": "application/json", "X-Taskd-Job-Id": job.id}
     try:
-        async with session.post(job.callback_url, data=body, headers=headers) as response:
+        async with session.post(
+            job.callback_url, data=body, headers=headers, allow_redirects=False
+        ) as response:
             if 200 <= response.status < 300:
                 return None
+            if 300 <= response.status < 400:
+                return f"HTTP {response.status}: callbacks follow no redirect"
             return f"HTTP {response.status}"
     except (aiohttp.ClientError, TimeoutError, OSError) as exc:
         return repr(exc)

@@ -45,13 +45,14 @@ _JOB_ENV_PREFIX = "TASKD_"
 _ENV_RULE = "use letters, digits and '_', not starting with a digit"
 # Everything between "scheme://" and the last "@": user names and passwords.
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^@]*@")
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 _MAX_BODY = 1 << 30
 _WEEK = 7 * 24 * 3600.0
 # Longer than this, a retention is surely milliseconds written as seconds.
 _TEN_YEARS = 10 * 365 * 24 * 3600.0
 MAX_ATTEMPTS = 1000  # attempts a job may have at most (submissions are held to it too)
-_TOP_KEYS = ("server", "redis", "workers", "retention", "handlers", "schedules")
+_TOP_KEYS = ("server", "redis", "workers", "retention", "callbacks", "handlers", "schedules")
 _SCHEDULE_KEYS = (
     "name", "cron", "timezone", "type", "payload", "queue", "catch_up", "priority",
 )  # fmt: skip
@@ -60,13 +61,17 @@ _SERVER_KEYS = (
     "listen", "max_body", "max_batch", "idempotency_ttl", "token", "allowed_hosts",
     "public_reads", "public_health", "public_metrics",
 )  # fmt: skip
-_REDIS_KEYS = ("url", "prefix", "data_dir", "cluster")
+_REDIS_KEYS = ("url", "prefix", "data_dir", "cluster", "request_timeout")
 _WORKERS_KEYS = (
     "concurrency", "queues", "shutdown_timeout", "heartbeat_interval", "dead_after",
     "queue_mode", "weights",
 )  # fmt: skip
 _MAX_WEIGHT = 1000
 _RETENTION_KEYS = ("completed", "failed")
+_CALLBACKS_KEYS = ("allow", "deny")
+_CIDR_RULE = 'a network like "10.0.0.0/8" or an address like "10.1.2.3"'
+_MAX_REDIRECTS = 10
+DEFAULT_MAX_REDIRECTS = 3
 _KINDS = ("builtin", "python", "exec", "http")
 _HANDLER_KEYS = (
     *_KINDS,
@@ -81,6 +86,7 @@ _HANDLER_KEYS = (
     "global_concurrency",
     "env",
     "pass_env",
+    "max_redirects",
 )
 # A rate limit's unit: how many milliseconds its window spans.
 _RATE_UNITS = {"s": 1000, "m": 60_000, "h": 3_600_000}
@@ -136,6 +142,9 @@ class RedisConfig:
     data_dir: Path = Path("var")
     # The url names one node of a Redis Cluster; taskd finds the others from it.
     cluster: bool = False
+    # Seconds an HTTP request may wait for Redis before it answers 503: a client is better
+    # told at once than left hanging through an outage.
+    request_timeout: float = 2.0
 
     @property
     def embedded(self) -> bool:
@@ -197,6 +206,8 @@ class HandlerConfig:
     env: tuple[tuple[str, str], ...] = ()
     # exec only: names copied from the daemon's environment, where set there.
     pass_env: tuple[str, ...] = ()
+    # http only: redirects followed, each destination checked as the first one is.
+    max_redirects: int = DEFAULT_MAX_REDIRECTS
 
 
 @dataclass(frozen=True, slots=True)
@@ -205,6 +216,15 @@ class RetentionConfig:
 
     completed: float = 86400.0
     failed: float = 604800.0
+
+
+@dataclass(frozen=True, slots=True)
+class CallbacksConfig:
+    """Where callbacks and http handlers may connect, besides public addresses (see
+    taskd.egress): networks permitted though private, and networks refused though public."""
+
+    allow: tuple[Network, ...] = ()
+    deny: tuple[Network, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,6 +252,7 @@ class Config:
     retention: RetentionConfig = field(default_factory=RetentionConfig)
     schedules: tuple[ScheduleConfig, ...] = ()
     source: str = "<config>"
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
 
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -260,12 +281,15 @@ def parse(
     redis = _redis(root.table("redis", _REDIS_KEYS), env.get("TASKD_REDIS_URL", ""))
     workers = _workers(root.table("workers", _WORKERS_KEYS))
     retention = _retention(root.table("retention", _RETENTION_KEYS))
+    callbacks = _callbacks(root.table("callbacks", _CALLBACKS_KEYS))
     handlers = _handlers(root, problems)
     schedules = _schedules(root, handlers, problems)
     if problems:
         raise ConfigError(source, problems)
     handler_map = types.MappingProxyType(handlers)
-    return Config(server, redis, workers, handler_map, retention, schedules, source)
+    return Config(
+        server, redis, workers, handler_map, retention, schedules, source, callbacks=callbacks
+    )
 
 
 class _Table:
@@ -444,7 +468,10 @@ def _redis(t: _Table, env_url: str) -> RedisConfig:
     cluster = t.boolean("cluster", False)
     if cluster and (problem := _cluster_url_problem(url)):
         t.problem("cluster", problem)
-    return RedisConfig(url, prefix, Path(data_dir), cluster)
+    request_timeout = t.seconds("request_timeout", default.request_timeout, 60.0)
+    if "request_timeout" not in t.bad and request_timeout <= 0:
+        t.problem("request_timeout", f"must be more than 0 seconds, got {request_timeout:g}")
+    return RedisConfig(url, prefix, Path(data_dir), cluster, request_timeout)
 
 
 def _cluster_url_problem(url: str) -> str | None:
@@ -526,6 +553,27 @@ def _retention(t: _Table) -> RetentionConfig:
     completed = t.seconds("completed", default.completed, most=_TEN_YEARS)
     failed = t.seconds("failed", default.failed, most=_TEN_YEARS)
     return RetentionConfig(completed, failed)
+
+
+def _callbacks(t: _Table) -> CallbacksConfig:
+    return CallbacksConfig(_networks(t, "allow"), _networks(t, "deny"))
+
+
+def _networks(t: _Table, name: str) -> tuple[Network, ...]:
+    value = t.data.get(name, [])
+    if not isinstance(value, list):
+        t.problem(name, f"must be an array of networks ({_CIDR_RULE}), got {_describe(value)}")
+        return ()
+    networks = []
+    for i, item in enumerate(value):
+        try:
+            # ip_network() takes integers as addresses too: a TOML 10 is no network.
+            if not isinstance(item, str):
+                raise ValueError
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError:
+            t.problem(name, f"must be {_CIDR_RULE}, got {_describe(item)}", suffix=f"[{i}]")
+    return () if name in t.bad else tuple(networks)
 
 
 def _check_queue_names(t: _Table, queues: tuple[str, ...]) -> None:
@@ -630,6 +678,7 @@ def _handler(name: str, t: _Table) -> HandlerConfig:
     global_concurrency = (
         t.integer("global_concurrency", 0, 1, 100_000) if "global_concurrency" in t.data else None
     )
+    max_redirects = _max_redirects(t, given)
     kind = given[0] if len(given) == 1 else ""
     return HandlerConfig(
         name,
@@ -649,6 +698,7 @@ def _handler(name: str, t: _Table) -> HandlerConfig:
         global_concurrency,
         env,
         pass_env,
+        max_redirects,
     )
 
 
@@ -662,6 +712,16 @@ def _backoff(t: _Table) -> tuple[float, float]:
             f"must be at least {t.key('backoff_base')} ({base:g}), got {most:g}",
         )
     return base, most
+
+
+def _max_redirects(t: _Table, kinds: list[str]) -> int:
+    if "max_redirects" not in t.data:
+        return DEFAULT_MAX_REDIRECTS
+    # With no kind given, "give exactly one of ..." is the problem; this would be noise.
+    if kinds and "http" not in kinds:
+        t.problem("max_redirects", "only http handlers follow redirects")
+        return DEFAULT_MAX_REDIRECTS
+    return t.integer("max_redirects", DEFAULT_MAX_REDIRECTS, 0, _MAX_REDIRECTS)
 
 
 def _rate_limit(t: _Table) -> RateLimit | None:

@@ -12,6 +12,7 @@ from anyio.abc import TaskStatus
 from taskd.callbacks import Callbacks
 from taskd.canceller import Canceller
 from taskd.config import Config
+from taskd.egress import Policy
 from taskd.handlers import Handlers
 from taskd.heartbeat import Heartbeat, Identity
 from taskd.intake import Intake
@@ -65,7 +66,11 @@ class Daemon:
             job_types=[(h.queue, h.name) for h in config.handlers.values()],
         )
         self.promoter = Promoter(store=store, queues=sorted(known))
-        self.callbacks = Callbacks(store=store, daemon_id=self.identity.id, queues=workers.queues)
+        # Where callbacks may go; `handlers` got the same policy from whoever built them.
+        egress = Policy.from_config(config.callbacks)
+        self.callbacks = Callbacks(
+            store=store, daemon_id=self.identity.id, queues=workers.queues, egress=egress
+        )
         self.pool = WorkerPool(
             store=store,
             handlers=handlers,
@@ -89,6 +94,7 @@ class Daemon:
             interval=workers.heartbeat_interval,
             on_reaped=self.pool.drop_lost,
             after_beat=self._release_orphans,
+            on_data_lost=self.metrics.redis_data_lost,
         )
         self.reaper = Reaper(
             store=store,
@@ -116,6 +122,8 @@ class Daemon:
             on_scheduled=self.promoter.wake,
             on_final=self.callbacks.job_ended,
             schedules=self.scheduler,
+            request_timeout=config.redis.request_timeout,
+            egress=egress,
         )
         self._store = store
         self._stopping = anyio.Event()
@@ -230,7 +238,8 @@ async def serve(config: Config, redis_url: str) -> None:
     store = connect(config, redis_url)
     try:
         await wait_for_redis(store, redis_url)
-        async with Handlers(config.handlers) as handlers:
+        egress = Policy.from_config(config.callbacks)
+        async with Handlers(config.handlers, egress=egress) as handlers:
             await Daemon(config=config, store=store, handlers=handlers).run()
     finally:
         with anyio.CancelScope(shield=True):

@@ -12,13 +12,16 @@ import math
 import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, NoReturn, Self, TypeVar
 
 import aiohttp
 import anyio
 import orjson
+from yarl import URL
 
 from taskd.config import HandlerConfig
+from taskd.egress import DEFAULT_POLICY, Policy, Refused, connector
 from taskd.jobs import Job
 
 logger = logging.getLogger(__name__)
@@ -26,6 +29,7 @@ logger = logging.getLogger(__name__)
 MAX_OUTPUT = 1024 * 1024  # most bytes of stdout / response body kept as the result
 STDERR_TAIL = 4096  # bytes of an exec program's stderr kept for the error text
 HTTP_ERROR_TAIL = 500  # characters of a failed response's body kept for the error text
+_REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 64 * 1024
 # What an exec program gets of the daemon's environment unasked: enough to find other
 # programs and to handle text and time. The rest of it (TASKD_REDIS_URL with its password,
@@ -48,10 +52,16 @@ class JobFailed(Exception):
 
 
 class Handlers:
-    """The handlers of this daemon's job types, ready to run jobs."""
+    """The handlers of this daemon's job types, ready to run jobs.
 
-    def __init__(self, configs: Mapping[str, HandlerConfig]) -> None:
+    `egress` is where http handlers may connect: by default, public addresses only.
+    """
+
+    def __init__(
+        self, configs: Mapping[str, HandlerConfig], *, egress: Policy = DEFAULT_POLICY
+    ) -> None:
         self._configs = dict(configs)
+        self._egress = egress
         self._python: dict[str, tuple[PythonHandler, bool]] = {}
         self._session: aiohttp.ClientSession | None = None
         for job_type, config in self._configs.items():
@@ -62,7 +72,9 @@ class Handlers:
     async def __aenter__(self) -> Self:
         # One session for every http handler, so connections are pooled; the
         # handler's own timeout governs, hence no aiohttp total timeout.
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None))
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None), connector=connector(self._egress)
+        )
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -119,7 +131,7 @@ class Handlers:
         if config.kind == "exec":
             return _run_exec(_require(config.exec, config), config, job)
         if config.kind == "http":
-            return self._run_http(_require(config.http, config), job)
+            return self._run_http(config, URL(_require(config.http, config)), job)
         message = f"unknown handler kind '{config.kind}' for type '{job.type}'"
         raise JobFailed(message, permanent=True)
 
@@ -131,30 +143,98 @@ class Handlers:
         # job fails (or is cancelled) at once, but the thread runs on to its end.
         return await anyio.to_thread.run_sync(func, job, abandon_on_cancel=True)
 
-    async def _run_http(self, url: str, job: Job) -> Any:
+    async def _run_http(self, config: HandlerConfig, url: URL, job: Job) -> Any:
         if self._session is None:
             raise RuntimeError("Handlers must be entered with 'async with' to run http jobs")
         headers = {
-            "Content-Type": "application/json",
             "X-Taskd-Job-Id": job.id,
             "X-Taskd-Job-Type": job.type,
             "X-Taskd-Attempt": str(job.attempts),
         }
+        # Redirects are followed here, not by aiohttp: it would re-send the payload on a
+        # 307 or 308 to any other site, and each hop's destination must be checked.
+        hop = _Hop(url=url, method="POST", data=orjson.dumps(job.payload))
+        redirects = 0
+        while (answer := await self._send(hop, headers, first=redirects == 0)).location:
+            if redirects == config.max_redirects:
+                raise JobFailed(
+                    f"HTTP {answer.status} from {hop.url}: redirect to {answer.location} not "
+                    f"followed: [handlers.{config.name}] max_redirects = {config.max_redirects}"
+                )
+            hop = _redirected(hop, answer.status, answer.location)
+            redirects += 1
+        return _http_result(job, hop.url, answer)
+
+    async def _send(self, hop: _Hop, headers: dict[str, str], *, first: bool) -> _Answer:
+        """One request, its redirect left unfollowed: the answer, or JobFailed."""
+        assert self._session is not None
+        if hop.data is not None:
+            headers = {**headers, "Content-Type": "application/json"}
         try:
-            async with self._session.post(
-                url, data=orjson.dumps(job.payload), headers=headers
+            # The configured URL may carry a user and password: the operator's choice.
+            self._egress.check_url(hop.url, credentials=True)
+            async with self._session.request(
+                hop.method, hop.url, data=hop.data, headers=headers, allow_redirects=False
             ) as resp:
+                location = resp.headers.get("Location")
+                if resp.status in _REDIRECTS and location:
+                    return _Answer(status=resp.status, location=location)
                 body, truncated = await _read_http_body(resp.content)
-                status = resp.status
+                return _Answer(status=resp.status, body=body, truncated=truncated)
+        except Refused as exc:
+            # Every attempt would ask the configured URL again; a redirect may go elsewhere.
+            raise JobFailed(f"request to {hop.url} refused: {exc}", permanent=first) from None
         except (aiohttp.ClientError, OSError) as exc:
-            raise JobFailed(f"request to {url} failed: {exc!r}") from exc
-        if not 200 <= status < 300:
-            tail = body.decode("utf-8", errors="replace")[-HTTP_ERROR_TAIL:].strip()
-            permanent = _permanent_status(status)
-            raise JobFailed(f"HTTP {status} from {url}: {tail}", permanent=permanent)
-        if truncated:
-            logger.warning("job %s: response from %s cut at %d bytes", job.id, url, MAX_OUTPUT)
-        return _parse_output(body, truncated)
+            raise JobFailed(f"request to {hop.url} failed: {exc!r}") from exc
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Hop:
+    """One request of an http job: the first, or one a redirect asked for."""
+
+    url: URL
+    method: str
+    data: bytes | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class _Answer:
+    """What one request got: a redirect's location, or the (perhaps cut) body."""
+
+    status: int
+    location: str | None = None
+    body: bytes = b""
+    truncated: bool = False
+
+
+def _redirected(hop: _Hop, status: int, location: str) -> _Hop:
+    """The request a redirect answer asks for, as browsers (and aiohttp) make it."""
+    try:
+        target = hop.url.join(URL(location))
+    except ValueError:
+        target = URL()
+    if target.scheme not in ("http", "https") or not target.host:
+        raise JobFailed(f"HTTP {status} from {hop.url}: redirect to {location!r}, not a web URL")
+    if status not in (307, 308):
+        # 301, 302 and 303 turn a POST into a GET without a body.
+        return _Hop(url=target, method="GET", data=None)
+    if target.origin() != hop.url.origin():
+        # 307 and 308 keep the method and body: the payload is for the configured site only.
+        raise JobFailed(
+            f"HTTP {status} from {hop.url}: redirect to {target} not followed: it would "
+            "send the payload to another site"
+        )
+    return _Hop(url=target, method=hop.method, data=hop.data)
+
+
+def _http_result(job: Job, url: URL, answer: _Answer) -> Any:
+    if not 200 <= answer.status < 300:
+        tail = answer.body.decode("utf-8", errors="replace")[-HTTP_ERROR_TAIL:].strip()
+        permanent = _permanent_status(answer.status)
+        raise JobFailed(f"HTTP {answer.status} from {url}: {tail}", permanent=permanent)
+    if answer.truncated:
+        logger.warning("job %s: response from %s cut at %d bytes", job.id, url, MAX_OUTPUT)
+    return _parse_output(answer.body, answer.truncated)
 
 
 def _permanent_status(status: int) -> bool:

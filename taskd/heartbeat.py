@@ -51,6 +51,7 @@ class Heartbeat:
         interval: float,
         on_reaped: Callable[[], Awaitable[object]],
         after_beat: Callable[[], Awaitable[object]],
+        on_data_lost: Callable[[], None] = lambda: None,
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self._store = store
@@ -63,6 +64,7 @@ class Heartbeat:
         self._interval = interval
         self._on_reaped = on_reaped
         self._after_beat = after_beat
+        self._on_data_lost = on_data_lost
         self._clock = clock
         self._registered = False
 
@@ -72,9 +74,10 @@ class Heartbeat:
         Finding the record gone means other daemons took this one for dead (a long pause,
         a partition) and took its jobs back: the beat registers it again, and the jobs it
         still runs but no longer owns are stopped, since they may run elsewhere already.
+        Finding the installation's marker gone too means Redis lost its data.
         """
         me = self._identity
-        known = await self._store.beat(
+        beat = await self._store.beat(
             DaemonInfo(
                 id=me.id,
                 host=me.host,
@@ -87,7 +90,15 @@ class Heartbeat:
                 types=self._types,
             )
         )
-        if self._registered and not known:
+        if self._registered and not beat.marked:
+            # No marker, no registration: not a reaper's doing, an empty Redis.
+            logger.error(
+                "Redis lost its data (restarted without persistence, or failed over to an"
+                " empty replica): every job stored before is gone, queued, running and"
+                " finished alike; jobs this daemon still runs are stopped"
+            )
+            self._on_data_lost()
+        if self._registered and not beat.registered:
             logger.warning("this daemon was taken for dead; registered again")
             await self._on_reaped()
         self._registered = True

@@ -10,16 +10,17 @@ from typing import Any
 import anyio
 import orjson
 from aiohttp import web
-from aiohttp.typedefs import Handler
+from aiohttp.typedefs import Handler, Middleware
 
 from taskd.config import HandlerConfig, ScheduleConfig, ServerConfig
 from taskd.dashboard import Dashboard
+from taskd.egress import DEFAULT_POLICY, Policy
 from taskd.guards import browser_guard, require_json, token_guard
 from taskd.jobs import FAILED, Job, format_ms, now_ms
 from taskd.metrics import Metrics
 from taskd.scheduler import Scheduler, next_tick
 from taskd.stats import no_handler, snapshot
-from taskd.store import UNAVAILABLE, Store
+from taskd.store import UNAVAILABLE, Store, is_full
 from taskd.validation import (
     ApiError,
     parse_batch,
@@ -43,8 +44,37 @@ def json_response(
     )
 
 
-def error_response(status: int, code: str, message: str) -> web.Response:
-    return json_response({"error": {"code": code, "message": message}}, status=status)
+def error_response(
+    status: int, code: str, message: str, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return json_response(
+        {"error": {"code": code, "message": message}}, status=status, headers=headers
+    )
+
+
+class RedisDeadline(Exception):
+    """A request waited for Redis longer than [redis] request_timeout."""
+
+
+def redis_deadline(seconds: float) -> Middleware:
+    """Middleware: a request that waits for Redis longer than `seconds` is answered 503 at
+    once, rather than left hanging through an outage (a blackholed network holds commands
+    until the socket timeout). The event stream is long-lived by design; /health has its
+    own bound."""
+
+    @web.middleware
+    async def deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
+        if request.path in ("/events", "/health"):
+            return await handler(request)
+        try:
+            with anyio.fail_after(seconds):
+                return await handler(request)
+        except TimeoutError:
+            raise RedisDeadline(
+                f"Redis did not answer within {seconds:g} s ([redis] request_timeout)"
+            ) from None
+
+    return deadline
 
 
 # aiohttp's own errors (unknown route, wrong method, body too large) keep their status
@@ -73,7 +103,15 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
     except UNAVAILABLE as exc:
         logger.warning("%s %s: Redis unreachable: %s", request.method, request.path, exc)
         return error_response(503, "unavailable", f"Redis is unreachable: {exc}")
-    except Exception:
+    except RedisDeadline as exc:
+        logger.warning("%s %s: %s", request.method, request.path, exc)
+        return error_response(503, "unavailable", str(exc), {"Retry-After": "1"})
+    except Exception as exc:
+        if is_full(exc):
+            # Neither our error nor the request's: say so, and when to try again.
+            logger.warning("%s %s: Redis is full (maxmemory)", request.method, request.path)
+            message = "Redis is full (maxmemory reached): nothing is stored until it has room"
+            return error_response(503, "storage_full", message, {"Retry-After": "5"})
         logger.exception("%s %s failed", request.method, request.path)
         return error_response(500, "internal", "internal error; see the daemon's log")
 
@@ -95,13 +133,17 @@ class Intake:
         on_final: Callable[[Job], None] | None = None,
         schedules: Scheduler | None = None,
         clock: Callable[[], int] = now_ms,
+        egress: Policy = DEFAULT_POLICY,
+        request_timeout: float = 2.0,
     ) -> None:
         self._scheduler = schedules
+        self._egress = egress  # what callback_urls may name
         self._on_final = on_final
         self._metrics = metrics
         self._active = active
         self._store = store
         self._server = server
+        self._request_timeout = request_timeout
         self._handlers = handlers
         self._queues = queues
         self._dead_after_ms = int(dead_after * 1000)
@@ -125,6 +167,7 @@ class Intake:
             client_max_size=self._server.max_body,
             middlewares=[
                 errors_as_json,
+                redis_deadline(self._request_timeout),
                 browser_guard(self._server),
                 token_guard(self._server),
             ],
@@ -177,7 +220,9 @@ class Intake:
         self._check_accepting()
         require_json(request)
         header = request.headers.get("Idempotency-Key")
-        job = parse_submission(await request.read(), self._handlers, self._clock(), header)
+        job = parse_submission(
+            await request.read(), self._handlers, self._clock(), header, egress=self._egress
+        )
         # Twice at most: a first job deleted between the two calls holds its key no more.
         for _ in range(2):
             holder = await self._store.enqueue(job, self._dedup_ttl_ms)
@@ -201,7 +246,9 @@ class Intake:
         self._check_accepting()
         require_json(request)
         body = await request.read()
-        jobs = parse_batch(body, self._handlers, self._clock(), self._server.max_batch)
+        jobs = parse_batch(
+            body, self._handlers, self._clock(), self._server.max_batch, egress=self._egress
+        )
         holders = await self._store.enqueue_many(jobs, self._dedup_ttl_ms)
         added = [job for job, holder in zip(jobs, holders, strict=True) if holder == job.id]
         for (queue, job_type), count in Counter((j.queue, j.type) for j in added).items():
@@ -367,11 +414,16 @@ class Intake:
             return json_response({"status": "stopping", "reason": "shutting down"}, status=503)
         try:
             with anyio.fail_after(HEALTH_TIMEOUT):
-                await self._store.ping()
+                await self._store.check_writable()
         except _HEALTH_ERRORS as exc:
             return json_response(
                 {"status": "unavailable", "reason": f"Redis does not answer: {exc!r}"}, status=503
             )
+        except Exception as exc:
+            if not is_full(exc):
+                raise
+            reason = "Redis is full (maxmemory): it refuses writes until memory is freed"
+            return json_response({"status": "storage_full", "reason": reason}, status=503)
         return json_response({"status": "ok"})
 
 

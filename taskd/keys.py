@@ -158,6 +158,17 @@ class Keys:
         return self._global(f"daemon:{daemon_id}")
 
     @property
+    def marker(self) -> str:
+        """Written by the first heartbeat on a Redis ("DAEMON EPOCH_MS"), never deleted: a
+        heartbeat that finds it gone knows Redis lost its data."""
+        return self._global("marker")
+
+    @property
+    def health_probe(self) -> str:
+        """A key /health writes, with a second to live, to see that Redis takes writes."""
+        return self._global("health")
+
+    @property
     def cancel_channel(self) -> str:
         """Pub/sub channel on which cancel requests of running jobs reach every daemon."""
         return self._global("cancel")

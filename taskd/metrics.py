@@ -99,6 +99,12 @@ class Metrics:
                 registry=r,
             ),
         }
+        self.redis_data_lost_total = Counter(
+            "taskd_redis_data_lost",
+            "Times this daemon's heartbeat found Redis emptied under it (restarted without"
+            " persistence, failed over to an empty replica): the jobs stored before are gone.",
+            registry=r,
+        )
         self.recovered_total = Counter(
             "taskd_jobs_recovered_total",
             "Jobs this daemon's reaper took back from dead daemons.",
@@ -193,6 +199,10 @@ class Metrics:
             raise ValueError(f"unknown outcome {outcome!r}; expected one of {OUTCOMES}") from None
         counter.inc()
         children.run.observe(run_seconds)
+
+    def redis_data_lost(self) -> None:
+        """A heartbeat found Redis emptied under it."""
+        self.redis_data_lost_total.inc()
 
     def recovered(self, queue: str, count: int) -> None:
         """Jobs this daemon's reaper took back from dead daemons."""

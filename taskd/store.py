@@ -53,6 +53,16 @@ TOTALS = (
     "callbacks_sent", "callbacks_failed", "rate_limited", "concurrency_limited",
 )  # fmt: skip
 
+
+def is_full(exc: BaseException) -> bool:
+    """Whether Redis refused a write for being full (maxmemory reached, no eviction): it
+    answers, but takes no writes until memory is freed. Refused inside a script, the
+    refusal comes as the script's error, with Redis's OOM text in it."""
+    if isinstance(exc, redis.exceptions.OutOfMemoryError):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and "-OOM " in str(exc)
+
+
 # What a caller can catch to tell "Redis is unreachable" from a bug.
 UNAVAILABLE: tuple[type[Exception], ...] = (
     redis.exceptions.ConnectionError,
@@ -126,6 +136,15 @@ class DaemonInfo:
     active: int
     last_heartbeat: int
     types: tuple[str, ...] = ()  # the job types it has handlers for
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Beat:
+    """What a heartbeat found: whether the daemon was still registered, and whether the
+    installation's marker was there (see beat.lua)."""
+
+    registered: bool
+    marked: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +249,11 @@ class Store:
     async def ping(self) -> None:
         """Raise unless Redis answers."""
         await self._r.ping()
+
+    async def check_writable(self) -> None:
+        """Raise unless Redis answers and takes writes: one key with a second to live, so
+        that a full Redis (which still answers PING) shows too (see is_full)."""
+        await self._r.set(self.keys.health_probe, b"1", px=1000)
 
     # Submitting and reading jobs.
 
@@ -551,8 +575,8 @@ class Store:
 
     # Daemons.
 
-    async def beat(self, info: DaemonInfo) -> bool:
-        """Write a daemon's record and heartbeat; False if it was not registered before."""
+    async def beat(self, info: DaemonInfo) -> Beat:
+        """Write a daemon's record and heartbeat (see beat.lua)."""
         fields: list[Any] = [
             "id", info.id, "host", info.host, "pid", info.pid, "started_at", info.started_at,
             "concurrency", info.concurrency, "queues", orjson.dumps(list(info.queues)),
@@ -560,15 +584,16 @@ class Store:
             "active", info.active, "last_heartbeat", info.last_heartbeat,
         ]  # fmt: skip
         k = self.keys
-        known = await self._lua["beat"](
-            keys=[k.daemons, k.daemon(info.id)], args=[info.id, info.last_heartbeat, *fields]
+        known, marked = await self._lua["beat"](
+            keys=[k.daemons, k.daemon(info.id), k.marker],
+            args=[info.id, info.last_heartbeat, *fields],
         )
         async with self._r.pipeline(transaction=False) as pipe:
             for queue in info.queues:
                 pipe.zadd(k.owners(queue), {info.id: info.last_heartbeat})
             pipe.sadd(k.queues, *info.queues)
             await pipe.execute()
-        return bool(known)
+        return Beat(registered=bool(known), marked=bool(marked))
 
     async def deregister_daemon(self, daemon_id: str, queues: Sequence[str]) -> None:
         """Remove a daemon that stopped cleanly (its in-flight keys are already empty)."""

@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from taskd.config import MAX_ATTEMPTS, QUEUE_NAME, HandlerConfig
+from taskd.egress import DEFAULT_POLICY, Policy, Refused
 from taskd.jobs import (
     DEFAULT_PRIORITY,
     FINAL_STATES,
@@ -69,12 +70,18 @@ def invalid(message: str) -> ApiError:
 
 
 def parse_submission(
-    body: bytes, handlers: Mapping[str, HandlerConfig], now: int, header_key: str | None = None
+    body: bytes,
+    handlers: Mapping[str, HandlerConfig],
+    now: int,
+    header_key: str | None = None,
+    *,
+    egress: Policy = DEFAULT_POLICY,
 ) -> Job:
     """The new job a request body asks for, or an ApiError saying what is wrong with it.
 
     `header_key` is the request's Idempotency-Key header, the same as the body's
-    `idempotency_key` field (giving both, they must agree).
+    `idempotency_key` field (giving both, they must agree). `egress` refuses callback
+    URLs it can judge without DNS.
     """
     data = _json_body(body)
     if not isinstance(data, dict):
@@ -85,11 +92,16 @@ def parse_submission(
             data["idempotency_key"] = header_key
         if data["idempotency_key"] != header_key:
             raise invalid("the Idempotency-Key header and 'idempotency_key' differ")
-    return _new_job(data, handlers, now)
+    return _new_job(data, handlers, now, egress)
 
 
 def parse_batch(
-    body: bytes, handlers: Mapping[str, HandlerConfig], now: int, most: int
+    body: bytes,
+    handlers: Mapping[str, HandlerConfig],
+    now: int,
+    most: int,
+    *,
+    egress: Policy = DEFAULT_POLICY,
 ) -> list[Job]:
     """The jobs of a batch, all valid, or an ApiError naming the first bad one's index."""
     data = _json_body(body)
@@ -104,7 +116,7 @@ def parse_batch(
         try:
             if not isinstance(item, dict):
                 raise invalid(f"must be a JSON object, got {json_kind(item)}")
-            jobs.append(_new_job(item, handlers, now))
+            jobs.append(_new_job(item, handlers, now, egress))
         except ApiError as exc:
             raise ApiError(exc.status, exc.code, f"jobs[{index}]: {exc.message}") from None
     return jobs
@@ -142,7 +154,9 @@ def _check_integers(body: bytes) -> None:
         json.loads(body, parse_int=exact)
 
 
-def _new_job(data: dict[str, Any], handlers: Mapping[str, HandlerConfig], now: int) -> Job:
+def _new_job(
+    data: dict[str, Any], handlers: Mapping[str, HandlerConfig], now: int, egress: Policy
+) -> Job:
     unknown = sorted(set(data) - set(SUBMIT_FIELDS))
     if unknown:
         raise invalid(
@@ -162,7 +176,7 @@ def _new_job(data: dict[str, Any], handlers: Mapping[str, HandlerConfig], now: i
         max_attempts=_max_attempts(data, handler),
         run_at=run_at,
         idempotency_key=_idempotency_key(data),
-        callback_url=_callback_url(data),
+        callback_url=_callback_url(data, egress),
         priority=_priority(data),
     )
 
@@ -234,13 +248,19 @@ def _parse_time(value: Any) -> int:
     return math.ceil(seconds * 1000)
 
 
-def _callback_url(data: dict[str, Any]) -> str | None:
+def _callback_url(data: dict[str, Any], egress: Policy) -> str | None:
     url = data.get("callback_url")
     if url is None:
         return None
     parts = urlsplit(url) if isinstance(url, str) and len(url) <= MAX_URL else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise invalid(f"'callback_url' must be an http:// or https:// URL, got {url!r}")
+    # Names are checked when the callback is sent: DNS here would slow every submission,
+    # and what a name resolves to may change before then.
+    try:
+        egress.check_url(url)
+    except Refused as exc:
+        raise invalid(f"'callback_url' refused: {exc}") from None
     return str(url)
 
 

@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 
 from taskd.config import Config, parse
 from taskd.daemon import Daemon, connect
+from taskd.egress import Policy
 from taskd.handlers import Handlers
 from taskd.keys import Keys
 from taskd.store import Limits
@@ -39,7 +40,8 @@ ECHO = (Limits("echo"),)
 
 
 def make_config(redis_url: str, **sections: Mapping[str, Any]) -> Config:
-    """A config on the test Redis: builtin handlers, intake on a free port, fast heartbeats."""
+    """A config on the test Redis: builtin handlers, intake on a free port, fast heartbeats,
+    and callbacks allowed to the test's own endpoints on 127.0.0.1."""
     data: dict[str, Any] = {
         "server": {"listen": "127.0.0.1:0"},
         "redis": {"url": redis_url},
@@ -50,6 +52,7 @@ def make_config(redis_url: str, **sections: Mapping[str, Any]) -> Config:
             "shutdown_timeout": 1,
         },
         "handlers": dict(BUILTINS),
+        "callbacks": {"allow": ["127.0.0.0/8"]},
     }
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
@@ -74,7 +77,8 @@ async def running_daemon(config: Config) -> AsyncIterator[Daemon]:
     async def serve() -> None:
         store = connect(config, config.redis.url)
         try:
-            async with Handlers(config.handlers) as handlers:
+            egress = Policy.from_config(config.callbacks)
+            async with Handlers(config.handlers, egress=egress) as handlers:
                 daemon = Daemon(config=config, store=store, handlers=handlers)
                 async with anyio.create_task_group() as tg:
                     await tg.start(daemon.run)

@@ -56,9 +56,9 @@ class Receiver:
 
 @asynccontextmanager
 async def endpoint(handle: web_handler, port: int) -> AsyncIterator[str]:
-    """A real HTTP endpoint on 127.0.0.1:`port` whose POST /hook runs `handle`; its URL."""
+    """A real HTTP endpoint on 127.0.0.1:`port` whose /hook runs `handle`; its URL."""
     app = web.Application()
-    app.router.add_post("/hook", handle)
+    app.router.add_route("*", "/hook", handle)
     runner = web.AppRunner(app, shutdown_timeout=0.1)
     await runner.setup()
     try:
@@ -137,6 +137,116 @@ async def test_bad_callback_urls_are_refused(redis_url: str) -> None:
                 s, f"{base_url(daemon)}/jobs", {"type": "echo", "callback_url": bad}
             )
             assert (status, body["error"]["code"]) == (422, "invalid_job")
+
+
+# Where callbacks may go: [callbacks] allow / deny.
+
+REFUSED_AT_SUBMISSION = [
+    ("http://127.0.0.1:9/hook", "destination 127.0.0.1 refused by [callbacks] allow/deny"),
+    ("http://169.254.169.254/latest/meta-data/", "destination 169.254.169.254 refused"),
+    ("http://[::ffff:127.0.0.1]:9/", "destination ::ffff:7f00:1 (IPv4 127.0.0.1) refused"),
+    ("http://10.0.0.7/hook", "destination 10.0.0.7 refused"),
+    ("http://localhost:9/hook", "destination localhost (loopback) refused"),
+    ("http://hooks.localhost./x", "destination hooks.localhost (loopback) refused"),
+    ("https://me:secret@example.com/", "a user name or password in the URL is refused"),
+]
+
+
+@pytest.mark.parametrize(("url", "message"), REFUSED_AT_SUBMISSION)
+async def test_by_default_callbacks_to_the_host_and_its_networks_are_refused(
+    redis_url: str, redis: Redis, url: str, message: str
+) -> None:
+    config = make_config(redis_url, callbacks={"allow": []})  # the default policy
+    async with running_daemon(config) as daemon, aiohttp.ClientSession() as session:
+        status, body = await post_json(
+            session, f"{base_url(daemon)}/jobs", {"type": "echo", "callback_url": url}
+        )
+        batch = [{"type": "echo"}, {"type": "echo", "callback_url": url}]
+        batch_status, batch_body = await post_json(
+            session, f"{base_url(daemon)}/jobs/batch", {"jobs": batch}
+        )
+    assert (status, body["error"]["code"]) == (422, "invalid_job")
+    assert body["error"]["message"].startswith("'callback_url' refused: ")
+    assert message in body["error"]["message"]
+    assert "secret" not in body["error"]["message"]
+    assert (batch_status, batch_body["error"]["code"]) == (422, "invalid_job")
+    assert batch_body["error"]["message"].startswith("jobs[1]: 'callback_url' refused: ")
+    assert await redis.zcard(K.index("default")) == 0  # nothing was written
+
+
+async def test_allow_lets_callbacks_reach_an_internal_network_but_never_credentials(
+    redis_url: str,
+) -> None:
+    config = make_config(redis_url, callbacks={"allow": ["127.0.0.0/8", "10.0.0.0/8"]})
+    async with running_daemon(config) as daemon, aiohttp.ClientSession() as session:
+        url = f"{base_url(daemon)}/jobs"
+        for permitted in ("http://127.0.0.1:9/hook", "http://10.0.0.7/hook"):
+            status, _ = await post_json(session, url, {"type": "noop", "callback_url": permitted})
+            assert status == 201
+        status, body = await post_json(
+            session, url, {"type": "noop", "callback_url": "http://me:pw@127.0.0.1:9/"}
+        )
+    assert (status, body["error"]["code"]) == (422, "invalid_job")
+
+
+async def test_deny_refuses_a_public_destination(redis_url: str) -> None:
+    config = make_config(redis_url, callbacks={"deny": ["93.184.216.0/24"]})
+    async with running_daemon(config) as daemon, aiohttp.ClientSession() as session:
+        url = f"{base_url(daemon)}/jobs"
+        body = {"type": "noop", "callback_url": "https://93.184.216.34/hook"}
+        status, answer = await post_json(session, url, body)
+        # A name is not resolved at submission: it is checked when the callback is sent.
+        named = {"type": "noop", "delay": 60, "callback_url": "https://hooks.example.com/"}
+        named_status, _ = await post_json(session, url, named)
+    assert (status, answer["error"]["code"]) == (422, "invalid_job")
+    assert named_status == 201
+
+
+async def test_a_callback_the_sending_daemon_refuses_fails_at_once(
+    redis_url: str, receiver: Receiver, redis: Redis
+) -> None:
+    """Accepted by a daemon that allows 127.0.0.1, sent by one that does not: the sender
+    checks again, and fails the callback without trying the endpoint (or again later)."""
+    lenient = make_config(redis_url, workers={"queues": ["elsewhere"]})
+    strict = make_config(redis_url, callbacks={"allow": []})
+    async with running_daemon(lenient) as intake, running_daemon(strict) as sender:
+        job = await submit(base_url(intake), {"type": "echo", "callback_url": receiver.url})
+
+        async def counted() -> bool:
+            return await redis.hget(K.totals("default"), "callbacks_failed") == b"1"
+
+        await wait_until(counted, "the refused callback to be counted")
+        assert sender.callbacks.queued == 1
+        assert intake.callbacks.queued == 0
+    assert await redis.hget(K.job("default", job["id"]), "state") == b"completed"
+    assert (receiver.received, receiver.refused) == ([], 0)
+
+
+async def test_a_callback_answered_with_a_redirect_is_not_followed(
+    redis_url: str, free_port: Any, redis: Redis
+) -> None:
+    asked: list[str] = []  # the requests each endpoint got, by method
+
+    async def redirect(request: web.Request) -> web.Response:
+        asked.append(f"hook {request.method}")
+        return web.Response(status=302, headers={"Location": target})
+
+    async def elsewhere(request: web.Request) -> web.Response:
+        asked.append(f"elsewhere {request.method}")
+        return web.Response(status=204)
+
+    async with (
+        endpoint(elsewhere, free_port()) as target,
+        endpoint(redirect, free_port()) as hook,
+        running_daemon(make_config(redis_url)) as daemon,
+    ):
+        await submit(base_url(daemon), {"type": "noop", "callback_url": hook})
+
+        async def counted() -> bool:
+            return await redis.hget(K.totals("default"), "callbacks_failed") == b"1"
+
+        await wait_until(counted, "the redirected callback to fail")
+    assert asked == ["hook POST"] * 4  # every attempt failed; none went elsewhere
 
 
 def gated_config(redis_url: str, concurrency: int) -> Config:
@@ -375,6 +485,7 @@ async def test_a_callback_in_flight_when_its_daemon_is_killed_is_sent_by_another
     config.write_text(
         f'[server]\nlisten = "127.0.0.1:{port}"\n'
         "[workers]\nheartbeat_interval = 0.2\ndead_after = 1.5\n"
+        '[callbacks]\nallow = ["127.0.0.0/8"]\n'
         '[handlers.echo]\nbuiltin = "echo"\n'
     )
     env = {"TASKD_REDIS_URL": redis_url, "PYTHONPATH": str(REPO)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import pickle
 import re
@@ -16,6 +17,7 @@ import pytest
 
 from taskd import config
 from taskd.config import (
+    CallbacksConfig,
     Config,
     ConfigError,
     HandlerConfig,
@@ -30,14 +32,15 @@ from taskd.config import (
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "taskd.toml"
 ECHO = '[handlers.echo]\nbuiltin = "echo"\n'
-TOP_KEYS = "server, redis, workers, retention, handlers, schedules"
+TOP_KEYS = "server, redis, workers, retention, callbacks, handlers, schedules"
 SERVER_KEYS = (
     "listen, max_body, max_batch, idempotency_ttl, token, allowed_hosts, public_reads,"
     " public_health, public_metrics"
 )
 HANDLER_KEYS = (
     "builtin, python, exec, http, queue, timeout, concurrency, max_attempts, backoff_base, "
-    "backoff_max, permanent_exit_codes, rate_limit, global_concurrency, env, pass_env"
+    "backoff_max, permanent_exit_codes, rate_limit, global_concurrency, env, pass_env, "
+    "max_redirects"
 )
 
 
@@ -64,6 +67,7 @@ def test_shipped_example_loads_and_documents_the_defaults() -> None:
     assert cfg.redis == RedisConfig()
     assert cfg.workers == WorkersConfig()
     assert cfg.retention == RetentionConfig()
+    assert cfg.callbacks == CallbacksConfig()
     assert list(cfg.handlers) == ["echo", "noop", "sleep", "fail"]
     for name, handler in cfg.handlers.items():
         assert handler == HandlerConfig(name=name, kind="builtin", builtin=name)
@@ -225,6 +229,37 @@ def test_http_handler() -> None:
     cfg = parse({"handlers": {"hook": {"http": "https://hooks.example.com:8443/x"}}}, env={})
     handler = cfg.handlers["hook"]
     assert (handler.kind, handler.http) == ("http", "https://hooks.example.com:8443/x")
+
+
+def test_http_handler_max_redirects() -> None:
+    cfg = parse_text(
+        '[handlers.a]\nhttp = "http://h/"\n[handlers.b]\nhttp = "http://h/"\nmax_redirects = 0\n'
+    )
+    assert (cfg.handlers["a"].max_redirects, cfg.handlers["b"].max_redirects) == (3, 0)
+
+
+def test_callbacks_allow_and_deny() -> None:
+    cfg = parse_text(
+        '[callbacks]\nallow = ["10.1.2.3/8", "fd00::/8", "192.168.1.7"]\n'
+        'deny = ["203.0.113.0/24"]\n' + ECHO
+    )
+    net = ipaddress.ip_network
+    # An address with host bits set names its network, as ip_network(strict=False) reads it.
+    assert cfg.callbacks.allow == (net("10.0.0.0/8"), net("fd00::/8"), net("192.168.1.7/32"))
+    assert cfg.callbacks.deny == (net("203.0.113.0/24"),)
+
+
+def test_callbacks_default_to_empty_lists() -> None:
+    assert parse_text(ECHO).callbacks == CallbacksConfig(allow=(), deny=())
+
+
+def test_every_bad_network_is_reported() -> None:
+    problems = problems_of('[callbacks]\nallow = ["10/8", "ok"]\ndeny = ["::1/200"]\n')
+    assert [p.split(":")[0] for p in problems] == [
+        "callbacks.allow[0]",
+        "callbacks.allow[1]",
+        "callbacks.deny[0]",
+    ]
 
 
 def test_handler_queue_need_not_be_served_here() -> None:
@@ -779,6 +814,23 @@ INVALID = [
         f'[handlers.x]\nexec = ["{sys.executable}"]\npermanent_exit_codes = [65, 75, 65]\n',
         "handlers.x.permanent_exit_codes[2]: duplicate exit code 65",
     ),
+    # redirects
+    (
+        '[handlers.x]\nbuiltin = "echo"\nmax_redirects = 1\n',
+        "handlers.x.max_redirects: only http handlers follow redirects",
+    ),
+    (
+        '[handlers.x]\nhttp = "http://h/"\nmax_redirects = 11\n',
+        "handlers.x.max_redirects: must be an integer from 0 to 10, got 11",
+    ),
+    (
+        '[handlers.x]\nhttp = "http://h/"\nmax_redirects = -1\n',
+        "handlers.x.max_redirects: must be an integer from 0 to 10, got -1",
+    ),
+    (
+        '[handlers.x]\nhttp = "http://h/"\nmax_redirects = true\n',
+        "handlers.x.max_redirects: must be an integer, got boolean true",
+    ),
     # limits across daemons
     (
         '[handlers.resize]\nbuiltin = "echo"\nrate_limit = "100 per s"\n',
@@ -868,6 +920,26 @@ INVALID = [
         "retention.failed: must be a number of seconds greater than 0 and at most "
         "315360000, got 604800000",
     ),
+    # callbacks
+    (
+        '[callbacks]\nallow = "10.0.0.0/8"\n',
+        'callbacks.allow: must be an array of networks (a network like "10.0.0.0/8" or an '
+        "address like \"10.1.2.3\"), got string '10.0.0.0/8'",
+    ),
+    (
+        '[callbacks]\nallow = ["10.0.0.0/8", "10.0.0.0/33"]\n',
+        'callbacks.allow[1]: must be a network like "10.0.0.0/8" or an address like '
+        "\"10.1.2.3\", got string '10.0.0.0/33'",
+    ),
+    ('[callbacks]\ndeny = ["intranet"]\n', "callbacks.deny[0]: must be a network like"),
+    ('[callbacks]\ndeny = ["300.1.2.3"]\n', "callbacks.deny[0]: must be a network like"),
+    ('[callbacks]\ndeny = ["fe80::/129"]\n', "callbacks.deny[0]: must be a network like"),
+    (
+        "[callbacks]\ndeny = [10]\n",
+        'callbacks.deny[0]: must be a network like "10.0.0.0/8" '
+        'or an address like "10.1.2.3", got integer 10',
+    ),
+    ("callbacks = 1\n", "callbacks: must be a table, got integer 1"),
     # tables of the wrong type
     ('server = "x"\n', "server: must be a table, got string 'x'"),
     ("redis = 1\n", "redis: must be a table, got integer 1"),
@@ -897,7 +969,7 @@ def test_invalid(text: str, expected: str) -> None:
         ),
         (
             '[redis]\nhost = "x"\n',
-            "redis.host: unknown key (known: url, prefix, data_dir, cluster)",
+            "redis.host: unknown key (known: url, prefix, data_dir, cluster, request_timeout)",
         ),
         (
             "[workers]\nthreads = 4\n",
@@ -915,6 +987,10 @@ def test_invalid(text: str, expected: str) -> None:
         (
             "[retention]\ncancelled = 1\n",
             "retention.cancelled: unknown key (known: completed, failed)",
+        ),
+        (
+            '[callbacks]\nallowed = ["10.0.0.0/8"]\n',
+            "callbacks.allowed: unknown key (known: allow, deny)",
         ),
     ],
 )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import os
 import pickle
@@ -11,6 +12,8 @@ import sys
 import time
 import tomllib
 from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,8 +23,10 @@ import orjson
 import pytest
 import uvloop
 from aiohttp import web
+from yarl import URL
 
 from taskd.config import ConfigError, HandlerConfig, parse
+from taskd.egress import DEFAULT_POLICY, Policy
 from taskd.handlers import MAX_OUTPUT, STDERR_TAIL, Handlers, JobFailed
 from taskd.jobs import Job
 from tests import handler_funcs
@@ -29,6 +34,8 @@ from tests import handler_funcs
 PROGRAMS = Path(__file__).parent / "programs"
 FUNCS = "tests.handler_funcs"
 HERE = "tests.test_handlers"  # for python handlers defined below
+# The test servers listen on 127.0.0.1, which the default policy refuses.
+LOOPBACK = Policy(allow=(ipaddress.ip_network("127.0.0.0/8"),))
 
 
 def make_job(
@@ -57,14 +64,16 @@ async def run_job(handlers: Handlers, job: Job) -> Any:
     raise handlers.timed_out(job)
 
 
-async def run_one(config: HandlerConfig, payload: Any = None) -> Any:
-    async with Handlers({config.name: config}) as handlers:
+async def run_one(config: HandlerConfig, payload: Any = None, egress: Policy = LOOPBACK) -> Any:
+    async with Handlers({config.name: config}, egress=egress) as handlers:
         return await run_job(handlers, make_job(config.name, payload))
 
 
-async def failure(config: HandlerConfig, payload: Any = None) -> JobFailed:
+async def failure(
+    config: HandlerConfig, payload: Any = None, egress: Policy = LOOPBACK
+) -> JobFailed:
     with pytest.raises(JobFailed) as info:
-        await run_one(config, payload)
+        await run_one(config, payload, egress)
     return info.value
 
 
@@ -554,7 +563,8 @@ async def outcomes(config: HandlerConfig, payloads: list[Any], at_once: int = 20
             except JobFailed as exc:
                 found[n] = f"failed: {exc}"
 
-    async with Handlers({config.name: config}) as handlers, anyio.create_task_group() as tg:
+    handlers = Handlers({config.name: config}, egress=LOOPBACK)
+    async with handlers, anyio.create_task_group() as tg:
         for n in range(len(payloads)):
             tg.start_soon(run, n, handlers)
     return found
@@ -699,7 +709,7 @@ def http_config(url: str, timeout: float = 30.0) -> HandlerConfig:
 
 async def test_http_json_response(server: Server) -> None:
     config = http_config(server.url("/json"))
-    async with Handlers({"h": config}) as handlers:
+    async with Handlers({"h": config}, egress=LOOPBACK) as handlers:
         result = await run_job(handlers, make_job("h", {"n": [1, 2]}, job_id="j-7", attempts=2))
     assert result == {
         "payload": {"n": [1, 2]},
@@ -788,3 +798,159 @@ def test_http_server_closing_before_it_reads_the_request(use_uvloop: bool, paylo
     assert all(
         isinstance(f, str) and f.startswith("failed: request to http://127.0.0.1:") for f in found
     ), found
+
+
+# ---------------------------------------------------------------- http: where it may go
+
+
+@dataclass
+class Site:
+    """A real HTTP server on a loopback address: answers a redirect for the paths in
+    `redirects`, else the request back as JSON; records every request it gets."""
+
+    base: str = ""
+    redirects: dict[str, tuple[int, str]] = field(default_factory=dict)
+    seen: list[tuple[str, str, bytes]] = field(default_factory=list)
+
+    def url(self, path: str) -> str:
+        return f"{self.base}{path}"
+
+    async def handle(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        self.seen.append((request.method, request.path, body))
+        if request.path in self.redirects:
+            status, location = self.redirects[request.path]
+            return web.Response(status=status, headers={"Location": location})
+        return web.json_response({"method": request.method, "body": body.decode()})
+
+
+@asynccontextmanager
+async def site(host: str = "127.0.0.1") -> AsyncIterator[Site]:
+    found = Site()
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", found.handle)
+    runner = web.AppRunner(app, shutdown_timeout=0.1)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, 0).start()
+        found.base = f"http://{host}:{runner.addresses[0][1]}"
+        yield found
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def one() -> AsyncIterator[Site]:
+    async with site() as found:
+        yield found
+
+
+@pytest.fixture
+async def other() -> AsyncIterator[Site]:
+    async with site() as found:
+        yield found
+
+
+def redirecting(url: str, max_redirects: int) -> HandlerConfig:
+    return HandlerConfig(name="h", kind="http", http=url, max_redirects=max_redirects)
+
+
+PAYLOAD = {"n": 1}
+SENT = orjson.dumps(PAYLOAD)
+
+
+async def test_http_follows_redirects_up_to_max_redirects(one: Site) -> None:
+    one.redirects["/start"] = (307, "/next")
+    one.redirects["/next"] = (308, one.url("/end"))
+    result = await run_one(redirecting(one.url("/start"), 2), PAYLOAD)
+    # 307 and 308 within one site keep the method and the body.
+    assert result == {"method": "POST", "body": SENT.decode()}
+    assert [path for _, path, _ in one.seen] == ["/start", "/next", "/end"]
+
+
+@pytest.mark.parametrize("max_redirects", [0, 1])
+async def test_http_refuses_a_redirect_past_max_redirects(one: Site, max_redirects: int) -> None:
+    one.redirects["/start"] = (302, "/next")
+    one.redirects["/next"] = (302, "/end")
+    failed = await failure(redirecting(one.url("/start"), max_redirects), PAYLOAD)
+    last = ["/start", "/next"][max_redirects]
+    assert str(failed).startswith(f"HTTP 302 from {one.url(last)}: redirect to /")
+    assert str(failed).endswith(f"not followed: [handlers.h] max_redirects = {max_redirects}")
+    assert not failed.permanent
+    assert [path for _, path, _ in one.seen] == ["/start", "/next"][: max_redirects + 1]
+
+
+@pytest.mark.parametrize("status", [301, 302, 303])
+async def test_http_a_see_other_redirect_gets_without_the_payload(
+    one: Site, other: Site, status: int
+) -> None:
+    one.redirects["/start"] = (status, other.url("/there"))
+    result = await run_one(redirecting(one.url("/start"), 1), PAYLOAD)
+    assert result == {"method": "GET", "body": ""}
+    assert other.seen == [("GET", "/there", b"")]
+
+
+@pytest.mark.parametrize("status", [307, 308])
+async def test_http_a_307_or_308_to_another_site_is_not_followed(
+    one: Site, other: Site, status: int
+) -> None:
+    one.redirects["/start"] = (status, other.url("/there"))
+    failed = await failure(redirecting(one.url("/start"), 3), PAYLOAD)
+    assert str(failed) == (
+        f"HTTP {status} from {one.url('/start')}: redirect to {other.url('/there')} not "
+        "followed: it would send the payload to another site"
+    )
+    assert not failed.permanent
+    assert other.seen == []
+
+
+@pytest.mark.parametrize(("allow", "reached"), [("127.0.0.0/8", True), ("127.0.0.1/32", False)])
+async def test_http_each_redirect_is_checked_by_the_policy(
+    one: Site, allow: str, reached: bool
+) -> None:
+    async with site("127.0.0.2") as beyond:
+        one.redirects["/start"] = (302, beyond.url("/there"))
+        policy = Policy(allow=(ipaddress.ip_network(allow),))
+        config = redirecting(one.url("/start"), 3)
+        if reached:
+            assert await run_one(config, PAYLOAD, policy) == {"method": "GET", "body": ""}
+        else:
+            failed = await failure(config, PAYLOAD, policy)
+            assert str(failed) == (
+                f"request to {beyond.url('/there')} refused: destination 127.0.0.2 refused "
+                "by [callbacks] allow/deny"
+            )
+            assert not failed.permanent  # the configured URL itself is permitted
+        assert len(beyond.seen) == reached
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "[::ffff:127.0.0.1]"])
+async def test_http_a_refused_configured_url_fails_for_good(one: Site, host: str) -> None:
+    url = one.url("/json").replace("127.0.0.1", host)
+    # Allowed, the URL reaches the server: the refusal below is the policy's doing.
+    assert await run_one(http_config(url), PAYLOAD, LOOPBACK) == {
+        "method": "POST",
+        "body": '{"n":1}',
+    }
+    failed = await failure(http_config(url), PAYLOAD, DEFAULT_POLICY)
+    # yarl writes the mapped address as ::ffff:7f00:1, the message adds what it maps.
+    shown = "::ffff:7f00:1 (IPv4 127.0.0.1)" if "ffff" in host else host
+    assert str(failed) == (
+        f"request to {URL(url)} refused: destination {shown} refused by [callbacks] allow/deny"
+    )
+    assert failed.permanent
+    assert len(one.seen) == 1
+
+
+async def test_http_localhost_is_both_loopbacks(one: Site) -> None:
+    url = one.url("/json").replace("127.0.0.1", "localhost")
+    both = Policy(allow=(ipaddress.ip_network("127.0.0.0/8"), ipaddress.ip_network("::1")))
+    assert await run_one(http_config(url), PAYLOAD, both) == {"method": "POST", "body": '{"n":1}'}
+    # It may resolve to ::1 as well: with IPv4 loopback alone allowed, it is refused.
+    failed = await failure(http_config(url), PAYLOAD, LOOPBACK)
+    assert str(failed) == (
+        f"request to {url} refused: destination localhost (loopback) refused by "
+        "[callbacks] allow/deny"
+    )
+    assert failed.permanent
+    assert len(one.seen) == 1

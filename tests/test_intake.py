@@ -341,6 +341,11 @@ async def test_batch_enqueues_all_and_answers_ids_in_order(
         ([{"type": "echo"}, {"type": "echo", "delay": -1}], "jobs[1]: 'delay' must be"),
         ([{"type": "echo"}, 7], "jobs[1]: must be a JSON object, got number"),
         ([{"type": "echo"}, {"type": "echo", "priority": 10}], f"jobs[1]: {PRIORITY_RULE} 10"),
+        (
+            [{"type": "echo"}, {"type": "echo", "callback_url": "http://169.254.169.254/"}],
+            "jobs[1]: 'callback_url' refused: destination 169.254.169.254 refused by "
+            "[callbacks] allow/deny",
+        ),
         ([], "a batch holds 1 to 3 jobs"),
         ([{"type": "echo"}] * 4, "a batch holds 1 to 3 jobs ([server] max_batch), got 4"),
     ],

@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 
 from taskd.jobs import QUEUED, SCHEDULED, Job, new_id
 from taskd.keys import Keys
-from taskd.store import Attempt, DaemonInfo, Store
+from taskd.store import Attempt, Beat, DaemonInfo, Store
 from tests.support import ECHO, ready_ids
 
 Q = "default"
@@ -339,13 +339,14 @@ def info(daemon_id: str, beat: int) -> DaemonInfo:
 
 
 async def test_beat_registers_and_tells_when_the_daemon_was_forgotten(store: Store) -> None:
-    assert not await store.beat(info(ME, 1000))
-    assert await store.beat(info(ME, 2000))
+    assert await store.beat(info(ME, 1000)) == Beat(registered=False, marked=False)
+    assert await store.beat(info(ME, 2000)) == Beat(registered=True, marked=True)
     assert await store.live_daemons(since=2000) == [info(ME, 2000)]
     assert await store.stale_daemons(before=2001) == [ME]
     assert not await store.forget_daemon(ME, before=2000)  # it beat at 2000
     assert await store.forget_daemon(ME, before=2001)
-    assert not await store.beat(info(ME, 3000))  # forgotten: the beat says so
+    # Forgotten: the beat says so; the installation's marker is still there.
+    assert await store.beat(info(ME, 3000)) == Beat(registered=False, marked=True)
 
 
 async def test_queue_counts_and_totals(store: Store) -> None:
