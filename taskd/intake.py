@@ -187,6 +187,7 @@ class Intake:
         app.router.add_get("/schedules", self.list_schedules)
         app.router.add_post("/queues/{queue}/pause", self.pause_queue)
         app.router.add_post("/queues/{queue}/resume", self.resume_queue)
+        app.router.add_delete("/queues/{queue}", self.forget_queue)
         return app
 
     async def run(
@@ -397,17 +398,40 @@ class Intake:
         }
 
     async def pause_queue(self, request: web.Request) -> web.Response:
-        queue = _queue_name(request)
+        # Only a queue that exists: a made-up name registered for good would weigh on
+        # every /stats from then on.
+        queue = await self._existing_queue(request)
         await self._store.pause(queue)
-        await self._store.add_queues([queue])
         logger.info("queue %s paused", queue)
         return json_response({"queue": queue, "paused": True})
 
     async def resume_queue(self, request: web.Request) -> web.Response:
-        queue = _queue_name(request)
+        queue = await self._existing_queue(request)
         await self._store.resume(queue)
         logger.info("queue %s resumed", queue)
         return json_response({"queue": queue, "paused": False})
+
+    async def forget_queue(self, request: web.Request) -> web.Response:
+        """Forget a queue nothing serves and that holds nothing (no job of any state, no
+        daemon lease, no callback waiting): /stats and the daemons stop looking at it."""
+        queue = await self._existing_queue(request)
+        if queue in self._queues:
+            raise ApiError(409, "conflict", f"queue '{queue}' is in this daemon's config")
+        live = await self._store.live_daemons(since=self._clock() - self._dead_after_ms)
+        if serving := sorted(d.id for d in live if queue in d.queues):
+            raise ApiError(409, "conflict", f"queue '{queue}' is served by {', '.join(serving)}")
+        jobs, leases, callbacks = await self._store.forget_queue(queue)
+        if jobs or leases or callbacks:
+            held = f"{jobs} jobs, {leases} daemon leases and {callbacks} callbacks"
+            raise ApiError(409, "conflict", f"queue '{queue}' still holds {held}")
+        logger.info("queue %s forgotten", queue)
+        return json_response({"queue": queue, "forgotten": True})
+
+    async def _existing_queue(self, request: web.Request) -> str:
+        queue = _queue_name(request)
+        if queue not in await self._all_queues():
+            raise ApiError(404, "not_found", f"no queue '{queue}' (none is configured or used)")
+        return queue
 
     async def health(self, request: web.Request) -> web.Response:
         if not self._accepting:

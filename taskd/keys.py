@@ -143,6 +143,20 @@ class Keys:
         """Hash of counters since the data began (enqueued, completed, failed, ...)."""
         return f"{self.prefix}:{{{queue}}}:totals"
 
+    def queue_state(self, queue: str) -> list[str]:
+        """A queue's keys that hold no job: what forgetting an empty queue deletes."""
+        return [
+            *self.ready_lists(queue),
+            self.paused(queue),
+            self.totals(queue),
+            self.waits(queue),
+            self.runs(queue),
+            self.throughput(queue),
+            self.limit_waits(queue),
+            self.unhandled(queue),
+            self.schedules(queue),
+        ]
+
     # Keys of the whole installation.
 
     def _global(self, name: str) -> str:

@@ -176,7 +176,7 @@ def _load_script(client: aioredis.Redis, name: str) -> Any:
 _SCRIPTS = (
     "enqueue", "claim", "ack", "requeue", "promote", "cancel", "retry", "delete",
     "recover", "trim", "beat", "forget", "progress", "schedule", "take_callbacks",
-    "callback_done", "free_held",
+    "callback_done", "free_held", "forget_queue",
 )  # fmt: skip
 
 
@@ -621,6 +621,16 @@ class Store:
         names = list(queues)
         if names:
             await self._r.sadd(self.keys.queues, *names)
+
+    async def forget_queue(self, queue: str) -> tuple[int, int, int]:
+        """Forget a queue that holds nothing (see forget_queue.lua); returns what it still
+        holds, (jobs, leases, callbacks), all 0 when it was forgotten."""
+        k = self.keys
+        keys = [k.index(queue), k.owners(queue), k.callbacks(queue), *k.queue_state(queue)]
+        jobs, leases, callbacks = await self._lua["forget_queue"](keys=keys, args=[])
+        if jobs == leases == callbacks == 0:
+            await self._r.srem(k.queues, queue)
+        return int(jobs), int(leases), int(callbacks)
 
     async def known_queues(self) -> set[str]:
         return {_text(name) for name in await self._r.smembers(self.keys.queues)}

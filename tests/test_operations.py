@@ -13,6 +13,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
+from taskd.jobs import QUEUED, Job, new_id, now_ms
+from taskd.store import Store
 from tests.support import (
     Api,
     base_url,
@@ -89,6 +91,45 @@ async def test_pausing_a_bad_queue_name_is_404(api: Api) -> None:
     session, url = api
     status, body = await post_json(session, f"{url}/queues/no%7Bbraces%7D/pause", {})
     assert (status, body["error"]["code"]) == (404, "not_found")
+
+
+async def test_only_queues_that_exist_can_be_paused(api: Api, redis: Redis) -> None:
+    session, url = api
+    for n in range(50):
+        status, body = await post_json(session, f"{url}/queues/made-up-{n}/pause", {})
+        assert (status, body["error"]["code"]) == (404, "not_found")
+    status, _ = await post_json(session, f"{url}/queues/made-up-1/resume", {})
+    assert status == 404
+    _, stats = await get_json(session, f"{url}/stats")
+    assert list(stats["queues"]) == ["default"]  # nothing registered by the attempts
+    assert await redis.keys("taskd:{made-up*") == []
+
+
+async def test_an_empty_unserved_queue_can_be_forgotten(
+    api: Api, store: Store, redis: Redis
+) -> None:
+    session, url = api
+    await store.add_queues(["old", "busy"])  # as daemons that served them once did
+    await store.pause("old")
+    await store.enqueue(Job(new_id(), "echo", "busy", None, QUEUED, 0, now_ms()))
+    _, stats = await get_json(session, f"{url}/stats")
+    assert sorted(stats["queues"]) == ["busy", "default", "old"]
+
+    async with session.delete(f"{url}/queues/old") as response:
+        assert (response.status, await response.json()) == (
+            200,
+            {"queue": "old", "forgotten": True},
+        )
+    _, stats = await get_json(session, f"{url}/stats")
+    assert sorted(stats["queues"]) == ["busy", "default"]
+    assert await redis.keys("taskd:{old}*") == []
+    for queue, why in [("busy", "still holds 1 jobs"), ("default", "in this daemon's config")]:
+        async with session.delete(f"{url}/queues/{queue}") as response:
+            answer = await response.json()
+            assert response.status == 409, answer
+        assert why in answer["error"]["message"]
+    async with session.delete(f"{url}/queues/never") as response:
+        assert response.status == 404
 
 
 @pytest.fixture
