@@ -99,6 +99,14 @@ class Metrics:
                 registry=r,
             ),
         }
+        self.attempts_lost_total = Counter(
+            "taskd_attempts_lost",
+            "Attempts this daemon ran whose outcome was not recorded: their job had been"
+            " taken back from it (taken for dead: a long pause, a partition) and runs or ran"
+            " elsewhere; stopped when noticed, else their late result refused.",
+            ("queue",),
+            registry=r,
+        )
         self.redis_data_lost_total = Counter(
             "taskd_redis_data_lost",
             "Times this daemon's heartbeat found Redis emptied under it (restarted without"
@@ -200,6 +208,11 @@ class Metrics:
         counter.inc()
         children.run.observe(run_seconds)
 
+    def attempt_lost(self, queue: str) -> None:
+        """An attempt of this daemon's ended without its outcome: the job had been taken
+        back (this daemon was taken for dead) and a newer attempt owns its record."""
+        self.attempts_lost_total.labels(queue).inc()
+
     def redis_data_lost(self) -> None:
         """A heartbeat found Redis emptied under it."""
         self.redis_data_lost_total.inc()
@@ -228,6 +241,7 @@ class Metrics:
         for queue, states in counts.items():
             # At 0 before the first recovery, so that increase() sees that one too.
             self.recovered_total.labels(queue)
+            self.attempts_lost_total.labels(queue)
             for state in STATES:
                 if state in states:
                     self.queue_jobs.labels(queue, state).set(states[state])

@@ -314,6 +314,7 @@ class WorkerPool:
             if running.scope.cancelled_caught:
                 if running.reason == LOST:
                     logger.warning("job %s stopped: it was taken back from this daemon", job.id)
+                    self._metrics.attempt_lost(job.queue)
                     return
                 if running.reason == STOPPED:
                     return  # the pool's final requeue returns it to its queue
@@ -321,6 +322,8 @@ class WorkerPool:
             ran = (self._clock() - (job.started_at or self._clock())) / 1000
             self._metrics.finished(job.queue, job.type, attempt.outcome, ran)
             recorded = await self._acker.record(job.queue, attempt)
+            if not recorded:
+                self._metrics.attempt_lost(job.queue)
             # An attempt Redis dropped ended nothing: the job's newer attempt owns it.
             if recorded and attempt.outcome in FINAL_OUTCOMES:
                 self._on_final(job)

@@ -4,6 +4,7 @@ under a global_concurrency, and what /stats says of them."""
 from __future__ import annotations
 
 import itertools
+import signal
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from datetime import datetime
@@ -275,3 +276,42 @@ async def _attempts_at_least(
 
 
 pytestmark = pytest.mark.timeout(120)
+
+
+async def test_a_daemon_stopped_past_dead_after_does_not_finish_a_job_run_elsewhere(
+    tmp_path: Path, redis_url: str, free_port: Any, redis: Redis
+) -> None:
+    """SIGSTOP for longer than dead_after: the other daemon takes the job back and runs it;
+    the stopped one, resumed, records nothing of its stale attempt, and counts it."""
+    async with fleet(tmp_path, redis_url, free_port) as (daemons, session):
+        handlers = {"slow": {**SLEEP, "max_attempts": 3}}
+        timing = {"heartbeat_interval": 0.2, "dead_after": 1.5}
+        urls = [await daemons.start(handlers, **timing) for _ in range(2)]
+        job_id = await submit(session, urls[0], sleep_job(3))
+        first = await wait_for_state(session, urls[0], job_id, {"active"})
+        _, stats = await get_json(session, f"{urls[0]}/stats")
+        pids = {i["id"]: i["pid"] for i in stats["instances"]}
+        stopped = next(d for d in daemons.daemons if d.proc.pid == pids[first["daemon"]])
+        other = urls[1] if stopped is daemons.daemons[0] else urls[0]
+        stopped.signal(signal.SIGSTOP)
+        try:
+
+            async def rerun_elsewhere() -> bool:
+                _, job = await get_json(session, f"{other}/jobs/{job_id}")
+                return bool(job["state"] == "completed")
+
+            await wait_until(rerun_elsewhere, "the job to complete on the other daemon")
+        finally:
+            stopped.signal(signal.SIGCONT)
+        stopped_url = urls[0] if other == urls[1] else urls[1]
+
+        async def counted() -> bool:
+            async with session.get(f"{stopped_url}/metrics") as response:
+                text = await response.text()
+            return 'taskd_attempts_lost_total{queue="default"} 1.0' in text
+
+        await wait_until(counted, "the stopped daemon to count its lost attempt")
+        _, job = await get_json(session, f"{other}/jobs/{job_id}")
+    assert (job["state"], job["attempts"]) == ("completed", 2)
+    assert job["daemon"] != first["daemon"]
+    assert [h["outcome"] for h in job["history"]] == ["lost", "completed"]

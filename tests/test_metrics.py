@@ -223,6 +223,7 @@ def test_exported_names_follow_conventions() -> None:
         "taskd_daemons_live",
         "taskd_jobs_without_handler_wait_seconds",
         "taskd_redis_data_lost_total",
+        "taskd_attempts_lost_total",
         "taskd_build_info",
     } <= names
 
