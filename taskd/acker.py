@@ -8,6 +8,7 @@ from collections.abc import Callable
 
 import anyio
 
+from taskd.outage import Outage
 from taskd.store import Attempt, Store
 
 logger = logging.getLogger(__name__)
@@ -82,22 +83,16 @@ class Acker:
 
     async def run(self) -> None:
         """Send outcomes as they arrive, until cancelled."""
-        failures = 0
+        outage = Outage("recording job outcomes", logger)
         while True:
             if not self._pending:
                 self._has_work = anyio.Event()
                 await self._has_work.wait()
             try:
                 await self.tick()
-                failures = 0
-            except Exception:
-                failures += 1
-                logger.log(
-                    logging.ERROR if failures == 1 else logging.DEBUG,
-                    "recording job outcomes failed; %d waiting, retrying",
-                    len(self._pending),
-                    exc_info=True,
-                )
+                outage.ok()
+            except Exception as exc:
+                outage.failed(exc)
                 await anyio.sleep(RETRY_DELAY)
 
     async def flush(self) -> None:

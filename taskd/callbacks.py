@@ -13,6 +13,7 @@ from anyio.abc import TaskGroup
 
 from taskd.egress import DEFAULT_POLICY, Policy, Refused, connector
 from taskd.jobs import Job, now_ms
+from taskd.outage import Outage
 from taskd.store import Store
 
 logger = logging.getLogger(__name__)
@@ -116,19 +117,14 @@ class Callbacks:
         await self._stopped.wait()
 
     async def _loop(self, session: aiohttp.ClientSession, tg: TaskGroup) -> None:
-        failures = 0
+        outage = Outage("taking callbacks", logger)
         while True:
             self._wake = anyio.Event()
             try:
                 taken = await self.tick(session, tg)
-                failures = 0
-            except Exception:
-                failures += 1
-                logger.log(
-                    logging.ERROR if failures == 1 else logging.DEBUG,
-                    "taking callbacks failed; retrying",
-                    exc_info=True,
-                )
+                outage.ok()
+            except Exception as exc:
+                outage.failed(exc)
                 taken = 0
             if taken == 0 or self._free == 0:
                 with anyio.move_on_after(self._poll_interval):

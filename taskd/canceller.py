@@ -8,6 +8,7 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import TaskStatus
 
+from taskd.outage import Outage
 from taskd.store import Store
 
 logger = logging.getLogger(__name__)
@@ -32,14 +33,16 @@ class Canceller:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled (started once subscribed), subscribing again after errors."""
         started = False
+        outage = Outage("listening for cancel requests", logger)
         while True:
             try:
                 async with self._store.cancel_requests() as requests:
                     if not started:
                         task_status.started()
                         started = True
+                    outage.ok()
                     async for job_id in requests:
                         self.tick(job_id)
-            except Exception:
-                logger.warning("listening for cancel requests failed; retrying", exc_info=True)
+            except Exception as exc:
+                outage.failed(exc)
             await anyio.sleep(RETRY_DELAY)

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import anyio
 
 from taskd.jobs import now_ms
+from taskd.outage import Outage
 from taskd.store import DaemonInfo, Store
 
 logger = logging.getLogger(__name__)
@@ -110,12 +111,14 @@ class Heartbeat:
         """Register (failing loudly if Redis is unreachable at start), then beat until cancelled."""
         await self.tick()
         task_status.started()
+        outage = Outage("the heartbeat", logger)
         while True:
             await anyio.sleep(self._interval)
             try:
                 await self.tick()
-            except Exception:
-                logger.warning("heartbeat failed; retrying in %g s", self._interval, exc_info=True)
+                outage.ok()
+            except Exception as exc:
+                outage.failed(exc)
 
     async def deregister(self) -> None:
         """Remove this daemon's record (at a clean shutdown)."""

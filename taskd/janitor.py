@@ -10,6 +10,7 @@ import anyio
 
 from taskd.config import RetentionConfig
 from taskd.jobs import CANCELLED, COMPLETED, FAILED, now_ms
+from taskd.outage import Outage
 from taskd.store import Store
 
 logger = logging.getLogger(__name__)
@@ -60,9 +61,11 @@ class Janitor:
 
     async def run(self) -> None:
         """Trim until cancelled."""
+        outage = Outage("deleting expired jobs", logger)
         while True:
             try:
                 await self.tick()
-            except Exception:
-                logger.warning("deleting expired jobs failed; retrying", exc_info=True)
+                outage.ok()
+            except Exception as exc:
+                outage.failed(exc)
             await anyio.sleep(self._interval)

@@ -8,6 +8,7 @@ from collections.abc import Callable, Sequence
 import anyio
 
 from taskd.jobs import now_ms
+from taskd.outage import Outage
 from taskd.store import Store
 
 logger = logging.getLogger(__name__)
@@ -52,12 +53,14 @@ class Promoter:
 
     async def run(self) -> None:
         """Promote until cancelled."""
+        outage = Outage("promoting due jobs", logger)
         while True:
             self._woken = anyio.Event()
             try:
                 next_due = await self.tick()
-            except Exception:
-                logger.warning("promoting due jobs failed; retrying", exc_info=True)
+                outage.ok()
+            except Exception as exc:
+                outage.failed(exc)
                 next_due = None
                 await anyio.sleep(RETRY_DELAY)
             delay = MAX_SLEEP

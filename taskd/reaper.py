@@ -9,6 +9,7 @@ import anyio
 
 from taskd.jobs import now_ms
 from taskd.metrics import Metrics
+from taskd.outage import Outage
 from taskd.store import Store
 
 logger = logging.getLogger(__name__)
@@ -64,9 +65,11 @@ class Reaper:
 
     async def run(self) -> None:
         """Reap until cancelled."""
+        outage = Outage("reaping dead daemons", logger)
         while True:
             await anyio.sleep(self._interval)
             try:
                 await self.tick()
-            except Exception:
-                logger.warning("reaping dead daemons failed; retrying", exc_info=True)
+                outage.ok()
+            except Exception as exc:
+                outage.failed(exc)

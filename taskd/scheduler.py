@@ -13,6 +13,7 @@ from croniter import croniter
 
 from taskd.config import HandlerConfig, ScheduleConfig
 from taskd.jobs import DEFAULT_PRIORITY, QUEUED, Job, new_id, now_ms
+from taskd.outage import Outage
 from taskd.store import Store
 
 logger = logging.getLogger(__name__)
@@ -59,11 +60,13 @@ class Scheduler:
 
     async def run(self) -> None:
         """Fire ticks until cancelled."""
+        outage = Outage("firing schedules", logger)
         while True:
             try:
                 next_due = await self.tick()
-            except Exception:
-                logger.warning("firing schedules failed; retrying", exc_info=True)
+                outage.ok()
+            except Exception as exc:
+                outage.failed(exc)
                 await anyio.sleep(RETRY_DELAY)
                 continue
             wait = MAX_SLEEP if next_due is None else (next_due - self._clock()) / 1000

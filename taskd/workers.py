@@ -16,6 +16,7 @@ from taskd.config import HandlerConfig
 from taskd.handlers import Handlers, JobFailed
 from taskd.jobs import FINAL_STATES, Job, now_ms
 from taskd.metrics import Metrics
+from taskd.outage import Outage
 from taskd.progress import set_reporter
 from taskd.slots import SlotArbiter
 from taskd.store import Attempt, Claimed, Store, limits_of
@@ -218,7 +219,7 @@ class WorkerPool:
                 self._taken[name] += sign * count
 
     async def _fetch_loop(self, queue: str) -> None:
-        failures = 0
+        outage = Outage(f"fetching from queue {queue}", logger)
         skip_poll = SKIP_POLL_MIN
         while True:
             try:
@@ -234,16 +235,9 @@ class WorkerPool:
                 # Back off only while nothing moves: a claim that started jobs resets it.
                 quiet = claim.skipped and not claim.jobs
                 skip_poll = min(2 * skip_poll, SKIP_POLL_MAX) if quiet else SKIP_POLL_MIN
-                failures = 0
-            except Exception:
-                failures += 1
-                # One traceback per outage, not one per retry.
-                logger.log(
-                    logging.ERROR if failures == 1 else logging.DEBUG,
-                    "fetching from queue %s failed; retrying",
-                    queue,
-                    exc_info=True,
-                )
+                outage.ok()
+            except Exception as exc:
+                outage.failed(exc)
                 await anyio.sleep(FETCH_RETRY_DELAY)
 
     async def _a_job_ends(self, seconds: float) -> None:
