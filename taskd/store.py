@@ -536,7 +536,7 @@ class Store:
             yield _messages(pubsub)
         finally:
             with anyio.CancelScope(shield=True):
-                await pubsub.aclose()  # type: ignore[no-untyped-call]
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2
 
     # Recovering the jobs of dead daemons, and expiring finished ones.
 
