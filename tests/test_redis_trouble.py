@@ -117,6 +117,10 @@ async def test_a_full_redis_answers_storage_full_and_recovers(
     try:
         async with running_daemon(make_config(server.url)) as daemon, aiohttp.ClientSession() as s:
             url = base_url(daemon)
+            status, running = await post_json(
+                s, f"{url}/jobs", {"type": "sleep", "payload": {"seconds": 2}}
+            )
+            await wait_for_state(s, url, running["id"], {"active"})
             await fill(redis)
             async with s.post(f"{url}/jobs", json={"type": "echo"}) as response:
                 body = await response.json()
@@ -126,7 +130,10 @@ async def test_a_full_redis_answers_storage_full_and_recovers(
             status, health = await get_json(s, f"{url}/health")
             assert (status, health["status"]) == (503, "storage_full")
 
+            # A job running as Redis filled up is not lost: its outcome is recorded once
+            # there is room again.
             await redis.delete(*await redis.keys("ballast:*"))
+            await wait_for_state(s, url, running["id"], {"completed"})
             status, job, _ = await submit(s, url)
             assert status == 201, job
             await wait_for_state(s, url, job["id"], {"completed"})
