@@ -59,8 +59,13 @@ _SCHEDULE_KEYS = (
 _CATCH_UP = ("none", "latest")
 _SERVER_KEYS = (
     "listen", "max_body", "max_batch", "idempotency_ttl", "token", "allowed_hosts",
-    "public_reads", "public_health", "public_metrics",
+    "public_reads", "public_health", "public_metrics", "keepalive_timeout",
+    "request_read_timeout", "max_connections",
 )  # fmt: skip
+# Longer than this, a connection timeout is surely milliseconds written as seconds.
+_HOUR = 3600.0
+# A file descriptor each: beyond about this, Linux's own default ceiling (nr_open) is hit.
+_MAX_CONNECTIONS = 1_000_000
 _REDIS_KEYS = ("url", "prefix", "data_dir", "cluster", "request_timeout")
 _WORKERS_KEYS = (
     "concurrency", "queues", "shutdown_timeout", "heartbeat_interval", "dead_after",
@@ -131,6 +136,14 @@ class ServerConfig:
     public_reads: bool = False  # with a token: reads (jobs, stats, the dashboard's) need none
     public_health: bool = True  # with a token: /health needs none (probes have no secret)
     public_metrics: bool = True  # with a token: /metrics needs none (nor do scrapers)
+    # Every connection holds a file descriptor, which idle or slow clients must not use up
+    # (see taskd.connections): seconds an idle keep-alive connection stays open; seconds a
+    # client has to send a whole request head (from connecting, or from the first byte of
+    # a later request), which is also the longest a body may pause; connections open at
+    # most, every listening address together.
+    keepalive_timeout: float = 75.0
+    request_read_timeout: float = 10.0
+    max_connections: int = 1000
 
 
 @dataclass(frozen=True, slots=True)
@@ -404,6 +417,9 @@ def _server(t: _Table) -> ServerConfig:
     for name in allowed_hosts:
         if name != "*" and not _HOSTNAME.fullmatch(name):
             t.problem("allowed_hosts", f"not a host name: {name!r}")
+    keepalive_timeout = t.seconds("keepalive_timeout", default.keepalive_timeout, _HOUR)
+    request_read_timeout = t.seconds("request_read_timeout", default.request_read_timeout, _HOUR)
+    max_connections = t.integer("max_connections", default.max_connections, 1, _MAX_CONNECTIONS)
     try:
         host, port, unix_path = _parse_listen(listen)
     except ValueError as e:
@@ -422,6 +438,9 @@ def _server(t: _Table) -> ServerConfig:
         public_reads=t.boolean("public_reads", default.public_reads),
         public_health=t.boolean("public_health", default.public_health),
         public_metrics=t.boolean("public_metrics", default.public_metrics),
+        keepalive_timeout=keepalive_timeout,
+        request_read_timeout=request_read_timeout,
+        max_connections=max_connections,
     )
 
 

@@ -12,6 +12,7 @@ from anyio.abc import TaskStatus
 from taskd.callbacks import Callbacks
 from taskd.canceller import Canceller
 from taskd.config import Config
+from taskd.connections import warn_if_few_files
 from taskd.egress import Policy
 from taskd.handlers import Handlers
 from taskd.heartbeat import Heartbeat, Identity
@@ -149,6 +150,7 @@ class Daemon:
             if self.config.schedules:
                 tg.start_soon(self.scheduler.run)
             await tg.start(self.pool.run)
+            warn_if_few_files(self.config.server.max_connections, self.config.workers.concurrency)
             await tg.start(self.intake.run)
             logger.info(
                 "taskd %s ready: concurrency %d, queues %s",

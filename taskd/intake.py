@@ -13,6 +13,7 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from taskd.config import HandlerConfig, ScheduleConfig, ServerConfig
+from taskd.connections import Runner
 from taskd.dashboard import Dashboard
 from taskd.egress import DEFAULT_POLICY, Policy
 from taskd.guards import browser_guard, require_json, token_guard
@@ -101,6 +102,10 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
             message = f"{message} ({exc.text})"
         return error_response(exc.status, code, message)
     except UNAVAILABLE as exc:
+        if request.transport is None:
+            # Not Redis: the connection closed while the body was read (the client went,
+            # or was cut off as too slow, see taskd.connections). No one is left to answer.
+            return error_response(400, "connection_closed", "the connection closed")
         logger.warning("%s %s: Redis unreachable: %s", request.method, request.path, exc)
         return error_response(503, "unavailable", f"Redis is unreachable: {exc}")
     except RedisDeadline as exc:
@@ -152,7 +157,13 @@ class Intake:
         self._clock = clock
         self._accepting = True
         self.addresses: list[Any] = []
+        self._runner: Runner | None = None
         self.app = self._make_app()
+
+    @property
+    def open_connections(self) -> int:
+        """HTTP connections open now (0 before the intake listens)."""
+        return self._runner.open_connections if self._runner is not None else 0
 
     def refuse_new(self) -> None:
         """Answer new submissions with 503 from now on (the daemon is stopping)."""
@@ -198,9 +209,17 @@ class Intake:
         # thousands of submissions a second. Failures are logged where they happen.
         # Open requests get a short grace at close: by then intake has refused new work for
         # the whole drain, and event streams end by themselves once the daemon stops.
-        runner = web.AppRunner(
-            self.app, access_log=None, handle_signals=False, shutdown_timeout=EVENT_GRACE
+        # Idle and slow connections are closed, and past max_connections new ones are
+        # refused, so that clients cannot use up the daemon's file descriptors.
+        runner = Runner(
+            self.app,
+            max_connections=self._server.max_connections,
+            read_timeout=self._server.request_read_timeout,
+            keepalive_timeout=self._server.keepalive_timeout,
+            shutdown_timeout=EVENT_GRACE,
+            access_log=None,
         )
+        self._runner = runner
         await runner.setup()
         try:
             site: web.BaseSite

@@ -35,7 +35,7 @@ ECHO = '[handlers.echo]\nbuiltin = "echo"\n'
 TOP_KEYS = "server, redis, workers, retention, callbacks, handlers, schedules"
 SERVER_KEYS = (
     "listen, max_body, max_batch, idempotency_ttl, token, allowed_hosts, public_reads,"
-    " public_health, public_metrics"
+    " public_health, public_metrics, keepalive_timeout, request_read_timeout, max_connections"
 )
 HANDLER_KEYS = (
     "builtin, python, exec, http, queue, timeout, concurrency, max_attempts, backoff_base, "
@@ -183,6 +183,24 @@ def test_every_value_set() -> None:
         604800.0,
     )
     assert isinstance(handler.backoff_max, float)
+
+
+def test_connection_limits() -> None:
+    cfg = parse_text(
+        "[server]\nkeepalive_timeout = 5\nrequest_read_timeout = 0.5\nmax_connections = 20\n" + ECHO
+    )
+    assert (cfg.server.keepalive_timeout, cfg.server.request_read_timeout) == (5.0, 0.5)
+    assert isinstance(cfg.server.keepalive_timeout, float)
+    assert cfg.server.max_connections == 20
+    default = ServerConfig()
+    assert (default.keepalive_timeout, default.request_read_timeout) == (75.0, 10.0)
+    assert default.max_connections == 1000
+
+
+def test_connection_limits_are_checked_with_a_bad_listen() -> None:
+    # A bad listen address must not hide the other problems of [server].
+    problems = problems_of('[server]\nlisten = "nowhere"\nmax_connections = 0\n')
+    assert [p.split(":")[0] for p in problems] == ["server.max_connections", "server.listen"]
 
 
 # Each kind of handler
@@ -567,6 +585,36 @@ INVALID = [
     ("[server]\nmax_body = 0\n", "server.max_body: must be an integer from 1 to 1073741824, got 0"),
     ("[server]\nmax_body = 1073741825\n", "server.max_body: must be an integer from 1 to"),
     ("[server]\nmax_body = 1.5\n", "server.max_body: must be an integer, got float 1.5"),
+    (
+        "[server]\nkeepalive_timeout = 0\n",
+        "server.keepalive_timeout: must be a number of seconds greater than 0 and at most "
+        "3600, got 0",
+    ),
+    ("[server]\nkeepalive_timeout = 75000\n", "server.keepalive_timeout: must be a number of"),
+    (
+        '[server]\nkeepalive_timeout = "75s"\n',
+        "server.keepalive_timeout: must be a number of seconds, got string '75s'",
+    ),
+    (
+        "[server]\nrequest_read_timeout = -1\n",
+        "server.request_read_timeout: must be a number of seconds greater than 0 and at most "
+        "3600, got -1",
+    ),
+    ("[server]\nrequest_read_timeout = nan\n", "server.request_read_timeout: must be a number"),
+    (
+        "[server]\nrequest_read_timeout = true\n",
+        "server.request_read_timeout: must be a number of seconds, got boolean true",
+    ),
+    (
+        "[server]\nmax_connections = 0\n",
+        "server.max_connections: must be an integer from 1 to 1000000, got 0",
+    ),
+    ("[server]\nmax_connections = 1000001\n", "server.max_connections: must be an integer from"),
+    ("[server]\nmax_connections = 10.5\n", "server.max_connections: must be an integer, got"),
+    (
+        '[server]\nmax_connections = "1000"\n',
+        "server.max_connections: must be an integer, got string '1000'",
+    ),
     # redis
     ('[redis]\nurl = "localhost:6379"\n', 'redis.url: must be "embedded" or a redis://'),
     ('[redis]\nurl = "redis:///0"\n', "redis.url: a redis:// URL needs a host"),

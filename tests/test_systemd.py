@@ -18,7 +18,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from taskd.config import WorkersConfig
+from taskd.config import ServerConfig, WorkersConfig
+from taskd.connections import open_files_needed
 from taskd.systemd import Notifier
 from tests.support import wait_until
 
@@ -255,3 +256,12 @@ def test_stop_timeout_outlasts_the_default_drain(source: str) -> None:
     match = re.search(r"^TimeoutStopSec=(\d+)$", (UNITS / source).read_text(), re.MULTILINE)
     assert match is not None
     assert int(match[1]) >= WorkersConfig().shutdown_timeout + 10
+
+
+@pytest.mark.parametrize("source", [source for source, _ in UNIT_CASES])
+def test_open_files_limit_holds_the_default_connections_and_jobs(source: str) -> None:
+    # Below it, file descriptors would run out before [server] max_connections is reached.
+    match = re.search(r"^LimitNOFILE=(\d+)$", (UNITS / source).read_text(), re.MULTILINE)
+    assert match is not None
+    needed = open_files_needed(ServerConfig().max_connections, WorkersConfig().concurrency)
+    assert int(match[1]) >= needed
