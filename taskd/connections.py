@@ -30,6 +30,7 @@ import resource
 import time
 from typing import Any
 
+import orjson
 from aiohttp import StreamReader, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import RawRequestMessage
@@ -116,6 +117,28 @@ class _Connection(web.RequestHandler):
     """
 
     __slots__ = ("_body", "_busy", "_deadline", "_gate", "_held", "_read_timeout")
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        """A request aiohttp could not parse (a bad request line, a header too large): the
+        client's mistake, answered with the JSON error document of every other error and
+        logged as one line at info. aiohttp would answer text/plain and log a traceback
+        at error level, which a scanner of the port turns into a flood."""
+        if status >= 500 or request.writer.output_size > 0:
+            return super().handle_error(request, status, exc, message)
+        reason = str(exc) if exc is not None else (message or "malformed request")
+        logger.info("refused a malformed HTTP request from %s: %s", request.remote, reason)
+        error = {"code": "bad_request", "message": f"malformed HTTP request: {reason}"}
+        response = web.Response(
+            status=status, body=orjson.dumps({"error": error}), content_type="application/json"
+        )
+        response.force_close()
+        return response
 
     def __init__(
         self,

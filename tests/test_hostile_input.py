@@ -3,9 +3,12 @@ JSON error document; a web page in the operator's browser cannot submit jobs."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from typing import Any
 
 import aiohttp
+import anyio
 import orjson
 import pytest
 from redis.asyncio import Redis
@@ -147,3 +150,34 @@ async def test_allowed_hosts_names_the_daemon_answers_to(redis_url: str) -> None
             assert r.status == 421
         status, _ = await get_json(session, f"{url}/stats")
         assert status == 200
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: " + b"a" * 20_000 + b"\r\n\r\n",
+        b"THIS IS NOT HTTP\r\n\r\n",
+        b"GET /health HTTP/1.1\r\nHost 127.0.0.1\r\n\r\n",
+    ],
+    ids=["20 KB header", "bad request line", "bad header line"],
+)
+async def test_malformed_http_gets_the_json_error_and_one_log_line(
+    api: Api, raw: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    _, url = api
+    host, port = url.removeprefix("http://").rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    try:
+        writer.write(raw)
+        await writer.drain()
+        with anyio.fail_after(10):
+            answer = await reader.read()  # the daemon closes the connection after it
+    finally:
+        writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.split(b" ")[1].startswith(b"4"), head  # 400, or 431 for the header
+    assert b"application/json" in head
+    error = orjson.loads(body)["error"]
+    assert error["code"] == "bad_request"
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not [r for r in caplog.records if r.exc_info]
