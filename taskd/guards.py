@@ -16,6 +16,8 @@ from taskd.validation import ApiError
 # Methods that change nothing: a foreign page may cause them (it cannot read the answer,
 # which the browser keeps from it without CORS headers, and we send none).
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+# Most distinct Host headers whose verdict is remembered.
+HOST_CACHE = 256
 
 
 def browser_guard(server: ServerConfig) -> Middleware:
@@ -31,11 +33,22 @@ def browser_guard(server: ServerConfig) -> Middleware:
     """
     allowed = frozenset(server.allowed_hosts)
     any_host = "*" in allowed or server.unix_path is not None
+    # Host headers seen, and whether they may pass: nearly every request repeats one of a
+    # few, and parsing it (an IP address?) on each would cost a few percent of intake.
+    verdicts: dict[str, bool] = {}
+
+    def known(host: str) -> bool:
+        verdict = verdicts.get(host)
+        if verdict is None:
+            if len(verdicts) >= HOST_CACHE:
+                verdicts.clear()  # a client making up hosts gets no memory of them
+            verdict = verdicts[host] = _known_host(host, allowed)
+        return verdict
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         host = request.headers.get("Host")
-        if host is not None and not any_host and not _known_host(host, allowed):
+        if host is not None and not any_host and not known(host):
             raise ApiError(
                 421,
                 "misdirected",

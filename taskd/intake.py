@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
@@ -68,7 +69,10 @@ def redis_deadline(seconds: float) -> Middleware:
         if request.path in ("/events", "/health"):
             return await handler(request)
         try:
-            with anyio.fail_after(seconds):
+            # asyncio's own timeout, not anyio's cancel scope: this wraps every request, and
+            # costs a tenth of the intake's throughput as a scope; the handler's anyio code
+            # sees a plain cancellation either way.
+            async with asyncio.timeout(seconds):
                 return await handler(request)
         except TimeoutError:
             raise RedisDeadline(
