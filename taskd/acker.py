@@ -8,7 +8,7 @@ from collections.abc import Callable
 
 import anyio
 
-from taskd.outage import Outage
+from taskd.loop import Outage, repeat
 from taskd.store import Attempt, Store
 
 logger = logging.getLogger(__name__)
@@ -84,16 +84,13 @@ class Acker:
     async def run(self) -> None:
         """Send outcomes as they arrive, until cancelled."""
         outage = Outage("recording job outcomes", logger)
-        while True:
-            if not self._pending:
-                self._has_work = anyio.Event()
-                await self._has_work.wait()
-            try:
-                await self.tick()
-                outage.ok()
-            except Exception as exc:
-                outage.failed(exc)
-                await anyio.sleep(RETRY_DELAY)
+        await repeat(self._send_pending, outage=outage, retry_delay=RETRY_DELAY)
+
+    async def _send_pending(self) -> None:
+        if not self._pending:
+            self._has_work = anyio.Event()
+            await self._has_work.wait()
+        await self.tick()
 
     async def flush(self) -> None:
         """Send everything pending, retrying through errors (bounded by the caller)."""

@@ -13,7 +13,7 @@ from anyio.abc import TaskGroup
 
 from taskd.egress import DEFAULT_POLICY, Policy, Refused, connector
 from taskd.jobs import Job, now_ms
-from taskd.outage import Outage
+from taskd.loop import Outage, repeat
 from taskd.store import Store
 
 logger = logging.getLogger(__name__)
@@ -117,18 +117,15 @@ class Callbacks:
         await self._stopped.wait()
 
     async def _loop(self, session: aiohttp.ClientSession, tg: TaskGroup) -> None:
-        outage = Outage("taking callbacks", logger)
-        while True:
+        async def take_then_wait() -> None:
             self._wake = anyio.Event()
-            try:
-                taken = await self.tick(session, tg)
-                outage.ok()
-            except Exception as exc:
-                outage.failed(exc)
-                taken = 0
+            taken = await self.tick(session, tg)
             if taken == 0 or self._free == 0:
                 with anyio.move_on_after(self._poll_interval):
                     await self._wake.wait()
+
+        outage = Outage("taking callbacks", logger)
+        await repeat(take_then_wait, outage=outage, retry_delay=self._poll_interval)
 
     async def _deliver(self, session: aiohttp.ClientSession, queue: str, job_id: str) -> None:
         try:

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import anyio
 from anyio.abc import TaskStatus
 
-from taskd.outage import Outage
+from taskd.loop import Outage, repeat
 from taskd.store import Store
 
 logger = logging.getLogger(__name__)
@@ -23,7 +23,7 @@ class Canceller:
         self._store = store
         self._cancel_local = cancel_local
 
-    def tick(self, job_id: str) -> bool:
+    def on_request(self, job_id: str) -> bool:
         """Handle one request; True if the job ran here and is being cancelled."""
         cancelled = self._cancel_local(job_id)
         if cancelled:
@@ -32,17 +32,19 @@ class Canceller:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Listen until cancelled (started once subscribed), subscribing again after errors."""
-        started = False
+        # A subscription works from the moment it is made, not when its pass ends.
         outage = Outage("listening for cancel requests", logger)
-        while True:
-            try:
-                async with self._store.cancel_requests() as requests:
-                    if not started:
-                        task_status.started()
-                        started = True
-                    outage.ok()
-                    async for job_id in requests:
-                        self.tick(job_id)
-            except Exception as exc:
-                outage.failed(exc)
-            await anyio.sleep(RETRY_DELAY)
+        started = False
+
+        async def listen() -> None:
+            nonlocal started
+            async with self._store.cancel_requests() as requests:
+                if not started:
+                    task_status.started()
+                    started = True
+                outage.ok()
+                async for job_id in requests:
+                    self.on_request(job_id)
+            await anyio.sleep(RETRY_DELAY)  # the server closed it: subscribe again soon
+
+        await repeat(listen, outage=outage, retry_delay=RETRY_DELAY)

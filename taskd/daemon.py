@@ -1,4 +1,18 @@
-"""The daemon: builds the cooperating tasks, runs them in one task group, stops them in order."""
+"""The daemon: builds the cooperating tasks, runs them in one task group, stops them in order.
+
+The tasks share their work through Redis. Their links in this process are callbacks
+passed below, invisible in the import graph. Most are wake-up hints that make a task act
+sooner than its next poll, never more correct:
+- workers -> promoter (`on_retry`), intake -> promoter (`on_scheduled`): a job falls due
+  earlier than the promoter planned to look.
+- workers, intake -> callbacks (`on_final`): a job with a callback ended.
+- heartbeat -> workers (`on_reaped`): a reaper took this daemon's jobs back; stop them.
+- canceller -> workers (`cancel_local`): cancel a job if it runs here.
+- workers -> heartbeat, intake (`active`): how many jobs run now, for /stats.
+- heartbeat -> metrics (`on_data_lost`): Redis lost its data.
+One is a duty: after each beat (`after_beat`) the workers and callbacks release what
+their in-flight sets hold but nothing here runs (a claim whose reply was lost).
+"""
 
 from __future__ import annotations
 

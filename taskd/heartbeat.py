@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import anyio
 
 from taskd.jobs import now_ms
-from taskd.outage import Outage
+from taskd.loop import Outage, repeat
 from taskd.store import DaemonInfo, Store
 
 logger = logging.getLogger(__name__)
@@ -111,14 +111,12 @@ class Heartbeat:
         """Register (failing loudly if Redis is unreachable at start), then beat until cancelled."""
         await self.tick()
         task_status.started()
-        outage = Outage("the heartbeat", logger)
-        while True:
-            await anyio.sleep(self._interval)
-            try:
-                await self.tick()
-                outage.ok()
-            except Exception as exc:
-                outage.failed(exc)
+        # The step waits first, so a failed beat is tried again one interval later.
+        await repeat(self._wait_then_beat, outage=Outage("the heartbeat", logger), retry_delay=0)
+
+    async def _wait_then_beat(self) -> None:
+        await anyio.sleep(self._interval)
+        await self.tick()
 
     async def deregister(self) -> None:
         """Remove this daemon's record (at a clean shutdown)."""

@@ -10,7 +10,7 @@ import anyio
 
 from taskd.config import RetentionConfig
 from taskd.jobs import CANCELLED, COMPLETED, FAILED, now_ms
-from taskd.outage import Outage
+from taskd.loop import Outage, repeat
 from taskd.store import Store
 
 logger = logging.getLogger(__name__)
@@ -62,10 +62,8 @@ class Janitor:
     async def run(self) -> None:
         """Trim until cancelled."""
         outage = Outage("deleting expired jobs", logger)
-        while True:
-            try:
-                await self.tick()
-                outage.ok()
-            except Exception as exc:
-                outage.failed(exc)
-            await anyio.sleep(self._interval)
+        await repeat(self._trim_then_wait, outage=outage, retry_delay=self._interval)
+
+    async def _trim_then_wait(self) -> None:
+        await self.tick()
+        await anyio.sleep(self._interval)

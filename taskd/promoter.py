@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import anyio
 
 from taskd.jobs import now_ms
-from taskd.outage import Outage
+from taskd.loop import Outage, repeat
 from taskd.store import Store
 
 logger = logging.getLogger(__name__)
@@ -54,19 +54,16 @@ class Promoter:
     async def run(self) -> None:
         """Promote until cancelled."""
         outage = Outage("promoting due jobs", logger)
-        while True:
-            self._woken = anyio.Event()
-            try:
-                next_due = await self.tick()
-                outage.ok()
-            except Exception as exc:
-                outage.failed(exc)
-                next_due = None
-                await anyio.sleep(RETRY_DELAY)
-            delay = MAX_SLEEP
-            if next_due is not None:
-                delay = min(MAX_SLEEP, max(0.0, (next_due - self._clock()) / 1000))
-            self._wake_at = self._clock() + delay * 1000
-            with anyio.move_on_after(delay):
-                await self._woken.wait()
-            self._wake_at = float("inf")
+        await repeat(self._promote_then_wait, outage=outage, retry_delay=RETRY_DELAY)
+
+    async def _promote_then_wait(self) -> None:
+        # A new event before the pass: a wake() during it is not lost.
+        self._woken = anyio.Event()
+        next_due = await self.tick()
+        delay = MAX_SLEEP
+        if next_due is not None:
+            delay = min(MAX_SLEEP, max(0.0, (next_due - self._clock()) / 1000))
+        self._wake_at = self._clock() + delay * 1000
+        with anyio.move_on_after(delay):
+            await self._woken.wait()
+        self._wake_at = float("inf")

@@ -8,8 +8,8 @@ from collections.abc import Callable, Collection
 import anyio
 
 from taskd.jobs import now_ms
+from taskd.loop import Outage, repeat
 from taskd.metrics import Metrics
-from taskd.outage import Outage
 from taskd.store import Store
 
 logger = logging.getLogger(__name__)
@@ -65,11 +65,10 @@ class Reaper:
 
     async def run(self) -> None:
         """Reap until cancelled."""
+        # The step waits first, so a failed pass is tried again one interval later.
         outage = Outage("reaping dead daemons", logger)
-        while True:
-            await anyio.sleep(self._interval)
-            try:
-                await self.tick()
-                outage.ok()
-            except Exception as exc:
-                outage.failed(exc)
+        await repeat(self._wait_then_reap, outage=outage, retry_delay=0)
+
+    async def _wait_then_reap(self) -> None:
+        await anyio.sleep(self._interval)
+        await self.tick()

@@ -13,7 +13,7 @@ from croniter import croniter
 
 from taskd.config import HandlerConfig, ScheduleConfig
 from taskd.jobs import DEFAULT_PRIORITY, QUEUED, Job, new_id, now_ms
-from taskd.outage import Outage
+from taskd.loop import Outage, repeat
 from taskd.store import Store
 
 logger = logging.getLogger(__name__)
@@ -61,16 +61,12 @@ class Scheduler:
     async def run(self) -> None:
         """Fire ticks until cancelled."""
         outage = Outage("firing schedules", logger)
-        while True:
-            try:
-                next_due = await self.tick()
-                outage.ok()
-            except Exception as exc:
-                outage.failed(exc)
-                await anyio.sleep(RETRY_DELAY)
-                continue
-            wait = MAX_SLEEP if next_due is None else (next_due - self._clock()) / 1000
-            await anyio.sleep(min(MAX_SLEEP, max(0.001, wait)))
+        await repeat(self._fire_then_wait, outage=outage, retry_delay=RETRY_DELAY)
+
+    async def _fire_then_wait(self) -> None:
+        next_due = await self.tick()
+        wait = MAX_SLEEP if next_due is None else (next_due - self._clock()) / 1000
+        await anyio.sleep(min(MAX_SLEEP, max(0.001, wait)))
 
     async def _fire_due(self, schedule: ScheduleConfig, now: int) -> None:
         due = prev_tick(schedule, now)

@@ -15,8 +15,8 @@ from taskd.acker import Acker
 from taskd.config import HandlerConfig
 from taskd.handlers import Handlers, JobFailed
 from taskd.jobs import FINAL_STATES, Job, now_ms
+from taskd.loop import Outage, repeat
 from taskd.metrics import Metrics
-from taskd.outage import Outage
 from taskd.progress import set_reporter
 from taskd.slots import SlotArbiter
 from taskd.store import Attempt, Claimed, Store, limits_of
@@ -219,26 +219,25 @@ class WorkerPool:
                 self._taken[name] += sign * count
 
     async def _fetch_loop(self, queue: str) -> None:
-        outage = Outage(f"fetching from queue {queue}", logger)
         skip_poll = SKIP_POLL_MIN
-        while True:
-            try:
-                claim = await self.tick(queue)
-                if claim.paused:
-                    await anyio.sleep(PAUSED_POLL)
-                elif claim.more:
-                    pass
-                elif claim.skipped:
-                    await self._a_job_ends(skip_poll)
-                elif not claim.jobs:
-                    await self._store.wait_for_job(queue, self._daemon_id, self._block_timeout)
-                # Back off only while nothing moves: a claim that started jobs resets it.
-                quiet = claim.skipped and not claim.jobs
-                skip_poll = min(2 * skip_poll, SKIP_POLL_MAX) if quiet else SKIP_POLL_MIN
-                outage.ok()
-            except Exception as exc:
-                outage.failed(exc)
-                await anyio.sleep(FETCH_RETRY_DELAY)
+
+        async def claim_then_wait() -> None:
+            nonlocal skip_poll
+            claim = await self.tick(queue)
+            if claim.paused:
+                await anyio.sleep(PAUSED_POLL)
+            elif claim.more:
+                pass
+            elif claim.skipped:
+                await self._a_job_ends(skip_poll)
+            elif not claim.jobs:
+                await self._store.wait_for_job(queue, self._daemon_id, self._block_timeout)
+            # Back off only while nothing moves: a claim that started jobs resets it.
+            quiet = claim.skipped and not claim.jobs
+            skip_poll = min(2 * skip_poll, SKIP_POLL_MAX) if quiet else SKIP_POLL_MIN
+
+        outage = Outage(f"fetching from queue {queue}", logger)
+        await repeat(claim_then_wait, outage=outage, retry_delay=FETCH_RETRY_DELAY)
 
     async def _a_job_ends(self, seconds: float) -> None:
         """Wait until one of this daemon's jobs ends (its slots free), at most `seconds`."""

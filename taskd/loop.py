@@ -1,11 +1,14 @@
-"""The error policy the cooperating tasks' loops share: one traceback per outage, then a
-short reminder a minute, and one line when it is over."""
+"""The loop every cooperating task runs its passes in, and its one error policy: one
+traceback per outage, then a short reminder a minute, and one line when it is over."""
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import NoReturn
+
+import anyio
 
 # How often a loop that keeps failing says so again (without the traceback): a Redis
 # that is down or full must not fill the disk with the same story every half second.
@@ -69,3 +72,22 @@ class Outage:
 
 def _brief(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def repeat(
+    step: Callable[[], Awaitable[object]], *, outage: Outage, retry_delay: float
+) -> NoReturn:
+    """Run `step` (one pass and its own wait for the next) until cancelled.
+
+    A pass that raises is reported to `outage` and tried again after `retry_delay`
+    seconds, so a Redis outage neither ends a task nor floods the log. Cancellation is
+    not an Exception: it ends the loop at once.
+    """
+    while True:
+        try:
+            await step()
+        except Exception as exc:
+            outage.failed(exc)
+            await anyio.sleep(retry_delay)
+        else:
+            outage.ok()
