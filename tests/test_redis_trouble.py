@@ -3,7 +3,6 @@ answers at once with a clear 503, and work resumes by itself."""
 
 from __future__ import annotations
 
-import contextlib
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -90,17 +89,19 @@ async def test_connections_reset_under_the_daemon_are_opened_again(proxy: Proxy)
 
 
 async def fill(redis: Redis) -> None:
-    """Write until Redis refuses: past maxmemory, with noeviction, it takes no more writes."""
-    for n in range(2000):
+    """Write until Redis refuses even a tiny write: past maxmemory, with noeviction."""
+    # Redis counts a request's own query buffer against maxmemory: near the limit it
+    # refuses a 50 KB write but takes a small one. Shrink the writes until the smallest
+    # is refused too, i.e. until Redis is full for what it stores.
+    size = 50_000
+    for n in range(10_000):
         try:
-            await redis.set(f"ballast:{n}", b"x" * 50_000)
+            await redis.set(f"ballast:{n}", b"x" * size)
         except OutOfMemoryError:
-            # Refused for what is stored, not for the size of this one: a tiny write too.
-            with contextlib.suppress(OutOfMemoryError):
-                await redis.set("probe", b"1")
-                continue
-            return
-    raise AssertionError("Redis took 100 MB past an 8 MB maxmemory")
+            if size == 1:
+                return
+            size = max(1, size // 10)
+    raise AssertionError("Redis took far more than an 8 MB maxmemory")
 
 
 async def test_a_full_redis_answers_storage_full_and_recovers(
