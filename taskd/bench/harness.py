@@ -69,7 +69,7 @@ class SoakPlan:
     rate: int  # jobs/s
 
 
-@dataclass
+@dataclass(kw_only=True)
 class SpawnedDaemon:
     """A daemon process the bench started."""
 
@@ -108,7 +108,7 @@ def _status_mib(pid: int, name: str) -> float | None:
 class Local:
     """The bench's own Redis, and the daemons the bench starts on it."""
 
-    def __init__(self, redis_url: str, tmp: Path) -> None:
+    def __init__(self, *, redis_url: str, tmp: Path) -> None:
         self.redis_url = redis_url
         self.tmp = tmp
         self.keys = Keys(PREFIX)
@@ -161,7 +161,7 @@ class Local:
                 # the bench, which stops it in order; and SIGTERM should the bench die.
                 preexec_fn=_child_setup(),
             )
-        return SpawnedDaemon(f"http://127.0.0.1:{port}", proc, log)
+        return SpawnedDaemon(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
 
 
 def _config_text(port: int, concurrency: int) -> str:
@@ -218,7 +218,7 @@ async def http_session(url: str = "") -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Bench:
     """What a workload runs against: an HTTP session, and the bench's own Redis and
     daemons (`local`), or a running daemon at `url`."""

@@ -71,10 +71,10 @@ def run(options: Options) -> Report:
 
 
 async def _local(options: Options, redis_url: str, tmp: Path) -> Report:
-    local = Local(redis_url, tmp)
+    local = Local(redis_url=redis_url, tmp=tmp)
     try:
         async with http_session() as session:
-            bench = Bench(session, options.quick, local=local, soak=options.soak)
+            bench = Bench(session=session, quick=options.quick, local=local, soak=options.soak)
             redis_version = await redis_access.server_version(local.redis)
             results = await run_rounds(bench, options)
     finally:
@@ -88,7 +88,7 @@ async def _remote(options: Options) -> Report:
     url = options.url.rstrip("/")
     async with http_session(url) as session:
         base = "http://localhost" if url.startswith("unix:") else url
-        bench = Bench(session, options.quick, url=base)
+        bench = Bench(session=session, quick=options.quick, url=base)
         stats = await bench.json("GET", f"{base}/stats")
         if "noop" not in await configured_types(bench, base):
             raise BenchError(f"the daemon at {url} has no `noop` handler; the bench needs one")
