@@ -1,0 +1,351 @@
+"""What the workloads run on: the bench's own Redis, the daemons it spawns, and its HTTP client."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import anyio
+import orjson
+
+from taskd.bench import redis_access
+from taskd.embedded import EmbeddedRedisError, RedisServer, _child_setup
+from taskd.jobs import QUEUED, Job, new_id, now_ms
+from taskd.keys import Keys
+
+QUEUE = "default"
+PREFIX = "taskd"
+# Jobs per round of each workload: (full, --quick). The order is the order they run in.
+SIZES = {
+    "intake-single": (20_000, 500),
+    "intake-batch": (200_000, 5_000),
+    "drain": (50_000, 2_000),
+    "pickup": (1_000, 100),
+    "concurrency": (10_000, 500),
+    "mixed": (100_000, 3_000),
+}
+SOAK_SECONDS = (600, 20)  # (full, --quick)
+SOAK_RATE = (8_000, 1_000)  # jobs/s, (full, --quick): about half of what drain measures
+# The daemons' handlers; `stamp` is re-exported by the package, so its target stays put.
+HANDLERS = {
+    "noop": 'builtin = "noop"',
+    "sleep": 'builtin = "sleep"',
+    "stamp": 'python = "taskd.bench:stamp"',
+}
+POLL = 0.05  # s, between looks at Redis while waiting, and between INFO clients samples
+START_DEADLINE = 30.0  # s for a daemon to answer /health: generous on a loaded machine
+STOP_DEADLINE = 15.0  # s for daemons to exit after SIGTERM (drain and requeue) before SIGKILL
+START_ATTEMPTS = 3  # the free port we pick may be taken before the daemon binds it
+HTTP_TIMEOUT = 120.0
+JSON = {"Content-Type": "application/json"}
+
+
+class BenchError(Exception):
+    """The bench cannot go on; the message says why."""
+
+
+class HttpError(BenchError):
+    def __init__(self, status: int, body: bytes, url: str) -> None:
+        super().__init__(f"{url}: {status}: {body[:300].decode(errors='replace')}")
+        self.status = status
+        self.body = body
+
+
+@dataclass(frozen=True, slots=True)
+class SoakPlan:
+    """How long the soak workload submits jobs, and how fast."""
+
+    seconds: int
+    rate: int  # jobs/s
+
+
+@dataclass(kw_only=True)
+class SpawnedDaemon:
+    """A daemon process the bench started."""
+
+    url: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log.read_text(errors="replace").splitlines()[-lines:]
+        except OSError as exc:
+            return f"(cannot read {self.log}: {exc})"
+        return f"last lines of {self.log}:\n" + "\n".join(text)
+
+    def rss_mib(self) -> float | None:
+        """VmRSS of the live process, in MiB; None where /proc does not tell."""
+        return _status_mib(self.proc.pid, "VmRSS")
+
+    def peak_rss_mib(self) -> float | None:
+        """VmHWM of the live process, in MiB; None where /proc does not tell."""
+        return _status_mib(self.proc.pid, "VmHWM")
+
+
+def _status_mib(pid: int, name: str) -> float | None:
+    """A size (in kB) from /proc/PID/status of a live process, in MiB; None where /proc
+    does not tell."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(f"{name}:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
+class Local:
+    """The bench's own Redis, and the daemons the bench starts on it."""
+
+    def __init__(self, *, redis_url: str, tmp: Path) -> None:
+        self.redis_url = redis_url
+        self.tmp = tmp
+        self.keys = Keys(PREFIX)
+        self.redis = redis_access.connect(redis_url)
+        self.store = redis_access.open_store(redis_url, PREFIX)
+        self.running: list[SpawnedDaemon] = []
+        self._spawned = 0
+
+    async def close(self) -> None:
+        await redis_access.disconnect(self.redis)
+        await self.store.close()
+
+    async def finished(self) -> tuple[int, int]:
+        """How many jobs completed and how many failed for good."""
+        return await redis_access.finished(self.redis, self.keys, QUEUE)
+
+    async def enqueue(self, count: int, job_type: str, payload: Any) -> list[str]:
+        """Put `count` jobs straight into Redis (no daemon needed); returns their ids."""
+        jobs = [
+            Job(new_id(), job_type, QUEUE, payload, QUEUED, 0, now_ms(), max_attempts=1)
+            for _ in range(count)
+        ]
+        await redis_access.enqueue_many(self.store, jobs)
+        return [job.id for job in jobs]
+
+    async def records(
+        self, ids: Sequence[str], fields: Sequence[str]
+    ) -> list[dict[str, bytes | None]]:
+        """These fields of these jobs, raw, in the order of `ids`."""
+        return await redis_access.job_fields(self.redis, self.keys, QUEUE, ids, fields)
+
+    def spawn(self, concurrency: int, extra: str = "") -> SpawnedDaemon:
+        """Start one daemon process on a free port, `extra` TOML added to its config; it is
+        not ready yet."""
+        self._spawned += 1
+        name = f"daemon-{self._spawned}"
+        port = _free_port()
+        config = self.tmp / f"{name}.toml"
+        config.write_text(_config_text(port, concurrency) + extra)
+        log = self.tmp / f"{name}.log"
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "taskd", "--config", str(config), "--log-level", "warning"],
+                cwd=self.tmp,
+                env={**os.environ, "TASKD_REDIS_URL": self.redis_url},
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                # As for the embedded Redis: its own session, so that a Ctrl-C reaches only
+                # the bench, which stops it in order; and SIGTERM should the bench die.
+                preexec_fn=_child_setup(),
+            )
+        return SpawnedDaemon(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
+
+
+def _config_text(port: int, concurrency: int) -> str:
+    handlers = "".join(f"\n[handlers.{name}]\n{line}\n" for name, line in HANDLERS.items())
+    return (
+        f'[server]\nlisten = "127.0.0.1:{port}"\n\n'
+        f"[workers]\nconcurrency = {concurrency}\nshutdown_timeout = 1\n{handlers}"
+    )
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@contextmanager
+def own_redis(data_dir: Path) -> Iterator[str]:
+    """A throwaway Redis on a free port, its URL inside; always stopped after."""
+    server = _start_redis(data_dir)
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+def _start_redis(data_dir: Path) -> RedisServer:
+    for attempt in range(1, START_ATTEMPTS + 1):
+        server = RedisServer(data_dir=data_dir, port=_free_port(), appendonly=False)
+        try:
+            server.start(timeout=30)
+            return server
+        except EmbeddedRedisError as exc:
+            # Most likely another process took the free port first: try another.
+            if attempt == START_ATTEMPTS:
+                raise BenchError(f"cannot start a Redis for the bench: {exc}") from exc
+    raise AssertionError("unreachable")
+
+
+@asynccontextmanager
+async def http_session(url: str = "") -> AsyncIterator[aiohttp.ClientSession]:
+    """Keep-alive connections, enough for every client; a unix socket for unix:/PATH."""
+    connector: aiohttp.BaseConnector
+    if url.startswith("unix:"):
+        connector = aiohttp.UnixConnector(url.removeprefix("unix:"), limit=64)
+    else:
+        connector = aiohttp.TCPConnector(limit=64)
+    headers = {}
+    if token := os.environ.get("TASKD_TOKEN"):
+        headers["Authorization"] = f"Bearer {token}"
+    timeout = aiohttp.ClientTimeout(total=HTTP_TIMEOUT)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, headers=headers) as s:
+        yield s
+
+
+@dataclass(kw_only=True)
+class Bench:
+    """What a workload runs against: an HTTP session, and the bench's own Redis and
+    daemons (`local`), or a running daemon at `url`."""
+
+    session: aiohttp.ClientSession
+    quick: bool
+    local: Local | None = None
+    url: str | None = None
+    notes: list[str] = field(default_factory=list)
+    soak: SoakPlan = field(default_factory=lambda: SoakPlan(SOAK_SECONDS[0], SOAK_RATE[0]))
+
+    def size(self, workload: str) -> int:
+        full, quick = SIZES[workload]
+        return quick if self.quick else full
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def need_local(self) -> Local:
+        if self.local is None:
+            raise BenchError("this workload needs daemons of its own; it cannot run with --url")
+        return self.local
+
+    async def reset(self) -> None:
+        """A clean state between rounds: empty the bench's own Redis (never a --url one)."""
+        if self.local is not None:
+            await redis_access.flush(self.local.redis)
+
+    async def call(self, method: str, url: str, body: bytes | None = None) -> bytes:
+        """One request; the body of a 2xx answer, else HttpError."""
+        try:
+            async with self.session.request(method, url, data=body, headers=JSON) as response:
+                answer = await response.read()
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            raise BenchError(f"{method} {url} failed: {exc!r}") from None
+        if response.status >= 300:
+            raise HttpError(response.status, answer, f"{method} {url}")
+        return answer
+
+    async def json(self, method: str, url: str, body: bytes | None = None) -> Any:
+        return orjson.loads(await self.call(method, url, body))
+
+    @asynccontextmanager
+    async def intake(self) -> AsyncIterator[str]:
+        """The daemon to submit to: the one at --url, else a fresh one of our own."""
+        if self.url is not None:
+            yield self.url
+            return
+        async with self.daemons(1, concurrency=100) as [daemon]:
+            yield daemon.url
+
+    @asynccontextmanager
+    async def daemons(
+        self, count: int, *, concurrency: int, extra: str = ""
+    ) -> AsyncIterator[list[SpawnedDaemon]]:
+        """`count` daemons on the bench's Redis (`extra` TOML added to their config), ready;
+        stopped (SIGTERM, then SIGKILL) after."""
+        local = self.need_local()
+        started: list[SpawnedDaemon] = []
+        try:
+            async with anyio.create_task_group() as tg:
+                for _ in range(count):
+                    tg.start_soon(self._start, started, concurrency, extra)
+            local.running = started
+            yield started
+        finally:
+            local.running = []
+            with anyio.CancelScope(shield=True):
+                await _stop(started)
+
+    async def _start(self, started: list[SpawnedDaemon], concurrency: int, extra: str) -> None:
+        local = self.need_local()
+        for attempt in range(1, START_ATTEMPTS + 1):
+            daemon = local.spawn(concurrency, extra)
+            started.append(daemon)
+            if await self._ready(daemon):
+                return
+            if attempt == START_ATTEMPTS:
+                raise BenchError(f"a daemon exited while starting\n{daemon.tail()}")
+
+    async def _ready(self, daemon: SpawnedDaemon) -> bool:
+        """Wait for /health to answer 200: True; False if the daemon exited first."""
+        deadline = time.monotonic() + START_DEADLINE
+        while daemon.proc.poll() is None:
+            try:
+                async with self.session.get(f"{daemon.url}/health") as response:
+                    if response.status == 200:
+                        return True
+            except aiohttp.ClientError:
+                pass  # not listening yet
+            if time.monotonic() > deadline:
+                raise BenchError(f"a daemon did not get healthy in {START_DEADLINE:g} s")
+            await anyio.sleep(POLL)
+        return False
+
+    async def wait_finished(self, count: int) -> None:
+        """Until `count` jobs completed; fails at once if a job failed or a daemon died."""
+        local = self.need_local()
+        # Only against a hang: the slowest plausible run is far inside it.
+        deadline = time.monotonic() + 60 + count / 100
+        while True:
+            completed, failed = await local.finished()
+            if failed:
+                # The logs go with the temp directory: show them now.
+                tails = "\n".join(d.tail(5) for d in local.running)
+                raise BenchError(f"{failed} job(s) failed\n{tails}")
+            if completed >= count:
+                return
+            for daemon in local.running:
+                if daemon.proc.poll() is not None:
+                    raise BenchError(f"a daemon exited ({daemon.proc.returncode})\n{daemon.tail()}")
+            if time.monotonic() > deadline:
+                raise BenchError(f"only {completed} of {count} jobs completed in time")
+            await anyio.sleep(POLL)
+
+
+async def _stop(daemons: Sequence[SpawnedDaemon]) -> None:
+    """SIGTERM every daemon, then wait for all; SIGKILL those still there at the deadline."""
+    for daemon in daemons:
+        if daemon.proc.poll() is None:
+            daemon.proc.send_signal(signal.SIGTERM)
+    for _ in range(int(STOP_DEADLINE / POLL)):
+        if all(daemon.proc.poll() is not None for daemon in daemons):
+            break
+        await anyio.sleep(POLL)
+    for daemon in daemons:
+        if daemon.proc.poll() is None:
+            daemon.proc.kill()
+            daemon.proc.wait()

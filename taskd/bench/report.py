@@ -1,0 +1,145 @@
+"""The bench's figures and results, their statistics, and the report as a table or JSON."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import platform
+import statistics
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from redis.utils import HIREDIS_AVAILABLE
+
+
+@dataclass(frozen=True, slots=True)
+class Figure:
+    """One number a workload measured in one round."""
+
+    name: str
+    unit: str
+    value: float
+
+
+@dataclass(frozen=True, slots=True)
+class Result:
+    """One figure over all rounds."""
+
+    workload: str
+    figure: str
+    unit: str
+    median: float
+    min: float
+    max: float
+    rounds: tuple[float, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "workload": self.workload,
+            "figure": self.figure,
+            "unit": self.unit,
+            "median": self.median,
+            "min": self.min,
+            "max": self.max,
+            "rounds": list(self.rounds),
+        }
+
+
+@dataclass
+class Report:
+    machine: dict[str, Any]
+    results: list[Result]
+    notes: list[str]
+
+
+def aggregate(workload: str, rounds: Sequence[Sequence[Figure]]) -> list[Result]:
+    """One result per figure, in the order first seen: median, min and max over the rounds."""
+    values: dict[tuple[str, str], list[float]] = {}
+    for figures in rounds:
+        for figure in figures:
+            values.setdefault((figure.name, figure.unit), []).append(figure.value)
+    return [
+        Result(workload, name, unit, statistics.median(v), min(v), max(v), tuple(v))
+        for (name, unit), v in values.items()
+    ]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """Nearest rank, as /stats computes its percentiles."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def latency_figures(latencies_ms: Sequence[float]) -> list[Figure]:
+    return [
+        Figure("p50", "ms", percentile(latencies_ms, 0.50)),
+        Figure("p99", "ms", percentile(latencies_ms, 0.99)),
+        Figure("max", "ms", max(latencies_ms)),
+    ]
+
+
+def machine(redis_version: str) -> dict[str, Any]:
+    """What the figures depend on besides taskd: CPU, cores, Python, Redis, loop, parser."""
+    return {
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "redis": redis_version,
+        "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
+        "redis_parser": "hiredis" if HIREDIS_AVAILABLE else "python",
+    }
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() in ("model name", "Hardware"):
+                    return value.strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown"
+
+
+def render(report: Report, rounds: int, quick: bool) -> str:
+    """The report as a header line and a table, one row per figure, then the notes."""
+    m = report.machine
+    sizes = "quick sizes" if quick else "full sizes"
+    header = (
+        f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, Redis {m['redis']}, "
+        f"{m['event_loop']}, {m['redis_parser']} parser; {rounds} round(s), {sizes}"
+    )
+    rows = [["WORKLOAD", "FIGURE", "UNIT", "MEDIAN", "MIN", "MAX"]]
+    for r in report.results:
+        rows.append([r.workload, r.figure, r.unit, *map(number, (r.median, r.min, r.max))])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = [
+        "  ".join(
+            c.rjust(w) if i >= 3 else c.ljust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        )
+        for row in rows
+    ]
+    notes = [f"note: {text}" for text in report.notes]
+    return "\n".join([header, "", *lines, *([""] if notes else []), *notes])
+
+
+def number(value: float) -> str:
+    """A figure as the report prints it: thousands separated, decimals by magnitude."""
+    if abs(value) >= 100 or value == int(value):
+        return f"{value:,.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.3f}"
+
+
+def as_json(report: Report) -> str:
+    document = {
+        "machine": report.machine,
+        "results": [result.to_json() for result in report.results],
+        "notes": report.notes,
+    }
+    return orjson.dumps(document, option=orjson.OPT_INDENT_2).decode()
