@@ -17,8 +17,8 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from taskd import __version__, bench, client, logs
 from taskd.client import ClientError, Target
-from taskd.config import Config, ConfigError, load
-from taskd.daemon import redacted, serve
+from taskd.config import Config, ConfigError, load, redact
+from taskd.daemon import serve
 
 logger = logging.getLogger(__name__)
 
@@ -173,7 +173,7 @@ def run(config: Config) -> int:
 
 
 def _run_loop(config: Config, url: str) -> int:
-    logger.info("taskd %s starting with Redis at %s", __version__, redacted(url))
+    logger.info("taskd %s starting with Redis at %s", __version__, redact(url))
     # What start-up built (modules, classes, config) lives as long as the process: frozen,
     # the collector no longer scans it in each full collection, and with thousands of
     # jobs in flight those come often (see "Performance" in the README).

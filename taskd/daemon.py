@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import logging
 import signal
-from urllib.parse import urlsplit, urlunsplit
 
 import anyio
 from anyio.abc import TaskStatus
 
 from taskd.callbacks import Callbacks
 from taskd.canceller import Canceller
-from taskd.config import Config
+from taskd.config import Config, redact
 from taskd.connections import warn_if_few_files
 from taskd.egress import Policy
 from taskd.handlers import Handlers
@@ -47,15 +46,6 @@ STARTUP_REDIS_TIMEOUT = 15.0
 # Age after which a job in this daemon's active set that it does not run is an orphan: a
 # claim's reply takes milliseconds, so a second is ample even on a loaded machine.
 ORPHAN_GRACE_MS = 1000
-
-
-def redacted(url: str) -> str:
-    """The URL with its password hidden, for logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-    return urlunsplit(parts._replace(netloc=netloc))
 
 
 class Daemon:
@@ -232,7 +222,7 @@ async def wait_for_redis(store: Store, url: str, patience: float = STARTUP_REDIS
                 await store.ping()
                 return
             except UNAVAILABLE as exc:
-                logger.warning("Redis at %s does not answer yet: %s", redacted(url), exc)
+                logger.warning("Redis at %s does not answer yet: %s", redact(url), exc)
                 await anyio.sleep(0.5)
     await store.ping()
 

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import importlib
 import inspect
 import logging
 import math
@@ -20,7 +18,7 @@ import anyio
 import orjson
 from yarl import URL
 
-from taskd.config import HandlerConfig
+from taskd.config import HandlerConfig, TargetError, resolve
 from taskd.egress import DEFAULT_POLICY, Policy, Refused, connector
 from taskd.jobs import Job
 
@@ -244,15 +242,12 @@ def _permanent_status(status: int) -> bool:
 
 
 def _resolve(spec: str | None, job_type: str) -> PythonHandler:
-    """The function named by "package.module:function" (the part after ':' may be dotted)."""
-    module_name, sep, qualname = (spec or "").partition(":")
-    if not module_name or not sep or not qualname:
-        raise ValueError(f"handler '{job_type}': python must be 'package.module:function'")
-    module = importlib.import_module(module_name)
-    func = functools.reduce(getattr, qualname.split("."), module)
-    if not callable(func):
-        raise ValueError(f"handler '{job_type}': {spec} is not callable")
-    return func
+    """The function named by "package.module:function", as the config checked it."""
+    try:
+        return resolve(spec or "")
+    except TargetError as e:
+        # The same class (a NoCallable is an AttributeError too), naming the job type.
+        raise type(e)(f"handler '{job_type}': python {e}") from e
 
 
 def _require(value: _T | None, config: HandlerConfig) -> _T:

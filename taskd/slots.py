@@ -6,8 +6,7 @@ from collections.abc import Mapping, Sequence
 
 import anyio
 
-# How a daemon's queues share its slots (see SlotArbiter).
-QUEUE_MODES = ("strict", "weighted")
+from taskd.config import QUEUE_MODES
 
 
 class _Queue:

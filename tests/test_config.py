@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import datetime
 import ipaddress
+import json
 import os
 import pickle
 import re
 import shutil
+import subprocess
 import sys
 import tomllib
 import types
@@ -1295,3 +1299,168 @@ def test_exec_executable_script(tmp_path: Path) -> None:
     script.chmod(0o755)
     cfg = parse({"handlers": {"x": {"exec": [str(script), "--flag"]}}}, env={})
     assert cfg.handlers["x"].exec == (str(script), "--flag")
+
+
+# The schema: the dataclasses are the one statement of keys and defaults
+
+SECTIONS = [
+    ("server", ServerConfig),
+    ("redis", RedisConfig),
+    ("workers", WorkersConfig),
+    ("retention", RetentionConfig),
+    ("callbacks", CallbacksConfig),
+]
+# Fields the loader fills in itself: none of them is a TOML key.
+NOT_KEYS = {
+    ServerConfig: {"host", "port", "unix_path"},
+    HandlerConfig: {"name", "kind"},
+    Config: {"source"},
+}
+
+
+def wrap(section: str, table: dict[str, object]) -> dict[str, object]:
+    """A config document with `table` in place of one table of it, and a valid handler."""
+    if section == "handlers":
+        return {"handlers": {"x": {"builtin": "echo", **table}}}
+    if section == "schedules":
+        schedule = {"name": "s", "cron": "@daily", "type": "x", **table}
+        return {"handlers": {"x": {"builtin": "echo"}}, "schedules": [schedule]}
+    return {section: table, "handlers": {"x": {"builtin": "echo"}}}
+
+
+def parse_problems(data: dict[str, object]) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse(data, env={})
+    return info.value.problems
+
+
+def key_fields(schema: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(schema) if f.name not in NOT_KEYS.get(schema, ())]
+
+
+def path_of(section: str) -> str:
+    return {"handlers": "handlers.x", "schedules": "schedules[0]"}.get(section, section)
+
+
+ALL_SECTIONS = [*SECTIONS, ("handlers", HandlerConfig), ("schedules", config.ScheduleConfig)]
+
+
+@pytest.mark.parametrize(("section", "schema"), ALL_SECTIONS)
+def test_the_known_keys_are_the_dataclass_fields(section: str, schema: type) -> None:
+    problems = parse_problems(wrap(section, {"no_such_key": 1}))
+    known = ", ".join(key_fields(schema))
+    assert problems == [f"{path_of(section)}.no_such_key: unknown key (known: {known})"]
+
+
+@pytest.mark.parametrize(("section", "schema"), [*ALL_SECTIONS, ("", Config)])
+def test_fields_the_loader_fills_in_are_not_keys(section: str, schema: type) -> None:
+    for name in NOT_KEYS.get(schema, ()):
+        data = wrap(section, {name: "x"}) if section else {**wrap("server", {}), name: "x"}
+        problems = parse_problems(data)
+        assert problems[0].startswith(f"{path_of(section) + '.' if section else ''}{name}: unknown")
+
+
+def test_the_top_level_keys_are_the_config_fields() -> None:
+    problems = parse_problems({"colour": 1, "handlers": {"x": {"builtin": "echo"}}})
+    listed = problems[0].partition("(known: ")[2].rstrip(")").split(", ")
+    assert sorted(listed) == sorted(key_fields(Config))
+
+
+@pytest.mark.parametrize(("section", "schema"), ALL_SECTIONS)
+def test_every_key_is_read_and_checked(section: str, schema: type) -> None:
+    # A datetime is no value of any key (but a payload, which may be anything): a key the
+    # loader forgot to read would take it silently.
+    odd = datetime.datetime(2024, 1, 2, 3, 4, 5)
+    for name in key_fields(schema):
+        if name == "payload" or (section == "handlers" and name == "builtin"):
+            continue
+        problems = parse_problems(wrap(section, {name: odd}))
+        assert any(p.startswith(f"{path_of(section)}.{name}") for p in problems), (name, problems)
+
+
+def test_a_schedule_given_only_what_is_required_has_the_dataclass_defaults() -> None:
+    cfg = parse(wrap("schedules", {}), env={})
+    assert cfg.schedules == (config.ScheduleConfig(name="s", cron="@daily", type="x"),)
+
+
+def test_a_handler_given_only_its_kind_has_the_dataclass_defaults() -> None:
+    cfg = parse(wrap("handlers", {}), env={})
+    assert cfg.handlers["x"] == HandlerConfig(name="x", kind="builtin", builtin="echo")
+
+
+# What config shares with the rest of taskd, and what it does not import
+
+
+def test_config_imports_neither_slots_nor_the_runtime_handlers() -> None:
+    code = (
+        "import sys, taskd.config; print(sorted(m for m in sys.modules if m.startswith('taskd')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    loaded = set(ast.literal_eval(out.stdout))
+    assert not loaded & {"taskd.slots", "taskd.handlers", "taskd.daemon", "taskd.store"}
+
+
+def test_slots_takes_its_queue_modes_from_config() -> None:
+    from taskd import slots
+
+    assert slots.QUEUE_MODES is config.QUEUE_MODES
+
+
+@pytest.mark.parametrize(
+    ("target", "reason"),
+    [
+        ("json", "must look like 'package.module:function', got 'json'"),
+        ("json:nope", "module 'json' has no callable 'nope'"),
+        ("json:JSONEncoder.nope", "module 'json' has no callable 'JSONEncoder.nope'"),
+        ("json:__doc__", "module 'json' has no callable '__doc__'"),
+        ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz': No module named"),
+    ],
+)
+def test_one_resolver_refuses_a_target_for_config_and_handlers_alike(
+    target: str, reason: str
+) -> None:
+    from taskd.handlers import Handlers
+
+    problems = parse_problems({"handlers": {"x": {"python": target}}})
+    assert len(problems) == 1
+    assert problems[0].startswith(f"handlers.x.python: {reason}")
+    with pytest.raises(config.TargetError) as info:
+        config.resolve(target)
+    assert str(info.value).startswith(reason)
+    with pytest.raises(type(info.value)) as at_start:
+        Handlers({"p": HandlerConfig(name="p", kind="python", python=target)})
+    assert str(at_start.value).startswith(f"handler 'p': python {reason}")
+
+
+def test_the_resolver_finds_functions_and_methods() -> None:
+    assert config.resolve("json:dumps") is json.dumps
+    assert config.resolve("json:JSONEncoder.encode") is json.JSONEncoder.encode
+    # A name that is there but not callable, and one that is not there, are AttributeErrors
+    # too, as a plain getattr's would be.
+    with pytest.raises(AttributeError):
+        config.resolve("json:nope")
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("redis://:hunter2@host:6379/0", "redis://***@host:6379/0"),
+        ("redis://user:hunter2@host/0", "redis://***@host/0"),
+        ("rediss://token@host/0", "rediss://***@host/0"),
+        # A password with an "@" is hidden whole, as urlsplit reads it.
+        ("redis://u:hun@ter2@host/0", "redis://***@host/0"),
+        ("redis://host:6379/0", "redis://host:6379/0"),
+        ("unix:///run/redis.sock", "unix:///run/redis.sock"),
+        ("embedded", "embedded"),
+    ],
+)
+def test_redact(url: str, shown: str) -> None:
+    assert config.redact(url) == shown
+
+
+def test_the_daemon_logs_urls_through_the_one_redactor() -> None:
+    from taskd import cli, daemon
+
+    assert daemon.redact is config.redact
+    assert cli.redact is config.redact
+    assert not hasattr(daemon, "redacted")

@@ -1,0 +1,46 @@
+"""The configuration: frozen dataclasses loaded from TOML, validated at start."""
+
+from taskd.config.loader import load, parse
+from taskd.config.model import (
+    BUILTINS,
+    MAX_ATTEMPTS,
+    QUEUE_MODES,
+    QUEUE_NAME,
+    CallbacksConfig,
+    Config,
+    HandlerConfig,
+    Network,
+    RateLimit,
+    RedisConfig,
+    RetentionConfig,
+    ScheduleConfig,
+    ServerConfig,
+    WorkersConfig,
+)
+from taskd.config.tables import ConfigError
+from taskd.config.targets import NoCallable, TargetError, resolve
+from taskd.config.urls import redact
+
+__all__ = [
+    "BUILTINS",
+    "MAX_ATTEMPTS",
+    "QUEUE_MODES",
+    "QUEUE_NAME",
+    "CallbacksConfig",
+    "Config",
+    "ConfigError",
+    "HandlerConfig",
+    "Network",
+    "NoCallable",
+    "RateLimit",
+    "RedisConfig",
+    "RetentionConfig",
+    "ScheduleConfig",
+    "ServerConfig",
+    "TargetError",
+    "WorkersConfig",
+    "load",
+    "parse",
+    "redact",
+    "resolve",
+]

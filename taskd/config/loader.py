@@ -1,0 +1,75 @@
+"""Loading a config: the TOML file read, every table checked, one Config or one ConfigError."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+import types
+from collections.abc import Mapping
+from typing import Any
+
+from taskd.config.handlers import read_handlers
+from taskd.config.model import (
+    CallbacksConfig,
+    Config,
+    RedisConfig,
+    RetentionConfig,
+    ServerConfig,
+    WorkersConfig,
+)
+from taskd.config.schedules import read_schedules
+from taskd.config.sections import (
+    read_callbacks,
+    read_redis,
+    read_retention,
+    read_server,
+    read_workers,
+)
+from taskd.config.tables import ConfigError, Table
+
+# The top-level tables, in the order messages list them (Config's fields have another).
+TOP_KEYS = ("server", "redis", "workers", "retention", "callbacks", "handlers", "schedules")
+
+
+def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
+    """Read and validate a TOML config file; raise ConfigError listing every problem."""
+    source = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(source, [f"cannot read file: {e.strerror or e}"]) from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(source, [f"not valid UTF-8: {e}"]) from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(source, [f"invalid TOML: {e}"]) from e
+    return parse(data, source=source, env=env)
+
+
+def parse(
+    data: Mapping[str, Any], *, source: str = "<config>", env: Mapping[str, str] | None = None
+) -> Config:
+    """Validate already-parsed TOML data; raise ConfigError listing every problem."""
+    env = os.environ if env is None else env
+    problems: list[str] = []
+    root = Table(data, "", problems, known=TOP_KEYS)
+    server = read_server(root.table("server", schema=ServerConfig))
+    redis_url = env.get("TASKD_REDIS_URL", "")
+    redis = read_redis(root.table("redis", schema=RedisConfig), redis_url)
+    workers = read_workers(root.table("workers", schema=WorkersConfig))
+    retention = read_retention(root.table("retention", schema=RetentionConfig))
+    callbacks = read_callbacks(root.table("callbacks", schema=CallbacksConfig))
+    handlers = read_handlers(root)
+    schedules = read_schedules(root, handlers)
+    if problems:
+        raise ConfigError(source, problems)
+    return Config(
+        server=server,
+        redis=redis,
+        workers=workers,
+        handlers=types.MappingProxyType(handlers),
+        retention=retention,
+        schedules=schedules,
+        source=source,
+        callbacks=callbacks,
+    )

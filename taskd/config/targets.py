@@ -1,0 +1,42 @@
+"""Python handler targets: the one resolver of "package.module:function" names."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable
+from typing import Any
+
+_PYTHON_TARGET = re.compile(
+    r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*", re.ASCII
+)
+
+
+class TargetError(ValueError):
+    """A python target that names no callable; str() says why, as the config reports it."""
+
+
+class NoCallable(TargetError, AttributeError):
+    """The module has no callable of that name (an AttributeError too, as getattr raises)."""
+
+
+def resolve(target: str) -> Callable[..., Any]:
+    """The callable named by "package.module:function" (the part after ':' may be dotted,
+    "module:Class.method" naming a method); imports the module."""
+    if not _PYTHON_TARGET.fullmatch(target):
+        raise TargetError(f"must look like 'package.module:function', got {target!r}")
+    module_name, _, qualname = target.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise TargetError(f"cannot import module {module_name!r}: {e}") from e
+    except Exception as e:
+        # Whatever the module raises as it runs: it cannot serve a job either.
+        raise TargetError(f"cannot import module {module_name!r}: {type(e).__name__}: {e}") from e
+    found: Any = module
+    for attr in qualname.split("."):
+        found = getattr(found, attr, None)
+    if not callable(found):
+        raise NoCallable(f"module {module_name!r} has no callable {qualname!r}")
+    func: Callable[..., Any] = found
+    return func
