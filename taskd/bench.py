@@ -30,8 +30,7 @@ from redis.utils import HIREDIS_AVAILABLE
 
 from taskd.embedded import EmbeddedRedisError, RedisServer, _child_setup
 from taskd.jobs import QUEUED, Job, new_id, now_ms
-from taskd.keys import Keys
-from taskd.store import Store
+from taskd.store import Keys, Store
 
 QUEUE = "default"
 PREFIX = "taskd"

@@ -19,7 +19,7 @@ from taskd.metrics import Metrics
 from taskd.outage import Outage
 from taskd.progress import set_reporter
 from taskd.slots import SlotArbiter
-from taskd.store import Attempt, Claimed, Store, limits_of
+from taskd.store import Attempt, Claimed, Store, TypeLimits
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,17 @@ FINISH_TIMEOUT = 10.0
 CANCELLED = "cancelled"
 LOST = "lost"
 STOPPED = "stopped"  # the pool stopped at shutdown: the job goes back to its queue
+
+
+def type_limits(job_type: str, config: HandlerConfig) -> TypeLimits:
+    """A handler's limits across daemons, as claims enforce them."""
+    rate = config.rate_limit
+    return TypeLimits(
+        job_type,
+        concurrency=config.global_concurrency or 0,
+        rate_count=rate.count if rate else 0,
+        rate_per_ms=rate.per_ms if rate else 0,
+    )
 
 
 def _nothing(job: Job) -> None:
@@ -92,7 +103,7 @@ class WorkerPool:
     ) -> None:
         self._on_final = on_final
         self._on_retry = on_retry
-        self._limits = [limits_of(name, config) for name, config in handler_configs.items()]
+        self._limits = [type_limits(name, config) for name, config in handler_configs.items()]
         # Handler concurrency per type, and the jobs of those types this daemon holds now
         # (claimed until acked, like the pool's slots) or is offering a claim room for.
         self._caps = {

@@ -17,8 +17,7 @@ from redis.asyncio import Redis
 from taskd.config import Config
 from taskd.daemon import Daemon
 from taskd.jobs import QUEUED, Job, new_id, now_ms
-from taskd.keys import Keys
-from taskd.store import Attempt, Store
+from taskd.store import Attempt, Keys, Store
 from tests import handler_funcs
 from tests.support import (
     ECHO,

@@ -14,8 +14,7 @@ from redis.asyncio import Redis
 
 from taskd.embedded import RedisServer
 from taskd.jobs import QUEUED, Job, new_id, now_ms
-from taskd.keys import Keys
-from taskd.store import UNAVAILABLE, Store
+from taskd.store import UNAVAILABLE, Keys, Store
 from tests.support import REPO, DaemonProcess, get_json, ready_ids, wait_healthy, wait_until
 
 K = Keys("taskd")

@@ -6,16 +6,15 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from taskd.jobs import QUEUED, Job, new_id
-from taskd.keys import Keys
 from taskd.stats import no_handler
-from taskd.store import Attempt, DaemonInfo, Limits, Store, Unhandled
+from taskd.store import Attempt, DaemonInfo, Inspector, Keys, Store, TypeLimits, Unhandled
 from tests.support import ECHO
 
 Q = "default"
 K = Keys("taskd")
-RESIZE = Limits("resize")
-SLOW = Limits("slow")
-ONE_AT_A_TIME = Limits("slow", concurrency=1)
+RESIZE = TypeLimits("resize")
+SLOW = TypeLimits("slow")
+ONE_AT_A_TIME = TypeLimits("slow", concurrency=1)
 
 
 def job(job_type: str = "echo", n: int = 0, *, priority: int = 5, created_at: int = 1) -> Job:
@@ -40,7 +39,7 @@ async def taken_order(redis: Redis) -> list[str]:
 
 
 async def test_a_claim_leaves_jobs_of_types_it_has_no_handler_for_in_place(
-    store: Store, redis: Redis
+    store: Store, inspector: Inspector, redis: Redis
 ) -> None:
     jobs = [job("resize" if n % 2 else "echo", n) for n in range(10)]
     await store.enqueue_many(jobs)
@@ -51,15 +50,15 @@ async def test_a_claim_leaves_jobs_of_types_it_has_no_handler_for_in_place(
     assert await taken_order(redis) == resize
     assert {(await store.get_job(i, [Q])).state for i in resize} == {"queued"}  # type: ignore[union-attr]
     # The first one passed is noted, for /stats, until a daemon that knows the type starts one.
-    assert await store.unhandled([Q]) == {Q: [Unhandled("resize", resize[0], 1)]}
+    assert await inspector.unhandled([Q]) == {Q: [Unhandled("resize", resize[0], 1)]}
     claim = await store.claim(Q, "new", 10, now=3, limits=[*ECHO, RESIZE])
     assert [j.id for j in claim.jobs] == resize
     assert [j.attempts for j in claim.jobs] == [1] * 5  # skipping used no attempt
-    assert await store.unhandled([Q]) == {Q: []}  # the job noted is no longer queued
+    assert await inspector.unhandled([Q]) == {Q: []}  # the job noted is no longer queued
 
 
 async def test_a_claim_takes_no_more_of_a_type_than_its_free_slots_here(
-    store: Store, redis: Redis
+    store: Store, inspector: Inspector, redis: Redis
 ) -> None:
     jobs = [job("slow", n) for n in range(3)] + [job("echo", n) for n in range(3, 5)]
     await store.enqueue_many(jobs)
@@ -72,7 +71,7 @@ async def test_a_claim_takes_no_more_of_a_type_than_its_free_slots_here(
     assert (await store.claim(Q, "b", 10, now=3, limits=limits, free={"slow": 0})).jobs == []
     [second] = (await store.claim(Q, "c", 10, now=3, limits=limits, free={"slow": 1})).jobs
     assert second.id == jobs[1].id
-    assert await store.unhandled([Q]) == {Q: []}  # busy is not unhandled
+    assert await inspector.unhandled([Q]) == {Q: []}  # busy is not unhandled
 
 
 async def test_skipped_jobs_never_make_a_claim_say_more(store: Store, redis: Redis) -> None:
@@ -148,10 +147,12 @@ async def test_returned_jobs_wait_from_their_return(store: Store) -> None:
     assert sorted(j.waited_ms for j in claimed) == [100, 200]  # not 299 since creation
 
 
-async def test_in_flight_counts_each_daemons_active_sets_now(store: Store) -> None:
+async def test_in_flight_counts_each_daemons_active_sets_now(
+    store: Store, inspector: Inspector
+) -> None:
     await store.enqueue_many([job("echo", n) for n in range(5)])
     await store.claim(Q, "a", 3, now=2, limits=ECHO)
-    assert await store.in_flight([daemon("a", ("echo",)), daemon("b", ("echo",))]) == {
+    assert await inspector.in_flight([daemon("a", ("echo",)), daemon("b", ("echo",))]) == {
         "a": 3,
         "b": 0,
     }

@@ -18,8 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 from taskd.jobs import QUEUED, Job, new_id, now_ms
-from taskd.keys import Keys
-from taskd.store import Store
+from taskd.store import Keys, Store
 from tests.support import (
     DaemonProcess,
     get_json,

@@ -9,8 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from taskd.jobs import QUEUED, Job, new_id
-from taskd.keys import Keys
-from taskd.store import Attempt, Limits, Store
+from taskd.store import Attempt, Inspector, Keys, Store, TypeLimits
 from tests import handler_funcs
 from tests.support import (
     get_json,
@@ -25,8 +24,8 @@ from tests.support import (
 
 Q = "default"
 K = Keys("taskd")
-TWO_AT_ONCE = [Limits("slow", concurrency=2)]
-THREE_A_SECOND = [Limits("slow", rate_count=3, rate_per_ms=1000)]
+TWO_AT_ONCE = [TypeLimits("slow", concurrency=2)]
+THREE_A_SECOND = [TypeLimits("slow", rate_count=3, rate_per_ms=1000)]
 
 
 def job(job_type: str = "slow", n: int = 0) -> Job:
@@ -43,10 +42,12 @@ async def stored(store: Store, job_id: str) -> Job:
     return found
 
 
-async def test_global_concurrency_holds_jobs_over_it_without_an_attempt(store: Store) -> None:
+async def test_global_concurrency_holds_jobs_over_it_without_an_attempt(
+    store: Store, inspector: Inspector
+) -> None:
     jobs = [job(n=n) for n in range(5)] + [job("fast")]
     await store.enqueue_many(jobs)
-    limits = [*TWO_AT_ONCE, Limits("fast")]
+    limits = [*TWO_AT_ONCE, TypeLimits("fast")]
     claimed = (await store.claim(Q, "a", 10, now=2, limits=limits)).jobs
     assert [j.id for j in claimed] == [jobs[0].id, jobs[1].id, jobs[5].id]
     held = await stored(store, jobs[2].id)
@@ -59,7 +60,7 @@ async def test_global_concurrency_holds_jobs_over_it_without_an_attempt(store: S
     assert next_job.id == jobs[2].id
     assert next_job.attempts == 1
     assert (await stored(store, jobs[2].id)).waiting_for is None
-    counts = await store.limit_status(Q, TWO_AT_ONCE, now=5)
+    counts = await inspector.limit_status(Q, TWO_AT_ONCE, now=5)
     assert counts["slow"] == {
         "running": 2,
         "held": 2,
@@ -92,7 +93,9 @@ async def test_a_held_job_can_be_cancelled(store: Store, redis: Redis) -> None:
     assert (await stored(store, jobs[2].id)).state == "cancelled"
 
 
-async def test_rate_limit_schedules_jobs_over_it_at_the_rate(store: Store) -> None:
+async def test_rate_limit_schedules_jobs_over_it_at_the_rate(
+    store: Store, inspector: Inspector
+) -> None:
     jobs = [job(n=n) for n in range(6)]
     await store.enqueue_many(jobs)
     claim = await store.claim(Q, "a", 10, now=1000, limits=THREE_A_SECOND)
@@ -103,7 +106,7 @@ async def test_rate_limit_schedules_jobs_over_it_at_the_rate(store: Store) -> No
         ("scheduled", 0, "rate_limit")
     ] * 3
     assert [j.run_at for j in waiting] == [2000, 2333, 2666]
-    assert (await store.limit_status(Q, THREE_A_SECOND, now=1500))["slow"]["rate_limited"] == 3
+    assert (await inspector.limit_status(Q, THREE_A_SECOND, now=1500))["slow"]["rate_limited"] == 3
     # Another daemon at the same time gets none: the window is shared.
     assert (await store.claim(Q, "b", 10, now=1999, limits=THREE_A_SECOND)).jobs == []
     assert await store.promote(Q, now=2000) == (1, 2333)
@@ -130,14 +133,16 @@ async def test_held_jobs_go_when_their_limit_is_removed(store: Store) -> None:
     jobs = [job(n=n) for n in range(6)]
     await store.enqueue_many(jobs)
     assert len((await store.claim(Q, "a", 10, now=2, limits=TWO_AT_ONCE)).jobs) == 2
-    removed = [Limits("slow")]
+    removed = [TypeLimits("slow")]
     # The janitor of a daemon without the limit frees them (claims do not look).
     assert await store.free_held(Q, ["slow"]) == 4
     claimed = (await store.claim(Q, "a", 10, now=4, limits=removed)).jobs
     assert [j.id for j in claimed] == [j.id for j in jobs[2:]]
 
 
-async def test_held_jobs_go_when_none_of_their_type_runs(store: Store, redis: Redis) -> None:
+async def test_held_jobs_go_when_none_of_their_type_runs(
+    store: Store, inspector: Inspector, redis: Redis
+) -> None:
     jobs = [job(n=n) for n in range(6)]
     await store.enqueue_many(jobs)
     await store.claim(Q, "a", 10, now=2, limits=TWO_AT_ONCE)
@@ -146,7 +151,7 @@ async def test_held_jobs_go_when_none_of_their_type_runs(store: Store, redis: Re
     assert [j.id for j in claimed] == [j.id for j in jobs[2:4]]
     # Only as many as may run are freed: the others stay held, not churned.
     assert await redis.zcard(K.limit(Q, "slow", "line")) == 2
-    assert (await store.limit_status(Q, TWO_AT_ONCE, now=4))["slow"]["concurrency_limited"] == 4
+    assert (await inspector.limit_status(Q, TWO_AT_ONCE, now=4))["slow"]["concurrency_limited"] == 4
 
 
 async def test_two_daemons_run_at_most_global_concurrency_jobs_of_a_type(

@@ -10,8 +10,7 @@ import anyio
 from redis.asyncio import Redis
 
 from taskd.jobs import QUEUED, Job, new_id
-from taskd.keys import Keys
-from taskd.store import Store
+from taskd.store import Keys, Store
 from tests.support import (
     ECHO,
     base_url,

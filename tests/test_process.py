@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
-from taskd.keys import Keys
+from taskd.store import Keys
 from tests.support import (
     REPO,
     DaemonProcess,

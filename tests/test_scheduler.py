@@ -12,9 +12,8 @@ from redis.asyncio import Redis
 
 from taskd.config import ConfigError, HandlerConfig, ScheduleConfig, parse
 from taskd.jobs import DEFAULT_PRIORITY, QUEUED
-from taskd.keys import Keys
 from taskd.scheduler import Scheduler, next_tick, prev_tick
-from taskd.store import Store
+from taskd.store import Keys, Store
 from tests.support import base_url, get_json, running_daemon
 
 K = Keys("taskd")

@@ -7,8 +7,7 @@ import orjson
 from redis.asyncio import Redis
 
 from taskd.jobs import QUEUED, SCHEDULED, Job, new_id
-from taskd.keys import Keys
-from taskd.store import Attempt, Beat, DaemonInfo, Store
+from taskd.store import Attempt, Beat, DaemonInfo, Inspector, Keys, Store
 from tests.support import ECHO, ready_ids
 
 Q = "default"
@@ -338,10 +337,12 @@ def info(daemon_id: str, beat: int) -> DaemonInfo:
     return DaemonInfo(daemon_id, "h", 1, 1, 4, (Q,), 0, beat)
 
 
-async def test_beat_registers_and_tells_when_the_daemon_was_forgotten(store: Store) -> None:
+async def test_beat_registers_and_tells_when_the_daemon_was_forgotten(
+    store: Store, inspector: Inspector
+) -> None:
     assert await store.beat(info(ME, 1000)) == Beat(registered=False, marked=False)
     assert await store.beat(info(ME, 2000)) == Beat(registered=True, marked=True)
-    assert await store.live_daemons(since=2000) == [info(ME, 2000)]
+    assert await inspector.live_daemons(since=2000) == [info(ME, 2000)]
     assert await store.stale_daemons(before=2001) == [ME]
     assert not await store.forget_daemon(ME, before=2000)  # it beat at 2000
     assert await store.forget_daemon(ME, before=2001)
@@ -349,13 +350,13 @@ async def test_beat_registers_and_tells_when_the_daemon_was_forgotten(store: Sto
     assert await store.beat(info(ME, 3000)) == Beat(registered=False, marked=True)
 
 
-async def test_queue_counts_and_totals(store: Store) -> None:
+async def test_queue_counts_and_totals(store: Store, inspector: Inspector) -> None:
     await store.beat(info(ME, 1))
     await enqueue(store, 3)
     await enqueue(store, 1, run_at=10_000)
     [claimed, _] = (await store.claim(Q, ME, 2, now=1, limits=ECHO)).jobs
     await store.ack(Q, ME, [ended(claimed, "failed", "x")], now=2)
-    counts = await store.queue_counts([Q])
+    counts = await inspector.queue_counts([Q])
     assert counts[Q] == {
         "queued": 1,
         "scheduled": 1,
@@ -380,7 +381,7 @@ async def test_queue_counts_and_totals(store: Store) -> None:
     }
 
 
-async def test_listing_pages_newest_first_across_queues(store: Store) -> None:
+async def test_listing_pages_newest_first_across_queues(store: Store, inspector: Inspector) -> None:
     ids = []
     for n in range(7):
         job = new_job(payload=n)
@@ -390,7 +391,7 @@ async def test_listing_pages_newest_first_across_queues(store: Store) -> None:
         ids.append(job.id)
     pages, cursor = [], None
     while True:
-        page = await store.list_jobs(
+        page = await inspector.list_jobs(
             [Q, "other"], state=None, job_type=None, limit=3, cursor=cursor
         )
         pages.append([j.id for j in page.jobs])
@@ -400,7 +401,9 @@ async def test_listing_pages_newest_first_across_queues(store: Store) -> None:
     assert [i for p in pages for i in p] == ids[::-1]
 
 
-async def test_listing_final_states_by_finish_time_through_ties(store: Store) -> None:
+async def test_listing_final_states_by_finish_time_through_ties(
+    store: Store, inspector: Inspector
+) -> None:
     await enqueue(store, 9)
     claimed = (await store.claim(Q, ME, 9, now=1, limits=ECHO)).jobs
     # Three finish in each of three milliseconds: pages must cross the ties exactly.
@@ -409,7 +412,9 @@ async def test_listing_final_states_by_finish_time_through_ties(store: Store) ->
     seen: list[str] = []
     cursor = None
     for _ in range(10):
-        page = await store.list_jobs([Q], state="completed", job_type=None, limit=2, cursor=cursor)
+        page = await inspector.list_jobs(
+            [Q], state="completed", job_type=None, limit=2, cursor=cursor
+        )
         seen += [j.id for j in page.jobs]
         cursor = page.cursor
         if cursor is None:
@@ -420,12 +425,12 @@ async def test_listing_final_states_by_finish_time_through_ties(store: Store) ->
     assert finished == sorted(finished, reverse=True)
 
 
-async def test_listing_filters_by_state_and_type(store: Store) -> None:
+async def test_listing_filters_by_state_and_type(store: Store, inspector: Inspector) -> None:
     jobs = await enqueue(store, 4)
     await store.claim(Q, ME, 1, now=1, limits=ECHO)
-    page = await store.list_jobs([Q], state="queued", job_type=None, limit=10, cursor=None)
+    page = await inspector.list_jobs([Q], state="queued", job_type=None, limit=10, cursor=None)
     assert [j.id for j in page.jobs] == [j.id for j in jobs[1:]][::-1]
-    page = await store.list_jobs([Q], state=None, job_type="nope", limit=10, cursor=None)
+    page = await inspector.list_jobs([Q], state=None, job_type="nope", limit=10, cursor=None)
     assert page.jobs == []
 
 

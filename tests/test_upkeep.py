@@ -12,11 +12,10 @@ from redis.asyncio import Redis
 from taskd.config import RetentionConfig
 from taskd.janitor import Janitor
 from taskd.jobs import QUEUED, SCHEDULED, Job, new_id
-from taskd.keys import Keys
 from taskd.metrics import Metrics
 from taskd.promoter import Promoter
 from taskd.reaper import Reaper
-from taskd.store import Attempt, DaemonInfo, Limits, Store
+from taskd.store import Attempt, DaemonInfo, Inspector, Keys, Store, TypeLimits
 from tests import handler_funcs
 from tests.support import ECHO, make_config, ready_ids, running_daemon, wait_until
 
@@ -151,20 +150,22 @@ async def test_janitor_deletes_finished_jobs_after_their_retention(
     assert set(await redis.keys()) == {key.encode() for key in bounded}
 
 
-async def test_janitor_frees_jobs_held_for_a_limit_since_removed(store: Store) -> None:
+async def test_janitor_frees_jobs_held_for_a_limit_since_removed(
+    store: Store, inspector: Inspector
+) -> None:
     clock = Clock()
     jobs = [Job(new_id(), "slow", Q, n, QUEUED, 0, 1, max_attempts=3) for n in range(3)]
     await store.enqueue_many(jobs)
-    limited = [Limits("slow", concurrency=1)]
+    limited = [TypeLimits("slow", concurrency=1)]
     assert (await store.claim(Q, "d", 10, clock.now, limits=limited)).held == 2
     retention = RetentionConfig(completed=60, failed=600)
     # A daemon that still has the limit leaves them held; one without it frees them.
     await Janitor(store=store, queues=[Q], retention=retention, clock=clock).tick()
-    assert (await store.limit_status(Q, limited, clock.now))["slow"]["held"] == 2
+    assert (await inspector.limit_status(Q, limited, clock.now))["slow"]["held"] == 2
     janitor = Janitor(store=store, queues=[Q], retention=retention, unlimited=["slow"], clock=clock)
     await janitor.tick()
-    assert (await store.limit_status(Q, limited, clock.now))["slow"]["held"] == 0
-    claimed = (await store.claim(Q, "d", 10, clock.now, limits=[Limits("slow")])).jobs
+    assert (await inspector.limit_status(Q, limited, clock.now))["slow"]["held"] == 0
+    claimed = (await store.claim(Q, "d", 10, clock.now, limits=[TypeLimits("slow")])).jobs
     assert [j.id for j in claimed] == [j.id for j in jobs[1:]]
 
 

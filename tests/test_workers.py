@@ -13,8 +13,7 @@ from taskd.config import Config
 from taskd.daemon import Daemon, connect
 from taskd.handlers import Handlers
 from taskd.jobs import QUEUED, Job, new_id, now_ms
-from taskd.keys import Keys
-from taskd.store import POOL_SIZE, Store
+from taskd.store import POOL_SIZE, Keys, Store
 from tests import handler_funcs
 from tests.support import (
     REPO,
