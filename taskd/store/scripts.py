@@ -16,7 +16,7 @@ NAMES = (
 
 # Preludes, in the order they go in front of a script: lib.lua before every script,
 # limits.lua (claim's per-type limits) only before those named here.
-_PRELUDES: dict[str, tuple[str, ...]] = {}
+_PRELUDES: dict[str, tuple[str, ...]] = {"claim": ("limits",)}
 
 
 def source(name: str) -> str:

@@ -88,6 +88,12 @@ class Store:
         that a full Redis (which still answers PING) shows too (see connect.is_full)."""
         await self._r.set(self.keys.health_probe, b"1", px=1000)
 
+    def _header(self, queue: str, now: int = 0) -> list[Any]:
+        """The ARGV header of a queue script (lua/lib.lua): now, the job hash prefix and
+        the limit key prefix (now 0 where the script uses none)."""
+        k = self.keys
+        return [now, k.job_prefix(queue), k.limit_prefix(queue)]
+
     # The reads the tasks need, which the Inspector owns.
 
     async def get_job(self, job_id: str, queues: Iterable[str]) -> Job | None:
@@ -139,8 +145,8 @@ class Store:
         self, queue: str, created_at: int, jobs: Sequence[Job], dedup_ttl_ms: int
     ) -> list[str]:
         k = self.keys
-        args: list[Any] = [k.job_prefix(queue), queue, created_at]
-        args += [k.idempotency_prefix(queue), dedup_ttl_ms]
+        args = self._header(queue, created_at)
+        args += [queue, k.idempotency_prefix(queue), dedup_ttl_ms]
         for job in jobs:
             args += record.new_job_args(job)
         keys = [k.ready(queue), k.scheduled(queue), k.index(queue), k.totals(queue)]
@@ -166,8 +172,7 @@ class Store:
         keys = [k.ready(queue), k.landing(queue, daemon_id), k.active(queue, daemon_id)]
         keys += [k.owners(queue), k.paused(queue), k.waits(queue), k.scheduled(queue)]
         keys += [k.totals(queue), k.limit_waits(queue), k.unhandled(queue)]
-        args: list[Any] = [limit, now, k.job_prefix(queue), daemon_id, TIMING_SAMPLES]
-        args.append(k.limit_prefix(queue))
+        args = [*self._header(queue, now), limit, daemon_id, TIMING_SAMPLES]
         for spec in limits:
             args += record.type_limits_args(spec, free.get(spec.job_type, -1))
         reply = await self._lua["claim"](keys=keys, args=args)
@@ -201,8 +206,7 @@ class Store:
         """Record finished attempts of one queue in one script call; returns, for each,
         whether it was recorded (False: it was no longer this daemon's)."""
         k = self.keys
-        args: list[Any] = [now, k.job_prefix(queue), now // record.BUCKET_MS, TIMING_SAMPLES]
-        args.append(k.limit_prefix(queue))
+        args = [*self._header(queue, now), now // record.BUCKET_MS, TIMING_SAMPLES]
         for a in attempts:
             args += record.attempt_args(a)
         keys = [
@@ -225,7 +229,7 @@ class Store:
         """Record a running attempt's progress; False if the attempt is no longer ours."""
         k = self.keys
         keys = [k.active(job.queue, daemon_id), k.job(job.queue, job.id)]
-        args = [job.id, job.attempts, repr(value), message, now]
+        args = [*self._header(job.queue, now), job.id, job.attempts, repr(value), message]
         return bool(await self._lua["progress"](keys=keys, args=args))
 
     async def still_owned(self, queue: str, daemon_id: str, job_ids: Sequence[str]) -> set[str]:
@@ -257,13 +261,13 @@ class Store:
         k = self.keys
         keys = [k.ready(queue), k.landing(queue, daemon_id), k.active(queue, daemon_id)]
         keys += [k.cancelled(queue), k.totals(queue), k.callbacks(queue)]
-        return keys, [k.job_prefix(queue), BATCH, now, k.limit_prefix(queue)]
+        return keys, [*self._header(queue, now), BATCH]
 
     async def promote(self, queue: str, now: int) -> tuple[int, int | None]:
         """Move due jobs to the ready list; returns (moved, when the next one is due)."""
         k = self.keys
         moved, due = await self._lua["promote"](
-            keys=[k.scheduled(queue), k.ready(queue)], args=[now, BATCH, k.job_prefix(queue)]
+            keys=[k.scheduled(queue), k.ready(queue)], args=[*self._header(queue, now), BATCH]
         )
         return int(moved), (None if int(due) < 0 else int(due))
 
@@ -274,7 +278,9 @@ class Store:
         callbacks in flight, and return them."""
         k = self.keys
         keys = [k.callbacks(queue), k.sending(queue, daemon_id), k.owners(queue)]
-        ids = await self._lua["take_callbacks"](keys=keys, args=[most, now, daemon_id])
+        ids = await self._lua["take_callbacks"](
+            keys=keys, args=[*self._header(queue, now), most, daemon_id]
+        )
         return [text(job_id) for job_id in ids]
 
     async def sending_before(self, queue: str, daemon_id: str, before: int) -> list[str]:
@@ -310,7 +316,7 @@ class Store:
         k = self.keys
         keys = [k.job(queue, job_id), k.ready(queue), k.scheduled(queue)]
         keys += [k.cancelled(queue), k.totals(queue), k.callbacks(queue)]
-        args = [job_id, now, k.cancel_channel, k.limit_prefix(queue)]
+        args = [*self._header(queue, now), job_id, k.cancel_channel]
         state = await self._lua["cancel"](keys=keys, args=args)
         return text(state)
 
@@ -318,14 +324,14 @@ class Store:
         """Put a failed job back on its queue; returns its state before (see retry.lua)."""
         k = self.keys
         keys = [k.job(queue, job_id), k.dead(queue), k.ready(queue)]
-        return text(await self._lua["retry"](keys=keys, args=[job_id, now]))
+        return text(await self._lua["retry"](keys=keys, args=[*self._header(queue, now), job_id]))
 
     async def delete(self, queue: str, job_id: str) -> str:
         """Delete a job that is not running; returns its state before (see delete.lua)."""
         k = self.keys
         keys = [k.job(queue, job_id), k.ready(queue), k.scheduled(queue), k.completed(queue)]
         keys += [k.dead(queue), k.cancelled(queue), k.index(queue)]
-        return text(await self._lua["delete"](keys=keys, args=[job_id, k.limit_prefix(queue)]))
+        return text(await self._lua["delete"](keys=keys, args=[*self._header(queue), job_id]))
 
     @asynccontextmanager
     async def cancel_requests(self) -> AsyncIterator[AsyncIterator[str]]:
@@ -356,7 +362,7 @@ class Store:
         keys = [k.owners(queue), k.ready(queue), k.landing(queue, daemon_id)]
         keys += [k.active(queue, daemon_id), k.dead(queue), k.cancelled(queue), k.totals(queue)]
         keys += [k.callbacks(queue), k.sending(queue, daemon_id)]
-        args = [daemon_id, now, before, k.job_prefix(queue), BATCH, k.limit_prefix(queue)]
+        args = [*self._header(queue, now), daemon_id, before, BATCH]
         total = 0
         while True:
             jobs, callbacks = await self._lua["recover"](keys=keys, args=args)
@@ -372,7 +378,7 @@ class Store:
         keys = [k.finished(queue, state), k.index(queue)]
         total = 0
         while deleted := int(
-            await self._lua["trim"](keys=keys, args=[cutoff, BATCH, k.job_prefix(queue)])
+            await self._lua["trim"](keys=keys, args=[*self._header(queue), cutoff, BATCH])
         ):
             total += deleted
         return total
@@ -384,7 +390,7 @@ class Store:
         k = self.keys
         known, marked = await self._lua["beat"](
             keys=[k.daemons, k.daemon(info.id), k.marker],
-            args=[info.id, info.last_heartbeat, *record.daemon_args(info)],
+            args=[info.last_heartbeat, info.id, *record.daemon_args(info)],
         )
         async with self._r.pipeline(transaction=False) as pipe:
             for queue in info.queues:
@@ -436,7 +442,7 @@ class Store:
         if not job_types:
             return 0
         k = self.keys
-        args = [k.job_prefix(queue), k.limit_prefix(queue), BATCH, *job_types]
+        args = [*self._header(queue), BATCH, *job_types]
         total = 0
         while freed := int(await self._lua["free_held"](keys=[k.ready(queue)], args=args)):
             total += freed
