@@ -202,7 +202,7 @@ class Local:
         """How many jobs completed and how many failed for good."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.zcard(self.keys.completed(QUEUE))
-            pipe.zcard(self.keys.dead(QUEUE))
+            pipe.zcard(self.keys.failed(QUEUE))
             completed, failed = await pipe.execute()
         return int(completed), int(failed)
 

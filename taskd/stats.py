@@ -8,7 +8,7 @@ from typing import Any
 from taskd.config import HandlerConfig
 from taskd.jobs import format_ms
 from taskd.store import DaemonInfo, Inspector, Unhandled
-from taskd.workers import type_limits
+from taskd.workers import type_limits_of
 
 
 async def snapshot(
@@ -70,7 +70,7 @@ async def _limits(
         for name, config in handlers.items()
         if config.queue == queue and (config.global_concurrency or config.rate_limit)
     }
-    specs = [type_limits(name, config) for name, config in limited.items()]
+    specs = [type_limits_of(name, config) for name, config in limited.items()]
     status = await inspector.limit_status(queue, specs, now)
     return {
         name: {

@@ -50,7 +50,7 @@ LOST = "lost"
 STOPPED = "stopped"  # the pool stopped at shutdown: the job goes back to its queue
 
 
-def type_limits(job_type: str, config: HandlerConfig) -> TypeLimits:
+def type_limits_of(job_type: str, config: HandlerConfig) -> TypeLimits:
     """A handler's limits across daemons, as claims enforce them."""
     rate = config.rate_limit
     return TypeLimits(
@@ -103,7 +103,9 @@ class WorkerPool:
     ) -> None:
         self._on_final = on_final
         self._on_retry = on_retry
-        self._limits = [type_limits(name, config) for name, config in handler_configs.items()]
+        self._type_limits = [
+            type_limits_of(name, config) for name, config in handler_configs.items()
+        ]
         # Handler concurrency per type, and the jobs of those types this daemon holds now
         # (claimed until acked, like the pool's slots) or is offering a claim room for.
         self._caps = {
@@ -152,7 +154,7 @@ class WorkerPool:
         self._take_types(free, 1)
         try:
             claim = await self._store.claim(
-                queue, self._daemon_id, wanted, self._clock(), self._limits, free
+                queue, self._daemon_id, wanted, self._clock(), self._type_limits, free
             )
         except BaseException:
             self._slots.settle(queue, wanted, idle=True)

@@ -38,7 +38,7 @@ async def queues(cluster_url: str) -> list[str]:
         await client.initialize()
         by_node: dict[str, str] = {}
         for n in range(1000):
-            node = client.get_node_from_key(K.ready(f"q{n}")).name
+            node = client.get_node_from_key(K.inbox(f"q{n}")).name
             by_node.setdefault(node, f"q{n}")
     finally:
         await client.aclose()
@@ -67,7 +67,9 @@ async def test_every_script_runs_on_the_node_of_its_queue(
             job(queue, n, priority=n % 10, callback_url="http://127.0.0.1:9/") for n in range(12)
         ]
         assert await store.enqueue_many(jobs) == [j.id for j in jobs]
-        claim = await store.claim(queue, "a", 4, now=10, limits=[TypeLimits("echo", concurrency=3)])
+        claim = await store.claim(
+            queue, "a", 4, now=10, type_limits=[TypeLimits("echo", concurrency=3)]
+        )
         assert [j.payload for j in claim.jobs] == [9, 8, 7]  # highest first, 3 at once
         ends = [Attempt(j.id, j.attempts, "completed", "1", 0, b"{}") for j in claim.jobs[:2]]
         assert await store.ack(queue, "a", ends, now=11) == [True, True]
@@ -90,7 +92,7 @@ async def test_cancel_requests_reach_subscribers_through_the_cluster(
     async with cluster_store.cancel_requests() as requests:
         for j in running:
             await cluster_store.enqueue(j)
-            [claimed] = (await cluster_store.claim(j.queue, "a", 1, now=1, limits=ECHO)).jobs
+            [claimed] = (await cluster_store.claim(j.queue, "a", 1, now=1, type_limits=ECHO)).jobs
             assert claimed.id == j.id
             assert await cluster_store.cancel(j.queue, j.id, now=2) == "active"
         heard = []

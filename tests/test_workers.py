@@ -52,7 +52,7 @@ async def counts(redis: Redis) -> dict[str, int]:
     return {
         "ready": len(await ready_ids(redis, "default")),
         "completed": await redis.zcard(K.completed("default")),
-        "failed": await redis.zcard(K.dead("default")),
+        "failed": await redis.zcard(K.failed("default")),
     }
 
 

@@ -118,10 +118,10 @@ class Inspector:
         k = self.keys
         async with self._r.pipeline(transaction=False) as pipe:
             for queue in queues:
-                pipe.zrange(k.owners(queue), 0, -1)
-            owners: list[list[bytes]] = await pipe.execute()
+                pipe.zrange(k.leases(queue), 0, -1)
+            leases: list[list[bytes]] = await pipe.execute()
         async with self._r.pipeline(transaction=False) as pipe:
-            for queue, holders in zip(queues, owners, strict=True):
+            for queue, holders in zip(queues, leases, strict=True):
                 for ready in k.ready_lists(queue):
                     pipe.llen(ready)
                 pipe.zcard(k.scheduled(queue))
@@ -133,7 +133,7 @@ class Inspector:
                     pipe.zcard(k.active(queue, text(holder)))
             replies = iter(await pipe.execute())
         counts: dict[str, dict[str, Any]] = {}
-        for queue, holders in zip(queues, owners, strict=True):
+        for queue, holders in zip(queues, leases, strict=True):
             queued = sum(next(replies) for _ in k.ready_lists(queue))
             scheduled, completed, failed, cancelled, totals, callbacks = (
                 next(replies) for _ in range(6)
@@ -182,13 +182,13 @@ class Inspector:
         return activity
 
     async def limit_status(
-        self, queue: str, limits: Sequence[TypeLimits], now: int
+        self, queue: str, type_limits: Sequence[TypeLimits], now: int
     ) -> dict[str, dict[str, int]]:
         """Per limited job type of a queue: jobs running under its global_concurrency and
         held for it, starts in the current rate window, and the waits counted so far."""
         k = self.keys
         async with self._r.pipeline(transaction=False) as pipe:
-            for spec in limits:
+            for spec in type_limits:
                 pipe.zcard(k.limit(queue, spec.job_type, "running"))
                 pipe.zcard(k.limit(queue, spec.job_type, "line"))
                 # As claim.lua counts it: a start at exactly now - window has left the window.
@@ -198,7 +198,7 @@ class Inspector:
                 pipe.hmget(k.limit_waits(queue), fields)
             replies = iter(await pipe.execute())
         status: dict[str, dict[str, int]] = {}
-        for spec in limits:
+        for spec in type_limits:
             running, held, started, (rate_waits, concurrency_waits) = (
                 next(replies) for _ in range(4)
             )

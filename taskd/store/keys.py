@@ -4,6 +4,16 @@ All keys of one queue carry the queue's name as their hash tag (`taskd:{images}:
 so that one queue lives on one Redis Cluster slot and every script touching a queue
 stays on one shard. Keys that belong to no queue share the tag `{prefix:global}`; queue
 names cannot contain a colon, so no queue shares that slot by accident.
+
+The Lua scripts (lua/*.lua, whose KEYS headers show these patterns) build some keys
+themselves from what the store passes them; each builder says so. They derive: the
+priority lists (the inbox's name + ':<priority>', lib.lua priority_list), job hashes
+(job_prefix + id), and a job type's limit keys (limit_prefix + type + ':running',
+':line', ':starts', ':held'; limits.lua, lib.lua release_slot and free_held).
+
+The method names are the things' names; a few key strings are older words for them,
+kept so that daemons of older versions go on sharing the data: the inbox is `:ready`,
+the failed set `:dead`, the leases `:owners`.
 """
 
 from __future__ import annotations
@@ -21,23 +31,24 @@ class Keys:
 
     # Keys of one queue.
 
-    def ready(self, queue: str) -> str:
+    def inbox(self, queue: str) -> str:
         """The queue's inbox: the list of ready ids daemons block on (see lua/lib.lua).
 
         Lists are pushed on the left and taken from the right (FIFO).
         """
         return f"{self.prefix}:{{{queue}}}:ready"
 
-    def ready_list(self, queue: str, priority: int) -> str:
-        """List of ready ids of one priority that wait behind the inbox's."""
-        return f"{self.ready(queue)}:{priority}"
+    def priority_list(self, queue: str, priority: int) -> str:
+        """List of ready ids of one priority that wait behind the inbox's (Lua derives
+        it from the inbox: lib.lua priority_list)."""
+        return f"{self.inbox(queue)}:{priority}"
 
     def ready_lists(self, queue: str) -> list[str]:
         """Every list a ready id can be in: the inbox, then each priority's list."""
-        return [self.ready(queue), *(self.ready_list(queue, p) for p in PRIORITIES)]
+        return [self.inbox(queue), *(self.priority_list(queue, p) for p in PRIORITIES)]
 
     def job_prefix(self, queue: str) -> str:
-        """Prefix of job hashes; Lua scripts append the id to it."""
+        """Prefix of job hashes; Lua scripts append the id to it (JOB, lua/lib.lua)."""
         return f"{self.prefix}:{{{queue}}}:job:"
 
     def job(self, queue: str, job_id: str) -> str:
@@ -64,7 +75,7 @@ class Keys:
         """Sorted set of completed ids, scored by finish time."""
         return f"{self.prefix}:{{{queue}}}:completed"
 
-    def dead(self, queue: str) -> str:
+    def failed(self, queue: str) -> str:
         """Sorted set of failed ids (the dead letters), scored by finish time."""
         return f"{self.prefix}:{{{queue}}}:dead"
 
@@ -74,7 +85,7 @@ class Keys:
 
     def finished(self, queue: str, state: str) -> str:
         """The sorted set of one final state (completed, failed, cancelled)."""
-        return {"completed": self.completed, "failed": self.dead, "cancelled": self.cancelled}[
+        return {"completed": self.completed, "failed": self.failed, "cancelled": self.cancelled}[
             state
         ](queue)
 
@@ -92,11 +103,12 @@ class Keys:
         return f"{self.prefix}:{{{queue}}}:sending:{daemon_id}"
 
     def limit_prefix(self, queue: str) -> str:
-        """Prefix of the keys that enforce a job type's limits; scripts append the type
-        and ':running' (ids holding a global_concurrency slot), ':line' (ids held for
-        one, a sorted set best first: priority, then when each became due) or ':starts'
-        (recent starts, for rate_limit). ':held' is the plain list older daemons held
-        jobs in; claims move what it holds into the line."""
+        """Prefix of the keys that enforce a job type's limits (LIMIT, lua/lib.lua);
+        scripts append the type and ':running' (ids holding a global_concurrency slot),
+        ':line' (ids held for one, a sorted set best first: priority, then when each
+        became due) or ':starts' (recent starts, for rate_limit). ':held' is the plain
+        list older daemons held jobs in; claims move what it holds into the line (see
+        lua/limits.lua)."""
         return f"{self.prefix}:{{{queue}}}:limit:"
 
     def limit(self, queue: str, job_type: str, part: str) -> str:
@@ -114,7 +126,7 @@ class Keys:
         that starts a job of the type removes its field."""
         return f"{self.prefix}:{{{queue}}}:unhandled"
 
-    def owners(self, queue: str) -> str:
+    def leases(self, queue: str) -> str:
         """Sorted set of daemons that may hold jobs of the queue, scored by their last
         heartbeat: the lease a reaper checks in the same script that takes jobs back."""
         return f"{self.prefix}:{{{queue}}}:owners"

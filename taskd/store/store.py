@@ -149,7 +149,7 @@ class Store:
         args += [queue, k.idempotency_prefix(queue), dedup_ttl_ms]
         for job in jobs:
             args += record.new_job_args(job)
-        keys = [k.ready(queue), k.scheduled(queue), k.index(queue), k.totals(queue)]
+        keys = [k.inbox(queue), k.scheduled(queue), k.index(queue), k.totals(queue)]
         return [text(holder) for holder in await self._lua["enqueue"](keys=keys, args=args)]
 
     # Running jobs.
@@ -158,22 +158,22 @@ class Store:
         self,
         queue: str,
         daemon_id: str,
-        limit: int,
+        most: int,
         now: int,
-        limits: Sequence[TypeLimits],
+        type_limits: Sequence[TypeLimits],
         free: Mapping[str, int] | None = None,
     ) -> Claimed:
-        """Move up to `limit` ready jobs, highest priority first, into this daemon's active
-        set and return them: only jobs of the types in `limits` (those this daemon has a
+        """Move up to `most` ready jobs, highest priority first, into this daemon's active
+        set and return them: only jobs of the types in `type_limits` (those this daemon has a
         handler for), at most `free[type]` of a type (absent: no local cap). Jobs over
-        their type's global `limits` wait; the others stay ready (see claim.lua)."""
+        their type's global limits wait; the others stay ready (see claim.lua)."""
         k = self.keys
         free = free or {}
-        keys = [k.ready(queue), k.landing(queue, daemon_id), k.active(queue, daemon_id)]
-        keys += [k.owners(queue), k.paused(queue), k.waits(queue), k.scheduled(queue)]
+        keys = [k.inbox(queue), k.landing(queue, daemon_id), k.active(queue, daemon_id)]
+        keys += [k.leases(queue), k.paused(queue), k.waits(queue), k.scheduled(queue)]
         keys += [k.totals(queue), k.limit_waits(queue), k.unhandled(queue)]
-        args = [*self._header(queue, now), limit, daemon_id, TIMING_SAMPLES]
-        for spec in limits:
+        args = [*self._header(queue, now), most, daemon_id, TIMING_SAMPLES]
+        for spec in type_limits:
             args += record.type_limits_args(spec, free.get(spec.job_type, -1))
         reply = await self._lua["claim"](keys=keys, args=args)
         status, due, rate_limited, held, skipped, *flat = reply
@@ -196,7 +196,7 @@ class Store:
         """
         k = self.keys
         moved = await self._blocking.blmove(
-            k.ready(queue), k.landing(queue, daemon_id), block_seconds, "RIGHT", "LEFT"
+            k.inbox(queue), k.landing(queue, daemon_id), block_seconds, "RIGHT", "LEFT"
         )
         return moved is not None
 
@@ -212,13 +212,13 @@ class Store:
         keys = [
             k.active(queue, daemon_id),
             k.completed(queue),
-            k.dead(queue),
+            k.failed(queue),
             k.scheduled(queue),
             k.cancelled(queue),
             k.totals(queue),
             k.throughput(queue),
             k.runs(queue),
-            k.ready(queue),
+            k.inbox(queue),
             k.callbacks(queue),
         ]
         return [bool(flag) for flag in await self._lua["ack"](keys=keys, args=args)]
@@ -259,7 +259,7 @@ class Store:
 
     def _requeue_call(self, queue: str, daemon_id: str, now: int) -> tuple[list[str], list[Any]]:
         k = self.keys
-        keys = [k.ready(queue), k.landing(queue, daemon_id), k.active(queue, daemon_id)]
+        keys = [k.inbox(queue), k.landing(queue, daemon_id), k.active(queue, daemon_id)]
         keys += [k.cancelled(queue), k.totals(queue), k.callbacks(queue)]
         return keys, [*self._header(queue, now), BATCH]
 
@@ -267,7 +267,7 @@ class Store:
         """Move due jobs to the ready list; returns (moved, when the next one is due)."""
         k = self.keys
         moved, due = await self._lua["promote"](
-            keys=[k.scheduled(queue), k.ready(queue)], args=[*self._header(queue, now), BATCH]
+            keys=[k.scheduled(queue), k.inbox(queue)], args=[*self._header(queue, now), BATCH]
         )
         return int(moved), (None if int(due) < 0 else int(due))
 
@@ -277,7 +277,7 @@ class Store:
         """Move up to `most` ids from the queue's callback outbox into this daemon's
         callbacks in flight, and return them."""
         k = self.keys
-        keys = [k.callbacks(queue), k.sending(queue, daemon_id), k.owners(queue)]
+        keys = [k.callbacks(queue), k.sending(queue, daemon_id), k.leases(queue)]
         ids = await self._lua["take_callbacks"](
             keys=keys, args=[*self._header(queue, now), most, daemon_id]
         )
@@ -314,7 +314,7 @@ class Store:
     async def cancel(self, queue: str, job_id: str, now: int) -> str:
         """Cancel a job; returns its state before (see cancel.lua)."""
         k = self.keys
-        keys = [k.job(queue, job_id), k.ready(queue), k.scheduled(queue)]
+        keys = [k.job(queue, job_id), k.inbox(queue), k.scheduled(queue)]
         keys += [k.cancelled(queue), k.totals(queue), k.callbacks(queue)]
         args = [*self._header(queue, now), job_id, k.cancel_channel]
         state = await self._lua["cancel"](keys=keys, args=args)
@@ -323,14 +323,14 @@ class Store:
     async def retry(self, queue: str, job_id: str, now: int) -> str:
         """Put a failed job back on its queue; returns its state before (see retry.lua)."""
         k = self.keys
-        keys = [k.job(queue, job_id), k.dead(queue), k.ready(queue)]
+        keys = [k.job(queue, job_id), k.failed(queue), k.inbox(queue)]
         return text(await self._lua["retry"](keys=keys, args=[*self._header(queue, now), job_id]))
 
     async def delete(self, queue: str, job_id: str) -> str:
         """Delete a job that is not running; returns its state before (see delete.lua)."""
         k = self.keys
-        keys = [k.job(queue, job_id), k.ready(queue), k.scheduled(queue), k.completed(queue)]
-        keys += [k.dead(queue), k.cancelled(queue), k.index(queue)]
+        keys = [k.job(queue, job_id), k.inbox(queue), k.scheduled(queue), k.completed(queue)]
+        keys += [k.failed(queue), k.cancelled(queue), k.index(queue)]
         return text(await self._lua["delete"](keys=keys, args=[*self._header(queue), job_id]))
 
     @asynccontextmanager
@@ -350,17 +350,17 @@ class Store:
 
     # Recovering the jobs of dead daemons, and expiring finished ones.
 
-    async def stale_owners(self, queue: str, before: int) -> list[str]:
+    async def stale_leases(self, queue: str, before: int) -> list[str]:
         """Daemons whose lease on this queue was last renewed before `before`."""
-        ids = await self._r.zrangebyscore(self.keys.owners(queue), "-inf", f"({before}")
+        ids = await self._r.zrangebyscore(self.keys.leases(queue), "-inf", f"({before}")
         return [text(daemon_id) for daemon_id in ids]
 
     async def recover(self, queue: str, daemon_id: str, now: int, before: int) -> int:
         """Take back all jobs (and callbacks in flight) of a daemon whose lease lapsed;
         returns how many jobs, or -1 if its lease is alive."""
         k = self.keys
-        keys = [k.owners(queue), k.ready(queue), k.landing(queue, daemon_id)]
-        keys += [k.active(queue, daemon_id), k.dead(queue), k.cancelled(queue), k.totals(queue)]
+        keys = [k.leases(queue), k.inbox(queue), k.landing(queue, daemon_id)]
+        keys += [k.active(queue, daemon_id), k.failed(queue), k.cancelled(queue), k.totals(queue)]
         keys += [k.callbacks(queue), k.sending(queue, daemon_id)]
         args = [*self._header(queue, now), daemon_id, before, BATCH]
         total = 0
@@ -394,7 +394,7 @@ class Store:
         )
         async with self._r.pipeline(transaction=False) as pipe:
             for queue in info.queues:
-                pipe.zadd(k.owners(queue), {info.id: info.last_heartbeat})
+                pipe.zadd(k.leases(queue), {info.id: info.last_heartbeat})
             pipe.sadd(k.queues, *info.queues)
             await pipe.execute()
         return Beat(registered=bool(known), marked=bool(marked))
@@ -407,7 +407,7 @@ class Store:
             await pipe.execute()
         async with self._r.pipeline(transaction=False) as pipe:
             for queue in queues:
-                pipe.zrem(self.keys.owners(queue), daemon_id)
+                pipe.zrem(self.keys.leases(queue), daemon_id)
             await pipe.execute()
 
     async def stale_daemons(self, before: int) -> list[str]:
@@ -430,7 +430,7 @@ class Store:
         """Forget a queue that holds nothing (see forget_queue.lua); returns what it still
         holds, (jobs, leases, callbacks), all 0 when it was forgotten."""
         k = self.keys
-        keys = [k.index(queue), k.owners(queue), k.callbacks(queue), *k.queue_state(queue)]
+        keys = [k.index(queue), k.leases(queue), k.callbacks(queue), *k.queue_state(queue)]
         jobs, leases, callbacks = await self._lua["forget_queue"](keys=keys, args=[])
         if jobs == leases == callbacks == 0:
             await self._r.srem(k.queues, queue)
@@ -444,7 +444,7 @@ class Store:
         k = self.keys
         args = [*self._header(queue), BATCH, *job_types]
         total = 0
-        while freed := int(await self._lua["free_held"](keys=[k.ready(queue)], args=args)):
+        while freed := int(await self._lua["free_held"](keys=[k.inbox(queue)], args=args)):
             total += freed
         return total
 

@@ -3,16 +3,16 @@
 -- active set with the same attempt number. Otherwise the job was taken back meanwhile
 -- (by a reaper, after this daemon was taken for dead) and a newer attempt owns the record.
 -- A recorded attempt gives back its slot of its type's global_concurrency (lib.lua).
--- KEYS[1] -> {prefix}:{<queue>}:active:<daemon>, this daemon's active set
--- KEYS[2] -> {prefix}:{<queue>}:completed
--- KEYS[3] -> {prefix}:{<queue>}:dead, the failed jobs
--- KEYS[4] -> {prefix}:{<queue>}:scheduled, where retries wait
--- KEYS[5] -> {prefix}:{<queue>}:cancelled
--- KEYS[6] -> {prefix}:{<queue>}:totals
--- KEYS[7] -> {prefix}:{<queue>}:throughput
--- KEYS[8] -> {prefix}:{<queue>}:runs, recent run times
--- KEYS[9] -> {prefix}:{<queue>}:ready, the inbox, where a held job goes when freed
--- KEYS[10] -> {prefix}:{<queue>}:callbacks, the outbox a final job with a callback joins
+-- KEYS[1] -> <prefix>:{<queue>}:active:<daemon>, this daemon's active set
+-- KEYS[2] -> <prefix>:{<queue>}:completed
+-- KEYS[3] -> <prefix>:{<queue>}:dead, the failed set (keys.failed)
+-- KEYS[4] -> <prefix>:{<queue>}:scheduled, where retries wait
+-- KEYS[5] -> <prefix>:{<queue>}:cancelled
+-- KEYS[6] -> <prefix>:{<queue>}:totals
+-- KEYS[7] -> <prefix>:{<queue>}:throughput
+-- KEYS[8] -> <prefix>:{<queue>}:runs, recent run times
+-- KEYS[9] -> <prefix>:{<queue>}:ready, the inbox (keys.inbox), where a held job goes when freed
+-- KEYS[10] -> <prefix>:{<queue>}:callbacks, the outbox a final job with a callback joins
 -- ARGV[1..3] -> now, job hash prefix, limit key prefix (the header, lib.lua)
 -- ARGV[4] -> the current throughput bucket
 -- ARGV[5] -> how many recent run times to keep

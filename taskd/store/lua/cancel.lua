@@ -2,7 +2,7 @@
 -- one is marked, and its id published, so that the daemon running it cancels it and
 -- records it cancelled (a reaper honours the mark too, should that daemon die).
 -- KEYS[1] -> <prefix>:{<queue>}:job:<id>, the job's hash
--- KEYS[2] -> <prefix>:{<queue>}:ready, the inbox
+-- KEYS[2] -> <prefix>:{<queue>}:ready, the inbox (keys.inbox)
 -- KEYS[3] -> <prefix>:{<queue>}:scheduled
 -- KEYS[4] -> <prefix>:{<queue>}:cancelled
 -- KEYS[5] -> <prefix>:{<queue>}:totals

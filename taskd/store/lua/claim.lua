@@ -19,10 +19,10 @@
 -- (limits.lua, which the store puts in front of this script). Held jobs start before
 -- ready ones of their priority whenever a slot is free. A paused queue gives nothing, and
 -- a landed id goes back to the front of the inbox.
--- KEYS[1] -> <prefix>:{<queue>}:ready, the inbox
+-- KEYS[1] -> <prefix>:{<queue>}:ready, the inbox (keys.inbox)
 -- KEYS[2] -> <prefix>:{<queue>}:landing:<daemon>
 -- KEYS[3] -> <prefix>:{<queue>}:active:<daemon>
--- KEYS[4] -> <prefix>:{<queue>}:owners, the daemons' leases
+-- KEYS[4] -> <prefix>:{<queue>}:owners, the leases (keys.leases)
 -- KEYS[5] -> <prefix>:{<queue>}:paused
 -- KEYS[6] -> <prefix>:{<queue>}:waits, recent wait times
 -- KEYS[7] -> <prefix>:{<queue>}:scheduled, where rate-limited jobs wait

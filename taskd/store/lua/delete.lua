@@ -1,9 +1,9 @@
 -- Delete a job that is not running: its record and its id wherever it is.
 -- KEYS[1] -> <prefix>:{<queue>}:job:<id>, the job's hash
--- KEYS[2] -> <prefix>:{<queue>}:ready, the inbox
+-- KEYS[2] -> <prefix>:{<queue>}:ready, the inbox (keys.inbox)
 -- KEYS[3] -> <prefix>:{<queue>}:scheduled
 -- KEYS[4] -> <prefix>:{<queue>}:completed
--- KEYS[5] -> <prefix>:{<queue>}:dead, the failed jobs
+-- KEYS[5] -> <prefix>:{<queue>}:dead, the failed set (keys.failed)
 -- KEYS[6] -> <prefix>:{<queue>}:cancelled
 -- KEYS[7] -> <prefix>:{<queue>}:index
 -- ARGV[1..3] -> now and job hash prefix (both unused), limit key prefix (the header, lib.lua)

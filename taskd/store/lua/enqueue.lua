@@ -4,7 +4,7 @@
 -- holder's id is answered instead, so a client's retried submission never duplicates a
 -- job, even when the two submissions race through two daemons. One call takes a bounded
 -- batch (the store sends at most ENQUEUE_CHUNK jobs per call).
--- KEYS[1] -> <prefix>:{<queue>}:ready, the inbox
+-- KEYS[1] -> <prefix>:{<queue>}:ready, the inbox (keys.inbox)
 -- KEYS[2] -> <prefix>:{<queue>}:scheduled
 -- KEYS[3] -> <prefix>:{<queue>}:index
 -- KEYS[4] -> <prefix>:{<queue>}:totals

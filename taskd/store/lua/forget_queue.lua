@@ -2,7 +2,7 @@
 -- a name registered by mistake (or a queue no longer used) leaves no trace. The check and
 -- the deletion are one step, so a job enqueued meanwhile is never orphaned.
 -- KEYS[1] -> <prefix>:{<queue>}:index, every stored job of the queue
--- KEYS[2] -> <prefix>:{<queue>}:owners, the daemons' leases
+-- KEYS[2] -> <prefix>:{<queue>}:owners, the leases (keys.leases)
 -- KEYS[3] -> <prefix>:{<queue>}:callbacks, the outbox
 -- KEYS[4..] -> the queue's other keys, deleted: flags, counters, statistics, lists
 --   (keys.Keys.queue_state)

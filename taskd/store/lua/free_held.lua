@@ -2,7 +2,7 @@
 -- front of the ready jobs, best first: with no limit, no job of the type ends holding a
 -- slot, so nothing else would ever free them. The janitor calls it, for the types its
 -- daemon has no global_concurrency for; jobs older daemons held in a plain list go too.
--- KEYS[1] -> <prefix>:{<queue>}:ready, the inbox
+-- KEYS[1] -> <prefix>:{<queue>}:ready, the inbox (keys.inbox)
 -- ARGV[1..3] -> now (unused), job hash prefix, limit key prefix (the header, lib.lua)
 -- ARGV[4] -> most jobs to free per type
 -- ARGV[5..] -> the job types

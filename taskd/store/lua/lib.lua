@@ -4,8 +4,8 @@
 -- The ARGV header: every queue script that uses the time, the job hash prefix or the limit
 -- key prefix takes them first, in this order, and its own arguments from ARGV[4]:
 --   ARGV[1] -> now, epoch ms (NOW)
---   ARGV[2] -> {prefix}:{<queue>}:job:, the queue's job hash prefix (JOB)
---   ARGV[3] -> {prefix}:{<queue>}:limit:, the queue's limit key prefix (LIMIT)
+--   ARGV[2] -> <prefix>:{<queue>}:job:, the queue's job hash prefix (JOB)
+--   ARGV[3] -> <prefix>:{<queue>}:limit:, the queue's limit key prefix (LIMIT)
 -- A script that uses none of them takes no header (its own header says so), and NOW, JOB
 -- and LIMIT mean nothing there. The job hash's fields and the positional entries scripts
 -- take and answer are declared in record.py.
@@ -13,8 +13,8 @@ local NOW = tonumber(ARGV[1])
 local JOB = ARGV[2]
 local LIMIT = ARGV[3]
 --
--- A queue's ready jobs wait in its inbox ({prefix}:{<queue>}:ready, the list daemons block
--- on) or in one list per priority ({prefix}:{<queue>}:ready:0 to :9). A job goes to the
+-- A queue's ready jobs wait in its inbox (<prefix>:{<queue>}:ready, the list daemons block
+-- on) or in one list per priority (<prefix>:{<queue>}:ready:0 to :9). A job goes to the
 -- inbox while the list of its priority is empty and the inbox holds fewer than INBOX_MAX
 -- ids, else to its priority's list. So a daemon that found the queue empty and blocks on
 -- the inbox is woken by the next job whatever its priority, a backlog waits in the

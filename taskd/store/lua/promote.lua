@@ -1,7 +1,7 @@
 -- Make a bounded batch of due jobs of one queue ready (lib.lua), out of the scheduled set.
 -- Atomic, so daemons promoting at the same time never move a job twice.
 -- KEYS[1] -> <prefix>:{<queue>}:scheduled
--- KEYS[2] -> <prefix>:{<queue>}:ready, the inbox
+-- KEYS[2] -> <prefix>:{<queue>}:ready, the inbox (keys.inbox)
 -- ARGV[1..3] -> now, job hash prefix, limit key prefix (unused) (the header, lib.lua)
 -- ARGV[4] -> most jobs to move
 -- Returns {moved, due}: how many moved, and the time the next job is due in epoch ms

@@ -6,11 +6,11 @@
 -- job someone cancelled is cancelled.
 -- Either way it gives back its slot of its type's global_concurrency. The callbacks the
 -- daemon was sending go back to the outbox, and a job that ends here calls back too.
--- KEYS[1] -> <prefix>:{<queue>}:owners, the daemons' leases
--- KEYS[2] -> <prefix>:{<queue>}:ready, the inbox
+-- KEYS[1] -> <prefix>:{<queue>}:owners, the leases (keys.leases)
+-- KEYS[2] -> <prefix>:{<queue>}:ready, the inbox (keys.inbox)
 -- KEYS[3] -> <prefix>:{<queue>}:landing:<daemon>, the dead daemon's landing list
 -- KEYS[4] -> <prefix>:{<queue>}:active:<daemon>, the dead daemon's active set
--- KEYS[5] -> <prefix>:{<queue>}:dead, the failed jobs
+-- KEYS[5] -> <prefix>:{<queue>}:dead, the failed set (keys.failed)
 -- KEYS[6] -> <prefix>:{<queue>}:cancelled
 -- KEYS[7] -> <prefix>:{<queue>}:totals
 -- KEYS[8] -> <prefix>:{<queue>}:callbacks, the outbox

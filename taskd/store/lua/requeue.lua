@@ -5,7 +5,7 @@
 -- cancel is cancelled instead.
 -- Without ids it moves a bounded batch of all landed and active ids (call again until
 -- it returns 0); with ids, only those of them still in the active set.
--- KEYS[1] -> <prefix>:{<queue>}:ready, the inbox
+-- KEYS[1] -> <prefix>:{<queue>}:ready, the inbox (keys.inbox)
 -- KEYS[2] -> <prefix>:{<queue>}:landing:<daemon>, the daemon's landing list
 -- KEYS[3] -> <prefix>:{<queue>}:active:<daemon>, the daemon's active set
 -- KEYS[4] -> <prefix>:{<queue>}:cancelled

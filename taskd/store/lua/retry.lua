@@ -1,8 +1,8 @@
 -- Put a failed job back on its queue with its attempts reset, due from now (run_at), so
 -- that its wait counts from the retry, not from its creation.
 -- KEYS[1] -> <prefix>:{<queue>}:job:<id>, the job's hash
--- KEYS[2] -> <prefix>:{<queue>}:dead, the failed jobs
--- KEYS[3] -> <prefix>:{<queue>}:ready, the inbox
+-- KEYS[2] -> <prefix>:{<queue>}:dead, the failed set (keys.failed)
+-- KEYS[3] -> <prefix>:{<queue>}:ready, the inbox (keys.inbox)
 -- ARGV[1..3] -> now, then job hash prefix and limit key prefix (both unused) (the header,
 --   lib.lua)
 -- ARGV[4] -> job id

@@ -4,7 +4,7 @@
 -- reaper returns them to the outbox (recover.lua).
 -- KEYS[1] -> <prefix>:{<queue>}:callbacks, the outbox
 -- KEYS[2] -> <prefix>:{<queue>}:sending:<daemon>, this daemon's callbacks in flight
--- KEYS[3] -> <prefix>:{<queue>}:owners, the daemons' leases
+-- KEYS[3] -> <prefix>:{<queue>}:owners, the leases (keys.leases)
 -- ARGV[1..3] -> now, then job hash prefix and limit key prefix (both unused) (the header,
 --   lib.lua)
 -- ARGV[4] -> most callbacks to take, >= 1
