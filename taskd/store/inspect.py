@@ -268,13 +268,17 @@ class Inspector:
         return [decode_job(fields) for fields in records if fields]
 
 
-class _ByCreation:
-    """Walks index sets (ids ordered as created) of several queues, newest first, merged."""
+class _Walk:
+    """Walks sorted sets of several queues, newest first, from a cursor (None: the start)."""
 
-    def __init__(self, r: aioredis.Redis, index_keys: list[str], cursor: str | None) -> None:
+    def __init__(self, r: aioredis.Redis, keys: list[str], cursor: str | None) -> None:
         self._r = r
-        self._keys = index_keys
+        self._keys = keys
         self.cursor = cursor
+
+
+class _ByCreation(_Walk):
+    """Walks index sets (ids ordered as created) of several queues, newest first, merged."""
 
     async def next_ids(self, count: int) -> list[tuple[str, str]]:
         """The next `count` (queue, id) pairs after the cursor; the cursor moves past them."""
@@ -292,13 +296,8 @@ class _ByCreation:
         return [(_queue_of(key), job_id) for key, job_id in picked]
 
 
-class _ByFinish:
+class _ByFinish(_Walk):
     """Walks final-state sets (scored by finish time) of several queues, newest first."""
-
-    def __init__(self, r: aioredis.Redis, keys: list[str], cursor: str | None) -> None:
-        self._r = r
-        self._keys = keys
-        self.cursor = cursor
 
     async def next_ids(self, count: int) -> list[tuple[str, str]]:
         after = _parse_finish_cursor(self.cursor)

@@ -13,10 +13,7 @@
 -- Returns the job's state before: 'queued', 'scheduled' or 'active' (now cancelled or
 -- cancelling), a final state (nothing changed), or 'missing'.
 local id = ARGV[4]
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then
-  return 'missing'
-end
+local state = redis.call('HGET', KEYS[1], 'state') or 'missing'
 if state == 'queued' or state == 'scheduled' then
   if state == 'queued' then
     remove_queued(KEYS[2], KEYS[1], id)

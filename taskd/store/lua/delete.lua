@@ -10,11 +10,8 @@
 -- ARGV[4] -> job id
 -- Returns the job's state before ('active': nothing changed), or 'missing'.
 local id = ARGV[4]
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then
-  return 'missing'
-end
-if state == 'active' then
+local state = redis.call('HGET', KEYS[1], 'state') or 'missing'
+if state == 'missing' or state == 'active' then
   return state
 end
 if state == 'queued' then

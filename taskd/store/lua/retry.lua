@@ -9,10 +9,7 @@
 -- Returns the job's state before: 'failed' (now queued), another state (nothing
 -- changed), or 'missing'.
 local id = ARGV[4]
-local state = redis.call('HGET', KEYS[1], 'state')
-if not state then
-  return 'missing'
-end
+local state = redis.call('HGET', KEYS[1], 'state') or 'missing'
 if state == 'failed' then
   redis.call('ZREM', KEYS[2], id)
   redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'run_at', NOW)
