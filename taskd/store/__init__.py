@@ -1,5 +1,8 @@
-"""The store: the only code that talks to Redis. Store writes (the tasks' path), Inspector
-reads (intake, /stats, /metrics, the dashboard), both on one Connection."""
+"""The store: the only code that talks to Redis.
+
+Store writes (the tasks' path), Inspector reads (intake, /stats, /metrics, the dashboard),
+both on one Connection (connect.open).
+"""
 
 from taskd.store.connect import (
     POOL_SIZE,

@@ -1,5 +1,4 @@
-"""The read path: everything intake, /stats, /metrics, the dashboard and bench read from
-Redis, one typed method per question."""
+"""The read path: what intake, /stats, /metrics and the dashboard read, one method a question."""
 
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
-"""The layouts that cross between Python and Lua: the job and daemon hashes, and the
-positional entries the scripts take and give for jobs, attempts and type limits.
+"""Every layout that crosses between Python and Lua: hashes and positional script entries.
 
-Each layout is declared once here, as a tuple of names, with the script that reads it;
-the scripts' headers point back here. Change one side, change the other.
+The job and daemon hashes, and the positional entries the scripts take and give for new
+jobs, claimed jobs, attempts and type limits. Each layout is declared once here, as a
+tuple of names, with the script that reads it; the scripts' headers point back here.
+Change one side, change the other.
 """
 
 from __future__ import annotations

@@ -1,5 +1,4 @@
-"""The write path: what the cooperating tasks (workers, acker, promoter, reaper, ...) and
-intake's writes do to Redis, one typed method per operation."""
+"""The write path: what the tasks and intake's writes do to Redis, one method an operation."""
 
 from __future__ import annotations
 
@@ -72,9 +71,24 @@ class Store:
         self._reads = Inspector(connection=connection)
 
     @classmethod
-    def from_url(cls, url: str, *, prefix: str, **options: Any) -> Store:
-        """A store on a connection of its own (see connect.open for the options)."""
-        return cls(connection=connect.open(url, prefix=prefix, **options))
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str,
+        blocking_connections: int = 1,
+        block_timeout: float = 5.0,
+        cluster: bool = False,
+    ) -> Store:
+        """A store on a connection of its own (see connect.open); close() closes it."""
+        connection = connect.open(
+            url,
+            prefix=prefix,
+            blocking_connections=blocking_connections,
+            block_timeout=block_timeout,
+            cluster=cluster,
+        )
+        return cls(connection=connection)
 
     async def close(self) -> None:
         await self.connection.close()
