@@ -13,12 +13,12 @@ from typing import Any
 
 import anyio
 import orjson
-from redis.utils import HIREDIS_AVAILABLE
 
 from taskd import __version__, bench, client, logs
 from taskd.client import ClientError, Target
 from taskd.config import Config, ConfigError, load, redact
 from taskd.daemon import serve
+from taskd.store import REPLY_PARSER
 
 logger = logging.getLogger(__name__)
 
@@ -184,6 +184,6 @@ def _run_loop(config: Config, url: str) -> int:
 
 async def _serve(config: Config, url: str) -> None:
     loop = type(asyncio.get_running_loop()).__module__.split(".")[0]
-    parser = "hiredis" if HIREDIS_AVAILABLE else "python (install hiredis for speed)"
+    parser = "hiredis" if REPLY_PARSER == "hiredis" else "python (install hiredis for speed)"
     logger.info("event loop: %s; Redis reply parser: %s", loop, parser)
     await serve(config, url)

@@ -35,7 +35,7 @@ from taskd.metrics import Metrics
 from taskd.promoter import Promoter
 from taskd.reaper import Reaper
 from taskd.scheduler import Scheduler
-from taskd.store import UNAVAILABLE, Store
+from taskd.store import UNAVAILABLE, Inspector, Store
 from taskd.systemd import Notifier
 from taskd.workers import BLOCK_TIMEOUT, WorkerPool
 
@@ -118,6 +118,7 @@ class Daemon:
         self.canceller = Canceller(store=store, cancel_local=self.pool.cancel_local)
         self.intake = Intake(
             store=store,
+            inspector=Inspector(connection=store.connection),
             server=config.server,
             handlers=config.handlers,
             queues=known,

@@ -20,9 +20,7 @@ from types import TracebackType
 from typing import Self
 from urllib.parse import quote
 
-import redis
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from taskd.store.connect import server_probe
 
 log = logging.getLogger(__name__)
 
@@ -276,12 +274,10 @@ class RedisServer:
         proc = self._proc
         assert proc is not None
         deadline = time.monotonic() + timeout
-        # One attempt per poll: the loop does the retrying, against the deadline.
-        client = redis.Redis.from_url(
-            self.url, socket_connect_timeout=1.0, socket_timeout=1.0, retry=Retry(NoBackoff(), 0)
-        )
-        with client:
-            while not _answers_as(client, proc.pid):
+        # One attempt per poll: the loop does the retrying, against the deadline. Another
+        # server on the same port must not pass for ours while ours fails to bind.
+        with server_probe(self.url) as process_id:
+            while process_id() != proc.pid:
                 if proc.poll() is not None:
                     raise EmbeddedRedisError(
                         f"redis-server exited with status {proc.returncode} while starting; "
@@ -301,17 +297,6 @@ class RedisServer:
             return f"cannot read {self._log_path}: {exc}"
         tail = "\n".join(lines[-_LOG_TAIL_LINES:])
         return f"last lines of {self._log_path}:\n{tail}"
-
-
-def _answers_as(client: redis.Redis, pid: int) -> bool:
-    """True when the server behind client is up, done loading its AOF, and is process pid."""
-    try:
-        client.ping()  # BusyLoadingError while the AOF loads
-        info = client.info("server")
-    except redis.RedisError:
-        return False
-    # Another server on the same port must not pass for ours while ours fails to bind.
-    return bool(info.get("process_id") == pid)
 
 
 def _accepts_connections(path: Path) -> bool:

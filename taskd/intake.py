@@ -22,7 +22,7 @@ from taskd.jobs import FAILED, Job, format_ms, now_ms
 from taskd.metrics import Metrics
 from taskd.scheduler import Scheduler, next_tick
 from taskd.stats import no_handler, snapshot
-from taskd.store import UNAVAILABLE, Store, is_full
+from taskd.store import UNAVAILABLE, Inspector, Store, is_full
 from taskd.validation import (
     ApiError,
     parse_batch,
@@ -132,6 +132,7 @@ class Intake:
         self,
         *,
         store: Store,
+        inspector: Inspector,
         server: ServerConfig,
         handlers: Mapping[str, HandlerConfig],
         queues: frozenset[str],
@@ -150,7 +151,8 @@ class Intake:
         self._on_final = on_final
         self._metrics = metrics
         self._active = active
-        self._store = store
+        self._store = store  # for the writes; every read goes through the inspector
+        self._inspector = inspector
         self._server = server
         self._request_timeout = request_timeout
         self._handlers = handlers
@@ -253,7 +255,7 @@ class Intake:
             if holder == job.id:
                 break
             # A repeated submission: answer the job the first one created.
-            first = await self._store.get_job(holder, [job.queue])
+            first = await self._inspector.get_job(holder, [job.queue])
             if first is not None:
                 return json_response(first.to_public(), headers={"Location": f"/jobs/{holder}"})
         else:
@@ -318,7 +320,7 @@ class Intake:
     async def list_jobs(self, request: web.Request) -> web.Response:
         query = parse_list_query(request.query)
         queues = [query.queue] if query.queue else sorted(await self._all_queues())
-        page = await self._store.list_jobs(
+        page = await self._inspector.list_jobs(
             queues,
             state=query.state,
             job_type=query.job_type,
@@ -334,7 +336,7 @@ class Intake:
         params = {**request.query, "state": FAILED}
         query = parse_list_query(params)
         queues = [query.queue] if query.queue else sorted(await self._all_queues())
-        page = await self._store.list_jobs(
+        page = await self._inspector.list_jobs(
             queues, state=FAILED, job_type=query.job_type, limit=query.limit, cursor=query.cursor
         )
         return json_response(
@@ -343,13 +345,13 @@ class Intake:
 
     async def _find(self, request: web.Request) -> Job:
         job_id = request.match_info["id"]
-        job = await self._store.get_job(job_id, sorted(await self._all_queues()))
+        job = await self._inspector.get_job(job_id, sorted(await self._all_queues()))
         if job is None:
             raise _not_found(job_id)
         return job
 
     async def _all_queues(self) -> set[str]:
-        return set(self._queues) | await self._store.known_queues()
+        return set(self._queues) | await self._inspector.known_queues()
 
     async def stats(self, request: web.Request) -> web.Response:
         return json_response(await self.snapshot())
@@ -358,7 +360,7 @@ class Intake:
         """The /stats document."""
         queues = sorted(await self._all_queues())
         return await snapshot(
-            self._store,
+            self._inspector,
             queues,
             now=self._clock(),
             dead_after_ms=self._dead_after_ms,
@@ -368,10 +370,10 @@ class Intake:
     async def picture(self) -> dict[str, Any]:
         """What the dashboard shows: stats, latest jobs and failures, and the schedules."""
         queues = sorted(await self._all_queues())
-        recent = await self._store.list_jobs(
+        recent = await self._inspector.list_jobs(
             queues, state=None, job_type=None, limit=20, cursor=None
         )
-        dead = await self._store.list_jobs(
+        dead = await self._inspector.list_jobs(
             queues, state=FAILED, job_type=None, limit=10, cursor=None
         )
         schedules = self._scheduler.schedules if self._scheduler else ()
@@ -386,11 +388,11 @@ class Intake:
         """Prometheus metrics: this daemon's, and the queue depths every daemon reports."""
         now = self._clock()
         queues = sorted(await self._all_queues())
-        counts = await self._store.queue_counts(queues)
-        live = await self._store.live_daemons(since=now - self._dead_after_ms)
+        counts = await self._inspector.queue_counts(queues)
+        live = await self._inspector.live_daemons(since=now - self._dead_after_ms)
         self._metrics.set_cluster(counts, len(live))
         self._metrics.set_without_handler(
-            no_handler(await self._store.unhandled(queues), live, now)
+            no_handler(await self._inspector.unhandled(queues), live, now)
         )
         self._metrics.set_active(self._active())
         body, content_type = self._metrics.render()
@@ -406,8 +408,8 @@ class Intake:
     async def _schedule_view(self, schedule: ScheduleConfig) -> dict[str, Any]:
         assert self._scheduler is not None
         queue = self._scheduler.queue_of(schedule)
-        last = await self._store.schedule_run(queue, schedule.name)
-        job = await self._store.get_job(last[1], [queue]) if last and last[1] else None
+        last = await self._inspector.schedule_run(queue, schedule.name)
+        job = await self._inspector.get_job(last[1], [queue]) if last and last[1] else None
         return {
             "name": schedule.name,
             "cron": schedule.cron,
@@ -440,7 +442,7 @@ class Intake:
         queue = await self._existing_queue(request)
         if queue in self._queues:
             raise ApiError(409, "conflict", f"queue '{queue}' is in this daemon's config")
-        live = await self._store.live_daemons(since=self._clock() - self._dead_after_ms)
+        live = await self._inspector.live_daemons(since=self._clock() - self._dead_after_ms)
         if serving := sorted(d.id for d in live if queue in d.queues):
             raise ApiError(409, "conflict", f"queue '{queue}' is served by {', '.join(serving)}")
         jobs, leases, callbacks = await self._store.forget_queue(queue)

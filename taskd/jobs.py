@@ -9,8 +9,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-import orjson
-
 # States a job moves through: queued -> active -> completed, or back to scheduled for a
 # retry, or failed once out of attempts (a dead letter). Delayed jobs start scheduled.
 # Queued, scheduled and active jobs can be cancelled.
@@ -55,34 +53,6 @@ class Job:
     priority: int = DEFAULT_PRIORITY  # 0 to 9: of a queue's ready jobs, the highest start first
     waiting_for: str | None = None  # "rate_limit" or "concurrency": why a ready job waits
 
-    @classmethod
-    def from_fields(cls, fields: dict[bytes, bytes]) -> Job:
-        """Build a job from the fields of its Redis hash."""
-        f = {k.decode(): v for k, v in fields.items()}
-        return cls(
-            id=f["id"].decode(),
-            type=f["type"].decode(),
-            queue=f["queue"].decode(),
-            payload=orjson.loads(f["payload"]),
-            state=f["state"].decode(),
-            attempts=int(f.get("attempts", b"0")),
-            created_at=int(f["created_at"]),
-            started_at=_opt_int(f.get("started_at")),
-            finished_at=_opt_int(f.get("finished_at")),
-            result=orjson.loads(f["result"]) if f.get("result") else None,
-            error=f["error"].decode() if f.get("error") else None,
-            daemon=f["daemon"].decode() if f.get("daemon") else None,
-            max_attempts=int(f.get("max_attempts", b"1")),
-            run_at=_opt_int(f.get("run_at")),
-            cancel_requested="cancel_requested" in f,
-            history=tuple(orjson.loads(f["history"])) if f.get("history") else (),
-            idempotency_key=f["idempotency_key"].decode() if f.get("idempotency_key") else None,
-            progress=_progress(f),
-            callback_url=f["callback_url"].decode() if f.get("callback_url") else None,
-            priority=int(f.get("priority", DEFAULT_PRIORITY)),
-            waiting_for=f["waiting_for"].decode() if f.get("waiting_for") else None,
-        )
-
     def to_public(self) -> dict[str, Any]:
         """The job as the HTTP API shows it: RFC 3339 times, nothing internal."""
         return {
@@ -119,16 +89,6 @@ class Job:
 def _public_entry(entry: dict[str, Any]) -> dict[str, Any]:
     times = ("started_at", "finished_at")
     return {k: format_ms(v) if k in times else v for k, v in entry.items()}
-
-
-def _progress(f: dict[str, bytes]) -> tuple[float, str, int] | None:
-    if "progress" not in f:
-        return None
-    return float(f["progress"]), f["progress_message"].decode(), int(f["progress_at"])
-
-
-def _opt_int(raw: bytes | None) -> int | None:
-    return int(raw) if raw else None
 
 
 def format_ms(ms: int | None) -> str | None:

@@ -232,7 +232,7 @@ class Metrics:
         self.active_jobs.set(active)
 
     def set_cluster(self, counts: Mapping[str, Mapping[str, Any]], live_daemons: int) -> None:
-        """Queue depths as store.queue_counts returns them, and the live daemons.
+        """Queue depths as Inspector.queue_counts returns them, and the live daemons.
 
         Label sets of queues (or states) no longer reported are removed, so a queue that
         left the configuration does not linger at its last depth.

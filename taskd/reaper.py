@@ -47,7 +47,7 @@ class Reaper:
         before = self._clock() - self._dead_after_ms
         recovered = 0
         for queue in sorted(self._queues | await self._store.known_queues()):
-            for owner in await self._store.stale_owners(queue, before):
+            for owner in await self._store.stale_leases(queue, before):
                 if owner == self._me:
                     continue  # we are alive; our own heartbeat renews the lease
                 moved = await self._store.recover(queue, owner, self._clock(), before)

@@ -7,11 +7,12 @@ from typing import Any
 
 from taskd.config import HandlerConfig
 from taskd.jobs import format_ms
-from taskd.store import DaemonInfo, Store, Unhandled, limits_of
+from taskd.store import DaemonInfo, Inspector, Unhandled
+from taskd.workers import type_limits_of
 
 
 async def snapshot(
-    store: Store,
+    inspector: Inspector,
     queues: Sequence[str],
     *,
     now: int,
@@ -23,12 +24,12 @@ async def snapshot(
     Every read is of a bounded structure (counters, capped lists, set sizes), so the cost
     does not grow with the number of jobs stored.
     """
-    daemons = await store.live_daemons(since=now - dead_after_ms)
-    in_flight = await store.in_flight(daemons)
-    counts = await store.queue_counts(queues)
-    activity = await store.queue_activity(queues, now)
-    limits = {queue: await _limits(store, queue, handlers, now) for queue in queues}
-    stranded = no_handler(await store.unhandled(queues), daemons, now)
+    daemons = await inspector.live_daemons(since=now - dead_after_ms)
+    in_flight = await inspector.in_flight(daemons)
+    counts = await inspector.queue_counts(queues)
+    activity = await inspector.queue_activity(queues, now)
+    limits = {queue: await _limits(inspector, queue, handlers, now) for queue in queues}
+    stranded = no_handler(await inspector.unhandled(queues), daemons, now)
     return {
         "time": format_ms(now),
         "queues": {
@@ -41,7 +42,7 @@ async def snapshot(
             for queue in queues
         },
         "instances": [_instance(daemon, in_flight[daemon.id], now) for daemon in daemons],
-        "redis": await store.server_info(),
+        "redis": await inspector.server_info(),
     }
 
 
@@ -61,7 +62,7 @@ def no_handler(
 
 
 async def _limits(
-    store: Store, queue: str, handlers: Mapping[str, HandlerConfig], now: int
+    inspector: Inspector, queue: str, handlers: Mapping[str, HandlerConfig], now: int
 ) -> dict[str, Any]:
     """The limits of the job types whose handler serves this queue, and how they bite."""
     limited = {
@@ -69,8 +70,8 @@ async def _limits(
         for name, config in handlers.items()
         if config.queue == queue and (config.global_concurrency or config.rate_limit)
     }
-    specs = [limits_of(name, config) for name, config in limited.items()]
-    status = await store.limit_status(queue, specs, now)
+    specs = [type_limits_of(name, config) for name, config in limited.items()]
+    status = await inspector.limit_status(queue, specs, now)
     return {
         name: {
             "global_concurrency": config.global_concurrency,

@@ -19,7 +19,7 @@ from taskd.loop import Outage, repeat
 from taskd.metrics import Metrics
 from taskd.progress import set_reporter
 from taskd.slots import SlotArbiter
-from taskd.store import Attempt, Claimed, Store, limits_of
+from taskd.store import Attempt, Claimed, Store, TypeLimits
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +48,17 @@ FINISH_TIMEOUT = 10.0
 CANCELLED = "cancelled"
 LOST = "lost"
 STOPPED = "stopped"  # the pool stopped at shutdown: the job goes back to its queue
+
+
+def type_limits_of(job_type: str, config: HandlerConfig) -> TypeLimits:
+    """A handler's limits across daemons, as claims enforce them."""
+    rate = config.rate_limit
+    return TypeLimits(
+        job_type,
+        concurrency=config.global_concurrency or 0,
+        rate_count=rate.count if rate else 0,
+        rate_per_ms=rate.per_ms if rate else 0,
+    )
 
 
 def _nothing(job: Job) -> None:
@@ -92,7 +103,9 @@ class WorkerPool:
     ) -> None:
         self._on_final = on_final
         self._on_retry = on_retry
-        self._limits = [limits_of(name, config) for name, config in handler_configs.items()]
+        self._type_limits = [
+            type_limits_of(name, config) for name, config in handler_configs.items()
+        ]
         # Handler concurrency per type, and the jobs of those types this daemon holds now
         # (claimed until acked, like the pool's slots) or is offering a claim room for.
         self._caps = {
@@ -141,7 +154,7 @@ class WorkerPool:
         self._take_types(free, 1)
         try:
             claim = await self._store.claim(
-                queue, self._daemon_id, wanted, self._clock(), self._limits, free
+                queue, self._daemon_id, wanted, self._clock(), self._type_limits, free
             )
         except BaseException:
             self._slots.settle(queue, wanted, idle=True)

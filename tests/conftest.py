@@ -11,7 +11,7 @@ from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
 from taskd.embedded import EmbeddedRedisError, RedisServer
-from taskd.store import Store
+from taskd.store import Inspector, Store
 from tests.cluster import RedisCluster
 from tests.support import Api, base_url, make_config, running_daemon
 
@@ -86,6 +86,12 @@ async def store(redis_url: str) -> AsyncIterator[Store]:
     store = Store.from_url(redis_url, prefix="taskd", blocking_connections=2)
     yield store
     await store.close()
+
+
+@pytest.fixture
+def inspector(store: Store) -> Inspector:
+    """The reads on the store's connection."""
+    return Inspector(connection=store.connection)
 
 
 @pytest.fixture

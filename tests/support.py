@@ -21,8 +21,7 @@ from taskd.config import Config, parse
 from taskd.daemon import Daemon, connect
 from taskd.egress import Policy
 from taskd.handlers import Handlers
-from taskd.keys import Keys
-from taskd.store import Limits
+from taskd.store import Keys, TypeLimits
 
 REPO = Path(__file__).resolve().parent.parent
 # The console script pip installed next to this interpreter: what the README runs.
@@ -36,7 +35,7 @@ DEADLINE = 20.0
 
 BUILTINS = {name: {"builtin": name} for name in ("echo", "noop", "sleep", "fail")}
 # For claims made straight through the store: the types it may take, here only "echo".
-ECHO = (Limits("echo"),)
+ECHO = (TypeLimits("echo"),)
 
 
 def make_config(redis_url: str, **sections: Mapping[str, Any]) -> Config:

@@ -17,8 +17,7 @@ from redis.asyncio import Redis
 from taskd.config import Config
 from taskd.daemon import Daemon
 from taskd.jobs import QUEUED, Job, new_id, now_ms
-from taskd.keys import Keys
-from taskd.store import Attempt, Store
+from taskd.store import Attempt, Keys, Store
 from tests import handler_funcs
 from tests.support import (
     ECHO,
@@ -409,7 +408,9 @@ async def test_ending_scripts_fill_the_outbox_and_a_reaper_returns_what_was_in_f
 ) -> None:
     jobs = [with_callback(n) for n in range(4)] + [with_callback(4, url=None)]
     await store.enqueue_many(jobs)
-    claimed = {j.id: j for j in (await store.claim("default", "dead", 5, now=10, limits=ECHO)).jobs}
+    claimed = {
+        j.id: j for j in (await store.claim("default", "dead", 5, now=10, type_limits=ECHO)).jobs
+    }
     ends = [done(claimed[jobs[0].id], "completed"), done(claimed[jobs[1].id], "failed")]
     ends.append(done(claimed[jobs[4].id], "completed"))  # no callback_url: not called back
     assert await store.ack("default", "dead", ends, now=11) == [True] * 3

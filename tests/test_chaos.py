@@ -14,8 +14,7 @@ from redis.asyncio import Redis
 
 from taskd.embedded import RedisServer
 from taskd.jobs import QUEUED, Job, new_id, now_ms
-from taskd.keys import Keys
-from taskd.store import UNAVAILABLE, Store
+from taskd.store import UNAVAILABLE, Keys, Store
 from tests.support import REPO, DaemonProcess, get_json, ready_ids, wait_healthy, wait_until
 
 K = Keys("taskd")
@@ -116,7 +115,7 @@ async def test_sigkill_chaos_loses_nothing(
     # Every job completed, none is left anywhere else, and each ran at least once.
     assert await completed(redis) == total
     assert len(await ready_ids(redis, Q)) == 0
-    assert await redis.zcard(K.dead(Q)) == 0
+    assert await redis.zcard(K.failed(Q)) == 0
     runs = cluster.executions()
     assert set(runs) == set(ids)
     # Only jobs in flight at a kill may run twice: at most `concurrency` per kill.

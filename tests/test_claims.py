@@ -6,16 +6,15 @@ from __future__ import annotations
 from redis.asyncio import Redis
 
 from taskd.jobs import QUEUED, Job, new_id
-from taskd.keys import Keys
 from taskd.stats import no_handler
-from taskd.store import Attempt, DaemonInfo, Limits, Store, Unhandled
+from taskd.store import Attempt, DaemonInfo, Inspector, Keys, Store, TypeLimits, Unhandled
 from tests.support import ECHO
 
 Q = "default"
 K = Keys("taskd")
-RESIZE = Limits("resize")
-SLOW = Limits("slow")
-ONE_AT_A_TIME = Limits("slow", concurrency=1)
+RESIZE = TypeLimits("resize")
+SLOW = TypeLimits("slow")
+ONE_AT_A_TIME = TypeLimits("slow", concurrency=1)
 
 
 def job(job_type: str = "echo", n: int = 0, *, priority: int = 5, created_at: int = 1) -> Job:
@@ -35,76 +34,78 @@ def daemon(daemon_id: str, types: tuple[str, ...], queues: tuple[str, ...] = (Q,
 async def taken_order(redis: Redis) -> list[str]:
     """The ready ids of one priority in the order claims take them: the inbox's, then the
     priority's list (lists are consumed from the right)."""
-    lists = [K.ready(Q), *(K.ready_list(Q, p) for p in reversed(range(10)))]
+    lists = [K.inbox(Q), *(K.priority_list(Q, p) for p in reversed(range(10)))]
     return [i.decode() for key in lists for i in reversed(await redis.lrange(key, 0, -1))]
 
 
 async def test_a_claim_leaves_jobs_of_types_it_has_no_handler_for_in_place(
-    store: Store, redis: Redis
+    store: Store, inspector: Inspector, redis: Redis
 ) -> None:
     jobs = [job("resize" if n % 2 else "echo", n) for n in range(10)]
     await store.enqueue_many(jobs)
-    claim = await store.claim(Q, "old", 10, now=2, limits=ECHO)
+    claim = await store.claim(Q, "old", 10, now=2, type_limits=ECHO)
     assert [j.payload["n"] for j in claim.jobs] == [0, 2, 4, 6, 8]
     assert (claim.skipped, claim.more) == (5, False)
     resize = [j.id for j in jobs if j.type == "resize"]
     assert await taken_order(redis) == resize
     assert {(await store.get_job(i, [Q])).state for i in resize} == {"queued"}  # type: ignore[union-attr]
     # The first one passed is noted, for /stats, until a daemon that knows the type starts one.
-    assert await store.unhandled([Q]) == {Q: [Unhandled("resize", resize[0], 1)]}
-    claim = await store.claim(Q, "new", 10, now=3, limits=[*ECHO, RESIZE])
+    assert await inspector.unhandled([Q]) == {Q: [Unhandled("resize", resize[0], 1)]}
+    claim = await store.claim(Q, "new", 10, now=3, type_limits=[*ECHO, RESIZE])
     assert [j.id for j in claim.jobs] == resize
     assert [j.attempts for j in claim.jobs] == [1] * 5  # skipping used no attempt
-    assert await store.unhandled([Q]) == {Q: []}  # the job noted is no longer queued
+    assert await inspector.unhandled([Q]) == {Q: []}  # the job noted is no longer queued
 
 
 async def test_a_claim_takes_no_more_of_a_type_than_its_free_slots_here(
-    store: Store, redis: Redis
+    store: Store, inspector: Inspector, redis: Redis
 ) -> None:
     jobs = [job("slow", n) for n in range(3)] + [job("echo", n) for n in range(3, 5)]
     await store.enqueue_many(jobs)
     limits = [SLOW, *ECHO]
-    claim = await store.claim(Q, "a", 10, now=2, limits=limits, free={"slow": 1})
+    claim = await store.claim(Q, "a", 10, now=2, type_limits=limits, free={"slow": 1})
     assert [j.payload["n"] for j in claim.jobs] == [0, 3, 4]  # the echo jobs behind go on
     assert claim.skipped == 2
     assert await taken_order(redis) == [jobs[1].id, jobs[2].id]
     # Another daemon with a free slot takes the next, in order; one without takes none.
-    assert (await store.claim(Q, "b", 10, now=3, limits=limits, free={"slow": 0})).jobs == []
-    [second] = (await store.claim(Q, "c", 10, now=3, limits=limits, free={"slow": 1})).jobs
+    assert (await store.claim(Q, "b", 10, now=3, type_limits=limits, free={"slow": 0})).jobs == []
+    [second] = (await store.claim(Q, "c", 10, now=3, type_limits=limits, free={"slow": 1})).jobs
     assert second.id == jobs[1].id
-    assert await store.unhandled([Q]) == {Q: []}  # busy is not unhandled
+    assert await inspector.unhandled([Q]) == {Q: []}  # busy is not unhandled
 
 
 async def test_skipped_jobs_never_make_a_claim_say_more(store: Store, redis: Redis) -> None:
     jobs = [job("resize", n) for n in range(2500)]
     behind = job("echo", 2500)
     await store.enqueue_many([*jobs, behind])
-    claim = await store.claim(Q, "old", 5, now=2, limits=ECHO)
+    claim = await store.claim(Q, "old", 5, now=2, type_limits=ECHO)
     # Its budget (5 + 1,000 ids) went on jobs it cannot start: claiming again at once
     # would only find them again, so it does not ask to, and the job behind them waits.
     assert (claim.jobs, claim.more, claim.skipped) == ([], False, 1005)
     assert await taken_order(redis) == [j.id for j in jobs] + [behind.id]
     taken: list[str] = []
-    while claimed := (await store.claim(Q, "new", 700, now=3, limits=[*ECHO, RESIZE])).jobs:
+    while claimed := (await store.claim(Q, "new", 700, now=3, type_limits=[*ECHO, RESIZE])).jobs:
         taken += [j.id for j in claimed]
     assert taken == [j.id for j in jobs] + [behind.id]
 
 
 async def test_held_jobs_start_highest_priority_first_then_oldest(store: Store) -> None:
     await store.enqueue(job("slow", -1))
-    [blocker] = (await store.claim(Q, "a", 10, now=2, limits=[ONE_AT_A_TIME])).jobs
+    [blocker] = (await store.claim(Q, "a", 10, now=2, type_limits=[ONE_AT_A_TIME])).jobs
     priorities = [1, 9, 5, 3, 7, 2, 8, 5, 9, 1]
     held = [job("slow", n, priority=p, created_at=10 + n) for n, p in enumerate(priorities)]
     for n, each in enumerate(held):
         await store.enqueue(each)
         # Claimed (and held) by two daemons in turn, as they arrive.
-        claim = await store.claim(Q, "ab"[n % 2], 10, now=20 + n, limits=[ONE_AT_A_TIME])
+        claim = await store.claim(Q, "ab"[n % 2], 10, now=20 + n, type_limits=[ONE_AT_A_TIME])
         assert (claim.jobs, claim.held) == ([], 1)
     started: list[Job] = []
     running = blocker
     for n in range(len(held)):
         await store.ack(Q, running.daemon or "", [done(running)], now=40 + n)
-        [running] = (await store.claim(Q, "ab"[n % 2], 10, now=40 + n, limits=[ONE_AT_A_TIME])).jobs
+        [running] = (
+            await store.claim(Q, "ab"[n % 2], 10, now=40 + n, type_limits=[ONE_AT_A_TIME])
+        ).jobs
         started.append(running)
     expected = sorted(held, key=lambda j: (-j.priority, j.created_at))
     assert [j.id for j in started] == [j.id for j in expected]
@@ -113,11 +114,11 @@ async def test_held_jobs_start_highest_priority_first_then_oldest(store: Store) 
 
 async def test_a_freed_slot_wakes_a_daemon_blocked_on_the_queue(store: Store) -> None:
     await store.enqueue_many([job("slow", 0), job("slow", 1)])
-    [first] = (await store.claim(Q, "a", 10, now=2, limits=[ONE_AT_A_TIME])).jobs
+    [first] = (await store.claim(Q, "a", 10, now=2, type_limits=[ONE_AT_A_TIME])).jobs
     assert not await store.wait_for_job(Q, "b", 1)  # nothing ready: the other is held
     await store.ack(Q, "a", [done(first)], now=3)
     assert await store.wait_for_job(Q, "b", 1)  # woken at once by the freed slot
-    [second] = (await store.claim(Q, "b", 10, now=4, limits=[ONE_AT_A_TIME])).jobs
+    [second] = (await store.claim(Q, "b", 10, now=4, type_limits=[ONE_AT_A_TIME])).jobs
     assert second.payload == {"n": 1}
 
 
@@ -132,7 +133,7 @@ async def test_jobs_an_older_daemon_held_in_a_list_join_the_line(
             await redis.lrem(list_key, 0, each.id)
         await redis.hset(K.job(Q, each.id), "waiting_for", "concurrency")
         await redis.lpush(K.limit(Q, "slow", "held"), each.id)
-    [first] = (await store.claim(Q, "a", 10, now=2, limits=[ONE_AT_A_TIME])).jobs
+    [first] = (await store.claim(Q, "a", 10, now=2, type_limits=[ONE_AT_A_TIME])).jobs
     assert first.id == old[1].id  # the best of them, not the longest held
     assert await redis.exists(K.limit(Q, "slow", "held")) == 0
     assert await redis.zcard(K.limit(Q, "slow", "line")) == 2
@@ -140,18 +141,20 @@ async def test_jobs_an_older_daemon_held_in_a_list_join_the_line(
 
 async def test_returned_jobs_wait_from_their_return(store: Store) -> None:
     await store.enqueue_many([job("echo", 0), job("echo", 1)])
-    await store.claim(Q, "a", 1, now=2, limits=ECHO)
-    await store.claim(Q, "dead", 1, now=2, limits=ECHO)
+    await store.claim(Q, "a", 1, now=2, type_limits=ECHO)
+    await store.claim(Q, "dead", 1, now=2, type_limits=ECHO)
     assert await store.requeue_inflight(Q, "a", now=100) == 1
     assert await store.recover(Q, "dead", now=200, before=50) == 1
-    claimed = (await store.claim(Q, "b", 2, now=300, limits=ECHO)).jobs
+    claimed = (await store.claim(Q, "b", 2, now=300, type_limits=ECHO)).jobs
     assert sorted(j.waited_ms for j in claimed) == [100, 200]  # not 299 since creation
 
 
-async def test_in_flight_counts_each_daemons_active_sets_now(store: Store) -> None:
+async def test_in_flight_counts_each_daemons_active_sets_now(
+    store: Store, inspector: Inspector
+) -> None:
     await store.enqueue_many([job("echo", n) for n in range(5)])
-    await store.claim(Q, "a", 3, now=2, limits=ECHO)
-    assert await store.in_flight([daemon("a", ("echo",)), daemon("b", ("echo",))]) == {
+    await store.claim(Q, "a", 3, now=2, type_limits=ECHO)
+    assert await inspector.in_flight([daemon("a", ("echo",)), daemon("b", ("echo",))]) == {
         "a": 3,
         "b": 0,
     }

@@ -12,8 +12,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from taskd.config import Config
 from taskd.jobs import QUEUED, Job, new_id
-from taskd.keys import Keys
-from taskd.store import Attempt, Limits, Store
+from taskd.store import Attempt, Inspector, Keys, Store, TypeLimits
 from tests.support import (
     ECHO,
     REPO,
@@ -39,7 +38,7 @@ async def queues(cluster_url: str) -> list[str]:
         await client.initialize()
         by_node: dict[str, str] = {}
         for n in range(1000):
-            node = client.get_node_from_key(K.ready(f"q{n}")).name
+            node = client.get_node_from_key(K.inbox(f"q{n}")).name
             by_node.setdefault(node, f"q{n}")
     finally:
         await client.aclose()
@@ -62,12 +61,15 @@ async def test_every_script_runs_on_the_node_of_its_queue(
     cluster_store: Store, queues: list[str]
 ) -> None:
     store = cluster_store
+    inspector = Inspector(connection=store.connection)
     for queue in queues:
         jobs = [
             job(queue, n, priority=n % 10, callback_url="http://127.0.0.1:9/") for n in range(12)
         ]
         assert await store.enqueue_many(jobs) == [j.id for j in jobs]
-        claim = await store.claim(queue, "a", 4, now=10, limits=[Limits("echo", concurrency=3)])
+        claim = await store.claim(
+            queue, "a", 4, now=10, type_limits=[TypeLimits("echo", concurrency=3)]
+        )
         assert [j.payload for j in claim.jobs] == [9, 8, 7]  # highest first, 3 at once
         ends = [Attempt(j.id, j.attempts, "completed", "1", 0, b"{}") for j in claim.jobs[:2]]
         assert await store.ack(queue, "a", ends, now=11) == [True, True]
@@ -76,9 +78,9 @@ async def test_every_script_runs_on_the_node_of_its_queue(
         assert await store.recover(queue, "a", now=100, before=50) == 1
         assert len(await store.take_callbacks(queue, "b", 10, now=101)) == 2
         assert await store.wait_for_job(queue, "b", 1)
-    counts = await store.queue_counts(queues)
+    counts = await inspector.queue_counts(queues)
     assert all(counts[q]["completed"] == 2 for q in queues)
-    info = await store.server_info()
+    info = await inspector.server_info()
     assert info["nodes"] == 3
     assert info["version"] >= "6.2"
 
@@ -90,7 +92,7 @@ async def test_cancel_requests_reach_subscribers_through_the_cluster(
     async with cluster_store.cancel_requests() as requests:
         for j in running:
             await cluster_store.enqueue(j)
-            [claimed] = (await cluster_store.claim(j.queue, "a", 1, now=1, limits=ECHO)).jobs
+            [claimed] = (await cluster_store.claim(j.queue, "a", 1, now=1, type_limits=ECHO)).jobs
             assert claimed.id == j.id
             assert await cluster_store.cancel(j.queue, j.id, now=2) == "active"
         heard = []

@@ -18,8 +18,7 @@ import pytest
 from redis.asyncio import Redis
 
 from taskd.jobs import QUEUED, Job, new_id, now_ms
-from taskd.keys import Keys
-from taskd.store import Store
+from taskd.store import Keys, Store
 from tests.support import (
     DaemonProcess,
     get_json,
@@ -162,7 +161,7 @@ async def test_a_rolling_deploy_strands_and_fails_nothing(
             return await redis.zcard(K.completed(Q)) == 120
 
         await wait_until(all_done, "120 jobs completed")
-        assert await redis.zcard(K.dead(Q)) == 0
+        assert await redis.zcard(K.failed(Q)) == 0
         _, new_stats = await get_json(session, f"{new}/stats")
         new_id_ = next(i["id"] for i in new_stats["instances"] if "resize" in i["types"])
         resized = await records(session, new, body["ids"])

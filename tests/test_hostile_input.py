@@ -13,7 +13,7 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
-from taskd.keys import Keys
+from taskd.store import Keys
 from tests.support import (
     Api,
     base_url,

@@ -8,7 +8,7 @@ import aiohttp
 import anyio
 from redis.asyncio import Redis
 
-from taskd.keys import Keys
+from taskd.store import Keys
 from tests.support import (
     Api,
     base_url,

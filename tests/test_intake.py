@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 
 from taskd.daemon import Daemon
 from taskd.embedded import RedisServer
-from taskd.keys import Keys
+from taskd.store import Keys
 from tests.support import (
     base_url,
     get_json,

@@ -9,8 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
 from taskd.jobs import QUEUED, Job, new_id
-from taskd.keys import Keys
-from taskd.store import Attempt, Limits, Store
+from taskd.store import Attempt, Inspector, Keys, Store, TypeLimits
 from tests import handler_funcs
 from tests.support import (
     get_json,
@@ -25,8 +24,8 @@ from tests.support import (
 
 Q = "default"
 K = Keys("taskd")
-TWO_AT_ONCE = [Limits("slow", concurrency=2)]
-THREE_A_SECOND = [Limits("slow", rate_count=3, rate_per_ms=1000)]
+TWO_AT_ONCE = [TypeLimits("slow", concurrency=2)]
+THREE_A_SECOND = [TypeLimits("slow", rate_count=3, rate_per_ms=1000)]
 
 
 def job(job_type: str = "slow", n: int = 0) -> Job:
@@ -43,23 +42,25 @@ async def stored(store: Store, job_id: str) -> Job:
     return found
 
 
-async def test_global_concurrency_holds_jobs_over_it_without_an_attempt(store: Store) -> None:
+async def test_global_concurrency_holds_jobs_over_it_without_an_attempt(
+    store: Store, inspector: Inspector
+) -> None:
     jobs = [job(n=n) for n in range(5)] + [job("fast")]
     await store.enqueue_many(jobs)
-    limits = [*TWO_AT_ONCE, Limits("fast")]
-    claimed = (await store.claim(Q, "a", 10, now=2, limits=limits)).jobs
+    limits = [*TWO_AT_ONCE, TypeLimits("fast")]
+    claimed = (await store.claim(Q, "a", 10, now=2, type_limits=limits)).jobs
     assert [j.id for j in claimed] == [jobs[0].id, jobs[1].id, jobs[5].id]
     held = await stored(store, jobs[2].id)
     assert (held.state, held.attempts, held.waiting_for) == ("queued", 0, "concurrency")
     # Another daemon gets none of them either: the limit is in Redis, not in a daemon.
-    assert (await store.claim(Q, "b", 10, now=3, limits=TWO_AT_ONCE)).jobs == []
+    assert (await store.claim(Q, "b", 10, now=3, type_limits=TWO_AT_ONCE)).jobs == []
     # A finished job frees its slot, and the best held job starts next.
     assert await store.ack(Q, "a", [done(claimed[0])], now=4) == [True]
-    [next_job] = (await store.claim(Q, "b", 10, now=5, limits=TWO_AT_ONCE)).jobs
+    [next_job] = (await store.claim(Q, "b", 10, now=5, type_limits=TWO_AT_ONCE)).jobs
     assert next_job.id == jobs[2].id
     assert next_job.attempts == 1
     assert (await stored(store, jobs[2].id)).waiting_for is None
-    counts = await store.limit_status(Q, TWO_AT_ONCE, now=5)
+    counts = await inspector.limit_status(Q, TWO_AT_ONCE, now=5)
     assert counts["slow"] == {
         "running": 2,
         "held": 2,
@@ -72,30 +73,32 @@ async def test_global_concurrency_holds_jobs_over_it_without_an_attempt(store: S
 async def test_slots_come_back_when_a_daemon_dies_or_stops(store: Store, redis: Redis) -> None:
     jobs = [job(n=n) for n in range(4)]
     await store.enqueue_many(jobs)
-    await store.claim(Q, "dead", 10, now=2, limits=TWO_AT_ONCE)
+    await store.claim(Q, "dead", 10, now=2, type_limits=TWO_AT_ONCE)
     # The reaper takes the dead daemon's jobs back, and with them their slots.
     assert await store.recover(Q, "dead", now=100, before=50) == 2
     assert await redis.zcard(K.limit(Q, "slow", "running")) == 0
-    claimed = (await store.claim(Q, "live", 10, now=101, limits=TWO_AT_ONCE)).jobs
+    claimed = (await store.claim(Q, "live", 10, now=101, type_limits=TWO_AT_ONCE)).jobs
     assert len(claimed) == 2
     assert await store.requeue_inflight(Q, "live", now=102) == 2
     assert await redis.zcard(K.limit(Q, "slow", "running")) == 0
-    assert len((await store.claim(Q, "live", 10, now=103, limits=TWO_AT_ONCE)).jobs) == 2
+    assert len((await store.claim(Q, "live", 10, now=103, type_limits=TWO_AT_ONCE)).jobs) == 2
 
 
 async def test_a_held_job_can_be_cancelled(store: Store, redis: Redis) -> None:
     jobs = [job(n=n) for n in range(3)]
     await store.enqueue_many(jobs)
-    await store.claim(Q, "a", 10, now=2, limits=TWO_AT_ONCE)
+    await store.claim(Q, "a", 10, now=2, type_limits=TWO_AT_ONCE)
     assert await store.cancel(Q, jobs[2].id, now=3) == "queued"
     assert await redis.zcard(K.limit(Q, "slow", "line")) == 0
     assert (await stored(store, jobs[2].id)).state == "cancelled"
 
 
-async def test_rate_limit_schedules_jobs_over_it_at_the_rate(store: Store) -> None:
+async def test_rate_limit_schedules_jobs_over_it_at_the_rate(
+    store: Store, inspector: Inspector
+) -> None:
     jobs = [job(n=n) for n in range(6)]
     await store.enqueue_many(jobs)
-    claim = await store.claim(Q, "a", 10, now=1000, limits=THREE_A_SECOND)
+    claim = await store.claim(Q, "a", 10, now=1000, type_limits=THREE_A_SECOND)
     assert [j.id for j in claim.jobs] == [j.id for j in jobs[:3]]
     assert claim.due == 2000
     waiting = [await stored(store, j.id) for j in jobs[3:]]
@@ -103,11 +106,11 @@ async def test_rate_limit_schedules_jobs_over_it_at_the_rate(store: Store) -> No
         ("scheduled", 0, "rate_limit")
     ] * 3
     assert [j.run_at for j in waiting] == [2000, 2333, 2666]
-    assert (await store.limit_status(Q, THREE_A_SECOND, now=1500))["slow"]["rate_limited"] == 3
+    assert (await inspector.limit_status(Q, THREE_A_SECOND, now=1500))["slow"]["rate_limited"] == 3
     # Another daemon at the same time gets none: the window is shared.
-    assert (await store.claim(Q, "b", 10, now=1999, limits=THREE_A_SECOND)).jobs == []
+    assert (await store.claim(Q, "b", 10, now=1999, type_limits=THREE_A_SECOND)).jobs == []
     assert await store.promote(Q, now=2000) == (1, 2333)
-    [fourth] = (await store.claim(Q, "b", 10, now=2000, limits=THREE_A_SECOND)).jobs
+    [fourth] = (await store.claim(Q, "b", 10, now=2000, type_limits=THREE_A_SECOND)).jobs
     assert fourth.id == jobs[3].id
     assert fourth.attempts == 1
 
@@ -116,11 +119,11 @@ async def test_a_claim_stops_at_its_budget_and_says_there_is_more(
     store: Store, redis: Redis
 ) -> None:
     await store.enqueue_many([job(n=n) for n in range(2500)])
-    claim = await store.claim(Q, "a", 5, now=2, limits=TWO_AT_ONCE)
+    claim = await store.claim(Q, "a", 5, now=2, type_limits=TWO_AT_ONCE)
     assert len(claim.jobs) == 2
     assert claim.more
     while claim.more:
-        claim = await store.claim(Q, "a", 5, now=2, limits=TWO_AT_ONCE)
+        claim = await store.claim(Q, "a", 5, now=2, type_limits=TWO_AT_ONCE)
         assert claim.jobs == []
     assert await ready_ids(redis, Q) == []
     assert await redis.zcard(K.limit(Q, "slow", "line")) == 2498
@@ -129,24 +132,26 @@ async def test_a_claim_stops_at_its_budget_and_says_there_is_more(
 async def test_held_jobs_go_when_their_limit_is_removed(store: Store) -> None:
     jobs = [job(n=n) for n in range(6)]
     await store.enqueue_many(jobs)
-    assert len((await store.claim(Q, "a", 10, now=2, limits=TWO_AT_ONCE)).jobs) == 2
-    removed = [Limits("slow")]
+    assert len((await store.claim(Q, "a", 10, now=2, type_limits=TWO_AT_ONCE)).jobs) == 2
+    removed = [TypeLimits("slow")]
     # The janitor of a daemon without the limit frees them (claims do not look).
     assert await store.free_held(Q, ["slow"]) == 4
-    claimed = (await store.claim(Q, "a", 10, now=4, limits=removed)).jobs
+    claimed = (await store.claim(Q, "a", 10, now=4, type_limits=removed)).jobs
     assert [j.id for j in claimed] == [j.id for j in jobs[2:]]
 
 
-async def test_held_jobs_go_when_none_of_their_type_runs(store: Store, redis: Redis) -> None:
+async def test_held_jobs_go_when_none_of_their_type_runs(
+    store: Store, inspector: Inspector, redis: Redis
+) -> None:
     jobs = [job(n=n) for n in range(6)]
     await store.enqueue_many(jobs)
-    await store.claim(Q, "a", 10, now=2, limits=TWO_AT_ONCE)
+    await store.claim(Q, "a", 10, now=2, type_limits=TWO_AT_ONCE)
     await redis.delete(K.limit(Q, "slow", "running"))  # as if the releases were missed
-    claimed = (await store.claim(Q, "a", 10, now=4, limits=TWO_AT_ONCE)).jobs
+    claimed = (await store.claim(Q, "a", 10, now=4, type_limits=TWO_AT_ONCE)).jobs
     assert [j.id for j in claimed] == [j.id for j in jobs[2:4]]
     # Only as many as may run are freed: the others stay held, not churned.
     assert await redis.zcard(K.limit(Q, "slow", "line")) == 2
-    assert (await store.limit_status(Q, TWO_AT_ONCE, now=4))["slow"]["concurrency_limited"] == 4
+    assert (await inspector.limit_status(Q, TWO_AT_ONCE, now=4))["slow"]["concurrency_limited"] == 4
 
 
 async def test_two_daemons_run_at_most_global_concurrency_jobs_of_a_type(

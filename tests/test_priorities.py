@@ -10,8 +10,7 @@ import anyio
 from redis.asyncio import Redis
 
 from taskd.jobs import QUEUED, Job, new_id
-from taskd.keys import Keys
-from taskd.store import Store
+from taskd.store import Keys, Store
 from tests.support import (
     ECHO,
     base_url,
@@ -39,7 +38,9 @@ async def test_claims_take_the_highest_priority_first_and_the_oldest_within_one(
     jobs = [job(rng.randrange(10), n) for n in range(1500)]
     assert await store.enqueue_many(jobs) == [j.id for j in jobs]
     taken: list[Job] = []
-    while claimed := (await store.claim(Q, "d", rng.randrange(1, 40), now=2, limits=ECHO)).jobs:
+    while claimed := (
+        await store.claim(Q, "d", rng.randrange(1, 40), now=2, type_limits=ECHO)
+    ).jobs:
         taken += claimed
     expected = sorted(jobs, key=lambda j: (-j.priority, j.payload["n"]))
     assert [j.payload["n"] for j in taken] == [j.payload["n"] for j in expected]
@@ -47,15 +48,15 @@ async def test_claims_take_the_highest_priority_first_and_the_oldest_within_one(
 
 async def test_a_new_higher_priority_job_goes_before_a_backlog(store: Store) -> None:
     await store.enqueue_many([job(5, n) for n in range(1200)])
-    await store.claim(Q, "d", 10, now=2, limits=ECHO)
+    await store.claim(Q, "d", 10, now=2, type_limits=ECHO)
     urgent = job(9)
     await store.enqueue(urgent)
-    [first] = (await store.claim(Q, "d", 1, now=3, limits=ECHO)).jobs
+    [first] = (await store.claim(Q, "d", 1, now=3, type_limits=ECHO)).jobs
     assert first.id == urgent.id
     background = job(0)
     await store.enqueue(background)
     rest = []
-    while claimed := (await store.claim(Q, "d", 500, now=4, limits=ECHO)).jobs:
+    while claimed := (await store.claim(Q, "d", 500, now=4, type_limits=ECHO)).jobs:
         rest += claimed
     assert len(rest) == 1191
     assert rest[-1].id == background.id
@@ -63,14 +64,14 @@ async def test_a_new_higher_priority_job_goes_before_a_backlog(store: Store) -> 
 
 async def test_an_idle_daemon_is_woken_by_a_job_of_any_priority(store: Store) -> None:
     for priority in (0, 9, 5):
-        assert (await store.claim(Q, "d", 10, now=1, limits=ECHO)).jobs == []
+        assert (await store.claim(Q, "d", 10, now=1, type_limits=ECHO)).jobs == []
         with anyio.fail_after(5):
             async with anyio.create_task_group() as tg:
                 tg.start_soon(store.wait_for_job, Q, "d", 5)
                 await anyio.wait_all_tasks_blocked()
                 new = job(priority)
                 await store.enqueue(new)
-        [claimed] = (await store.claim(Q, "d", 10, now=2, limits=ECHO)).jobs
+        [claimed] = (await store.claim(Q, "d", 10, now=2, type_limits=ECHO)).jobs
         assert claimed.id == new.id
         assert claimed.attempts == 1
 
@@ -81,10 +82,10 @@ async def test_leftovers_of_a_claim_stay_where_a_blocked_daemon_gets_them(
     # Daemon a found the queue empty and is about to block; meanwhile daemon b claims one
     # job of a burst. The rest must still wake a blocked daemon, not sit unseen.
     await store.enqueue_many([job(n % 10, n) for n in range(50)])
-    assert len((await store.claim(Q, "b", 1, now=2, limits=ECHO)).jobs) == 1
+    assert len((await store.claim(Q, "b", 1, now=2, type_limits=ECHO)).jobs) == 1
     with anyio.fail_after(5):
         assert await store.wait_for_job(Q, "a", 5)
-    claimed = (await store.claim(Q, "a", 100, now=3, limits=ECHO)).jobs
+    claimed = (await store.claim(Q, "a", 100, now=3, type_limits=ECHO)).jobs
     assert len(claimed) == 49
     assert [j.priority for j in claimed] == sorted((j.priority for j in claimed), reverse=True)
     assert await ready_ids(redis, Q) == []
@@ -93,10 +94,10 @@ async def test_leftovers_of_a_claim_stay_where_a_blocked_daemon_gets_them(
 async def test_returned_and_promoted_jobs_keep_their_priority(store: Store) -> None:
     low, high = job(1), job(8)
     await store.enqueue_many([low, high])
-    claimed = (await store.claim(Q, "d", 2, now=2, limits=ECHO)).jobs
+    claimed = (await store.claim(Q, "d", 2, now=2, type_limits=ECHO)).jobs
     assert [j.id for j in claimed] == [high.id, low.id]
     assert await store.requeue_inflight(Q, "d", now=3) == 2
-    assert [j.id for j in (await store.claim(Q, "d", 2, now=4, limits=ECHO)).jobs] == [
+    assert [j.id for j in (await store.claim(Q, "d", 2, now=4, type_limits=ECHO)).jobs] == [
         high.id,
         low.id,
     ]
@@ -104,7 +105,7 @@ async def test_returned_and_promoted_jobs_keep_their_priority(store: Store) -> N
     await store.enqueue(later)
     await store.requeue_inflight(Q, "d", now=5)
     assert await store.promote(Q, now=10) == (1, None)
-    order = [j.id for j in (await store.claim(Q, "d", 3, now=11, limits=ECHO)).jobs]
+    order = [j.id for j in (await store.claim(Q, "d", 3, now=11, type_limits=ECHO)).jobs]
     assert order[-1] == low.id
     assert set(order[:2]) == {high.id, later.id}
 
@@ -114,7 +115,7 @@ async def test_cancel_and_delete_find_a_job_in_its_priority_list(
 ) -> None:
     jobs = [job(3, n) for n in range(1100)]  # the last ones wait in the list of priority 3
     await store.enqueue_many(jobs)
-    assert await redis.llen(K.ready_list(Q, 3)) == 100
+    assert await redis.llen(K.priority_list(Q, 3)) == 100
     assert await store.cancel(Q, jobs[-1].id, now=2) == "queued"
     assert await store.delete(Q, jobs[-2].id) == "queued"
     assert await store.cancel(Q, jobs[0].id, now=2) == "queued"

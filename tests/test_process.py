@@ -11,7 +11,7 @@ from typing import Any
 import aiohttp
 from redis.asyncio import Redis
 
-from taskd.keys import Keys
+from taskd.store import Keys
 from tests.support import (
     REPO,
     DaemonProcess,
@@ -138,7 +138,7 @@ async def test_two_daemons_share_work_and_sigterm_loses_nothing(
         for daemon in daemons:
             daemon.kill()
     assert len(await ready_ids(redis, "default")) == 0
-    assert await redis.zcard(K.dead("default")) == 0
+    assert await redis.zcard(K.failed("default")) == 0
     ran_by = {
         await redis.hget(K.job("default", i.decode()), "daemon")
         for i in await redis.zrange(K.completed("default"), 0, -1)
@@ -213,7 +213,7 @@ async def test_exec_programs_that_ignore_stdin_complete_in_a_real_daemon(
             async def all_ended() -> bool:
                 ended = [
                     await redis.zcard(K.completed("default")),
-                    await redis.zcard(K.dead("default")),
+                    await redis.zcard(K.failed("default")),
                 ]
                 return sum(ended) == total
 

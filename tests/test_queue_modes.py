@@ -11,9 +11,8 @@ from redis.asyncio import Redis
 
 from taskd.config import Config, ConfigError, WorkersConfig, parse
 from taskd.jobs import QUEUED, Job, new_id, now_ms
-from taskd.keys import Keys
 from taskd.slots import SlotArbiter
-from taskd.store import Store
+from taskd.store import Keys, Store
 from tests.support import BUILTINS, make_config, running_daemon, wait_until
 
 K = Keys("taskd")

@@ -89,19 +89,22 @@ async def test_connections_reset_under_the_daemon_are_opened_again(proxy: Proxy)
 
 
 async def fill(redis: Redis) -> None:
-    """Write until Redis refuses even a tiny write: past maxmemory, with noeviction."""
-    # Redis counts a request's own query buffer against maxmemory: near the limit it
-    # refuses a 50 KB write but takes a small one. Shrink the writes until the smallest
-    # is refused too, i.e. until Redis is full for what it stores.
-    size = 50_000
-    for n in range(10_000):
+    """Write until Redis refuses: past maxmemory, with noeviction, it takes no more writes.
+
+    A large write is refused while a little room is left (its own size counts), and a key
+    that expires would give a tiny write that room back: so once the writes are refused,
+    maxmemory goes a margin below what Redis holds, and stays full until ballast goes.
+    """
+    for n in range(2000):
         try:
-            await redis.set(f"ballast:{n}", b"x" * size)
+            await redis.set(f"ballast:{n}", b"x" * 50_000)
         except OutOfMemoryError:
-            if size == 1:
-                return
-            size = max(1, size // 10)
-    raise AssertionError("Redis took far more than an 8 MB maxmemory")
+            used = int((await redis.info("memory"))["used_memory"])
+            await redis.config_set("maxmemory", used - 256 * 1024)
+            with pytest.raises(OutOfMemoryError):
+                await redis.set("probe", b"1")
+            return
+    raise AssertionError("Redis took 100 MB past an 8 MB maxmemory")
 
 
 async def test_a_full_redis_answers_storage_full_and_recovers(

@@ -12,9 +12,8 @@ from redis.asyncio import Redis
 
 from taskd.config import ConfigError, HandlerConfig, ScheduleConfig, parse
 from taskd.jobs import DEFAULT_PRIORITY, QUEUED
-from taskd.keys import Keys
 from taskd.scheduler import Scheduler, next_tick, prev_tick
-from taskd.store import Store
+from taskd.store import Keys, Store
 from tests.support import base_url, get_json, running_daemon
 
 K = Keys("taskd")
@@ -60,7 +59,7 @@ async def test_many_daemons_firing_one_tick_make_one_job(stores: list[Store], re
         for scheduler in schedulers * 3:
             tg.start_soon(scheduler.tick)
     assert await redis.zcard(K.index("default")) == 1
-    [job_id] = await redis.lrange(K.ready("default"), 0, -1)
+    [job_id] = await redis.lrange(K.inbox("default"), 0, -1)
     assert await redis.hget(K.job("default", job_id.decode()), "payload") == b'{"n":1}'
     # The next tick makes the next job.
     clock.now = ms("2026-11-24T10:10:00.100+00:00")

@@ -7,8 +7,7 @@ import orjson
 from redis.asyncio import Redis
 
 from taskd.jobs import QUEUED, SCHEDULED, Job, new_id
-from taskd.keys import Keys
-from taskd.store import Attempt, Beat, DaemonInfo, Store
+from taskd.store import Attempt, Beat, DaemonInfo, Inspector, Keys, Store
 from tests.support import ECHO, ready_ids
 
 Q = "default"
@@ -41,7 +40,7 @@ async def place(redis: Redis, job_id: str, daemon: str = ME) -> list[str]:
         ("active", K.active(Q, daemon)),
         ("scheduled", K.scheduled(Q)),
         ("completed", K.completed(Q)),
-        ("failed", K.dead(Q)),
+        ("failed", K.failed(Q)),
         ("cancelled", K.cancelled(Q)),
     ]:
         if await redis.zscore(key, job_id) is not None:
@@ -80,16 +79,16 @@ async def test_enqueue_queues_or_schedules(store: Store, redis: Redis) -> None:
 
 async def test_claim_takes_the_oldest_first_up_to_the_limit(store: Store, redis: Redis) -> None:
     jobs = await enqueue(store, 5)
-    claimed = (await store.claim(Q, ME, 3, now=100, limits=ECHO)).jobs
+    claimed = (await store.claim(Q, ME, 3, now=100, type_limits=ECHO)).jobs
     assert [j.id for j in claimed] == [j.id for j in jobs[:3]]
     assert [j.payload for j in claimed] == [{"n": 0}, {"n": 1}, {"n": 2}]
     for job in claimed:
         assert (job.attempts, job.max_attempts, job.started_at) == (1, 3, 100)
         assert await place(redis, job.id) == ["active"]
         assert (await stored(store, job.id)).daemon == ME
-    assert await redis.zscore(K.owners(Q), ME) == 100
-    assert (await store.claim(Q, ME, 10, now=1, limits=ECHO)).jobs != []
-    assert (await store.claim(Q, ME, 10, now=1, limits=ECHO)).jobs == []
+    assert await redis.zscore(K.leases(Q), ME) == 100
+    assert (await store.claim(Q, ME, 10, now=1, type_limits=ECHO)).jobs != []
+    assert (await store.claim(Q, ME, 10, now=1, type_limits=ECHO)).jobs == []
 
 
 async def test_blocking_fetch_lands_the_id_and_claim_takes_it_first(
@@ -98,7 +97,7 @@ async def test_blocking_fetch_lands_the_id_and_claim_takes_it_first(
     first, second = await enqueue(store, 2)
     assert await store.wait_for_job(Q, ME, block_seconds=1)
     assert await place(redis, first.id) == ["landing"]
-    claimed = (await store.claim(Q, ME, 2, now=5, limits=ECHO)).jobs
+    claimed = (await store.claim(Q, ME, 2, now=5, type_limits=ECHO)).jobs
     assert [j.id for j in claimed] == [first.id, second.id]
     assert not await store.wait_for_job(Q, ME, block_seconds=1)
 
@@ -108,14 +107,14 @@ async def test_claim_skips_ids_of_jobs_no_longer_queued(store: Store, redis: Red
     await redis.delete(K.job(Q, gone.id))
     assert await store.wait_for_job(Q, ME, block_seconds=1)  # `gone` lands here...
     assert await store.cancel(Q, cancelled.id, now=2) == "queued"
-    claimed = (await store.claim(Q, ME, 3, now=3, limits=ECHO)).jobs
+    claimed = (await store.claim(Q, ME, 3, now=3, type_limits=ECHO)).jobs
     assert [j.id for j in claimed] == [kept.id]
     assert await place(redis, cancelled.id) == ["cancelled"]
 
 
 async def test_ack_records_each_outcome(store: Store, redis: Redis) -> None:
     jobs = await enqueue(store, 4)
-    ok, retry, dead, stop = (await store.claim(Q, ME, 4, now=10, limits=ECHO)).jobs
+    ok, retry, dead, stop = (await store.claim(Q, ME, 4, now=10, type_limits=ECHO)).jobs
     attempts = [
         ended(ok, "completed", '{"r":1}'),
         ended(retry, "retry", "flaky", retry_at=500),
@@ -152,10 +151,10 @@ async def test_ack_records_each_outcome(store: Store, redis: Redis) -> None:
 
 async def test_history_grows_one_entry_per_attempt(store: Store) -> None:
     [job] = await enqueue(store, 1)
-    [first] = (await store.claim(Q, ME, 1, now=1, limits=ECHO)).jobs
+    [first] = (await store.claim(Q, ME, 1, now=1, type_limits=ECHO)).jobs
     await store.ack(Q, ME, [ended(first, "retry", "flaky", retry_at=2)], now=1)
     await store.promote(Q, now=2)
-    [second] = (await store.claim(Q, ME, 1, now=3, limits=ECHO)).jobs
+    [second] = (await store.claim(Q, ME, 1, now=3, type_limits=ECHO)).jobs
     await store.ack(Q, ME, [ended(second, "completed", "null")], now=4)
     history = (await stored(store, job.id)).history
     assert [(e["attempt"], e["outcome"]) for e in history] == [(1, "retry"), (2, "completed")]
@@ -165,7 +164,7 @@ async def test_ack_of_an_attempt_no_longer_owned_changes_nothing(
     store: Store, redis: Redis
 ) -> None:
     [job] = await enqueue(store, 1)
-    [claimed] = (await store.claim(Q, ME, 1, now=10, limits=ECHO)).jobs
+    [claimed] = (await store.claim(Q, ME, 1, now=10, type_limits=ECHO)).jobs
     await redis.zrem(K.active(Q, ME), job.id)  # taken back meanwhile
     assert await store.ack(Q, ME, [ended(claimed, "completed", "1")], now=20) == [False]
     assert (await stored(store, job.id)).state == "active"
@@ -173,9 +172,9 @@ async def test_ack_of_an_attempt_no_longer_owned_changes_nothing(
 
 async def test_ack_of_an_older_attempt_changes_nothing(store: Store) -> None:
     [job] = await enqueue(store, 1)
-    [first] = (await store.claim(Q, ME, 1, now=10, limits=ECHO)).jobs
+    [first] = (await store.claim(Q, ME, 1, now=10, type_limits=ECHO)).jobs
     await store.recover(Q, ME, now=11, before=11)  # taken back...
-    [second] = (await store.claim(Q, ME, 1, now=12, limits=ECHO)).jobs  # ...and claimed again
+    [second] = (await store.claim(Q, ME, 1, now=12, type_limits=ECHO)).jobs  # ...and claimed again
     assert await store.ack(Q, ME, [ended(first, "completed", "1")], now=20) == [False]
     assert await store.ack(Q, ME, [ended(second, "completed", "2")], now=21) == [True]
     assert (await stored(store, job.id)).result == 2
@@ -183,7 +182,7 @@ async def test_ack_of_an_older_attempt_changes_nothing(store: Store) -> None:
 
 async def test_requeue_returns_unfinished_jobs_to_run_next(store: Store, redis: Redis) -> None:
     jobs = await enqueue(store, 5)
-    await store.claim(Q, ME, 3, now=10, limits=ECHO)  # jobs 0-2 active
+    await store.claim(Q, ME, 3, now=10, type_limits=ECHO)  # jobs 0-2 active
     assert await store.cancel(Q, jobs[2].id, now=11) == "active"
     assert await store.wait_for_job(Q, ME, block_seconds=1)  # job 3 landed
 
@@ -194,13 +193,13 @@ async def test_requeue_returns_unfinished_jobs_to_run_next(store: Store, redis: 
     ] * 2
     back = await stored(store, jobs[0].id)
     assert (back.state, back.attempts, back.started_at) == ("queued", 0, None)
-    claimed = (await store.claim(Q, ME, 4, now=20, limits=ECHO)).jobs
+    claimed = (await store.claim(Q, ME, 4, now=20, type_limits=ECHO)).jobs
     assert claimed[-1].id == jobs[4].id  # the returned ones run before it
 
 
 async def test_requeue_moves_more_than_one_batch(store: Store, redis: Redis) -> None:
     await enqueue(store, 1200)
-    await store.claim(Q, ME, 1200, now=1, limits=ECHO)
+    await store.claim(Q, ME, 1200, now=1, type_limits=ECHO)
     assert await store.requeue_inflight(Q, ME, now=2) == 1200
     assert len(await ready_ids(redis, Q)) == 1200
 
@@ -212,7 +211,7 @@ async def test_promote_moves_due_jobs_only_and_tells_the_next_due(
     for job in (later, due, early):
         await store.enqueue(job)
     assert await store.promote(Q, now=200) == (2, 300)
-    assert await redis.lrange(K.ready(Q), 0, -1) == [due.id.encode(), early.id.encode()]
+    assert await redis.lrange(K.inbox(Q), 0, -1) == [due.id.encode(), early.id.encode()]
     assert (await stored(store, early.id)).state == "queued"
     assert await store.promote(Q, now=250) == (0, 300)
     assert await store.promote(Q, now=300) == (1, None)
@@ -236,7 +235,7 @@ async def test_concurrent_promoters_move_each_job_once(redis_url: str, redis: Re
 
 async def test_cancel_by_state(store: Store, redis: Redis) -> None:
     active, done = await enqueue(store, 2)
-    await store.claim(Q, ME, 2, now=1, limits=ECHO)
+    await store.claim(Q, ME, 2, now=1, type_limits=ECHO)
     await store.ack(Q, ME, [ended(await stored(store, done.id), "completed", "1")], now=2)
     [queued] = await enqueue(store, 1)
     [scheduled] = await enqueue(store, 1, run_at=10_000)
@@ -262,7 +261,7 @@ async def test_cancel_by_state(store: Store, redis: Redis) -> None:
 
 async def test_retry_puts_a_failed_job_back_with_attempts_reset(store: Store, redis: Redis) -> None:
     [job] = await enqueue(store, 1)
-    [claimed] = (await store.claim(Q, ME, 1, now=1, limits=ECHO)).jobs
+    [claimed] = (await store.claim(Q, ME, 1, now=1, type_limits=ECHO)).jobs
     await store.ack(Q, ME, [ended(claimed, "failed", "boom")], now=2)
     assert await store.retry(Q, job.id, now=7) == "failed"
     back = await stored(store, job.id)
@@ -270,13 +269,13 @@ async def test_retry_puts_a_failed_job_back_with_attempts_reset(store: Store, re
     assert back.run_at == 7  # due again from the retry: its wait counts from there
     assert await place(redis, job.id) == ["ready"]
     assert await store.retry(Q, job.id, now=8) == "queued"  # not failed: nothing changes
-    [again] = (await store.claim(Q, ME, 1, now=10, limits=ECHO)).jobs
+    [again] = (await store.claim(Q, ME, 1, now=10, type_limits=ECHO)).jobs
     assert again.waited_ms == 3
 
 
 async def test_delete_removes_a_job_wherever_it_waits(store: Store, redis: Redis) -> None:
     [active] = await enqueue(store, 1)
-    await store.claim(Q, ME, 1, now=1, limits=ECHO)
+    await store.claim(Q, ME, 1, now=1, type_limits=ECHO)
     [queued] = await enqueue(store, 1)
     [scheduled] = await enqueue(store, 1, run_at=10_000)
     assert await store.delete(Q, active.id) == "active"
@@ -291,7 +290,7 @@ async def test_delete_removes_a_job_wherever_it_waits(store: Store, redis: Redis
 
 async def test_recover_takes_back_the_jobs_of_a_lapsed_lease(store: Store, redis: Redis) -> None:
     jobs = await enqueue(store, 5, max_attempts=2)
-    await store.claim(Q, ME, 3, now=100, limits=ECHO)
+    await store.claim(Q, ME, 3, now=100, type_limits=ECHO)
     poison = jobs[2]
     await redis.hset(K.job(Q, poison.id), "attempts", 2)  # its last attempt
     assert await store.cancel(Q, jobs[1].id, now=100) == "active"
@@ -309,22 +308,22 @@ async def test_recover_takes_back_the_jobs_of_a_lapsed_lease(store: Store, redis
     dead = await stored(store, poison.id)
     assert dead.state == "failed"
     assert "its last" in (dead.error or "")
-    assert await redis.zscore(K.owners(Q), ME) is None
+    assert await redis.zscore(K.leases(Q), ME) is None
     assert await redis.hget(K.totals(Q), "recovered") == b"3"
 
 
 async def test_recover_leaves_a_live_lease_alone(store: Store, redis: Redis) -> None:
     [job] = await enqueue(store, 1)
-    await store.claim(Q, ME, 1, now=100, limits=ECHO)
-    assert await store.stale_owners(Q, before=100) == []
-    assert await store.stale_owners(Q, before=101) == [ME]
+    await store.claim(Q, ME, 1, now=100, type_limits=ECHO)
+    assert await store.stale_leases(Q, before=100) == []
+    assert await store.stale_leases(Q, before=101) == [ME]
     assert await store.recover(Q, ME, now=200, before=100) == -1
     assert await place(redis, job.id) == ["active"]
 
 
 async def test_trim_deletes_jobs_past_their_retention(store: Store, redis: Redis) -> None:
     jobs = await enqueue(store, 3)
-    claimed = (await store.claim(Q, ME, 3, now=1, limits=ECHO)).jobs
+    claimed = (await store.claim(Q, ME, 3, now=1, type_limits=ECHO)).jobs
     for n, job in enumerate(claimed):
         await store.ack(Q, ME, [ended(job, "completed", "1")], now=10 * (n + 1))
     assert await store.trim(Q, "completed", cutoff=20) == 2
@@ -338,10 +337,12 @@ def info(daemon_id: str, beat: int) -> DaemonInfo:
     return DaemonInfo(daemon_id, "h", 1, 1, 4, (Q,), 0, beat)
 
 
-async def test_beat_registers_and_tells_when_the_daemon_was_forgotten(store: Store) -> None:
+async def test_beat_registers_and_tells_when_the_daemon_was_forgotten(
+    store: Store, inspector: Inspector
+) -> None:
     assert await store.beat(info(ME, 1000)) == Beat(registered=False, marked=False)
     assert await store.beat(info(ME, 2000)) == Beat(registered=True, marked=True)
-    assert await store.live_daemons(since=2000) == [info(ME, 2000)]
+    assert await inspector.live_daemons(since=2000) == [info(ME, 2000)]
     assert await store.stale_daemons(before=2001) == [ME]
     assert not await store.forget_daemon(ME, before=2000)  # it beat at 2000
     assert await store.forget_daemon(ME, before=2001)
@@ -349,13 +350,13 @@ async def test_beat_registers_and_tells_when_the_daemon_was_forgotten(store: Sto
     assert await store.beat(info(ME, 3000)) == Beat(registered=False, marked=True)
 
 
-async def test_queue_counts_and_totals(store: Store) -> None:
+async def test_queue_counts_and_totals(store: Store, inspector: Inspector) -> None:
     await store.beat(info(ME, 1))
     await enqueue(store, 3)
     await enqueue(store, 1, run_at=10_000)
-    [claimed, _] = (await store.claim(Q, ME, 2, now=1, limits=ECHO)).jobs
+    [claimed, _] = (await store.claim(Q, ME, 2, now=1, type_limits=ECHO)).jobs
     await store.ack(Q, ME, [ended(claimed, "failed", "x")], now=2)
-    counts = await store.queue_counts([Q])
+    counts = await inspector.queue_counts([Q])
     assert counts[Q] == {
         "queued": 1,
         "scheduled": 1,
@@ -380,7 +381,7 @@ async def test_queue_counts_and_totals(store: Store) -> None:
     }
 
 
-async def test_listing_pages_newest_first_across_queues(store: Store) -> None:
+async def test_listing_pages_newest_first_across_queues(store: Store, inspector: Inspector) -> None:
     ids = []
     for n in range(7):
         job = new_job(payload=n)
@@ -390,7 +391,7 @@ async def test_listing_pages_newest_first_across_queues(store: Store) -> None:
         ids.append(job.id)
     pages, cursor = [], None
     while True:
-        page = await store.list_jobs(
+        page = await inspector.list_jobs(
             [Q, "other"], state=None, job_type=None, limit=3, cursor=cursor
         )
         pages.append([j.id for j in page.jobs])
@@ -400,16 +401,20 @@ async def test_listing_pages_newest_first_across_queues(store: Store) -> None:
     assert [i for p in pages for i in p] == ids[::-1]
 
 
-async def test_listing_final_states_by_finish_time_through_ties(store: Store) -> None:
+async def test_listing_final_states_by_finish_time_through_ties(
+    store: Store, inspector: Inspector
+) -> None:
     await enqueue(store, 9)
-    claimed = (await store.claim(Q, ME, 9, now=1, limits=ECHO)).jobs
+    claimed = (await store.claim(Q, ME, 9, now=1, type_limits=ECHO)).jobs
     # Three finish in each of three milliseconds: pages must cross the ties exactly.
     for n, job in enumerate(claimed):
         await store.ack(Q, ME, [ended(job, "completed", "1")], now=100 + n // 3)
     seen: list[str] = []
     cursor = None
     for _ in range(10):
-        page = await store.list_jobs([Q], state="completed", job_type=None, limit=2, cursor=cursor)
+        page = await inspector.list_jobs(
+            [Q], state="completed", job_type=None, limit=2, cursor=cursor
+        )
         seen += [j.id for j in page.jobs]
         cursor = page.cursor
         if cursor is None:
@@ -420,12 +425,12 @@ async def test_listing_final_states_by_finish_time_through_ties(store: Store) ->
     assert finished == sorted(finished, reverse=True)
 
 
-async def test_listing_filters_by_state_and_type(store: Store) -> None:
+async def test_listing_filters_by_state_and_type(store: Store, inspector: Inspector) -> None:
     jobs = await enqueue(store, 4)
-    await store.claim(Q, ME, 1, now=1, limits=ECHO)
-    page = await store.list_jobs([Q], state="queued", job_type=None, limit=10, cursor=None)
+    await store.claim(Q, ME, 1, now=1, type_limits=ECHO)
+    page = await inspector.list_jobs([Q], state="queued", job_type=None, limit=10, cursor=None)
     assert [j.id for j in page.jobs] == [j.id for j in jobs[1:]][::-1]
-    page = await store.list_jobs([Q], state=None, job_type="nope", limit=10, cursor=None)
+    page = await inspector.list_jobs([Q], state=None, job_type="nope", limit=10, cursor=None)
     assert page.jobs == []
 
 

@@ -12,11 +12,10 @@ from redis.asyncio import Redis
 from taskd.config import RetentionConfig
 from taskd.janitor import Janitor
 from taskd.jobs import QUEUED, SCHEDULED, Job, new_id
-from taskd.keys import Keys
 from taskd.metrics import Metrics
 from taskd.promoter import Promoter
 from taskd.reaper import Reaper
-from taskd.store import Attempt, DaemonInfo, Limits, Store
+from taskd.store import Attempt, DaemonInfo, Inspector, Keys, Store, TypeLimits
 from tests import handler_funcs
 from tests.support import ECHO, make_config, ready_ids, running_daemon, wait_until
 
@@ -97,7 +96,7 @@ async def test_two_reapers_take_a_dead_daemons_jobs_back_exactly_once(
     try:
         await enqueue(stores[0], 300)
         await stores[0].beat(DaemonInfo("dead", "h", 1, 1, 300, (Q,), 300, clock.now))
-        await stores[0].claim(Q, "dead", 300, clock.now, limits=ECHO)
+        await stores[0].claim(Q, "dead", 300, clock.now, type_limits=ECHO)
         clock.now += int(DEAD_AFTER * 1000) + 1
         results: list[int] = []
 
@@ -111,7 +110,7 @@ async def test_two_reapers_take_a_dead_daemons_jobs_back_exactly_once(
         for store in stores:
             await store.close()
     assert sum(results) == 300
-    ready = await redis.lrange(K.ready(Q), 0, -1)
+    ready = await redis.lrange(K.inbox(Q), 0, -1)
     assert len(ready) == len(set(ready)) == 300
     assert await redis.zcard(K.active(Q, "dead")) == 0
     assert await redis.zcard(K.daemons) == 0  # its record is gone too
@@ -120,8 +119,8 @@ async def test_two_reapers_take_a_dead_daemons_jobs_back_exactly_once(
 async def test_reaper_leaves_live_daemons_and_itself_alone(store: Store, redis: Redis) -> None:
     clock = Clock()
     await enqueue(store, 2)
-    await store.claim(Q, "me", 1, clock.now, limits=ECHO)
-    await store.claim(Q, "other", 1, clock.now, limits=ECHO)
+    await store.claim(Q, "me", 1, clock.now, type_limits=ECHO)
+    await store.claim(Q, "other", 1, clock.now, type_limits=ECHO)
     clock.now += int(DEAD_AFTER * 1000)  # exactly dead_after: not yet dead
     assert await reaper(store, clock, me="x").tick() == 0
     clock.now += 1
@@ -134,7 +133,7 @@ async def test_janitor_deletes_finished_jobs_after_their_retention(
 ) -> None:
     clock = Clock()
     done, dead = await enqueue(store, 2)
-    await store.claim(Q, "d", 2, clock.now, limits=ECHO)
+    await store.claim(Q, "d", 2, clock.now, type_limits=ECHO)
     await store.ack(Q, "d", [_ended(done, "completed"), _ended(dead, "failed")], clock.now)
     janitor = Janitor(
         store=store, queues=[Q], retention=RetentionConfig(completed=60, failed=600), clock=clock
@@ -147,24 +146,26 @@ async def test_janitor_deletes_finished_jobs_after_their_retention(
     clock.now += 540_000
     assert await janitor.tick() == 1
     # Nothing of the jobs is left: no record, no id in any set; only bounded statistics.
-    bounded = {K.totals(Q), K.owners(Q), K.waits(Q), K.runs(Q), K.throughput(Q)}
+    bounded = {K.totals(Q), K.leases(Q), K.waits(Q), K.runs(Q), K.throughput(Q)}
     assert set(await redis.keys()) == {key.encode() for key in bounded}
 
 
-async def test_janitor_frees_jobs_held_for_a_limit_since_removed(store: Store) -> None:
+async def test_janitor_frees_jobs_held_for_a_limit_since_removed(
+    store: Store, inspector: Inspector
+) -> None:
     clock = Clock()
     jobs = [Job(new_id(), "slow", Q, n, QUEUED, 0, 1, max_attempts=3) for n in range(3)]
     await store.enqueue_many(jobs)
-    limited = [Limits("slow", concurrency=1)]
-    assert (await store.claim(Q, "d", 10, clock.now, limits=limited)).held == 2
+    limited = [TypeLimits("slow", concurrency=1)]
+    assert (await store.claim(Q, "d", 10, clock.now, type_limits=limited)).held == 2
     retention = RetentionConfig(completed=60, failed=600)
     # A daemon that still has the limit leaves them held; one without it frees them.
     await Janitor(store=store, queues=[Q], retention=retention, clock=clock).tick()
-    assert (await store.limit_status(Q, limited, clock.now))["slow"]["held"] == 2
+    assert (await inspector.limit_status(Q, limited, clock.now))["slow"]["held"] == 2
     janitor = Janitor(store=store, queues=[Q], retention=retention, unlimited=["slow"], clock=clock)
     await janitor.tick()
-    assert (await store.limit_status(Q, limited, clock.now))["slow"]["held"] == 0
-    claimed = (await store.claim(Q, "d", 10, clock.now, limits=[Limits("slow")])).jobs
+    assert (await inspector.limit_status(Q, limited, clock.now))["slow"]["held"] == 0
+    claimed = (await store.claim(Q, "d", 10, clock.now, type_limits=[TypeLimits("slow")])).jobs
     assert [j.id for j in claimed] == [j.id for j in jobs[1:]]
 
 
@@ -222,7 +223,7 @@ async def test_a_claim_whose_reply_was_lost_is_run_after_all(redis_url: str, red
             await store.enqueue(job)
             # The claim runs in Redis for the daemon, but the daemon never hears of it.
             await store.claim(
-                Q, daemon.identity.id, 1, now=daemon.identity.started_at - 5000, limits=ECHO
+                Q, daemon.identity.id, 1, now=daemon.identity.started_at - 5000, type_limits=ECHO
             )
 
             async def done() -> bool:

@@ -13,8 +13,7 @@ from taskd.config import Config
 from taskd.daemon import Daemon, connect
 from taskd.handlers import Handlers
 from taskd.jobs import QUEUED, Job, new_id, now_ms
-from taskd.keys import Keys
-from taskd.store import POOL_SIZE, Store
+from taskd.store import POOL_SIZE, Keys, Store
 from tests import handler_funcs
 from tests.support import (
     REPO,
@@ -53,7 +52,7 @@ async def counts(redis: Redis) -> dict[str, int]:
     return {
         "ready": len(await ready_ids(redis, "default")),
         "completed": await redis.zcard(K.completed("default")),
-        "failed": await redis.zcard(K.dead("default")),
+        "failed": await redis.zcard(K.failed("default")),
     }
 
 

@@ -21,7 +21,7 @@ import orjson
 from taskd.bench import redis_access
 from taskd.embedded import EmbeddedRedisError, RedisServer, _child_setup
 from taskd.jobs import QUEUED, Job, new_id, now_ms
-from taskd.keys import Keys
+from taskd.store import Keys
 
 QUEUE = "default"
 PREFIX = "taskd"

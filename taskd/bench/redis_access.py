@@ -7,8 +7,7 @@ from collections.abc import Sequence
 import redis.asyncio as aioredis
 
 from taskd.jobs import Job
-from taskd.keys import Keys
-from taskd.store import Store
+from taskd.store import Keys, Store
 
 # HMGETs per pipeline when reading job records back.
 READ_CHUNK = 5_000
@@ -59,7 +58,7 @@ async def finished(client: aioredis.Redis, keys: Keys, queue: str) -> tuple[int,
     failed for good."""
     async with client.pipeline(transaction=False) as pipe:
         pipe.zcard(keys.completed(queue))
-        pipe.zcard(keys.dead(queue))
+        pipe.zcard(keys.failed(queue))
         completed, failed = await pipe.execute()
     return int(completed), int(failed)
 

@@ -4,6 +4,16 @@ All keys of one queue carry the queue's name as their hash tag (`taskd:{images}:
 so that one queue lives on one Redis Cluster slot and every script touching a queue
 stays on one shard. Keys that belong to no queue share the tag `{prefix:global}`; queue
 names cannot contain a colon, so no queue shares that slot by accident.
+
+The Lua scripts (lua/*.lua, whose KEYS headers show these patterns) build some keys
+themselves from what the store passes them; each builder says so. They derive: the
+priority lists (the inbox's name + ':<priority>', lib.lua priority_list), job hashes
+(job_prefix + id), and a job type's limit keys (limit_prefix + type + ':running',
+':line', ':starts', ':held'; limits.lua, lib.lua release_slot and free_held).
+
+The method names are the things' names; a few key strings are older words for them,
+kept so that daemons of older versions go on sharing the data: the inbox is `:ready`,
+the failed set `:dead`, the leases `:owners`.
 """
 
 from __future__ import annotations
@@ -21,24 +31,28 @@ class Keys:
 
     # Keys of one queue.
 
-    def ready(self, queue: str) -> str:
+    def _of(self, queue: str, name: str) -> str:
+        return f"{self.prefix}:{{{queue}}}:{name}"
+
+    def inbox(self, queue: str) -> str:
         """The queue's inbox: the list of ready ids daemons block on (see lua/lib.lua).
 
         Lists are pushed on the left and taken from the right (FIFO).
         """
-        return f"{self.prefix}:{{{queue}}}:ready"
+        return self._of(queue, "ready")
 
-    def ready_list(self, queue: str, priority: int) -> str:
-        """List of ready ids of one priority that wait behind the inbox's."""
-        return f"{self.ready(queue)}:{priority}"
+    def priority_list(self, queue: str, priority: int) -> str:
+        """List of ready ids of one priority that wait behind the inbox's (Lua derives
+        it from the inbox: lib.lua priority_list)."""
+        return f"{self.inbox(queue)}:{priority}"
 
     def ready_lists(self, queue: str) -> list[str]:
         """Every list a ready id can be in: the inbox, then each priority's list."""
-        return [self.ready(queue), *(self.ready_list(queue, p) for p in PRIORITIES)]
+        return [self.inbox(queue), *(self.priority_list(queue, p) for p in PRIORITIES)]
 
     def job_prefix(self, queue: str) -> str:
-        """Prefix of job hashes; Lua scripts append the id to it."""
-        return f"{self.prefix}:{{{queue}}}:job:"
+        """Prefix of job hashes; Lua scripts append the id to it (JOB, lua/lib.lua)."""
+        return self._of(queue, "job:")
 
     def job(self, queue: str, job_id: str) -> str:
         """Hash holding one job's record."""
@@ -46,58 +60,59 @@ class Keys:
 
     def idempotency_prefix(self, queue: str) -> str:
         """Prefix of the strings mapping an idempotency key to the job that holds it."""
-        return f"{self.prefix}:{{{queue}}}:idem:"
+        return self._of(queue, "idem:")
 
     def landing(self, queue: str, daemon_id: str) -> str:
         """List a daemon's blocking fetch moves one id into (BLMOVE needs a list)."""
-        return f"{self.prefix}:{{{queue}}}:landing:{daemon_id}"
+        return self._of(queue, f"landing:{daemon_id}")
 
     def active(self, queue: str, daemon_id: str) -> str:
         """Sorted set of the ids a daemon runs, scored by start time (its in-flight set)."""
-        return f"{self.prefix}:{{{queue}}}:active:{daemon_id}"
+        return self._of(queue, f"active:{daemon_id}")
 
     def scheduled(self, queue: str) -> str:
         """Sorted set of ids waiting for their time (delayed jobs, retries), scored by it."""
-        return f"{self.prefix}:{{{queue}}}:scheduled"
+        return self._of(queue, "scheduled")
 
     def completed(self, queue: str) -> str:
         """Sorted set of completed ids, scored by finish time."""
-        return f"{self.prefix}:{{{queue}}}:completed"
+        return self._of(queue, "completed")
 
-    def dead(self, queue: str) -> str:
+    def failed(self, queue: str) -> str:
         """Sorted set of failed ids (the dead letters), scored by finish time."""
-        return f"{self.prefix}:{{{queue}}}:dead"
+        return self._of(queue, "dead")
 
     def cancelled(self, queue: str) -> str:
         """Sorted set of cancelled ids, scored by finish time."""
-        return f"{self.prefix}:{{{queue}}}:cancelled"
+        return self._of(queue, "cancelled")
 
     def finished(self, queue: str, state: str) -> str:
         """The sorted set of one final state (completed, failed, cancelled)."""
-        return {"completed": self.completed, "failed": self.dead, "cancelled": self.cancelled}[
+        return {"completed": self.completed, "failed": self.failed, "cancelled": self.cancelled}[
             state
         ](queue)
 
     def index(self, queue: str) -> str:
         """Sorted set of every stored id, all scored 0: ids are time-ordered UUIDv7s, so
         lexicographic order is creation order and a listing can page by id."""
-        return f"{self.prefix}:{{{queue}}}:index"
+        return self._of(queue, "index")
 
     def callbacks(self, queue: str) -> str:
         """The callback outbox: ids of final jobs whose callback is still to be sent."""
-        return f"{self.prefix}:{{{queue}}}:callbacks"
+        return self._of(queue, "callbacks")
 
     def sending(self, queue: str, daemon_id: str) -> str:
         """Sorted set of the callbacks a daemon is sending, scored by when it took them."""
-        return f"{self.prefix}:{{{queue}}}:sending:{daemon_id}"
+        return self._of(queue, f"sending:{daemon_id}")
 
     def limit_prefix(self, queue: str) -> str:
-        """Prefix of the keys that enforce a job type's limits; scripts append the type
-        and ':running' (ids holding a global_concurrency slot), ':line' (ids held for
-        one, a sorted set best first: priority, then when each became due) or ':starts'
-        (recent starts, for rate_limit). ':held' is the plain list older daemons held
-        jobs in; claims move what it holds into the line."""
-        return f"{self.prefix}:{{{queue}}}:limit:"
+        """Prefix of the keys that enforce a job type's limits (LIMIT, lua/lib.lua);
+        scripts append the type and ':running' (ids holding a global_concurrency slot),
+        ':line' (ids held for one, a sorted set best first: priority, then when each
+        became due) or ':starts' (recent starts, for rate_limit). ':held' is the plain
+        list older daemons held jobs in; claims move what it holds into the line (see
+        lua/limits.lua)."""
+        return self._of(queue, "limit:")
 
     def limit(self, queue: str, job_type: str, part: str) -> str:
         """One of a job type's limit keys (see limit_prefix)."""
@@ -106,42 +121,42 @@ class Keys:
     def limit_waits(self, queue: str) -> str:
         """Hash counting, per job type, how often a job waited for a limit
         (fields TYPE:rate_limit and TYPE:concurrency)."""
-        return f"{self.prefix}:{{{queue}}}:limit_waits"
+        return self._of(queue, "limit_waits")
 
     def unhandled(self, queue: str) -> str:
         """Hash of the job types a claim found ready but had no handler for: type ->
         'ID DUE', the first such job it passed and when it became due (epoch ms). A claim
         that starts a job of the type removes its field."""
-        return f"{self.prefix}:{{{queue}}}:unhandled"
+        return self._of(queue, "unhandled")
 
-    def owners(self, queue: str) -> str:
+    def leases(self, queue: str) -> str:
         """Sorted set of daemons that may hold jobs of the queue, scored by their last
         heartbeat: the lease a reaper checks in the same script that takes jobs back."""
-        return f"{self.prefix}:{{{queue}}}:owners"
+        return self._of(queue, "owners")
 
     def schedules(self, queue: str) -> str:
         """Hash of the recurring schedules whose jobs go to the queue: last tick and job."""
-        return f"{self.prefix}:{{{queue}}}:schedules"
+        return self._of(queue, "schedules")
 
     def paused(self, queue: str) -> str:
         """Present while the queue is paused: no daemon starts its jobs."""
-        return f"{self.prefix}:{{{queue}}}:paused"
+        return self._of(queue, "paused")
 
     def throughput(self, queue: str) -> str:
         """Hash of finished-job counts per 10-second bucket (field: epoch ms // 10000)."""
-        return f"{self.prefix}:{{{queue}}}:throughput"
+        return self._of(queue, "throughput")
 
     def waits(self, queue: str) -> str:
         """List of the latest wait times (ms from due to start), newest first, capped."""
-        return f"{self.prefix}:{{{queue}}}:waits"
+        return self._of(queue, "waits")
 
     def runs(self, queue: str) -> str:
         """List of the latest run times (ms from start to finish), newest first, capped."""
-        return f"{self.prefix}:{{{queue}}}:runs"
+        return self._of(queue, "runs")
 
     def totals(self, queue: str) -> str:
         """Hash of counters since the data began (enqueued, completed, failed, ...)."""
-        return f"{self.prefix}:{{{queue}}}:totals"
+        return self._of(queue, "totals")
 
     def queue_state(self, queue: str) -> list[str]:
         """A queue's keys that hold no job: what forgetting an empty queue deletes."""

@@ -1,10 +1,12 @@
 -- Forget a queue that holds nothing: delete its flags, counters and statistics, so that
 -- a name registered by mistake (or a queue no longer used) leaves no trace. The check and
 -- the deletion are one step, so a job enqueued meanwhile is never orphaned.
--- KEYS[1] -> {prefix}:{queue}:index (every stored job of the queue)
--- KEYS[2] -> {prefix}:{queue}:owners (daemon leases)
--- KEYS[3] -> {prefix}:{queue}:callbacks (the outbox)
+-- KEYS[1] -> <prefix>:{<queue>}:index, every stored job of the queue
+-- KEYS[2] -> <prefix>:{<queue>}:owners, the leases (keys.leases)
+-- KEYS[3] -> <prefix>:{<queue>}:callbacks, the outbox
 -- KEYS[4..] -> the queue's other keys, deleted: flags, counters, statistics, lists
+--   (keys.Keys.queue_state)
+-- No ARGV, and so no header (lib.lua): it uses none of now, job prefix and limit prefix.
 -- Returns {jobs, leases, callbacks}: all 0 when the queue was forgotten, else what it
 -- still holds (and nothing was deleted).
 local jobs = redis.call('ZCARD', KEYS[1])

@@ -5,33 +5,28 @@
 -- cancel is cancelled instead.
 -- Without ids it moves a bounded batch of all landed and active ids (call again until
 -- it returns 0); with ids, only those of them still in the active set.
--- KEYS[1] -> the queue's inbox (its ready list)
--- KEYS[2] -> the daemon's landing list for the queue
--- KEYS[3] -> the daemon's active set for the queue
--- KEYS[4] -> the queue's cancelled set
--- KEYS[5] -> the queue's totals hash
--- KEYS[6] -> the queue's callback outbox
--- ARGV[1] -> the queue's job hash prefix
--- ARGV[2] -> most jobs to move
--- ARGV[3] -> now, epoch ms
--- ARGV[4] -> the queue's limit key prefix
+-- KEYS[1] -> <prefix>:{<queue>}:ready, the inbox (keys.inbox)
+-- KEYS[2] -> <prefix>:{<queue>}:landing:<daemon>, the daemon's landing list
+-- KEYS[3] -> <prefix>:{<queue>}:active:<daemon>, the daemon's active set
+-- KEYS[4] -> <prefix>:{<queue>}:cancelled
+-- KEYS[5] -> <prefix>:{<queue>}:totals
+-- KEYS[6] -> <prefix>:{<queue>}:callbacks, the outbox
+-- ARGV[1..3] -> now, job hash prefix, limit key prefix (the header, lib.lua)
+-- ARGV[4] -> most jobs to move
 -- ARGV[5..] -> the ids to return (optional)
 -- Returns the number of jobs moved.
-local limit = tonumber(ARGV[2])
+local most = tonumber(ARGV[4])
 local moved = 0
 
 local function give_back(id)
-  local key = ARGV[1] .. id
-  release_slot(KEYS[1], ARGV[4], key, id)
-  if redis.call('HEXISTS', key, 'cancel_requested') == 1 then
-    redis.call('HSET', key, 'state', 'cancelled', 'finished_at', ARGV[3], 'error', 'cancelled')
-    redis.call('HDEL', key, 'cancel_requested')
-    redis.call('ZADD', KEYS[4], ARGV[3], id)
-    redis.call('HINCRBY', KEYS[5], 'cancelled', 1)
-    call_back(KEYS[6], key, id)
-  elseif redis.call('EXISTS', key) == 1 then
+  local key = JOB .. id
+  release_slot(KEYS[1], key, id)
+  if cancel_if_requested(key, id, KEYS[4], KEYS[5], KEYS[6]) then
+    return
+  end
+  if redis.call('EXISTS', key) == 1 then
     redis.call('HINCRBY', key, 'attempts', -1)
-    redis.call('HSET', key, 'state', 'queued', 'run_at', ARGV[3])
+    redis.call('HSET', key, 'state', 'queued', 'run_at', NOW)
     redis.call('HDEL', key, 'started_at')
     make_ready(KEYS[1], key, id, true)
   end
@@ -47,9 +42,9 @@ if #ARGV > 4 then
   return moved
 end
 
-moved = move_to_front(KEYS[2], KEYS[1], limit)
-if moved < limit then
-  local active = redis.call('ZRANGE', KEYS[3], 0, limit - moved - 1)
+moved = move_to_front(KEYS[2], KEYS[1], most)
+if moved < most then
+  local active = redis.call('ZRANGE', KEYS[3], 0, most - moved - 1)
   for _, id in ipairs(active) do
     give_back(id)
     redis.call('ZREM', KEYS[3], id)

@@ -4,30 +4,30 @@
 -- holder's id is answered instead, so a client's retried submission never duplicates a
 -- job, even when the two submissions race through two daemons. One call takes a bounded
 -- batch (the store sends at most ENQUEUE_CHUNK jobs per call).
--- KEYS[1] -> the queue's inbox (its ready list)
--- KEYS[2] -> the queue's scheduled set
--- KEYS[3] -> the queue's index
--- KEYS[4] -> the queue's totals hash
--- ARGV[1] -> the queue's job hash prefix
--- ARGV[2] -> the queue's name
--- ARGV[3] -> created_at, epoch ms
--- ARGV[4] -> the queue's idempotency key prefix
--- ARGV[5] -> how long an idempotency key holds, ms
--- ARGV[6..] -> 8 entries per job: id, type, payload (JSON text), max_attempts,
---   run_at (epoch ms, or 0 to run now), idempotency key (or ''), callback URL (or ''),
---   priority (0 to 9)
+-- KEYS[1] -> <prefix>:{<queue>}:ready, the inbox (keys.inbox)
+-- KEYS[2] -> <prefix>:{<queue>}:scheduled
+-- KEYS[3] -> <prefix>:{<queue>}:index
+-- KEYS[4] -> <prefix>:{<queue>}:totals
+-- ARGV[1..3] -> now (the jobs' created_at), job hash prefix, limit key prefix (unused)
+--   (the header, lib.lua)
+-- ARGV[4] -> the queue's name
+-- ARGV[5] -> <prefix>:{<queue>}:idem:, the idempotency key prefix
+-- ARGV[6] -> how long an idempotency key holds, ms
+-- ARGV[7..] -> 8 entries per job (record.NEW_JOB): id, type, payload (JSON text),
+--   max_attempts, run_at (epoch ms, or 0 to run now), idempotency key (or ''), callback
+--   URL (or ''), priority (0 to 9)
 -- Returns, per job in order, the id of the job that holds it: its own id, or the id of
 -- the earlier job with the same idempotency key, while that job is stored.
 local holders = {}
 local added = 0
 local seen = {}
-for i = 6, #ARGV, 8 do
+for i = 7, #ARGV, 8 do
   local id, dedup = ARGV[i], ARGV[i + 5]
   local holder = false
   if dedup ~= '' then
-    holder = redis.call('GET', ARGV[4] .. dedup)
+    holder = redis.call('GET', ARGV[5] .. dedup)
     -- A key whose job is gone (deleted, or past its retention) holds nothing any more.
-    if holder and redis.call('EXISTS', ARGV[1] .. holder) == 0 then
+    if holder and redis.call('EXISTS', JOB .. holder) == 0 then
       holder = false
     end
   end
@@ -35,16 +35,16 @@ for i = 6, #ARGV, 8 do
     holders[#holders + 1] = holder
   else
     holders[#holders + 1] = id
-    local key = ARGV[1] .. id
+    local key = JOB .. id
     if redis.call('EXISTS', key) == 0 then
-      redis.call('HSET', key, 'id', id, 'type', ARGV[i + 1], 'queue', ARGV[2],
+      redis.call('HSET', key, 'id', id, 'type', ARGV[i + 1], 'queue', ARGV[4],
         'payload', ARGV[i + 2], 'attempts', 0, 'max_attempts', ARGV[i + 3],
-        'created_at', ARGV[3], 'priority', ARGV[i + 7])
+        'created_at', NOW, 'priority', ARGV[i + 7])
       if ARGV[i + 6] ~= '' then
         redis.call('HSET', key, 'callback_url', ARGV[i + 6])
       end
       if dedup ~= '' then
-        redis.call('SET', ARGV[4] .. dedup, id, 'PX', ARGV[5])
+        redis.call('SET', ARGV[5] .. dedup, id, 'PX', ARGV[6])
         redis.call('HSET', key, 'idempotency_key', dedup)
       end
       if ARGV[i + 4] ~= '0' then

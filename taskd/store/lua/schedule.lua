@@ -1,6 +1,7 @@
 -- Remember the latest tick a schedule fired (or skipped), and the job it made; never go
 -- back to an older tick, whichever daemon records last.
--- KEYS[1] -> the queue's schedules hash
+-- KEYS[1] -> <prefix>:{<queue>}:schedules
+-- No ARGV header (lib.lua): it uses none of now, job prefix and limit prefix.
 -- ARGV[1] -> the schedule's name
 -- ARGV[2] -> the tick, epoch ms
 -- ARGV[3] -> the job's id, or '' for a skipped tick

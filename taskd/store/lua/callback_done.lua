@@ -1,10 +1,11 @@
 -- End a callback a daemon had in flight: sent, failed for good (both counted in the
 -- queue's totals), dropped (its job is gone), or returned to the front of the outbox for
--- any daemon to send (the daemon is stopping). Nothing happens if the id is no longer the daemon's (a reaper
--- returned it meanwhile: the daemon was taken for dead).
--- KEYS[1] -> the daemon's set of callbacks in flight for the queue
--- KEYS[2] -> the queue's totals hash
--- KEYS[3] -> the queue's callback outbox
+-- any daemon to send (the daemon is stopping). Nothing happens if the id is no longer the
+-- daemon's (a reaper returned it meanwhile: the daemon was taken for dead).
+-- KEYS[1] -> <prefix>:{<queue>}:sending:<daemon>, the daemon's callbacks in flight
+-- KEYS[2] -> <prefix>:{<queue>}:totals
+-- KEYS[3] -> <prefix>:{<queue>}:callbacks, the outbox
+-- No ARGV header (lib.lua): it uses none of now, job prefix and limit prefix.
 -- ARGV[1] -> the job id
 -- ARGV[2] -> 'sent', 'failed', 'dropped' or 'returned'
 -- Returns 1 if the callback was the daemon's, else 0.

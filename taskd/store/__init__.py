@@ -1,0 +1,37 @@
+"""The store: the only code that talks to Redis.
+
+Store writes (the tasks' path), Inspector reads (intake, /stats, /metrics, the dashboard),
+both on one Connection (connect.open).
+"""
+
+from taskd.store.connect import (
+    POOL_SIZE,
+    REPLY_PARSER,
+    UNAVAILABLE,
+    Connection,
+    is_full,
+    open,
+)
+from taskd.store.inspect import Inspector, Page, Unhandled
+from taskd.store.keys import Keys
+from taskd.store.record import Attempt, DaemonInfo, TypeLimits
+from taskd.store.store import Beat, Claimed, Store
+
+__all__ = [
+    "POOL_SIZE",
+    "REPLY_PARSER",
+    "UNAVAILABLE",
+    "Attempt",
+    "Beat",
+    "Claimed",
+    "Connection",
+    "DaemonInfo",
+    "Inspector",
+    "Keys",
+    "Page",
+    "Store",
+    "TypeLimits",
+    "Unhandled",
+    "is_full",
+    "open",
+]

@@ -1,0 +1,362 @@
+"""The read path: what intake, /stats, /metrics and the dashboard read, one method a question."""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any, cast
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+
+from taskd.jobs import FINAL_STATES, QUEUED, Job
+from taskd.store.connect import Connection, text
+from taskd.store.record import BUCKET_MS, TOTALS, DaemonInfo, TypeLimits, decode_daemon, decode_job
+
+# Most ids a listing examines per request when filters skip most of them.
+LIST_SCAN_BUDGET = 2000
+
+
+@dataclass(frozen=True, slots=True)
+class Unhandled:
+    """A ready job of a type that a claim found no handler for in its daemon."""
+
+    job_type: str
+    job_id: str  # the first such job that claim passed
+    due: int  # when that job became due, epoch ms
+
+
+@dataclass(frozen=True, slots=True)
+class Page:
+    """One page of a job listing; `cursor` continues it (None: nothing more)."""
+
+    jobs: list[Job]
+    cursor: str | None
+
+
+class Inspector:
+    """Typed Redis reads of one taskd installation; it writes nothing."""
+
+    def __init__(self, *, connection: Connection) -> None:
+        self.keys = connection.keys
+        self._r = connection.client
+        self._cluster = connection.cluster
+
+    async def get_job(self, job_id: str, queues: Iterable[str]) -> Job | None:
+        """The job with this id in any of these queues, or None."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.hgetall(self.keys.job(queue, job_id))
+            found: list[dict[bytes, bytes]] = await pipe.execute()
+        for fields in found:
+            if fields:
+                return decode_job(fields)
+        return None
+
+    async def schedule_run(self, queue: str, name: str) -> tuple[int, str | None] | None:
+        """The latest tick a schedule fired or skipped, and the job it made; None if never."""
+        tick, job_id = await self._r.hmget(
+            self.keys.schedules(queue), [f"{name}:tick", f"{name}:job"]
+        )
+        if tick is None:
+            return None
+        return int(tick), (text(job_id) or None) if job_id is not None else None
+
+    async def known_queues(self) -> set[str]:
+        return {text(name) for name in await self._r.smembers(self.keys.queues)}
+
+    async def live_daemons(self, since: int) -> list[DaemonInfo]:
+        """Daemons whose last heartbeat is at or after `since` (epoch ms)."""
+        ids = await self._r.zrangebyscore(self.keys.daemons, since, "+inf")
+        async with self._r.pipeline(transaction=False) as pipe:
+            for daemon_id in ids:
+                pipe.hgetall(self.keys.daemon(text(daemon_id)))
+            records: list[dict[bytes, bytes]] = await pipe.execute()
+        return [decode_daemon(fields) for fields in records if fields]
+
+    async def in_flight(self, daemons: Sequence[DaemonInfo]) -> dict[str, int]:
+        """Per daemon, the jobs its active sets hold now (claimed, running or being acked):
+        live, where DaemonInfo.active is as of its last heartbeat."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            for daemon in daemons:
+                for queue in daemon.queues:
+                    pipe.zcard(self.keys.active(queue, daemon.id))
+            replies = iter(await pipe.execute())
+        return {daemon.id: sum(next(replies) for _ in daemon.queues) for daemon in daemons}
+
+    async def unhandled(self, queues: Sequence[str]) -> dict[str, list[Unhandled]]:
+        """Per queue, the job types claims found ready with no handler in their daemon,
+        each with the first job passed, while that job is still queued."""
+        k = self.keys
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.hgetall(k.unhandled(queue))
+            noted: list[dict[bytes, bytes]] = await pipe.execute()
+        found = [
+            (queue, Unhandled(text(kind), job_id, int(due)))
+            for queue, fields in zip(queues, noted, strict=True)
+            for kind, value in fields.items()
+            for job_id, due in [text(value).split(" ")]
+        ]
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue, entry in found:
+                pipe.hget(k.job(queue, entry.job_id), "state")
+            states = await pipe.execute()
+        result: dict[str, list[Unhandled]] = {queue: [] for queue in queues}
+        for (queue, entry), state in zip(found, states, strict=True):
+            if state == QUEUED.encode():
+                result[queue].append(entry)
+        return result
+
+    # Statistics and listings.
+
+    async def queue_counts(self, queues: Sequence[str]) -> dict[str, dict[str, Any]]:
+        """Per queue, how many jobs are in each state now, the totals since the start, and
+        the callbacks waiting in its outbox."""
+        k = self.keys
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.zrange(k.leases(queue), 0, -1)
+            leases: list[list[bytes]] = await pipe.execute()
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue, holders in zip(queues, leases, strict=True):
+                for ready in k.ready_lists(queue):
+                    pipe.llen(ready)
+                pipe.zcard(k.scheduled(queue))
+                for state in FINAL_STATES:
+                    pipe.zcard(k.finished(queue, state))
+                pipe.hgetall(k.totals(queue))
+                pipe.llen(k.callbacks(queue))
+                for holder in holders:
+                    pipe.zcard(k.active(queue, text(holder)))
+            replies = iter(await pipe.execute())
+        counts: dict[str, dict[str, Any]] = {}
+        for queue, holders in zip(queues, leases, strict=True):
+            queued = sum(next(replies) for _ in k.ready_lists(queue))
+            scheduled, completed, failed, cancelled, totals, callbacks = (
+                next(replies) for _ in range(6)
+            )
+            active = sum(next(replies) for _ in holders)
+            counts[queue] = {
+                "queued": queued,
+                "scheduled": scheduled,
+                "active": active,
+                "completed": completed,
+                "failed": failed,
+                "cancelled": cancelled,
+                "totals": {
+                    **dict.fromkeys(TOTALS, 0),
+                    **{text(name): int(value) for name, value in totals.items()},
+                },
+                "callbacks_pending": callbacks,
+            }
+        return counts
+
+    async def queue_activity(self, queues: Sequence[str], now: int) -> dict[str, dict[str, Any]]:
+        """Per queue: paused or not, throughput over 1 and 5 minutes, wait and run times.
+
+        Everything is read from bounded structures (a flag, 30 buckets, two capped lists),
+        so the cost does not grow with the number of jobs stored.
+        """
+        k = self.keys
+        buckets = [now // BUCKET_MS - n for n in range(1, 31)]  # the 5 full minutes before now
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.exists(k.paused(queue))
+                pipe.hmget(k.throughput(queue), buckets)
+                pipe.lrange(k.waits(queue), 0, -1)
+                pipe.lrange(k.runs(queue), 0, -1)
+            replies = iter(await pipe.execute())
+        activity: dict[str, dict[str, Any]] = {}
+        for queue in queues:
+            paused, counts, waits, runs = (next(replies) for _ in range(4))
+            done = [int(c) if c else 0 for c in counts]
+            activity[queue] = {
+                "paused": bool(paused),
+                "throughput": {"1m": sum(done[:6]) / 60, "5m": sum(done) / 300},
+                "wait_ms": percentiles(waits),
+                "run_ms": percentiles(runs),
+            }
+        return activity
+
+    async def limit_status(
+        self, queue: str, type_limits: Sequence[TypeLimits], now: int
+    ) -> dict[str, dict[str, int]]:
+        """Per limited job type of a queue: jobs running under its global_concurrency and
+        held for it, starts in the current rate window, and the waits counted so far."""
+        k = self.keys
+        async with self._r.pipeline(transaction=False) as pipe:
+            for spec in type_limits:
+                pipe.zcard(k.limit(queue, spec.job_type, "running"))
+                pipe.zcard(k.limit(queue, spec.job_type, "line"))
+                # As claim.lua counts it: a start at exactly now - window has left the window.
+                starts = k.limit(queue, spec.job_type, "starts")
+                pipe.zcount(starts, f"({now - spec.rate_per_ms}", "+inf")
+                fields = [f"{spec.job_type}:{why}" for why in ("rate_limit", "concurrency")]
+                pipe.hmget(k.limit_waits(queue), fields)
+            replies = iter(await pipe.execute())
+        status: dict[str, dict[str, int]] = {}
+        for spec in type_limits:
+            running, held, started, (rate_waits, concurrency_waits) = (
+                next(replies) for _ in range(4)
+            )
+            status[spec.job_type] = {
+                "running": running,
+                "held": held,
+                "started_in_window": started if spec.rate_count else 0,
+                "rate_limited": int(rate_waits or 0),
+                "concurrency_limited": int(concurrency_waits or 0),
+            }
+        return status
+
+    async def server_info(self) -> dict[str, Any]:
+        """Redis's version and memory use (of a cluster: the lowest version, all memory)."""
+        if self._cluster:
+            cluster = cast(RedisCluster, self._r)
+            servers = await cluster.info("server", target_nodes=RedisCluster.PRIMARIES)
+            memories = await cluster.info("memory", target_nodes=RedisCluster.PRIMARIES)
+            return {
+                "version": min(str(i.get("redis_version")) for i in _per_node(servers)),
+                "used_memory": sum(int(i.get("used_memory", 0)) for i in _per_node(memories)),
+                "nodes": len(_per_node(servers)),
+            }
+        info = await self._r.info("server")
+        memory = await self._r.info("memory")
+        return {"version": info.get("redis_version"), "used_memory": memory.get("used_memory")}
+
+    async def list_jobs(
+        self,
+        queues: Sequence[str],
+        *,
+        state: str | None,
+        job_type: str | None,
+        limit: int,
+        cursor: str | None,
+    ) -> Page:
+        """Jobs newest first, filtered, one page at a time.
+
+        Jobs of a final state come from that state's set, newest finished first; all
+        others from the index, newest created first. Filters are applied to what is read,
+        so a page can be short when few jobs match: its cursor then goes on scanning.
+        """
+        walk: _ByFinish | _ByCreation
+        if state in FINAL_STATES:
+            sets = [self.keys.finished(queue, state) for queue in queues]
+            walk = _ByFinish(self._r, sets, cursor)
+        else:
+            walk = _ByCreation(self._r, [self.keys.index(queue) for queue in queues], cursor)
+        jobs: list[Job] = []
+        scanned = 0
+        while len(jobs) < limit and scanned < LIST_SCAN_BUDGET:
+            batch = await walk.next_ids(limit - len(jobs))
+            if not batch:
+                return Page(jobs, None)
+            scanned += len(batch)
+            for job in await self._jobs_by_id(queues, batch):
+                if (state is None or job.state == state) and job_type in (None, job.type):
+                    jobs.append(job)
+        return Page(jobs, walk.cursor)
+
+    async def _jobs_by_id(self, queues: Sequence[str], ids: list[tuple[str, str]]) -> list[Job]:
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue, job_id in ids:
+                pipe.hgetall(self.keys.job(queue, job_id))
+            records: list[dict[bytes, bytes]] = await pipe.execute()
+        # A record can be gone (trimmed, deleted) between the two reads.
+        return [decode_job(fields) for fields in records if fields]
+
+
+class _Walk:
+    """Walks sorted sets of several queues, newest first, from a cursor (None: the start)."""
+
+    def __init__(self, r: aioredis.Redis, keys: list[str], cursor: str | None) -> None:
+        self._r = r
+        self._keys = keys
+        self.cursor = cursor
+
+
+class _ByCreation(_Walk):
+    """Walks index sets (ids ordered as created) of several queues, newest first, merged."""
+
+    async def next_ids(self, count: int) -> list[tuple[str, str]]:
+        """The next `count` (queue, id) pairs after the cursor; the cursor moves past them."""
+        start = f"({self.cursor}" if self.cursor else "+"
+        async with self._r.pipeline(transaction=False) as pipe:
+            for key in self._keys:
+                pipe.zrevrangebylex(key, start, "-", 0, count)
+            pages: list[list[bytes]] = await pipe.execute()
+        merged = heapq.merge(
+            *([(text(i), n) for i in page] for n, page in enumerate(pages)), reverse=True
+        )
+        picked = [(self._keys[n], job_id) for job_id, n in list(merged)[:count]]
+        if picked:
+            self.cursor = picked[-1][1]
+        return [(_queue_of(key), job_id) for key, job_id in picked]
+
+
+class _ByFinish(_Walk):
+    """Walks final-state sets (scored by finish time) of several queues, newest first."""
+
+    async def next_ids(self, count: int) -> list[tuple[str, str]]:
+        after = _parse_finish_cursor(self.cursor)
+        found: list[tuple[int, str, str]] = []
+        for key in self._keys:
+            found += [(score, job_id, key) for score, job_id in await self._page(key, after, count)]
+        found.sort(reverse=True)
+        picked = found[:count]
+        if picked:
+            self.cursor = f"{picked[-1][0]}-{picked[-1][1]}"
+        return [(_queue_of(key), job_id) for _, job_id, key in picked]
+
+    async def _page(
+        self, key: str, after: tuple[int, str] | None, count: int
+    ) -> list[tuple[int, str]]:
+        """Up to `count` entries ordered before `after` by (finish time, id), descending."""
+        top = str(after[0]) if after else "+inf"
+        out: list[tuple[int, str]] = []
+        offset = 0
+        while len(out) < count:
+            batch = await self._r.zrevrangebyscore(
+                key, top, "-inf", start=offset, num=count, withscores=True
+            )
+            if not batch:
+                break
+            offset += len(batch)
+            for member, raw_score in cast(list[tuple[bytes, float]], batch):
+                score, job_id = int(raw_score), text(member)
+                # Many jobs finish in the same millisecond: within it, order by id.
+                if after is None or (score, job_id) < after:
+                    out.append((score, job_id))
+        return out[:count]
+
+
+def percentiles(samples: Sequence[bytes | int]) -> dict[str, int | None]:
+    """p50, p95 and p99 of samples (nearest rank); None each when there are none."""
+    values = sorted(int(v) for v in samples)
+    if not values:
+        return {"p50": None, "p95": None, "p99": None}
+
+    def rank(q: float) -> int:
+        return values[min(len(values) - 1, int(q * len(values)))]
+
+    return {"p50": rank(0.50), "p95": rank(0.95), "p99": rank(0.99)}
+
+
+def _parse_finish_cursor(cursor: str | None) -> tuple[int, str] | None:
+    if not cursor:
+        return None
+    score, _, job_id = cursor.partition("-")
+    return int(score), job_id
+
+
+def _queue_of(key: str) -> str:
+    """The queue named by a queue key's hash tag."""
+    return key[key.index("{") + 1 : key.index("}")]
+
+
+def _per_node(info: Any) -> list[dict[str, Any]]:
+    """INFO answers of a cluster client, one per node, whatever shape it gives them in."""
+    if isinstance(info, dict) and info and all(isinstance(v, dict) for v in info.values()):
+        return list(info.values())
+    return [info]

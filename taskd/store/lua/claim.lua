@@ -1,0 +1,215 @@
+-- Claim up to ARGV[4] ready jobs of one queue for one daemon: only jobs it can start at
+-- once, the highest priority first (lib.lua tells where ready jobs wait). The ids its
+-- blocking fetch landed and the inbox's are sorted by priority; then, for each priority
+-- from 9 down, the held jobs of that priority come first, then the inbox's, then the
+-- priority's list. Each claimed id enters the daemon's active set in the same step as it
+-- leaves its list, so a job is never only in a daemon's memory, and the daemon's lease on
+-- the queue is renewed, so a reaper knows to look at its set.
+--
+-- A job this daemon cannot start now is skipped: it goes back where it was, in order,
+-- for any daemon that can take it. That is a job of a type it has no handler for (the
+-- first such job of each type is noted in the queue's unhandled hash, over what an
+-- earlier claim noted, for /stats), or of a type whose handler `concurrency` has no free
+-- slot here. Skipped ids count against
+-- the budget of ids examined, so a long run of them at the head of a priority hides the
+-- jobs behind it from this daemon (status 'ok' with skipped > 0: the daemon waits for a
+-- slot of its own to free, or looks again a little later, and never spins).
+--
+-- A job over its type's global limits does not start and keeps its attempts: it waits
+-- (limits.lua, which the store puts in front of this script). Held jobs start before
+-- ready ones of their priority whenever a slot is free. A paused queue gives nothing, and
+-- a landed id goes back to the front of the inbox.
+-- KEYS[1] -> <prefix>:{<queue>}:ready, the inbox (keys.inbox)
+-- KEYS[2] -> <prefix>:{<queue>}:landing:<daemon>
+-- KEYS[3] -> <prefix>:{<queue>}:active:<daemon>
+-- KEYS[4] -> <prefix>:{<queue>}:owners, the leases (keys.leases)
+-- KEYS[5] -> <prefix>:{<queue>}:paused
+-- KEYS[6] -> <prefix>:{<queue>}:waits, recent wait times
+-- KEYS[7] -> <prefix>:{<queue>}:scheduled, where rate-limited jobs wait
+-- KEYS[8] -> <prefix>:{<queue>}:totals
+-- KEYS[9] -> <prefix>:{<queue>}:limit_waits
+-- KEYS[10] -> <prefix>:{<queue>}:unhandled (type -> 'id due' of a ready job no handler took)
+-- ARGV[1..3] -> now, job hash prefix, limit key prefix (the header, lib.lua)
+-- ARGV[4] -> most jobs to claim, >= 1
+-- ARGV[5] -> this daemon's id, recorded on the job
+-- ARGV[6] -> how many recent wait times to keep
+-- ARGV[7..] -> 5 entries per job type this daemon has a handler for (record.TYPE_LIMITS):
+--   type, its free slots here (-1: the handler has no concurrency), global_concurrency
+--   (0: none), rate_limit count (0: none), rate_limit window in ms
+-- Returns {status, due, rate-limited, held, skipped, then 9 entries per claimed job
+--   (record.CLAIMED_JOB): id, type, payload, attempts, created_at, max_attempts,
+--   started_at, ms waited since due, callback URL (or '')}.
+--   status: 'ok'; 'more' when it stopped at its budget of ids examined with ready jobs
+--   left that it did not skip (claim again rather than block); 'paused'. due: when the
+--   earliest job it scheduled for its rate limit is due (epoch ms), or 0. rate-limited,
+--   held, skipped: how many jobs it put back for their rate_limit, held for their
+--   global_concurrency, and skipped as not startable here.
+local most = tonumber(ARGV[4])
+local daemon = ARGV[5]
+-- Ids examined at most: held, rate-limited and skipped ones do not count against `most`.
+local budget = most + INBOX_MAX
+-- Leftover ids kept in the inbox, so that daemons blocked on it still wake up.
+local KEEP = 16
+-- The fields a claim reads of each job.
+local FIELDS = {'state', 'type', 'payload', 'created_at', 'max_attempts', 'run_at',
+  'callback_url', 'priority', 'attempts', 'waiting_for'}
+local claimed = {}
+local skipped = 0
+local waits = {}
+local examined = 0
+-- Per priority, the ids examined but not taken, in the order they were found.
+local back = {}
+local function put_back(id, p)
+  local ids = back[p]
+  if not ids then
+    ids = {}
+    back[p] = ids
+  end
+  ids[#ids + 1] = id
+end
+
+redis.call('ZADD', KEYS[4], NOW, daemon)
+if redis.call('EXISTS', KEYS[5]) == 1 then
+  move_to_front(KEYS[2], KEYS[1], INBOX_MAX)
+  return {'paused', 0, 0, 0, 0}
+end
+
+-- The fields of a queued job, or nil for a stray id (a deleted or cancelled job).
+local function examine(id)
+  examined = examined + 1
+  local f = read_job(JOB .. id, FIELDS)
+  if f.state == 'queued' then
+    return f
+  end
+  return nil
+end
+
+local types, limited = read_type_limits(7, {scheduled = KEYS[7], totals = KEYS[8],
+  limit_waits = KEYS[9]})
+
+-- Types some job of which this claim noted as having no handler here.
+local noted = {}
+
+local function start(id, f, t)
+  if not admit(id, f, t) then
+    return
+  end
+  local key = JOB .. id
+  -- Waiting starts when the job is due. The claim's time is read before the call waits
+  -- for a connection, so a job can be newer than it: such a job starts when it was due.
+  local due = due_of(f)
+  local started = math.max(NOW, due)
+  redis.call('ZADD', KEYS[3], NOW, id)
+  local attempts = redis.call('HINCRBY', key, 'attempts', 1)
+  redis.call('HSET', key, 'state', 'active', 'started_at', started, 'daemon', daemon)
+  redis.call('HDEL', key, 'run_at', 'waiting_for')
+  waits[#waits + 1] = started - due
+  for _, v in ipairs({id, f.type, f.payload, attempts, f.created_at, f.max_attempts, started,
+      started - due, f.callback_url or ''}) do
+    claimed[#claimed + 1] = v
+  end
+  most = most - 1
+  t.free = t.free - 1
+end
+
+local function skip(id, f, p, t)
+  put_back(id, p)
+  skipped = skipped + 1
+  if not t and not noted[f.type] then
+    redis.call('HSET', KEYS[10], f.type, id .. ' ' .. due_of(f))
+    noted[f.type] = true
+  end
+end
+
+-- A ready job of priority p: started, held, rate-limited, or skipped.
+local function take(id, f, p)
+  local t = types[f.type]
+  if f.waiting_for == 'concurrency' then
+    -- A held job's id among the ready ones only wakes a daemon (lib.lua release_slot):
+    -- the job waits in its type's line, which a claim that can start it walks itself.
+    if not (t and t.free > 0) then
+      skip(id, f, p, t)
+    end
+    return
+  end
+  if t and t.free > 0 then
+    start(id, f, t)
+  else
+    skip(id, f, p, t)
+  end
+end
+
+local function room()
+  return most > 0
+end
+
+local function start_one_held(id, t)
+  local f = examine(id)
+  if f then
+    start(id, f, t)
+  end
+end
+
+-- Landed and inbox ids, sorted by priority (each priority keeps their order).
+local incoming = {}
+for p = 0, 9 do
+  incoming[p] = {}
+end
+for _, source in ipairs({KEYS[2], KEYS[1]}) do
+  for _, id in ipairs(redis.call('RPOP', source, INBOX_MAX) or {}) do
+    local f = examine(id)
+    if f then
+      local same = incoming[priority_of(f)]
+      same[#same + 1] = {id, f}
+    end
+  end
+end
+
+for p = 9, 0, -1 do
+  start_held(limited, p, room, start_one_held)
+  for _, entry in ipairs(incoming[p]) do
+    if most > 0 then
+      take(entry[1], entry[2], p)
+    else
+      put_back(entry[1], p)
+    end
+  end
+  local list = priority_list(KEYS[1], p)
+  while most > 0 and examined < budget do
+    local ids = redis.call('RPOP', list, math.min(most, budget - examined))
+    if not ids then
+      break
+    end
+    for _, id in ipairs(ids) do
+      local f = examine(id)
+      if f then
+        take(id, f, p)
+      end
+    end
+  end
+end
+
+-- What was not taken goes back in front of its lists, the best KEEP of it to the inbox;
+-- pushed last to first, so that the first is taken first.
+local returning = {}
+for p = 9, 0, -1 do
+  for _, id in ipairs(back[p] or {}) do
+    returning[#returning + 1] = {id, p}
+  end
+end
+for i = #returning, 1, -1 do
+  local id, p = returning[i][1], returning[i][2]
+  redis.call('RPUSH', i <= KEEP and KEYS[1] or priority_list(KEYS[1], p), id)
+end
+-- Claiming again helps only if this claim moved some ids on; skipped ones stay in front.
+local status = 'ok'
+if most > 0 and examined >= budget and examined > skipped then
+  status = 'more'
+end
+push_samples(KEYS[6], waits, ARGV[6])
+local out = {status, waited.due, waited.rate_limit, waited.concurrency, skipped}
+-- Appended one by one: a claim's entries can be more than unpack takes.
+for _, v in ipairs(claimed) do
+  out[#out + 1] = v
+end
+return out

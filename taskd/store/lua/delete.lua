@@ -1,0 +1,24 @@
+-- Delete a job that is not running: its record and its id wherever it is.
+-- KEYS[1] -> <prefix>:{<queue>}:job:<id>, the job's hash
+-- KEYS[2] -> <prefix>:{<queue>}:ready, the inbox (keys.inbox)
+-- KEYS[3] -> <prefix>:{<queue>}:scheduled
+-- KEYS[4] -> <prefix>:{<queue>}:completed
+-- KEYS[5] -> <prefix>:{<queue>}:dead, the failed set (keys.failed)
+-- KEYS[6] -> <prefix>:{<queue>}:cancelled
+-- KEYS[7] -> <prefix>:{<queue>}:index
+-- ARGV[1..3] -> now and job hash prefix (both unused), limit key prefix (the header, lib.lua)
+-- ARGV[4] -> job id
+-- Returns the job's state before ('active': nothing changed), or 'missing'.
+local id = ARGV[4]
+local state = redis.call('HGET', KEYS[1], 'state') or 'missing'
+if state == 'missing' or state == 'active' then
+  return state
+end
+if state == 'queued' then
+  remove_queued(KEYS[2], KEYS[1], id)
+end
+for i = 3, 7 do
+  redis.call('ZREM', KEYS[i], id)
+end
+redis.call('DEL', KEYS[1])
+return state

@@ -1,0 +1,168 @@
+-- Functions the scripts share. Redis 6.2 scripts cannot include one another, so the store
+-- puts this text in front of every script before loading it (scripts.py).
+--
+-- The ARGV header: every queue script that uses the time, the job hash prefix or the limit
+-- key prefix takes them first, in this order, and its own arguments from ARGV[4]:
+--   ARGV[1] -> now, epoch ms (NOW)
+--   ARGV[2] -> <prefix>:{<queue>}:job:, the queue's job hash prefix (JOB)
+--   ARGV[3] -> <prefix>:{<queue>}:limit:, the queue's limit key prefix (LIMIT)
+-- A script that uses none of them takes no header (its own header says so), and NOW, JOB
+-- and LIMIT mean nothing there. The job hash's fields and the positional entries scripts
+-- take and answer are declared in record.py.
+local NOW = tonumber(ARGV[1])
+local JOB = ARGV[2]
+local LIMIT = ARGV[3]
+--
+-- A queue's ready jobs wait in its inbox (<prefix>:{<queue>}:ready, the list daemons block
+-- on) or in one list per priority (<prefix>:{<queue>}:ready:0 to :9). A job goes to the
+-- inbox while the list of its priority is empty and the inbox holds fewer than INBOX_MAX
+-- ids, else to its priority's list. So a daemon that found the queue empty and blocks on
+-- the inbox is woken by the next job whatever its priority, a backlog waits in the
+-- priority lists, and every inbox id of a priority is older than the ids in that
+-- priority's list: a claim takes, for each priority from 9 down, the inbox's ids and then
+-- the list's.
+local INBOX_MAX = 1000
+-- The priority of a job without one (jobs.DEFAULT_PRIORITY).
+local DEFAULT_PRIORITY = 5
+
+local function priority_list(inbox, priority)
+  return inbox .. ':' .. priority
+end
+
+-- The list a job of this priority joins now, counted as joined. `seen` caches list
+-- lengths within one script call (pass a table to reuse it; nil for none).
+local function ready_list_for(inbox, priority, seen)
+  seen = seen or {}
+  local list = priority_list(inbox, priority)
+  seen[list] = seen[list] or redis.call('LLEN', list)
+  if seen[list] == 0 then
+    seen[inbox] = seen[inbox] or redis.call('LLEN', inbox)
+    if seen[inbox] < INBOX_MAX then
+      list = inbox
+    end
+  end
+  seen[list] = seen[list] + 1
+  return list
+end
+
+-- A job's fields by name (nil where the hash has none).
+local function read_job(job_key, fields)
+  local values = redis.call('HMGET', job_key, unpack(fields))
+  local f = {}
+  for i, name in ipairs(fields) do
+    f[name] = values[i]
+  end
+  return f
+end
+
+-- A job's priority, of its fields as read_job reads them.
+local function priority_of(f)
+  return tonumber(f.priority or DEFAULT_PRIORITY)
+end
+
+-- When a job became due: at its run_at (promoted, retried, returned), else its creation.
+local function due_of(f)
+  return tonumber(f.run_at or f.created_at)
+end
+
+-- Make a job ready: at the consuming end (front) to run next, else at the back.
+local function make_ready(inbox, job_key, id, front)
+  local priority = redis.call('HGET', job_key, 'priority') or DEFAULT_PRIORITY
+  redis.call(front and 'RPUSH' or 'LPUSH', ready_list_for(inbox, priority), id)
+end
+
+-- Remove a queued job's id from wherever it waits: its type's line of held jobs, or the
+-- ready lists (a landed id stays: the claim that takes it skips a job no longer queued).
+local function remove_queued(inbox, job_key, id)
+  local f = redis.call('HMGET', job_key, 'priority', 'waiting_for', 'type')
+  if f[2] == 'concurrency' then
+    redis.call('ZREM', LIMIT .. f[3] .. ':line', id)
+  elseif redis.call('LREM', inbox, 1, id) == 0 then
+    redis.call('LREM', priority_list(inbox, f[1] or DEFAULT_PRIORITY), 1, id)
+  end
+end
+
+-- Move up to `most` ids from `from` to the consuming end of `to`, keeping their order:
+-- pushed last to first, so that the first taken from `from` is taken first again.
+local function move_to_front(from, to, most)
+  local ids = redis.call('RPOP', from, most) or {}
+  for i = #ids, 1, -1 do
+    redis.call('RPUSH', to, ids[i])
+  end
+  return #ids
+end
+
+-- Let up to `most` of a type's held jobs (base: its limit keys, LIMIT .. type) go back to
+-- the front of the ready jobs, best first; returns how many.
+local function free_held(inbox, base, most)
+  local freed = redis.call('ZPOPMIN', base .. ':line', most)
+  for i = #freed - 1, 1, -2 do
+    redis.call('HDEL', JOB .. freed[i], 'waiting_for')
+    make_ready(inbox, JOB .. freed[i], freed[i], true)
+  end
+  return #freed / 2
+end
+
+-- Append an entry (JSON object text) to a job's history (a JSON array text).
+local function append_history(job_key, entry)
+  local history = redis.call('HGET', job_key, 'history')
+  if history then
+    history = string.sub(history, 1, -2) .. ',' .. entry .. ']'
+  else
+    history = '[' .. entry .. ']'
+  end
+  redis.call('HSET', job_key, 'history', history)
+end
+
+-- Give back the slot a job held of its type's global_concurrency (if it held one). Held
+-- jobs stay in their line, which claims walk best first; the best one's id goes to the
+-- front of the inbox only as a wake-up call, so that a daemon blocked on it claims.
+local function release_slot(inbox, job_key, id)
+  local base = LIMIT .. (redis.call('HGET', job_key, 'type') or '')
+  if redis.call('ZREM', base .. ':running', id) == 1 then
+    local best = redis.call('ZRANGE', base .. ':line', 0, 0)[1]
+    if best then
+      redis.call('RPUSH', inbox, best)
+    end
+  end
+end
+
+-- A job reached a final state: if it asked for a callback, its id joins the queue's
+-- outbox, in the same step, so the callback survives any crash (callbacks.py sends it).
+local function queue_callback(outbox, job_key, id)
+  if redis.call('HEXISTS', job_key, 'callback_url') == 1 then
+    redis.call('LPUSH', outbox, id)
+  end
+end
+
+-- End a job in a final state ('completed', 'failed' or 'cancelled') at NOW: its record
+-- (with the error text, if given), its state's set, the queue's totals (the counter named
+-- as the state) and its callback.
+local function finish_job(job_key, id, state, finished_set, totals, outbox, err)
+  redis.call('HSET', job_key, 'state', state, 'finished_at', NOW)
+  if err then
+    redis.call('HSET', job_key, 'error', err)
+  end
+  redis.call('ZADD', finished_set, NOW, id)
+  redis.call('HINCRBY', totals, state, 1)
+  queue_callback(outbox, job_key, id)
+end
+
+-- A job that stops running (given back, or taken back from a dead daemon) and that
+-- someone asked to cancel meanwhile ends cancelled; returns whether it did.
+local function cancel_if_requested(job_key, id, cancelled_set, totals, outbox)
+  if redis.call('HEXISTS', job_key, 'cancel_requested') == 0 then
+    return false
+  end
+  redis.call('HDEL', job_key, 'cancel_requested')
+  finish_job(job_key, id, 'cancelled', cancelled_set, totals, outbox, 'cancelled')
+  return true
+end
+
+-- Push timing samples (ms) onto a capped list, newest first, keeping the latest `keep`.
+local function push_samples(list, samples, keep)
+  if #samples > 0 then
+    redis.call('LPUSH', list, unpack(samples))
+    redis.call('LTRIM', list, 0, tonumber(keep) - 1)
+  end
+end

@@ -1,0 +1,131 @@
+-- A job type's limits across all daemons, as a claim enforces them: global_concurrency
+-- (jobs over it are held in the type's line) and rate_limit (jobs over it are scheduled
+-- for when the rate allows). The store puts this text after lib.lua and in front of
+-- claim.lua only (scripts.py).
+--
+-- A type's limit keys share the base LIMIT .. type (keys.Keys.limit_prefix):
+--   <base>:running -> ids holding a global_concurrency slot (sorted set, by start)
+--   <base>:line    -> ids held for a slot, best first (sorted set, by hold_score)
+--   <base>:starts  -> recent starts, 'id:attempt' scored by start, for rate_limit
+--   <base>:held    -> the plain list older daemons held jobs in; claims move it into the line
+--
+-- A held job's score: (9 - priority) steps, plus the time it became due (epoch ms, below
+-- one step), so the line pops the highest priority first, the oldest first within one.
+local PRIORITY_STEP = 1e13
+-- What the limits made wait in this script call (the claim answers them): jobs held
+-- ('concurrency'), jobs scheduled ('rate_limit'), and the earliest of those one's due
+-- times (0: none).
+local waited = {concurrency = 0, rate_limit = 0, due = 0}
+-- The keys the limits write besides their own; set by read_type_limits.
+local where = {}
+
+local function hold_score(f)
+  return (9 - priority_of(f)) * PRIORITY_STEP + due_of(f)
+end
+
+-- Note the priority of a type's best held job in t.best, or -1 when none is held.
+local function best_held(t)
+  local top = redis.call('ZRANGE', t.base .. ':line', 0, 0, 'WITHSCORES')
+  t.best = top[2] and 9 - math.floor(tonumber(top[2]) / PRIORITY_STEP) or -1
+end
+
+-- The job types a daemon claims for, from ARGV[first..] (5 entries per type,
+-- record.TYPE_LIMITS): type -> {free, concurrency, count, window, base}, and the list of
+-- those with a global_concurrency (only they can have held jobs to start). `keys` names
+-- the queue's scheduled set, totals and limit_waits hash, which waiting jobs count in.
+local function read_type_limits(first, keys)
+  where = keys
+  local types, limited = {}, {}
+  for i = first, #ARGV, 5 do
+    local t = {free = tonumber(ARGV[i + 1]), concurrency = tonumber(ARGV[i + 2]),
+      count = tonumber(ARGV[i + 3]), window = tonumber(ARGV[i + 4]), base = LIMIT .. ARGV[i]}
+    if t.free < 0 then
+      t.free = math.huge
+    end
+    types[ARGV[i]] = t
+    if t.concurrency > 0 then
+      limited[#limited + 1] = t
+      -- Daemons of an older taskd hold jobs in a plain list, in hold order: into the line.
+      local old = redis.call('RPOP', t.base .. ':held', INBOX_MAX) or {}
+      for _, id in ipairs(old) do
+        local f = read_job(JOB .. id, {'state', 'priority', 'run_at', 'created_at'})
+        if f.state == 'queued' then
+          redis.call('ZADD', t.base .. ':line', hold_score(f), id)
+        end
+      end
+      t.running = redis.call('ZCARD', t.base .. ':running')
+      best_held(t)
+    end
+  end
+  return types, limited
+end
+
+-- A job waits for a limit (why: 'rate_limit' or 'concurrency'): marked, and counted.
+local function wait_for(id, f, why)
+  redis.call('HSET', JOB .. id, 'waiting_for', why)
+  local total = why == 'rate_limit' and 'rate_limited' or 'concurrency_limited'
+  redis.call('HINCRBY', where.totals, total, 1)
+  redis.call('HINCRBY', where.limit_waits, f.type .. ':' .. why, 1)
+  waited[why] = waited[why] + 1
+end
+
+-- When a job over its type's rate may start, or nil when the rate has room now.
+local function rate_due(t)
+  if t.used == nil then
+    redis.call('ZREMRANGEBYSCORE', t.base .. ':starts', '-inf', NOW - t.window)
+    t.used = redis.call('ZCARD', t.base .. ':starts')
+    t.late = 0
+  end
+  if t.used < t.count then
+    return nil
+  end
+  if t.free_at == nil then
+    local oldest = redis.call('ZRANGE', t.base .. ':starts', 0, 0, 'WITHSCORES')
+    t.free_at = tonumber(oldest[2]) + t.window
+  end
+  -- Later ones in this claim are spread at the rate, so they do not all return at once.
+  t.late = t.late + 1
+  return t.free_at + math.floor((t.late - 1) * t.window / t.count)
+end
+
+-- Whether a job may start under its type's global limits, counted as started if so; if
+-- not, it is put where it waits.
+local function admit(id, f, t)
+  if t.concurrency > 0 and t.running >= t.concurrency then
+    redis.call('ZADD', t.base .. ':line', hold_score(f), id)
+    t.best = math.max(t.best, priority_of(f))
+    wait_for(id, f, 'concurrency')
+    return false
+  end
+  if t.count > 0 then
+    local due = rate_due(t)
+    if due then
+      redis.call('HSET', JOB .. id, 'state', 'scheduled', 'run_at', due)
+      redis.call('ZADD', where.scheduled, due, id)
+      wait_for(id, f, 'rate_limit')
+      if waited.due == 0 or due < waited.due then
+        waited.due = due
+      end
+      return false
+    end
+    redis.call('ZADD', t.base .. ':starts', NOW, id .. ':' .. (tonumber(f.attempts or 0) + 1))
+    redis.call('PEXPIRE', t.base .. ':starts', t.window)
+    t.used = t.used + 1
+  end
+  if t.concurrency > 0 then
+    redis.call('ZADD', t.base .. ':running', NOW, id)
+    t.running = t.running + 1
+  end
+  return true
+end
+
+-- Hand the held jobs of priority p, best first, to start(id, t), while their type has a
+-- free slot here and globally and room() says the claim takes more.
+local function start_held(limited, p, room, start)
+  for _, t in ipairs(limited) do
+    while t.best == p and room() and t.free > 0 and t.running < t.concurrency do
+      start(redis.call('ZPOPMIN', t.base .. ':line')[1], t)
+      best_held(t)
+    end
+  end
+end

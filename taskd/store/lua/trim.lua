@@ -1,0 +1,20 @@
+-- Delete a bounded batch of finished jobs older than their retention: their records and
+-- their ids in the state's set and in the index. This keeps Redis memory bounded under
+-- endless traffic.
+-- KEYS[1] -> <prefix>:{<queue>}:completed, :dead or :cancelled, the set of one final
+--   state, scored by finish time
+-- KEYS[2] -> <prefix>:{<queue>}:index
+-- ARGV[1..3] -> now (unused), job hash prefix, limit key prefix (unused) (the header,
+--   lib.lua)
+-- ARGV[4] -> jobs finished at or before this time, epoch ms, go
+-- ARGV[5] -> most jobs to delete
+-- Returns the number of jobs deleted.
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[4], 'LIMIT', 0, tonumber(ARGV[5]))
+for _, id in ipairs(ids) do
+  redis.call('DEL', JOB .. id)
+end
+if #ids > 0 then
+  redis.call('ZREM', KEYS[1], unpack(ids))
+  redis.call('ZREM', KEYS[2], unpack(ids))
+end
+return #ids

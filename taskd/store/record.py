@@ -1,0 +1,213 @@
+"""Every layout that crosses between Python and Lua: hashes and positional script entries.
+
+The job and daemon hashes, and the positional entries the scripts take and give for new
+jobs, claimed jobs, attempts and type limits. Each layout is declared once here, as a
+tuple of names, with the script that reads it; the scripts' headers point back here.
+Change one side, change the other.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from taskd.jobs import ACTIVE, DEFAULT_PRIORITY, Job
+
+# The fields of a job's hash ({prefix}:{<queue>}:job:<id>), as every script reads and
+# writes them. cancel_requested is present (with the time asked) or absent; progress,
+# progress_message and progress_at go together.
+JOB_FIELDS = (
+    "id", "type", "queue", "payload", "state", "attempts", "max_attempts", "created_at",
+    "started_at", "finished_at", "run_at", "result", "error", "daemon", "cancel_requested",
+    "history", "idempotency_key", "progress", "progress_message", "progress_at",
+    "callback_url", "priority", "waiting_for",
+)  # fmt: skip
+
+# A new job as enqueue.lua takes it: these entries per job, after the script's own
+# arguments. run_at 0: run now; idempotency_key and callback_url '': none.
+NEW_JOB = (
+    "id", "type", "payload", "max_attempts", "run_at", "idempotency_key", "callback_url",
+    "priority",
+)  # fmt: skip
+
+# A job as claim.lua answers it: these entries per claimed job. waited_ms is not a field
+# of the hash: how long the attempt waited since the job was due. callback_url '': none.
+CLAIMED_JOB = (
+    "id", "type", "payload", "attempts", "created_at", "max_attempts", "started_at",
+    "waited_ms", "callback_url",
+)  # fmt: skip
+
+# A finished attempt as ack.lua takes it: these entries per attempt.
+ATTEMPT = ("job_id", "attempt", "outcome", "value", "retry_at", "history")
+
+# A job type's limits as claim.lua (and limits.lua) takes them: these entries per type.
+# free: its handler's free slots in this daemon, -1 for no local cap.
+TYPE_LIMITS = ("job_type", "free", "concurrency", "rate_count", "rate_per_ms")
+
+# The fields of a daemon's hash ({prefix}:{<prefix>:global}:daemon:<id>), which beat.lua
+# writes as field, value pairs. Older daemons write no types.
+DAEMON_FIELDS = (
+    "id", "host", "pid", "started_at", "concurrency", "queues", "types", "active",
+    "last_heartbeat",
+)  # fmt: skip
+
+# The counters of a queue's totals hash, which the scripts count up; /stats shows each,
+# at 0 until its first event.
+TOTALS = (
+    "enqueued", "completed", "retried", "failed", "cancelled", "recovered",
+    "callbacks_sent", "callbacks_failed", "rate_limited", "concurrency_limited",
+)  # fmt: skip
+# Throughput is counted in a hash of buckets of this many ms (field: epoch ms // BUCKET_MS).
+BUCKET_MS = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class Attempt:
+    """How one attempt ended, as the ack script records it (ATTEMPT)."""
+
+    job_id: str
+    attempt: int
+    outcome: str  # "completed", "retry", "failed" or "cancelled"
+    value: bytes | str  # the result as JSON, or the error text
+    retry_at: int = 0  # epoch ms, for "retry"
+    history: bytes = b"{}"  # the history entry, a JSON object
+
+
+@dataclass(frozen=True, slots=True)
+class TypeLimits:
+    """A job type's limits across all daemons, as claims enforce them (0: none)."""
+
+    job_type: str
+    concurrency: int = 0
+    rate_count: int = 0
+    rate_per_ms: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DaemonInfo:
+    """A registered daemon as /stats shows it (DAEMON_FIELDS)."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: int
+    concurrency: int
+    queues: tuple[str, ...]
+    active: int
+    last_heartbeat: int
+    types: tuple[str, ...] = ()  # the job types it has handlers for
+
+
+def new_job_args(job: Job) -> list[Any]:
+    """One job's NEW_JOB entries for enqueue.lua."""
+    return [
+        job.id, job.type, orjson.dumps(job.payload), job.max_attempts, job.run_at or 0,
+        job.idempotency_key or "", job.callback_url or "", job.priority,
+    ]  # fmt: skip
+
+
+def attempt_args(a: Attempt) -> list[Any]:
+    """One attempt's ATTEMPT entries for ack.lua."""
+    return [a.job_id, a.attempt, a.outcome, a.value, a.retry_at, a.history]
+
+
+def type_limits_args(spec: TypeLimits, free: int) -> list[Any]:
+    """One type's TYPE_LIMITS entries for claim.lua."""
+    return [spec.job_type, free, spec.concurrency, spec.rate_count, spec.rate_per_ms]
+
+
+def daemon_args(info: DaemonInfo) -> list[Any]:
+    """A daemon's hash as the field, value pairs beat.lua writes."""
+    values = {
+        **{name: getattr(info, name) for name in DAEMON_FIELDS},
+        "queues": orjson.dumps(list(info.queues)),
+        "types": orjson.dumps(list(info.types)),
+    }
+    return [item for name in DAEMON_FIELDS for item in (name, values[name])]
+
+
+def decode_job(fields: Mapping[bytes, bytes]) -> Job:
+    """A job from its hash (HGETALL)."""
+    return _job({key.decode(): value for key, value in fields.items()})
+
+
+def decode_claimed(flat: Sequence[Any], queue: str, daemon_id: str) -> list[Job]:
+    """The jobs claim.lua answered (CLAIMED_JOB entries each), now active in this daemon."""
+    width = len(CLAIMED_JOB)
+    return [
+        _job(
+            {
+                **dict(zip(CLAIMED_JOB, flat[i : i + width], strict=True)),
+                "queue": queue,
+                "state": ACTIVE,
+                "daemon": daemon_id,
+            }
+        )
+        for i in range(0, len(flat), width)
+    ]
+
+
+def decode_daemon(fields: Mapping[bytes, bytes]) -> DaemonInfo:
+    """A daemon from its hash (HGETALL)."""
+    f = {key.decode(): value for key, value in fields.items()}
+    return DaemonInfo(
+        id=f["id"].decode(),
+        host=f["host"].decode(),
+        pid=int(f["pid"]),
+        started_at=int(f["started_at"]),
+        concurrency=int(f["concurrency"]),
+        queues=tuple(orjson.loads(f["queues"])),
+        active=int(f["active"]),
+        last_heartbeat=int(f["last_heartbeat"]),
+        # Daemons of an older taskd do not say: taken as knowing none.
+        types=tuple(orjson.loads(f["types"])) if "types" in f else (),
+    )
+
+
+def _job(f: Mapping[str, Any]) -> Job:
+    """A job from its fields by name: bytes from Redis, or str and int given here."""
+    return Job(
+        id=_text(f["id"]),
+        type=_text(f["type"]),
+        queue=_text(f["queue"]),
+        payload=orjson.loads(f["payload"]),
+        state=_text(f["state"]),
+        attempts=int(f.get("attempts", 0)),
+        created_at=int(f["created_at"]),
+        started_at=_opt_int(f.get("started_at")),
+        finished_at=_opt_int(f.get("finished_at")),
+        result=orjson.loads(f["result"]) if f.get("result") else None,
+        error=_opt_text(f.get("error")),
+        daemon=_opt_text(f.get("daemon")),
+        max_attempts=int(f.get("max_attempts", 1)),
+        run_at=_opt_int(f.get("run_at")),
+        cancel_requested="cancel_requested" in f,
+        history=tuple(orjson.loads(f["history"])) if f.get("history") else (),
+        waited_ms=int(f.get("waited_ms", 0)),
+        idempotency_key=_opt_text(f.get("idempotency_key")),
+        progress=_progress(f),
+        callback_url=_opt_text(f.get("callback_url")),
+        priority=int(f.get("priority", DEFAULT_PRIORITY)),
+        waiting_for=_opt_text(f.get("waiting_for")),
+    )
+
+
+def _progress(f: Mapping[str, Any]) -> tuple[float, str, int] | None:
+    if "progress" not in f:
+        return None
+    return float(f["progress"]), _text(f["progress_message"]), int(f["progress_at"])
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _opt_text(raw: Any) -> str | None:
+    return _text(raw) if raw else None
+
+
+def _opt_int(raw: Any) -> int | None:
+    return int(raw) if raw else None

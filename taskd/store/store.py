@@ -1,0 +1,479 @@
+"""The write path: what the tasks and intake's writes do to Redis, one method an operation."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any, cast
+
+import anyio
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
+
+from taskd.jobs import Job
+from taskd.store import connect, record, scripts
+from taskd.store.connect import Connection, text
+from taskd.store.inspect import Inspector
+from taskd.store.record import Attempt, DaemonInfo, TypeLimits
+
+logger = logging.getLogger(__name__)
+
+# Ids moved per script call by requeue, recover, promote and trim: bounds how long one
+# script blocks Redis.
+BATCH = 500
+# How long an idempotency key holds by default, ms ([server] idempotency_ttl).
+DEDUP_TTL_MS = 86_400_000
+# Jobs sent per script call by enqueue_many: bounds how long one call blocks Redis.
+ENQUEUE_CHUNK = 1000
+# Recent wait and run times kept per queue, for the percentiles /stats shows.
+TIMING_SAMPLES = 1000
+# Throughput buckets are kept this long (ms), then the janitor forgets them.
+THROUGHPUT_KEEP_MS = 600_000
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """What one claim gave: the jobs to run, and what the fetcher should do next."""
+
+    jobs: list[Job]
+    paused: bool = False
+    more: bool = False  # ready jobs are left that the claim did not look at: claim again
+    due: int | None = None  # when the first job put back for its rate limit is due
+    rate_limited: int = 0  # jobs it put back for their rate_limit
+    held: int = 0  # jobs it held for their global_concurrency
+    # Ready jobs it left where they were: no handler here, or no free slot of the handler's
+    # concurrency. Claiming again at once would find them again.
+    skipped: int = 0
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Beat:
+    """What a heartbeat found: whether the daemon was still registered, and whether the
+    installation's marker was there (see beat.lua)."""
+
+    registered: bool
+    marked: bool
+
+
+class Store:
+    """Typed Redis writes of one taskd installation (one key prefix), and the few reads
+    the tasks need on the way (the rest are the Inspector's)."""
+
+    def __init__(self, *, connection: Connection) -> None:
+        self.connection = connection
+        self.keys = connection.keys
+        self._r = connection.client
+        self._blocking = connection.blocking
+        self._cluster = connection.cluster
+        self._lua = scripts.load(self._r)
+        self._reads = Inspector(connection=connection)
+
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        prefix: str,
+        blocking_connections: int = 1,
+        block_timeout: float = 5.0,
+        cluster: bool = False,
+    ) -> Store:
+        """A store on a connection of its own (see connect.open); close() closes it."""
+        connection = connect.open(
+            url,
+            prefix=prefix,
+            blocking_connections=blocking_connections,
+            block_timeout=block_timeout,
+            cluster=cluster,
+        )
+        return cls(connection=connection)
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+    async def ping(self) -> None:
+        """Raise unless Redis answers."""
+        await self.connection.ping()
+
+    async def check_writable(self) -> None:
+        """Raise unless Redis answers and takes writes: one key with a second to live, so
+        that a full Redis (which still answers PING) shows too (see connect.is_full)."""
+        await self._r.set(self.keys.health_probe, b"1", px=1000)
+
+    def _header(self, queue: str, now: int = 0) -> list[Any]:
+        """The ARGV header of a queue script (lua/lib.lua): now, the job hash prefix and
+        the limit key prefix (now 0 where the script uses none)."""
+        k = self.keys
+        return [now, k.job_prefix(queue), k.limit_prefix(queue)]
+
+    # The reads the tasks need, which the Inspector owns.
+
+    async def get_job(self, job_id: str, queues: Iterable[str]) -> Job | None:
+        """The job with this id in any of these queues, or None."""
+        return await self._reads.get_job(job_id, queues)
+
+    async def schedule_run(self, queue: str, name: str) -> tuple[int, str | None] | None:
+        """The latest tick a schedule fired or skipped, and the job it made; None if never."""
+        return await self._reads.schedule_run(queue, name)
+
+    async def known_queues(self) -> set[str]:
+        return await self._reads.known_queues()
+
+    # Submitting jobs.
+
+    async def enqueue(self, job: Job, dedup_ttl_ms: int = DEDUP_TTL_MS) -> str:
+        """Store a new job, queued or (with `run_at`) scheduled.
+
+        Returns the id of the job that holds the submission: the job's own, or that of an
+        earlier job with the same idempotency key (then nothing was added).
+        """
+        [holder] = await self._enqueue_call(job.queue, job.created_at, [job], dedup_ttl_ms)
+        return holder
+
+    async def enqueue_many(
+        self, jobs: Sequence[Job], dedup_ttl_ms: int = DEDUP_TTL_MS
+    ) -> list[str]:
+        """Store many new jobs in few round trips: one script call per queue and chunk.
+
+        Each call is atomic; the batch as a whole is not, but every job in it has a fresh
+        id, so a client retries a failed batch whole, with new ids (or idempotency keys).
+        Returns the holders' ids in the order of `jobs`, as `enqueue` does.
+        """
+        groups: dict[tuple[str, int], list[int]] = {}
+        for index, job in enumerate(jobs):
+            groups.setdefault((job.queue, job.created_at), []).append(index)
+        holders = [""] * len(jobs)
+        for (queue, created_at), indexes in groups.items():
+            for start in range(0, len(indexes), ENQUEUE_CHUNK):
+                chunk = indexes[start : start + ENQUEUE_CHUNK]
+                answered = await self._enqueue_call(
+                    queue, created_at, [jobs[i] for i in chunk], dedup_ttl_ms
+                )
+                for index, holder in zip(chunk, answered, strict=True):
+                    holders[index] = holder
+        return holders
+
+    async def _enqueue_call(
+        self, queue: str, created_at: int, jobs: Sequence[Job], dedup_ttl_ms: int
+    ) -> list[str]:
+        k = self.keys
+        args = self._header(queue, created_at)
+        args += [queue, k.idempotency_prefix(queue), dedup_ttl_ms]
+        for job in jobs:
+            args += record.new_job_args(job)
+        keys = [k.inbox(queue), k.scheduled(queue), k.index(queue), k.totals(queue)]
+        return [text(holder) for holder in await self._lua["enqueue"](keys=keys, args=args)]
+
+    # Running jobs.
+
+    async def claim(
+        self,
+        queue: str,
+        daemon_id: str,
+        most: int,
+        now: int,
+        type_limits: Sequence[TypeLimits],
+        free: Mapping[str, int] | None = None,
+    ) -> Claimed:
+        """Move up to `most` ready jobs, highest priority first, into this daemon's active
+        set and return them: only jobs of the types in `type_limits` (those this daemon has a
+        handler for), at most `free[type]` of a type (absent: no local cap). Jobs over
+        their type's global limits wait; the others stay ready (see claim.lua)."""
+        k = self.keys
+        free = free or {}
+        keys = [k.inbox(queue), k.landing(queue, daemon_id), k.active(queue, daemon_id)]
+        keys += [k.leases(queue), k.paused(queue), k.waits(queue), k.scheduled(queue)]
+        keys += [k.totals(queue), k.limit_waits(queue), k.unhandled(queue)]
+        args = [*self._header(queue, now), most, daemon_id, TIMING_SAMPLES]
+        for spec in type_limits:
+            args += record.type_limits_args(spec, free.get(spec.job_type, -1))
+        reply = await self._lua["claim"](keys=keys, args=args)
+        status, due, rate_limited, held, skipped, *flat = reply
+        if status == b"paused":
+            return Claimed([], paused=True)
+        return Claimed(
+            record.decode_claimed(flat, queue, daemon_id),
+            more=status == b"more",
+            due=int(due) or None,
+            rate_limited=int(rate_limited),
+            held=int(held),
+            skipped=int(skipped),
+        )
+
+    async def wait_for_job(self, queue: str, daemon_id: str, block_seconds: int) -> bool:
+        """Block until a job is ready, moving its id into this daemon's landing list.
+
+        The id is then taken by the next `claim`. Blocking only happens when the queue is
+        empty, and it returns the moment a job arrives: no polling on the pick-up path.
+        """
+        k = self.keys
+        moved = await self._blocking.blmove(
+            k.inbox(queue), k.landing(queue, daemon_id), block_seconds, "RIGHT", "LEFT"
+        )
+        return moved is not None
+
+    async def ack(
+        self, queue: str, daemon_id: str, attempts: Sequence[Attempt], now: int
+    ) -> list[bool]:
+        """Record finished attempts of one queue in one script call; returns, for each,
+        whether it was recorded (False: it was no longer this daemon's)."""
+        k = self.keys
+        args = [*self._header(queue, now), now // record.BUCKET_MS, TIMING_SAMPLES]
+        for a in attempts:
+            args += record.attempt_args(a)
+        keys = [
+            k.active(queue, daemon_id),
+            k.completed(queue),
+            k.failed(queue),
+            k.scheduled(queue),
+            k.cancelled(queue),
+            k.totals(queue),
+            k.throughput(queue),
+            k.runs(queue),
+            k.inbox(queue),
+            k.callbacks(queue),
+        ]
+        return [bool(flag) for flag in await self._lua["ack"](keys=keys, args=args)]
+
+    async def report_progress(
+        self, job: Job, daemon_id: str, value: float, message: str, now: int
+    ) -> bool:
+        """Record a running attempt's progress; False if the attempt is no longer ours."""
+        k = self.keys
+        keys = [k.active(job.queue, daemon_id), k.job(job.queue, job.id)]
+        args = [*self._header(job.queue, now), job.id, job.attempts, repr(value), message]
+        return bool(await self._lua["progress"](keys=keys, args=args))
+
+    async def still_owned(self, queue: str, daemon_id: str, job_ids: Sequence[str]) -> set[str]:
+        """Which of these ids are still in this daemon's active set."""
+        if not job_ids:
+            return set()
+        scores = await self._r.zmscore(self.keys.active(queue, daemon_id), list(job_ids))
+        return {job_id for job_id, score in zip(job_ids, scores, strict=True) if score is not None}
+
+    async def requeue_inflight(self, queue: str, daemon_id: str, now: int) -> int:
+        """Return all of a daemon's unfinished jobs of one queue to the ready list."""
+        keys, args = self._requeue_call(queue, daemon_id, now)
+        total = 0
+        while moved := int(await self._lua["requeue"](keys=keys, args=args)):
+            total += moved
+        return total
+
+    async def claimed_before(self, queue: str, daemon_id: str, before: int) -> list[str]:
+        """Ids in a daemon's active set that it claimed before `before` (epoch ms)."""
+        ids = await self._r.zrangebyscore(self.keys.active(queue, daemon_id), "-inf", f"({before}")
+        return [text(job_id) for job_id in ids]
+
+    async def requeue(self, queue: str, daemon_id: str, job_ids: Sequence[str], now: int) -> int:
+        """Return these ids, if still in the daemon's active set, to the ready list."""
+        keys, args = self._requeue_call(queue, daemon_id, now)
+        return int(await self._lua["requeue"](keys=keys, args=[*args, *job_ids]))
+
+    def _requeue_call(self, queue: str, daemon_id: str, now: int) -> tuple[list[str], list[Any]]:
+        k = self.keys
+        keys = [k.inbox(queue), k.landing(queue, daemon_id), k.active(queue, daemon_id)]
+        keys += [k.cancelled(queue), k.totals(queue), k.callbacks(queue)]
+        return keys, [*self._header(queue, now), BATCH]
+
+    async def promote(self, queue: str, now: int) -> tuple[int, int | None]:
+        """Move due jobs to the ready list; returns (moved, when the next one is due)."""
+        k = self.keys
+        moved, due = await self._lua["promote"](
+            keys=[k.scheduled(queue), k.inbox(queue)], args=[*self._header(queue, now), BATCH]
+        )
+        return int(moved), (None if int(due) < 0 else int(due))
+
+    # Callbacks.
+
+    async def take_callbacks(self, queue: str, daemon_id: str, most: int, now: int) -> list[str]:
+        """Move up to `most` ids from the queue's callback outbox into this daemon's
+        callbacks in flight, and return them."""
+        k = self.keys
+        keys = [k.callbacks(queue), k.sending(queue, daemon_id), k.leases(queue)]
+        ids = await self._lua["take_callbacks"](
+            keys=keys, args=[*self._header(queue, now), most, daemon_id]
+        )
+        return [text(job_id) for job_id in ids]
+
+    async def sending_before(self, queue: str, daemon_id: str, before: int) -> list[str]:
+        """Callbacks in a daemon's set in flight that it took before `before` (epoch ms)."""
+        ids = await self._r.zrangebyscore(self.keys.sending(queue, daemon_id), "-inf", f"({before}")
+        return [text(job_id) for job_id in ids]
+
+    async def callback_done(self, queue: str, daemon_id: str, job_id: str, outcome: str) -> bool:
+        """End a callback in flight: 'sent', 'failed' (both counted), 'dropped' (its job is
+        gone) or 'returned' to the outbox; False if it was no longer this daemon's."""
+        k = self.keys
+        keys = [k.sending(queue, daemon_id), k.totals(queue), k.callbacks(queue)]
+        return bool(await self._lua["callback_done"](keys=keys, args=[job_id, outcome]))
+
+    # Recurring schedules.
+
+    async def record_schedule_run(self, queue: str, name: str, tick: int, job_id: str) -> bool:
+        keys = [self.keys.schedules(queue)]
+        return bool(await self._lua["schedule"](keys=keys, args=[name, tick, job_id]))
+
+    # Pausing queues.
+
+    async def pause(self, queue: str) -> None:
+        await self._r.set(self.keys.paused(queue), 1)
+
+    async def resume(self, queue: str) -> None:
+        await self._r.delete(self.keys.paused(queue))
+
+    # Acting on one job.
+
+    async def cancel(self, queue: str, job_id: str, now: int) -> str:
+        """Cancel a job; returns its state before (see cancel.lua)."""
+        k = self.keys
+        keys = [k.job(queue, job_id), k.inbox(queue), k.scheduled(queue)]
+        keys += [k.cancelled(queue), k.totals(queue), k.callbacks(queue)]
+        args = [*self._header(queue, now), job_id, k.cancel_channel]
+        state = await self._lua["cancel"](keys=keys, args=args)
+        return text(state)
+
+    async def retry(self, queue: str, job_id: str, now: int) -> str:
+        """Put a failed job back on its queue; returns its state before (see retry.lua)."""
+        k = self.keys
+        keys = [k.job(queue, job_id), k.failed(queue), k.inbox(queue)]
+        return text(await self._lua["retry"](keys=keys, args=[*self._header(queue, now), job_id]))
+
+    async def delete(self, queue: str, job_id: str) -> str:
+        """Delete a job that is not running; returns its state before (see delete.lua)."""
+        k = self.keys
+        keys = [k.job(queue, job_id), k.inbox(queue), k.scheduled(queue), k.completed(queue)]
+        keys += [k.failed(queue), k.cancelled(queue), k.index(queue)]
+        return text(await self._lua["delete"](keys=keys, args=[*self._header(queue), job_id]))
+
+    @asynccontextmanager
+    async def cancel_requests(self) -> AsyncIterator[AsyncIterator[str]]:
+        """Subscribe to cancel requests; yields an iterator of job ids as they arrive."""
+        if self._cluster:
+            # Its pub/sub finds the node of the channel from the slot map, which the
+            # cluster client reads at its first command: read it now.
+            await cast(RedisCluster, self._blocking).initialize()
+        pubsub = self._blocking.pubsub(ignore_subscribe_messages=True)
+        try:
+            await pubsub.subscribe(self.keys.cancel_channel)
+            yield _messages(pubsub)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await pubsub.aclose()  # type: ignore[no-untyped-call, unused-ignore]  # typed from redis-py 8.2
+
+    # Recovering the jobs of dead daemons, and expiring finished ones.
+
+    async def stale_leases(self, queue: str, before: int) -> list[str]:
+        """Daemons whose lease on this queue was last renewed before `before`."""
+        ids = await self._r.zrangebyscore(self.keys.leases(queue), "-inf", f"({before}")
+        return [text(daemon_id) for daemon_id in ids]
+
+    async def recover(self, queue: str, daemon_id: str, now: int, before: int) -> int:
+        """Take back all jobs (and callbacks in flight) of a daemon whose lease lapsed;
+        returns how many jobs, or -1 if its lease is alive."""
+        k = self.keys
+        keys = [k.leases(queue), k.inbox(queue), k.landing(queue, daemon_id)]
+        keys += [k.active(queue, daemon_id), k.failed(queue), k.cancelled(queue), k.totals(queue)]
+        keys += [k.callbacks(queue), k.sending(queue, daemon_id)]
+        args = [*self._header(queue, now), daemon_id, before, BATCH]
+        total = 0
+        while True:
+            jobs, callbacks = await self._lua["recover"](keys=keys, args=args)
+            if jobs < 0:
+                return -1 if total == 0 else total
+            if jobs == callbacks == 0:
+                return total
+            total += jobs
+
+    async def trim(self, queue: str, state: str, cutoff: int) -> int:
+        """Delete jobs of a final state that finished at or before `cutoff`."""
+        k = self.keys
+        keys = [k.finished(queue, state), k.index(queue)]
+        total = 0
+        while deleted := int(
+            await self._lua["trim"](keys=keys, args=[*self._header(queue), cutoff, BATCH])
+        ):
+            total += deleted
+        return total
+
+    # Daemons.
+
+    async def beat(self, info: DaemonInfo) -> Beat:
+        """Write a daemon's record and heartbeat (see beat.lua)."""
+        k = self.keys
+        known, marked = await self._lua["beat"](
+            keys=[k.daemons, k.daemon(info.id), k.marker],
+            args=[info.last_heartbeat, info.id, *record.daemon_args(info)],
+        )
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue in info.queues:
+                pipe.zadd(k.leases(queue), {info.id: info.last_heartbeat})
+            pipe.sadd(k.queues, *info.queues)
+            await pipe.execute()
+        return Beat(registered=bool(known), marked=bool(marked))
+
+    async def deregister_daemon(self, daemon_id: str, queues: Sequence[str]) -> None:
+        """Remove a daemon that stopped cleanly (its in-flight keys are already empty)."""
+        async with self._r.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.daemon(daemon_id))
+            pipe.zrem(self.keys.daemons, daemon_id)
+            await pipe.execute()
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.zrem(self.keys.leases(queue), daemon_id)
+            await pipe.execute()
+
+    async def stale_daemons(self, before: int) -> list[str]:
+        ids = await self._r.zrangebyscore(self.keys.daemons, "-inf", f"({before}")
+        return [text(daemon_id) for daemon_id in ids]
+
+    async def forget_daemon(self, daemon_id: str, before: int) -> bool:
+        """Remove a dead daemon's record, unless it beat again since `before`."""
+        k = self.keys
+        keys = [k.daemons, k.daemon(daemon_id)]
+        return bool(await self._lua["forget"](keys=keys, args=[daemon_id, before]))
+
+    async def add_queues(self, queues: Iterable[str]) -> None:
+        """Remember queue names, so that /stats, lookups and reapers know them."""
+        names = list(queues)
+        if names:
+            await self._r.sadd(self.keys.queues, *names)
+
+    async def forget_queue(self, queue: str) -> tuple[int, int, int]:
+        """Forget a queue that holds nothing (see forget_queue.lua); returns what it still
+        holds, (jobs, leases, callbacks), all 0 when it was forgotten."""
+        k = self.keys
+        keys = [k.index(queue), k.leases(queue), k.callbacks(queue), *k.queue_state(queue)]
+        jobs, leases, callbacks = await self._lua["forget_queue"](keys=keys, args=[])
+        if jobs == leases == callbacks == 0:
+            await self._r.srem(k.queues, queue)
+        return int(jobs), int(leases), int(callbacks)
+
+    async def free_held(self, queue: str, job_types: Sequence[str]) -> int:
+        """Return to the ready jobs the held jobs of these types, which have no
+        global_concurrency any more (see free_held.lua); how many."""
+        if not job_types:
+            return 0
+        k = self.keys
+        args = [*self._header(queue), BATCH, *job_types]
+        total = 0
+        while freed := int(await self._lua["free_held"](keys=[k.inbox(queue)], args=args)):
+            total += freed
+        return total
+
+    async def trim_throughput(self, queue: str, now: int) -> None:
+        """Forget throughput buckets older than THROUGHPUT_KEEP_MS."""
+        key = self.keys.throughput(queue)
+        oldest = (now - THROUGHPUT_KEEP_MS) // record.BUCKET_MS
+        stale = [field for field in await self._r.hkeys(key) if int(field) < oldest]
+        if stale:
+            await self._r.hdel(key, *stale)
+
+
+async def _messages(pubsub: PubSub) -> AsyncIterator[str]:
+    while True:
+        # A bounded wait: an idle subscription must not trip the connection's read timeout.
+        message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+        if message is not None and message["type"] == "message":
+            yield text(message["data"])
