@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from collections.abc import AsyncIterator, Callable, Iterator
 
 import aiohttp
@@ -10,40 +9,24 @@ import pytest
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from taskd.embedded import EmbeddedRedisError, RedisServer
+from taskd.embedded import RedisServer
+from taskd.embedded import free_port as free_port_now
 from taskd.store import Store
 from tests.cluster import RedisCluster
 from tests.support import Api, base_url, make_config, running_daemon
 
 
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (another process may still take it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 @pytest.fixture(scope="session")
 def free_port() -> Callable[[], int]:
     """Call it for a free TCP port, e.g. for a daemon a test starts."""
-    return _free_port
+    return free_port_now
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """The session's redis-server on TCP; no AOF, since no test restarts this one."""
     data_dir = tmp_path_factory.mktemp("redis")
-    # The port is only free until someone binds it: on a clash Redis fails to
-    # bind and start() raises, so try again on another port.
-    for attempt in range(5):
-        server = RedisServer(data_dir=data_dir, port=_free_port(), appendonly=False)
-        try:
-            server.start(timeout=30)
-            break
-        except EmbeddedRedisError:
-            if attempt == 4:
-                raise
+    server = RedisServer.start_on_free_port(data_dir=data_dir, timeout=30, appendonly=False)
     yield server
     server.stop()
 
