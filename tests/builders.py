@@ -9,6 +9,8 @@ from typing import Any
 import orjson
 
 from taskd.jobs import QUEUED, SCHEDULED, Job, new_id
+from taskd.metrics import Metrics
+from taskd.reaper import Reaper
 from taskd.store import Attempt, Store
 
 Q = "default"
@@ -26,6 +28,27 @@ def new_job(job_type: str = "echo", payload: Any = None, *, queue: str = Q, **fi
         **fields,
     }
     return Job(type=job_type, queue=queue, payload=payload, **values)
+
+
+async def enqueue(store: Store, count: int, **fields: Any) -> list[Job]:
+    """`count` new jobs with payloads {"n": 0}, {"n": 1}..., enqueued one by one."""
+    jobs = [new_job(payload={"n": n}, **fields) for n in range(count)]
+    for each in jobs:
+        assert await store.enqueue(each)
+    return jobs
+
+
+def reaper(store: Store, clock: Clock, me: str = "live", *, dead_after: float = 30.0) -> Reaper:
+    """A reaper of queue "default" as daemon `me` runs it, on `clock`."""
+    return Reaper(
+        store=store,
+        daemon_id=me,
+        queues=[Q],
+        interval=1,
+        dead_after=dead_after,
+        metrics=Metrics(concurrency=1),
+        clock=clock,
+    )
 
 
 def ended(job: Job, outcome: str, value: str = "", retry_at: int = 0) -> Attempt:

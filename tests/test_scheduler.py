@@ -15,6 +15,7 @@ from taskd.jobs import DEFAULT_PRIORITY, QUEUED
 from taskd.keys import Keys
 from taskd.scheduler import Scheduler, next_tick, prev_tick
 from taskd.store import Store
+from tests.builders import Clock
 from tests.support import base_url, get_json, running_daemon
 
 K = Keys("taskd")
@@ -24,14 +25,6 @@ EVERY_5 = ScheduleConfig(name="five", cron="*/5 * * * *", type="echo", payload={
 
 def ms(text: str) -> int:
     return int(datetime.fromisoformat(text).timestamp() * 1000)
-
-
-class Clock:
-    def __init__(self, now: int) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
 
 
 @pytest.fixture

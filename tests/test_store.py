@@ -8,7 +8,7 @@ from redis.asyncio import Redis
 from taskd.jobs import Job
 from taskd.keys import Keys
 from taskd.store import Beat, DaemonInfo, Store
-from tests.builders import ended, new_job, stored
+from tests.builders import ended, enqueue, new_job, stored
 from tests.support import ECHO, ready_ids
 
 Q = "default"
@@ -33,13 +33,6 @@ async def place(redis: Redis, job_id: str, daemon: str = ME) -> list[str]:
         if await redis.zscore(key, job_id) is not None:
             found.append(name)
     return found
-
-
-async def enqueue(store: Store, count: int, **options: int) -> list[Job]:
-    jobs = [new_job(payload={"n": n}, **options) for n in range(count)]
-    for job in jobs:
-        assert await store.enqueue(job)
-    return jobs
 
 
 async def test_enqueue_queues_or_schedules(store: Store, redis: Redis) -> None:
