@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
 
 import aiohttp
 import pytest
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
+from taskd.daemon import Daemon
 from taskd.embedded import RedisServer
 from taskd.embedded import free_port as free_port_now
 from taskd.store import Store
 from tests.cluster import RedisCluster
-from tests.support import Api, base_url, make_config, running_daemon
+from tests.support import Api, DaemonApi, base_url, make_config, running_daemon
 
 
 @pytest.fixture(scope="session")
@@ -71,11 +74,47 @@ async def store(redis_url: str) -> AsyncIterator[Store]:
     await store.close()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "daemon_config(**sections): the config sections the `daemon` and `api` fixtures' "
+        "daemon has over the usual test config (make_config)",
+    )
+
+
 @pytest.fixture
-async def api(redis_url: str) -> AsyncIterator[Api]:
-    """A daemon on the clean database with the usual test config, and a session to it."""
-    async with (
-        running_daemon(make_config(redis_url)) as daemon,
-        aiohttp.ClientSession() as session,
-    ):
-        yield session, base_url(daemon)
+def daemon_api(redis_url: str) -> DaemonApi:
+    """`async with daemon_api(**sections) as (daemon, api)`: a daemon on the clean database
+    with the usual test config and these sections over it, and a session to it."""
+
+    @asynccontextmanager
+    async def start(**sections: Mapping[str, Any]) -> AsyncIterator[tuple[Daemon, Api]]:
+        async with (
+            running_daemon(make_config(redis_url, **sections)) as daemon,
+            aiohttp.ClientSession() as session,
+        ):
+            yield daemon, (session, base_url(daemon))
+
+    return start
+
+
+@pytest.fixture
+async def _daemon_and_api(
+    request: pytest.FixtureRequest, daemon_api: DaemonApi
+) -> AsyncIterator[tuple[Daemon, Api]]:
+    marker = request.node.get_closest_marker("daemon_config")
+    async with daemon_api(**(marker.kwargs if marker else {})) as started:
+        yield started
+
+
+@pytest.fixture
+def daemon(_daemon_and_api: tuple[Daemon, Api]) -> Daemon:
+    """A daemon on the clean database: the usual test config, with a test module's
+    `pytestmark = pytest.mark.daemon_config(**sections)` over it."""
+    return _daemon_and_api[0]
+
+
+@pytest.fixture
+def api(_daemon_and_api: tuple[Daemon, Api]) -> Api:
+    """A session to the `daemon` fixture's daemon, and its base URL."""
+    return _daemon_and_api[1]

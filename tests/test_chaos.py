@@ -16,6 +16,7 @@ from taskd.embedded import RedisServer
 from taskd.jobs import QUEUED, Job, new_id, now_ms
 from taskd.keys import Keys
 from taskd.store import UNAVAILABLE, Store
+from tests.builders import write_daemon_config
 from tests.support import REPO, DaemonProcess, get_json, ready_ids, wait_healthy, wait_until
 
 K = Keys("taskd")
@@ -26,12 +27,10 @@ def write_config(
     tmp_path: Path, name: str, port: int, *, concurrency: int, **workers: float
 ) -> Path:
     settings = {"concurrency": concurrency, "heartbeat_interval": 0.2, "dead_after": 1.5, **workers}
-    lines = [f'[server]\nlisten = "127.0.0.1:{port}"\n', "[workers]"]
-    lines += [f"{key} = {value}" for key, value in settings.items()]
-    lines += ["", "[handlers.record]", 'python = "tests.handler_funcs:record"', "max_attempts = 25"]
-    path = tmp_path / f"{name}.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    record = {"python": "tests.handler_funcs:record", "max_attempts": 25}
+    return write_daemon_config(
+        tmp_path / f"{name}.toml", port, workers=settings, handlers={"record": record}
+    )
 
 
 class Cluster:
