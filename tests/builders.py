@@ -57,9 +57,9 @@ def ended(job: Job, outcome: str, value: str = "", retry_at: int = 0) -> Attempt
     return Attempt(job.id, job.attempts, outcome, value, retry_at, entry)
 
 
-def done(job: Job) -> Attempt:
-    """`job`'s current attempt completed, with result null."""
-    return Attempt(job.id, job.attempts, "completed", "null", 0, b"{}")
+def done(job: Job, outcome: str = "completed") -> Attempt:
+    """`job`'s current attempt ended so (completed, with result null, unless told otherwise)."""
+    return Attempt(job.id, job.attempts, outcome, "null", 0, b"{}")
 
 
 async def stored(store: Store, job_id: str, queue: str = Q) -> Job:

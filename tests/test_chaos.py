@@ -153,8 +153,7 @@ async def test_sigterm_under_load_requeues_and_exits_in_time(
 
 
 async def test_redis_restart_under_load(tmp_path: Path, free_port: Any) -> None:
-    server = RedisServer(data_dir=tmp_path / "redis", port=free_port(), appendonly=True)
-    server.start()
+    server = RedisServer.start_on_free_port(data_dir=tmp_path / "redis", appendonly=True)
     cluster = Cluster(tmp_path, server.url, free_port, concurrency=10, dead_after=5)
     redis = Redis.from_url(server.url)
     try:

@@ -269,9 +269,7 @@ async def test_submissions_are_refused_once_stopping(daemon: Daemon, api: Api) -
     assert health["status"] == "stopping"
 
 
-async def test_health_reports_an_unreachable_redis_and_recovers(
-    tmp_path: Path, free_port: Any
-) -> None:
+async def test_health_reports_an_unreachable_redis_and_recovers(tmp_path: Path) -> None:
     server = RedisServer.start_on_free_port(data_dir=tmp_path)
     try:
         async with (
