@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Awaitable, Callable
 
+import pytest
 from redis.asyncio import Redis
 
 from taskd.heartbeat import Heartbeat, Identity
@@ -17,81 +19,77 @@ K = Keys("taskd")
 ME = Identity(id="me", host="h", pid=1, started_at=1_000_000)
 
 
-def heartbeat(store: Store, clock: Clock, calls: Counter[str]) -> Heartbeat:
-    """A heartbeat of daemon ME that counts in `calls` what it reported, by name."""
+class Beats:
+    """A heartbeat of daemon ME on a test clock; `calls` counts what it reported, by name."""
 
-    async def reaped() -> None:
-        calls["reaped"] += 1
+    def __init__(self, store: Store) -> None:
+        self.clock = Clock()
+        self.calls: Counter[str] = Counter()
+        self.heartbeat = Heartbeat(
+            store=store,
+            identity=ME,
+            concurrency=4,
+            queues=[Q],
+            types=["echo"],
+            active=lambda: 2,
+            interval=1,
+            on_reaped=self._count("reaped"),
+            after_beat=self._count("beats"),
+            on_data_lost=lambda: self.calls.update(["data_lost"]),
+            clock=self.clock,
+        )
 
-    async def after_beat() -> None:
-        calls["beats"] += 1
+    def _count(self, name: str) -> Callable[[], Awaitable[None]]:
+        async def count() -> None:
+            self.calls[name] += 1
 
-    def data_lost() -> None:
-        calls["data_lost"] += 1
+        return count
 
-    return Heartbeat(
-        store=store,
-        identity=ME,
-        concurrency=4,
-        queues=[Q],
-        types=["echo"],
-        active=lambda: 2,
-        interval=1,
-        on_reaped=reaped,
-        after_beat=after_beat,
-        on_data_lost=data_lost,
-        clock=clock,
-    )
+
+@pytest.fixture
+def beats(store: Store) -> Beats:
+    return Beats(store)
 
 
 async def test_each_beat_writes_the_record_with_the_time_and_active_count(
-    store: Store, redis: Redis
+    beats: Beats, redis: Redis
 ) -> None:
-    clock, calls = Clock(), Counter[str]()
-    beat = heartbeat(store, clock, calls)
-    await beat.tick()
-    assert await redis.zscore(K.daemons, ME.id) == clock.now
-    clock.now += 500
-    await beat.tick()
-    assert await redis.zscore(K.daemons, ME.id) == clock.now
+    await beats.heartbeat.tick()
+    assert await redis.zscore(K.daemons, ME.id) == beats.clock.now
+    beats.clock.now += 500
+    await beats.heartbeat.tick()
+    assert await redis.zscore(K.daemons, ME.id) == beats.clock.now
     record = await redis.hgetall(K.daemon(ME.id))
-    assert (record[b"active"], record[b"concurrency"], record[b"types"]) == (
-        b"2",
-        b"4",
-        b'["echo"]',
-    )
-    assert calls == {"beats": 2}
+    assert (record[b"active"], record[b"concurrency"]) == (b"2", b"4")
+    assert record[b"types"] == b'["echo"]'
+    assert beats.calls == {"beats": 2}
 
 
 async def test_a_beat_after_a_reaper_took_it_for_dead_registers_again_and_says_so(
-    store: Store, redis: Redis
+    beats: Beats, store: Store, redis: Redis
 ) -> None:
-    clock, calls = Clock(), Counter[str]()
-    beat = heartbeat(store, clock, calls)
-    await beat.tick()
-    assert calls["reaped"] == 0  # registering the first time is no reaping
-    clock.now += 60_000  # silent past dead_after (30 s) for another daemon's reaper
-    await reaper(store, clock, me="other").tick()
+    await beats.heartbeat.tick()
+    assert beats.calls["reaped"] == 0  # registering the first time is no reaping
+    beats.clock.now += 60_000  # silent past dead_after (30 s) for another daemon's reaper
+    await reaper(store, beats.clock, me="other").tick()
     assert await redis.zscore(K.daemons, ME.id) is None
-    await beat.tick()
-    assert calls == {"beats": 2, "reaped": 1}
-    assert await redis.zscore(K.daemons, ME.id) == clock.now
-    await beat.tick()  # registered again: the next beat is an ordinary one
-    assert calls == {"beats": 3, "reaped": 1}
+    await beats.heartbeat.tick()
+    assert beats.calls == {"beats": 2, "reaped": 1}
+    assert await redis.zscore(K.daemons, ME.id) == beats.clock.now
+    await beats.heartbeat.tick()  # registered again: the next beat is an ordinary one
+    assert beats.calls == {"beats": 3, "reaped": 1}
 
 
 async def test_a_beat_that_finds_redis_emptied_reports_the_data_lost(
-    store: Store, redis: Redis
+    beats: Beats, redis: Redis
 ) -> None:
-    clock, calls = Clock(), Counter[str]()
-    beat = heartbeat(store, clock, calls)
-    await beat.tick()
+    await beats.heartbeat.tick()
     await redis.flushall()  # a restart without persistence, or a fail-over to an empty replica
-    await beat.tick()
+    await beats.heartbeat.tick()
     # The record is gone with the rest: its jobs are stopped as when it was taken for dead.
-    assert calls == {"beats": 2, "data_lost": 1, "reaped": 1}
-    await beat.tick()
-    assert calls == {"beats": 3, "data_lost": 1, "reaped": 1}
+    assert beats.calls == {"beats": 2, "data_lost": 1, "reaped": 1}
+    await beats.heartbeat.tick()
+    assert beats.calls == {"beats": 3, "data_lost": 1, "reaped": 1}
 
 
 # The heartbeat in a running daemon
