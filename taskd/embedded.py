@@ -17,7 +17,7 @@ import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 from urllib.parse import quote
 
 from taskd.store.connect import server_probe
@@ -36,6 +36,18 @@ _VERSION_RE = re.compile(rb"v=(\d+)\.(\d+)\.(\d+)")
 
 class EmbeddedRedisError(Exception):
     """The embedded Redis cannot be found or started; the message says what to do."""
+
+
+class PortTakenError(EmbeddedRedisError):
+    """redis-server could not bind its TCP port (or, in cluster mode, its bus port)."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago (another process may take it first)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
 
 
 def find_redis_server() -> str:
@@ -97,6 +109,37 @@ class RedisServer:
         self._extra_args = tuple(extra_args)  # more redis-server options, e.g. cluster mode
         self._proc: subprocess.Popen[bytes] | None = None
         self._lock_fd: int | None = None
+        self._log_start = 0  # where this start's lines begin in the appended log
+
+    @classmethod
+    def start_on_free_port(
+        cls,
+        *,
+        data_dir: str | os.PathLike[str],
+        timeout: float = 10.0,
+        attempts: int = 5,
+        pick_port: Callable[[], int] = free_port,
+        **options: Any,
+    ) -> RedisServer:
+        """A started server on TCP port pick_port() of 127.0.0.1.
+
+        A port free when picked may be bound by another process before redis-server binds
+        it: on PortTakenError this tries again on a new port, up to `attempts` starts.
+        Any other failure is raised at once. `options` go to the constructor.
+        """
+        for attempt in range(1, attempts + 1):
+            server = cls(data_dir=data_dir, port=pick_port(), **options)
+            try:
+                server.start(timeout)
+            except PortTakenError:
+                if attempt == attempts:
+                    raise
+                log.info(
+                    "port %d was taken before redis-server bound it; trying another", server.port
+                )
+                continue
+            return server
+        raise ValueError(f"attempts must be at least 1, got {attempts}")
 
     @property
     def url(self) -> str:
@@ -104,6 +147,11 @@ class RedisServer:
         if self._port is None:
             return f"unix://{quote(str(self._socket_path))}"
         return f"redis://127.0.0.1:{self._port}/0"
+
+    @property
+    def port(self) -> int | None:
+        """The TCP port it listens on, None for a unix socket only."""
+        return self._port
 
     @property
     def pid(self) -> int | None:
@@ -259,13 +307,14 @@ class RedisServer:
         # Redis prints fatal config errors to stderr before it opens its logfile:
         # send them to the same file so the start-up error can quote them.
         with open(self._log_path, "ab") as logfile:
+            self._log_start = logfile.tell()
             try:
                 return subprocess.Popen(
                     self._args(binary),
                     stdin=subprocess.DEVNULL,
                     stdout=logfile,
                     stderr=subprocess.STDOUT,
-                    preexec_fn=_child_setup(),
+                    preexec_fn=child_setup(),
                 )
             except OSError as exc:
                 raise EmbeddedRedisError(f"cannot start {binary}: {exc}") from exc
@@ -279,7 +328,8 @@ class RedisServer:
         with server_probe(self.url) as process_id:
             while process_id() != proc.pid:
                 if proc.poll() is not None:
-                    raise EmbeddedRedisError(
+                    error = PortTakenError if self._port_was_taken() else EmbeddedRedisError
+                    raise error(
                         f"redis-server exited with status {proc.returncode} while starting; "
                         f"{self._log_tail()}"
                     )
@@ -289,6 +339,15 @@ class RedisServer:
                         f"{self._log_tail()}"
                     )
                 time.sleep(_POLL_INTERVAL)
+
+    def _port_was_taken(self) -> bool:
+        """Whether this start's log says a bind failed: the port, or the cluster bus port."""
+        try:
+            with open(self._log_path, "rb") as logfile:
+                logfile.seek(self._log_start)
+                return b"Address already in use" in logfile.read()
+        except OSError:
+            return False
 
     def _log_tail(self) -> str:
         try:
@@ -311,7 +370,7 @@ def _accepts_connections(path: Path) -> bool:
         return True
 
 
-def _child_setup() -> Callable[[], None]:
+def child_setup() -> Callable[[], None]:
     """A preexec_fn: own session, and SIGTERM when the parent dies (Linux)."""
     parent = os.getpid()
     prctl: Callable[..., int] | None = None
@@ -329,3 +388,6 @@ def _child_setup() -> Callable[[], None]:
                 os._exit(1)
 
     return setup
+
+
+_child_setup = child_setup  # the old private name, until taskd/bench.py uses child_setup

@@ -21,7 +21,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from taskd.embedded import EmbeddedRedisError, RedisServer
+from taskd.embedded import EmbeddedRedisError, RedisServer, free_port
 
 log = logging.getLogger(__name__)
 
@@ -29,16 +29,13 @@ SLOTS = 16384
 NODES = 3
 # Redis 6.2 puts a node's cluster bus on its port + 10000 (no cluster-port option before 7.0).
 _BUS_OFFSET = 10000
-_PORT_ATTEMPTS = 5
 _POLL_INTERVAL = 0.05
 
 
 def free_cluster_port() -> int:
     """A port on 127.0.0.1 that was free a moment ago, and whose bus port (+10000) was too."""
     for _ in range(100):
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-            sock.bind(("127.0.0.1", 0))
-            port: int = sock.getsockname()[1]
+        port = free_port()
         if port + _BUS_OFFSET > 65535:
             continue
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as bus:
@@ -131,31 +128,23 @@ class RedisCluster:
 
     def _start_node(self, index: int, deadline: float) -> None:
         data_dir = self._data_dir / f"node{index}"
-        # A port taken between free_cluster_port() and the bind makes the start fail: retry.
-        for attempt in range(_PORT_ATTEMPTS):
-            # A node that failed to start may have left a nodes.conf naming another node id.
-            (data_dir / "nodes.conf").unlink(missing_ok=True)
-            port = free_cluster_port()
-            server = RedisServer(
-                data_dir=data_dir,
-                port=port,
-                binary=self._binary,
-                appendonly=False,
-                extra_args=[
-                    *("--cluster-enabled", "yes"),
-                    *("--cluster-config-file", "nodes.conf"),  # relative to --dir
-                    *("--cluster-node-timeout", "5000"),
-                ],
-            )
-            try:
-                server.start(timeout=max(1.0, deadline - time.monotonic()))
-            except EmbeddedRedisError:
-                if attempt == _PORT_ATTEMPTS - 1 or time.monotonic() >= deadline:
-                    raise
-                continue
-            self._servers.append(server)
-            self.ports.append(port)
-            return
+        # A node started before in this directory left a nodes.conf naming other nodes.
+        (data_dir / "nodes.conf").unlink(missing_ok=True)
+        server = RedisServer.start_on_free_port(
+            data_dir=data_dir,
+            timeout=max(1.0, deadline - time.monotonic()),
+            pick_port=free_cluster_port,
+            binary=self._binary,
+            appendonly=False,
+            extra_args=[
+                *("--cluster-enabled", "yes"),
+                *("--cluster-config-file", "nodes.conf"),  # relative to --dir
+                *("--cluster-node-timeout", "5000"),
+            ],
+        )
+        assert server.port is not None
+        self._servers.append(server)
+        self.ports.append(server.port)
 
     def _join(self, deadline: float, timeout: float) -> None:
         """Introduce every node to every other, wait until all know all, then assign slots.

@@ -2,48 +2,34 @@
 
 from __future__ import annotations
 
-import socket
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager
+from typing import Any
 
 import aiohttp
 import pytest
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
-from taskd.embedded import EmbeddedRedisError, RedisServer
+from taskd.daemon import Daemon
+from taskd.embedded import RedisServer
+from taskd.embedded import free_port as free_port_now
 from taskd.store import Inspector, Store
 from tests.cluster import RedisCluster
-from tests.support import Api, base_url, make_config, running_daemon
-
-
-def _free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago (another process may still take it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
+from tests.support import Api, DaemonApi, base_url, make_config, running_daemon
 
 
 @pytest.fixture(scope="session")
 def free_port() -> Callable[[], int]:
     """Call it for a free TCP port, e.g. for a daemon a test starts."""
-    return _free_port
+    return free_port_now
 
 
 @pytest.fixture(scope="session")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
     """The session's redis-server on TCP; no AOF, since no test restarts this one."""
     data_dir = tmp_path_factory.mktemp("redis")
-    # The port is only free until someone binds it: on a clash Redis fails to
-    # bind and start() raises, so try again on another port.
-    for attempt in range(5):
-        server = RedisServer(data_dir=data_dir, port=_free_port(), appendonly=False)
-        try:
-            server.start(timeout=30)
-            break
-        except EmbeddedRedisError:
-            if attempt == 4:
-                raise
+    server = RedisServer.start_on_free_port(data_dir=data_dir, timeout=30, appendonly=False)
     yield server
     server.stop()
 
@@ -88,6 +74,14 @@ async def store(redis_url: str) -> AsyncIterator[Store]:
     await store.close()
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "daemon_config(**sections): the config sections the `daemon` and `api` fixtures' "
+        "daemon has over the usual test config (make_config)",
+    )
+
+
 @pytest.fixture
 def inspector(store: Store) -> Inspector:
     """The reads on the store's connection."""
@@ -95,10 +89,38 @@ def inspector(store: Store) -> Inspector:
 
 
 @pytest.fixture
-async def api(redis_url: str) -> AsyncIterator[Api]:
-    """A daemon on the clean database with the usual test config, and a session to it."""
-    async with (
-        running_daemon(make_config(redis_url)) as daemon,
-        aiohttp.ClientSession() as session,
-    ):
-        yield session, base_url(daemon)
+def daemon_api(redis_url: str) -> DaemonApi:
+    """`async with daemon_api(**sections) as (daemon, api)`: a daemon on the clean database
+    with the usual test config and these sections over it, and a session to it."""
+
+    @asynccontextmanager
+    async def start(**sections: Mapping[str, Any]) -> AsyncIterator[tuple[Daemon, Api]]:
+        async with (
+            running_daemon(make_config(redis_url, **sections)) as daemon,
+            aiohttp.ClientSession() as session,
+        ):
+            yield daemon, (session, base_url(daemon))
+
+    return start
+
+
+@pytest.fixture
+async def _daemon_and_api(
+    request: pytest.FixtureRequest, daemon_api: DaemonApi
+) -> AsyncIterator[tuple[Daemon, Api]]:
+    marker = request.node.get_closest_marker("daemon_config")
+    async with daemon_api(**(marker.kwargs if marker else {})) as started:
+        yield started
+
+
+@pytest.fixture
+def daemon(_daemon_and_api: tuple[Daemon, Api]) -> Daemon:
+    """A daemon on the clean database: the usual test config, with a test module's
+    `pytestmark = pytest.mark.daemon_config(**sections)` over it."""
+    return _daemon_and_api[0]
+
+
+@pytest.fixture
+def api(_daemon_and_api: tuple[Daemon, Api]) -> Api:
+    """A session to the `daemon` fixture's daemon, and its base URL."""
+    return _daemon_and_api[1]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,8 @@ TASKD = Path(sys.executable).parent / "taskd"
 
 # A session to a daemon, and the daemon's base URL.
 Api = tuple[aiohttp.ClientSession, str]
+# The conftest `daemon_api` fixture: `async with daemon_api(**sections) as (daemon, api)`.
+DaemonApi = Callable[..., AbstractAsyncContextManager[tuple[Daemon, Api]]]
 
 # Generous: a loaded 2-core CI machine can stall a process for seconds.
 DEADLINE = 20.0

@@ -16,9 +16,10 @@ from redis.asyncio import Redis
 
 from taskd.config import Config
 from taskd.daemon import Daemon
-from taskd.jobs import QUEUED, Job, new_id, now_ms
-from taskd.store import Attempt, Keys, Store
+from taskd.jobs import Job, now_ms
+from taskd.store import Keys, Store
 from tests import handler_funcs
+from tests.builders import done, new_job, write_daemon_config
 from tests.support import (
     ECHO,
     REPO,
@@ -400,7 +401,7 @@ async def _idle(daemon: Daemon) -> bool:
 
 
 def with_callback(n: int, url: str | None = "http://127.0.0.1:9/hook") -> Job:
-    return Job(new_id(), "echo", "default", n, QUEUED, 0, 1, max_attempts=1, callback_url=url)
+    return new_job(payload=n, max_attempts=1, callback_url=url)
 
 
 async def test_ending_scripts_fill_the_outbox_and_a_reaper_returns_what_was_in_flight(
@@ -428,10 +429,6 @@ async def test_ending_scripts_fill_the_outbox_and_a_reaper_returns_what_was_in_f
     assert await store.take_callbacks("default", "live", 10, now=102) == [jobs[2].id]
     totals = await redis.hgetall(K.totals("default"))
     assert (totals[b"callbacks_sent"], totals[b"callbacks_failed"]) == (b"1", b"1")
-
-
-def done(job: Job, outcome: str) -> Attempt:
-    return Attempt(job.id, job.attempts, outcome, "null", 0, b"{}")
 
 
 @dataclass
@@ -482,12 +479,13 @@ async def test_a_callback_in_flight_when_its_daemon_is_killed_is_sent_by_another
     redis_url: str, slow_receiver: SlowReceiver, redis: Redis, tmp_path: Path, free_port: Any
 ) -> None:
     port = free_port()
-    config = tmp_path / "taskd.toml"
-    config.write_text(
-        f'[server]\nlisten = "127.0.0.1:{port}"\n'
-        "[workers]\nheartbeat_interval = 0.2\ndead_after = 1.5\n"
-        '[callbacks]\nallow = ["127.0.0.0/8"]\n'
-        '[handlers.echo]\nbuiltin = "echo"\n'
+    workers = {"heartbeat_interval": 0.2, "dead_after": 1.5}
+    config = write_daemon_config(
+        tmp_path / "taskd.toml",
+        port,
+        workers=workers,
+        callbacks={"allow": ["127.0.0.0/8"]},
+        handlers={"echo": {"builtin": "echo"}},
     )
     env = {"TASKD_REDIS_URL": redis_url, "PYTHONPATH": str(REPO)}
     doomed = DaemonProcess(["--config", str(config)], cwd=tmp_path, env=env)
@@ -499,7 +497,6 @@ async def test_a_callback_in_flight_when_its_daemon_is_killed_is_sent_by_another
     finally:
         doomed.kill()
     slow_receiver.gate.set()
-    workers = {"heartbeat_interval": 0.2, "dead_after": 1.5}
     async with running_daemon(make_config(redis_url, workers=workers)) as survivor:
         await wait_until(lambda: _sent(base_url(survivor), 1), "the survivor's callback")
     assert job["id"] in slow_receiver.answered

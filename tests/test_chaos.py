@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from taskd.embedded import RedisServer
 from taskd.jobs import QUEUED, Job, new_id, now_ms
 from taskd.store import UNAVAILABLE, Keys, Store
+from tests.builders import write_daemon_config
 from tests.support import REPO, DaemonProcess, get_json, ready_ids, wait_healthy, wait_until
 
 K = Keys("taskd")
@@ -25,12 +26,10 @@ def write_config(
     tmp_path: Path, name: str, port: int, *, concurrency: int, **workers: float
 ) -> Path:
     settings = {"concurrency": concurrency, "heartbeat_interval": 0.2, "dead_after": 1.5, **workers}
-    lines = [f'[server]\nlisten = "127.0.0.1:{port}"\n', "[workers]"]
-    lines += [f"{key} = {value}" for key, value in settings.items()]
-    lines += ["", "[handlers.record]", 'python = "tests.handler_funcs:record"', "max_attempts = 25"]
-    path = tmp_path / f"{name}.toml"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    record = {"python": "tests.handler_funcs:record", "max_attempts": 25}
+    return write_daemon_config(
+        tmp_path / f"{name}.toml", port, workers=settings, handlers={"record": record}
+    )
 
 
 class Cluster:
@@ -153,8 +152,7 @@ async def test_sigterm_under_load_requeues_and_exits_in_time(
 
 
 async def test_redis_restart_under_load(tmp_path: Path, free_port: Any) -> None:
-    server = RedisServer(data_dir=tmp_path / "redis", port=free_port(), appendonly=True)
-    server.start()
+    server = RedisServer.start_on_free_port(data_dir=tmp_path / "redis", appendonly=True)
     cluster = Cluster(tmp_path, server.url, free_port, concurrency=10, dead_after=5)
     redis = Redis.from_url(server.url)
     try:

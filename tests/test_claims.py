@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from redis.asyncio import Redis
 
-from taskd.jobs import QUEUED, Job, new_id
+from taskd.jobs import Job
 from taskd.stats import no_handler
-from taskd.store import Attempt, DaemonInfo, Inspector, Keys, Store, TypeLimits, Unhandled
+from taskd.store import DaemonInfo, Inspector, Keys, Store, TypeLimits, Unhandled
+from tests.builders import done, new_job
 from tests.support import ECHO
 
 Q = "default"
@@ -15,16 +16,6 @@ K = Keys("taskd")
 RESIZE = TypeLimits("resize")
 SLOW = TypeLimits("slow")
 ONE_AT_A_TIME = TypeLimits("slow", concurrency=1)
-
-
-def job(job_type: str = "echo", n: int = 0, *, priority: int = 5, created_at: int = 1) -> Job:
-    return Job(
-        new_id(), job_type, Q, {"n": n}, QUEUED, 0, created_at, max_attempts=3, priority=priority
-    )
-
-
-def done(job: Job) -> Attempt:
-    return Attempt(job.id, job.attempts, "completed", "null", 0, b"{}")
 
 
 def daemon(daemon_id: str, types: tuple[str, ...], queues: tuple[str, ...] = (Q,)) -> DaemonInfo:
@@ -41,7 +32,7 @@ async def taken_order(redis: Redis) -> list[str]:
 async def test_a_claim_leaves_jobs_of_types_it_has_no_handler_for_in_place(
     store: Store, inspector: Inspector, redis: Redis
 ) -> None:
-    jobs = [job("resize" if n % 2 else "echo", n) for n in range(10)]
+    jobs = [new_job("resize" if n % 2 else "echo", {"n": n}) for n in range(10)]
     await store.enqueue_many(jobs)
     claim = await store.claim(Q, "old", 10, now=2, type_limits=ECHO)
     assert [j.payload["n"] for j in claim.jobs] == [0, 2, 4, 6, 8]
@@ -60,7 +51,9 @@ async def test_a_claim_leaves_jobs_of_types_it_has_no_handler_for_in_place(
 async def test_a_claim_takes_no_more_of_a_type_than_its_free_slots_here(
     store: Store, inspector: Inspector, redis: Redis
 ) -> None:
-    jobs = [job("slow", n) for n in range(3)] + [job("echo", n) for n in range(3, 5)]
+    jobs = [new_job("slow", {"n": n}) for n in range(3)] + [
+        new_job("echo", {"n": n}) for n in range(3, 5)
+    ]
     await store.enqueue_many(jobs)
     limits = [SLOW, *ECHO]
     claim = await store.claim(Q, "a", 10, now=2, type_limits=limits, free={"slow": 1})
@@ -75,8 +68,8 @@ async def test_a_claim_takes_no_more_of_a_type_than_its_free_slots_here(
 
 
 async def test_skipped_jobs_never_make_a_claim_say_more(store: Store, redis: Redis) -> None:
-    jobs = [job("resize", n) for n in range(2500)]
-    behind = job("echo", 2500)
+    jobs = [new_job("resize", {"n": n}) for n in range(2500)]
+    behind = new_job("echo", {"n": 2500})
     await store.enqueue_many([*jobs, behind])
     claim = await store.claim(Q, "old", 5, now=2, type_limits=ECHO)
     # Its budget (5 + 1,000 ids) went on jobs it cannot start: claiming again at once
@@ -90,10 +83,12 @@ async def test_skipped_jobs_never_make_a_claim_say_more(store: Store, redis: Red
 
 
 async def test_held_jobs_start_highest_priority_first_then_oldest(store: Store) -> None:
-    await store.enqueue(job("slow", -1))
+    await store.enqueue(new_job("slow", {"n": -1}))
     [blocker] = (await store.claim(Q, "a", 10, now=2, type_limits=[ONE_AT_A_TIME])).jobs
     priorities = [1, 9, 5, 3, 7, 2, 8, 5, 9, 1]
-    held = [job("slow", n, priority=p, created_at=10 + n) for n, p in enumerate(priorities)]
+    held = [
+        new_job("slow", {"n": n}, priority=p, created_at=10 + n) for n, p in enumerate(priorities)
+    ]
     for n, each in enumerate(held):
         await store.enqueue(each)
         # Claimed (and held) by two daemons in turn, as they arrive.
@@ -113,7 +108,7 @@ async def test_held_jobs_start_highest_priority_first_then_oldest(store: Store) 
 
 
 async def test_a_freed_slot_wakes_a_daemon_blocked_on_the_queue(store: Store) -> None:
-    await store.enqueue_many([job("slow", 0), job("slow", 1)])
+    await store.enqueue_many([new_job("slow", {"n": 0}), new_job("slow", {"n": 1})])
     [first] = (await store.claim(Q, "a", 10, now=2, type_limits=[ONE_AT_A_TIME])).jobs
     assert not await store.wait_for_job(Q, "b", 1)  # nothing ready: the other is held
     await store.ack(Q, "a", [done(first)], now=3)
@@ -125,7 +120,7 @@ async def test_a_freed_slot_wakes_a_daemon_blocked_on_the_queue(store: Store) ->
 async def test_jobs_an_older_daemon_held_in_a_list_join_the_line(
     store: Store, redis: Redis
 ) -> None:
-    old = [job("slow", n, priority=p) for n, p in enumerate([2, 8, 5])]
+    old = [new_job("slow", {"n": n}, priority=p) for n, p in enumerate([2, 8, 5])]
     await store.enqueue_many(old)
     for each in old:  # as a daemon of the previous release held them
         assert await store.get_job(each.id, [Q])  # the record exists
@@ -140,7 +135,7 @@ async def test_jobs_an_older_daemon_held_in_a_list_join_the_line(
 
 
 async def test_returned_jobs_wait_from_their_return(store: Store) -> None:
-    await store.enqueue_many([job("echo", 0), job("echo", 1)])
+    await store.enqueue_many([new_job("echo", {"n": 0}), new_job("echo", {"n": 1})])
     await store.claim(Q, "a", 1, now=2, type_limits=ECHO)
     await store.claim(Q, "dead", 1, now=2, type_limits=ECHO)
     assert await store.requeue_inflight(Q, "a", now=100) == 1
@@ -152,7 +147,7 @@ async def test_returned_jobs_wait_from_their_return(store: Store) -> None:
 async def test_in_flight_counts_each_daemons_active_sets_now(
     store: Store, inspector: Inspector
 ) -> None:
-    await store.enqueue_many([job("echo", n) for n in range(5)])
+    await store.enqueue_many([new_job("echo", {"n": n}) for n in range(5)])
     await store.claim(Q, "a", 3, now=2, type_limits=ECHO)
     assert await inspector.in_flight([daemon("a", ("echo",)), daemon("b", ("echo",))]) == {
         "a": 3,

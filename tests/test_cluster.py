@@ -11,8 +11,8 @@ import pytest
 from redis.asyncio.cluster import RedisCluster
 
 from taskd.config import Config
-from taskd.jobs import QUEUED, Job, new_id
 from taskd.store import Attempt, Inspector, Keys, Store, TypeLimits
+from tests.builders import new_job
 from tests.support import (
     ECHO,
     REPO,
@@ -53,10 +53,6 @@ async def cluster_store(cluster_url: str) -> AsyncIterator[Store]:
     await store.close()
 
 
-def job(queue: str, n: int, **fields: Any) -> Job:
-    return Job(new_id(), "echo", queue, n, QUEUED, 0, 1, max_attempts=2, **fields)
-
-
 async def test_every_script_runs_on_the_node_of_its_queue(
     cluster_store: Store, queues: list[str]
 ) -> None:
@@ -64,7 +60,14 @@ async def test_every_script_runs_on_the_node_of_its_queue(
     inspector = Inspector(connection=store.connection)
     for queue in queues:
         jobs = [
-            job(queue, n, priority=n % 10, callback_url="http://127.0.0.1:9/") for n in range(12)
+            new_job(
+                payload=n,
+                queue=queue,
+                max_attempts=2,
+                priority=n % 10,
+                callback_url="http://127.0.0.1:9/",
+            )
+            for n in range(12)
         ]
         assert await store.enqueue_many(jobs) == [j.id for j in jobs]
         claim = await store.claim(
@@ -88,7 +91,7 @@ async def test_every_script_runs_on_the_node_of_its_queue(
 async def test_cancel_requests_reach_subscribers_through_the_cluster(
     cluster_store: Store, queues: list[str]
 ) -> None:
-    running = [job(queue, 0) for queue in queues]
+    running = [new_job(payload=0, queue=queue, max_attempts=2) for queue in queues]
     async with cluster_store.cancel_requests() as requests:
         for j in running:
             await cluster_store.enqueue(j)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import shutil
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,11 +24,10 @@ from taskd.store import Store
 from tests.support import (
     DEADLINE,
     REPO,
+    DaemonApi,
     base_url,
     get_json,
-    make_config,
     post_json,
-    running_daemon,
     wait_for_state,
 )
 
@@ -74,12 +73,6 @@ T = TypeVar("T")
 
 
 # ---------------------------------------------------------------- fixtures and helpers
-
-
-@pytest.fixture
-async def daemon(redis_url: str) -> AsyncIterator[Daemon]:
-    async with running_daemon(make_config(redis_url)) as running:
-        yield running
 
 
 @pytest.fixture
@@ -301,11 +294,9 @@ async def test_pause_and_resume_through_the_page(daemon: Daemon, browser: WebDri
 
 
 async def test_with_a_token_the_page_needs_it_and_works_with_it(
-    redis_url: str, browser: WebDriver
+    daemon_api: DaemonApi, browser: WebDriver
 ) -> None:
-    config = make_config(redis_url, server={"token": TOKEN})
-    async with running_daemon(config) as daemon, aiohttp.ClientSession() as session:
-        url = base_url(daemon)
+    async with daemon_api(server={"token": TOKEN}) as (_, (session, url)):
         async with session.get(f"{url}/events") as response:
             assert response.status == 401
 
@@ -342,12 +333,11 @@ async def test_with_a_token_the_page_needs_it_and_works_with_it(
 
 
 async def test_limits_waits_and_priorities_are_shown(
-    redis_url: str, browser: WebDriver, tmp_path: Path
+    daemon_api: DaemonApi, browser: WebDriver, tmp_path: Path
 ) -> None:
     """A type allowed one start an hour: of 3 jobs one runs, 2 wait, and the page says so."""
-    config = make_config(redis_url, handlers={"limited": {"builtin": "echo", "rate_limit": "1/h"}})
-    async with running_daemon(config) as daemon, aiohttp.ClientSession() as session:
-        url = base_url(daemon)
+    limited = {"limited": {"builtin": "echo", "rate_limit": "1/h"}}
+    async with daemon_api(handlers=limited) as (_, (session, url)):
         priorities = {}
         for priority in (8, 2, None):  # None: the default, 5
             body: dict[str, Any] = {"type": "limited", "payload": {"p": priority}}
@@ -492,23 +482,19 @@ async def test_at_phone_width_the_page_does_not_scroll_sideways(
 
 
 @pytest.mark.timeout(120)
-async def test_a_screenshot_with_data(redis_url: str, browser: WebDriver, tmp_path: Path) -> None:
+async def test_a_screenshot_with_data(
+    daemon_api: DaemonApi, browser: WebDriver, tmp_path: Path
+) -> None:
     """Two busy queues, then a running job, a scheduled one and failures; a full-page shot.
 
     With TASKD_SCREENSHOT=1 it is also written to docs/dashboard.png, for the README.
     """
-    config = make_config(
-        redis_url,
+    started = daemon_api(
         workers={"queues": ["default", "images"]},
         # Thumbnails come 2 a second, over their rate limit: some wait, as the page shows.
         handlers={"thumbnail": {"builtin": "echo", "queue": "images", "rate_limit": "1/s"}},
     )
-    async with (
-        running_daemon(config) as daemon,
-        aiohttp.ClientSession() as session,
-        anyio.create_task_group() as tg,
-    ):
-        url = base_url(daemon)
+    async with started as (_, (session, url)), anyio.create_task_group() as tg:
 
         async def submit(body: dict[str, Any]) -> None:
             status, job = await post_json(session, f"{url}/jobs", body)

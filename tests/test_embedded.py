@@ -23,8 +23,10 @@ from redis.asyncio import Redis as AsyncRedis
 from taskd.embedded import (
     MIN_VERSION,
     EmbeddedRedisError,
+    PortTakenError,
     RedisServer,
     find_redis_server,
+    free_port,
     server_version,
 )
 
@@ -232,6 +234,58 @@ def test_failed_start_quotes_the_redis_log(tmp_path: Path) -> None:
         ):
             server.start(timeout=START_TIMEOUT)
     assert server.pid is None
+
+
+def test_start_on_free_port_tries_another_port_when_its_pick_was_taken(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        free = free_port()
+        picks = [free, taken.getsockname()[1]]  # popped from the end: the taken one first
+        server = RedisServer.start_on_free_port(
+            data_dir=tmp_path, timeout=START_TIMEOUT, pick_port=picks.pop, appendonly=False
+        )
+        try:
+            assert (server.port, picks) == (free, [])
+            with Redis.from_url(server.url) as client:
+                assert client.ping()
+        finally:
+            server.stop()
+
+
+def test_start_on_free_port_gives_up_after_its_attempts_on_taken_ports(tmp_path: Path) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        picked: list[int] = []
+
+        def pick() -> int:
+            picked.append(taken.getsockname()[1])
+            return picked[-1]
+
+        with pytest.raises(PortTakenError, match="Address already in use"):
+            RedisServer.start_on_free_port(
+                data_dir=tmp_path, timeout=START_TIMEOUT, attempts=3, pick_port=pick
+            )
+    assert len(picked) == 3
+
+
+def test_start_on_free_port_raises_other_failures_at_once(tmp_path: Path) -> None:
+    picked: list[int] = []
+
+    def pick() -> int:
+        picked.append(free_port())
+        return picked[-1]
+
+    with pytest.raises(EmbeddedRedisError, match="exited with status") as error:
+        RedisServer.start_on_free_port(
+            data_dir=tmp_path,
+            timeout=START_TIMEOUT,
+            pick_port=pick,
+            extra_args=["--no-such-option", "1"],
+        )
+    assert not isinstance(error.value, PortTakenError)
+    assert len(picked) == 1
 
 
 _DAEMON = """

@@ -13,12 +13,12 @@ from typing import Any
 
 import aiohttp
 import anyio
-import orjson
 import pytest
 from redis.asyncio import Redis
 
 from taskd.jobs import QUEUED, Job, new_id, now_ms
 from taskd.store import Keys, Store
+from tests.builders import write_daemon_config
 from tests.support import (
     DaemonProcess,
     get_json,
@@ -31,10 +31,6 @@ from tests.support import (
 K = Keys("taskd")
 Q = "default"
 SLEEP = {"builtin": "sleep"}
-
-
-def toml_value(value: Any) -> str:
-    return orjson.dumps(value).decode() if not isinstance(value, bool) else str(value).lower()
 
 
 class Fleet:
@@ -50,13 +46,9 @@ class Fleet:
         """Start a daemon with these handlers and [workers] settings; its base URL."""
         port = self._free_port()
         settings = {"concurrency": 20, "heartbeat_interval": 0.5, "dead_after": 5, **workers}
-        lines = [f'[server]\nlisten = "127.0.0.1:{port}"\n', "[workers]"]
-        lines += [f"{key} = {toml_value(value)}" for key, value in settings.items()]
-        for name, fields in handlers.items():
-            lines += ["", f"[handlers.{name}]"]
-            lines += [f"{key} = {toml_value(value)}" for key, value in fields.items()]
-        config = self._tmp / f"taskd-{len(self.daemons)}.toml"
-        config.write_text("\n".join(lines) + "\n")
+        config = write_daemon_config(
+            self._tmp / f"taskd-{len(self.daemons)}.toml", port, workers=settings, handlers=handlers
+        )
         daemon = DaemonProcess(
             ["--config", str(config)], cwd=self._tmp, env={"TASKD_REDIS_URL": self._redis_url}
         )

@@ -4,20 +4,16 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import aiohttp
 import pytest
 
-from taskd.daemon import Daemon
 from tests.support import (
-    base_url,
+    Api,
+    DaemonApi,
     get_json,
-    make_config,
     post_json,
-    running_daemon,
     wait_for_state,
     wait_until,
 )
@@ -27,25 +23,12 @@ FAST_RETRIES = {"backoff_base": 0.05, "backoff_max": 0.2}
 # machine; a loaded 2-core CI machine can stall a process for far longer.
 LATE_MARGIN_MS = 500
 
-Api = tuple[aiohttp.ClientSession, str]
-
-
-@pytest.fixture
-async def daemon(redis_url: str) -> AsyncIterator[Daemon]:
-    handlers = {
-        "echo": {"builtin": "echo"},
-        "sleep": {"builtin": "sleep"},
-        "fail": {"builtin": "fail", **FAST_RETRIES},
-    }
-    config = make_config(redis_url, workers={"concurrency": 4}, handlers=handlers)
-    async with running_daemon(config) as running:
-        yield running
-
-
-@pytest.fixture
-async def api(daemon: Daemon) -> AsyncIterator[Api]:
-    async with aiohttp.ClientSession() as session:
-        yield session, base_url(daemon)
+HANDLERS = {
+    "echo": {"builtin": "echo"},
+    "sleep": {"builtin": "sleep"},
+    "fail": {"builtin": "fail", **FAST_RETRIES},
+}
+pytestmark = pytest.mark.daemon_config(workers={"concurrency": 4}, handlers=HANDLERS)
 
 
 async def submit(api: Api, body: dict[str, Any], status: int = 201) -> dict[str, Any]:
@@ -104,11 +87,9 @@ async def test_failed_attempts_retry_with_backoff_then_die(api: Api) -> None:
     assert all(gap < 200 + LATE_MARGIN_MS for gap in gaps)
 
 
-async def test_a_waiting_retry_shows_its_attempts_and_next_run(redis_url: str) -> None:
+async def test_a_waiting_retry_shows_its_attempts_and_next_run(daemon_api: DaemonApi) -> None:
     handlers = {"fail": {"builtin": "fail", "backoff_base": 60, "backoff_max": 60}}
-    config = make_config(redis_url, handlers=handlers)
-    async with running_daemon(config) as daemon, aiohttp.ClientSession() as session:
-        api = (session, base_url(daemon))
+    async with daemon_api(handlers=handlers) as (_, api):
         job = await submit(api, {"type": "fail", "payload": {"message": "later"}})
         waiting = await wait_for_state(*api, job["id"], {"scheduled"})
     assert waiting["attempts"] == 1

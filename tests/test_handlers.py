@@ -28,8 +28,9 @@ from yarl import URL
 from taskd.config import ConfigError, HandlerConfig, parse
 from taskd.egress import DEFAULT_POLICY, Policy
 from taskd.handlers import MAX_OUTPUT, STDERR_TAIL, Handlers, JobFailed
-from taskd.jobs import Job
+from taskd.jobs import ACTIVE, Job
 from tests import handler_funcs
+from tests.builders import new_job
 
 PROGRAMS = Path(__file__).parent / "programs"
 FUNCS = "tests.handler_funcs"
@@ -41,14 +42,9 @@ LOOPBACK = Policy(allow=(ipaddress.ip_network("127.0.0.0/8"),))
 def make_job(
     job_type: str, payload: Any = None, *, job_id: str = "job-1", attempts: int = 1
 ) -> Job:
-    return Job(
-        id=job_id,
-        type=job_type,
-        queue="default",
-        payload=payload,
-        state="active",
-        attempts=attempts,
-        created_at=0,
+    """A job as a worker runs it: claimed, on its `attempts`-th attempt."""
+    return new_job(
+        job_type, payload, id=job_id, state=ACTIVE, attempts=attempts, created_at=0, max_attempts=1
     )
 
 
@@ -317,14 +313,14 @@ def daemon_env(monkeypatch: pytest.MonkeyPatch, **env: str | None) -> None:
 async def program_env(config: HandlerConfig) -> dict[str, str]:
     """The whole environment show_env.py is started with, as a job of config's type."""
     async with Handlers({config.name: config}) as handlers:
-        job = Job(
+        job = new_job(
+            config.name,
             id="j-42",
-            type=config.name,
             queue="q1",
-            payload=None,
-            state="active",
+            state=ACTIVE,
             attempts=3,
             created_at=0,
+            max_attempts=1,
         )
         env = await run_job(handlers, job)
     assert isinstance(env, dict)

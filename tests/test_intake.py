@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +13,7 @@ from taskd.daemon import Daemon
 from taskd.embedded import RedisServer
 from taskd.store import Keys
 from tests.support import (
+    Api,
     base_url,
     get_json,
     make_config,
@@ -26,21 +26,11 @@ from tests.support import (
 PRIORITY_RULE = "'priority' must be an integer from 0 (lowest) to 9 (highest), got"
 
 
-@pytest.fixture
-async def daemon(redis_url: str) -> AsyncIterator[Daemon]:
-    config = make_config(redis_url, server={"max_body": 4096})
-    async with running_daemon(config) as running:
-        yield running
-
-
-@pytest.fixture
-async def api(daemon: Daemon) -> AsyncIterator[tuple[aiohttp.ClientSession, str]]:
-    async with aiohttp.ClientSession() as session:
-        yield session, base_url(daemon)
+pytestmark = pytest.mark.daemon_config(server={"max_body": 4096})
 
 
 async def test_echo_job_completes_with_its_payload_as_result(
-    api: tuple[aiohttp.ClientSession, str],
+    api: Api,
 ) -> None:
     session, url = api
     status, job = await post_json(session, f"{url}/jobs", {"type": "echo", "payload": {"x": 1}})
@@ -58,7 +48,7 @@ async def test_echo_job_completes_with_its_payload_as_result(
     assert done["created_at"] <= done["started_at"] <= done["finished_at"]
 
 
-async def test_submit_answers_location_of_the_job(api: tuple[aiohttp.ClientSession, str]) -> None:
+async def test_submit_answers_location_of_the_job(api: Api) -> None:
     session, url = api
     async with session.post(f"{url}/jobs", json={"type": "noop"}) as response:
         job = await response.json()
@@ -66,7 +56,7 @@ async def test_submit_answers_location_of_the_job(api: tuple[aiohttp.ClientSessi
 
 
 async def test_failing_handler_marks_the_job_failed_and_keeps_serving(
-    api: tuple[aiohttp.ClientSession, str],
+    api: Api,
 ) -> None:
     session, url = api
     _, job = await post_json(
@@ -81,7 +71,7 @@ async def test_failing_handler_marks_the_job_failed_and_keeps_serving(
     assert done["result"] == 7
 
 
-async def test_job_shows_active_while_it_runs(api: tuple[aiohttp.ClientSession, str]) -> None:
+async def test_job_shows_active_while_it_runs(api: Api) -> None:
     session, url = api
     _, job = await post_json(session, f"{url}/jobs", {"type": "sleep", "payload": {"seconds": 30}})
     active = await wait_for_state(session, url, job["id"], {"active"})
@@ -89,16 +79,14 @@ async def test_job_shows_active_while_it_runs(api: tuple[aiohttp.ClientSession, 
     assert active["finished_at"] is None
 
 
-async def test_ids_are_time_ordered(api: tuple[aiohttp.ClientSession, str]) -> None:
+async def test_ids_are_time_ordered(api: Api) -> None:
     session, url = api
     ids = [(await post_json(session, f"{url}/jobs", {"type": "noop"}))[1]["id"] for _ in range(20)]
     assert ids == sorted(ids)
     assert len(set(ids)) == 20
 
 
-async def test_stats_count_states_and_list_this_daemon(
-    daemon: Daemon, api: tuple[aiohttp.ClientSession, str]
-) -> None:
+async def test_stats_count_states_and_list_this_daemon(daemon: Daemon, api: Api) -> None:
     session, url = api
     _, ok = await post_json(session, f"{url}/jobs", {"type": "echo", "payload": 1})
     _, bad = await post_json(session, f"{url}/jobs", {"type": "fail", "max_attempts": 1})
@@ -130,12 +118,12 @@ async def test_stats_count_states_and_list_this_daemon(
     assert me["active"] == 1  # the sleeping job, now: not as of the last heartbeat
 
 
-async def test_health_is_ok_while_redis_answers(api: tuple[aiohttp.ClientSession, str]) -> None:
+async def test_health_is_ok_while_redis_answers(api: Api) -> None:
     session, url = api
     assert await get_json(session, f"{url}/health") == (200, {"status": "ok"})
 
 
-async def test_unknown_job_id_is_404(api: tuple[aiohttp.ClientSession, str]) -> None:
+async def test_unknown_job_id_is_404(api: Api) -> None:
     session, url = api
     status, body = await get_json(session, f"{url}/jobs/nope")
     assert status == 404
@@ -210,7 +198,7 @@ async def test_unknown_job_id_is_404(api: tuple[aiohttp.ClientSession, str]) -> 
     ],
 )
 async def test_bad_submissions_get_a_json_error(
-    api: tuple[aiohttp.ClientSession, str], body: bytes, status: int, code: str, message: str
+    api: Api, body: bytes, status: int, code: str, message: str
 ) -> None:
     session, url = api
     headers = {"content-type": "application/json"}
@@ -222,23 +210,21 @@ async def test_bad_submissions_get_a_json_error(
 
 
 @pytest.mark.parametrize("priority", [0, 9, None])
-async def test_a_valid_priority_is_accepted(
-    api: tuple[aiohttp.ClientSession, str], priority: int | None
-) -> None:
+async def test_a_valid_priority_is_accepted(api: Api, priority: int | None) -> None:
     session, url = api
     status, _ = await post_json(session, f"{url}/jobs", {"type": "noop", "priority": priority})
     assert status == 201
 
 
 async def test_unknown_type_message_lists_the_configured_types(
-    api: tuple[aiohttp.ClientSession, str],
+    api: Api,
 ) -> None:
     session, url = api
     _, answer = await post_json(session, f"{url}/jobs", {"type": "resize"})
     assert "echo, fail, noop, sleep" in answer["error"]["message"]
 
 
-async def test_body_over_the_limit_is_413(api: tuple[aiohttp.ClientSession, str]) -> None:
+async def test_body_over_the_limit_is_413(api: Api) -> None:
     session, url = api
     status, answer = await post_json(
         session, f"{url}/jobs", {"type": "echo", "payload": "x" * 5000}
@@ -252,7 +238,7 @@ async def test_body_over_the_limit_is_413(api: tuple[aiohttp.ClientSession, str]
     [("GET", "/nowhere", 404, "not_found"), ("DELETE", "/stats", 405, "method_not_allowed")],
 )
 async def test_routing_errors_are_json(
-    api: tuple[aiohttp.ClientSession, str], method: str, path: str, status: int, code: str
+    api: Api, method: str, path: str, status: int, code: str
 ) -> None:
     session, url = api
     async with session.request(method, f"{url}{path}") as response:
@@ -260,7 +246,7 @@ async def test_routing_errors_are_json(
         assert (await response.json())["error"]["code"] == code
 
 
-async def test_daemon_keeps_serving_after_bad_input(api: tuple[aiohttp.ClientSession, str]) -> None:
+async def test_daemon_keeps_serving_after_bad_input(api: Api) -> None:
     session, url = api
     for _ in range(3):
         headers = {"Content-Type": "application/json"}
@@ -272,9 +258,7 @@ async def test_daemon_keeps_serving_after_bad_input(api: tuple[aiohttp.ClientSes
     assert done["result"] == "still here"
 
 
-async def test_submissions_are_refused_once_stopping(
-    daemon: Daemon, api: tuple[aiohttp.ClientSession, str]
-) -> None:
+async def test_submissions_are_refused_once_stopping(daemon: Daemon, api: Api) -> None:
     session, url = api
     daemon.intake.refuse_new()
     status, answer = await post_json(session, f"{url}/jobs", {"type": "noop"})
@@ -285,11 +269,8 @@ async def test_submissions_are_refused_once_stopping(
     assert health["status"] == "stopping"
 
 
-async def test_health_reports_an_unreachable_redis_and_recovers(
-    tmp_path: Path, free_port: Any
-) -> None:
-    server = RedisServer(data_dir=tmp_path, port=free_port())
-    server.start()
+async def test_health_reports_an_unreachable_redis_and_recovers(tmp_path: Path) -> None:
+    server = RedisServer.start_on_free_port(data_dir=tmp_path)
     try:
         async with (
             running_daemon(make_config(server.url)) as daemon,
@@ -318,9 +299,7 @@ async def test_health_reports_an_unreachable_redis_and_recovers(
         server.stop()
 
 
-async def test_batch_enqueues_all_and_answers_ids_in_order(
-    api: tuple[aiohttp.ClientSession, str], redis: Redis
-) -> None:
+async def test_batch_enqueues_all_and_answers_ids_in_order(api: Api, redis: Redis) -> None:
     session, url = api
     jobs = [{"type": "echo", "payload": n} for n in range(50)] + [{"type": "noop", "delay": 60}]
     status, body = await post_json(session, f"{url}/jobs/batch", {"jobs": jobs})

@@ -8,9 +8,9 @@ import aiohttp
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 
-from taskd.jobs import QUEUED, Job, new_id
-from taskd.store import Attempt, Inspector, Keys, Store, TypeLimits
+from taskd.store import Inspector, Keys, Store, TypeLimits
 from tests import handler_funcs
+from tests.builders import done, new_job, stored
 from tests.support import (
     get_json,
     make_config,
@@ -28,24 +28,10 @@ TWO_AT_ONCE = [TypeLimits("slow", concurrency=2)]
 THREE_A_SECOND = [TypeLimits("slow", rate_count=3, rate_per_ms=1000)]
 
 
-def job(job_type: str = "slow", n: int = 0) -> Job:
-    return Job(new_id(), job_type, Q, {"n": n}, QUEUED, 0, 1, max_attempts=3)
-
-
-def done(job: Job) -> Attempt:
-    return Attempt(job.id, job.attempts, "completed", "null", 0, b"{}")
-
-
-async def stored(store: Store, job_id: str) -> Job:
-    found = await store.get_job(job_id, [Q])
-    assert found is not None
-    return found
-
-
 async def test_global_concurrency_holds_jobs_over_it_without_an_attempt(
     store: Store, inspector: Inspector
 ) -> None:
-    jobs = [job(n=n) for n in range(5)] + [job("fast")]
+    jobs = [new_job("slow", {"n": n}) for n in range(5)] + [new_job("fast", {"n": 0})]
     await store.enqueue_many(jobs)
     limits = [*TWO_AT_ONCE, TypeLimits("fast")]
     claimed = (await store.claim(Q, "a", 10, now=2, type_limits=limits)).jobs
@@ -71,7 +57,7 @@ async def test_global_concurrency_holds_jobs_over_it_without_an_attempt(
 
 
 async def test_slots_come_back_when_a_daemon_dies_or_stops(store: Store, redis: Redis) -> None:
-    jobs = [job(n=n) for n in range(4)]
+    jobs = [new_job("slow", {"n": n}) for n in range(4)]
     await store.enqueue_many(jobs)
     await store.claim(Q, "dead", 10, now=2, type_limits=TWO_AT_ONCE)
     # The reaper takes the dead daemon's jobs back, and with them their slots.
@@ -85,7 +71,7 @@ async def test_slots_come_back_when_a_daemon_dies_or_stops(store: Store, redis: 
 
 
 async def test_a_held_job_can_be_cancelled(store: Store, redis: Redis) -> None:
-    jobs = [job(n=n) for n in range(3)]
+    jobs = [new_job("slow", {"n": n}) for n in range(3)]
     await store.enqueue_many(jobs)
     await store.claim(Q, "a", 10, now=2, type_limits=TWO_AT_ONCE)
     assert await store.cancel(Q, jobs[2].id, now=3) == "queued"
@@ -96,7 +82,7 @@ async def test_a_held_job_can_be_cancelled(store: Store, redis: Redis) -> None:
 async def test_rate_limit_schedules_jobs_over_it_at_the_rate(
     store: Store, inspector: Inspector
 ) -> None:
-    jobs = [job(n=n) for n in range(6)]
+    jobs = [new_job("slow", {"n": n}) for n in range(6)]
     await store.enqueue_many(jobs)
     claim = await store.claim(Q, "a", 10, now=1000, type_limits=THREE_A_SECOND)
     assert [j.id for j in claim.jobs] == [j.id for j in jobs[:3]]
@@ -118,7 +104,7 @@ async def test_rate_limit_schedules_jobs_over_it_at_the_rate(
 async def test_a_claim_stops_at_its_budget_and_says_there_is_more(
     store: Store, redis: Redis
 ) -> None:
-    await store.enqueue_many([job(n=n) for n in range(2500)])
+    await store.enqueue_many([new_job("slow", {"n": n}) for n in range(2500)])
     claim = await store.claim(Q, "a", 5, now=2, type_limits=TWO_AT_ONCE)
     assert len(claim.jobs) == 2
     assert claim.more
@@ -130,7 +116,7 @@ async def test_a_claim_stops_at_its_budget_and_says_there_is_more(
 
 
 async def test_held_jobs_go_when_their_limit_is_removed(store: Store) -> None:
-    jobs = [job(n=n) for n in range(6)]
+    jobs = [new_job("slow", {"n": n}) for n in range(6)]
     await store.enqueue_many(jobs)
     assert len((await store.claim(Q, "a", 10, now=2, type_limits=TWO_AT_ONCE)).jobs) == 2
     removed = [TypeLimits("slow")]
@@ -143,7 +129,7 @@ async def test_held_jobs_go_when_their_limit_is_removed(store: Store) -> None:
 async def test_held_jobs_go_when_none_of_their_type_runs(
     store: Store, inspector: Inspector, redis: Redis
 ) -> None:
-    jobs = [job(n=n) for n in range(6)]
+    jobs = [new_job("slow", {"n": n}) for n in range(6)]
     await store.enqueue_many(jobs)
     await store.claim(Q, "a", 10, now=2, type_limits=TWO_AT_ONCE)
     await redis.delete(K.limit(Q, "slow", "running"))  # as if the releases were missed

@@ -9,8 +9,9 @@ import aiohttp
 import anyio
 from redis.asyncio import Redis
 
-from taskd.jobs import QUEUED, Job, new_id
+from taskd.jobs import Job, new_id
 from taskd.store import Keys, Store
+from tests.builders import new_job
 from tests.support import (
     ECHO,
     base_url,
@@ -26,16 +27,12 @@ Q = "default"
 K = Keys("taskd")
 
 
-def job(priority: int, n: int = 0) -> Job:
-    return Job(new_id(), "echo", Q, {"n": n}, QUEUED, 0, 1, max_attempts=3, priority=priority)
-
-
 async def test_claims_take_the_highest_priority_first_and_the_oldest_within_one(
     store: Store,
 ) -> None:
     # More jobs than the inbox holds, so that both the inbox and the priority lists are used.
     rng = random.Random(7)
-    jobs = [job(rng.randrange(10), n) for n in range(1500)]
+    jobs = [new_job(payload={"n": n}, priority=rng.randrange(10)) for n in range(1500)]
     assert await store.enqueue_many(jobs) == [j.id for j in jobs]
     taken: list[Job] = []
     while claimed := (
@@ -47,13 +44,13 @@ async def test_claims_take_the_highest_priority_first_and_the_oldest_within_one(
 
 
 async def test_a_new_higher_priority_job_goes_before_a_backlog(store: Store) -> None:
-    await store.enqueue_many([job(5, n) for n in range(1200)])
+    await store.enqueue_many([new_job(payload={"n": n}, priority=5) for n in range(1200)])
     await store.claim(Q, "d", 10, now=2, type_limits=ECHO)
-    urgent = job(9)
+    urgent = new_job(payload={"n": 0}, priority=9)
     await store.enqueue(urgent)
     [first] = (await store.claim(Q, "d", 1, now=3, type_limits=ECHO)).jobs
     assert first.id == urgent.id
-    background = job(0)
+    background = new_job(payload={"n": 0}, priority=0)
     await store.enqueue(background)
     rest = []
     while claimed := (await store.claim(Q, "d", 500, now=4, type_limits=ECHO)).jobs:
@@ -69,7 +66,7 @@ async def test_an_idle_daemon_is_woken_by_a_job_of_any_priority(store: Store) ->
             async with anyio.create_task_group() as tg:
                 tg.start_soon(store.wait_for_job, Q, "d", 5)
                 await anyio.wait_all_tasks_blocked()
-                new = job(priority)
+                new = new_job(payload={"n": 0}, priority=priority)
                 await store.enqueue(new)
         [claimed] = (await store.claim(Q, "d", 10, now=2, type_limits=ECHO)).jobs
         assert claimed.id == new.id
@@ -81,7 +78,7 @@ async def test_leftovers_of_a_claim_stay_where_a_blocked_daemon_gets_them(
 ) -> None:
     # Daemon a found the queue empty and is about to block; meanwhile daemon b claims one
     # job of a burst. The rest must still wake a blocked daemon, not sit unseen.
-    await store.enqueue_many([job(n % 10, n) for n in range(50)])
+    await store.enqueue_many([new_job(payload={"n": n}, priority=n % 10) for n in range(50)])
     assert len((await store.claim(Q, "b", 1, now=2, type_limits=ECHO)).jobs) == 1
     with anyio.fail_after(5):
         assert await store.wait_for_job(Q, "a", 5)
@@ -92,7 +89,7 @@ async def test_leftovers_of_a_claim_stay_where_a_blocked_daemon_gets_them(
 
 
 async def test_returned_and_promoted_jobs_keep_their_priority(store: Store) -> None:
-    low, high = job(1), job(8)
+    low, high = new_job(payload={"n": 0}, priority=1), new_job(payload={"n": 0}, priority=8)
     await store.enqueue_many([low, high])
     claimed = (await store.claim(Q, "d", 2, now=2, type_limits=ECHO)).jobs
     assert [j.id for j in claimed] == [high.id, low.id]
@@ -113,7 +110,8 @@ async def test_returned_and_promoted_jobs_keep_their_priority(store: Store) -> N
 async def test_cancel_and_delete_find_a_job_in_its_priority_list(
     store: Store, redis: Redis
 ) -> None:
-    jobs = [job(3, n) for n in range(1100)]  # the last ones wait in the list of priority 3
+    # The last ones wait in the list of priority 3.
+    jobs = [new_job(payload={"n": n}, priority=3) for n in range(1100)]
     await store.enqueue_many(jobs)
     assert await redis.llen(K.priority_list(Q, 3)) == 100
     assert await store.cancel(Q, jobs[-1].id, now=2) == "queued"

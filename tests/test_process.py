@@ -12,6 +12,7 @@ import aiohttp
 from redis.asyncio import Redis
 
 from taskd.store import Keys
+from tests.builders import write_daemon_config
 from tests.support import (
     REPO,
     DaemonProcess,
@@ -92,13 +93,10 @@ async def test_bad_config_stops_startup_with_file_key_and_problem(tmp_path: Path
 
 
 def daemon_config(tmp_path: Path, name: str, port: int) -> Path:
-    path = tmp_path / f"{name}.toml"
-    path.write_text(
-        f'[server]\nlisten = "127.0.0.1:{port}"\n\n'
-        "[workers]\nconcurrency = 8\nshutdown_timeout = 10\nheartbeat_interval = 0.5\n\n"
-        '[handlers.sleep]\nbuiltin = "sleep"\n'
+    workers = {"concurrency": 8, "shutdown_timeout": 10, "heartbeat_interval": 0.5}
+    return write_daemon_config(
+        tmp_path / f"{name}.toml", port, workers=workers, handlers={"sleep": {"builtin": "sleep"}}
     )
-    return path
 
 
 async def test_two_daemons_share_work_and_sigterm_loses_nothing(

@@ -107,16 +107,13 @@ async def fill(redis: Redis) -> None:
     raise AssertionError("Redis took 100 MB past an 8 MB maxmemory")
 
 
-async def test_a_full_redis_answers_storage_full_and_recovers(
-    tmp_path: Path, free_port: Any
-) -> None:
-    server = RedisServer(
+async def test_a_full_redis_answers_storage_full_and_recovers(tmp_path: Path) -> None:
+    server = RedisServer.start_on_free_port(
         data_dir=tmp_path,
-        port=free_port(),
+        timeout=30,
         appendonly=False,
         extra_args=["--maxmemory", "8mb", "--maxmemory-policy", "noeviction"],
     )
-    server.start(timeout=30)
     redis = Redis.from_url(server.url)
     try:
         async with running_daemon(make_config(server.url)) as daemon, aiohttp.ClientSession() as s:
@@ -148,12 +145,11 @@ async def test_a_full_redis_answers_storage_full_and_recovers(
 
 
 async def test_a_redis_that_lost_its_data_is_noticed_and_counted(
-    tmp_path: Path, free_port: Any, caplog: pytest.LogCaptureFixture
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # No AOF and no snapshots: a restart comes back empty, as a fail-over to a fresh
     # replica would.
-    server = RedisServer(data_dir=tmp_path, port=free_port(), appendonly=False)
-    server.start(timeout=30)
+    server = RedisServer.start_on_free_port(data_dir=tmp_path, timeout=30, appendonly=False)
     try:
         async with running_daemon(make_config(server.url)) as daemon, aiohttp.ClientSession() as s:
             url = base_url(daemon)

@@ -14,6 +14,7 @@ from taskd.config import ConfigError, HandlerConfig, ScheduleConfig, parse
 from taskd.jobs import DEFAULT_PRIORITY, QUEUED
 from taskd.scheduler import Scheduler, next_tick, prev_tick
 from taskd.store import Keys, Store
+from tests.builders import Clock
 from tests.support import base_url, get_json, running_daemon
 
 K = Keys("taskd")
@@ -23,14 +24,6 @@ EVERY_5 = ScheduleConfig(name="five", cron="*/5 * * * *", type="echo", payload={
 
 def ms(text: str) -> int:
     return int(datetime.fromisoformat(text).timestamp() * 1000)
-
-
-class Clock:
-    def __init__(self, now: int) -> None:
-        self.now = now
-
-    def __call__(self) -> int:
-        return self.now
 
 
 @pytest.fixture

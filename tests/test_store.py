@@ -3,30 +3,16 @@
 from __future__ import annotations
 
 import anyio
-import orjson
 from redis.asyncio import Redis
 
-from taskd.jobs import QUEUED, SCHEDULED, Job, new_id
-from taskd.store import Attempt, Beat, DaemonInfo, Inspector, Keys, Store
+from taskd.jobs import Job
+from taskd.store import Beat, DaemonInfo, Inspector, Keys, Store
+from tests.builders import ended, enqueue, new_job, stored
 from tests.support import ECHO, ready_ids
 
 Q = "default"
 ME = "daemon-a"
 K = Keys("taskd")
-
-
-def new_job(payload: object = None, *, run_at: int | None = None, max_attempts: int = 3) -> Job:
-    return Job(
-        id=new_id(),
-        type="echo",
-        queue=Q,
-        payload=payload,
-        state=SCHEDULED if run_at else QUEUED,
-        attempts=0,
-        created_at=1,
-        max_attempts=max_attempts,
-        run_at=run_at,
-    )
 
 
 async def place(redis: Redis, job_id: str, daemon: str = ME) -> list[str]:
@@ -46,24 +32,6 @@ async def place(redis: Redis, job_id: str, daemon: str = ME) -> list[str]:
         if await redis.zscore(key, job_id) is not None:
             found.append(name)
     return found
-
-
-async def enqueue(store: Store, count: int, **options: int) -> list[Job]:
-    jobs = [new_job(payload={"n": n}, **options) for n in range(count)]
-    for job in jobs:
-        assert await store.enqueue(job)
-    return jobs
-
-
-async def stored(store: Store, job_id: str) -> Job:
-    job = await store.get_job(job_id, [Q])
-    assert job is not None
-    return job
-
-
-def ended(job: Job, outcome: str, value: str = "", retry_at: int = 0) -> Attempt:
-    entry = orjson.dumps({"attempt": job.attempts, "outcome": outcome})
-    return Attempt(job.id, job.attempts, outcome, value, retry_at, entry)
 
 
 async def test_enqueue_queues_or_schedules(store: Store, redis: Redis) -> None:
