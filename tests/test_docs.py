@@ -124,17 +124,13 @@ def console_commands(block: Block) -> list[Command]:
 
 def _is_text(line: str) -> bool:
     stripped = line.strip()
-    return bool(stripped) and '":' not in stripped and stripped[0] not in "{}[]…"
+    return stripped not in ("", "…") and '":' not in stripped and stripped[0] not in "{}[]"
 
 
-def _fragments_in(fragments: list[str], line: str) -> bool:
-    at = 0
-    for fragment in fragments:
-        at = line.find(fragment, at)
-        if at < 0:
-            return False
-        at += len(fragment)
-    return True
+def _line_pattern(line: str) -> re.Pattern[str]:
+    """A documented text line as a pattern for a whole output line: `…` stands for anything."""
+    parts = " ".join(line.split()).split("…")
+    return re.compile(".*".join(re.escape(part) for part in parts))
 
 
 def compare(
@@ -162,8 +158,8 @@ def compare(
             if not (actual_lines and actual_lines[0].split()[1:2] == [status.group(1)]):
                 problems.append(f"status is not {status.group(1)}")
         elif _is_text(line):
-            fragments = [f.strip() for f in " ".join(line.split()).split("…") if f.strip()]
-            if not any(_fragments_in(fragments, a) for a in actual_lines):
+            pattern = _line_pattern(line)
+            if not any(pattern.fullmatch(a) for a in actual_lines):
                 problems.append(f"no line like {line.strip()!r}")
     return problems, found
 
