@@ -388,6 +388,3 @@ def child_setup() -> Callable[[], None]:
                 os._exit(1)
 
     return setup
-
-
-_child_setup = child_setup  # the old private name, until taskd/bench.py uses child_setup

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,10 +17,9 @@ import aiohttp
 import anyio
 import orjson
 
-from taskd.bench import redis_access
-from taskd.embedded import EmbeddedRedisError, RedisServer, _child_setup
+from taskd.embedded import EmbeddedRedisError, RedisServer, child_setup, free_port
 from taskd.jobs import QUEUED, Job, new_id, now_ms
-from taskd.store import Keys
+from taskd.store import Inspector, Store
 
 QUEUE = "default"
 PREFIX = "taskd"
@@ -111,19 +109,18 @@ class Local:
     def __init__(self, *, redis_url: str, tmp: Path) -> None:
         self.redis_url = redis_url
         self.tmp = tmp
-        self.keys = Keys(PREFIX)
-        self.redis = redis_access.connect(redis_url)
-        self.store = redis_access.open_store(redis_url, PREFIX)
+        # One connection, as a daemon has: the Store puts jobs in, the Inspector reads.
+        self.store = Store.from_url(redis_url, prefix=PREFIX)
+        self.inspector = Inspector(connection=self.store.connection)
         self.running: list[SpawnedDaemon] = []
         self._spawned = 0
 
     async def close(self) -> None:
-        await redis_access.disconnect(self.redis)
         await self.store.close()
 
     async def finished(self) -> tuple[int, int]:
         """How many jobs completed and how many failed for good."""
-        return await redis_access.finished(self.redis, self.keys, QUEUE)
+        return await self.inspector.finished(QUEUE)
 
     async def enqueue(self, count: int, job_type: str, payload: Any) -> list[str]:
         """Put `count` jobs straight into Redis (no daemon needed); returns their ids."""
@@ -131,21 +128,21 @@ class Local:
             Job(new_id(), job_type, QUEUE, payload, QUEUED, 0, now_ms(), max_attempts=1)
             for _ in range(count)
         ]
-        await redis_access.enqueue_many(self.store, jobs)
+        await self.store.enqueue_many(jobs)
         return [job.id for job in jobs]
 
     async def records(
         self, ids: Sequence[str], fields: Sequence[str]
     ) -> list[dict[str, bytes | None]]:
         """These fields of these jobs, raw, in the order of `ids`."""
-        return await redis_access.job_fields(self.redis, self.keys, QUEUE, ids, fields)
+        return await self.inspector.job_fields(QUEUE, ids, fields)
 
     def spawn(self, concurrency: int, extra: str = "") -> SpawnedDaemon:
         """Start one daemon process on a free port, `extra` TOML added to its config; it is
         not ready yet."""
         self._spawned += 1
         name = f"daemon-{self._spawned}"
-        port = _free_port()
+        port = free_port()
         config = self.tmp / f"{name}.toml"
         config.write_text(_config_text(port, concurrency) + extra)
         log = self.tmp / f"{name}.log"
@@ -159,7 +156,7 @@ class Local:
                 stderr=subprocess.STDOUT,
                 # As for the embedded Redis: its own session, so that a Ctrl-C reaches only
                 # the bench, which stops it in order; and SIGTERM should the bench die.
-                preexec_fn=_child_setup(),
+                preexec_fn=child_setup(),
             )
         return SpawnedDaemon(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
 
@@ -170,13 +167,6 @@ def _config_text(port: int, concurrency: int) -> str:
         f'[server]\nlisten = "127.0.0.1:{port}"\n\n'
         f"[workers]\nconcurrency = {concurrency}\nshutdown_timeout = 1\n{handlers}"
     )
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 @contextmanager
@@ -190,16 +180,12 @@ def own_redis(data_dir: Path) -> Iterator[str]:
 
 
 def _start_redis(data_dir: Path) -> RedisServer:
-    for attempt in range(1, START_ATTEMPTS + 1):
-        server = RedisServer(data_dir=data_dir, port=_free_port(), appendonly=False)
-        try:
-            server.start(timeout=30)
-            return server
-        except EmbeddedRedisError as exc:
-            # Most likely another process took the free port first: try another.
-            if attempt == START_ATTEMPTS:
-                raise BenchError(f"cannot start a Redis for the bench: {exc}") from exc
-    raise AssertionError("unreachable")
+    try:
+        return RedisServer.start_on_free_port(
+            data_dir=data_dir, timeout=30, attempts=START_ATTEMPTS, appendonly=False
+        )
+    except EmbeddedRedisError as exc:
+        raise BenchError(f"cannot start a Redis for the bench: {exc}") from exc
 
 
 @asynccontextmanager
@@ -246,7 +232,7 @@ class Bench:
     async def reset(self) -> None:
         """A clean state between rounds: empty the bench's own Redis (never a --url one)."""
         if self.local is not None:
-            await redis_access.flush(self.local.redis)
+            await self.local.store.flush_all()
 
     async def call(self, method: str, url: str, body: bytes | None = None) -> bytes:
         """One request; the body of a 2xx answer, else HttpError."""

@@ -11,7 +11,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from redis.utils import HIREDIS_AVAILABLE
+
+from taskd.store import REPLY_PARSER
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,7 +89,7 @@ def machine(redis_version: str) -> dict[str, Any]:
         "python": platform.python_version(),
         "redis": redis_version,
         "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
-        "redis_parser": "hiredis" if HIREDIS_AVAILABLE else "python",
+        "redis_parser": REPLY_PARSER,
     }
 
 

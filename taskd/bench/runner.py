@@ -10,7 +10,6 @@ from pathlib import Path
 
 import anyio
 
-from taskd.bench import redis_access
 from taskd.bench.harness import Bench, BenchError, Local, SoakPlan, http_session, own_redis
 from taskd.bench.remote import configured_types
 from taskd.bench.report import Figure, Report, Result, aggregate, machine, number
@@ -75,7 +74,7 @@ async def _local(options: Options, redis_url: str, tmp: Path) -> Report:
     try:
         async with http_session() as session:
             bench = Bench(session=session, quick=options.quick, local=local, soak=options.soak)
-            redis_version = await redis_access.server_version(local.redis)
+            redis_version = str((await local.inspector.server_info())["version"])
             results = await run_rounds(bench, options)
     finally:
         with anyio.CancelScope(shield=True):

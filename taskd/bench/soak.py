@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import anyio
 import orjson
 
-from taskd.bench import redis_access
 from taskd.bench.harness import QUEUE, Bench, BenchError, SoakPlan, SpawnedDaemon
 from taskd.bench.report import Figure
 from taskd.bench.workloads import BATCH_SIZE
@@ -111,7 +110,7 @@ async def _soak_samples(
 
 async def _sample(bench: Bench, daemon: SpawnedDaemon, t: float) -> Sample:
     local = bench.need_local()
-    memory, keys = await redis_access.memory_and_keys(local.redis)
+    memory, keys = await local.inspector.memory_and_keys()
     stats = await bench.json("GET", f"{daemon.url}/stats")
     queued = int(stats.get("queues", {}).get(QUEUE, {}).get("queued", 0))
     rss = daemon.rss_mib()

@@ -12,12 +12,12 @@ from dataclasses import dataclass
 import anyio
 import orjson
 
-from taskd.bench import redis_access, remote
-from taskd.bench.harness import POLL, QUEUE, Bench, BenchError, Local
+from taskd.bench import remote
+from taskd.bench.harness import POLL, PREFIX, QUEUE, Bench, BenchError, Local
 from taskd.bench.remote import PICKUP_RATE, SINGLE_CLIENTS
 from taskd.bench.report import Figure, latency_figures, percentile
 from taskd.jobs import QUEUED, Job, new_id, now_ms
-from taskd.store import Store
+from taskd.store import Inspector, Store
 
 BATCH_CLIENTS = 4
 BATCH_SIZE = 1_000
@@ -131,7 +131,7 @@ async def _paced_enqueue(store: Store, count: int) -> list[tuple[str, int]]:
         # t0 is read before the enqueue goes out; the job becomes visible once Redis runs
         # the script, so the latency is overstated by at most half a round trip.
         t0 = time.time_ns()
-        await redis_access.enqueue(store, job)
+        await store.enqueue(job)
         sent.append((job.id, t0))
     return sent
 
@@ -165,14 +165,16 @@ class _Connections:
 async def _connections(local: Local) -> AsyncIterator[_Connections]:
     """Sample INFO clients every 50 ms while inside; `own` is the count on entry."""
     seen = _Connections()
-    # A connection of its own, so the bench's count stays the same while it polls.
-    client = redis_access.connect(local.redis_url, single_connection=True)
+    # A connection of its own, used by one sampler at a time, so the bench's count stays
+    # the same while it polls.
+    store = Store.from_url(local.redis_url, prefix=PREFIX)
+    inspector = Inspector(connection=store.connection)
     try:
-        seen.own = seen.peak = await redis_access.connected_clients(client)
+        seen.own = seen.peak = await inspector.connected_clients()
 
         async def sample() -> None:
             while True:
-                seen.peak = max(seen.peak, await redis_access.connected_clients(client))
+                seen.peak = max(seen.peak, await inspector.connected_clients())
                 await anyio.sleep(POLL)
 
         async with anyio.create_task_group() as tg:
@@ -180,7 +182,7 @@ async def _connections(local: Local) -> AsyncIterator[_Connections]:
             yield seen
             tg.cancel_scope.cancel()
     finally:
-        await redis_access.disconnect(client)
+        await store.close()
 
 
 async def mixed(bench: Bench) -> list[Figure]:

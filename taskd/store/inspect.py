@@ -16,6 +16,8 @@ from taskd.store.record import BUCKET_MS, TOTALS, DaemonInfo, TypeLimits, decode
 
 # Most ids a listing examines per request when filters skip most of them.
 LIST_SCAN_BUDGET = 2000
+# HMGETs per pipeline when the bench reads job records back.
+READ_CHUNK = 5_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -224,6 +226,43 @@ class Inspector:
         info = await self._r.info("server")
         memory = await self._r.info("memory")
         return {"version": info.get("redis_version"), "used_memory": memory.get("used_memory")}
+
+    # What the bench asks of its own throwaway Redis, while it measures.
+
+    async def finished(self, queue: str) -> tuple[int, int]:
+        """How many jobs of the queue completed and how many failed for good: two ZCARDs,
+        cheap enough to poll while a drain runs."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.zcard(self.keys.completed(queue))
+            pipe.zcard(self.keys.failed(queue))
+            completed, failed = await pipe.execute()
+        return int(completed), int(failed)
+
+    async def job_fields(
+        self, queue: str, ids: Sequence[str], fields: Sequence[str]
+    ) -> list[dict[str, bytes | None]]:
+        """These raw fields of these jobs' records, in the order of `ids`; pipelined
+        HMGETs, READ_CHUNK at a time."""
+        rows: list[dict[str, bytes | None]] = []
+        for start in range(0, len(ids), READ_CHUNK):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for job_id in ids[start : start + READ_CHUNK]:
+                    pipe.hmget(self.keys.job(queue, job_id), list(fields))
+                replies: list[list[bytes | None]] = await pipe.execute()
+            rows += [dict(zip(fields, reply, strict=True)) for reply in replies]
+        return rows
+
+    async def connected_clients(self) -> int:
+        """INFO clients connected_clients: every client's connections, this one's too."""
+        return int((await self._r.info("clients"))["connected_clients"])
+
+    async def memory_and_keys(self) -> tuple[int, int]:
+        """INFO memory used_memory (bytes) and DBSIZE, in one round trip."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            pipe.info("memory")
+            pipe.dbsize()
+            memory, keys = await pipe.execute()
+        return int(memory["used_memory"]), int(keys)
 
     async def list_jobs(
         self,

@@ -462,6 +462,11 @@ class Store:
             total += freed
         return total
 
+    async def flush_all(self) -> None:
+        """Delete every key of the Redis database, not only this installation's: for a
+        throwaway Redis only (the bench's, between rounds)."""
+        await self._r.flushall()
+
     async def trim_throughput(self, queue: str, now: int) -> None:
         """Forget throughput buckets older than THROUGHPUT_KEEP_MS."""
         key = self.keys.throughput(queue)
