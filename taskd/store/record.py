@@ -136,18 +136,30 @@ def decode_job(fields: Mapping[bytes, bytes]) -> Job:
 
 def decode_claimed(flat: Sequence[Any], queue: str, daemon_id: str) -> list[Job]:
     """The jobs claim.lua answered (CLAIMED_JOB entries each), now active in this daemon."""
-    width = len(CLAIMED_JOB)
+    # Unpacked by position, not through a dict by name as decode_job does: this runs for
+    # every job a daemon starts, and by name it took nearly twice as long per job.
+    # The unpacking below names CLAIMED_JOB's entries in order (a test holds them equal).
+    rows = zip(*[iter(flat)] * len(CLAIMED_JOB), strict=True)
     return [
-        _job(
-            {
-                **dict(zip(CLAIMED_JOB, flat[i : i + width], strict=True)),
-                "queue": queue,
-                "state": ACTIVE,
-                "daemon": daemon_id,
-            }
+        Job(
+            id=job_id.decode(),
+            type=job_type.decode(),
+            queue=queue,
+            payload=orjson.loads(payload),
+            state=ACTIVE,
+            attempts=int(attempts),
+            created_at=int(created_at),
+            max_attempts=int(max_attempts),
+            started_at=int(started_at),
+            daemon=daemon_id,
+            waited_ms=int(waited_ms),
+            callback_url=callback_url.decode() or None,
         )
-        for i in range(0, len(flat), width)
-    ]
+        for (
+            job_id, job_type, payload, attempts, created_at, max_attempts, started_at,
+            waited_ms, callback_url,
+        ) in rows
+    ]  # fmt: skip
 
 
 def decode_daemon(fields: Mapping[bytes, bytes]) -> DaemonInfo:

@@ -1,0 +1,51 @@
+"""The job record's layouts: what Python reads of the scripts' answers is what they wrote."""
+
+from __future__ import annotations
+
+from taskd.jobs import ACTIVE
+from taskd.store import Store
+from taskd.store.record import CLAIMED_JOB, decode_claimed
+from tests.builders import enqueue, stored
+from tests.support import ECHO
+
+# One distinct value per CLAIMED_JOB entry, as Redis sends it, and the field it becomes.
+CLAIMED = {
+    "id": (b"j-1", "j-1"),
+    "type": (b"echo", "echo"),
+    "payload": (b'{"n": 7}', {"n": 7}),
+    "attempts": (b"2", 2),
+    "created_at": (b"1000", 1000),
+    "max_attempts": (b"5", 5),
+    "started_at": (b"3000", 3000),
+    "waited_ms": (b"40", 40),
+    "callback_url": (b"http://cb.example/done", "http://cb.example/done"),
+}
+
+
+def test_claimed_jobs_are_read_in_the_order_claim_lua_answers() -> None:
+    # decode_claimed unpacks by position: a CLAIMED_JOB reordered without it shows here.
+    assert set(CLAIMED_JOB) == set(CLAIMED)
+    flat = [CLAIMED[name][0] for name in CLAIMED_JOB] * 2
+    jobs = decode_claimed(flat, "default", "daemon-a")
+    assert len(jobs) == 2
+    for name in CLAIMED_JOB:
+        assert getattr(jobs[1], name) == CLAIMED[name][1], name
+    assert (jobs[0].queue, jobs[0].state, jobs[0].daemon) == ("default", ACTIVE, "daemon-a")
+
+
+def test_no_callback_url_reads_as_none() -> None:
+    flat = [b"" if name == "callback_url" else CLAIMED[name][0] for name in CLAIMED_JOB]
+    assert decode_claimed(flat, "default", "daemon-a")[0].callback_url is None
+
+
+async def test_a_claimed_job_is_the_stored_record(store: Store) -> None:
+    # The two decoders of one record (claim's answer, the hash) must agree on every field
+    # the claim answers; the stored one also knows what the claim leaves out.
+    [job] = await enqueue(store, 1, callback_url="http://cb.example/done", max_attempts=4)
+    [claimed] = (await store.claim("default", "daemon-a", 1, now=job.created_at + 5,
+                                   type_limits=ECHO)).jobs  # fmt: skip
+    record = await stored(store, job.id)
+    for name in (*CLAIMED_JOB, "queue", "state", "daemon"):
+        if name != "waited_ms":  # not a field of the hash: the claim works it out
+            assert getattr(claimed, name) == getattr(record, name), name
+    assert claimed.waited_ms == 5
