@@ -50,10 +50,8 @@ local daemon = ARGV[5]
 local budget = most + INBOX_MAX
 -- Leftover ids kept in the inbox, so that daemons blocked on it still wake up.
 local KEEP = 16
--- The fields a claim reads of each job.
-local FIELDS = {'state', 'type', 'payload', 'created_at', 'max_attempts', 'run_at',
-  'callback_url', 'priority', 'attempts', 'waiting_for'}
-local claimed = {}
+-- The answer: its five leading entries are set last, the claimed jobs' entries follow.
+local out = {'ok', 0, 0, 0, 0}
 local skipped = 0
 local waits = {}
 local examined = 0
@@ -77,8 +75,8 @@ end
 -- The fields of a queued job, or nil for a stray id (a deleted or cancelled job).
 local function examine(id)
   examined = examined + 1
-  local f = read_job(JOB .. id, FIELDS)
-  if f.state == 'queued' then
+  local f = read_job(JOB .. id)
+  if f[STATE] == 'queued' then
     return f
   end
   return nil
@@ -104,9 +102,9 @@ local function start(id, f, t)
   redis.call('HSET', key, 'state', 'active', 'started_at', started, 'daemon', daemon)
   redis.call('HDEL', key, 'run_at', 'waiting_for')
   waits[#waits + 1] = started - due
-  for _, v in ipairs({id, f.type, f.payload, attempts, f.created_at, f.max_attempts, started,
-      started - due, f.callback_url or ''}) do
-    claimed[#claimed + 1] = v
+  for _, v in ipairs({id, f[TYPE], f[PAYLOAD], attempts, f[CREATED_AT], f[MAX_ATTEMPTS],
+      started, started - due, f[CALLBACK_URL] or ''}) do
+    out[#out + 1] = v
   end
   most = most - 1
   t.free = t.free - 1
@@ -115,16 +113,16 @@ end
 local function skip(id, f, p, t)
   put_back(id, p)
   skipped = skipped + 1
-  if not t and not noted[f.type] then
-    redis.call('HSET', KEYS[10], f.type, id .. ' ' .. due_of(f))
-    noted[f.type] = true
+  if not t and not noted[f[TYPE]] then
+    redis.call('HSET', KEYS[10], f[TYPE], id .. ' ' .. due_of(f))
+    noted[f[TYPE]] = true
   end
 end
 
 -- A ready job of priority p: started, held, rate-limited, or skipped.
 local function take(id, f, p)
-  local t = types[f.type]
-  if f.waiting_for == 'concurrency' then
+  local t = types[f[TYPE]]
+  if f[WAITING_FOR] == 'concurrency' then
     -- A held job's id among the ready ones only wakes a daemon (lib.lua release_slot):
     -- the job waits in its type's line, which a claim that can start it walks itself.
     if not (t and t.free > 0) then
@@ -202,14 +200,9 @@ for i = #returning, 1, -1 do
   redis.call('RPUSH', i <= KEEP and KEYS[1] or priority_list(KEYS[1], p), id)
 end
 -- Claiming again helps only if this claim moved some ids on; skipped ones stay in front.
-local status = 'ok'
 if most > 0 and examined >= budget and examined > skipped then
-  status = 'more'
+  out[1] = 'more'
 end
 push_samples(KEYS[6], waits, ARGV[6])
-local out = {status, waited.due, waited.rate_limit, waited.concurrency, skipped}
--- Appended one by one: a claim's entries can be more than unpack takes.
-for _, v in ipairs(claimed) do
-  out[#out + 1] = v
-end
+out[2], out[3], out[4], out[5] = waited.due, waited.rate_limit, waited.concurrency, skipped
 return out

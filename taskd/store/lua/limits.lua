@@ -48,8 +48,8 @@ local function read_type_limits(first, keys)
       -- Daemons of an older taskd hold jobs in a plain list, in hold order: into the line.
       local old = redis.call('RPOP', t.base .. ':held', INBOX_MAX) or {}
       for _, id in ipairs(old) do
-        local f = read_job(JOB .. id, {'state', 'priority', 'run_at', 'created_at'})
-        if f.state == 'queued' then
+        local f = read_job(JOB .. id)
+        if f[STATE] == 'queued' then
           redis.call('ZADD', t.base .. ':line', hold_score(f), id)
         end
       end
@@ -65,7 +65,7 @@ local function wait_for(id, f, why)
   redis.call('HSET', JOB .. id, 'waiting_for', why)
   local total = why == 'rate_limit' and 'rate_limited' or 'concurrency_limited'
   redis.call('HINCRBY', where.totals, total, 1)
-  redis.call('HINCRBY', where.limit_waits, f.type .. ':' .. why, 1)
+  redis.call('HINCRBY', where.limit_waits, f[TYPE] .. ':' .. why, 1)
   waited[why] = waited[why] + 1
 end
 
@@ -108,7 +108,7 @@ local function admit(id, f, t)
       end
       return false
     end
-    redis.call('ZADD', t.base .. ':starts', NOW, id .. ':' .. (tonumber(f.attempts or 0) + 1))
+    redis.call('ZADD', t.base .. ':starts', NOW, id .. ':' .. (tonumber(f[ATTEMPTS] or 0) + 1))
     redis.call('PEXPIRE', t.base .. ':starts', t.window)
     t.used = t.used + 1
   end
