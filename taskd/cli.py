@@ -176,7 +176,7 @@ def _run_loop(config: Config, url: str) -> int:
     logger.info("taskd %s starting with Redis at %s", __version__, redact(url))
     # What start-up built (modules, classes, config) lives as long as the process: frozen,
     # the collector no longer scans it in each full collection, and with thousands of
-    # jobs in flight those come often (see "Performance" in the README).
+    # jobs in flight those come often (see docs/performance.md).
     gc.freeze()
     anyio.run(_serve, config, url, backend="asyncio", backend_options={"use_uvloop": True})
     return 0

@@ -3,12 +3,12 @@
 The tasks share their work through Redis. Their links in this process are callbacks
 passed below, invisible in the import graph. Most are wake-up hints that make a task act
 sooner than its next poll, never more correct:
-- workers -> promoter (`on_retry`), intake -> promoter (`on_scheduled`): a job falls due
+- workers -> promoter (`on_retry`), the HTTP API -> promoter (`on_scheduled`): a job falls due
   earlier than the promoter planned to look.
-- workers, intake -> callbacks (`on_final`): a job with a callback ended.
+- workers, the HTTP API -> callbacks (`on_final`): a job with a callback ended.
 - heartbeat -> workers (`on_reaped`): a reaper took this daemon's jobs back; stop them.
 - canceller -> workers (`cancel_local`): cancel a job if it runs here.
-- workers -> heartbeat, intake (`active`): how many jobs run now, for /stats.
+- workers -> heartbeat, the HTTP API (`active`): how many jobs run now, for /stats.
 - heartbeat -> metrics (`on_data_lost`): Redis lost its data.
 One is a duty: after each beat (`after_beat`) the workers and callbacks release what
 their in-flight sets hold but nothing here runs (a claim whose reply was lost).
@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import logging
 import signal
+from functools import partial
 
 import anyio
 from anyio.abc import TaskStatus
 
+from taskd.api import HttpApi
 from taskd.callbacks import Callbacks
 from taskd.canceller import Canceller
 from taskd.config import Config, redact
@@ -29,7 +31,6 @@ from taskd.connections import warn_if_few_files
 from taskd.egress import Policy
 from taskd.handlers import Handlers
 from taskd.heartbeat import Heartbeat, Identity
-from taskd.intake import Intake
 from taskd.janitor import Janitor
 from taskd.metrics import Metrics
 from taskd.promoter import Promoter
@@ -49,7 +50,7 @@ ORPHAN_GRACE_MS = 1000
 
 
 class Daemon:
-    """One taskd process: intake, worker pool and heartbeat sharing one store."""
+    """One taskd process: the HTTP API and the cooperating tasks, sharing one store."""
 
     def __init__(
         self, *, config: Config, store: Store, handlers: Handlers, notifier: Notifier | None = None
@@ -61,7 +62,7 @@ class Daemon:
         workers = config.workers
         # Queues this daemon knows of: it serves some, and takes jobs for its handlers'.
         self.scheduler = Scheduler(
-            store=store, schedules=config.schedules, handlers=config.handlers
+            store=store, schedules=config.schedules, handler_configs=config.handlers
         )
         known = frozenset(workers.queues) | {h.queue for h in config.handlers.values()}
         known |= {self.scheduler.queue_of(s) for s in config.schedules}
@@ -116,18 +117,19 @@ class Daemon:
             unlimited=[h.name for h in config.handlers.values() if not h.global_concurrency],
         )
         self.canceller = Canceller(store=store, cancel_local=self.pool.cancel_local)
-        self.intake = Intake(
+        inspector = Inspector(connection=store.connection)
+        self.api = HttpApi(
             store=store,
-            inspector=Inspector(connection=store.connection),
+            inspector=inspector,
             server=config.server,
-            handlers=config.handlers,
+            handler_configs=config.handlers,
             queues=known,
             dead_after=workers.dead_after,
             metrics=self.metrics,
             active=lambda: self.pool.active,
             on_scheduled=self.promoter.wake,
             on_final=self.callbacks.job_ended,
-            schedules=self.scheduler,
+            schedules=partial(self.scheduler.describe, inspector),
             request_timeout=config.redis.request_timeout,
             egress=egress,
         )
@@ -156,7 +158,7 @@ class Daemon:
                 tg.start_soon(self.scheduler.run)
             await tg.start(self.pool.run)
             warn_if_few_files(self.config.server.max_connections, self.config.workers.concurrency)
-            await tg.start(self.intake.run)
+            await tg.start(self.api.run)
             logger.info(
                 "taskd %s ready: concurrency %d, queues %s",
                 self.identity.id,
@@ -177,8 +179,8 @@ class Daemon:
         grace = self.config.workers.shutdown_timeout
         logger.info("shutting down: draining for up to %g s", grace)
         self.notifier.stopping(f"draining for up to {grace:g} s")
-        # 1. Stop intake: new submissions get 503, so clients turn to another daemon.
-        self.intake.refuse_new()
+        # 1. Stop intake: the API answers new submissions 503, so clients turn to another daemon.
+        self.api.refuse_new()
         # 2-4. Stop fetching, let running jobs finish until the deadline, cancel the rest
         # and return every unfinished job to its queue.
         await self.pool.drain(grace)

@@ -6,15 +6,16 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import anyio
 from croniter import croniter
 
 from taskd.config import HandlerConfig, ScheduleConfig
-from taskd.jobs import DEFAULT_PRIORITY, QUEUED, Job, new_id, now_ms
+from taskd.jobs import DEFAULT_PRIORITY, QUEUED, Job, format_ms, new_id, now_ms
 from taskd.loop import Outage, repeat
-from taskd.store import Store
+from taskd.store import Inspector, Store
 
 logger = logging.getLogger(__name__)
 
@@ -40,16 +41,37 @@ class Scheduler:
         *,
         store: Store,
         schedules: Sequence[ScheduleConfig],
-        handlers: Mapping[str, HandlerConfig],
+        handler_configs: Mapping[str, HandlerConfig],
         clock: Callable[[], int] = now_ms,
     ) -> None:
         self._store = store
         self.schedules = tuple(schedules)
-        self._handlers = handlers
+        self._handler_configs = handler_configs
         self._clock = clock
 
     def queue_of(self, schedule: ScheduleConfig) -> str:
-        return schedule.queue or self._handlers[schedule.type].queue
+        return schedule.queue or self._handler_configs[schedule.type].queue
+
+    async def describe(self, inspector: Inspector) -> list[dict[str, Any]]:
+        """The /schedules view: each schedule with its next and last run, and the state
+        of the last job it made."""
+        return [await self._describe(schedule, inspector) for schedule in self.schedules]
+
+    async def _describe(self, schedule: ScheduleConfig, inspector: Inspector) -> dict[str, Any]:
+        queue = self.queue_of(schedule)
+        last = await inspector.schedule_run(queue, schedule.name)
+        job = await inspector.get_job(last[1], [queue]) if last and last[1] else None
+        return {
+            "name": schedule.name,
+            "cron": schedule.cron,
+            "timezone": schedule.timezone,
+            "type": schedule.type,
+            "queue": queue,
+            "catch_up": schedule.catch_up,
+            "next_run": format_ms(next_tick(schedule, self._clock())),
+            "last_run": format_ms(last[0]) if last else None,
+            "last_job": {"id": job.id, "state": job.state} if job else None,
+        }
 
     async def tick(self) -> int | None:
         """Fire every due tick once; returns when the next tick falls (epoch ms)."""
@@ -84,7 +106,7 @@ class Scheduler:
         await self._store.record_schedule_run(queue, schedule.name, due, job_id)
 
     async def _fire(self, schedule: ScheduleConfig, queue: str, tick: int) -> str:
-        handler = self._handlers[schedule.type]
+        handler = self._handler_configs[schedule.type]
         job = Job(
             id=new_id(),
             type=schedule.type,

@@ -17,7 +17,7 @@ async def snapshot(
     *,
     now: int,
     dead_after_ms: int,
-    handlers: Mapping[str, HandlerConfig],
+    handler_configs: Mapping[str, HandlerConfig],
 ) -> dict[str, Any]:
     """The same document from any daemon: it is read from Redis, not from local memory.
 
@@ -28,7 +28,7 @@ async def snapshot(
     in_flight = await inspector.in_flight(daemons)
     counts = await inspector.queue_counts(queues)
     activity = await inspector.queue_activity(queues, now)
-    limits = {queue: await _limits(inspector, queue, handlers, now) for queue in queues}
+    limits = {queue: await _limits(inspector, queue, handler_configs, now) for queue in queues}
     stranded = no_handler(await inspector.unhandled(queues), daemons, now)
     return {
         "time": format_ms(now),
@@ -62,12 +62,12 @@ def no_handler(
 
 
 async def _limits(
-    inspector: Inspector, queue: str, handlers: Mapping[str, HandlerConfig], now: int
+    inspector: Inspector, queue: str, handler_configs: Mapping[str, HandlerConfig], now: int
 ) -> dict[str, Any]:
     """The limits of the job types whose handler serves this queue, and how they bite."""
     limited = {
         name: config
-        for name, config in handlers.items()
+        for name, config in handler_configs.items()
         if config.queue == queue and (config.global_concurrency or config.rate_limit)
     }
     specs = [type_limits_of(name, config) for name, config in limited.items()]

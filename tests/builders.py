@@ -1,7 +1,8 @@
-"""Test builders: jobs, finished attempts, a clock the test moves, and daemon config files."""
+"""Test builders: jobs, finished attempts, a clock the test moves, and config files."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,7 @@ from taskd.jobs import QUEUED, SCHEDULED, Job, new_id
 from taskd.metrics import Metrics
 from taskd.reaper import Reaper
 from taskd.store import Attempt, Store
+from tests.support import REPO
 
 Q = "default"
 
@@ -102,3 +104,15 @@ def write_daemon_config(path: Path, port: int, **sections: Mapping[str, Any]) ->
 
 def _table(name: str, values: Mapping[str, Any]) -> list[str]:
     return [f"[{name}]", *(f"{key} = {toml_value(value)}" for key, value in values.items()), ""]
+
+
+def shipped_config(tmp_path: Path, port: int) -> Path:
+    """The shipped config/taskd.toml, changed only to listen on a free port."""
+    text = (REPO / "config" / "taskd.toml").read_text()
+    text, replaced = re.subn(
+        r'(?m)^listen = "127\.0\.0\.1:7700"', f'listen = "127.0.0.1:{port}"', text
+    )
+    assert replaced == 1
+    path = tmp_path / "taskd.toml"
+    path.write_text(text)
+    return path

@@ -61,7 +61,7 @@ def make_config(redis_url: str, **sections: Mapping[str, Any]) -> Config:
 
 
 def base_url(daemon: Daemon) -> str:
-    host, port = daemon.intake.addresses[0][:2]
+    host, port = daemon.api.addresses[0][:2]
     return f"http://{host}:{port}"
 
 

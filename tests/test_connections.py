@@ -116,7 +116,7 @@ def health_request() -> bytes:
 
 
 def address_of(daemon: Daemon) -> tuple[str, int]:
-    host, port = daemon.intake.addresses[0][:2]
+    host, port = daemon.api.addresses[0][:2]
     return host, port
 
 
@@ -154,7 +154,7 @@ async def test_beyond_the_cap_connections_are_closed_at_once_until_idle_ones_tim
         held = [await open_socket(address) for _ in range(20)]
 
         async def all_admitted() -> bool:
-            return daemon.intake.open_connections == 20
+            return daemon.api.open_connections == 20
 
         await wait_until(all_admitted, "the daemon to take the 20 connections")
         caplog.clear()
@@ -165,7 +165,7 @@ async def test_beyond_the_cap_connections_are_closed_at_once_until_idle_ones_tim
                 await closes(sock, "a connection beyond the cap to be closed", SLACK)
             # Closed while the 20 still held their places: refused, not timed out.
             assert not [sock for sock in held if is_closed(sock)]
-            assert daemon.intake.open_connections == 20
+            assert daemon.api.open_connections == 20
         refusals = [r for r in caplog.records if "closed at once" in r.getMessage()]
         assert len(refusals) == 1, "a flood of refusals is reported once"
         assert "max_connections" in refusals[0].getMessage()
@@ -189,11 +189,11 @@ async def test_the_cap_counts_a_unix_socket_too(
         refused = await open_socket(path)
         await closes(refused, "a connection beyond the cap to be closed", SLACK)
         assert not is_closed(held[1])
-        assert daemon.intake.open_connections == 2
+        assert daemon.api.open_connections == 2
         held[1].close()
 
         async def one_left() -> bool:
-            return daemon.intake.open_connections == 1
+            return daemon.api.open_connections == 1
 
         await wait_until(one_left, "the daemon to see a connection go")
         # A place is free again: the next connection is served.
@@ -210,7 +210,7 @@ async def test_a_silent_connection_is_closed_after_request_read_timeout(
     async with daemon_with(redis_url, request_read_timeout=1, keepalive_timeout=60) as daemon:
         sock = await open_socket(address_of(daemon))
         await closes(sock, "a silent connection to be closed", 1 + SLACK)
-        assert daemon.intake.open_connections == 0
+        assert daemon.api.open_connections == 0
 
 
 async def test_a_request_head_sent_a_byte_at_a_time_is_cut_off(
@@ -393,7 +393,7 @@ async def test_an_idle_keep_alive_connection_is_closed_after_keepalive_timeout(
         took = await closes(sock, "an idle keep-alive connection to be closed", 3 + SLACK)
         # keepalive_timeout's doing: request_read_timeout does not apply between requests.
         assert took > 2.5, took
-        assert daemon.intake.open_connections == 0
+        assert daemon.api.open_connections == 0
 
 
 # The open-files limit

@@ -27,8 +27,8 @@ from typing import Any
 import anyio
 import pytest
 
+from tests.builders import shipped_config
 from tests.support import REPO, TASKD, DaemonProcess, wait_healthy, wait_until
-from tests.test_process import shipped_config
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL = {"sh", "console"}

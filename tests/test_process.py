@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import socket
 from pathlib import Path
@@ -12,9 +11,8 @@ import aiohttp
 from redis.asyncio import Redis
 
 from taskd.store import Keys
-from tests.builders import write_daemon_config
+from tests.builders import shipped_config, write_daemon_config
 from tests.support import (
-    REPO,
     DaemonProcess,
     get_json,
     post_json,
@@ -25,18 +23,6 @@ from tests.support import (
 )
 
 K = Keys("taskd")
-
-
-def shipped_config(tmp_path: Path, port: int) -> Path:
-    """The shipped config/taskd.toml, changed only to listen on a free port."""
-    text = (REPO / "config" / "taskd.toml").read_text()
-    text, replaced = re.subn(
-        r'(?m)^listen = "127\.0\.0\.1:7700"', f'listen = "127.0.0.1:{port}"', text
-    )
-    assert replaced == 1
-    path = tmp_path / "taskd.toml"
-    path.write_text(text)
-    return path
 
 
 async def test_readme_walkthrough_on_the_embedded_redis(tmp_path: Path, free_port: Any) -> None:

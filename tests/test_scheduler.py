@@ -46,7 +46,8 @@ def test_ticks_follow_the_cron_expression_in_its_time_zone() -> None:
 async def test_many_daemons_firing_one_tick_make_one_job(stores: list[Store], redis: Redis) -> None:
     clock = Clock(ms("2026-11-24T10:05:00.500+00:00"))
     schedulers = [
-        Scheduler(store=s, schedules=[EVERY_5], handlers=HANDLERS, clock=clock) for s in stores
+        Scheduler(store=s, schedules=[EVERY_5], handler_configs=HANDLERS, clock=clock)
+        for s in stores
     ]
     async with anyio.create_task_group() as tg:
         for scheduler in schedulers * 3:
@@ -70,7 +71,9 @@ async def test_the_enqueued_job_has_the_schedule_fields_and_priority(
         ScheduleConfig(name="plain", cron="*/5 * * * *", type="echo"),
     ]
     now = ms("2026-11-24T10:05:00.500+00:00")
-    scheduler = Scheduler(store=stores[0], schedules=schedules, handlers=HANDLERS, clock=Clock(now))
+    scheduler = Scheduler(
+        store=stores[0], schedules=schedules, handler_configs=HANDLERS, clock=Clock(now)
+    )
     await scheduler.tick()
     tick = ms("2026-11-24T10:05:00+00:00")
     jobs = []
@@ -100,7 +103,9 @@ async def test_a_tick_missed_while_every_daemon_was_down(
 ) -> None:
     schedule = ScheduleConfig(name="s", cron="*/5 * * * *", type="echo", catch_up=catch_up)
     clock = Clock(ms("2026-11-24T10:00:01+00:00"))
-    scheduler = Scheduler(store=stores[0], schedules=[schedule], handlers=HANDLERS, clock=clock)
+    scheduler = Scheduler(
+        store=stores[0], schedules=[schedule], handler_configs=HANDLERS, clock=clock
+    )
     await scheduler.tick()  # fires 10:00
     assert await redis.zcard(K.index("default")) == 1
     clock.now = ms("2026-11-24T10:17:00+00:00")  # down through 10:05, 10:10 and 10:15
@@ -115,7 +120,9 @@ async def test_a_new_schedule_does_not_fire_a_long_past_tick(
 ) -> None:
     schedule = ScheduleConfig(name="n", cron="0 0 * * *", type="echo", catch_up="latest")
     clock = Clock(ms("2026-11-24T10:00:00+00:00"))
-    await Scheduler(store=stores[0], schedules=[schedule], handlers=HANDLERS, clock=clock).tick()
+    await Scheduler(
+        store=stores[0], schedules=[schedule], handler_configs=HANDLERS, clock=clock
+    ).tick()
     assert await redis.zcard(K.index("default")) == 0
 
 

@@ -260,7 +260,7 @@ async def test_daemon_keeps_serving_after_bad_input(api: Api) -> None:
 
 async def test_submissions_are_refused_once_stopping(daemon: Daemon, api: Api) -> None:
     session, url = api
-    daemon.intake.refuse_new()
+    daemon.api.refuse_new()
     status, answer = await post_json(session, f"{url}/jobs", {"type": "noop"})
     assert status == 503
     assert answer["error"]["code"] == "shutting_down"

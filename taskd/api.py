@@ -1,11 +1,11 @@
-"""The HTTP intake: the aiohttp app that takes jobs and answers questions about them."""
+"""The HTTP API: the aiohttp app that takes jobs, answers about them, serves admin and dashboard."""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import anyio
@@ -13,14 +13,13 @@ import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
-from taskd.config import HandlerConfig, ScheduleConfig, ServerConfig
+from taskd.config import HandlerConfig, ServerConfig
 from taskd.connections import Runner
 from taskd.dashboard import Dashboard
 from taskd.egress import DEFAULT_POLICY, Policy
 from taskd.guards import browser_guard, require_json, token_guard
-from taskd.jobs import FAILED, Job, format_ms, now_ms
+from taskd.jobs import FAILED, Job, now_ms
 from taskd.metrics import Metrics
-from taskd.scheduler import Scheduler, next_tick
 from taskd.stats import no_handler, snapshot
 from taskd.store import UNAVAILABLE, Inspector, Store, is_full
 from taskd.validation import (
@@ -125,7 +124,11 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         return error_response(500, "internal", "internal error; see the daemon's log")
 
 
-class Intake:
+async def _no_schedules() -> list[dict[str, Any]]:
+    return []
+
+
+class HttpApi:
     """Serves the HTTP API on the configured address until cancelled."""
 
     def __init__(
@@ -134,19 +137,19 @@ class Intake:
         store: Store,
         inspector: Inspector,
         server: ServerConfig,
-        handlers: Mapping[str, HandlerConfig],
+        handler_configs: Mapping[str, HandlerConfig],
         queues: frozenset[str],
         dead_after: float,
         metrics: Metrics,
         active: Callable[[], int],
         on_scheduled: Callable[[str, int], None] = lambda queue, due: None,
         on_final: Callable[[Job], None] | None = None,
-        schedules: Scheduler | None = None,
+        schedules: Callable[[], Awaitable[list[dict[str, Any]]]] = _no_schedules,
         clock: Callable[[], int] = now_ms,
         egress: Policy = DEFAULT_POLICY,
         request_timeout: float = 2.0,
     ) -> None:
-        self._scheduler = schedules
+        self._schedules = schedules  # the /schedules view, one entry a schedule
         self._egress = egress  # what callback_urls may name
         self._on_final = on_final
         self._metrics = metrics
@@ -155,7 +158,7 @@ class Intake:
         self._inspector = inspector
         self._server = server
         self._request_timeout = request_timeout
-        self._handlers = handlers
+        self._handler_configs = handler_configs
         self._queues = queues
         self._dead_after_ms = int(dead_after * 1000)
         self._dedup_ttl_ms = int(server.idempotency_ttl * 1000)
@@ -168,7 +171,7 @@ class Intake:
 
     @property
     def open_connections(self) -> int:
-        """HTTP connections open now (0 before the intake listens)."""
+        """HTTP connections open now (0 before the API listens)."""
         return self._runner.open_connections if self._runner is not None else 0
 
     def refuse_new(self) -> None:
@@ -213,7 +216,7 @@ class Intake:
         """Listen, report started once bound, serve until cancelled, then close."""
         # No access log: one line per request would cost more than the request itself at
         # thousands of submissions a second. Failures are logged where they happen.
-        # Open requests get a short grace at close: by then intake has refused new work for
+        # Open requests get a short grace at close: by then the API has refused new work for
         # the whole drain, and event streams end by themselves once the daemon stops.
         # Idle and slow connections are closed, and past max_connections new ones are
         # refused, so that clients cannot use up the daemon's file descriptors.
@@ -235,7 +238,7 @@ class Intake:
                 site = web.TCPSite(runner, self._server.host, self._server.port)
             await site.start()
             self.addresses = list(runner.addresses)
-            logger.info("intake listening on %s", ", ".join(map(_address, self.addresses)))
+            logger.info("HTTP API listening on %s", ", ".join(map(_address, self.addresses)))
             task_status.started()
             await anyio.sleep_forever()
         finally:
@@ -247,7 +250,7 @@ class Intake:
         require_json(request)
         header = request.headers.get("Idempotency-Key")
         job = parse_submission(
-            await request.read(), self._handlers, self._clock(), header, egress=self._egress
+            await request.read(), self._handler_configs, self._clock(), header, egress=self._egress
         )
         # Twice at most: a first job deleted between the two calls holds its key no more.
         for _ in range(2):
@@ -273,7 +276,7 @@ class Intake:
         require_json(request)
         body = await request.read()
         jobs = parse_batch(
-            body, self._handlers, self._clock(), self._server.max_batch, egress=self._egress
+            body, self._handler_configs, self._clock(), self._server.max_batch, egress=self._egress
         )
         holders = await self._store.enqueue_many(jobs, self._dedup_ttl_ms)
         added = [job for job, holder in zip(jobs, holders, strict=True) if holder == job.id]
@@ -318,7 +321,14 @@ class Intake:
         return json_response({"id": job.id, "deleted": True})
 
     async def list_jobs(self, request: web.Request) -> web.Response:
-        query = parse_list_query(request.query)
+        return await self._listing(request.query)
+
+    async def list_dead(self, request: web.Request) -> web.Response:
+        """The dead letters: failed jobs, newest first (GET /jobs?state=failed)."""
+        return await self._listing({**request.query, "state": FAILED})
+
+    async def _listing(self, params: Mapping[str, str]) -> web.Response:
+        query = parse_list_query(params)
         queues = [query.queue] if query.queue else sorted(await self._all_queues())
         page = await self._inspector.list_jobs(
             queues,
@@ -326,18 +336,6 @@ class Intake:
             job_type=query.job_type,
             limit=query.limit,
             cursor=query.cursor,
-        )
-        return json_response(
-            {"jobs": [j.to_public() for j in page.jobs], "next_cursor": page.cursor}
-        )
-
-    async def list_dead(self, request: web.Request) -> web.Response:
-        """The dead letters: failed jobs, newest first (GET /jobs?state=failed)."""
-        params = {**request.query, "state": FAILED}
-        query = parse_list_query(params)
-        queues = [query.queue] if query.queue else sorted(await self._all_queues())
-        page = await self._inspector.list_jobs(
-            queues, state=FAILED, job_type=query.job_type, limit=query.limit, cursor=query.cursor
         )
         return json_response(
             {"jobs": [j.to_public() for j in page.jobs], "next_cursor": page.cursor}
@@ -364,7 +362,7 @@ class Intake:
             queues,
             now=self._clock(),
             dead_after_ms=self._dead_after_ms,
-            handlers=self._handlers,
+            handler_configs=self._handler_configs,
         )
 
     async def picture(self) -> dict[str, Any]:
@@ -376,9 +374,8 @@ class Intake:
         dead = await self._inspector.list_jobs(
             queues, state=FAILED, job_type=None, limit=10, cursor=None
         )
-        schedules = self._scheduler.schedules if self._scheduler else ()
         return {
-            "schedules": [await self._schedule_view(schedule) for schedule in schedules],
+            "schedules": await self._schedules(),
             "stats": await self.snapshot(),
             "recent": [job.to_public() for job in recent.jobs],
             "failed": [job.to_public() for job in dead.jobs],
@@ -400,27 +397,7 @@ class Intake:
 
     async def list_schedules(self, request: web.Request) -> web.Response:
         """Each recurring schedule with its next and last run and the last job's state."""
-        answer = []
-        for schedule in self._scheduler.schedules if self._scheduler else ():
-            answer.append(await self._schedule_view(schedule))
-        return json_response({"schedules": answer})
-
-    async def _schedule_view(self, schedule: ScheduleConfig) -> dict[str, Any]:
-        assert self._scheduler is not None
-        queue = self._scheduler.queue_of(schedule)
-        last = await self._inspector.schedule_run(queue, schedule.name)
-        job = await self._inspector.get_job(last[1], [queue]) if last and last[1] else None
-        return {
-            "name": schedule.name,
-            "cron": schedule.cron,
-            "timezone": schedule.timezone,
-            "type": schedule.type,
-            "queue": queue,
-            "catch_up": schedule.catch_up,
-            "next_run": format_ms(next_tick(schedule, self._clock())),
-            "last_run": format_ms(last[0]) if last else None,
-            "last_job": {"id": job.id, "state": job.state} if job else None,
-        }
+        return json_response({"schedules": await self._schedules()})
 
     async def pause_queue(self, request: web.Request) -> web.Response:
         # Only a queue that exists: a made-up name registered for good would weigh on
