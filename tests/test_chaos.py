@@ -95,13 +95,17 @@ async def completed(redis: Redis) -> int:
 async def test_sigkill_chaos_loses_nothing(
     tmp_path: Path, redis_url: str, redis: Redis, free_port: Any
 ) -> None:
-    concurrency, total, kills = 20, 3000, 4
+    concurrency, per_kill, kills = 20, 750, 4
+    total = per_kill * kills
     cluster = Cluster(tmp_path, redis_url, free_port, concurrency=concurrency)
+    ids: list[str] = []
     try:
         for name in ("a", "b", "c"):
             await cluster.start(name)
-        ids = await enqueue(redis_url, total, seconds=0.05)
         for _ in range(kills):
+            # Each round brings its own jobs: on a loaded machine b and c could otherwise
+            # finish every job while "a" restarts, and there would be nothing left to kill.
+            ids += await enqueue(redis_url, per_kill, seconds=0.05)
             # Kill only once the daemon runs jobs, so that every kill leaves some behind.
             victim = await cluster.daemon_id("a")
             await wait_until(lambda v=victim: _running(redis, v), f"{victim} to run jobs")
