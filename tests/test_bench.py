@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from taskd.bench import SIZES, WORKLOADS, Figure, aggregate, growth, percentile
+from taskd.bench.report import number
 from tests.support import TASKD
 
 # CI promises the quick bench runs "in under a minute"; it takes well under half that.
@@ -38,8 +39,33 @@ def test_quick_bench_runs_every_workload_in_under_a_minute(tmp_path: Path) -> No
         assert r["median"] > 0, r
         assert r["min"] <= r["median"] <= r["max"], r
         assert len(r["rounds"]) == 1, r
+    # The work per job: Redis commands where jobs go in or are processed, the daemon's CPU
+    # time where they are processed.
+    figures = {(r["workload"], r["figure"]): r["unit"] for r in results}
+    for workload in ("intake-single", "intake-batch", "drain"):
+        assert figures[(workload, "Redis commands")] == "per job", figures
+    assert figures[("drain", "daemon CPU")] == "µs/job", figures
     # Everything it started is gone: no temp directory left behind in its place.
     assert not list(tmp_path.iterdir())
+    # That report is the "before" of a later run.
+    before = tmp_path / "before.json"
+    before.write_bytes(done.stdout)
+    again = subprocess.run(
+        [str(TASKD), "bench", "--quick", "--only", "drain", "--compare", str(before)],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=QUICK_DEADLINE,
+        check=False,
+    )
+    assert again.returncode == 0, again.stderr.decode()
+    table = again.stdout.decode().splitlines()
+    assert [line.split()[-2:] for line in table if line.startswith("WORKLOAD")] == [
+        ["BEFORE", "CHANGE"]
+    ]
+    [row] = [line.split() for line in table if line.startswith("drain     throughput")]
+    old = next(r["median"] for r in results if r["workload"] == "drain" and r["unit"] == "jobs/s")
+    assert row[-2] == number(old), row
+    assert row[-1].endswith("%"), row
 
 
 SOAK_DEADLINE = 45.0
@@ -76,6 +102,41 @@ def test_quick_soak_samples_memory_and_keys_of_a_steady_load(tmp_path: Path) -> 
     assert figures["keys at 1 min"] < figures["keys at end"], figures
     assert any(note.startswith("soak keys (keys), every 2 s: ") for note in report["notes"])
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(None, "No such file"), (b"{not json", "unexpected"), (b'{"results": 1}', "not a report")],
+)
+def test_compare_refuses_what_is_not_an_earlier_report(
+    tmp_path: Path, content: bytes | None, problem: str
+) -> None:
+    report = tmp_path / "before.json"
+    if content is not None:
+        report.write_bytes(content)
+    done = subprocess.run(
+        [str(TASKD), "bench", "--quick", "--compare", str(report)],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    error = done.stderr.decode()
+    assert f"cannot compare with {report}" in error, error
+    assert problem in error, error
+
+
+def test_compare_is_for_the_table_not_json(tmp_path: Path) -> None:
+    report = tmp_path / "before.json"
+    report.write_bytes(b'{"results": []}')
+    done = subprocess.run(
+        [str(TASKD), "bench", "--quick", "--json", "--compare", str(report)],
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "not to --json" in done.stderr.decode()
 
 
 def test_soak_is_not_in_the_default_set() -> None:

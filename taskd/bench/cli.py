@@ -5,8 +5,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+import orjson
+
 from taskd.bench.harness import SOAK_RATE, SOAK_SECONDS, BenchError, SoakPlan
-from taskd.bench.report import as_json, render
+from taskd.bench.report import as_json, medians, render
 from taskd.bench.runner import WORKLOADS, Options, run
 
 # Opt-in workloads: they run only when --only names them.
@@ -42,6 +44,10 @@ def add_parser(commands: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help=f"jobs/s soak submits (default {SOAK_RATE[0]:,}; --quick {SOAK_RATE[1]:,})",
     )  # fmt: skip
     bench.add_argument(
+        "--compare", type=_report_file, metavar="FILE",
+        help="show each figure's median in FILE (an earlier --json run) and the change from it",
+    )  # fmt: skip
+    bench.add_argument(
         "--url",
         help="bench a running daemon instead (http://HOST:PORT or unix:/PATH; "
         f"runs {', '.join(REMOTE_WORKLOADS)} only, with its own handlers; token: $TASKD_TOKEN)",
@@ -56,6 +62,14 @@ def _positive(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"not a positive whole number: {text!r}")
     return value
+
+
+def _report_file(path: str) -> dict[tuple[str, str], float]:
+    try:
+        with open(path, "rb") as f:
+            return medians(orjson.loads(f.read()))
+    except (OSError, orjson.JSONDecodeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(f"cannot compare with {path}: {exc}") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -73,6 +87,9 @@ def main(args: argparse.Namespace) -> int:
                 file=sys.stderr,
             )
             return 2
+    if args.compare is not None and args.json:
+        print("taskd bench: --compare adds columns to the table, not to --json", file=sys.stderr)
+        return 2
     rounds = args.rounds or (1 if args.quick else 3)
     soak = SoakPlan(
         args.soak_seconds or SOAK_SECONDS[args.quick], args.soak_rate or SOAK_RATE[args.quick]
@@ -89,7 +106,10 @@ def main(args: argparse.Namespace) -> int:
             raise
         print(f"taskd bench: {error}", file=sys.stderr)
         return 1
-    print(as_json(report) if options.as_json else render(report, options.rounds, options.quick))
+    if options.as_json:
+        print(as_json(report))
+    else:
+        print(render(report, options.rounds, options.quick, args.compare))
     return 0
 
 

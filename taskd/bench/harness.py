@@ -90,6 +90,17 @@ class SpawnedDaemon:
         """VmHWM of the live process, in MiB; None where /proc does not tell."""
         return _status_mib(self.proc.pid, "VmHWM")
 
+    def cpu_seconds(self) -> float | None:
+        """User and system CPU time the live process used so far; None where /proc does
+        not tell."""
+        try:
+            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        except OSError:
+            return None
+        # Fields after the command name (which may hold spaces), from field 3 on.
+        fields = stat.rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
 
 def _status_mib(pid: int, name: str) -> float | None:
     """A size (in kB) from /proc/PID/status of a live process, in MiB; None where /proc

@@ -105,8 +105,11 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def render(report: Report, rounds: int, quick: bool) -> str:
-    """The report as a header line and a table, one row per figure, then the notes."""
+def render(
+    report: Report, rounds: int, quick: bool, before: dict[tuple[str, str], float] | None = None
+) -> str:
+    """The report as a header line and a table, one row per figure, then the notes; with
+    `before` (medians of an earlier run, see medians()), each row's also and the change."""
     m = report.machine
     sizes = "quick sizes" if quick else "full sizes"
     header = (
@@ -114,8 +117,13 @@ def render(report: Report, rounds: int, quick: bool) -> str:
         f"{m['event_loop']}, {m['redis_parser']} parser; {rounds} round(s), {sizes}"
     )
     rows = [["WORKLOAD", "FIGURE", "UNIT", "MEDIAN", "MIN", "MAX"]]
+    if before is not None:
+        rows[0] += ["BEFORE", "CHANGE"]
     for r in report.results:
-        rows.append([r.workload, r.figure, r.unit, *map(number, (r.median, r.min, r.max))])
+        row = [r.workload, r.figure, r.unit, *map(number, (r.median, r.min, r.max))]
+        if before is not None:
+            row += _change(before.get((r.workload, r.figure)), r.median)
+        rows.append(row)
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(
@@ -126,6 +134,24 @@ def render(report: Report, rounds: int, quick: bool) -> str:
     ]
     notes = [f"note: {text}" for text in report.notes]
     return "\n".join([header, "", *lines, *([""] if notes else []), *notes])
+
+
+def medians(document: Any) -> dict[tuple[str, str], float]:
+    """(workload, figure) -> median, of a report `--json` printed; ValueError if it is not
+    one."""
+    try:
+        return {(r["workload"], r["figure"]): float(r["median"]) for r in document["results"]}
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"not a report of taskd bench --json ({exc!r})") from None
+
+
+def _change(before: float | None, after: float) -> list[str]:
+    """The BEFORE and CHANGE cells: the earlier median and the change from it, in %."""
+    if before is None:
+        return ["-", "-"]
+    if before == 0:
+        return [number(before), "-"]
+    return [number(before), f"{(after - before) / abs(before) * 100:+.1f}%"]
 
 
 def number(value: float) -> str:

@@ -36,10 +36,12 @@ async def intake_single(bench: Bench) -> list[Figure]:
     n = bench.size("intake-single")
     body = orjson.dumps({"type": "noop"})
     async with bench.intake() as url, _paused(bench, url):
+        commands = await _commands(bench)
         started = time.perf_counter()
         await _clients(SINGLE_CLIENTS, n, lambda: bench.call("POST", f"{url}/jobs", body))
         elapsed = time.perf_counter() - started
-    return [Figure("accepted", "jobs/s", n / elapsed)]
+        commands = await _commands(bench) - commands
+    return [Figure("accepted", "jobs/s", n / elapsed), *_per_job(commands, n)]
 
 
 async def intake_batch(bench: Bench) -> list[Figure]:
@@ -48,12 +50,32 @@ async def intake_batch(bench: Bench) -> list[Figure]:
     body = orjson.dumps({"jobs": [{"type": "noop"}] * BATCH_SIZE})
     requests = math.ceil(n / BATCH_SIZE)
     async with bench.intake() as url, _paused(bench, url):
+        commands = await _commands(bench)
         started = time.perf_counter()
         await _clients(
             BATCH_CLIENTS, requests, lambda: bench.call("POST", f"{url}/jobs/batch", body)
         )
         elapsed = time.perf_counter() - started
-    return [Figure("accepted", "jobs/s", requests * BATCH_SIZE / elapsed)]
+        commands = await _commands(bench) - commands
+    jobs = requests * BATCH_SIZE
+    return [Figure("accepted", "jobs/s", jobs / elapsed), *_per_job(commands, jobs)]
+
+
+async def _commands(bench: Bench) -> float:
+    """Commands the bench's Redis ran so far (scripts' own included); NaN against --url,
+    whose Redis the bench does not see."""
+    if bench.local is None:
+        return math.nan
+    return await bench.local.inspector.commands_called()
+
+
+def _per_job(commands: float, jobs: int) -> list[Figure]:
+    """The Redis commands figure, where the bench could count them."""
+    if math.isnan(commands):
+        return []
+    # Besides the workload's, a few commands of the bench's polling and the daemons'
+    # heartbeats: under 0.01 per job at full sizes.
+    return [Figure("Redis commands", "per job", commands / jobs)]
 
 
 async def _clients(clients: int, requests: int, send: Callable[[], Awaitable[object]]) -> None:
@@ -98,10 +120,20 @@ async def drain(bench: Bench) -> list[Figure]:
     n = bench.size("drain")
     # Straight into Redis: no daemon may run while they are put there.
     ids = await local.enqueue(n, "noop", None)
-    async with bench.daemons(1, concurrency=100):
+    # Paused while the daemon starts, so that the CPU time and the commands counted are
+    # those of the drain alone.
+    await local.store.pause(QUEUE)
+    async with bench.daemons(1, concurrency=100) as [daemon]:
+        cpu, commands = daemon.cpu_seconds(), await _commands(bench)
+        await local.store.resume(QUEUE)
         await bench.wait_finished(n)
+        commands = await _commands(bench) - commands
+        cpu_after = daemon.cpu_seconds()
     rows = await local.records(ids, ("started_at", "finished_at"))
-    return [Figure("throughput", "jobs/s", n / _span(rows))]
+    figures = [Figure("throughput", "jobs/s", n / _span(rows)), *_per_job(commands, n)]
+    if cpu is not None and cpu_after is not None:
+        figures.append(Figure("daemon CPU", "µs/job", (cpu_after - cpu) / n * 1e6))
+    return figures
 
 
 async def pickup(bench: Bench) -> list[Figure]:

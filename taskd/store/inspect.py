@@ -256,6 +256,12 @@ class Inspector:
         """INFO clients connected_clients: every client's connections, this one's too."""
         return int((await self._r.info("clients"))["connected_clients"])
 
+    async def commands_called(self) -> int:
+        """Commands Redis ran since it started (INFO commandstats), the commands scripts
+        call counted as well as the EVALSHA that ran them, less the INFO calls asking this."""
+        stats = await self._r.info("commandstats")
+        return sum(int(entry["calls"]) for name, entry in stats.items() if name != "cmdstat_info")
+
     async def memory_and_keys(self) -> tuple[int, int]:
         """INFO memory used_memory (bytes) and DBSIZE, in one round trip."""
         async with self._r.pipeline(transaction=False) as pipe:
