@@ -9,7 +9,6 @@ from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 
 import anyio
-import orjson
 
 from taskd.acker import Acker
 from taskd.config import HandlerConfig
@@ -387,15 +386,8 @@ class WorkerPool:
         return self._ended(job, "retry", error, retry_at=self._clock() + int(wait * 1000))
 
     def _ended(self, job: Job, outcome: str, value: bytes | str, retry_at: int = 0) -> Attempt:
-        entry = {
-            "attempt": job.attempts,
-            "daemon": self._daemon_id,
-            "started_at": job.started_at,
-            "finished_at": self._clock(),
-            "outcome": outcome,
-            "error": None if outcome == "completed" else value,
-        }
-        return Attempt(job.id, job.attempts, outcome, value, retry_at, orjson.dumps(entry))
+        # The ack script writes the attempt's history entry from this and the job's hash.
+        return Attempt(job.id, job.attempts, outcome, value, retry_at, self._clock())
 
     async def _finish(self) -> None:
         await self._acker.flush()

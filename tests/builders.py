@@ -53,15 +53,16 @@ def reaper(store: Store, clock: Clock, me: str = "live", *, dead_after: float = 
     )
 
 
-def ended(job: Job, outcome: str, value: str = "", retry_at: int = 0) -> Attempt:
-    """The end of `job`'s current attempt, as a worker acks it: its outcome and history entry."""
-    entry = orjson.dumps({"attempt": job.attempts, "outcome": outcome})
-    return Attempt(job.id, job.attempts, outcome, value, retry_at, entry)
+def ended(
+    job: Job, outcome: str, value: str = "", retry_at: int = 0, finished_at: int = 0
+) -> Attempt:
+    """The end of `job`'s current attempt, as a worker acks it."""
+    return Attempt(job.id, job.attempts, outcome, value, retry_at, finished_at)
 
 
 def done(job: Job, outcome: str = "completed") -> Attempt:
     """`job`'s current attempt ended so (completed, with result null, unless told otherwise)."""
-    return Attempt(job.id, job.attempts, outcome, "null", 0, b"{}")
+    return Attempt(job.id, job.attempts, outcome, "null")
 
 
 async def stored(store: Store, job_id: str, queue: str = Q) -> Job:

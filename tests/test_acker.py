@@ -39,7 +39,7 @@ async def test_outcomes_pending_together_are_recorded_by_one_tick(store: Store) 
     acker = Acker(
         store=store, daemon_id="me", clock=clock, on_retry=lambda q, due: retries.append((q, due))
     )
-    retry = Attempt(jobs[2].id, 1, "retry", "flaky", clock.now + 500, b"{}")
+    retry = Attempt(jobs[2].id, 1, "retry", "flaky", clock.now + 500)
     assert await record_all(acker, [done(jobs[0]), done(jobs[1], "failed"), retry]) == [True] * 3
     states = [(await stored(store, job.id)).state for job in jobs]
     assert states == ["completed", "failed", "scheduled"]

@@ -74,7 +74,7 @@ async def test_every_script_runs_on_the_node_of_its_queue(
             queue, "a", 4, now=10, type_limits=[TypeLimits("echo", concurrency=3)]
         )
         assert [j.payload for j in claim.jobs] == [9, 8, 7]  # highest first, 3 at once
-        ends = [Attempt(j.id, j.attempts, "completed", "1", 0, b"{}") for j in claim.jobs[:2]]
+        ends = [Attempt(j.id, j.attempts, "completed", "1") for j in claim.jobs[:2]]
         assert await store.ack(queue, "a", ends, now=11) == [True, True]
         assert len(await store.take_callbacks(queue, "a", 10, now=12)) == 2
         # Daemon "a" dies: its job and its callbacks in flight come back.

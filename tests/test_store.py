@@ -84,8 +84,8 @@ async def test_ack_records_each_outcome(store: Store, redis: Redis) -> None:
     jobs = await enqueue(store, 4)
     ok, retry, dead, stop = (await store.claim(Q, ME, 4, now=10, type_limits=ECHO)).jobs
     attempts = [
-        ended(ok, "completed", '{"r":1}'),
-        ended(retry, "retry", "flaky", retry_at=500),
+        ended(ok, "completed", '{"r":1}', finished_at=15),
+        ended(retry, "retry", "flaky", retry_at=500, finished_at=16),
         ended(dead, "failed", "boom"),
         ended(stop, "cancelled", "cancelled while running"),
     ]
@@ -106,7 +106,15 @@ async def test_ack_records_each_outcome(store: Store, redis: Redis) -> None:
     assert (await stored(store, stop.id)).state == "cancelled"
     places = [await place(redis, j.id) for j in jobs]
     assert places == [["completed"], ["scheduled"], ["failed"], ["cancelled"]]
-    assert done.history == ({"attempt": 1, "outcome": "completed"},)
+    # Each attempt's history entry: the daemon, when it started and ended, and how.
+    assert done.history == (
+        {"attempt": 1, "daemon": ME, "started_at": 10, "finished_at": 15,
+         "outcome": "completed", "error": None},
+    )  # fmt: skip
+    assert waiting.history == (
+        {"attempt": 1, "daemon": ME, "started_at": 10, "finished_at": 16,
+         "outcome": "retry", "error": "flaky"},
+    )  # fmt: skip
     totals = await redis.hgetall(K.totals(Q))
     assert totals == {
         b"enqueued": b"4",

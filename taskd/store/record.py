@@ -40,8 +40,9 @@ CLAIMED_JOB = (
     "waited_ms", "callback_url",
 )  # fmt: skip
 
-# A finished attempt as ack.lua takes it: these entries per attempt.
-ATTEMPT = ("job_id", "attempt", "outcome", "value", "retry_at", "history")
+# A finished attempt as ack.lua takes it: these entries per attempt. The script writes
+# the attempt's history entry from them and the job's hash.
+ATTEMPT = ("job_id", "attempt", "outcome", "value", "retry_at", "finished_at")
 
 # A job type's limits as claim.lua (and limits.lua) takes them: these entries per type.
 # free: its handler's free slots in this daemon, -1 for no local cap.
@@ -73,7 +74,7 @@ class Attempt:
     outcome: str  # "completed", "retry", "failed" or "cancelled"
     value: bytes | str  # the result as JSON, or the error text
     retry_at: int = 0  # epoch ms, for "retry"
-    history: bytes = b"{}"  # the history entry, a JSON object
+    finished_at: int = 0  # epoch ms: when the attempt ended
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,7 +112,7 @@ def new_job_args(job: Job) -> list[Any]:
 
 def attempt_args(a: Attempt) -> list[Any]:
     """One attempt's ATTEMPT entries for ack.lua."""
-    return [a.job_id, a.attempt, a.outcome, a.value, a.retry_at, a.history]
+    return [a.job_id, a.attempt, a.outcome, a.value, a.retry_at, a.finished_at]
 
 
 def type_limits_args(spec: TypeLimits, free: int) -> list[Any]:

@@ -220,7 +220,7 @@ class Store:
         """Record finished attempts of one queue in one script call; returns, for each,
         whether it was recorded (False: it was no longer this daemon's)."""
         k = self.keys
-        args = [*self._header(queue, now), now // record.BUCKET_MS, TIMING_SAMPLES]
+        args = [*self._header(queue, now), now // record.BUCKET_MS, TIMING_SAMPLES, daemon_id]
         for a in attempts:
             args += record.attempt_args(a)
         keys = [

@@ -3,6 +3,10 @@
 -- active set with the same attempt number. Otherwise the job was taken back meanwhile
 -- (by a reaper, after this daemon was taken for dead) and a newer attempt owns the record.
 -- A recorded attempt gives back its slot of its type's global_concurrency (lib.lua).
+--
+-- A daemon acks every job it runs, so the per-job work is one read and one write of the
+-- job's hash; the active set, the finished sets, the counters and the samples are written
+-- once per call, for all its attempts.
 -- KEYS[1] -> <prefix>:{<queue>}:active:<daemon>, this daemon's active set
 -- KEYS[2] -> <prefix>:{<queue>}:completed
 -- KEYS[3] -> <prefix>:{<queue>}:dead, the failed set (keys.failed)
@@ -16,47 +20,106 @@
 -- ARGV[1..3] -> now, job hash prefix, limit key prefix (the header, lib.lua)
 -- ARGV[4] -> the current throughput bucket
 -- ARGV[5] -> how many recent run times to keep
--- ARGV[6..] -> 6 entries per attempt (record.ATTEMPT): id, attempt number, outcome
+-- ARGV[6] -> this daemon's id, for the history entries
+-- ARGV[7..] -> 6 entries per attempt (record.ATTEMPT): id, attempt number, outcome
 --   ('completed', 'retry', 'failed' or 'cancelled'), result JSON (completed) or error
---   text, retry time in epoch ms (retry) or 0, history entry (a JSON object) to append
+--   text, retry time in epoch ms (retry) or 0, when the attempt ended (epoch ms)
 -- Returns, per attempt in order, 1 if it was recorded, else 0.
+local FIRST, ENTRIES = 7, 6
+local daemon = ARGV[6]
+finish_into(KEYS[6], KEYS[10])
+
+local ids = {}
+for i = FIRST, #ARGV, ENTRIES do
+  ids[#ids + 1] = ARGV[i]
+end
+local owned = scores_of(KEYS[1], ids)
+
+-- Per job type: whether any of its jobs holds a global_concurrency slot (its running set
+-- exists), read once per call; only then can a job of it have a slot to give back.
+local limited = {}
+local function release(key, id, job_type)
+  if limited[job_type] == nil then
+    limited[job_type] = redis.call('EXISTS', LIMIT .. job_type .. ':running') == 1
+  end
+  if limited[job_type] then
+    release_slot(KEYS[9], key, id, job_type)
+  end
+end
+
 local recorded = {}
+local acked = {}
+local seen = {}
 local finished = 0
+local retried = 0
 local runs = {}
 
-for i = 6, #ARGV, 6 do
+-- Record one attempt whose job's hash read `f` (attempts, type, started_at, history,
+-- callback_url, cancel_requested, error).
+local function record(i, key, f)
   local id, attempt, outcome, value = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
-  local key = JOB .. id
-  if redis.call('ZSCORE', KEYS[1], id) and redis.call('HGET', key, 'attempts') == attempt then
-    redis.call('ZREM', KEYS[1], id)
-    release_slot(KEYS[9], key, id)
-    append_history(key, ARGV[i + 5])
-    local started = redis.call('HGET', key, 'started_at')
-    if started then
-      runs[#runs + 1] = NOW - tonumber(started)
-    end
-    if outcome == 'completed' or outcome == 'failed' then
-      finished = finished + 1
-    end
-    redis.call('HDEL', key, 'cancel_requested')
-    if outcome == 'completed' then
-      redis.call('HSET', key, 'result', value)
-      redis.call('HDEL', key, 'error')
-      finish_job(key, id, 'completed', KEYS[2], KEYS[6], KEYS[10])
-    elseif outcome == 'retry' then
-      redis.call('HSET', key, 'state', 'scheduled', 'run_at', ARGV[i + 4], 'error', value)
-      redis.call('HDEL', key, 'started_at')
-      redis.call('ZADD', KEYS[4], ARGV[i + 4], id)
-      redis.call('HINCRBY', KEYS[6], 'retried', 1)
-    elseif outcome == 'failed' then
-      finish_job(key, id, 'failed', KEYS[3], KEYS[6], KEYS[10], value)
-    else
-      finish_job(key, id, 'cancelled', KEYS[5], KEYS[6], KEYS[10], value)
-    end
-    recorded[#recorded + 1] = 1
-  else
-    recorded[#recorded + 1] = 0
+  acked[#acked + 1] = id
+  release(key, id, f[2])
+  local started = tonumber(f[3])
+  if started then
+    runs[#runs + 1] = NOW - started
   end
+  local entry = cjson.encode({attempt = tonumber(attempt), daemon = daemon,
+    started_at = started, finished_at = tonumber(ARGV[i + 5]), outcome = outcome,
+    error = outcome == 'completed' and cjson.null or value})
+  local history = with_entry(f[4], entry)
+  -- Fields an earlier attempt or request left that this end clears.
+  local clear = {}
+  if f[6] then
+    clear[#clear + 1] = 'cancel_requested'
+  end
+  if outcome == 'completed' and f[7] then
+    clear[#clear + 1] = 'error'
+  end
+  if outcome == 'retry' then
+    clear[#clear + 1] = 'started_at'
+  end
+  if #clear > 0 then
+    redis.call('HDEL', key, unpack(clear))
+  end
+  local callback = f[5] and true or false
+  if outcome == 'completed' then
+    finished = finished + 1
+    finish_job(key, id, 'completed', KEYS[2], {'result', value, 'history', history}, callback)
+  elseif outcome == 'retry' then
+    retried = retried + 1
+    redis.call('HSET', key, 'state', 'scheduled', 'run_at', ARGV[i + 4], 'error', value,
+      'history', history)
+    redis.call('ZADD', KEYS[4], ARGV[i + 4], id)
+  elseif outcome == 'failed' then
+    finished = finished + 1
+    finish_job(key, id, 'failed', KEYS[3], {'error', value, 'history', history}, callback)
+  else
+    finish_job(key, id, 'cancelled', KEYS[5], {'error', value, 'history', history}, callback)
+  end
+end
+
+for n, id in ipairs(ids) do
+  local i = FIRST + (n - 1) * ENTRIES
+  local ok = false
+  -- The same attempt twice in one call is recorded once.
+  if owned[n] and not seen[id] then
+    local key = JOB .. id
+    local f = redis.call('HMGET', key, 'attempts', 'type', 'started_at', 'history',
+      'callback_url', 'cancel_requested', 'error')
+    if f[1] == ARGV[i + 1] then
+      seen[id] = true
+      record(i, key, f)
+      ok = true
+    end
+  end
+  recorded[#recorded + 1] = ok and 1 or 0
+end
+
+call_chunked('ZREM', KEYS[1], acked)
+flush_finished()
+if retried > 0 then
+  redis.call('HINCRBY', KEYS[6], 'retried', retried)
 end
 if finished > 0 then
   redis.call('HINCRBY', KEYS[7], ARGV[4], finished)

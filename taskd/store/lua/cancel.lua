@@ -13,6 +13,7 @@
 -- Returns the job's state before: 'queued', 'scheduled' or 'active' (now cancelled or
 -- cancelling), a final state (nothing changed), or 'missing'.
 local id = ARGV[4]
+finish_into(KEYS[5], KEYS[6])
 local state = redis.call('HGET', KEYS[1], 'state') or 'missing'
 if state == 'queued' or state == 'scheduled' then
   if state == 'queued' then
@@ -21,7 +22,8 @@ if state == 'queued' or state == 'scheduled' then
     redis.call('ZREM', KEYS[3], id)
   end
   redis.call('HDEL', KEYS[1], 'run_at', 'waiting_for')
-  finish_job(KEYS[1], id, 'cancelled', KEYS[4], KEYS[5], KEYS[6], 'cancelled')
+  finish_job(KEYS[1], id, 'cancelled', KEYS[4], {'error', 'cancelled'})
+  flush_finished()
 elseif state == 'active' then
   redis.call('HSET', KEYS[1], 'cancel_requested', NOW)
   redis.call('PUBLISH', ARGV[5], id)

@@ -54,6 +54,8 @@ local KEEP = 16
 local out = {'ok', 0, 0, 0, 0}
 local skipped = 0
 local waits = {}
+-- Score, id pairs of the jobs started, for the daemon's active set.
+local claimed = {}
 local examined = 0
 -- Per priority, the ids examined but not taken, in the order they were found.
 local back = {}
@@ -97,10 +99,15 @@ local function start(id, f, t)
   -- for a connection, so a job can be newer than it: such a job starts when it was due.
   local due = due_of(f)
   local started = math.max(NOW, due)
-  redis.call('ZADD', KEYS[3], NOW, id)
-  local attempts = redis.call('HINCRBY', key, 'attempts', 1)
-  redis.call('HSET', key, 'state', 'active', 'started_at', started, 'daemon', daemon)
-  redis.call('HDEL', key, 'run_at', 'waiting_for')
+  local attempts = tonumber(f[ATTEMPTS] or 0) + 1
+  redis.call('HSET', key, 'state', 'active', 'started_at', started, 'daemon', daemon,
+    'attempts', attempts)
+  if f[RUN_AT] or f[WAITING_FOR] then
+    redis.call('HDEL', key, 'run_at', 'waiting_for')
+  end
+  -- Into the active set at the end of the call, all at once (the script is one step).
+  claimed[#claimed + 1] = NOW
+  claimed[#claimed + 1] = id
   waits[#waits + 1] = started - due
   for _, v in ipairs({id, f[TYPE], f[PAYLOAD], attempts, f[CREATED_AT], f[MAX_ATTEMPTS],
       started, started - due, f[CALLBACK_URL] or ''}) do
@@ -203,6 +210,7 @@ end
 if most > 0 and examined >= budget and examined > skipped then
   out[1] = 'more'
 end
+call_chunked('ZADD', KEYS[3], claimed)
 push_samples(KEYS[6], waits, ARGV[6])
 out[2], out[3], out[4], out[5] = waited.due, waited.rate_limit, waited.concurrency, skipped
 return out

@@ -21,6 +21,10 @@
 local holders = {}
 local added = 0
 local seen = {}
+-- Ids per ready list, the scheduled set's and the index's score, id pairs: written once
+-- per call after the loop, in the order the jobs came.
+local ready, lists = {}, {}
+local scheduled, indexed = {}, {}
 for i = 7, #ARGV, 8 do
   local id, dedup = ARGV[i], ARGV[i + 5]
   local holder = false
@@ -37,27 +41,45 @@ for i = 7, #ARGV, 8 do
     holders[#holders + 1] = id
     local key = JOB .. id
     if redis.call('EXISTS', key) == 0 then
-      redis.call('HSET', key, 'id', id, 'type', ARGV[i + 1], 'queue', ARGV[4],
-        'payload', ARGV[i + 2], 'attempts', 0, 'max_attempts', ARGV[i + 3],
-        'created_at', NOW, 'priority', ARGV[i + 7])
+      local fields = {'id', id, 'type', ARGV[i + 1], 'queue', ARGV[4], 'payload', ARGV[i + 2],
+        'attempts', 0, 'max_attempts', ARGV[i + 3], 'created_at', NOW,
+        'priority', ARGV[i + 7]}
       if ARGV[i + 6] ~= '' then
-        redis.call('HSET', key, 'callback_url', ARGV[i + 6])
+        fields[#fields + 1] = 'callback_url'
+        fields[#fields + 1] = ARGV[i + 6]
       end
       if dedup ~= '' then
         redis.call('SET', ARGV[5] .. dedup, id, 'PX', ARGV[6])
-        redis.call('HSET', key, 'idempotency_key', dedup)
+        fields[#fields + 1] = 'idempotency_key'
+        fields[#fields + 1] = dedup
       end
       if ARGV[i + 4] ~= '0' then
-        redis.call('HSET', key, 'state', 'scheduled', 'run_at', ARGV[i + 4])
-        redis.call('ZADD', KEYS[2], ARGV[i + 4], id)
+        for _, v in ipairs({'state', 'scheduled', 'run_at', ARGV[i + 4]}) do
+          fields[#fields + 1] = v
+        end
+        scheduled[#scheduled + 1] = ARGV[i + 4]
+        scheduled[#scheduled + 1] = id
       else
-        redis.call('HSET', key, 'state', 'queued')
-        redis.call('LPUSH', ready_list_for(KEYS[1], ARGV[i + 7], seen), id)
+        fields[#fields + 1] = 'state'
+        fields[#fields + 1] = 'queued'
+        local list = ready_list_for(KEYS[1], ARGV[i + 7], seen)
+        if not ready[list] then
+          ready[list] = {}
+          lists[#lists + 1] = list
+        end
+        ready[list][#ready[list] + 1] = id
       end
-      redis.call('ZADD', KEYS[3], 0, id)
+      redis.call('HSET', key, unpack(fields))
+      indexed[#indexed + 1] = 0
+      indexed[#indexed + 1] = id
       added = added + 1
     end
   end
 end
+for _, list in ipairs(lists) do
+  call_chunked('LPUSH', list, ready[list])
+end
+call_chunked('ZADD', KEYS[2], scheduled)
+call_chunked('ZADD', KEYS[3], indexed)
 redis.call('HINCRBY', KEYS[4], 'enqueued', added)
 return holders

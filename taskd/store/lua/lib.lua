@@ -105,22 +105,48 @@ local function free_held(inbox, base, most)
   return #freed / 2
 end
 
--- Append an entry (JSON object text) to a job's history (a JSON array text).
-local function append_history(job_key, entry)
-  local history = redis.call('HGET', job_key, 'history')
+-- A job's history (a JSON array text, or false for none) with one entry (JSON object text)
+-- appended.
+local function with_entry(history, entry)
   if history then
-    history = string.sub(history, 1, -2) .. ',' .. entry .. ']'
-  else
-    history = '[' .. entry .. ']'
+    return string.sub(history, 1, -2) .. ',' .. entry .. ']'
   end
-  redis.call('HSET', job_key, 'history', history)
+  return '[' .. entry .. ']'
+end
+
+-- Append an entry (JSON object text) to a job's history.
+local function append_history(job_key, entry)
+  redis.call('HSET', job_key, 'history', with_entry(redis.call('HGET', job_key, 'history'), entry))
+end
+
+-- Most values one command takes from a Lua table: unpack() fails past a few thousand.
+-- Even, so that score, member pairs never split.
+local CHUNK = 1000
+
+-- Call `command` on `key` with the values of `items`, CHUNK at a time.
+local function call_chunked(command, key, items)
+  for i = 1, #items, CHUNK do
+    redis.call(command, key, unpack(items, i, math.min(i + CHUNK - 1, #items)))
+  end
+end
+
+-- The scores of `ids` in a sorted set, by position (false: not a member), CHUNK at a time.
+local function scores_of(set, ids)
+  local scores = {}
+  for i = 1, #ids, CHUNK do
+    for _, score in ipairs(redis.call('ZMSCORE', set, unpack(ids, i, math.min(i + CHUNK - 1, #ids)))) do
+      scores[#scores + 1] = score
+    end
+  end
+  return scores
 end
 
 -- Give back the slot a job held of its type's global_concurrency (if it held one). Held
 -- jobs stay in their line, which claims walk best first; the best one's id goes to the
 -- front of the inbox only as a wake-up call, so that a daemon blocked on it claims.
-local function release_slot(inbox, job_key, id)
-  local base = LIMIT .. (redis.call('HGET', job_key, 'type') or '')
+-- `job_type`: the job's type, or nil to read it.
+local function release_slot(inbox, job_key, id, job_type)
+  local base = LIMIT .. (job_type or redis.call('HGET', job_key, 'type') or '')
   if redis.call('ZREM', base .. ':running', id) == 1 then
     local best = redis.call('ZRANGE', base .. ':line', 0, 0)[1]
     if best then
@@ -129,42 +155,68 @@ local function release_slot(inbox, job_key, id)
   end
 end
 
--- A job reached a final state: if it asked for a callback, its id joins the queue's
--- outbox, in the same step, so the callback survives any crash (callbacks.py sends it).
-local function queue_callback(outbox, job_key, id)
-  if redis.call('HEXISTS', job_key, 'callback_url') == 1 then
-    redis.call('LPUSH', outbox, id)
-  end
+-- What finishing jobs adds besides their records: their ids to their state's set, the
+-- queue's totals (the counter named as the state) and, for a job that asked for a
+-- callback, its id to the queue's outbox, in the same step, so the callback survives any
+-- crash (callbacks.py sends it). Gathered over a script call and written at its end, one
+-- command per set, counter and outbox however many jobs ended: a script that finishes
+-- jobs names its keys first (finish_into) and ends with flush_finished().
+local ended = {totals = false, outbox = false, sets = {}, order = {}, counts = {}, calls = {}}
+
+local function finish_into(totals, outbox)
+  ended.totals, ended.outbox = totals, outbox
 end
 
 -- End a job in a final state ('completed', 'failed' or 'cancelled') at NOW: its record
--- (with the error text, if given), its state's set, the queue's totals (the counter named
--- as the state) and its callback.
-local function finish_job(job_key, id, state, finished_set, totals, outbox, err)
-  redis.call('HSET', job_key, 'state', state, 'finished_at', NOW)
-  if err then
-    redis.call('HSET', job_key, 'error', err)
+-- (state, finished_at and the field, value pairs of `fields`), its state's set, the
+-- totals and its callback. `callback`: whether the job has a callback_url, or nil to read.
+local function finish_job(job_key, id, state, finished_set, fields, callback)
+  redis.call('HSET', job_key, 'state', state, 'finished_at', NOW, unpack(fields or {}))
+  local set = ended.sets[finished_set]
+  if not set then
+    set = {}
+    ended.sets[finished_set] = set
+    ended.order[#ended.order + 1] = finished_set
   end
-  redis.call('ZADD', finished_set, NOW, id)
-  redis.call('HINCRBY', totals, state, 1)
-  queue_callback(outbox, job_key, id)
+  set[#set + 1] = NOW
+  set[#set + 1] = id
+  ended.counts[state] = (ended.counts[state] or 0) + 1
+  if callback == nil then
+    callback = redis.call('HEXISTS', job_key, 'callback_url') == 1
+  end
+  if callback then
+    ended.calls[#ended.calls + 1] = id
+  end
+end
+
+-- Write what finish_job gathered in this script call.
+local function flush_finished()
+  for _, set in ipairs(ended.order) do
+    call_chunked('ZADD', set, ended.sets[set])
+  end
+  for state, count in pairs(ended.counts) do
+    redis.call('HINCRBY', ended.totals, state, count)
+  end
+  call_chunked('LPUSH', ended.outbox, ended.calls)
+  ended.sets, ended.order, ended.counts, ended.calls = {}, {}, {}, {}
 end
 
 -- A job that stops running (given back, or taken back from a dead daemon) and that
--- someone asked to cancel meanwhile ends cancelled; returns whether it did.
-local function cancel_if_requested(job_key, id, cancelled_set, totals, outbox)
+-- someone asked to cancel meanwhile ends cancelled; returns whether it did. Needs
+-- finish_into, as finish_job does.
+local function cancel_if_requested(job_key, id, cancelled_set)
   if redis.call('HEXISTS', job_key, 'cancel_requested') == 0 then
     return false
   end
   redis.call('HDEL', job_key, 'cancel_requested')
-  finish_job(job_key, id, 'cancelled', cancelled_set, totals, outbox, 'cancelled')
+  finish_job(job_key, id, 'cancelled', cancelled_set, {'error', 'cancelled'})
   return true
 end
 
 -- Push timing samples (ms) onto a capped list, newest first, keeping the latest `keep`.
 local function push_samples(list, samples, keep)
   if #samples > 0 then
-    redis.call('LPUSH', list, unpack(samples))
+    call_chunked('LPUSH', list, samples)
     redis.call('LTRIM', list, 0, tonumber(keep) - 1)
   end
 end

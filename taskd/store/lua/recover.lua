@@ -27,6 +27,7 @@ if lease and tonumber(lease) >= tonumber(ARGV[5]) then
   return {-1, 0}
 end
 local most = tonumber(ARGV[6])
+finish_into(KEYS[7], KEYS[8])
 local moved = move_to_front(KEYS[3], KEYS[2], most)
 
 -- To the front of the outbox, the first taken to be taken first again.
@@ -50,9 +51,9 @@ for _, id in ipairs(active) do
     append_history(key, entry)
     release_slot(KEYS[2], key, id)
     redis.call('HDEL', key, 'started_at')
-    if not cancel_if_requested(key, id, KEYS[6], KEYS[7], KEYS[8]) then
+    if not cancel_if_requested(key, id, KEYS[6]) then
       if tonumber(f[1]) >= tonumber(f[2]) then
-        finish_job(key, id, 'failed', KEYS[5], KEYS[7], KEYS[8], err .. ', its last')
+        finish_job(key, id, 'failed', KEYS[5], {'error', err .. ', its last'})
       else
         redis.call('HSET', key, 'state', 'queued', 'error', err, 'run_at', NOW)
         make_ready(KEYS[2], key, id, true)
@@ -63,6 +64,7 @@ for _, id in ipairs(active) do
   redis.call('ZREM', KEYS[4], id)
 end
 moved = moved + #active
+flush_finished()
 if redis.call('LLEN', KEYS[3]) + redis.call('ZCARD', KEYS[4]) + redis.call('ZCARD', KEYS[9]) == 0 then
   redis.call('ZREM', KEYS[1], daemon)
 end

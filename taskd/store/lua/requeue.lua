@@ -17,11 +17,12 @@
 -- Returns the number of jobs moved.
 local most = tonumber(ARGV[4])
 local moved = 0
+finish_into(KEYS[5], KEYS[6])
 
 local function give_back(id)
   local key = JOB .. id
   release_slot(KEYS[1], key, id)
-  if cancel_if_requested(key, id, KEYS[4], KEYS[5], KEYS[6]) then
+  if cancel_if_requested(key, id, KEYS[4]) then
     return
   end
   if redis.call('EXISTS', key) == 1 then
@@ -39,6 +40,7 @@ if #ARGV > 4 then
       moved = moved + 1
     end
   end
+  flush_finished()
   return moved
 end
 
@@ -51,4 +53,5 @@ if moved < most then
   end
   moved = moved + #active
 end
+flush_finished()
 return moved
