@@ -19,24 +19,14 @@ ACK_BATCH = 500
 RETRY_DELAY = 0.5
 
 
-class _Pending:
-    """An outcome waiting to be recorded, and whether it was once sent."""
-
-    __slots__ = ("attempt", "done", "queue", "recorded")
-
-    def __init__(self, queue: str, attempt: Attempt) -> None:
-        self.queue = queue
-        self.attempt = attempt
-        self.done = anyio.Event()
-        self.recorded = False
-
-
 class Acker:
     """Groups outcomes that arrive while a previous ack is on the wire.
 
     Under load, many jobs finish during one round trip; sending them together makes
     the cost per job one script call divided by the batch, not one call each. When
-    idle, an outcome goes out at once.
+    idle, an outcome goes out at once. Nobody waits for an outcome: record() queues it
+    and returns, and the acker calls `on_recorded` once Redis has answered, so a job's
+    slot can serve the next job while its outcome is on the wire (see WorkerPool).
     """
 
     def __init__(
@@ -46,39 +36,49 @@ class Acker:
         daemon_id: str,
         clock: Callable[[], int],
         on_retry: Callable[[str, int], None] = lambda queue, due: None,
+        on_recorded: Callable[[Attempt, bool], None] = lambda attempt, recorded: None,
     ) -> None:
         self._store = store
         self._daemon_id = daemon_id
         self._clock = clock
         self._on_retry = on_retry
-        self._pending: list[_Pending] = []
+        self._on_recorded = on_recorded
+        # (queue, outcome) in the order they came, and how many of them a tick is sending.
+        self._pending: list[tuple[str, Attempt]] = []
+        self._sending = 0
         self._has_work = anyio.Event()
 
-    async def record(self, queue: str, attempt: Attempt) -> bool:
-        """Queue one attempt's outcome and wait until Redis has it; False if Redis dropped
-        it, the job having been taken back from this daemon meanwhile."""
-        pending = _Pending(queue, attempt)
-        self._pending.append(pending)
+    @property
+    def backlog(self) -> int:
+        """Outcomes queued and not yet answered by Redis (those on the wire included)."""
+        return len(self._pending) + self._sending
+
+    def record(self, queue: str, attempt: Attempt) -> None:
+        """Queue one attempt's outcome; `on_recorded(attempt, recorded)` is called once
+        Redis has it: False if Redis dropped it, the job having been taken back from this
+        daemon meanwhile. Outcomes are sent until Redis answers, through outages."""
+        self._pending.append((queue, attempt))
         self._has_work.set()
-        await pending.done.wait()
-        return pending.recorded
 
     async def tick(self) -> int:
         """Send one batch of pending outcomes; returns how many were sent."""
         batch, self._pending = self._pending[:ACK_BATCH], self._pending[ACK_BATCH:]
-        by_queue: dict[str, list[_Pending]] = defaultdict(list)
-        for item in batch:
-            by_queue[item.queue].append(item)
+        self._sending = len(batch)
+        by_queue: dict[str, list[Attempt]] = defaultdict(list)
+        for queue, attempt in batch:
+            by_queue[queue].append(attempt)
         sent = 0
         try:
-            for queue, items in by_queue.items():
-                await self._send(queue, items)
-                sent += len(items)
+            for queue, attempts in by_queue.items():
+                await self._send(queue, attempts)
+                sent += len(attempts)
         except BaseException:
             # Keep what was not sent, in order, for the next attempt.
-            unsent = [item for items in by_queue.values() for item in items][sent:]
+            unsent = [(q, a) for q, attempts in by_queue.items() for a in attempts][sent:]
             self._pending[:0] = unsent
             raise
+        finally:
+            self._sending = 0
         return sent
 
     async def run(self) -> None:
@@ -101,8 +101,7 @@ class Acker:
                 logger.warning("recording job outcomes failed at shutdown; retrying")
                 await anyio.sleep(RETRY_DELAY)
 
-    async def _send(self, queue: str, items: list[_Pending]) -> None:
-        attempts = [item.attempt for item in items]
+    async def _send(self, queue: str, attempts: list[Attempt]) -> None:
         flags = await self._store.ack(queue, self._daemon_id, attempts, self._clock())
         if not all(flags):
             # The missing ones were taken back while they ran (this daemon was taken for
@@ -112,8 +111,7 @@ class Acker:
                 flags.count(False),
                 queue,
             )
-        for item, recorded in zip(items, flags, strict=True):
-            item.recorded = recorded
-            if recorded and item.attempt.outcome == "retry":
-                self._on_retry(queue, item.attempt.retry_at)
-            item.done.set()
+        for attempt, recorded in zip(attempts, flags, strict=True):
+            if recorded and attempt.outcome == "retry":
+                self._on_retry(queue, attempt.retry_at)
+            self._on_recorded(attempt, recorded)

@@ -10,7 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import anyio
 
-from taskd.acker import Acker
+from taskd.acker import ACK_BATCH, Acker
 from taskd.config import HandlerConfig
 from taskd.handlers import Handlers, JobFailed
 from taskd.jobs import FINAL_STATES, Job, now_ms
@@ -130,7 +130,18 @@ class WorkerPool:
             mode=queue_mode,
             weights=weights,
         )
-        self._acker = Acker(store=store, daemon_id=daemon_id, clock=clock, on_retry=on_retry)
+        self._acker = Acker(
+            store=store,
+            daemon_id=daemon_id,
+            clock=clock,
+            on_retry=on_retry,
+            on_recorded=self._recorded,
+        )
+        # Most outcomes waiting for their ack before claims wait too: a slot serves the
+        # next job while its last outcome is on the wire, but a slow Redis must not let
+        # finished jobs pile up in memory without end.
+        self._ack_backlog_max = max(concurrency, ACK_BATCH)
+        self._ack_room: anyio.Event | None = None
         self._running: dict[str, _Running] = {}
         self._fetching = anyio.CancelScope()
         # Its deadline (hurry) ends fetching and the wait for the running jobs.
@@ -141,11 +152,14 @@ class WorkerPool:
 
     @property
     def active(self) -> int:
-        """Slots in use: jobs running, being claimed, or waiting for their ack."""
+        """Slots in use: jobs running or being claimed."""
         return self._slots.active
 
     async def tick(self, queue: str) -> Claimed:
         """One fetch pass: claim as many ready jobs as the queue is handed slots, start them."""
+        while self._acker.backlog >= self._ack_backlog_max:
+            self._ack_room = anyio.Event()
+            await self._ack_room.wait()
         wanted = await self._slots.acquire(queue)
         # Room offered to this claim is taken until it answers, so that a claim of another
         # queue meanwhile cannot be offered the same room.
@@ -219,10 +233,16 @@ class WorkerPool:
             await self._emptied.wait()
 
     async def _stop_jobs(self) -> None:
-        """Cancel the running jobs and wait for them to end."""
+        """Cancel the running jobs and wait for them to end; stop waiting for the acks of
+        the others (the final flush sends them, the final requeue returns what it could
+        not)."""
         self._stopping = True
         for running in list(self._running.values()):
-            running.stop()
+            if running.attempting:
+                # Through its scope, which keeps shields: an exec handler reaps its program.
+                running.cancel(STOPPED)
+            else:
+                self._forget(running.job.id)
         await self._all_ended()
 
     def _take_types(self, counts: Mapping[str, int], sign: int) -> None:
@@ -274,7 +294,8 @@ class WorkerPool:
         """
         by_queue: dict[str, list[str]] = {}
         for job_id, running in list(self._running.items()):
-            by_queue.setdefault(running.job.queue, []).append(job_id)
+            if running.attempting:  # an outcome on its way is the ack's to settle
+                by_queue.setdefault(running.job.queue, []).append(job_id)
         lost = 0
         for queue, ids in by_queue.items():
             owned = await self._store.still_owned(queue, self._daemon_id, ids)
@@ -307,15 +328,12 @@ class WorkerPool:
 
     async def _execute(self, running: _Running) -> None:
         job = running.job
+        acking = False
         try:
             self._metrics.started(job.queue, job.type, job.waited_ms / 1000)
             with running.scope:
                 attempt = await self._attempt(job, running.scope)
             running.attempting = False
-            if self._stopping:
-                # Stopped as its attempt ended: as stop() would have, cancel the task so
-                # that it does not wait for its ack (the final flush sends it).
-                running.task.cancel()
             if running.scope.cancelled_caught:
                 if running.reason == LOST:
                     logger.warning("job %s stopped: it was taken back from this daemon", job.id)
@@ -326,25 +344,48 @@ class WorkerPool:
                 attempt = self._interrupted(job, running.reason)
             ran = (self._clock() - (job.started_at or self._clock())) / 1000
             self._metrics.finished(job.queue, job.type, attempt.outcome, ran)
-            recorded = await self._acker.record(job.queue, attempt)
-            if not recorded:
-                self._metrics.attempt_lost(job.queue)
-            # An attempt Redis dropped ended nothing: the job's newer attempt owns it.
-            if recorded and attempt.outcome in FINAL_OUTCOMES:
-                self._on_final(job)
+            self._acker.record(job.queue, attempt)
+            # Stopping: the final flush sends the outcome, nobody waits for it.
+            acking = not self._stopping
         except Exception:
             # No task group to take it to: our bug, and it ends this job, not the pool.
             logger.exception("job %s (%s) crashed the worker", job.id, job.type)
         finally:
-            del self._running[job.id]
+            # The slot serves the next job now; the job stays known as this daemon's
+            # until its outcome is recorded (see release_orphans).
             if job.type in self._taken:
                 self._taken[job.type] -= 1
             self._slots.release()
             if self._job_ended is not None:
                 self._job_ended.set()
                 self._job_ended = None
-            if not self._running:
-                self._emptied.set()
+            if not acking:
+                self._forget(job.id)
+
+    def _recorded(self, attempt: Attempt, recorded: bool) -> None:
+        """The acker recorded an outcome (or Redis dropped it): the job is done here."""
+        running = self._running.get(attempt.job_id)
+        if running is not None:
+            self._forget(attempt.job_id)
+            job = running.job
+            try:
+                if not recorded:
+                    self._metrics.attempt_lost(job.queue)
+                # An attempt Redis dropped ended nothing: the job's newer attempt owns it.
+                elif attempt.outcome in FINAL_OUTCOMES:
+                    self._on_final(job)
+            except Exception:
+                logger.exception(
+                    "job %s (%s): handling its recorded outcome failed", job.id, job.type
+                )
+        if self._ack_room is not None and self._acker.backlog < self._ack_backlog_max:
+            self._ack_room.set()
+            self._ack_room = None
+
+    def _forget(self, job_id: str) -> None:
+        self._running.pop(job_id, None)
+        if not self._running:
+            self._emptied.set()
 
     async def _attempt(self, job: Job, scope: anyio.CancelScope) -> Attempt:
         logger.debug("job %s (%s) started, attempt %d", job.id, job.type, job.attempts)
@@ -398,35 +439,28 @@ class WorkerPool:
 
 
 class _Running:
-    """A job running in this daemon: its task, its one cancel scope, why it was cancelled.
+    """A job of this daemon's: its task, its one cancel scope, why it was cancelled.
 
     The scope, around the attempt, cancels the job (cancel_local, drop_lost, stop) and,
     its deadline set by the handler, times it out: `reason` is CANCELLED, LOST or
-    STOPPED, or empty for a timeout.
+    STOPPED, or empty for a timeout. Once the attempt ended (`attempting` False) the job
+    waits only for its outcome to be recorded, with no task of its own.
     """
 
     __slots__ = ("attempting", "job", "reason", "scope", "task")
 
-    task: asyncio.Task[None]
+    task: asyncio.Task[None]  # held here: the loop keeps only a weak reference to it
 
     def __init__(self, job: Job) -> None:
         self.job = job
         self.scope = anyio.CancelScope()
         self.reason = ""
-        self.attempting = True  # until its scope is left: then it waits for its ack
+        self.attempting = True
 
     def cancel(self, reason: str) -> None:
         if not self.scope.cancel_called:  # the first cause wins, a deadline included
             self.reason = reason
         self.scope.cancel()
-
-    def stop(self) -> None:
-        """Cancel it, wherever it is: the attempt through its scope, which keeps shields
-        (an exec handler reaps its killed program), the wait for its ack by the task."""
-        if self.attempting:
-            self.cancel(STOPPED)
-        else:
-            self.task.cancel()
 
 
 def backoff(

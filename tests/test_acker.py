@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import anyio
-
 from taskd.acker import Acker
 from taskd.jobs import Job
 from taskd.store import Attempt, Store
@@ -11,20 +9,26 @@ from tests.builders import Clock, Q, done, enqueue, reaper, stored
 from tests.support import ECHO
 
 
-async def record_all(acker: Acker, attempts: list[Attempt]) -> list[bool]:
+class Recorded:
+    """What the acker reported back, by job id."""
+
+    def __init__(self) -> None:
+        self.flags: dict[str, bool] = {}
+
+    def __call__(self, attempt: Attempt, recorded: bool) -> None:
+        assert attempt.job_id not in self.flags, "reported twice"
+        self.flags[attempt.job_id] = recorded
+
+
+async def record_all(acker: Acker, recorded: Recorded, attempts: list[Attempt]) -> list[bool]:
     """Record every attempt at once, as workers finishing together do; one tick sends them."""
-    results: dict[str, bool] = {}
-
-    async def record(attempt: Attempt) -> None:
-        results[attempt.job_id] = await acker.record(Q, attempt)
-
-    async with anyio.create_task_group() as tg:
-        for attempt in attempts:
-            tg.start_soon(record, attempt)
-        await anyio.wait_all_tasks_blocked()
-        assert results == {}  # nothing is recorded before a tick sends it
-        assert await acker.tick() == len(attempts)
-    return [results[attempt.job_id] for attempt in attempts]
+    for attempt in attempts:
+        acker.record(Q, attempt)
+    assert acker.backlog == len(attempts)
+    assert recorded.flags == {}  # nothing is recorded before a tick sends it
+    assert await acker.tick() == len(attempts)
+    assert acker.backlog == 0
+    return [recorded.flags[attempt.job_id] for attempt in attempts]
 
 
 async def claim(store: Store, clock: Clock, count: int) -> list[Job]:
@@ -36,11 +40,19 @@ async def test_outcomes_pending_together_are_recorded_by_one_tick(store: Store) 
     clock = Clock()
     jobs = await claim(store, clock, 3)
     retries: list[tuple[str, int]] = []
+    recorded = Recorded()
     acker = Acker(
-        store=store, daemon_id="me", clock=clock, on_retry=lambda q, due: retries.append((q, due))
+        store=store,
+        daemon_id="me",
+        clock=clock,
+        on_retry=lambda q, due: retries.append((q, due)),
+        on_recorded=recorded,
     )
     retry = Attempt(jobs[2].id, 1, "retry", "flaky", clock.now + 500)
-    assert await record_all(acker, [done(jobs[0]), done(jobs[1], "failed"), retry]) == [True] * 3
+    assert (
+        await record_all(acker, recorded, [done(jobs[0]), done(jobs[1], "failed"), retry])
+        == [True] * 3
+    )
     states = [(await stored(store, job.id)).state for job in jobs]
     assert states == ["completed", "failed", "scheduled"]
     assert retries == [(Q, clock.now + 500)]  # so that the promoter wakes for it
@@ -52,7 +64,8 @@ async def test_the_outcome_of_a_job_taken_back_meanwhile_is_dropped(store: Store
     [job] = await claim(store, clock, 1)
     clock.now += 60_000  # this daemon was silent: another daemon's reaper takes the job back
     assert await reaper(store, clock, me="other").tick() == 1
-    acker = Acker(store=store, daemon_id="me", clock=clock)
-    assert await record_all(acker, [done(job)]) == [False]
+    recorded = Recorded()
+    acker = Acker(store=store, daemon_id="me", clock=clock, on_recorded=recorded)
+    assert await record_all(acker, recorded, [done(job)]) == [False]
     back = await stored(store, job.id)
     assert (back.state, back.attempts) == ("queued", 1)

@@ -92,11 +92,12 @@ async def test_ack_records_each_outcome(store: Store, redis: Redis) -> None:
     assert await store.ack(Q, ME, attempts, now=20) == [True] * 4
 
     done = await stored(store, ok.id)
+    # Finished when its attempt ended, not when the ack reached Redis.
     assert (done.state, done.result, done.error, done.finished_at) == (
         "completed",
         {"r": 1},
         None,
-        20,
+        15,
     )
     waiting = await stored(store, retry.id)
     assert (waiting.state, waiting.run_at, waiting.error, waiting.started_at) == (
@@ -134,6 +135,27 @@ async def test_history_grows_one_entry_per_attempt(store: Store) -> None:
     await store.ack(Q, ME, [ended(second, "completed", "null")], now=4)
     history = (await stored(store, job.id)).history
     assert [(e["attempt"], e["outcome"]) for e in history] == [(1, "retry"), (2, "completed")]
+
+
+async def test_the_entry_of_the_attempt_that_ended_a_job_is_implied_by_its_record(
+    store: Store, redis: Redis
+) -> None:
+    [job] = await enqueue(store, 1)
+    [first] = (await store.claim(Q, ME, 1, now=1, type_limits=ECHO)).jobs
+    await store.ack(Q, ME, [ended(first, "failed", "boom", finished_at=3)], now=4)
+    # Not written (the record says it all), yet read as the last entry.
+    assert await redis.hget(K.job(Q, job.id), "history") is None
+    expected = {"attempt": 1, "daemon": ME, "started_at": 1, "finished_at": 3,
+                "outcome": "failed", "error": "boom"}  # fmt: skip
+    assert (await stored(store, job.id)).history == (expected,)
+    # Retried by hand, the job leaves its final state: the entry is written then.
+    assert await store.retry(Q, job.id, now=5) == "failed"
+    again = await stored(store, job.id)
+    assert (again.state, again.started_at, again.history) == ("queued", None, (expected,))
+    [second] = (await store.claim(Q, ME, 1, now=6, type_limits=ECHO)).jobs
+    await store.ack(Q, ME, [ended(second, "completed", "null", finished_at=7)], now=8)
+    outcomes = [(e["attempt"], e["outcome"]) for e in (await stored(store, job.id)).history]
+    assert outcomes == [(1, "failed"), (1, "completed")]  # attempts start over on a retry
 
 
 async def test_ack_of_an_attempt_no_longer_owned_changes_nothing(

@@ -198,7 +198,7 @@ def _job(f: Mapping[str, Any]) -> Job:
         max_attempts=int(f.get("max_attempts", 1)),
         run_at=_opt_int(f.get("run_at")),
         cancel_requested="cancel_requested" in f,
-        history=tuple(orjson.loads(f["history"])) if f.get("history") else (),
+        history=_history(f),
         waited_ms=int(f.get("waited_ms", 0)),
         idempotency_key=_opt_text(f.get("idempotency_key")),
         progress=_progress(f),
@@ -206,6 +206,29 @@ def _job(f: Mapping[str, Any]) -> Job:
         priority=int(f.get("priority", DEFAULT_PRIORITY)),
         waiting_for=_opt_text(f.get("waiting_for")),
     )
+
+
+# The states that end a job: the entry of the attempt that ended it is implied (below).
+_FINAL = frozenset({"completed", "failed", "cancelled"})
+
+
+def _history(f: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    """The stored entries, and the one the record implies: the ack does not write the
+    entry of an attempt that ends its job, since the record already says it all; every
+    other way out of an attempt clears started_at (lua/lib.lua, history_entry)."""
+    history = tuple(orjson.loads(f["history"])) if f.get("history") else ()
+    state = _text(f["state"])
+    if state not in _FINAL or not f.get("started_at"):
+        return history
+    implied = {
+        "attempt": int(f.get("attempts", 0)),
+        "daemon": _opt_text(f.get("daemon")),
+        "started_at": int(f["started_at"]),
+        "finished_at": _opt_int(f.get("finished_at")),
+        "outcome": state,
+        "error": None if state == "completed" else _opt_text(f.get("error")),
+    }
+    return (*history, implied)
 
 
 def _progress(f: Mapping[str, Any]) -> tuple[float, str, int] | None:

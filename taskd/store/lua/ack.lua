@@ -20,7 +20,7 @@
 -- ARGV[1..3] -> now, job hash prefix, limit key prefix (the header, lib.lua)
 -- ARGV[4] -> the current throughput bucket
 -- ARGV[5] -> how many recent run times to keep
--- ARGV[6] -> this daemon's id, for the history entries
+-- ARGV[6] -> this daemon's id, for the history entries of retries
 -- ARGV[7..] -> 6 entries per attempt (record.ATTEMPT): id, attempt number, outcome
 --   ('completed', 'retry', 'failed' or 'cancelled'), result JSON (completed) or error
 --   text, retry time in epoch ms (retry) or 0, when the attempt ended (epoch ms)
@@ -55,19 +55,16 @@ local retried = 0
 local runs = {}
 
 -- Record one attempt whose job's hash read `f` (attempts, type, started_at, history,
--- callback_url, cancel_requested, error).
+-- callback_url, cancel_requested, error). An attempt that ends the job leaves its history
+-- entry implied by the record (lib.lua); a retry writes it.
 local function record(i, key, f)
-  local id, attempt, outcome, value = ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3]
+  local id, outcome, value, ended_at = ARGV[i], ARGV[i + 2], ARGV[i + 3], ARGV[i + 5]
   acked[#acked + 1] = id
   release(key, id, f[2])
   local started = tonumber(f[3])
   if started then
-    runs[#runs + 1] = NOW - started
+    runs[#runs + 1] = ended_at - started
   end
-  local entry = cjson.encode({attempt = tonumber(attempt), daemon = daemon,
-    started_at = started, finished_at = tonumber(ARGV[i + 5]), outcome = outcome,
-    error = outcome == 'completed' and cjson.null or value})
-  local history = with_entry(f[4], entry)
   -- Fields an earlier attempt or request left that this end clears.
   local clear = {}
   if f[6] then
@@ -85,17 +82,18 @@ local function record(i, key, f)
   local callback = f[5] and true or false
   if outcome == 'completed' then
     finished = finished + 1
-    finish_job(key, id, 'completed', KEYS[2], {'result', value, 'history', history}, callback)
+    finish_job(key, id, 'completed', KEYS[2], {'result', value}, callback, ended_at)
   elseif outcome == 'retry' then
     retried = retried + 1
+    local entry = history_entry(ARGV[i + 1], daemon, f[3], ended_at, outcome, value)
     redis.call('HSET', key, 'state', 'scheduled', 'run_at', ARGV[i + 4], 'error', value,
-      'history', history)
+      'history', with_entry(f[4], entry))
     redis.call('ZADD', KEYS[4], ARGV[i + 4], id)
   elseif outcome == 'failed' then
     finished = finished + 1
-    finish_job(key, id, 'failed', KEYS[3], {'error', value, 'history', history}, callback)
+    finish_job(key, id, 'failed', KEYS[3], {'error', value}, callback, ended_at)
   else
-    finish_job(key, id, 'cancelled', KEYS[5], {'error', value, 'history', history}, callback)
+    finish_job(key, id, 'cancelled', KEYS[5], {'error', value}, callback, ended_at)
   end
 end
 

@@ -105,6 +105,21 @@ local function free_held(inbox, base, most)
   return #freed / 2
 end
 
+-- A job's history is a JSON array of one entry per finished attempt, but the entry of an
+-- attempt that ended the job (ack.lua) is not written: it is what the record already says
+-- (attempts, daemon, started_at, finished_at, state, error), and readers add it while the
+-- job is in a final state with a started_at (record.py, implied_entry). Every other way
+-- a job leaves an attempt clears started_at, so the rule cannot mistake one for another;
+-- a script that takes a job out of its final state writes the entry first (settle_history).
+
+-- One history entry (a JSON object text): attempt and times are numbers (or nil), `err`
+-- text or nil. Written by hand: a table and cjson.encode cost more, once per job.
+local function history_entry(attempt, daemon, started, finished, outcome, err)
+  return '{"attempt":' .. attempt .. ',"daemon":' .. cjson.encode(daemon) ..
+    ',"started_at":' .. (started or 'null') .. ',"finished_at":' .. finished ..
+    ',"outcome":"' .. outcome .. '","error":' .. (err and cjson.encode(err) or 'null') .. '}'
+end
+
 -- A job's history (a JSON array text, or false for none) with one entry (JSON object text)
 -- appended.
 local function with_entry(history, entry)
@@ -117,6 +132,17 @@ end
 -- Append an entry (JSON object text) to a job's history.
 local function append_history(job_key, entry)
   redis.call('HSET', job_key, 'history', with_entry(redis.call('HGET', job_key, 'history'), entry))
+end
+
+-- Write the implied entry of a job in a final state into its history (see above), before
+-- the job leaves that state.
+local function settle_history(job_key)
+  local f = redis.call('HMGET', job_key, 'state', 'started_at', 'attempts', 'daemon',
+    'finished_at', 'error')
+  if f[2] and (f[1] == 'completed' or f[1] == 'failed' or f[1] == 'cancelled') then
+    local err = f[1] ~= 'completed' and f[6] or nil
+    append_history(job_key, history_entry(f[3], f[4], f[2], f[5], f[1], err))
+  end
 end
 
 -- Most values one command takes from a Lua table: unpack() fails past a few thousand.
@@ -167,11 +193,13 @@ local function finish_into(totals, outbox)
   ended.totals, ended.outbox = totals, outbox
 end
 
--- End a job in a final state ('completed', 'failed' or 'cancelled') at NOW: its record
--- (state, finished_at and the field, value pairs of `fields`), its state's set, the
--- totals and its callback. `callback`: whether the job has a callback_url, or nil to read.
-local function finish_job(job_key, id, state, finished_set, fields, callback)
-  redis.call('HSET', job_key, 'state', state, 'finished_at', NOW, unpack(fields or {}))
+-- End a job in a final state ('completed', 'failed' or 'cancelled'): its record (state,
+-- finished_at and the field, value pairs of `fields`), its state's set, the totals and its
+-- callback. `callback`: whether the job has a callback_url, or nil to read. `at`: when it
+-- ended (epoch ms), or nil for NOW.
+local function finish_job(job_key, id, state, finished_set, fields, callback, at)
+  at = at or NOW
+  redis.call('HSET', job_key, 'state', state, 'finished_at', at, unpack(fields or {}))
   local set = ended.sets[finished_set]
   if not set then
     set = {}

@@ -46,9 +46,7 @@ for _, id in ipairs(active) do
   local f = redis.call('HMGET', key, 'attempts', 'max_attempts', 'started_at')
   if f[1] then
     local err = 'daemon ' .. daemon .. ' died during attempt ' .. f[1]
-    local entry = cjson.encode({attempt = tonumber(f[1]), daemon = daemon,
-      started_at = tonumber(f[3]), finished_at = NOW, outcome = 'lost', error = err})
-    append_history(key, entry)
+    append_history(key, history_entry(f[1], daemon, f[3], NOW, 'lost', err))
     release_slot(KEYS[2], key, id)
     redis.call('HDEL', key, 'started_at')
     if not cancel_if_requested(key, id, KEYS[6]) then

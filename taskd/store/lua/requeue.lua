@@ -22,13 +22,14 @@ finish_into(KEYS[5], KEYS[6])
 local function give_back(id)
   local key = JOB .. id
   release_slot(KEYS[1], key, id)
+  -- Before it may end cancelled: this attempt did not end the job (lib.lua, history).
+  redis.call('HDEL', key, 'started_at')
   if cancel_if_requested(key, id, KEYS[4]) then
     return
   end
   if redis.call('EXISTS', key) == 1 then
     redis.call('HINCRBY', key, 'attempts', -1)
     redis.call('HSET', key, 'state', 'queued', 'run_at', NOW)
-    redis.call('HDEL', key, 'started_at')
     make_ready(KEYS[1], key, id, true)
   end
 end

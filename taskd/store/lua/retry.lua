@@ -11,6 +11,7 @@
 local id = ARGV[4]
 local state = redis.call('HGET', KEYS[1], 'state') or 'missing'
 if state == 'failed' then
+  settle_history(KEYS[1])
   redis.call('ZREM', KEYS[2], id)
   redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'run_at', NOW)
   redis.call('HDEL', KEYS[1], 'started_at', 'finished_at', 'error', 'result')
