@@ -103,6 +103,7 @@ class Acker:
 
     async def _send(self, queue: str, attempts: list[Attempt]) -> None:
         flags = await self._store.ack(queue, self._daemon_id, attempts, self._clock())
+        self._sending -= len(attempts)  # answered: no longer in the backlog
         if not all(flags):
             # The missing ones were taken back while they ran (this daemon was taken for
             # dead); a newer attempt owns their record now.
