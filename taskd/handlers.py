@@ -80,13 +80,15 @@ class Handlers:
         if session is not None:
             await session.close()
 
-    async def run(self, job: Job, scope: anyio.CancelScope) -> bytes:
-        """Run the job's handler under its timeout.
+    def timeout_of(self, job: Job) -> float:
+        """Seconds the job's handler may run: the caller enforces it around run() and
+        reports a job cancelled by it with timed_out()."""
+        config = self._configs.get(job.type)
+        return math.inf if config is None else config.timeout
 
-        `scope` is the caller's cancel scope around this call; the timeout is its
-        deadline, so a job costs one cancel scope, not two. A scope cancelled by its
-        deadline is the caller's to report, with timed_out(). The handler's concurrency
-        is the worker pool's to keep: its claims take no more jobs of a type than that.
+    async def run(self, job: Job) -> bytes:
+        """Run the job's handler; its timeout (timeout_of) is the caller's to enforce, and
+        its concurrency the worker pool's to keep: claims take no more jobs of a type.
 
         Return its result as JSON, or raise JobFailed.
         """
@@ -96,7 +98,6 @@ class Handlers:
             raise JobFailed(
                 f"no handler for type '{job.type}' in this daemon's config", permanent=True
             )
-        scope.deadline = anyio.current_time() + config.timeout
         result = await self._run_guarded(config, job)
         try:
             return orjson.dumps(result)
@@ -106,7 +107,7 @@ class Handlers:
             raise JobFailed(message, permanent=True) from None
 
     def timed_out(self, job: Job) -> JobFailed:
-        """The failure of a job whose run() scope was cancelled by its deadline."""
+        """The failure of a job whose run() was cancelled at its timeout."""
         timeout = self._configs[job.type].timeout
         logger.warning("job %s (%s) timed out after %g s", job.id, job.type, timeout)
         return JobFailed(f"timed out after {timeout:g} s")

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import random
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any
 
 import anyio
 
@@ -43,10 +45,11 @@ SKIP_POLL_MAX = 1.0
 FINAL_OUTCOMES = frozenset(FINAL_STATES)
 # Longest the final requeue may take at shutdown; past it the reaper recovers the rest.
 FINISH_TIMEOUT = 10.0
-# Why a running job's scope was cancelled (see _Running); a timeout has no reason.
+# Why a running job's attempt was cancelled (see _Running).
 CANCELLED = "cancelled"
 LOST = "lost"
 STOPPED = "stopped"  # the pool stopped at shutdown: the job goes back to its queue
+TIMED_OUT = "timed out"  # past its handler's timeout
 
 
 def type_limits_of(job_type: str, config: HandlerConfig) -> TypeLimits:
@@ -75,11 +78,11 @@ class WorkerPool:
     at once: of types this daemon has handlers for, and within each handler's
     `concurrency` here, so no job waits in this daemon for a slot of its own.
 
-    Each job runs in a plain asyncio task with one cancel scope (see _Running), not in an
-    anyio task group, whose tasks cost a handle and a second cancel scope each: at
-    10,000 jobs at once that is most of the daemon's work. What the group would do for
-    them, the pool does: it waits for its jobs when it stops, and cancels them at the
-    deadline hurry() sets, or at once if the pool itself is cancelled.
+    Each job runs in a plain asyncio task (see _Running), not in an anyio task group or
+    cancel scope, whose bookkeeping cost more than the rest of a short job's run. What
+    the group would do for them, the pool does: it waits for its jobs when it stops, and
+    cancels them at the deadline hurry() sets, or at once if the pool itself is
+    cancelled.
     """
 
     def __init__(
@@ -239,7 +242,6 @@ class WorkerPool:
         self._stopping = True
         for running in list(self._running.values()):
             if running.attempting:
-                # Through its scope, which keeps shields: an exec handler reaps its program.
                 running.cancel(STOPPED)
             else:
                 self._forget(running.job.id)
@@ -331,10 +333,8 @@ class WorkerPool:
         acking = False
         try:
             self._metrics.started(job.queue, job.type, job.waited_ms / 1000)
-            with running.scope:
-                attempt = await self._attempt(job, running.scope)
-            running.attempting = False
-            if running.scope.cancelled_caught:
+            attempt = await running.attempt(self._attempt(job), self._handlers.timeout_of(job))
+            if attempt is None:
                 if running.reason == LOST:
                     logger.warning("job %s stopped: it was taken back from this daemon", job.id)
                     self._metrics.attempt_lost(job.queue)
@@ -387,7 +387,7 @@ class WorkerPool:
         if not self._running:
             self._emptied.set()
 
-    async def _attempt(self, job: Job, scope: anyio.CancelScope) -> Attempt:
+    async def _attempt(self, job: Job) -> Attempt:
         logger.debug("job %s (%s) started, attempt %d", job.id, job.type, job.attempts)
 
         async def report(value: float, message: str) -> None:
@@ -396,7 +396,7 @@ class WorkerPool:
         # Set in this job's own task, so it reaches only this job's handler.
         set_reporter(report)
         try:
-            result = await self._handlers.run(job, scope)
+            result = await self._handlers.run(job)
         except JobFailed as exc:
             return self._failed(job, str(exc), permanent=exc.permanent)
         except Exception as exc:
@@ -408,10 +408,10 @@ class WorkerPool:
         return self._ended(job, "completed", result)
 
     def _interrupted(self, job: Job, reason: str) -> Attempt:
-        """The attempt of a job whose scope was cancelled: by cancel() or by its deadline."""
+        """The attempt of a job cancelled by a request or by its timeout."""
         if reason == CANCELLED:
             return self._ended(job, "cancelled", "cancelled while running")
-        failure = self._handlers.timed_out(job)  # no reason given: the handler's timeout
+        failure = self._handlers.timed_out(job)
         return self._failed(job, str(failure), permanent=failure.permanent)
 
     def _failed(self, job: Job, error: str, *, permanent: bool) -> Attempt:
@@ -439,28 +439,58 @@ class WorkerPool:
 
 
 class _Running:
-    """A job of this daemon's: its task, its one cancel scope, why it was cancelled.
+    """A job of this daemon's: its task, and why its attempt was cancelled, if it was.
 
-    The scope, around the attempt, cancels the job (cancel_local, drop_lost, stop) and,
-    its deadline set by the handler, times it out: `reason` is CANCELLED, LOST or
-    STOPPED, or empty for a timeout. Once the attempt ended (`attempting` False) the job
-    waits only for its outcome to be recorded, with no task of its own.
+    An attempt is cancelled (cancel_local, drop_lost, stop, or its handler's timeout) by
+    cancelling its task once: the first cause wins, and a later one does nothing. Once
+    only, so that a handler's shielded clean-up (an exec handler reaping its program)
+    runs to its end, as under an anyio cancel scope, without one: entering and leaving
+    one cost more than the rest of a short job's run. Once the attempt ended
+    (`attempting` False) the job waits only for its outcome to be recorded.
     """
 
-    __slots__ = ("attempting", "job", "reason", "scope", "task")
+    __slots__ = ("attempting", "job", "reason", "started", "task", "timer")
 
     task: asyncio.Task[None]  # held here: the loop keeps only a weak reference to it
 
     def __init__(self, job: Job) -> None:
         self.job = job
-        self.scope = anyio.CancelScope()
-        self.reason = ""
+        self.reason = ""  # CANCELLED, LOST, STOPPED or TIMED_OUT once cancelled
         self.attempting = True
+        self.started = False  # its task has begun to run
+        self.timer: asyncio.TimerHandle | None = None
 
     def cancel(self, reason: str) -> None:
-        if not self.scope.cancel_called:  # the first cause wins, a deadline included
-            self.reason = reason
-        self.scope.cancel()
+        if self.reason or not self.attempting:
+            return
+        self.reason = reason
+        if self.timer is not None:
+            self.timer.cancel()
+        # A task cancelled before it began would never run its clean-up: attempt() sees
+        # the reason instead.
+        if self.started:
+            self.task.cancel()
+
+    async def attempt(self, run: Coroutine[Any, Any, Attempt], seconds: float) -> Attempt | None:
+        """Await `run` in this job's task, for `seconds` at most; None if cancelled."""
+        self.started = True
+        try:
+            if self.reason:
+                run.close()
+                return None
+            if math.isfinite(seconds):
+                loop = asyncio.get_running_loop()
+                self.timer = loop.call_at(loop.time() + seconds, self.cancel, TIMED_OUT)
+            return await run
+        except asyncio.CancelledError:
+            if not self.reason:
+                raise  # not ours: the loop itself is closing
+            self.task.uncancel()
+            return None
+        finally:
+            self.attempting = False
+            if self.timer is not None:
+                self.timer.cancel()
 
 
 def backoff(

@@ -215,3 +215,21 @@ async def submit_in_turn(
         assert status == 201, job
         ids.append(str(job["id"]))
     return ids
+
+
+def is_gone(pid: int) -> bool:
+    """No such process, or only a zombie left (PID 1 here need not reap orphans)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+
+
+def read_pids(path: Path) -> tuple[int, int]:
+    child, grandchild = path.read_text().split()
+    return int(child), int(grandchild)

@@ -31,6 +31,7 @@ from taskd.handlers import MAX_OUTPUT, STDERR_TAIL, Handlers, JobFailed
 from taskd.jobs import ACTIVE, Job
 from tests import handler_funcs
 from tests.builders import new_job
+from tests.support import is_gone, read_pids
 
 PROGRAMS = Path(__file__).parent / "programs"
 FUNCS = "tests.handler_funcs"
@@ -53,10 +54,10 @@ def program(name: str, *args: str) -> tuple[str, ...]:
 
 
 async def run_job(handlers: Handlers, job: Job) -> Any:
-    """Run a job as the worker pool does: in a cancel scope whose deadline the handler
-    sets to its timeout; a scope cancelled by it is a timeout, as JobFailed."""
-    with anyio.CancelScope() as scope:
-        return orjson.loads(await handlers.run(job, scope))
+    """Run a job within its handler's timeout; a run cut short by it is JobFailed. (The
+    worker pool's own way of cutting it short is tested in test_pool.py.)"""
+    with anyio.move_on_after(handlers.timeout_of(job)):
+        return orjson.loads(await handlers.run(job))
     raise handlers.timed_out(job)
 
 
@@ -84,24 +85,6 @@ async def wait_for(condition: Callable[[], bool], what: str, deadline: float = 3
         if time.monotonic() > end:
             pytest.fail(f"gave up after {deadline} s waiting for {what}")
         await anyio.sleep(0.02)
-
-
-def is_gone(pid: int) -> bool:
-    """No such process, or only a zombie left (PID 1 here need not reap orphans)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
-
-
-def read_pids(path: Path) -> tuple[int, int]:
-    child, grandchild = path.read_text().split()
-    return int(child), int(grandchild)
 
 
 # ---------------------------------------------------------------- general

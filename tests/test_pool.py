@@ -1,9 +1,12 @@
-"""The worker pool on its own: a slot serves the next job while an outcome is on the wire."""
+"""The worker pool on its own: a slot serves the next job while an outcome is on the wire,
+and an attempt cut short (timeout, cancel, stop) ends its exec handler's program first."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -13,7 +16,7 @@ from taskd.metrics import Metrics
 from taskd.store import Attempt, Store
 from taskd.workers import WorkerPool
 from tests.builders import Q, enqueue, stored
-from tests.support import make_config, wait_until
+from tests.support import REPO, is_gone, make_config, read_pids, wait_until
 
 ME = "pool-test"
 
@@ -35,8 +38,10 @@ class HeldAcks(Store):
 
 
 @asynccontextmanager
-async def running_pool(store: Store, redis_url: str, concurrency: int) -> AsyncIterator[WorkerPool]:
-    config = make_config(redis_url, workers={"concurrency": concurrency})
+async def running_pool(
+    store: Store, redis_url: str, concurrency: int, **handlers: Mapping[str, Any]
+) -> AsyncIterator[WorkerPool]:
+    config = make_config(redis_url, workers={"concurrency": concurrency}, handlers=handlers)
     async with Handlers(config.handlers) as handlers, anyio.create_task_group() as tg:
         pool = WorkerPool(
             store=store,
@@ -98,3 +103,45 @@ async def _idle(pool: WorkerPool) -> bool:
 
 async def _completed(store: Store, count: int) -> bool:
     return int(await store.connection.client.zcard(store.keys.completed(Q))) == count
+
+
+SPAWNER = REPO / "tests" / "programs" / "spawn_and_sleep.py"
+
+
+@pytest.mark.parametrize("cut", ["timeout", "cancel", "stop"])
+@pytest.mark.timeout(60)
+async def test_an_attempt_cut_short_kills_and_reaps_its_program_first(
+    store: Store, redis_url: str, tmp_path: Path, cut: str
+) -> None:
+    pid_file = tmp_path / "pids"
+    # Long enough for the program and its grandchild to start on a loaded machine.
+    timeout = 3 if cut == "timeout" else 60
+    spawn = {"exec": [str(SPAWNER), str(pid_file)], "timeout": timeout}
+    [job] = await enqueue(store, 1, job_type="spawn", max_attempts=1)
+    async with running_pool(store, redis_url, concurrency=2, spawn=spawn) as pool:
+        await wait_until(lambda: _holds(pid_file.exists), "the program to write its pids")
+        child, grandchild = read_pids(pid_file)
+        if cut == "cancel":
+            assert pool.cancel_local(job.id)
+        if cut == "stop":
+            await pool.drain(0)
+        else:
+            await wait_until(lambda: _ended(store, job.id), "the job to end")
+        # The program was killed and reaped before the attempt ended.
+        assert is_gone(child)
+    ended = await stored(store, job.id)
+    expected = {
+        "timeout": ("failed", "timed out after 3 s"),
+        "cancel": ("cancelled", "cancelled while running"),
+        "stop": ("queued", None),  # back in its queue, its attempt given back
+    }
+    assert (ended.state, ended.error) == expected[cut]
+    await wait_until(lambda: _holds(lambda: is_gone(grandchild)), "the grandchild to die")
+
+
+async def _holds(condition: Callable[[], bool]) -> bool:
+    return condition()
+
+
+async def _ended(store: Store, job_id: str) -> bool:
+    return (await stored(store, job_id)).state in ("failed", "cancelled")
