@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import random
 from collections import Counter
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -21,6 +20,7 @@ from taskd.metrics import Metrics
 from taskd.progress import set_reporter
 from taskd.slots import SlotArbiter
 from taskd.store import Attempt, Claimed, Store, TypeLimits
+from taskd.timeouts import Timeouts
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,7 @@ class WorkerPool:
         self._metrics = metrics
         self._handlers = handlers
         self._handler_configs = handler_configs
+        self._python_types = {name for name, c in handler_configs.items() if c.kind == "python"}
         self._daemon_id = daemon_id
         self._queues = tuple(queues)
         self._clock = clock
@@ -146,6 +147,7 @@ class WorkerPool:
         self._ack_backlog_max = max(concurrency, ACK_BATCH)
         self._ack_room: anyio.Event | None = None
         self._running: dict[str, _Running] = {}
+        self._timeouts = Timeouts[_Running](expire=_timed_out)
         self._fetching = anyio.CancelScope()
         # Its deadline (hurry) ends fetching and the wait for the running jobs.
         self._grace = anyio.CancelScope()
@@ -216,6 +218,7 @@ class WorkerPool:
             with anyio.move_on_after(FINISH_TIMEOUT, shield=True):
                 await self._finish()
             tg.cancel_scope.cancel()
+        self._timeouts.close()
         self._stopped.set()
 
     async def drain(self, grace: float) -> None:
@@ -333,7 +336,8 @@ class WorkerPool:
         acking = False
         try:
             self._metrics.started(job.queue, job.type, job.waited_ms / 1000)
-            attempt = await running.attempt(self._attempt(job), self._handlers.timeout_of(job))
+            timeout = self._handlers.timeout_of(job)
+            attempt = await running.attempt(self._attempt(job), timeout, self._timeouts)
             if attempt is None:
                 if running.reason == LOST:
                     logger.warning("job %s stopped: it was taken back from this daemon", job.id)
@@ -390,11 +394,10 @@ class WorkerPool:
     async def _attempt(self, job: Job) -> Attempt:
         logger.debug("job %s (%s) started, attempt %d", job.id, job.type, job.attempts)
 
-        async def report(value: float, message: str) -> None:
-            await self._store.report_progress(job, self._daemon_id, value, message, self._clock())
-
-        # Set in this job's own task, so it reaches only this job's handler.
-        set_reporter(report)
+        if job.type in self._python_types:
+            # Only a Python handler can report progress. Set in this job's own task, so it
+            # reaches only this job's handler.
+            set_reporter(self._reporter(job))
         try:
             result = await self._handlers.run(job)
         except JobFailed as exc:
@@ -406,6 +409,12 @@ class WorkerPool:
             return self._failed(job, f"internal error: {exc!r}", permanent=False)
         logger.debug("job %s (%s) completed", job.id, job.type)
         return self._ended(job, "completed", result)
+
+    def _reporter(self, job: Job) -> Callable[[float, str], Awaitable[None]]:
+        async def report(value: float, message: str) -> None:
+            await self._store.report_progress(job, self._daemon_id, value, message, self._clock())
+
+        return report
 
     def _interrupted(self, job: Job, reason: str) -> Attempt:
         """The attempt of a job cancelled by a request or by its timeout."""
@@ -449,7 +458,7 @@ class _Running:
     (`attempting` False) the job waits only for its outcome to be recorded.
     """
 
-    __slots__ = ("attempting", "job", "reason", "started", "task", "timer")
+    __slots__ = ("attempting", "job", "reason", "started", "task")
 
     task: asyncio.Task[None]  # held here: the loop keeps only a weak reference to it
 
@@ -458,29 +467,27 @@ class _Running:
         self.reason = ""  # CANCELLED, LOST, STOPPED or TIMED_OUT once cancelled
         self.attempting = True
         self.started = False  # its task has begun to run
-        self.timer: asyncio.TimerHandle | None = None
 
     def cancel(self, reason: str) -> None:
         if self.reason or not self.attempting:
             return
         self.reason = reason
-        if self.timer is not None:
-            self.timer.cancel()
         # A task cancelled before it began would never run its clean-up: attempt() sees
         # the reason instead.
         if self.started:
             self.task.cancel()
 
-    async def attempt(self, run: Coroutine[Any, Any, Attempt], seconds: float) -> Attempt | None:
-        """Await `run` in this job's task, for `seconds` at most; None if cancelled."""
+    async def attempt(
+        self, run: Coroutine[Any, Any, Attempt], seconds: float, timeouts: Timeouts[_Running]
+    ) -> Attempt | None:
+        """Await `run` in this job's task, for `seconds` at most (`timeouts` cancels it
+        then); None if cancelled."""
         self.started = True
         try:
             if self.reason:
                 run.close()
                 return None
-            if math.isfinite(seconds):
-                loop = asyncio.get_running_loop()
-                self.timer = loop.call_at(loop.time() + seconds, self.cancel, TIMED_OUT)
+            timeouts.start(self, seconds)
             return await run
         except asyncio.CancelledError:
             if not self.reason:
@@ -489,8 +496,11 @@ class _Running:
             return None
         finally:
             self.attempting = False
-            if self.timer is not None:
-                self.timer.cancel()
+            timeouts.end(self, seconds)
+
+
+def _timed_out(running: _Running) -> None:
+    running.cancel(TIMED_OUT)
 
 
 def backoff(
