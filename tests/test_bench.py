@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from taskd.bench import SIZES, WORKLOADS, Figure, aggregate, growth, percentile
-from taskd.bench.report import number
+from taskd.bench.report import latency_figures, number
 from tests.support import TASKD
 
 # CI promises the quick bench runs "in under a minute"; it takes well under half that.
@@ -174,6 +174,14 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile(values, 0.50) == 51.0
     assert percentile(values, 0.99) == 100.0
     assert percentile([7.0], 0.99) == 7.0
+
+
+def test_latency_figures_name_each_quantile_and_the_max() -> None:
+    figures = latency_figures([float(v) for v in range(1, 1001)], (0.5, 0.99, 0.999), " @50%")
+    assert [(f.name, f.value) for f in figures] == [
+        ("p50 @50%", 501.0), ("p99 @50%", 991.0), ("p99.9 @50%", 1000.0), ("max @50%", 1000.0),
+    ]  # fmt: skip
+    assert [f.name for f in latency_figures([1.0])] == ["p50", "p99", "max"]
 
 
 def test_url_refuses_workloads_that_need_daemons_of_their_own(tmp_path: Path) -> None:

@@ -228,7 +228,11 @@ class Bench:
     soak: SoakPlan = field(default_factory=lambda: SoakPlan(SOAK_SECONDS[0], SOAK_RATE[0]))
 
     def size(self, workload: str) -> int:
-        full, quick = SIZES[workload]
+        return self.scaled(SIZES[workload])
+
+    def scaled(self, sizes: tuple[int, int]) -> int:
+        """The full size or the --quick one, of (full, quick)."""
+        full, quick = sizes
         return quick if self.quick else full
 
     def note(self, text: str) -> None:

@@ -259,8 +259,16 @@ class Inspector:
     async def commands_called(self) -> int:
         """Commands Redis ran since it started (INFO commandstats), the commands scripts
         call counted as well as the EVALSHA that ran them, less the INFO calls asking this."""
+        return sum((await self.command_calls()).values())
+
+    async def command_calls(self) -> dict[str, int]:
+        """commands_called per command name (lower case), less INFO."""
         stats = await self._r.info("commandstats")
-        return sum(int(entry["calls"]) for name, entry in stats.items() if name != "cmdstat_info")
+        return {
+            name.removeprefix("cmdstat_"): int(entry["calls"])
+            for name, entry in stats.items()
+            if name != "cmdstat_info"
+        }
 
     async def memory_and_keys(self) -> tuple[int, int]:
         """INFO memory used_memory (bytes) and DBSIZE, in one round trip."""
