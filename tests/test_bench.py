@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import random
+import statistics
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from taskd.bench import SIZES, WORKLOADS, Figure, aggregate, growth, percentile
+from taskd.bench import WORKLOADS, Figure, aggregate, growth, percentile
+from taskd.bench.cli import OPT_IN
+from taskd.bench.openloop import LOADS, arrivals
 from taskd.bench.report import latency_figures, number
 from tests.support import TASKD
 
@@ -34,7 +39,7 @@ def test_quick_bench_runs_every_workload_in_under_a_minute(tmp_path: Path) -> No
     report = json.loads(done.stdout)
     assert set(report["machine"]) >= {"cpu", "cores", "python", "redis", "event_loop"}
     results = report["results"]
-    assert {r["workload"] for r in results} == set(SIZES)
+    assert {r["workload"] for r in results} == set(WORKLOADS) - set(OPT_IN)
     for r in results:
         assert r["median"] > 0, r
         assert r["min"] <= r["median"] <= r["max"], r
@@ -45,6 +50,21 @@ def test_quick_bench_runs_every_workload_in_under_a_minute(tmp_path: Path) -> No
     for workload in ("intake-single", "intake-batch", "drain"):
         assert figures[(workload, "Redis commands")] == "per job", figures
     assert figures[("drain", "daemon CPU")] == "µs/job", figures
+    # Open loop: each load level's offered rate, its latency percentiles, in order, and
+    # how late the bench sent jobs.
+    medians = {(r["workload"], r["figure"]): r["median"] for r in results}
+    assert figures[("open-loop", "max drain")] == "jobs/s"
+    for load in LOADS:
+        at = f" @{load}%"
+        latencies = [f"{name}{at}" for name in ("p50", "p99", "p99.9", "max")]
+        assert {figures[("open-loop", name)] for name in latencies} == {"ms"}, figures
+        values = [medians[("open-loop", name)] for name in latencies]
+        assert values == sorted(values), values
+        assert figures[("open-loop", f"offered{at}")] == "jobs/s"
+        assert figures[("open-loop", f"max lag{at}")] == "ms"
+    offered = [medians[("open-loop", f"offered @{load}%")] for load in LOADS]
+    assert offered == sorted(offered)
+    assert offered[-1] < medians[("open-loop", "max drain")]
     # Everything it started is gone: no temp directory left behind in its place.
     assert not list(tmp_path.iterdir())
     # That report is the "before" of a later run.
@@ -139,9 +159,28 @@ def test_compare_is_for_the_table_not_json(tmp_path: Path) -> None:
     assert "not to --json" in done.stderr.decode()
 
 
-def test_soak_is_not_in_the_default_set() -> None:
-    assert "soak" in WORKLOADS
-    assert "soak" not in SIZES
+def test_opt_in_workloads_are_not_in_the_default_set() -> None:
+    assert set(OPT_IN) == {"soak"}
+    assert set(OPT_IN) < set(WORKLOADS)
+
+
+def test_open_loop_arrivals_are_poisson_at_the_rate_asked() -> None:
+    times = arrivals(random.Random(1), 1_000.0, 20.0)
+    assert times == sorted(times)
+    assert times[0] > 0
+    assert times[-1] < 20.0
+    assert 19_000 < len(times) < 21_000
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    # Exponential gaps: their standard deviation is their mean.
+    assert statistics.stdev(gaps) == pytest.approx(statistics.fmean(gaps), rel=0.05)
+
+
+def test_latency_figures_name_each_quantile_and_the_max() -> None:
+    figures = latency_figures([float(v) for v in range(1, 1001)], (0.5, 0.99, 0.999), " @50%")
+    assert [(f.name, f.value) for f in figures] == [
+        ("p50 @50%", 501.0), ("p99 @50%", 991.0), ("p99.9 @50%", 1000.0), ("max @50%", 1000.0),
+    ]  # fmt: skip
+    assert [f.name for f in latency_figures([1.0])] == ["p50", "p99", "max"]
 
 
 def test_growth_compares_the_last_third_with_the_middle_third() -> None:
@@ -174,14 +213,6 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile(values, 0.50) == 51.0
     assert percentile(values, 0.99) == 100.0
     assert percentile([7.0], 0.99) == 7.0
-
-
-def test_latency_figures_name_each_quantile_and_the_max() -> None:
-    figures = latency_figures([float(v) for v in range(1, 1001)], (0.5, 0.99, 0.999), " @50%")
-    assert [(f.name, f.value) for f in figures] == [
-        ("p50 @50%", 501.0), ("p99 @50%", 991.0), ("p99.9 @50%", 1000.0), ("max @50%", 1000.0),
-    ]  # fmt: skip
-    assert [f.name for f in latency_figures([1.0])] == ["p50", "p99", "max"]
 
 
 def test_url_refuses_workloads_that_need_daemons_of_their_own(tmp_path: Path) -> None:

@@ -34,6 +34,9 @@ SIZES = {
 }
 SOAK_SECONDS = (600, 20)  # (full, --quick)
 SOAK_RATE = (8_000, 1_000)  # jobs/s, (full, --quick): about half of what drain measures
+# The sizes of the workloads SIZES does not size: (full, --quick) each.
+OPEN_LOOP_SECONDS = (10, 1)  # s jobs are offered at each load level
+OPEN_LOOP_DRAIN = (20_000, 2_000)  # noop jobs drained to measure the maximum rate
 # The daemons' handlers; `stamp` is re-exported by the package, so its target stays put.
 HANDLERS = {
     "noop": 'builtin = "noop"',

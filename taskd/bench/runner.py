@@ -11,6 +11,7 @@ from pathlib import Path
 import anyio
 
 from taskd.bench.harness import Bench, BenchError, Local, SoakPlan, http_session, own_redis
+from taskd.bench.openloop import open_loop
 from taskd.bench.remote import configured_types
 from taskd.bench.report import Figure, Report, Result, aggregate, machine, number
 from taskd.bench.soak import soak
@@ -22,6 +23,7 @@ WORKLOADS: dict[str, Workload] = {
     "intake-batch": intake_batch,
     "drain": drain,
     "pickup": pickup,
+    "open-loop": open_loop,
     "concurrency": concurrency,
     "mixed": mixed,
     "soak": soak,
