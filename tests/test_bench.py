@@ -13,14 +13,31 @@ from pathlib import Path
 
 import pytest
 
+from taskd import callbacks, janitor, promoter, workers
 from taskd.bench import WORKLOADS, Figure, aggregate, growth, percentile
 from taskd.bench.cli import OPT_IN
 from taskd.bench.openloop import LOADS, arrivals
 from taskd.bench.report import latency_figures, number
+from taskd.config.model import WorkersConfig
 from tests.support import TASKD
 
 # CI promises the quick bench runs "in under a minute"; it takes well under half that.
 QUICK_DEADLINE = 60.0
+# More Redis commands than any periodic pass of an idle daemon makes (the largest, the
+# fetcher's timed-out BLMOVE and the claim after it, makes 16), for the ceiling below.
+COMMANDS_PER_PASS = 20
+
+
+def idle_ceiling() -> float:
+    """Commands/s an idle daemon stays under, from its loops' intervals: the promoter's
+    and the callback sender's polls, the blocking fetch's timeout, the heartbeat and the
+    reaper, and the janitor (docs/performance.md, "What an idle daemon costs")."""
+    heartbeat = WorkersConfig().heartbeat_interval
+    intervals = (
+        promoter.MAX_SLEEP, callbacks.POLL_INTERVAL, workers.BLOCK_TIMEOUT, heartbeat,
+        heartbeat, janitor.INTERVAL,
+    )  # fmt: skip
+    return COMMANDS_PER_PASS * sum(1 / seconds for seconds in intervals)
 
 
 @pytest.mark.timeout(QUICK_DEADLINE + 60)
@@ -65,6 +82,9 @@ def test_quick_bench_runs_every_workload_in_under_a_minute(tmp_path: Path) -> No
     offered = [medians[("open-loop", f"offered @{load}%")] for load in LOADS]
     assert offered == sorted(offered)
     assert offered[-1] < medians[("open-loop", "max drain")]
+    # A sleeping daemon makes a bounded number of Redis commands.
+    assert figures[("idle", "Redis commands")] == "per s"
+    assert 0 < medians[("idle", "Redis commands")] <= idle_ceiling(), medians
     # Everything it started is gone: no temp directory left behind in its place.
     assert not list(tmp_path.iterdir())
     # That report is the "before" of a later run.
@@ -159,8 +179,33 @@ def test_compare_is_for_the_table_not_json(tmp_path: Path) -> None:
     assert "not to --json" in done.stderr.decode()
 
 
+MEMORY_DEADLINE = 30.0
+
+
+@pytest.mark.timeout(MEMORY_DEADLINE + 30)
+def test_quick_memory_measures_bytes_per_queued_job_and_its_parts(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(TASKD), "bench", "--only", "memory", "--quick", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=MEMORY_DEADLINE,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    report = json.loads(done.stdout)
+    figures = {r["figure"]: r["median"] for r in report["results"]}
+    assert {r["unit"] for r in report["results"]} == {"bytes/job"}
+    parts = ("job hash", "ready lists", "index")
+    assert set(figures) == {"Redis memory", *parts, "other"}, figures
+    # A job's id alone is 36 bytes, and every part holds it.
+    assert all(figures[part] > 36 for part in parts), figures
+    assert sum(figures[part] for part in parts) < figures["Redis memory"], figures
+    assert any("a job's hash is hashtable-encoded" in note for note in report["notes"])
+    assert not list(tmp_path.iterdir())
+
+
 def test_opt_in_workloads_are_not_in_the_default_set() -> None:
-    assert set(OPT_IN) == {"soak"}
+    assert set(OPT_IN) == {"memory", "soak"}
     assert set(OPT_IN) < set(WORKLOADS)
 
 

@@ -37,6 +37,8 @@ SOAK_RATE = (8_000, 1_000)  # jobs/s, (full, --quick): about half of what drain 
 # The sizes of the workloads SIZES does not size: (full, --quick) each.
 OPEN_LOOP_SECONDS = (10, 1)  # s jobs are offered at each load level
 OPEN_LOOP_DRAIN = (20_000, 2_000)  # noop jobs drained to measure the maximum rate
+IDLE_SECONDS = (20, 3)  # s the idle daemon's commands are counted
+MEMORY_JOBS = (1_000_000, 5_000)  # jobs queued to measure Redis bytes per job
 # The daemons' handlers; `stamp` is re-exported by the package, so its target stays put.
 HANDLERS = {
     "noop": 'builtin = "noop"',

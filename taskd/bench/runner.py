@@ -10,6 +10,7 @@ from pathlib import Path
 
 import anyio
 
+from taskd.bench.footprint import idle, memory
 from taskd.bench.harness import Bench, BenchError, Local, SoakPlan, http_session, own_redis
 from taskd.bench.openloop import open_loop
 from taskd.bench.remote import configured_types
@@ -26,6 +27,8 @@ WORKLOADS: dict[str, Workload] = {
     "open-loop": open_loop,
     "concurrency": concurrency,
     "mixed": mixed,
+    "idle": idle,
+    "memory": memory,
     "soak": soak,
 }
 
