@@ -79,6 +79,7 @@ def test_quick_bench_runs_every_workload_in_under_a_minute(tmp_path: Path) -> No
         assert values == sorted(values), values
         assert figures[("open-loop", f"offered{at}")] == "jobs/s"
         assert figures[("open-loop", f"max lag{at}")] == "ms"
+        assert figures[("open-loop", f"daemon CPU{at}")] == "µs/job"
     offered = [medians[("open-loop", f"offered @{load}%")] for load in LOADS]
     assert offered == sorted(offered)
     assert offered[-1] < medians[("open-loop", "max drain")]

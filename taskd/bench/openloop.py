@@ -11,7 +11,14 @@ from dataclasses import dataclass
 
 import anyio
 
-from taskd.bench.harness import OPEN_LOOP_DRAIN, OPEN_LOOP_SECONDS, QUEUE, Bench, Local
+from taskd.bench.harness import (
+    OPEN_LOOP_DRAIN,
+    OPEN_LOOP_SECONDS,
+    QUEUE,
+    Bench,
+    Local,
+    SpawnedDaemon,
+)
 from taskd.bench.report import Figure, latency_figures, percentile
 from taskd.bench.workloads import span, stamps
 from taskd.jobs import QUEUED, Job, new_id, now_ms
@@ -46,27 +53,26 @@ async def open_loop(bench: Bench) -> list[Figure]:
     rng = random.Random(SEED)
     async with bench.daemons(1, concurrency=100) as [daemon]:
         finished = bench.scaled(OPEN_LOOP_DRAIN)
+        cpu = daemon.cpu_seconds()
         rate = await _max_drain(bench, local, finished)
-        figures = [Figure("max drain", "jobs/s", rate)]
+        figures = [Figure("max drain", "jobs/s", rate), *_daemon_cpu(daemon, cpu, finished, "")]
         for load in LOADS:
             cpu = daemon.cpu_seconds()
             offered = await _offer(local.store, arrivals(rng, rate * load / 100, seconds))
-            cpu_after = daemon.cpu_seconds()
             finished += len(offered.ids)
             await bench.wait_finished(finished)
+            used = _daemon_cpu(daemon, cpu, len(offered.ids), f" @{load}%")
             started = await stamps(local, offered.ids)
             latencies = [(t - due) / 1e6 for t, due in zip(started, offered.due, strict=True)]
-            figures += _level(bench, load, seconds, offered, latencies)
-            if cpu is not None and cpu_after is not None:
-                used = (cpu_after - cpu) / seconds * 100
-                figures.append(Figure(f"daemon CPU @{load}%", "%", used))
+            figures += [*_level(bench, load, seconds, offered, latencies), *used]
     bench.note(
         f"open-loop: one daemon (100 slots); max drain: {bench.scaled(OPEN_LOOP_DRAIN):,} "
         f"noop jobs waiting; then stamp jobs arriving at random (Poisson) at "
         f"{' and '.join(f'{load}%' for load in LOADS)} of it, {seconds:g} s each; latency "
         "from each job's scheduled arrival (not its sending) to its handler starting; lag: "
-        "how far behind its schedule the bench sent a job; CPU: the bench process's (which "
-        "sends the jobs) and the daemon's while the jobs are sent, in % of one core"
+        "how far behind its schedule the bench sent a job; bench CPU: the bench process's "
+        "(which sends the jobs) while it sends them, in % of one core; daemon CPU: from the "
+        "first job sent to the last one finished, per job"
     )
     return figures
 
@@ -79,6 +85,14 @@ async def _max_drain(bench: Bench, local: Local, n: int) -> float:
     await local.store.resume(QUEUE)
     await bench.wait_finished(n)
     return n / span(await local.records(ids, ("started_at", "finished_at")))
+
+
+def _daemon_cpu(daemon: SpawnedDaemon, before: float | None, jobs: int, at: str) -> list[Figure]:
+    """The daemon's CPU time since `before`, per job; none where /proc does not tell."""
+    after = daemon.cpu_seconds()
+    if before is None or after is None:
+        return []
+    return [Figure(f"daemon CPU{at}", "µs/job", (after - before) / jobs * 1e6)]
 
 
 def arrivals(rng: random.Random, rate: float, seconds: float) -> list[float]:
