@@ -2,20 +2,42 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import random
+import statistics
 import subprocess
 import time
 from pathlib import Path
 
 import pytest
 
-from taskd.bench import SIZES, WORKLOADS, Figure, aggregate, growth, percentile
-from taskd.bench.report import number
+from taskd import callbacks, janitor, promoter, workers
+from taskd.bench import WORKLOADS, Figure, aggregate, growth, percentile
+from taskd.bench.cli import OPT_IN
+from taskd.bench.openloop import LOADS, arrivals
+from taskd.bench.report import latency_figures, number
+from taskd.config.model import WorkersConfig
 from tests.support import TASKD
 
 # CI promises the quick bench runs "in under a minute"; it takes well under half that.
 QUICK_DEADLINE = 60.0
+# More Redis commands than any periodic pass of an idle daemon makes (the largest, the
+# fetcher's timed-out BLMOVE and the claim after it, makes 16), for the ceiling below.
+COMMANDS_PER_PASS = 20
+
+
+def idle_ceiling() -> float:
+    """Commands/s an idle daemon stays under, from its loops' intervals: the promoter's
+    and the callback sender's polls, the blocking fetch's timeout, the heartbeat and the
+    reaper, and the janitor (docs/performance.md, "What an idle daemon costs")."""
+    heartbeat = WorkersConfig().heartbeat_interval
+    intervals = (
+        promoter.MAX_SLEEP, callbacks.POLL_INTERVAL, workers.BLOCK_TIMEOUT, heartbeat,
+        heartbeat, janitor.INTERVAL,
+    )  # fmt: skip
+    return COMMANDS_PER_PASS * sum(1 / seconds for seconds in intervals)
 
 
 @pytest.mark.timeout(QUICK_DEADLINE + 60)
@@ -34,7 +56,7 @@ def test_quick_bench_runs_every_workload_in_under_a_minute(tmp_path: Path) -> No
     report = json.loads(done.stdout)
     assert set(report["machine"]) >= {"cpu", "cores", "python", "redis", "event_loop"}
     results = report["results"]
-    assert {r["workload"] for r in results} == set(SIZES)
+    assert {r["workload"] for r in results} == set(WORKLOADS) - set(OPT_IN)
     for r in results:
         assert r["median"] > 0, r
         assert r["min"] <= r["median"] <= r["max"], r
@@ -45,6 +67,25 @@ def test_quick_bench_runs_every_workload_in_under_a_minute(tmp_path: Path) -> No
     for workload in ("intake-single", "intake-batch", "drain"):
         assert figures[(workload, "Redis commands")] == "per job", figures
     assert figures[("drain", "daemon CPU")] == "µs/job", figures
+    # Open loop: each load level's offered rate, its latency percentiles, in order, and
+    # how late the bench sent jobs.
+    medians = {(r["workload"], r["figure"]): r["median"] for r in results}
+    assert figures[("open-loop", "max drain")] == "jobs/s"
+    for load in LOADS:
+        at = f" @{load}%"
+        latencies = [f"{name}{at}" for name in ("p50", "p99", "p99.9", "max")]
+        assert {figures[("open-loop", name)] for name in latencies} == {"ms"}, figures
+        values = [medians[("open-loop", name)] for name in latencies]
+        assert values == sorted(values), values
+        assert figures[("open-loop", f"offered{at}")] == "jobs/s"
+        assert figures[("open-loop", f"max lag{at}")] == "ms"
+        assert figures[("open-loop", f"daemon CPU{at}")] == "µs/job"
+    offered = [medians[("open-loop", f"offered @{load}%")] for load in LOADS]
+    assert offered == sorted(offered)
+    assert offered[-1] < medians[("open-loop", "max drain")]
+    # A sleeping daemon makes a bounded number of Redis commands.
+    assert figures[("idle", "Redis commands")] == "per s"
+    assert 0 < medians[("idle", "Redis commands")] <= idle_ceiling(), medians
     # Everything it started is gone: no temp directory left behind in its place.
     assert not list(tmp_path.iterdir())
     # That report is the "before" of a later run.
@@ -139,9 +180,53 @@ def test_compare_is_for_the_table_not_json(tmp_path: Path) -> None:
     assert "not to --json" in done.stderr.decode()
 
 
-def test_soak_is_not_in_the_default_set() -> None:
-    assert "soak" in WORKLOADS
-    assert "soak" not in SIZES
+MEMORY_DEADLINE = 30.0
+
+
+@pytest.mark.timeout(MEMORY_DEADLINE + 30)
+def test_quick_memory_measures_bytes_per_queued_job_and_its_parts(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(TASKD), "bench", "--only", "memory", "--quick", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=MEMORY_DEADLINE,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    report = json.loads(done.stdout)
+    figures = {r["figure"]: r["median"] for r in report["results"]}
+    assert {r["unit"] for r in report["results"]} == {"bytes/job"}
+    parts = ("job hash", "ready lists", "index")
+    assert set(figures) == {"Redis memory", *parts, "other"}, figures
+    # A job's id alone is 36 bytes, and every part holds it.
+    assert all(figures[part] > 36 for part in parts), figures
+    assert sum(figures[part] for part in parts) < figures["Redis memory"], figures
+    assert any("a job's hash is hashtable-encoded" in note for note in report["notes"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_opt_in_workloads_are_not_in_the_default_set() -> None:
+    assert set(OPT_IN) == {"memory", "soak"}
+    assert set(OPT_IN) < set(WORKLOADS)
+
+
+def test_open_loop_arrivals_are_poisson_at_the_rate_asked() -> None:
+    times = arrivals(random.Random(1), 1_000.0, 20.0)
+    assert times == sorted(times)
+    assert times[0] > 0
+    assert times[-1] < 20.0
+    assert 19_000 < len(times) < 21_000
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    # Exponential gaps: their standard deviation is their mean.
+    assert statistics.stdev(gaps) == pytest.approx(statistics.fmean(gaps), rel=0.05)
+
+
+def test_latency_figures_name_each_quantile_and_the_max() -> None:
+    figures = latency_figures([float(v) for v in range(1, 1001)], (0.5, 0.99, 0.999), " @50%")
+    assert [(f.name, f.value) for f in figures] == [
+        ("p50 @50%", 501.0), ("p99 @50%", 991.0), ("p99.9 @50%", 1000.0), ("max @50%", 1000.0),
+    ]  # fmt: skip
+    assert [f.name for f in latency_figures([1.0])] == ["p50", "p99", "max"]
 
 
 def test_growth_compares_the_last_third_with_the_middle_third() -> None:

@@ -1,4 +1,4 @@
-"""`taskd bench`: intake, pick-up, throughput and concurrency, measured on a throwaway setup."""
+"""`taskd bench`: throughput, latency and Redis costs, measured on a throwaway setup."""
 
 from taskd.bench.cli import add_parser, main
 from taskd.bench.harness import SIZES, BenchError

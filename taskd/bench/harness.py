@@ -34,6 +34,11 @@ SIZES = {
 }
 SOAK_SECONDS = (600, 20)  # (full, --quick)
 SOAK_RATE = (8_000, 1_000)  # jobs/s, (full, --quick): about half of what drain measures
+# The sizes of the workloads SIZES does not size: (full, --quick) each.
+OPEN_LOOP_SECONDS = (10, 1)  # s jobs are offered at each load level
+OPEN_LOOP_DRAIN = (20_000, 2_000)  # noop jobs drained to measure the maximum rate
+IDLE_SECONDS = (20, 3)  # s the idle daemon's commands are counted
+MEMORY_JOBS = (1_000_000, 5_000)  # jobs queued to measure Redis bytes per job
 # The daemons' handlers; `stamp` is re-exported by the package, so its target stays put.
 HANDLERS = {
     "noop": 'builtin = "noop"',
@@ -228,7 +233,11 @@ class Bench:
     soak: SoakPlan = field(default_factory=lambda: SoakPlan(SOAK_SECONDS[0], SOAK_RATE[0]))
 
     def size(self, workload: str) -> int:
-        full, quick = SIZES[workload]
+        return self.scaled(SIZES[workload])
+
+    def scaled(self, sizes: tuple[int, int]) -> int:
+        """The full size or the --quick one, of (full, quick)."""
+        full, quick = sizes
         return quick if self.quick else full
 
     def note(self, text: str) -> None:

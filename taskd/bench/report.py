@@ -73,11 +73,13 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def latency_figures(latencies_ms: Sequence[float]) -> list[Figure]:
+def latency_figures(
+    latencies_ms: Sequence[float], quantiles: Sequence[float] = (0.50, 0.99), suffix: str = ""
+) -> list[Figure]:
+    """Each quantile (0.999 is "p99.9") and the max, in ms; `suffix` ends their names."""
     return [
-        Figure("p50", "ms", percentile(latencies_ms, 0.50)),
-        Figure("p99", "ms", percentile(latencies_ms, 0.99)),
-        Figure("max", "ms", max(latencies_ms)),
+        *(Figure(f"p{q * 100:g}{suffix}", "ms", percentile(latencies_ms, q)) for q in quantiles),
+        Figure(f"max{suffix}", "ms", max(latencies_ms)),
     ]
 
 

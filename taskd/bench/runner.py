@@ -10,7 +10,9 @@ from pathlib import Path
 
 import anyio
 
+from taskd.bench.footprint import idle, memory
 from taskd.bench.harness import Bench, BenchError, Local, SoakPlan, http_session, own_redis
+from taskd.bench.openloop import open_loop
 from taskd.bench.remote import configured_types
 from taskd.bench.report import Figure, Report, Result, aggregate, machine, number
 from taskd.bench.soak import soak
@@ -22,8 +24,11 @@ WORKLOADS: dict[str, Workload] = {
     "intake-batch": intake_batch,
     "drain": drain,
     "pickup": pickup,
+    "open-loop": open_loop,
     "concurrency": concurrency,
     "mixed": mixed,
+    "idle": idle,
+    "memory": memory,
     "soak": soak,
 }
 

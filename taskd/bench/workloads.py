@@ -130,7 +130,7 @@ async def drain(bench: Bench) -> list[Figure]:
         commands = await _commands(bench) - commands
         cpu_after = daemon.cpu_seconds()
     rows = await local.records(ids, ("started_at", "finished_at"))
-    figures = [Figure("throughput", "jobs/s", n / _span(rows)), *_per_job(commands, n)]
+    figures = [Figure("throughput", "jobs/s", n / span(rows)), *_per_job(commands, n)]
     if cpu is not None and cpu_after is not None:
         figures.append(Figure("daemon CPU", "µs/job", (cpu_after - cpu) / n * 1e6))
     return figures
@@ -148,9 +148,14 @@ async def pickup(bench: Bench) -> list[Figure]:
         await bench.wait_finished(PICKUP_WARMUP)
         sent = await _paced_enqueue(local.store, n)
         await bench.wait_finished(PICKUP_WARMUP + n)
-    rows = await local.records([job_id for job_id, _ in sent], ("result",))
-    stamps = [orjson.loads(_result(row["result"]))["t"] for row in rows]
-    return latency_figures([(t - t0) / 1e6 for (_, t0), t in zip(sent, stamps, strict=True)])
+    started = await stamps(local, [job_id for job_id, _ in sent])
+    return latency_figures([(t - t0) / 1e6 for (_, t0), t in zip(sent, started, strict=True)])
+
+
+async def stamps(local: Local, ids: Sequence[str]) -> list[int]:
+    """When the handler of each of these stamp jobs started (ns), in the order of `ids`."""
+    rows = await local.records(ids, ("result",))
+    return [int(orjson.loads(_result(row["result"]))["t"]) for row in rows]
 
 
 async def _paced_enqueue(store: Store, count: int) -> list[tuple[str, int]]:
@@ -181,7 +186,7 @@ async def concurrency(bench: Bench) -> list[Figure]:
         "concurrency: Redis connections are the peak of INFO clients connected_clients, less "
         f"the bench's own ({connections.own}, counted before the daemon started)"
     )
-    figures = [Figure("wall time", "s", _span(rows))]
+    figures = [Figure("wall time", "s", span(rows))]
     if rss is not None:
         figures.append(Figure("daemon peak RSS", "MiB", rss))
     return [*figures, Figure("peak Redis connections", "conns", connections.peak - connections.own)]
@@ -231,7 +236,7 @@ async def mixed(bench: Bench) -> list[Figure]:
         for row in rows
     ]
     return [
-        Figure("throughput", "jobs/s", n / _span(rows)),
+        Figure("throughput", "jobs/s", n / span(rows)),
         Figure("pickup p99", "ms", percentile(waits, 0.99)),
     ]
 
@@ -263,7 +268,7 @@ async def _submit_batches(bench: Bench, urls: Sequence[str], bodies: Sequence[by
     return ids
 
 
-def _span(rows: Sequence[dict[str, bytes | None]]) -> float:
+def span(rows: Sequence[dict[str, bytes | None]]) -> float:
     """Seconds from the first start to the last finish (at least 1 ms: times are in ms)."""
     first = min(_int(row["started_at"]) for row in rows)
     last = max(_int(row["finished_at"]) for row in rows)

@@ -12,7 +12,7 @@ from taskd.store.connect import (
     is_full,
     open,
 )
-from taskd.store.inspect import Inspector, Page, Unhandled
+from taskd.store.inspect import Footprint, Inspector, Page, Unhandled
 from taskd.store.keys import Keys
 from taskd.store.record import Attempt, DaemonInfo, TypeLimits
 from taskd.store.store import Beat, Claimed, Store
@@ -26,6 +26,7 @@ __all__ = [
     "Claimed",
     "Connection",
     "DaemonInfo",
+    "Footprint",
     "Inspector",
     "Keys",
     "Page",

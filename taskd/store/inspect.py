@@ -30,6 +30,21 @@ class Unhandled:
 
 
 @dataclass(frozen=True, slots=True)
+class Footprint:
+    """What a queue's waiting jobs take in Redis, in bytes (MEMORY USAGE: each key's
+    name and entry in the keyspace included), for the bench."""
+
+    job_bytes: int  # one job's hash
+    job_encoding: str  # its OBJECT ENCODING: ziplist or listpack (compact), or hashtable
+    compact_value_limit: int  # hash-max-ziplist-value: longer values make a hashtable
+    ready_bytes: int  # every ready list of the queue
+    ready_ids: int
+    index_bytes: int
+    index_ids: int
+    index_encoding: str
+
+
+@dataclass(frozen=True, slots=True)
 class Page:
     """One page of a job listing; `cursor` continues it (None: nothing more)."""
 
@@ -259,8 +274,16 @@ class Inspector:
     async def commands_called(self) -> int:
         """Commands Redis ran since it started (INFO commandstats), the commands scripts
         call counted as well as the EVALSHA that ran them, less the INFO calls asking this."""
+        return sum((await self.command_calls()).values())
+
+    async def command_calls(self) -> dict[str, int]:
+        """commands_called per command name (lower case), less INFO."""
         stats = await self._r.info("commandstats")
-        return sum(int(entry["calls"]) for name, entry in stats.items() if name != "cmdstat_info")
+        return {
+            name.removeprefix("cmdstat_"): int(entry["calls"])
+            for name, entry in stats.items()
+            if name != "cmdstat_info"
+        }
 
     async def memory_and_keys(self) -> tuple[int, int]:
         """INFO memory used_memory (bytes) and DBSIZE, in one round trip."""
@@ -269,6 +292,34 @@ class Inspector:
             pipe.dbsize()
             memory, keys = await pipe.execute()
         return int(memory["used_memory"]), int(keys)
+
+    async def footprint(self, queue: str, job_id: str) -> Footprint:
+        """What this job's hash and the queue's ready lists and index take in Redis."""
+        k = self.keys
+        lists = k.ready_lists(queue)
+        async with self._r.pipeline(transaction=False) as pipe:
+            # SAMPLES 0: every element counted, not an estimate from the first few.
+            pipe.memory_usage(k.job(queue, job_id), samples=0)
+            pipe.object("encoding", k.job(queue, job_id))
+            pipe.config_get("hash-max-ziplist-value")
+            for key in lists:
+                pipe.memory_usage(key, samples=0)
+                pipe.llen(key)
+            pipe.memory_usage(k.index(queue), samples=0)
+            pipe.zcard(k.index(queue))
+            pipe.object("encoding", k.index(queue))
+            job_bytes, job_encoding, limit, *rest = await pipe.execute()
+        ready, index_bytes, indexed, index_encoding = rest[: 2 * len(lists)], *rest[-3:]
+        return Footprint(
+            job_bytes=int(job_bytes or 0),
+            job_encoding=text(job_encoding or b"none"),
+            compact_value_limit=int(next(iter(limit.values()), 0)),
+            ready_bytes=sum(int(size or 0) for size in ready[::2]),
+            ready_ids=sum(ready[1::2]),
+            index_bytes=int(index_bytes or 0),
+            index_ids=int(indexed),
+            index_encoding=text(index_encoding or b"none"),
+        )
 
     async def list_jobs(
         self,
