@@ -109,10 +109,12 @@ local function start(id, f, t)
   claimed[#claimed + 1] = NOW
   claimed[#claimed + 1] = id
   waits[#waits + 1] = started - due
-  for _, v in ipairs({id, f[TYPE], f[PAYLOAD], attempts, f[CREATED_AT], f[MAX_ATTEMPTS],
-      started, started - due, f[CALLBACK_URL] or ''}) do
-    out[#out + 1] = v
-  end
+  -- Appended in place: a table per job to loop over cost more than the entries.
+  local n = #out
+  out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] =
+    id, f[TYPE], f[PAYLOAD], attempts, f[CREATED_AT]
+  out[n + 6], out[n + 7], out[n + 8], out[n + 9] =
+    f[MAX_ATTEMPTS], started, started - due, f[CALLBACK_URL] or ''
   most = most - 1
   t.free = t.free - 1
 end
