@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import Any
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from itertools import accumulate
+from typing import Any, cast
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     Info,
     generate_latest,
 )
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 from taskd import __version__
 from taskd.jobs import STATES
@@ -25,6 +29,67 @@ BUCKETS = (
 
 # How an attempt can end (store.Attempt.outcome) and the counter each one feeds.
 OUTCOMES = ("completed", "retry", "failed", "cancelled")
+
+
+class _HistogramChild:
+    """One label set's counts: an observation is a bisect and two additions."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)  # per bucket, the last one +Inf's
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        # bisect_left: a value equal to a bound counts in that bound's bucket (le).
+        self.counts[bisect_left(self.bounds, value)] += 1
+        self.sum += value
+
+
+class _Histogram(Collector):
+    """A labelled histogram, exposed as prometheus_client's own would be.
+
+    prometheus_client's takes a lock for each of its counts, about 1.4 us an observation;
+    a daemon makes two per job, from one thread, and at tens of thousands of jobs a
+    second that was a tenth of its work per job.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: tuple[str, ...],
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = labelnames
+        self._bounds = buckets
+        # Bucket labels as prometheus_client writes them (untyped there, hence the cast).
+        le = cast(Callable[[float], str], floatToGoString)
+        self._les = [*(le(b) for b in buckets), "+Inf"]
+        self._children: dict[tuple[str, ...], _HistogramChild] = {}
+        registry.register(self)
+
+    def labels(self, *values: str) -> _HistogramChild:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = _HistogramChild(self._bounds)
+        return child
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        for values, child in list(self._children.items()):
+            cumulative = accumulate(child.counts)
+            family.add_metric(
+                list(values), list(zip(self._les, cumulative, strict=True)), child.sum
+            )
+        yield family
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
 
 
 class _TypeChildren:
@@ -129,19 +194,19 @@ class Metrics:
 
     def _init_histograms(self) -> None:
         r = self.registry
-        self.wait_seconds = Histogram(
+        self.wait_seconds = _Histogram(
             "taskd_job_wait_seconds",
             "Time from queued to started, of jobs this daemon started.",
             ("queue",),
-            buckets=BUCKETS,
-            registry=r,
+            BUCKETS,
+            r,
         )
-        self.run_seconds = Histogram(
+        self.run_seconds = _Histogram(
             "taskd_job_run_seconds",
             "Time an attempt ran on this daemon, whatever its outcome.",
             ("queue", "type"),
-            buckets=BUCKETS,
-            registry=r,
+            BUCKETS,
+            r,
         )
 
     def _init_gauges(self, concurrency: int) -> None:
