@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +78,18 @@ async def test_job_shows_active_while_it_runs(api: Api) -> None:
     active = await wait_for_state(session, url, job["id"], {"active"})
     assert active["started_at"] is not None
     assert active["finished_at"] is None
+
+
+async def test_submissions_at_once_are_each_answered_as_stored(api: Api) -> None:
+    # Arriving together, they share script calls (Store.enqueue): each answer is still its
+    # own job, exactly as it was stored.
+    session, url = api
+    bodies = [{"type": "echo", "payload": n, "delay": 60, "priority": n % 10} for n in range(30)]
+    answers = await asyncio.gather(*(post_json(session, f"{url}/jobs", b) for b in bodies))
+    assert [status for status, _ in answers] == [201] * len(bodies)
+    assert [job["payload"] for _, job in answers] == list(range(len(bodies)))
+    for _, job in answers:
+        assert await get_json(session, f"{url}/jobs/{job['id']}") == (200, job)
 
 
 async def test_ids_are_time_ordered(api: Api) -> None:
