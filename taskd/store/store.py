@@ -66,11 +66,13 @@ class _Lane:
     """The jobs of one queue waiting to be enqueued, and the task sending them while any
     wait. One per queue and idempotency TTL: a script call takes one TTL for its jobs."""
 
-    __slots__ = ("dedup_ttl_ms", "queue", "sender", "waiting")
+    __slots__ = ("dedup_ttl_ms", "loop", "queue", "sender", "waiting")
 
     def __init__(self, queue: str, dedup_ttl_ms: int) -> None:
         self.queue = queue
         self.dedup_ttl_ms = dedup_ttl_ms
+        # Kept: on Python 3.11 asyncio.get_running_loop() makes a system call (getpid).
+        self.loop = asyncio.get_running_loop()
         self.waiting: list[_Waiting] = []
         self.sender: asyncio.Task[None] | None = None
 
@@ -174,10 +176,10 @@ class Store:
         lane = self._lanes.get((job.queue, dedup_ttl_ms))
         if lane is None:
             lane = self._lanes[job.queue, dedup_ttl_ms] = _Lane(job.queue, dedup_ttl_ms)
-        answer: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        answer: asyncio.Future[str] = lane.loop.create_future()
         lane.waiting.append(_Waiting(entries, job.created_at, answer))
         if lane.sender is None:
-            lane.sender = asyncio.create_task(self._send_waiting(lane))
+            lane.sender = lane.loop.create_task(self._send_waiting(lane))
         try:
             return await answer
         except asyncio.CancelledError:
