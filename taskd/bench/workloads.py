@@ -14,11 +14,14 @@ import orjson
 
 from taskd.bench import remote
 from taskd.bench.harness import POLL, PREFIX, QUEUE, Bench, BenchError, Local
-from taskd.bench.remote import PICKUP_RATE, SINGLE_CLIENTS
+from taskd.bench.loadgen import Target, post_request, send_from_clients
+from taskd.bench.remote import PICKUP_RATE
 from taskd.bench.report import Figure, latency_figures, percentile
 from taskd.jobs import QUEUED, Job, new_id, now_ms
 from taskd.store import Inspector, Store
 
+# Concurrent keep-alive clients of intake-single, here and against --url.
+SINGLE_CLIENTS = 100
 BATCH_CLIENTS = 4
 BATCH_SIZE = 1_000
 PICKUP_WARMUP = 5
@@ -32,16 +35,25 @@ async def stamp(job: Job) -> dict[str, int]:
 
 
 async def intake_single(bench: Bench) -> list[Figure]:
-    """POST /jobs, one noop job per request, from 16 keep-alive clients: jobs/s accepted."""
+    """POST /jobs, one noop job per request, from 100 keep-alive clients: jobs/s accepted,
+    each request's latency, and what a job cost Redis, the daemon and the bench's client."""
     n = bench.size("intake-single")
-    body = orjson.dumps({"type": "noop"})
     async with bench.intake() as url, _paused(bench, url):
-        commands = await _commands(bench)
-        started = time.perf_counter()
-        await _clients(SINGLE_CLIENTS, n, lambda: bench.call("POST", f"{url}/jobs", body))
+        target = Target.from_url(bench.unix_url or url)
+        request = post_request(target, "/jobs", orjson.dumps({"type": "noop"}))
+        commands, cpu = await _commands(bench), _daemon_cpu(bench)
+        client_cpu, started = time.process_time(), time.perf_counter()
+        latencies = await send_from_clients(target, "/jobs", request, SINGLE_CLIENTS, n)
         elapsed = time.perf_counter() - started
-        commands = await _commands(bench) - commands
-    return [Figure("accepted", "jobs/s", n / elapsed), *_per_job(commands, n)]
+        client_cpu = time.process_time() - client_cpu
+        commands, cpu_after = await _commands(bench) - commands, _daemon_cpu(bench)
+    figures = [Figure("accepted", "jobs/s", n / elapsed), *latency_figures(latencies)]
+    figures += _per_job(commands, n)
+    if cpu is not None and cpu_after is not None:
+        figures.append(Figure("daemon CPU", "µs/job", (cpu_after - cpu) / n * 1e6))
+    # The client shares the machine with the daemon (and Redis): what it takes is not
+    # the daemon's to use.
+    return [*figures, Figure("bench client CPU", "µs/job", client_cpu / n * 1e6)]
 
 
 async def intake_batch(bench: Bench) -> list[Figure]:
@@ -67,6 +79,13 @@ async def _commands(bench: Bench) -> float:
     if bench.local is None:
         return math.nan
     return await bench.local.inspector.commands_called()
+
+
+def _daemon_cpu(bench: Bench) -> float | None:
+    """CPU seconds the bench's one daemon used so far; None against --url."""
+    if bench.local is None or len(bench.local.running) != 1:
+        return None
+    return bench.local.running[0].cpu_seconds()
 
 
 def _per_job(commands: float, jobs: int) -> list[Figure]:
