@@ -13,7 +13,7 @@ import anyio
 import orjson
 
 from taskd.bench import remote
-from taskd.bench.harness import POLL, PREFIX, QUEUE, Bench, BenchError, Local
+from taskd.bench.harness import POLL, PREFIX, QUEUE, Bench, BenchError, Local, SpawnedDaemon
 from taskd.bench.loadgen import Target, post_request, send_from_clients
 from taskd.bench.remote import PICKUP_RATE
 from taskd.bench.report import Figure, latency_figures, percentile
@@ -39,21 +39,22 @@ async def intake_single(bench: Bench) -> list[Figure]:
     each request's latency, and what a job cost Redis, the daemon and the bench's client."""
     n = bench.size("intake-single")
     async with bench.intake() as url, _paused(bench, url):
+        daemon = bench.local.running[0] if bench.local is not None else None
         target = Target.from_url(bench.unix_url or url)
         request = post_request(target, "/jobs", orjson.dumps({"type": "noop"}))
-        commands, cpu = await _commands(bench), _daemon_cpu(bench)
+        cpu = daemon.cpu_seconds() if daemon is not None else None
+        commands = await _commands(bench)
         client_cpu, started = time.process_time(), time.perf_counter()
         latencies = await send_from_clients(target, "/jobs", request, SINGLE_CLIENTS, n)
         elapsed = time.perf_counter() - started
         client_cpu = time.process_time() - client_cpu
-        commands, cpu_after = await _commands(bench) - commands, _daemon_cpu(bench)
+        commands = await _commands(bench) - commands
+        used = daemon_cpu(daemon, cpu, n)
     figures = [Figure("accepted", "jobs/s", n / elapsed), *latency_figures(latencies)]
-    figures += _per_job(commands, n)
-    if cpu is not None and cpu_after is not None:
-        figures.append(Figure("daemon CPU", "µs/job", (cpu_after - cpu) / n * 1e6))
     # The client shares the machine with the daemon (and Redis): what it takes is not
     # the daemon's to use.
-    return [*figures, Figure("bench client CPU", "µs/job", client_cpu / n * 1e6)]
+    client = Figure("bench client CPU", "µs/job", client_cpu / n * 1e6)
+    return [*figures, *_per_job(commands, n), *used, client]
 
 
 async def intake_batch(bench: Bench) -> list[Figure]:
@@ -81,11 +82,15 @@ async def _commands(bench: Bench) -> float:
     return await bench.local.inspector.commands_called()
 
 
-def _daemon_cpu(bench: Bench) -> float | None:
-    """CPU seconds the bench's one daemon used so far; None against --url."""
-    if bench.local is None or len(bench.local.running) != 1:
-        return None
-    return bench.local.running[0].cpu_seconds()
+def daemon_cpu(
+    daemon: SpawnedDaemon | None, before: float | None, jobs: int, suffix: str = ""
+) -> list[Figure]:
+    """The daemon's CPU time since `before`, per job; none against --url (no daemon of
+    ours) or where /proc does not tell."""
+    after = daemon.cpu_seconds() if daemon is not None else None
+    if before is None or after is None:
+        return []
+    return [Figure(f"daemon CPU{suffix}", "µs/job", (after - before) / jobs * 1e6)]
 
 
 def _per_job(commands: float, jobs: int) -> list[Figure]:
@@ -147,12 +152,9 @@ async def drain(bench: Bench) -> list[Figure]:
         await local.store.resume(QUEUE)
         await bench.wait_finished(n)
         commands = await _commands(bench) - commands
-        cpu_after = daemon.cpu_seconds()
+        used = daemon_cpu(daemon, cpu, n)
     rows = await local.records(ids, ("started_at", "finished_at"))
-    figures = [Figure("throughput", "jobs/s", n / span(rows)), *_per_job(commands, n)]
-    if cpu is not None and cpu_after is not None:
-        figures.append(Figure("daemon CPU", "µs/job", (cpu_after - cpu) / n * 1e6))
-    return figures
+    return [Figure("throughput", "jobs/s", n / span(rows)), *_per_job(commands, n), *used]
 
 
 async def pickup(bench: Bench) -> list[Figure]:
