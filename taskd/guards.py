@@ -78,6 +78,10 @@ def _own_origin(request: web.Request, origin: str | None, host: str | None) -> b
 def require_json(request: web.Request) -> None:
     """Refuse a body that does not say it is JSON: an HTML form or a `text/plain` fetch
     from a foreign page is sent without asking the daemon first; a JSON one is not."""
+    # The header as programs send it passes without being parsed (aiohttp's parse of it
+    # cost 1% of the intake's CPU); any other is parsed, parameters and case and all.
+    if request.headers.get("Content-Type") == "application/json":
+        return
     if request.content_type != "application/json":
         raise ApiError(
             415,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import threading
 import time
@@ -24,6 +25,8 @@ FINAL_STATES = (COMPLETED, FAILED, CANCELLED)
 # both urgent and background work can be told apart from the ordinary.
 PRIORITIES = range(10)
 DEFAULT_PRIORITY = 5
+# Random bytes read at once for new ids: 512 ids' worth.
+RANDOM_POOL = 4096
 
 
 # Not frozen: a daemon builds one per job it starts, and a frozen dataclass's __init__
@@ -98,8 +101,16 @@ def format_ms(ms: int | None) -> str | None:
     """Epoch milliseconds as an RFC 3339 UTC time with milliseconds."""
     if ms is None:
         return None
-    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
-    return moment.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    seconds, millis = divmod(ms, 1000)
+    return f"{_format_second(seconds)}.{millis:03d}Z"
+
+
+# Every answer about a job formats its times, and under load most fall in the same few
+# seconds: a datetime per call took 3% of the intake's CPU.
+@functools.lru_cache(maxsize=256)
+def _format_second(seconds: int) -> str:
+    """Epoch seconds as RFC 3339 UTC, to the second and without the offset."""
+    return datetime.fromtimestamp(seconds, tz=UTC).replace(tzinfo=None).isoformat()
 
 
 def now_ms() -> int:
@@ -119,6 +130,11 @@ class _IdGenerator:
         self._lock = threading.Lock()
         self._last_ms = 0
         self._seq = 0
+        # Random bytes, read RANDOM_POOL at a time (a system call each), 8 per id; a
+        # forked child reads its own.
+        self._random = b""
+        self._taken = 0
+        os.register_at_fork(after_in_child=self._forget_random)
 
     def __call__(self) -> str:
         with self._lock:
@@ -132,10 +148,17 @@ class _IdGenerator:
             else:
                 self._last_ms, self._seq = ms, 0
             seq = self._seq
-        rand = int.from_bytes(os.urandom(8), "big") & ((1 << 62) - 1)
+            if self._taken >= len(self._random):
+                self._random, self._taken = os.urandom(RANDOM_POOL), 0
+            rand = int.from_bytes(self._random[self._taken : self._taken + 8], "big")
+            self._taken += 8
+        rand &= (1 << 62) - 1
         value = (ms << 80) | (0x7 << 76) | (seq << 64) | (0b10 << 62) | rand
         h = f"{value:032x}"
-        return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+        return "-".join((h[:8], h[8:12], h[12:16], h[16:20], h[20:]))
+
+    def _forget_random(self) -> None:
+        self._random, self._taken = b"", 0
 
 
 new_id = _IdGenerator()

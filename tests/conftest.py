@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -16,6 +17,7 @@ from taskd.embedded import RedisServer
 from taskd.embedded import free_port as free_port_now
 from taskd.store import Inspector, Store
 from tests.cluster import RedisCluster
+from tests.proxy import Proxy
 from tests.support import Api, DaemonApi, base_url, make_config, running_daemon
 
 
@@ -30,6 +32,20 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServ
     """The session's redis-server on TCP; no AOF, since no test restarts this one."""
     data_dir = tmp_path_factory.mktemp("redis")
     server = RedisServer.start_on_free_port(data_dir=data_dir, timeout=30, appendonly=False)
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def small_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A redis-server of its own with 8 MB of memory and no eviction, for a test to fill
+    (support.fill): past that, it refuses writes."""
+    server = RedisServer.start_on_free_port(
+        data_dir=tmp_path / "small-redis",
+        timeout=30,
+        appendonly=False,
+        extra_args=["--maxmemory", "8mb", "--maxmemory-policy", "noeviction"],
+    )
     yield server
     server.stop()
 
@@ -72,6 +88,16 @@ async def store(redis_url: str) -> AsyncIterator[Store]:
     store = Store.from_url(redis_url, prefix="taskd", blocking_connections=2)
     yield store
     await store.close()
+
+
+@pytest.fixture
+async def proxy(redis_url: str, redis_server: RedisServer) -> AsyncIterator[Proxy]:
+    """A proxy in front of the session's (flushed) Redis."""
+    port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    middle = Proxy("127.0.0.1", port)
+    await middle.start()
+    yield middle
+    await middle.close()
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -17,6 +17,7 @@ class Proxy:
         self._flowing = asyncio.Event()
         self._flowing.set()
         self.port = 0
+        self.held = 0  # bytes held back by blackhole(), not forwarded yet
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
@@ -59,7 +60,11 @@ class Proxy:
     async def _pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError, OSError):
             while data := await reader.read(65536):
-                await self._flowing.wait()  # blackholed: hold the bytes, send nothing
+                self.held += len(data)
+                try:
+                    await self._flowing.wait()  # blackholed: hold the bytes, send nothing
+                finally:
+                    self.held -= len(data)
                 writer.write(data)
                 await writer.drain()
         writer.transport.abort()

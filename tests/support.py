@@ -15,7 +15,9 @@ from typing import Any
 
 import aiohttp
 import anyio
+import pytest
 from redis.asyncio import Redis
+from redis.exceptions import OutOfMemoryError
 
 from taskd.config import Config, parse
 from taskd.daemon import Daemon, connect
@@ -233,3 +235,22 @@ def is_gone(pid: int) -> bool:
 def read_pids(path: Path) -> tuple[int, int]:
     child, grandchild = path.read_text().split()
     return int(child), int(grandchild)
+
+
+async def fill(redis: Redis) -> None:
+    """Write until Redis refuses: past maxmemory, with noeviction, it takes no more writes.
+
+    A large write is refused while a little room is left (its own size counts), and a key
+    that expires would give a tiny write that room back: so once the writes are refused,
+    maxmemory goes a margin below what Redis holds, and stays full until ballast goes.
+    """
+    for n in range(2000):
+        try:
+            await redis.set(f"ballast:{n}", b"x" * 50_000)
+        except OutOfMemoryError:
+            used = int((await redis.info("memory"))["used_memory"])
+            await redis.config_set("maxmemory", used - 256 * 1024)
+            with pytest.raises(OutOfMemoryError):
+                await redis.set("probe", b"1")
+            return
+    raise AssertionError("Redis took 100 MB past an 8 MB maxmemory")

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from aiohttp import web
 from redis.asyncio import Redis
 
+from taskd.api import errors_as_json, redis_deadline
 from taskd.daemon import Daemon
 from taskd.embedded import RedisServer
 from taskd.store import Keys
@@ -77,6 +81,18 @@ async def test_job_shows_active_while_it_runs(api: Api) -> None:
     active = await wait_for_state(session, url, job["id"], {"active"})
     assert active["started_at"] is not None
     assert active["finished_at"] is None
+
+
+async def test_submissions_at_once_are_each_answered_as_stored(api: Api) -> None:
+    # Arriving together, they share script calls (Store.enqueue): each answer is still its
+    # own job, exactly as it was stored.
+    session, url = api
+    bodies = [{"type": "echo", "payload": n, "delay": 60, "priority": n % 10} for n in range(30)]
+    answers = await asyncio.gather(*(post_json(session, f"{url}/jobs", b) for b in bodies))
+    assert [status for status, _ in answers] == [201] * len(bodies)
+    assert [job["payload"] for _, job in answers] == list(range(len(bodies)))
+    for _, job in answers:
+        assert await get_json(session, f"{url}/jobs/{job['id']}") == (200, job)
 
 
 async def test_ids_are_time_ordered(api: Api) -> None:
@@ -341,3 +357,50 @@ async def test_a_bad_batch_is_refused_whole(
     )
     assert message in body["error"]["message"]
     assert await redis.zcard(Keys("taskd").index("default")) == 0  # nothing was enqueued
+
+
+async def test_each_request_gets_its_own_deadline(free_port: Any) -> None:
+    # One timer serves every request's deadline (api._Deadlines): a request that began
+    # later is not cut off at an earlier one's deadline, and a quick one is left alone.
+    deadline = 0.3
+    entered = asyncio.Event()
+
+    async def hangs(request: web.Request) -> web.Response:
+        entered.set()
+        await asyncio.Event().wait()  # as a request whose Redis never answers
+        raise AssertionError("unreachable")
+
+    async def quick(request: web.Request) -> web.Response:
+        return web.json_response({"ok": True})
+
+    app = web.Application(middlewares=[errors_as_json, redis_deadline(deadline)])
+    app.router.add_get("/hangs", hangs)
+    app.router.add_get("/quick", quick)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+
+    async def timed(session: aiohttp.ClientSession, path: str) -> tuple[int, Any, float]:
+        started = time.monotonic()
+        async with session.get(f"http://127.0.0.1:{port}{path}") as response:
+            return response.status, await response.json(), time.monotonic() - started
+
+    try:
+        async with aiohttp.ClientSession() as session:
+            first = asyncio.create_task(timed(session, "/hangs"))
+            await entered.wait()
+            began = time.monotonic()
+
+            async def halfway() -> bool:
+                return time.monotonic() - began >= deadline / 2
+
+            await wait_until(halfway, "half the deadline to pass")
+            second = asyncio.create_task(timed(session, "/hangs"))
+            assert (await timed(session, "/quick"))[:2] == (200, {"ok": True})
+            for status, body, took in await asyncio.gather(first, second):
+                assert (status, body["error"]["code"]) == (503, "unavailable"), body
+                assert "request_timeout" in body["error"]["message"]
+                assert deadline <= took < deadline + 5, took
+    finally:
+        await runner.cleanup()

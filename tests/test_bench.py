@@ -5,21 +5,27 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import random
 import statistics
 import subprocess
 import time
 from pathlib import Path
 
+import anyio
 import pytest
+from redis.asyncio import Redis
 
 from taskd import callbacks, janitor, promoter, workers
-from taskd.bench import WORKLOADS, Figure, aggregate, growth, percentile
+from taskd.bench import SIZES, WORKLOADS, Figure, aggregate, growth, percentile
 from taskd.bench.cli import OPT_IN
 from taskd.bench.openloop import LOADS, arrivals
 from taskd.bench.report import latency_figures, number
 from taskd.config.model import WorkersConfig
-from tests.support import TASKD
+from taskd.store import Keys
+from tests.support import TASKD, make_config, running_daemon
+
+TOKEN = "a-token-of-24-characters"
 
 # CI promises the quick bench runs "in under a minute"; it takes well under half that.
 QUICK_DEADLINE = 60.0
@@ -66,7 +72,12 @@ def test_quick_bench_runs_every_workload_in_under_a_minute(tmp_path: Path) -> No
     figures = {(r["workload"], r["figure"]): r["unit"] for r in results}
     for workload in ("intake-single", "intake-batch", "drain"):
         assert figures[(workload, "Redis commands")] == "per job", figures
-    assert figures[("drain", "daemon CPU")] == "µs/job", figures
+    for workload in ("intake-single", "drain"):
+        assert figures[(workload, "daemon CPU")] == "µs/job", figures
+    # Single submissions: how long each request took, and what the client cost.
+    for figure in ("p50", "p99", "max"):
+        assert figures[("intake-single", figure)] == "ms", figures
+    assert figures[("intake-single", "bench client CPU")] == "µs/job", figures
     # Open loop: each load level's offered rate, its latency percentiles, in order, and
     # how late the bench sent jobs.
     medians = {(r["workload"], r["figure"]): r["median"] for r in results}
@@ -271,3 +282,27 @@ def test_url_refuses_workloads_that_need_daemons_of_their_own(tmp_path: Path) ->
     )
     assert done.returncode == 2
     assert "not drain" in done.stderr.decode()
+
+
+async def test_url_runs_intake_single_over_a_unix_socket_with_the_token(
+    redis_url: str, redis: Redis, tmp_path: Path
+) -> None:
+    path = tmp_path / "taskd.sock"
+    server = {"listen": f"unix:{path}", "token": TOKEN}
+    async with running_daemon(make_config(redis_url, server=server)):
+        done = await anyio.run_process(
+            [str(TASKD), "bench", "--url", f"unix:{path}", "--quick", "--only", "intake-single",
+             "--json"],
+            cwd=tmp_path,
+            env={**os.environ, "TASKD_TOKEN": TOKEN},
+            check=False,
+        )  # fmt: skip
+    assert done.returncode == 0, done.stderr.decode()
+    results = json.loads(done.stdout)["results"]
+    figures = {r["figure"]: (r["unit"], r["median"]) for r in results}
+    # Its Redis and its process are not the bench's to look at: no commands, no CPU.
+    assert set(figures) == {"accepted", "p50", "p99", "max", "bench client CPU"}, figures
+    assert all(value > 0 for _, value in figures.values()), figures
+    # Every request was a job (and one more, the one that finds the queue).
+    totals = await redis.hget(Keys("taskd").totals("default"), "enqueued")
+    assert int(totals or 0) == SIZES["intake-single"][1] + 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import aiohttp
@@ -73,6 +74,17 @@ async def test_racing_submissions_through_two_daemons_create_one_job(
         async with anyio.create_task_group() as tg:
             for n in range(40):
                 tg.start_soon(send, n)
+    assert sorted(status for status, _ in answers) == [200] * 39 + [201]
+    assert len({job["id"] for _, job in answers}) == 1
+    assert await redis.zcard(K.index("default")) == 1
+
+
+async def test_racing_submissions_through_one_daemon_create_one_job(api: Api, redis: Redis) -> None:
+    # Arriving together, they go in shared script calls: one key twice in one call too.
+    session, url = api
+    answers = await asyncio.gather(
+        *(submit(session, url, {"type": "echo"}, key="once") for _ in range(40))
+    )
     assert sorted(status for status, _ in answers) == [200] * 39 + [201]
     assert len({job["id"] for _, job in answers}) == 1
     assert await redis.zcard(K.index("default")) == 1

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from taskd.jobs import ACTIVE
 from taskd.store import Store
-from taskd.store.record import CLAIMED_JOB, decode_claimed
-from tests.builders import enqueue, stored
+from taskd.store.record import CLAIMED_JOB, NEW_JOB, decode_claimed, new_job_args
+from tests.builders import enqueue, new_job, stored
 from tests.support import ECHO
 
 # One distinct value per CLAIMED_JOB entry, as Redis sends it, and the field it becomes.
@@ -49,3 +49,27 @@ async def test_a_claimed_job_is_the_stored_record(store: Store) -> None:
         if name != "waited_ms":  # not a field of the hash: the claim works it out
             assert getattr(claimed, name) == getattr(record, name), name
     assert claimed.waited_ms == 5
+
+
+async def test_new_jobs_are_stored_as_enqueue_lua_reads_new_job(store: Store) -> None:
+    # enqueue.lua reads NEW_JOB's entries by position: a distinct value in every entry,
+    # over two jobs of one call, shows any entry read out of place or a wrong count.
+    jobs = [
+        new_job(
+            f"type-{n}",
+            {"n": n},
+            max_attempts=n + 2,
+            run_at=5_000 + n,
+            idempotency_key=f"key-{n}",
+            callback_url=f"http://cb.example/{n}",
+            priority=n + 7,
+            created_at=1_000 + n,
+        )
+        for n in range(2)
+    ]
+    assert all(len(new_job_args(job)) == len(NEW_JOB) for job in jobs)
+    assert await store.enqueue_many(jobs) == [job.id for job in jobs]
+    for job in jobs:
+        record = await stored(store, job.id)
+        for name in NEW_JOB:
+            assert getattr(record, name) == getattr(job, name), name

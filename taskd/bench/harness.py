@@ -25,7 +25,7 @@ QUEUE = "default"
 PREFIX = "taskd"
 # Jobs per round of each workload: (full, --quick). The order is the order they run in.
 SIZES = {
-    "intake-single": (20_000, 500),
+    "intake-single": (20_000, 2_000),
     "intake-batch": (200_000, 5_000),
     "drain": (50_000, 2_000),
     "pickup": (1_000, 100),
@@ -229,6 +229,7 @@ class Bench:
     quick: bool
     local: Local | None = None
     url: str | None = None
+    unix_url: str | None = None  # --url's unix:/PATH, which `url` names http://localhost
     notes: list[str] = field(default_factory=list)
     soak: SoakPlan = field(default_factory=lambda: SoakPlan(SOAK_SECONDS[0], SOAK_RATE[0]))
 

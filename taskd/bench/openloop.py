@@ -17,10 +17,9 @@ from taskd.bench.harness import (
     QUEUE,
     Bench,
     Local,
-    SpawnedDaemon,
 )
 from taskd.bench.report import Figure, latency_figures, percentile
-from taskd.bench.workloads import span, stamps
+from taskd.bench.workloads import daemon_cpu, span, stamps
 from taskd.jobs import QUEUED, Job, new_id, now_ms
 from taskd.store import Store
 
@@ -55,13 +54,13 @@ async def open_loop(bench: Bench) -> list[Figure]:
         finished = bench.scaled(OPEN_LOOP_DRAIN)
         cpu = daemon.cpu_seconds()
         rate = await _max_drain(bench, local, finished)
-        figures = [Figure("max drain", "jobs/s", rate), *_daemon_cpu(daemon, cpu, finished, "")]
+        figures = [Figure("max drain", "jobs/s", rate), *daemon_cpu(daemon, cpu, finished, "")]
         for load in LOADS:
             cpu = daemon.cpu_seconds()
             offered = await _offer(local.store, arrivals(rng, rate * load / 100, seconds))
             finished += len(offered.ids)
             await bench.wait_finished(finished)
-            used = _daemon_cpu(daemon, cpu, len(offered.ids), f" @{load}%")
+            used = daemon_cpu(daemon, cpu, len(offered.ids), f" @{load}%")
             started = await stamps(local, offered.ids)
             latencies = [(t - due) / 1e6 for t, due in zip(started, offered.due, strict=True)]
             figures += [*_level(bench, load, seconds, offered, latencies), *used]
@@ -85,14 +84,6 @@ async def _max_drain(bench: Bench, local: Local, n: int) -> float:
     await local.store.resume(QUEUE)
     await bench.wait_finished(n)
     return n / span(await local.records(ids, ("started_at", "finished_at")))
-
-
-def _daemon_cpu(daemon: SpawnedDaemon, before: float | None, jobs: int, at: str) -> list[Figure]:
-    """The daemon's CPU time since `before`, per job; none where /proc does not tell."""
-    after = daemon.cpu_seconds()
-    if before is None or after is None:
-        return []
-    return [Figure(f"daemon CPU{at}", "µs/job", (after - before) / jobs * 1e6)]
 
 
 def arrivals(rng: random.Random, rate: float, seconds: float) -> list[float]:

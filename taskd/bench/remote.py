@@ -16,7 +16,7 @@ from taskd.bench.report import Figure, latency_figures
 PICKUP_RATE = 200.0  # jobs/s
 IDLE_DEADLINE = 300.0  # s a --url daemon gets to run the jobs left before pickup starts
 PROBE_TYPE = "taskd-bench-probe"
-SINGLE_CLIENTS = 16
+FETCH_CLIENTS = 16  # concurrent GETs of the jobs pickup sent, after it measured
 
 
 async def pickup(bench: Bench) -> list[Figure]:
@@ -92,7 +92,7 @@ async def _finished_jobs(bench: Bench, url: str, ids: Sequence[str]) -> list[dic
             found[job_id] = job
 
     async with anyio.create_task_group() as tg:
-        for _ in range(SINGLE_CLIENTS):
+        for _ in range(FETCH_CLIENTS):
             tg.start_soon(fetch)
     return [found[job_id] for job_id in ids]
 

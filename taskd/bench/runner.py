@@ -92,7 +92,8 @@ async def _remote(options: Options) -> Report:
     url = options.url.rstrip("/")
     async with http_session(url) as session:
         base = "http://localhost" if url.startswith("unix:") else url
-        bench = Bench(session=session, quick=options.quick, url=base)
+        unix_url = url if url.startswith("unix:") else None
+        bench = Bench(session=session, quick=options.quick, url=base, unix_url=unix_url)
         stats = await bench.json("GET", f"{base}/stats")
         if "noop" not in await configured_types(bench, base):
             raise BenchError(f"the daemon at {url} has no `noop` handler; the bench needs one")

@@ -13,12 +13,15 @@ import anyio
 import orjson
 
 from taskd.bench import remote
-from taskd.bench.harness import POLL, PREFIX, QUEUE, Bench, BenchError, Local
-from taskd.bench.remote import PICKUP_RATE, SINGLE_CLIENTS
+from taskd.bench.harness import POLL, PREFIX, QUEUE, Bench, BenchError, Local, SpawnedDaemon
+from taskd.bench.loadgen import Target, post_request, send_from_clients
+from taskd.bench.remote import PICKUP_RATE
 from taskd.bench.report import Figure, latency_figures, percentile
 from taskd.jobs import QUEUED, Job, new_id, now_ms
 from taskd.store import Inspector, Store
 
+# Concurrent keep-alive clients of intake-single, here and against --url.
+SINGLE_CLIENTS = 100
 BATCH_CLIENTS = 4
 BATCH_SIZE = 1_000
 PICKUP_WARMUP = 5
@@ -32,16 +35,26 @@ async def stamp(job: Job) -> dict[str, int]:
 
 
 async def intake_single(bench: Bench) -> list[Figure]:
-    """POST /jobs, one noop job per request, from 16 keep-alive clients: jobs/s accepted."""
+    """POST /jobs, one noop job per request, from 100 keep-alive clients: jobs/s accepted,
+    each request's latency, and what a job cost Redis, the daemon and the bench's client."""
     n = bench.size("intake-single")
-    body = orjson.dumps({"type": "noop"})
     async with bench.intake() as url, _paused(bench, url):
+        daemon = bench.local.running[0] if bench.local is not None else None
+        target = Target.from_url(bench.unix_url or url)
+        request = post_request(target, "/jobs", orjson.dumps({"type": "noop"}))
+        cpu = daemon.cpu_seconds() if daemon is not None else None
         commands = await _commands(bench)
-        started = time.perf_counter()
-        await _clients(SINGLE_CLIENTS, n, lambda: bench.call("POST", f"{url}/jobs", body))
+        client_cpu, started = time.process_time(), time.perf_counter()
+        latencies = await send_from_clients(target, "/jobs", request, SINGLE_CLIENTS, n)
         elapsed = time.perf_counter() - started
+        client_cpu = time.process_time() - client_cpu
         commands = await _commands(bench) - commands
-    return [Figure("accepted", "jobs/s", n / elapsed), *_per_job(commands, n)]
+        used = daemon_cpu(daemon, cpu, n)
+    figures = [Figure("accepted", "jobs/s", n / elapsed), *latency_figures(latencies)]
+    # The client shares the machine with the daemon (and Redis): what it takes is not
+    # the daemon's to use.
+    client = Figure("bench client CPU", "µs/job", client_cpu / n * 1e6)
+    return [*figures, *_per_job(commands, n), *used, client]
 
 
 async def intake_batch(bench: Bench) -> list[Figure]:
@@ -67,6 +80,17 @@ async def _commands(bench: Bench) -> float:
     if bench.local is None:
         return math.nan
     return await bench.local.inspector.commands_called()
+
+
+def daemon_cpu(
+    daemon: SpawnedDaemon | None, before: float | None, jobs: int, suffix: str = ""
+) -> list[Figure]:
+    """The daemon's CPU time since `before`, per job; none against --url (no daemon of
+    ours) or where /proc does not tell."""
+    after = daemon.cpu_seconds() if daemon is not None else None
+    if before is None or after is None:
+        return []
+    return [Figure(f"daemon CPU{suffix}", "µs/job", (after - before) / jobs * 1e6)]
 
 
 def _per_job(commands: float, jobs: int) -> list[Figure]:
@@ -128,12 +152,9 @@ async def drain(bench: Bench) -> list[Figure]:
         await local.store.resume(QUEUE)
         await bench.wait_finished(n)
         commands = await _commands(bench) - commands
-        cpu_after = daemon.cpu_seconds()
+        used = daemon_cpu(daemon, cpu, n)
     rows = await local.records(ids, ("started_at", "finished_at"))
-    figures = [Figure("throughput", "jobs/s", n / span(rows)), *_per_job(commands, n)]
-    if cpu is not None and cpu_after is not None:
-        figures.append(Figure("daemon CPU", "µs/job", (cpu_after - cpu) / n * 1e6))
-    return figures
+    return [Figure("throughput", "jobs/s", n / span(rows)), *_per_job(commands, n), *used]
 
 
 async def pickup(bench: Bench) -> list[Figure]:

@@ -27,10 +27,12 @@ JOB_FIELDS = (
 )  # fmt: skip
 
 # A new job as enqueue.lua takes it: these entries per job, after the script's own
-# arguments. run_at 0: run now; idempotency_key and callback_url '': none.
+# arguments. run_at 0: run now; idempotency_key and callback_url '': none. Each job
+# brings its created_at: one call carries jobs submitted at different moments (the
+# store gathers them, see Store.enqueue), and each is stored as its submitter was told.
 NEW_JOB = (
     "id", "type", "payload", "max_attempts", "run_at", "idempotency_key", "callback_url",
-    "priority",
+    "priority", "created_at",
 )  # fmt: skip
 
 # A job as claim.lua answers it: these entries per claimed job. waited_ms is not a field
@@ -106,7 +108,7 @@ def new_job_args(job: Job) -> list[Any]:
     """One job's NEW_JOB entries for enqueue.lua."""
     return [
         job.id, job.type, orjson.dumps(job.payload), job.max_attempts, job.run_at or 0,
-        job.idempotency_key or "", job.callback_url or "", job.priority,
+        job.idempotency_key or "", job.callback_url or "", job.priority, job.created_at,
     ]  # fmt: skip
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -9,6 +10,7 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 import anyio
+import redis.exceptions
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 
@@ -25,7 +27,8 @@ logger = logging.getLogger(__name__)
 BATCH = 500
 # How long an idempotency key holds by default, ms ([server] idempotency_ttl).
 DEDUP_TTL_MS = 86_400_000
-# Jobs sent per script call by enqueue_many: bounds how long one call blocks Redis.
+# Jobs sent per script call by enqueue and enqueue_many: bounds how long one call blocks
+# Redis.
 ENQUEUE_CHUNK = 1000
 # Recent wait and run times kept per queue, for the percentiles /stats shows.
 TIMING_SAMPLES = 1000
@@ -46,6 +49,32 @@ class Claimed:
     # Ready jobs it left where they were: no handler here, or no free slot of the handler's
     # concurrency. Claiming again at once would find them again.
     skipped: int = 0
+
+
+class _Waiting:
+    """One job handed to `enqueue`, waiting for the call that carries it, and its answer."""
+
+    __slots__ = ("answer", "created_at", "entries")
+
+    def __init__(self, entries: list[Any], created_at: int, answer: asyncio.Future[str]) -> None:
+        self.entries = entries  # its NEW_JOB entries
+        self.created_at = created_at
+        self.answer = answer  # its holder's id, or the call's error
+
+
+class _Lane:
+    """The jobs of one queue waiting to be enqueued, and the task sending them while any
+    wait. One per queue and idempotency TTL: a script call takes one TTL for its jobs."""
+
+    __slots__ = ("dedup_ttl_ms", "loop", "queue", "sender", "waiting")
+
+    def __init__(self, queue: str, dedup_ttl_ms: int) -> None:
+        self.queue = queue
+        self.dedup_ttl_ms = dedup_ttl_ms
+        # Kept: on Python 3.11 asyncio.get_running_loop() makes a system call (getpid).
+        self.loop = asyncio.get_running_loop()
+        self.waiting: list[_Waiting] = []
+        self.sender: asyncio.Task[None] | None = None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -69,6 +98,7 @@ class Store:
         self._cluster = connection.cluster
         self._lua = scripts.load(self._r)
         self._reads = Inspector(connection=connection)
+        self._lanes: dict[tuple[str, int], _Lane] = {}
 
     @classmethod
     def from_url(
@@ -91,6 +121,12 @@ class Store:
         return cls(connection=connection)
 
     async def close(self) -> None:
+        # Nothing submits any more; a call still in flight ends now, its waiters told so.
+        senders = [lane.sender for lane in self._lanes.values() if lane.sender is not None]
+        for sender in senders:
+            sender.cancel()
+        if senders:
+            await asyncio.wait(senders)
         await self.connection.close()
 
     async def ping(self) -> None:
@@ -128,9 +164,65 @@ class Store:
 
         Returns the id of the job that holds the submission: the job's own, or that of an
         earlier job with the same idempotency key (then nothing was added).
+
+        A group commit: with no enqueue call of the job's queue in flight, the job goes at
+        once; while one is, the jobs that arrive wait for it to answer, then go together in
+        one call (up to ENQUEUE_CHUNK). No timer holds a job back, so an idle daemon adds no
+        latency, and under load a job costs a fraction of a call. Each caller gets its own
+        holder's id, or the error of the call that carried its job.
         """
-        [holder] = await self._enqueue_call(job.queue, job.created_at, [job], dedup_ttl_ms)
-        return holder
+        # Encoded here: a job that cannot be fails its own caller, not a whole call.
+        entries = record.new_job_args(job)
+        lane = self._lanes.get((job.queue, dedup_ttl_ms))
+        if lane is None:
+            lane = self._lanes[job.queue, dedup_ttl_ms] = _Lane(job.queue, dedup_ttl_ms)
+        answer: asyncio.Future[str] = lane.loop.create_future()
+        lane.waiting.append(_Waiting(entries, job.created_at, answer))
+        if lane.sender is None:
+            lane.sender = lane.loop.create_task(self._send_waiting(lane))
+        try:
+            return await answer
+        except asyncio.CancelledError:
+            if answer.done() and not answer.cancelled():
+                answer.exception()  # answered as we were cancelled: read, lest it be logged
+            raise
+
+    async def _send_waiting(self, lane: _Lane) -> None:
+        """Send the lane's waiting jobs, a call at a time, until none waits.
+
+        A task of its own rather than the first caller's: a caller that goes away (its
+        client left, its request's deadline passed) cancels its wait only. The call carrying
+        its job runs to its end for the others, and a job whose caller went before its call
+        was sent is not sent at all.
+        """
+        try:
+            while lane.waiting:
+                batch = lane.waiting[:ENQUEUE_CHUNK]
+                del lane.waiting[:ENQUEUE_CHUNK]
+                await self._send_batch(lane, [w for w in batch if not w.answer.done()])
+        finally:
+            lane.sender = None
+            # Only when cancelled (the store closing) is anyone left waiting.
+            _fail(lane.waiting, _closed())
+            lane.waiting.clear()
+
+    async def _send_batch(self, lane: _Lane, batch: list[_Waiting]) -> None:
+        if not batch:
+            return
+        now = max(w.created_at for w in batch)
+        try:
+            holders = await self._enqueue_call(
+                lane.queue, now, [w.entries for w in batch], lane.dedup_ttl_ms
+            )
+        except Exception as exc:
+            _fail(batch, exc)
+            return
+        except BaseException:
+            _fail(batch, _closed())
+            raise
+        for waiting, holder in zip(batch, holders, strict=True):
+            if not waiting.answer.done():
+                waiting.answer.set_result(holder)
 
     async def enqueue_many(
         self, jobs: Sequence[Job], dedup_ttl_ms: int = DEDUP_TTL_MS
@@ -141,28 +233,32 @@ class Store:
         id, so a client retries a failed batch whole, with new ids (or idempotency keys).
         Returns the holders' ids in the order of `jobs`, as `enqueue` does.
         """
-        groups: dict[tuple[str, int], list[int]] = {}
+        groups: dict[str, list[int]] = {}
         for index, job in enumerate(jobs):
-            groups.setdefault((job.queue, job.created_at), []).append(index)
+            groups.setdefault(job.queue, []).append(index)
         holders = [""] * len(jobs)
-        for (queue, created_at), indexes in groups.items():
+        for queue, indexes in groups.items():
             for start in range(0, len(indexes), ENQUEUE_CHUNK):
                 chunk = indexes[start : start + ENQUEUE_CHUNK]
                 answered = await self._enqueue_call(
-                    queue, created_at, [jobs[i] for i in chunk], dedup_ttl_ms
+                    queue,
+                    max(jobs[i].created_at for i in chunk),
+                    [record.new_job_args(jobs[i]) for i in chunk],
+                    dedup_ttl_ms,
                 )
                 for index, holder in zip(chunk, answered, strict=True):
                     holders[index] = holder
         return holders
 
     async def _enqueue_call(
-        self, queue: str, created_at: int, jobs: Sequence[Job], dedup_ttl_ms: int
+        self, queue: str, now: int, entries: Sequence[list[Any]], dedup_ttl_ms: int
     ) -> list[str]:
+        """One enqueue.lua call: jobs of one queue, as their NEW_JOB entries."""
         k = self.keys
-        args = self._header(queue, created_at)
+        args = self._header(queue, now)
         args += [queue, k.idempotency_prefix(queue), dedup_ttl_ms]
-        for job in jobs:
-            args += record.new_job_args(job)
+        for job_entries in entries:
+            args += job_entries
         keys = [k.inbox(queue), k.scheduled(queue), k.index(queue), k.totals(queue)]
         return [text(holder) for holder in await self._lua["enqueue"](keys=keys, args=args)]
 
@@ -474,6 +570,18 @@ class Store:
         stale = [field for field in await self._r.hkeys(key) if int(field) < oldest]
         if stale:
             await self._r.hdel(key, *stale)
+
+
+def _fail(waiting: Iterable[_Waiting], error: Exception) -> None:
+    """Answer these waiting jobs, those still waited for, with the error of their call."""
+    for each in waiting:
+        if not each.answer.done():
+            each.answer.set_exception(error)
+
+
+def _closed() -> Exception:
+    # A connection error, as the callers of a closed store's connection would get.
+    return redis.exceptions.ConnectionError("the store closed before the job was enqueued")
 
 
 async def _messages(pubsub: PubSub) -> AsyncIterator[str]:

@@ -8,14 +8,15 @@
 -- KEYS[2] -> <prefix>:{<queue>}:scheduled
 -- KEYS[3] -> <prefix>:{<queue>}:index
 -- KEYS[4] -> <prefix>:{<queue>}:totals
--- ARGV[1..3] -> now (the jobs' created_at), job hash prefix, limit key prefix (unused)
---   (the header, lib.lua)
+-- ARGV[1..3] -> now (the newest created_at of the call's jobs), job hash prefix, limit key
+--   prefix (unused) (the header, lib.lua)
 -- ARGV[4] -> the queue's name
 -- ARGV[5] -> <prefix>:{<queue>}:idem:, the idempotency key prefix
 -- ARGV[6] -> how long an idempotency key holds, ms
--- ARGV[7..] -> 8 entries per job (record.NEW_JOB): id, type, payload (JSON text),
+-- ARGV[7..] -> 9 entries per job (record.NEW_JOB): id, type, payload (JSON text),
 --   max_attempts, run_at (epoch ms, or 0 to run now), idempotency key (or ''), callback
---   URL (or ''), priority (0 to 9)
+--   URL (or ''), priority (0 to 9), created_at (epoch ms: each job its own, as the store
+--   gathers jobs submitted at different moments into one call)
 -- Returns, per job in order, the id of the job that holds it: its own id, or the id of
 -- the earlier job with the same idempotency key, while that job is stored.
 local holders = {}
@@ -25,8 +26,10 @@ local seen = {}
 -- per call after the loop, in the order the jobs came.
 local ready, lists = {}, {}
 local scheduled, indexed = {}, {}
-for i = 7, #ARGV, 8 do
-  local id, dedup = ARGV[i], ARGV[i + 5]
+for i = 7, #ARGV, 9 do
+  -- NEW_JOB's entries, in order.
+  local id, job_type, payload, max_attempts, run_at, dedup, callback_url, priority,
+    created_at = unpack(ARGV, i, i + 8)
   local holder = false
   if dedup ~= '' then
     holder = redis.call('GET', ARGV[5] .. dedup)
@@ -41,28 +44,28 @@ for i = 7, #ARGV, 8 do
     holders[#holders + 1] = id
     local key = JOB .. id
     if redis.call('EXISTS', key) == 0 then
-      local fields = {'id', id, 'type', ARGV[i + 1], 'queue', ARGV[4], 'payload', ARGV[i + 2],
-        'attempts', 0, 'max_attempts', ARGV[i + 3], 'created_at', NOW,
-        'priority', ARGV[i + 7]}
-      if ARGV[i + 6] ~= '' then
+      local fields = {'id', id, 'type', job_type, 'queue', ARGV[4], 'payload', payload,
+        'attempts', 0, 'max_attempts', max_attempts, 'created_at', created_at,
+        'priority', priority}
+      if callback_url ~= '' then
         fields[#fields + 1] = 'callback_url'
-        fields[#fields + 1] = ARGV[i + 6]
+        fields[#fields + 1] = callback_url
       end
       if dedup ~= '' then
         redis.call('SET', ARGV[5] .. dedup, id, 'PX', ARGV[6])
         fields[#fields + 1] = 'idempotency_key'
         fields[#fields + 1] = dedup
       end
-      if ARGV[i + 4] ~= '0' then
-        for _, v in ipairs({'state', 'scheduled', 'run_at', ARGV[i + 4]}) do
+      if run_at ~= '0' then
+        for _, v in ipairs({'state', 'scheduled', 'run_at', run_at}) do
           fields[#fields + 1] = v
         end
-        scheduled[#scheduled + 1] = ARGV[i + 4]
+        scheduled[#scheduled + 1] = run_at
         scheduled[#scheduled + 1] = id
       else
         fields[#fields + 1] = 'state'
         fields[#fields + 1] = 'queued'
-        local list = ready_list_for(KEYS[1], ARGV[i + 7], seen)
+        local list = ready_list_for(KEYS[1], priority, seen)
         if not ready[list] then
           ready[list] = {}
           lists[#lists + 1] = list
