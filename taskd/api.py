@@ -22,6 +22,7 @@ from taskd.jobs import FAILED, Job, now_ms
 from taskd.metrics import Metrics
 from taskd.stats import no_handler, snapshot
 from taskd.store import UNAVAILABLE, Inspector, Store, is_full
+from taskd.timeouts import Timeouts
 from taskd.validation import (
     ApiError,
     parse_batch,
@@ -62,7 +63,22 @@ def redis_deadline(seconds: float) -> Middleware:
     once, rather than left hanging through an outage (a blackholed network holds commands
     until the socket timeout). The event stream is long-lived by design; /health has its
     own bound."""
-    deadlines = _Deadlines(seconds)
+    # One timer for every request's deadline, not an asyncio.timeout each (see Timeouts).
+    expired: set[asyncio.Task[Any]] = set()
+
+    def expire(task: asyncio.Task[Any]) -> None:
+        expired.add(task)
+        task.cancel()
+
+    deadlines = Timeouts[asyncio.Task[Any]](expire=expire)
+
+    def passed(task: asyncio.Task[Any]) -> bool:
+        """Forget a request's deadline: whether it had passed, and cancelled its task."""
+        deadlines.end(task, seconds)
+        if task in expired:
+            expired.remove(task)
+            return True
+        return False
 
     @web.middleware
     async def deadline(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -73,70 +89,22 @@ def redis_deadline(seconds: float) -> Middleware:
         task = asyncio.current_task(request.task.get_loop())
         assert task is not None
         cancelling = task.cancelling()
-        deadlines.start(task)
+        deadlines.start(task, seconds)
         try:
             return await handler(request)
         except asyncio.CancelledError:
             # Ours, as asyncio.timeout tells its own: the deadline cancelled the task, and
             # no one else did as well.
-            if deadlines.end(task) and task.uncancel() <= cancelling:
+            if passed(task) and task.uncancel() <= cancelling:
                 raise RedisDeadline(
                     f"Redis did not answer within {seconds:g} s ([redis] request_timeout)"
                 ) from None
             raise
         finally:
-            if deadlines.end(task):
+            if passed(task):
                 task.uncancel()
 
     return deadline
-
-
-class _Deadlines:
-    """The deadlines of the requests under way, `seconds` after each began, on one timer.
-
-    Not an asyncio.timeout per request: its timer, made and cancelled for every request,
-    cost 7% of the intake's CPU (and an anyio cancel scope cost more). Every deadline is
-    `seconds` after its request began, so they fall due in the order the requests began:
-    the earliest is the first in `_due`, and one timer, set for it, is enough. It finds
-    that request done, as a rule, and is set again for the new first one.
-    """
-
-    def __init__(self, seconds: float) -> None:
-        self._seconds = seconds
-        self._due: dict[asyncio.Task[Any], float] = {}  # in the order requests began
-        self._expired: set[asyncio.Task[Any]] = set()
-        self._timer: asyncio.TimerHandle | None = None
-
-    def start(self, task: asyncio.Task[Any]) -> None:
-        loop = task.get_loop()
-        self._due[task] = due = loop.time() + self._seconds
-        if self._timer is None:
-            self._timer = loop.call_at(due, self._expire)
-
-    def end(self, task: asyncio.Task[Any]) -> bool:
-        """Forget a request's deadline: whether it had passed, and cancelled its task."""
-        if self._due.pop(task, None) is not None:
-            return False
-        if task in self._expired:
-            self._expired.remove(task)
-            return True
-        return False
-
-    def _expire(self) -> None:
-        """Cancel the requests past their deadline; set the timer for the next one."""
-        self._timer = None
-        loop = asyncio.get_running_loop()  # once in `seconds`, at most
-        now = loop.time()
-        late: list[asyncio.Task[Any]] = []
-        for task, due in self._due.items():
-            if due > now:
-                self._timer = loop.call_at(due, self._expire)
-                break
-            late.append(task)
-        for task in late:
-            del self._due[task]
-            self._expired.add(task)
-            task.cancel()
 
 
 # aiohttp's own errors (unknown route, wrong method, body too large) keep their status

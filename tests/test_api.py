@@ -360,7 +360,7 @@ async def test_a_bad_batch_is_refused_whole(
 
 
 async def test_each_request_gets_its_own_deadline(free_port: Any) -> None:
-    # One timer serves every request's deadline (api._Deadlines): a request that began
+    # One timer serves every request's deadline (taskd.timeouts.Timeouts): a request that began
     # later is not cut off at an earlier one's deadline, and a quick one is left alone.
     deadline = 0.3
     entered = asyncio.Event()
