@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import tempfile
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import anyio
@@ -64,14 +66,48 @@ def run(options: Options) -> Report:
     """Run the bench: against --url, or on a throwaway Redis that is always stopped after."""
     backend = {"use_uvloop": True}
     if options.url is not None:
-        return anyio.run(_remote, options, backend="asyncio", backend_options=backend)
+        return anyio.run(
+            _interruptible, partial(_remote, options), backend="asyncio", backend_options=backend
+        )
     with (
         tempfile.TemporaryDirectory(prefix="taskd-bench-") as tmp,
         own_redis(Path(tmp) / "redis") as redis_url,
     ):
         return anyio.run(
-            _local, options, redis_url, Path(tmp), backend="asyncio", backend_options=backend
+            _interruptible,
+            partial(_local, options, redis_url, Path(tmp)),
+            backend="asyncio",
+            backend_options=backend,
         )
+
+
+async def _interruptible(work: Callable[[], Awaitable[Report]]) -> Report:
+    """Run `work`, which a Ctrl-C cancels: KeyboardInterrupt once its clean-up is done.
+
+    asyncio's own Ctrl-C cancels the main task once, and that one cancellation can be lost:
+    Python 3.11's wait_for (which redis-py uses to send) drops it when what it waits for
+    finishes at the same moment, and the bench would run on. A cancelled anyio scope
+    cancels again at every await until its code has left it.
+    """
+    interrupted = False
+    report: Report | None = None
+    async with anyio.create_task_group() as tg:
+
+        async def interrupt() -> None:
+            nonlocal interrupted
+            with anyio.open_signal_receiver(signal.SIGINT) as signals:
+                async for _ in signals:
+                    interrupted = True
+                    tg.cancel_scope.cancel()
+                    return
+
+        tg.start_soon(interrupt)
+        report = await work()
+        tg.cancel_scope.cancel()
+    if interrupted:
+        raise KeyboardInterrupt
+    assert report is not None
+    return report
 
 
 async def _local(options: Options, redis_url: str, tmp: Path) -> Report:
