@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import json
 import math
 import os
 import random
+import signal
 import statistics
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import anyio
 import pytest
@@ -19,6 +22,7 @@ from redis.asyncio import Redis
 from taskd import callbacks, janitor, promoter, workers
 from taskd.bench import SIZES, WORKLOADS, Figure, aggregate, growth, percentile
 from taskd.bench.cli import OPT_IN
+from taskd.bench.harness import spawn_delay_proxy
 from taskd.bench.openloop import LOADS, arrivals
 from taskd.bench.report import latency_figures, number
 from taskd.config.model import WorkersConfig
@@ -156,6 +160,157 @@ def test_quick_soak_samples_memory_and_keys_of_a_steady_load(tmp_path: Path) -> 
     assert not list(tmp_path.iterdir())
 
 
+RTT_DEADLINE = 40.0
+
+
+@pytest.mark.timeout(RTT_DEADLINE + 30)
+def test_quick_rtt_measures_drain_and_intake_behind_a_delay_proxy(tmp_path: Path) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    done = subprocess.run(
+        [str(TASKD), "bench", "--only", "rtt", "--quick", "--json"],
+        cwd=tmp_path,
+        env={**os.environ, "TMPDIR": str(temp)},
+        capture_output=True,
+        timeout=RTT_DEADLINE,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    report = json.loads(done.stdout)
+    assert {r["workload"] for r in report["results"]} == {"rtt"}
+    figures = {r["figure"]: (r["unit"], r["median"]) for r in report["results"]}
+    for at in ("@0ms", "@2ms"):
+        assert figures[f"round trip {at}"][0] == "ms", figures
+        for curve in ("drain", "intake"):
+            unit, value = figures[f"{curve} {at}"]
+            assert (unit, value > 0) == ("jobs/s", True), (curve, at, figures)
+    for curve in ("drain", "intake"):
+        unit, value = figures[f"{curve} kept @2ms"]
+        assert (unit, value > 0) == ("% of @0ms", True), figures
+        # CPU time comes in clock ticks: a tiny run may use none.
+        unit, value = figures[f"proxy CPU in {curve} @0ms"]
+        assert (unit, value >= 0) == ("% of a core", True), figures
+    # Each way holds every chunk at least half the added round trip.
+    assert figures["round trip @2ms"][1] >= 2.0, figures
+    assert any("@0ms is through the proxy with no delay" in n for n in report["notes"])
+    # The proxies and daemons are gone, and so is the temp directory they ran in.
+    assert not _processes_in(temp)
+    assert not list(temp.iterdir())
+
+
+@pytest.mark.timeout(RTT_DEADLINE + 30)
+def test_interrupted_rtt_leaves_no_proxy_or_daemon_behind(tmp_path: Path) -> None:
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    with (tmp_path / "bench.err").open("wb") as err:
+        bench = subprocess.Popen(
+            [str(TASKD), "bench", "--only", "rtt", "--quick"],
+            cwd=tmp_path,
+            env={**os.environ, "TMPDIR": str(temp)},
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+        )
+    try:
+        deadline = time.monotonic() + RTT_DEADLINE
+        while not any("taskd.bench.delay" in command for command in _processes_in(temp)):
+            assert bench.poll() is None, (tmp_path / "bench.err").read_text()
+            assert time.monotonic() < deadline, "no delay proxy started"
+            time.sleep(0.01)
+        bench.send_signal(signal.SIGINT)
+        status = bench.wait(timeout=RTT_DEADLINE)
+    finally:
+        if bench.poll() is None:
+            bench.kill()
+            bench.wait()
+    said = (tmp_path / "bench.err").read_text()
+    assert (status, "interrupted" in said) == (130, True), said
+    assert not _processes_in(temp), said
+
+
+def _processes_in(directory: Path) -> list[str]:
+    """The command lines of live processes working in `directory` or below it."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cwd = os.readlink(proc / "cwd")
+            command = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue  # not a process, gone, or a zombie
+        if cwd.startswith(str(directory)):
+            found.append(command.replace(b"\0", b" ").decode(errors="replace"))
+    return found
+
+
+PROXY_RTT = 0.1  # s: far above the jitter of a loaded machine
+CHUNKS = 40
+CHUNK_GAP = 0.005  # s: many chunks in flight at once
+CHUNK = 8  # bytes: "%07d\n"
+
+
+@pytest.mark.parametrize("timers", ["timerfd", "loop"])
+async def test_delay_proxy_holds_each_chunk_the_same_time_in_order(
+    tmp_path: Path, timers: str
+) -> None:
+    """Every chunk echoed through the proxy comes back one added round trip after it was
+    sent, never sooner, and not later for having others in flight before it (as it would
+    if each direction slept per chunk in turn); bytes unchanged and in order, and a
+    half-close goes through both ways. Both ways of timing: Linux's timerfd, and the
+    loop's own where there is none."""
+    server = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    target = f"tcp://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    proxy = spawn_delay_proxy(
+        target_url=target, rtt_ms=PROXY_RTT * 1e3, log=tmp_path / "delay.log", timers=timers
+    )
+    try:
+        async with server:
+            port = urlsplit(proxy.url).port
+            assert port is not None
+            delays = await asyncio.gather(*(_echo_through(port) for _ in range(5)))
+    finally:
+        proxy.proc.terminate()
+        proxy.proc.wait(timeout=10)
+    every = [delay for connection in delays for delay in connection]
+    assert min(every) >= PROXY_RTT, every
+    # Had each direction slept per chunk in turn, the median would be about 1.5 times RTT.
+    assert statistics.median(every) < PROXY_RTT * 1.3, every
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    while data := await reader.read(65536):
+        writer.write(data)
+        await writer.drain()
+    writer.close()  # after the client's half-close: the proxy passes the close back
+
+
+async def _echo_through(port: int) -> list[float]:
+    """Seconds from sending each chunk to its echo, on one connection."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    # One exchange first, likely sent before the proxy process accepts (its socket listens
+    # while it starts): what comes early must wait, not be lost.
+    writer.write(b"hello\n")
+    assert await reader.readexactly(6) == b"hello\n"
+    sent: list[float] = []
+    received: list[float] = []
+
+    async def send() -> None:
+        for i in range(CHUNKS):
+            sent.append(time.monotonic())  # before: the echo cannot come sooner than this
+            writer.write(b"%07d\n" % i)
+            await writer.drain()
+            await asyncio.sleep(CHUNK_GAP)
+        writer.write_eof()
+
+    sender = asyncio.create_task(send())
+    echoed = b""
+    while data := await reader.read(65536):  # until the echo server's close comes back
+        echoed += data
+        received += [time.monotonic()] * (len(echoed) // CHUNK - len(received))
+    await sender
+    writer.close()
+    assert echoed == b"".join(b"%07d\n" % i for i in range(CHUNKS))
+    return [back - out for out, back in zip(sent, received, strict=True)]
+
+
 @pytest.mark.parametrize(
     ("content", "problem"),
     [(None, "No such file"), (b"{not json", "unexpected"), (b'{"results": 1}', "not a report")],
@@ -217,7 +372,7 @@ def test_quick_memory_measures_bytes_per_queued_job_and_its_parts(tmp_path: Path
 
 
 def test_opt_in_workloads_are_not_in_the_default_set() -> None:
-    assert set(OPT_IN) == {"memory", "soak"}
+    assert set(OPT_IN) == {"memory", "rtt", "soak"}
     assert set(OPT_IN) < set(WORKLOADS)
 
 

@@ -1,9 +1,10 @@
-"""What the workloads run on: the bench's own Redis, the daemons it spawns, and its HTTP client."""
+"""What the workloads run on: the bench's Redis, the daemons and proxies it spawns, its client."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,6 +13,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import anyio
@@ -39,6 +41,8 @@ OPEN_LOOP_SECONDS = (10, 1)  # s jobs are offered at each load level
 OPEN_LOOP_DRAIN = (20_000, 2_000)  # noop jobs drained to measure the maximum rate
 IDLE_SECONDS = (20, 3)  # s the idle daemon's commands are counted
 MEMORY_JOBS = (1_000_000, 5_000)  # jobs queued to measure Redis bytes per job
+RTT_DRAIN = (30_000, 500)  # noop jobs drained at each round trip rtt adds
+RTT_INTAKE = (20_000, 1_000)  # noop jobs POSTed at each round trip rtt adds
 # The daemons' handlers; `stamp` is re-exported by the package, so its target stays put.
 HANDLERS = {
     "noop": 'builtin = "noop"',
@@ -50,6 +54,7 @@ START_DEADLINE = 30.0  # s for a daemon to answer /health: generous on a loaded 
 STOP_DEADLINE = 15.0  # s for daemons to exit after SIGTERM (drain and requeue) before SIGKILL
 START_ATTEMPTS = 3  # the free port we pick may be taken before the daemon binds it
 HTTP_TIMEOUT = 120.0
+PROXY_BACKLOG = 128
 JSON = {"Content-Type": "application/json"}
 
 
@@ -73,8 +78,9 @@ class SoakPlan:
 
 
 @dataclass(kw_only=True)
-class SpawnedDaemon:
-    """A daemon process the bench started."""
+class Spawned:
+    """A process the bench started: a daemon (`url` its HTTP API) or a delay proxy (`url`
+    its target's URL with the proxy's address in it)."""
 
     url: str
     proc: subprocess.Popen[bytes]
@@ -128,11 +134,20 @@ class Local:
         # One connection, as a daemon has: the Store puts jobs in, the Inspector reads.
         self.store = Store.from_url(redis_url, prefix=PREFIX)
         self.inspector = Inspector(connection=self.store.connection)
-        self.running: list[SpawnedDaemon] = []
+        self.running: list[Spawned] = []  # the daemons and proxies in use, that must not die
         self._spawned = 0
 
     async def close(self) -> None:
         await self.store.close()
+
+    @contextmanager
+    def watching(self, spawned: Sequence[Spawned]) -> Iterator[None]:
+        """Inside, wait_finished fails at once should one of these processes exit."""
+        self.running += spawned
+        try:
+            yield
+        finally:
+            self.running = [s for s in self.running if s not in spawned]
 
     async def finished(self) -> tuple[int, int]:
         """How many jobs completed and how many failed for good."""
@@ -153,11 +168,10 @@ class Local:
         """These fields of these jobs, raw, in the order of `ids`."""
         return await self.inspector.job_fields(QUEUE, ids, fields)
 
-    def spawn(self, concurrency: int, extra: str = "") -> SpawnedDaemon:
-        """Start one daemon process on a free port, `extra` TOML added to its config; it is
-        not ready yet."""
-        self._spawned += 1
-        name = f"daemon-{self._spawned}"
+    def spawn(self, concurrency: int, extra: str = "", redis_url: str | None = None) -> Spawned:
+        """Start one daemon process on a free port, `extra` TOML added to its config, on the
+        bench's Redis or `redis_url`; it is not ready yet."""
+        name = self._name("daemon")
         port = free_port()
         config = self.tmp / f"{name}.toml"
         config.write_text(_config_text(port, concurrency) + extra)
@@ -166,7 +180,7 @@ class Local:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "taskd", "--config", str(config), "--log-level", "warning"],
                 cwd=self.tmp,
-                env={**os.environ, "TASKD_REDIS_URL": self.redis_url},
+                env={**os.environ, "TASKD_REDIS_URL": redis_url or self.redis_url},
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -174,7 +188,47 @@ class Local:
                 # the bench, which stops it in order; and SIGTERM should the bench die.
                 preexec_fn=child_setup(),
             )
-        return SpawnedDaemon(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
+        return Spawned(url=f"http://127.0.0.1:{port}", proc=proc, log=log)
+
+    def spawn_proxy(self, rtt_ms: float) -> Spawned:
+        """Start a delay proxy in front of the bench's Redis; it accepts connections at once."""
+        return spawn_delay_proxy(
+            target_url=self.redis_url, rtt_ms=rtt_ms, log=self.tmp / f"{self._name('delay')}.log"
+        )
+
+    def _name(self, kind: str) -> str:
+        self._spawned += 1
+        return f"{kind}-{self._spawned}"
+
+
+def spawn_delay_proxy(
+    *, target_url: str, rtt_ms: float, log: Path, timers: str | None = None
+) -> Spawned:
+    """Start taskd.bench.delay in front of target_url's host and port, adding `rtt_ms` to
+    the round trip (`timers`: its --timers, if not its default). Its listening socket is
+    bound here and handed over, so there is no race for a free port and connections wait
+    in its backlog until it accepts them."""
+    target = urlsplit(target_url)
+    with socket.create_server(("127.0.0.1", 0), backlog=PROXY_BACKLOG) as listener:
+        command = [
+            sys.executable, "-m", "taskd.bench.delay",
+            "--listen-fd", str(listener.fileno()),
+            "--target", f"{target.hostname}:{target.port}",
+            "--rtt-ms", f"{rtt_ms:g}",
+            *(["--timers", timers] if timers else []),
+        ]  # fmt: skip
+        with log.open("wb") as out:
+            proc = subprocess.Popen(
+                command,
+                cwd=log.parent,
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                pass_fds=(listener.fileno(),),
+                preexec_fn=child_setup(),  # as the daemons', see Local.spawn
+            )
+        address = f"127.0.0.1:{listener.getsockname()[1]}"
+    return Spawned(url=target._replace(netloc=address).geturl(), proc=proc, log=log)
 
 
 def _config_text(port: int, concurrency: int) -> str:
@@ -280,34 +334,47 @@ class Bench:
 
     @asynccontextmanager
     async def daemons(
-        self, count: int, *, concurrency: int, extra: str = ""
-    ) -> AsyncIterator[list[SpawnedDaemon]]:
-        """`count` daemons on the bench's Redis (`extra` TOML added to their config), ready;
-        stopped (SIGTERM, then SIGKILL) after."""
+        self, count: int, *, concurrency: int, extra: str = "", redis_url: str | None = None
+    ) -> AsyncIterator[list[Spawned]]:
+        """`count` daemons on the bench's Redis, or `redis_url` (`extra` TOML added to their
+        config), ready; stopped (SIGTERM, then SIGKILL) after."""
         local = self.need_local()
-        started: list[SpawnedDaemon] = []
+        started: list[Spawned] = []
         try:
             async with anyio.create_task_group() as tg:
                 for _ in range(count):
-                    tg.start_soon(self._start, started, concurrency, extra)
-            local.running = started
-            yield started
+                    tg.start_soon(self._start, started, concurrency, extra, redis_url)
+            with local.watching(started):
+                yield started
         finally:
-            local.running = []
             with anyio.CancelScope(shield=True):
                 await _stop(started)
 
-    async def _start(self, started: list[SpawnedDaemon], concurrency: int, extra: str) -> None:
+    @asynccontextmanager
+    async def delay_proxy(self, rtt_ms: float) -> AsyncIterator[Spawned]:
+        """A delay proxy in front of the bench's Redis, adding `rtt_ms` to the round trip;
+        stopped after (before the bench's Redis, after the daemons using it)."""
+        proxy = self.need_local().spawn_proxy(rtt_ms)
+        try:
+            with self.need_local().watching([proxy]):
+                yield proxy
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _stop([proxy])
+
+    async def _start(
+        self, started: list[Spawned], concurrency: int, extra: str, redis_url: str | None
+    ) -> None:
         local = self.need_local()
         for attempt in range(1, START_ATTEMPTS + 1):
-            daemon = local.spawn(concurrency, extra)
+            daemon = local.spawn(concurrency, extra, redis_url)
             started.append(daemon)
             if await self._ready(daemon):
                 return
             if attempt == START_ATTEMPTS:
                 raise BenchError(f"a daemon exited while starting\n{daemon.tail()}")
 
-    async def _ready(self, daemon: SpawnedDaemon) -> bool:
+    async def _ready(self, daemon: Spawned) -> bool:
         """Wait for /health to answer 200: True; False if the daemon exited first."""
         deadline = time.monotonic() + START_DEADLINE
         while daemon.proc.poll() is None:
@@ -335,16 +402,19 @@ class Bench:
                 raise BenchError(f"{failed} job(s) failed\n{tails}")
             if completed >= count:
                 return
-            for daemon in local.running:
-                if daemon.proc.poll() is not None:
-                    raise BenchError(f"a daemon exited ({daemon.proc.returncode})\n{daemon.tail()}")
+            for spawned in local.running:
+                if spawned.proc.poll() is not None:
+                    raise BenchError(
+                        f"{spawned.log.stem} exited ({spawned.proc.returncode})\n{spawned.tail()}"
+                    )
             if time.monotonic() > deadline:
                 raise BenchError(f"only {completed} of {count} jobs completed in time")
             await anyio.sleep(POLL)
 
 
-async def _stop(daemons: Sequence[SpawnedDaemon]) -> None:
-    """SIGTERM every daemon, then wait for all; SIGKILL those still there at the deadline."""
+async def _stop(daemons: Sequence[Spawned]) -> None:
+    """SIGTERM every daemon (or proxy), then wait for all; SIGKILL those still there at the
+    deadline."""
     for daemon in daemons:
         if daemon.proc.poll() is None:
             daemon.proc.send_signal(signal.SIGTERM)

@@ -53,7 +53,7 @@ async def open_loop(bench: Bench) -> list[Figure]:
     async with bench.daemons(1, concurrency=100) as [daemon]:
         finished = bench.scaled(OPEN_LOOP_DRAIN)
         cpu = daemon.cpu_seconds()
-        rate = await _max_drain(bench, local, finished)
+        rate = await max_drain(bench, local, finished)
         figures = [Figure("max drain", "jobs/s", rate), *daemon_cpu(daemon, cpu, finished, "")]
         for load in LOADS:
             cpu = daemon.cpu_seconds()
@@ -76,7 +76,7 @@ async def open_loop(bench: Bench) -> list[Figure]:
     return figures
 
 
-async def _max_drain(bench: Bench, local: Local, n: int) -> float:
+async def max_drain(bench: Bench, local: Local, n: int) -> float:
     """jobs/s of `n` noop jobs, all waiting when the daemon starts them (as drain does)."""
     # Paused while they are put there, so that the daemon does not take them as they come.
     await local.store.pause(QUEUE)

@@ -17,6 +17,7 @@ from taskd.bench.harness import Bench, BenchError, Local, SoakPlan, http_session
 from taskd.bench.openloop import open_loop
 from taskd.bench.remote import configured_types
 from taskd.bench.report import Figure, Report, Result, aggregate, machine, number
+from taskd.bench.rtt import rtt
 from taskd.bench.soak import soak
 from taskd.bench.workloads import concurrency, drain, intake_batch, intake_single, mixed, pickup
 
@@ -32,6 +33,7 @@ WORKLOADS: dict[str, Workload] = {
     "idle": idle,
     "memory": memory,
     "soak": soak,
+    "rtt": rtt,
 }
 
 

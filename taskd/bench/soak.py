@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import anyio
 import orjson
 
-from taskd.bench.harness import QUEUE, Bench, BenchError, SoakPlan, SpawnedDaemon
+from taskd.bench.harness import QUEUE, Bench, BenchError, SoakPlan, Spawned
 from taskd.bench.report import Figure
 from taskd.bench.workloads import BATCH_SIZE
 
@@ -87,7 +87,7 @@ class _Submitter:
 
 
 async def _soak_samples(
-    bench: Bench, daemon: SpawnedDaemon, begin: float, seconds: int, submitter: _Submitter
+    bench: Bench, daemon: Spawned, begin: float, seconds: int, submitter: _Submitter
 ) -> list[Sample]:
     """A sample every SOAK_SAMPLE seconds (10 in all for short runs), the last at the end."""
     interval = min(SOAK_SAMPLE, seconds / 10)
@@ -108,7 +108,7 @@ async def _soak_samples(
     return samples
 
 
-async def _sample(bench: Bench, daemon: SpawnedDaemon, t: float) -> Sample:
+async def _sample(bench: Bench, daemon: Spawned, t: float) -> Sample:
     local = bench.need_local()
     memory, keys = await local.inspector.memory_and_keys()
     stats = await bench.json("GET", f"{daemon.url}/stats")

@@ -13,7 +13,7 @@ import anyio
 import orjson
 
 from taskd.bench import remote
-from taskd.bench.harness import POLL, PREFIX, QUEUE, Bench, BenchError, Local, SpawnedDaemon
+from taskd.bench.harness import POLL, PREFIX, QUEUE, Bench, BenchError, Local, Spawned
 from taskd.bench.loadgen import Target, post_request, send_from_clients
 from taskd.bench.remote import PICKUP_RATE
 from taskd.bench.report import Figure, latency_figures, percentile
@@ -38,15 +38,12 @@ async def intake_single(bench: Bench) -> list[Figure]:
     """POST /jobs, one noop job per request, from 100 keep-alive clients: jobs/s accepted,
     each request's latency, and what a job cost Redis, the daemon and the bench's client."""
     n = bench.size("intake-single")
-    async with bench.intake() as url, _paused(bench, url):
+    async with bench.intake() as url, paused(bench, url):
         daemon = bench.local.running[0] if bench.local is not None else None
-        target = Target.from_url(bench.unix_url or url)
-        request = post_request(target, "/jobs", orjson.dumps({"type": "noop"}))
         cpu = daemon.cpu_seconds() if daemon is not None else None
         commands = await _commands(bench)
-        client_cpu, started = time.process_time(), time.perf_counter()
-        latencies = await send_from_clients(target, "/jobs", request, SINGLE_CLIENTS, n)
-        elapsed = time.perf_counter() - started
+        client_cpu = time.process_time()
+        elapsed, latencies = await post_singles(bench, url, n)
         client_cpu = time.process_time() - client_cpu
         commands = await _commands(bench) - commands
         used = daemon_cpu(daemon, cpu, n)
@@ -57,12 +54,22 @@ async def intake_single(bench: Bench) -> list[Figure]:
     return [*figures, *_per_job(commands, n), *used, client]
 
 
+async def post_singles(bench: Bench, url: str, n: int) -> tuple[float, list[float]]:
+    """`n` noop jobs POSTed to /jobs, one a request, from SINGLE_CLIENTS keep-alive clients:
+    the seconds it took, and each request's latency in ms."""
+    target = Target.from_url(bench.unix_url or url)
+    request = post_request(target, "/jobs", orjson.dumps({"type": "noop"}))
+    started = time.perf_counter()
+    latencies = await send_from_clients(target, "/jobs", request, SINGLE_CLIENTS, n)
+    return time.perf_counter() - started, latencies
+
+
 async def intake_batch(bench: Bench) -> list[Figure]:
     """POST /jobs/batch, 1,000 noop jobs per request, from 4 clients: jobs/s accepted."""
     n = bench.size("intake-batch")
     body = orjson.dumps({"jobs": [{"type": "noop"}] * BATCH_SIZE})
     requests = math.ceil(n / BATCH_SIZE)
-    async with bench.intake() as url, _paused(bench, url):
+    async with bench.intake() as url, paused(bench, url):
         commands = await _commands(bench)
         started = time.perf_counter()
         await _clients(
@@ -83,7 +90,7 @@ async def _commands(bench: Bench) -> float:
 
 
 def daemon_cpu(
-    daemon: SpawnedDaemon | None, before: float | None, jobs: int, suffix: str = ""
+    daemon: Spawned | None, before: float | None, jobs: int, suffix: str = ""
 ) -> list[Figure]:
     """The daemon's CPU time since `before`, per job; none against --url (no daemon of
     ours) or where /proc does not tell."""
@@ -118,7 +125,7 @@ async def _clients(clients: int, requests: int, send: Callable[[], Awaitable[obj
 
 
 @asynccontextmanager
-async def _paused(bench: Bench, url: str) -> AsyncIterator[None]:
+async def paused(bench: Bench, url: str) -> AsyncIterator[None]:
     """Hold the queue of noop jobs paused, so that running them does not compete with intake.
 
     A queue someone else paused stays paused; one we paused is resumed, even on Ctrl-C.
