@@ -46,6 +46,7 @@ class Acker:
         # (queue, outcome) in the order they came, and how many of them a tick is sending.
         self._pending: list[tuple[str, Attempt]] = []
         self._sending = 0
+        self._sending_lock = anyio.Lock()
         self._has_work = anyio.Event()
 
     @property
@@ -62,6 +63,12 @@ class Acker:
 
     async def tick(self) -> int:
         """Send one batch of pending outcomes; returns how many were sent."""
+        # One batch on the wire at a time: flush() at shutdown must not return while
+        # run()'s batch is still out, lest the final requeue take back its jobs.
+        async with self._sending_lock:
+            return await self._tick()
+
+    async def _tick(self) -> int:
         batch, self._pending = self._pending[:ACK_BATCH], self._pending[ACK_BATCH:]
         self._sending = len(batch)
         by_queue: dict[str, list[Attempt]] = defaultdict(list)
@@ -70,8 +77,9 @@ class Acker:
         sent = 0
         try:
             for queue, attempts in by_queue.items():
-                await self._send(queue, attempts)
+                flags = await self._send(queue, attempts)
                 sent += len(attempts)
+                self._report(queue, attempts, flags)
         except BaseException:
             # Keep what was not sent, in order, for the next attempt.
             unsent = [(q, a) for q, attempts in by_queue.items() for a in attempts][sent:]
@@ -93,15 +101,19 @@ class Acker:
         await self.tick()
 
     async def flush(self) -> None:
-        """Send everything pending, retrying through errors (bounded by the caller)."""
-        while self._pending:
+        """Send everything pending, retrying through errors (bounded by the caller); a
+        batch already on the wire is waited for first."""
+        while True:
             try:
                 await self.tick()
             except Exception:
                 logger.warning("recording job outcomes failed at shutdown; retrying")
                 await anyio.sleep(RETRY_DELAY)
+                continue
+            if not self._pending:
+                return
 
-    async def _send(self, queue: str, attempts: list[Attempt]) -> None:
+    async def _send(self, queue: str, attempts: list[Attempt]) -> list[bool]:
         flags = await self._store.ack(queue, self._daemon_id, attempts, self._clock())
         self._sending -= len(attempts)  # answered: no longer in the backlog
         if not all(flags):
@@ -112,7 +124,14 @@ class Acker:
                 flags.count(False),
                 queue,
             )
+        return flags
+
+    def _report(self, queue: str, attempts: list[Attempt], flags: list[bool]) -> None:
+        """Tell what Redis answered; a failing listener must not have the batch sent again."""
         for attempt, recorded in zip(attempts, flags, strict=True):
-            if recorded and attempt.outcome == "retry":
-                self._on_retry(queue, attempt.retry_at)
-            self._on_recorded(attempt, recorded)
+            try:
+                if recorded and attempt.outcome == "retry":
+                    self._on_retry(queue, attempt.retry_at)
+                self._on_recorded(attempt, recorded)
+            except Exception:
+                logger.exception("handling the recorded outcome of job %s failed", attempt.job_id)

@@ -50,6 +50,8 @@ CANCELLED = "cancelled"
 LOST = "lost"
 STOPPED = "stopped"  # the pool stopped at shutdown: the job goes back to its queue
 TIMED_OUT = "timed out"  # past its handler's timeout
+# Seconds after which a cancelled attempt still running is cancelled again (see _Running).
+RECANCEL_SECONDS = 1.0
 
 
 def type_limits_of(job_type: str, config: HandlerConfig) -> TypeLimits:
@@ -163,7 +165,9 @@ class WorkerPool:
     async def tick(self, queue: str) -> Claimed:
         """One fetch pass: claim as many ready jobs as the queue is handed slots, start them."""
         while self._acker.backlog >= self._ack_backlog_max:
-            self._ack_room = anyio.Event()
+            # One event for every queue's fetcher: each must wake when there is room.
+            if self._ack_room is None:
+                self._ack_room = anyio.Event()
             await self._ack_room.wait()
         wanted = await self._slots.acquire(queue)
         # Room offered to this claim is taken until it answers, so that a claim of another
@@ -247,7 +251,7 @@ class WorkerPool:
             if running.attempting:
                 running.cancel(STOPPED)
             else:
-                self._forget(running.job.id)
+                self._forget(running)
         await self._all_ended()
 
     def _take_types(self, counts: Mapping[str, int], sign: int) -> None:
@@ -284,9 +288,10 @@ class WorkerPool:
             await self._job_ended.wait()
 
     def cancel_local(self, job_id: str) -> bool:
-        """Cancel a job this daemon runs, recording it cancelled; False if not running here."""
+        """Cancel a job this daemon runs, recording it cancelled; False if not running here
+        (its attempt over, it only waits for its outcome to be recorded)."""
         running = self._running.get(job_id)
-        if running is None:
+        if running is None or not running.attempting:
             return False
         running.cancel(CANCELLED)
         return True
@@ -297,16 +302,18 @@ class WorkerPool:
         Called when the heartbeat finds this daemon was taken for dead: its jobs may
         already run elsewhere, so going on would only widen the window of duplicates.
         """
-        by_queue: dict[str, list[str]] = {}
-        for job_id, running in list(self._running.items()):
+        by_queue: dict[str, list[_Running]] = {}
+        for running in list(self._running.values()):
             if running.attempting:  # an outcome on its way is the ack's to settle
-                by_queue.setdefault(running.job.queue, []).append(job_id)
+                by_queue.setdefault(running.job.queue, []).append(running)
         lost = 0
-        for queue, ids in by_queue.items():
+        for queue, runs in by_queue.items():
+            ids = [running.job.id for running in runs]
             owned = await self._store.still_owned(queue, self._daemon_id, ids)
-            for job_id in set(ids) - owned:
-                if (still := self._running.get(job_id)) is not None:
-                    still.cancel(LOST)
+            for running in runs:
+                # The attempt asked about, not a newer one of the same job claimed since.
+                if running.job.id not in owned and running.attempting:
+                    running.cancel(LOST)
                     lost += 1
         return lost
 
@@ -318,6 +325,10 @@ class WorkerPool:
         takes jobs from a live daemon. `grace_ms` keeps claims whose reply is still on
         its way out of it.
         """
+        if self._stopping:
+            # The jobs stopped or waiting for their ack are the final flush's and
+            # requeue's now: taking them back here could run a finished job again.
+            return 0
         before = self._clock() - grace_ms
         released = 0
         for queue in self._queues:
@@ -364,13 +375,15 @@ class WorkerPool:
                 self._job_ended.set()
                 self._job_ended = None
             if not acking:
-                self._forget(job.id)
+                self._forget(running)
 
     def _recorded(self, attempt: Attempt, recorded: bool) -> None:
         """The acker recorded an outcome (or Redis dropped it): the job is done here."""
         running = self._running.get(attempt.job_id)
-        if running is not None:
-            self._forget(attempt.job_id)
+        # That attempt's, not a newer one of the same job: taken back from this daemon
+        # while its outcome waited, the job can have been claimed here again.
+        if running is not None and running.job.attempts == attempt.attempt:
+            self._forget(running)
             job = running.job
             try:
                 if not recorded:
@@ -380,14 +393,16 @@ class WorkerPool:
                     self._on_final(job)
             except Exception:
                 logger.exception(
-                    "job %s (%s): handling its recorded outcome failed", job.id, job.type
+                    "job %s (%s): its recorded outcome's handling failed", job.id, job.type
                 )
         if self._ack_room is not None and self._acker.backlog < self._ack_backlog_max:
             self._ack_room.set()
             self._ack_room = None
 
-    def _forget(self, job_id: str) -> None:
-        self._running.pop(job_id, None)
+    def _forget(self, running: _Running) -> None:
+        """The job is no longer this daemon's concern (unless a newer attempt of it is)."""
+        if self._running.get(running.job.id) is running:
+            del self._running[running.job.id]
         if not self._running:
             self._emptied.set()
 
@@ -436,7 +451,7 @@ class WorkerPool:
         return self._ended(job, "retry", error, retry_at=self._clock() + int(wait * 1000))
 
     def _ended(self, job: Job, outcome: str, value: bytes | str, retry_at: int = 0) -> Attempt:
-        # The ack script writes the attempt's history entry from this and the job's hash.
+        # The ack script records it: a retry's history entry written from this and the hash.
         return Attempt(job.id, job.attempts, outcome, value, retry_at, self._clock())
 
     async def _finish(self) -> None:
@@ -451,11 +466,12 @@ class _Running:
     """A job of this daemon's: its task, and why its attempt was cancelled, if it was.
 
     An attempt is cancelled (cancel_local, drop_lost, stop, or its handler's timeout) by
-    cancelling its task once: the first cause wins, and a later one does nothing. Once
-    only, so that a handler's shielded clean-up (an exec handler reaping its program)
-    runs to its end, as under an anyio cancel scope, without one: entering and leaving
-    one cost more than the rest of a short job's run. Once the attempt ended
-    (`attempting` False) the job waits only for its outcome to be recorded.
+    cancelling its task: the first cause wins, and a later one does nothing. Again only
+    RECANCEL_SECONDS later if it still runs, so that a handler's shielded clean-up (an
+    exec handler reaping its program) runs to its end, as under an anyio cancel scope,
+    without one: entering and leaving one cost more than the rest of a short job's run.
+    Once the attempt ended (`attempting` False) the job waits only for its outcome to be
+    recorded.
     """
 
     __slots__ = ("attempting", "job", "reason", "started", "task")
@@ -475,7 +491,15 @@ class _Running:
         # A task cancelled before it began would never run its clean-up: attempt() sees
         # the reason instead.
         if self.started:
+            self._deliver()
+
+    def _deliver(self) -> None:
+        if self.attempting:
             self.task.cancel()
+            # A handler that swallowed it (caught the CancelledError and went on awaiting)
+            # is cancelled again, as under an anyio cancel scope, but a while later, so
+            # that a shielded clean-up in progress ends first.
+            self.task.get_loop().call_later(RECANCEL_SECONDS, self._deliver)
 
     async def attempt(
         self, run: Coroutine[Any, Any, Attempt], seconds: float, timeouts: Timeouts[_Running]

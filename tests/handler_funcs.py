@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 from typing import Any
@@ -145,3 +146,11 @@ async def stepped(job: Job) -> int:
     await report_progress(100, f"run {number} finishing")
     run.reported.set()
     return number
+
+
+async def stubborn(job: Job) -> None:
+    """Swallow the first cancellation and go on sleeping: a handler that must still be cut
+    short at its timeout."""
+    with contextlib.suppress(BaseException):  # swallowing it is the point
+        await anyio.sleep(60)
+    await anyio.sleep(60)

@@ -60,6 +60,16 @@ async def test_jobs_arriving_together_go_in_one_call_each_stored_as_given(
         assert (await stored(store, job.id)).to_public() == job.to_public()
 
 
+async def test_a_call_carries_a_bounded_size_of_payloads(store: Store, redis: Redis) -> None:
+    await store.enqueue(new_job())
+    # 1.5 MB each: two fit in the bound of one call (4 MiB), the third goes in the next.
+    jobs = [new_job(payload={"s": "x" * 1_500_000}) for _ in range(3)]
+    calls = await enqueue_calls(redis)
+    holders = await asyncio.gather(*(store.enqueue(job) for job in jobs))
+    assert await enqueue_calls(redis) - calls == 2
+    assert holders == [job.id for job in jobs]
+
+
 async def test_one_idempotency_key_twice_in_one_call_makes_one_job(
     store: Store, redis: Redis
 ) -> None:

@@ -101,8 +101,8 @@ async def _idle(pool: WorkerPool) -> bool:
     return pool.active == 0
 
 
-async def _completed(store: Store, count: int) -> bool:
-    return int(await store.connection.client.zcard(store.keys.completed(Q))) == count
+async def _completed(store: Store, count: int, queue: str = Q) -> bool:
+    return int(await store.connection.client.zcard(store.keys.completed(queue))) == count
 
 
 SPAWNER = REPO / "tests" / "programs" / "spawn_and_sleep.py"
@@ -145,3 +145,44 @@ async def _holds(condition: Callable[[], bool]) -> bool:
 
 async def _ended(store: Store, job_id: str) -> bool:
     return (await stored(store, job_id)).state in ("failed", "cancelled")
+
+
+@pytest.mark.timeout(30)
+async def test_a_handler_that_swallows_its_cancellation_is_cancelled_again(
+    store: Store, redis_url: str
+) -> None:
+    stubborn = {"python": "tests.handler_funcs:stubborn", "timeout": 0.2}
+    [job] = await enqueue(store, 1, job_type="stubborn", max_attempts=1)
+    async with running_pool(store, redis_url, concurrency=1, stubborn=stubborn):
+        await wait_until(lambda: _ended(store, job.id), "the job to end", deadline=10)
+    assert (await stored(store, job.id)).error == "timed out after 0.2 s"
+
+
+@pytest.mark.timeout(60)
+async def test_every_queue_claims_again_once_outcomes_are_recorded(
+    store: Store, redis_url: str
+) -> None:
+    held = HeldAcks(store)
+    jobs = await enqueue(store, 600) + await enqueue(store, 600, queue="other")
+    config = make_config(redis_url, workers={"concurrency": 10, "queues": [Q, "other"]})
+    async with Handlers(config.handlers) as handlers, anyio.create_task_group() as tg:
+        pool = WorkerPool(
+            store=held,
+            handlers=handlers,
+            handler_configs=config.handlers,
+            daemon_id=ME,
+            queues=[Q, "other"],
+            concurrency=10,
+            metrics=Metrics(concurrency=10),
+        )
+        await tg.start(pool.run)
+        await wait_until(lambda: _holds(lambda: held.waiting >= 1), "an ack held")
+        await anyio.sleep(0.5)  # time for both fetchers to wait for room
+        held.through.set()
+        # Both queues' fetchers woke: every job of both ran.
+        await wait_until(lambda: _completed(store, 600), "600 jobs completed", deadline=30)
+        await wait_until(
+            lambda: _completed(store, 600, "other"), "600 jobs of the other queue", deadline=30
+        )
+        await pool.drain(5)
+    assert len(jobs) == 1200

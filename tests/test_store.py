@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import anyio
+import orjson
 from redis.asyncio import Redis
 
 from taskd.jobs import Job
@@ -434,3 +435,37 @@ async def test_listing_filters_by_state_and_type(store: Store, inspector: Inspec
 
 def _fields(job: Job) -> dict[str, object]:
     return {name: getattr(job, name) for name in Job.__slots__}
+
+
+async def test_a_new_job_stores_no_field_at_its_default_and_reads_without_id_and_queue(
+    store: Store, redis: Redis
+) -> None:
+    plain, urgent = await enqueue(store, 1) + await enqueue(store, 1, priority=9)
+    fields = await redis.hgetall(K.job(Q, plain.id))
+    # attempts 0 and priority 5 are what an absent field reads as: not stored.
+    assert b"attempts" not in fields
+    assert b"priority" not in fields
+    assert await redis.hget(K.job(Q, urgent.id), "priority") == b"9"
+    # A later release stops writing id and queue: the key says them, and readers take them
+    # from it already.
+    await redis.hdel(K.job(Q, plain.id), "id", "queue")
+    back = await stored(store, plain.id)
+    assert (back.id, back.queue, back.attempts, back.priority) == (plain.id, Q, 0, 5)
+    # The urgent one first; the other's first attempt counts from the absent 0.
+    claimed = (await store.claim(Q, ME, 2, now=2, type_limits=ECHO)).jobs
+    assert [(job.id, job.attempts) for job in claimed] == [(urgent.id, 1), (plain.id, 1)]
+
+
+async def test_a_job_an_older_taskd_finished_shows_its_stored_last_entry_once(
+    store: Store, redis: Redis
+) -> None:
+    # An older ack stored the entry of the attempt that ended the job, and kept started_at.
+    [job] = await enqueue(store, 1)
+    [first] = (await store.claim(Q, ME, 1, now=1, type_limits=ECHO)).jobs
+    await store.ack(Q, ME, [ended(first, "failed", "boom", finished_at=3)], now=4)
+    entry = {"attempt": 1, "daemon": ME, "started_at": 1, "finished_at": 3,
+             "outcome": "failed", "error": "boom"}  # fmt: skip
+    await redis.hset(K.job(Q, job.id), "history", orjson.dumps([entry]))
+    assert (await stored(store, job.id)).history == (entry,)
+    assert await store.retry(Q, job.id, now=5) == "failed"
+    assert (await stored(store, job.id)).history == (entry,)

@@ -62,13 +62,14 @@ class Inspector:
 
     async def get_job(self, job_id: str, queues: Iterable[str]) -> Job | None:
         """The job with this id in any of these queues, or None."""
+        queues = list(queues)
         async with self._r.pipeline(transaction=False) as pipe:
             for queue in queues:
                 pipe.hgetall(self.keys.job(queue, job_id))
             found: list[dict[bytes, bytes]] = await pipe.execute()
-        for fields in found:
+        for queue, fields in zip(queues, found, strict=True):
             if fields:
-                return decode_job(fields)
+                return decode_job(fields, queue, job_id)
         return None
 
     async def schedule_run(self, queue: str, name: str) -> tuple[int, str | None] | None:
@@ -360,7 +361,11 @@ class Inspector:
                 pipe.hgetall(self.keys.job(queue, job_id))
             records: list[dict[bytes, bytes]] = await pipe.execute()
         # A record can be gone (trimmed, deleted) between the two reads.
-        return [decode_job(fields) for fields in records if fields]
+        return [
+            decode_job(fields, queue, job_id)
+            for (queue, job_id), fields in zip(ids, records, strict=True)
+            if fields
+        ]
 
 
 class _Walk:

@@ -14,11 +14,14 @@ from typing import Any
 
 import orjson
 
-from taskd.jobs import ACTIVE, DEFAULT_PRIORITY, Job
+from taskd.jobs import ACTIVE, DEFAULT_PRIORITY, FINAL_STATES, Job
 
 # The fields of a job's hash ({prefix}:{<queue>}:job:<id>), as every script reads and
 # writes them. cancel_requested is present (with the time asked) or absent; progress,
-# progress_message and progress_at go together.
+# progress_message and progress_at go together. attempts and priority are absent while
+# at 0 and DEFAULT_PRIORITY (a field is about 72 bytes in a hash too big to be compact).
+# id and queue repeat the key: readers take them from the key they read (decode_job),
+# and a later release stops writing them, once no daemon older than this one needs them.
 JOB_FIELDS = (
     "id", "type", "queue", "payload", "state", "attempts", "max_attempts", "created_at",
     "started_at", "finished_at", "run_at", "result", "error", "daemon", "cancel_requested",
@@ -132,9 +135,11 @@ def daemon_args(info: DaemonInfo) -> list[Any]:
     return [item for name in DAEMON_FIELDS for item in (name, values[name])]
 
 
-def decode_job(fields: Mapping[bytes, bytes]) -> Job:
-    """A job from its hash (HGETALL)."""
-    return _job({key.decode(): value for key, value in fields.items()})
+def decode_job(fields: Mapping[bytes, bytes], queue: str, job_id: str) -> Job:
+    """A job from its hash (HGETALL) at the key of `queue` and `job_id`."""
+    named: dict[str, Any] = {key.decode(): value for key, value in fields.items()}
+    named["id"], named["queue"] = job_id, queue
+    return _job(named)
 
 
 def decode_claimed(flat: Sequence[Any], queue: str, daemon_id: str) -> list[Job]:
@@ -210,22 +215,24 @@ def _job(f: Mapping[str, Any]) -> Job:
     )
 
 
-# The states that end a job: the entry of the attempt that ended it is implied (below).
-_FINAL = frozenset({"completed", "failed", "cancelled"})
-
-
 def _history(f: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
     """The stored entries, and the one the record implies: the ack does not write the
     entry of an attempt that ends its job, since the record already says it all; every
     other way out of an attempt clears started_at (lua/lib.lua, history_entry)."""
     history = tuple(orjson.loads(f["history"])) if f.get("history") else ()
     state = _text(f["state"])
-    if state not in _FINAL or not f.get("started_at"):
+    if state not in FINAL_STATES or not f.get("started_at"):
         return history
+    attempt, started_at = int(f.get("attempts", 0)), int(f["started_at"])
+    if history and (history[-1].get("attempt"), history[-1].get("started_at")) == (
+        attempt,
+        started_at,
+    ):
+        return history  # written by a daemon of an older taskd, which stored it
     implied = {
-        "attempt": int(f.get("attempts", 0)),
+        "attempt": attempt,
         "daemon": _opt_text(f.get("daemon")),
-        "started_at": int(f["started_at"]),
+        "started_at": started_at,
         "finished_at": _opt_int(f.get("finished_at")),
         "outcome": state,
         "error": None if state == "completed" else _opt_text(f.get("error")),

@@ -30,6 +30,9 @@ DEDUP_TTL_MS = 86_400_000
 # Jobs sent per script call by enqueue and enqueue_many: bounds how long one call blocks
 # Redis.
 ENQUEUE_CHUNK = 1000
+# Payload bytes gathered into one enqueue call at most (a job over it goes alone): 1,000
+# submissions of up to [server] max_body each must not make one command of a gigabyte.
+ENQUEUE_BYTES = 4 * 1024 * 1024
 # Recent wait and run times kept per queue, for the percentiles /stats shows.
 TIMING_SAMPLES = 1000
 # Throughput buckets are kept this long (ms), then the janitor forgets them.
@@ -197,8 +200,7 @@ class Store:
         """
         try:
             while lane.waiting:
-                batch = lane.waiting[:ENQUEUE_CHUNK]
-                del lane.waiting[:ENQUEUE_CHUNK]
+                batch = _take_batch(lane.waiting)
                 await self._send_batch(lane, [w for w in batch if not w.answer.done()])
         finally:
             lane.sender = None
@@ -220,7 +222,12 @@ class Store:
         except BaseException:
             _fail(batch, _closed())
             raise
-        for waiting, holder in zip(batch, holders, strict=True):
+        try:
+            answered = list(zip(batch, holders, strict=True))
+        except ValueError as exc:  # the script answered for other jobs: nobody may hang
+            _fail(batch, exc)
+            return
+        for waiting, holder in answered:
             if not waiting.answer.done():
                 waiting.answer.set_result(holder)
 
@@ -590,3 +597,21 @@ async def _messages(pubsub: PubSub) -> AsyncIterator[str]:
         message = await pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
         if message is not None and message["type"] == "message":
             yield text(message["data"])
+
+
+_PAYLOAD = record.NEW_JOB.index("payload")
+
+
+def _take_batch(waiting: list[_Waiting]) -> list[_Waiting]:
+    """The first of `waiting`, up to ENQUEUE_CHUNK jobs and ENQUEUE_BYTES of payload (at
+    least one job), taken off the list."""
+    size = 0
+    count = 0
+    for w in waiting[:ENQUEUE_CHUNK]:
+        size += len(w.entries[_PAYLOAD])
+        if count and size > ENQUEUE_BYTES:
+            break
+        count += 1
+    batch = waiting[:count]
+    del waiting[:count]
+    return batch

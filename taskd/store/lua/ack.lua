@@ -63,7 +63,8 @@ local function record(i, key, f)
   release(key, id, f[2])
   local started = tonumber(f[3])
   if started then
-    runs[#runs + 1] = ended_at - started
+    -- At least 0: the attempt's end is this daemon's clock, its start the claim's.
+    runs[#runs + 1] = math.max(0, ended_at - started)
   end
   -- Fields an earlier attempt or request left that this end clears.
   local clear = {}

@@ -44,9 +44,15 @@ for i = 7, #ARGV, 9 do
     holders[#holders + 1] = id
     local key = JOB .. id
     if redis.call('EXISTS', key) == 0 then
+      -- No attempts (0) and no priority at its default: an absent field reads as those,
+      -- and each field costs some 72 bytes of Redis memory in a hash too big for a
+      -- listpack (record.JOB_FIELDS).
       local fields = {'id', id, 'type', job_type, 'queue', ARGV[4], 'payload', payload,
-        'attempts', 0, 'max_attempts', max_attempts, 'created_at', created_at,
-        'priority', priority}
+        'max_attempts', max_attempts, 'created_at', created_at}
+      if tonumber(priority) ~= DEFAULT_PRIORITY then
+        fields[#fields + 1] = 'priority'
+        fields[#fields + 1] = priority
+      end
       if callback_url ~= '' then
         fields[#fields + 1] = 'callback_url'
         fields[#fields + 1] = callback_url

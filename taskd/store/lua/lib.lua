@@ -108,7 +108,7 @@ end
 -- A job's history is a JSON array of one entry per finished attempt, but the entry of an
 -- attempt that ended the job (ack.lua) is not written: it is what the record already says
 -- (attempts, daemon, started_at, finished_at, state, error), and readers add it while the
--- job is in a final state with a started_at (record.py, implied_entry). Every other way
+-- job is in a final state with a started_at (record.py, _history). Every other way
 -- a job leaves an attempt clears started_at, so the rule cannot mistake one for another;
 -- a script that takes a job out of its final state writes the entry first (settle_history).
 
@@ -135,14 +135,24 @@ local function append_history(job_key, entry)
 end
 
 -- Write the implied entry of a job in a final state into its history (see above), before
--- the job leaves that state.
+-- the job leaves that state; unless it is there already (an older taskd's ack stored it).
 local function settle_history(job_key)
   local f = redis.call('HMGET', job_key, 'state', 'started_at', 'attempts', 'daemon',
-    'finished_at', 'error')
-  if f[2] and (f[1] == 'completed' or f[1] == 'failed' or f[1] == 'cancelled') then
-    local err = f[1] ~= 'completed' and f[6] or nil
-    append_history(job_key, history_entry(f[3], f[4], f[2], f[5], f[1], err))
+    'finished_at', 'error', 'history')
+  if not (f[2] and (f[1] == 'completed' or f[1] == 'failed' or f[1] == 'cancelled')) then
+    return
   end
+  if f[7] then
+    local entries = cjson.decode(f[7])
+    local last = entries[#entries]
+    if last and tonumber(last.attempt) == tonumber(f[3])
+        and tonumber(last.started_at) == tonumber(f[2]) then
+      return
+    end
+  end
+  local err = f[1] ~= 'completed' and f[6] or nil
+  redis.call('HSET', job_key, 'history',
+    with_entry(f[7], history_entry(f[3], f[4], f[2], f[5], f[1], err)))
 end
 
 -- Most values one command takes from a Lua table: unpack() fails past a few thousand.
