@@ -39,16 +39,21 @@ class HeldAcks(Store):
 
 @asynccontextmanager
 async def running_pool(
-    store: Store, redis_url: str, concurrency: int, **handlers: Mapping[str, Any]
+    store: Store,
+    redis_url: str,
+    concurrency: int,
+    queues: Sequence[str] = (Q,),
+    **handlers: Mapping[str, Any],
 ) -> AsyncIterator[WorkerPool]:
-    config = make_config(redis_url, workers={"concurrency": concurrency}, handlers=handlers)
-    async with Handlers(config.handlers) as handlers, anyio.create_task_group() as tg:
+    workers = {"concurrency": concurrency, "queues": list(queues)}
+    config = make_config(redis_url, workers=workers, handlers=handlers)
+    async with Handlers(config.handlers) as runners, anyio.create_task_group() as tg:
         pool = WorkerPool(
             store=store,
-            handlers=handlers,
+            handlers=runners,
             handler_configs=config.handlers,
             daemon_id=ME,
-            queues=[Q],
+            queues=queues,
             concurrency=concurrency,
             metrics=Metrics(concurrency=concurrency),
         )
@@ -89,12 +94,13 @@ async def test_claims_wait_while_outcomes_pile_up_unacked(store: Store, redis_ur
         await wait_until(lambda: _completed(store, 700), "700 jobs completed", deadline=30)
 
 
-async def _active(store: Store) -> int:
-    return int(await store.connection.client.zcard(store.keys.active(Q, ME)))
+async def _active(store: Store, queues: Sequence[str] = (Q,)) -> int:
+    r = store.connection.client
+    return sum([int(await r.zcard(store.keys.active(queue, ME))) for queue in queues])
 
 
-async def _claimed(store: Store, count: int) -> bool:
-    return await _active(store) >= count
+async def _claimed(store: Store, count: int, queues: Sequence[str] = (Q,)) -> bool:
+    return await _active(store, queues) >= count
 
 
 async def _idle(pool: WorkerPool) -> bool:
@@ -164,25 +170,14 @@ async def test_every_queue_claims_again_once_outcomes_are_recorded(
 ) -> None:
     held = HeldAcks(store)
     jobs = await enqueue(store, 600) + await enqueue(store, 600, queue="other")
-    config = make_config(redis_url, workers={"concurrency": 10, "queues": [Q, "other"]})
-    async with Handlers(config.handlers) as handlers, anyio.create_task_group() as tg:
-        pool = WorkerPool(
-            store=held,
-            handlers=handlers,
-            handler_configs=config.handlers,
-            daemon_id=ME,
-            queues=[Q, "other"],
-            concurrency=10,
-            metrics=Metrics(concurrency=10),
-        )
-        await tg.start(pool.run)
-        await wait_until(lambda: _holds(lambda: held.waiting >= 1), "an ack held")
-        await anyio.sleep(0.5)  # time for both fetchers to wait for room
+    async with running_pool(held, redis_url, concurrency=10, queues=(Q, "other")):
+        # 500 outcomes wait for their ack: neither queue's fetcher claims now.
+        await wait_until(lambda: _claimed(store, 500, queues=(Q, "other")), "500 jobs claimed")
+        await anyio.sleep(0.2)  # time for both fetchers to be waiting for room
         held.through.set()
         # Both queues' fetchers woke: every job of both ran.
         await wait_until(lambda: _completed(store, 600), "600 jobs completed", deadline=30)
         await wait_until(
             lambda: _completed(store, 600, "other"), "600 jobs of the other queue", deadline=30
         )
-        await pool.drain(5)
     assert len(jobs) == 1200

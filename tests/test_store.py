@@ -138,16 +138,22 @@ async def test_history_grows_one_entry_per_attempt(store: Store) -> None:
     assert [(e["attempt"], e["outcome"]) for e in history] == [(1, "retry"), (2, "completed")]
 
 
-async def test_the_entry_of_the_attempt_that_ended_a_job_is_implied_by_its_record(
-    store: Store, redis: Redis
-) -> None:
+async def failed_once(store: Store) -> tuple[Job, dict[str, object]]:
+    """A job that failed for good on its first attempt (1 to 3 ms), and that attempt's entry."""
     [job] = await enqueue(store, 1)
     [first] = (await store.claim(Q, ME, 1, now=1, type_limits=ECHO)).jobs
     await store.ack(Q, ME, [ended(first, "failed", "boom", finished_at=3)], now=4)
+    entry = {"attempt": 1, "daemon": ME, "started_at": 1, "finished_at": 3,
+             "outcome": "failed", "error": "boom"}  # fmt: skip
+    return job, entry
+
+
+async def test_the_entry_of_the_attempt_that_ended_a_job_is_implied_by_its_record(
+    store: Store, redis: Redis
+) -> None:
+    job, expected = await failed_once(store)
     # Not written (the record says it all), yet read as the last entry.
     assert await redis.hget(K.job(Q, job.id), "history") is None
-    expected = {"attempt": 1, "daemon": ME, "started_at": 1, "finished_at": 3,
-                "outcome": "failed", "error": "boom"}  # fmt: skip
     assert (await stored(store, job.id)).history == (expected,)
     # Retried by hand, the job leaves its final state: the entry is written then.
     assert await store.retry(Q, job.id, now=5) == "failed"
@@ -460,11 +466,7 @@ async def test_a_job_an_older_taskd_finished_shows_its_stored_last_entry_once(
     store: Store, redis: Redis
 ) -> None:
     # An older ack stored the entry of the attempt that ended the job, and kept started_at.
-    [job] = await enqueue(store, 1)
-    [first] = (await store.claim(Q, ME, 1, now=1, type_limits=ECHO)).jobs
-    await store.ack(Q, ME, [ended(first, "failed", "boom", finished_at=3)], now=4)
-    entry = {"attempt": 1, "daemon": ME, "started_at": 1, "finished_at": 3,
-             "outcome": "failed", "error": "boom"}  # fmt: skip
+    job, entry = await failed_once(store)
     await redis.hset(K.job(Q, job.id), "history", orjson.dumps([entry]))
     assert (await stored(store, job.id)).history == (entry,)
     assert await store.retry(Q, job.id, now=5) == "failed"
