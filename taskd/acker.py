@@ -25,8 +25,8 @@ class Acker:
     Under load, many jobs finish during one round trip; sending them together makes
     the cost per job one script call divided by the batch, not one call each. When
     idle, an outcome goes out at once. Nobody waits for an outcome: record() queues it
-    and returns, and the acker calls `on_recorded` once Redis has answered, so a job's
-    slot can serve the next job while its outcome is on the wire (see WorkerPool).
+    and returns, and the acker calls `on_recorded` once Redis has answered, so no task
+    or event is kept per job meanwhile (see WorkerPool).
     """
 
     def __init__(
@@ -43,16 +43,10 @@ class Acker:
         self._clock = clock
         self._on_retry = on_retry
         self._on_recorded = on_recorded
-        # (queue, outcome) in the order they came, and how many of them a tick is sending.
+        # (queue, outcome) in the order they came.
         self._pending: list[tuple[str, Attempt]] = []
-        self._sending = 0
         self._sending_lock = anyio.Lock()
         self._has_work = anyio.Event()
-
-    @property
-    def backlog(self) -> int:
-        """Outcomes queued and not yet answered by Redis (those on the wire included)."""
-        return len(self._pending) + self._sending
 
     def record(self, queue: str, attempt: Attempt) -> None:
         """Queue one attempt's outcome; `on_recorded(attempt, recorded)` is called once
@@ -70,7 +64,6 @@ class Acker:
 
     async def _tick(self) -> int:
         batch, self._pending = self._pending[:ACK_BATCH], self._pending[ACK_BATCH:]
-        self._sending = len(batch)
         by_queue: dict[str, list[Attempt]] = defaultdict(list)
         for queue, attempt in batch:
             by_queue[queue].append(attempt)
@@ -85,8 +78,6 @@ class Acker:
             unsent = [(q, a) for q, attempts in by_queue.items() for a in attempts][sent:]
             self._pending[:0] = unsent
             raise
-        finally:
-            self._sending = 0
         return sent
 
     async def run(self) -> None:
@@ -115,7 +106,6 @@ class Acker:
 
     async def _send(self, queue: str, attempts: list[Attempt]) -> list[bool]:
         flags = await self._store.ack(queue, self._daemon_id, attempts, self._clock())
-        self._sending -= len(attempts)  # answered: no longer in the backlog
         if not all(flags):
             # The missing ones were taken back while they ran (this daemon was taken for
             # dead); a newer attempt owns their record now.

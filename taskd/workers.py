@@ -11,7 +11,7 @@ from typing import Any
 
 import anyio
 
-from taskd.acker import ACK_BATCH, Acker
+from taskd.acker import Acker
 from taskd.config import HandlerConfig
 from taskd.handlers import Handlers, JobFailed
 from taskd.jobs import FINAL_STATES, Job, now_ms
@@ -143,12 +143,9 @@ class WorkerPool:
             on_retry=on_retry,
             on_recorded=self._recorded,
         )
-        # Most outcomes waiting for their ack before claims wait too: a slot serves the
-        # next job while its last outcome is on the wire, but a slow Redis must not let
-        # finished jobs pile up in memory without end.
-        self._ack_backlog_max = max(concurrency, ACK_BATCH)
-        self._ack_room: anyio.Event | None = None
         self._running: dict[str, _Running] = {}
+        # The jobs whose attempt ended, by id and attempt, until the ack answers for them.
+        self._acking: dict[tuple[str, int], _Running] = {}
         self._timeouts = Timeouts[_Running](expire=_timed_out)
         self._fetching = anyio.CancelScope()
         # Its deadline (hurry) ends fetching and the wait for the running jobs.
@@ -159,16 +156,11 @@ class WorkerPool:
 
     @property
     def active(self) -> int:
-        """Slots in use: jobs running or being claimed."""
+        """Slots in use: jobs running, being claimed, or waiting for their ack."""
         return self._slots.active
 
     async def tick(self, queue: str) -> Claimed:
         """One fetch pass: claim as many ready jobs as the queue is handed slots, start them."""
-        while self._acker.backlog >= self._ack_backlog_max:
-            # One event for every queue's fetcher: each must wake when there is room.
-            if self._ack_room is None:
-                self._ack_room = anyio.Event()
-            await self._ack_room.wait()
         wanted = await self._slots.acquire(queue)
         # Room offered to this claim is taken until it answers, so that a claim of another
         # queue meanwhile cannot be offered the same room.
@@ -250,8 +242,9 @@ class WorkerPool:
         for running in list(self._running.values()):
             if running.attempting:
                 running.cancel(STOPPED)
-            else:
-                self._forget(running)
+        for running in list(self._acking.values()):
+            self._forget(running)
+        self._acking.clear()
         await self._all_ended()
 
     def _take_types(self, counts: Mapping[str, int], sign: int) -> None:
@@ -362,27 +355,24 @@ class WorkerPool:
             self._acker.record(job.queue, attempt)
             # Stopping: the final flush sends the outcome, nobody waits for it.
             acking = not self._stopping
+            if acking:
+                self._acking[job.id, job.attempts] = running
         except Exception:
             # No task group to take it to: our bug, and it ends this job, not the pool.
             logger.exception("job %s (%s) crashed the worker", job.id, job.type)
         finally:
-            # The slot serves the next job now; the job stays known as this daemon's
-            # until its outcome is recorded (see release_orphans).
-            if job.type in self._taken:
-                self._taken[job.type] -= 1
-            self._slots.release()
-            if self._job_ended is not None:
-                self._job_ended.set()
-                self._job_ended = None
+            # A job waiting for its ack keeps its slot, so that no more jobs than slots
+            # are ever this daemon's in Redis (and at most that many run again should it
+            # die); its task ends here all the same, and _recorded frees the slot.
             if not acking:
                 self._forget(running)
 
     def _recorded(self, attempt: Attempt, recorded: bool) -> None:
         """The acker recorded an outcome (or Redis dropped it): the job is done here."""
-        running = self._running.get(attempt.job_id)
-        # That attempt's, not a newer one of the same job: taken back from this daemon
-        # while its outcome waited, the job can have been claimed here again.
-        if running is not None and running.job.attempts == attempt.attempt:
+        # By attempt: taken back from this daemon while its outcome waited, the job can
+        # have been claimed here again, and the newer attempt is not done.
+        running = self._acking.pop((attempt.job_id, attempt.attempt), None)
+        if running is not None:
             self._forget(running)
             job = running.job
             try:
@@ -395,14 +385,20 @@ class WorkerPool:
                 logger.exception(
                     "job %s (%s): its recorded outcome's handling failed", job.id, job.type
                 )
-        if self._ack_room is not None and self._acker.backlog < self._ack_backlog_max:
-            self._ack_room.set()
-            self._ack_room = None
 
     def _forget(self, running: _Running) -> None:
-        """The job is no longer this daemon's concern (unless a newer attempt of it is)."""
+        """The job is no longer this daemon's concern (unless a newer attempt of it is):
+        its slot is free."""
         if self._running.get(running.job.id) is running:
             del self._running[running.job.id]
+        if running.holds_slot:
+            running.holds_slot = False
+            if running.job.type in self._taken:
+                self._taken[running.job.type] -= 1
+            self._slots.release()
+            if self._job_ended is not None:
+                self._job_ended.set()
+                self._job_ended = None
         if not self._running:
             self._emptied.set()
 
@@ -470,11 +466,11 @@ class _Running:
     RECANCEL_SECONDS later if it still runs, so that a handler's shielded clean-up (an
     exec handler reaping its program) runs to its end, as under an anyio cancel scope,
     without one: entering and leaving one cost more than the rest of a short job's run.
-    Once the attempt ended (`attempting` False) the job waits only for its outcome to be
-    recorded.
+    Once the attempt ended (`attempting` False) the job, its task over, only waits for its
+    outcome to be recorded, holding its slot.
     """
 
-    __slots__ = ("attempting", "job", "reason", "started", "task")
+    __slots__ = ("attempting", "holds_slot", "job", "reason", "started", "task")
 
     task: asyncio.Task[None]  # held here: the loop keeps only a weak reference to it
 
@@ -482,6 +478,7 @@ class _Running:
         self.job = job
         self.reason = ""  # CANCELLED, LOST, STOPPED or TIMED_OUT once cancelled
         self.attempting = True
+        self.holds_slot = True  # until its outcome is recorded, or it is let go
         self.started = False  # its task has begun to run
 
     def cancel(self, reason: str) -> None:
