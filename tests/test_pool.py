@@ -1,5 +1,5 @@
-"""The worker pool on its own: a slot serves the next job while an outcome is on the wire,
-and an attempt cut short (timeout, cancel, stop) ends its exec handler's program first."""
+"""The worker pool on its own: a job keeps its slot until its outcome is recorded, and an
+attempt cut short (timeout, cancel, stop) ends its exec handler's program first."""
 
 from __future__ import annotations
 
