@@ -372,19 +372,15 @@ class WorkerPool:
         # By attempt: taken back from this daemon while its outcome waited, the job can
         # have been claimed here again, and the newer attempt is not done.
         running = self._acking.pop((attempt.job_id, attempt.attempt), None)
-        if running is not None:
-            self._forget(running)
-            job = running.job
-            try:
-                if not recorded:
-                    self._metrics.attempt_lost(job.queue)
-                # An attempt Redis dropped ended nothing: the job's newer attempt owns it.
-                elif attempt.outcome in FINAL_OUTCOMES:
-                    self._on_final(job)
-            except Exception:
-                logger.exception(
-                    "job %s (%s): its recorded outcome's handling failed", job.id, job.type
-                )
+        if running is None:
+            return
+        # Slot first: the acker logs a failure of what follows, for this job alone.
+        self._forget(running)
+        if not recorded:
+            self._metrics.attempt_lost(running.job.queue)
+        # An attempt Redis dropped ended nothing: the job's newer attempt owns it.
+        elif attempt.outcome in FINAL_OUTCOMES:
+            self._on_final(running.job)
 
     def _forget(self, running: _Running) -> None:
         """The job is no longer this daemon's concern (unless a newer attempt of it is):
