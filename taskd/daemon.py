@@ -5,7 +5,8 @@ passed below, invisible in the import graph. Most are wake-up hints that make a 
 sooner than its next poll, never more correct:
 - workers -> promoter (`on_retry`), the HTTP API -> promoter (`on_scheduled`): a job falls due
   earlier than the promoter planned to look.
-- workers, the HTTP API -> callbacks (`on_final`): a job with a callback ended.
+- workers, the HTTP API -> callbacks, archiver (`on_final`): a job ended, with a callback
+  to send or an archive entry to write.
 - heartbeat -> workers (`on_reaped`): a reaper took this daemon's jobs back; stop them.
 - canceller -> workers (`cancel_local`): cancel a job if it runs here.
 - workers -> heartbeat, the HTTP API (`active`): how many jobs run now, for /stats.
@@ -18,20 +19,25 @@ from __future__ import annotations
 
 import logging
 import signal
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from functools import partial
+from typing import TYPE_CHECKING
 
 import anyio
 from anyio.abc import TaskStatus
 
 from taskd.api import HttpApi
+from taskd.archiver import Archiver
 from taskd.callbacks import Callbacks
 from taskd.canceller import Canceller
-from taskd.config import Config, redact
+from taskd.config import Config, redact, redact_postgres
 from taskd.connections import warn_if_few_files
 from taskd.egress import Policy
 from taskd.handlers import Handlers
 from taskd.heartbeat import Heartbeat, Identity
 from taskd.janitor import Janitor
+from taskd.jobs import Job
 from taskd.metrics import Metrics
 from taskd.promoter import Promoter
 from taskd.reaper import Reaper
@@ -39,6 +45,9 @@ from taskd.scheduler import Scheduler
 from taskd.store import UNAVAILABLE, Inspector, Store
 from taskd.systemd import Notifier
 from taskd.workers import BLOCK_TIMEOUT, WorkerPool
+
+if TYPE_CHECKING:
+    from taskd.archive import Archive
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +62,13 @@ class Daemon:
     """One taskd process: the HTTP API and the cooperating tasks, sharing one store."""
 
     def __init__(
-        self, *, config: Config, store: Store, handlers: Handlers, notifier: Notifier | None = None
+        self,
+        *,
+        config: Config,
+        store: Store,
+        handlers: Handlers,
+        notifier: Notifier | None = None,
+        archive: Archive | None = None,
     ) -> None:
         self.config = config
         # systemd's readiness and watchdog; inert unless systemd started us (Type=notify).
@@ -77,6 +92,11 @@ class Daemon:
         self.callbacks = Callbacks(
             store=store, daemon_id=self.identity.id, queues=workers.queues, egress=egress
         )
+        self.archiver = (
+            None
+            if archive is None
+            else Archiver(store=store, archive=archive, daemon_id=self.identity.id, queues=known)
+        )
         self.pool = WorkerPool(
             store=store,
             handlers=handlers,
@@ -88,7 +108,7 @@ class Daemon:
             weights=dict(workers.weights),
             metrics=self.metrics,
             on_retry=self.promoter.wake,
-            on_final=self.callbacks.job_ended,
+            on_final=self._job_ended,
         )
         self.heartbeat = Heartbeat(
             store=store,
@@ -128,13 +148,18 @@ class Daemon:
             metrics=self.metrics,
             active=lambda: self.pool.active,
             on_scheduled=self.promoter.wake,
-            on_final=self.callbacks.job_ended,
+            on_final=self._job_ended,
             schedules=partial(self.scheduler.describe, inspector),
             request_timeout=config.redis.request_timeout,
             egress=egress,
         )
         self._store = store
         self._stopping = anyio.Event()
+
+    def _job_ended(self, job: Job) -> None:
+        self.callbacks.job_ended(job)
+        if self.archiver is not None:
+            self.archiver.job_ended(job)
 
     def stop(self) -> None:
         """Begin the graceful shutdown (what SIGTERM does)."""
@@ -154,6 +179,8 @@ class Daemon:
             tg.start_soon(self.reaper.run)
             tg.start_soon(self.janitor.run)
             tg.start_soon(self.callbacks.run)
+            if self.archiver is not None:
+                tg.start_soon(self.archiver.run)
             if self.config.schedules:
                 tg.start_soon(self.scheduler.run)
             await tg.start(self.pool.run)
@@ -187,7 +214,11 @@ class Daemon:
         # 5. Stop sending callbacks, returning the unsent ones to their outbox for any
         # daemon to send (before deregistering: a reaper would not look for them after).
         await self.callbacks.stop()
-        # 6. Deregister: nothing of this daemon is left in Redis for a reaper to find.
+        # 6. Give up the queues this daemon archives, for another daemon to take over at
+        # once (what it was writing stays in the hand-off: written again, harmlessly).
+        if self.archiver is not None:
+            await self.archiver.stop()
+        # 7. Deregister: nothing of this daemon is left in Redis for a reaper to find.
         try:
             await self.heartbeat.deregister()
         except UNAVAILABLE:
@@ -239,6 +270,7 @@ def connect(config: Config, redis_url: str) -> Store:
         blocking_connections=len(config.workers.queues) + 1,
         block_timeout=BLOCK_TIMEOUT,
         cluster=config.redis.cluster,
+        archive=config.archive.url is not None,
     )
 
 
@@ -248,8 +280,31 @@ async def serve(config: Config, redis_url: str) -> None:
     try:
         await wait_for_redis(store, redis_url)
         egress = Policy.from_config(config.callbacks)
-        async with Handlers(config.handlers, egress=egress) as handlers:
-            await Daemon(config=config, store=store, handlers=handlers).run()
+        async with (
+            Handlers(config.handlers, egress=egress) as handlers,
+            open_archive(config) as archive,
+        ):
+            await Daemon(config=config, store=store, handlers=handlers, archive=archive).run()
     finally:
         with anyio.CancelScope(shield=True):
             await store.close()
+
+
+@asynccontextmanager
+async def open_archive(config: Config) -> AsyncIterator[Archive | None]:
+    """The archive database, when [archive] names one: connecting in the background, so
+    that the daemon starts (and runs jobs) while PostgreSQL is down."""
+    if config.archive.url is None:
+        yield None
+        return
+    # Here, not at the top: psycopg is the optional archive extra.
+    from taskd.archive import Archive
+
+    archive = Archive(url=config.archive.url, keep_days=config.archive.keep_days)
+    await archive.open()
+    logger.info("archiving finished jobs to %s", redact_postgres(config.archive.url))
+    try:
+        yield archive
+    finally:
+        with anyio.CancelScope(shield=True):
+            await archive.close()

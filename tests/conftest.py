@@ -1,7 +1,9 @@
-"""Shared fixtures: one real redis-server for the session, a clean database per test."""
+"""Shared fixtures: one real redis-server for the session, a clean database per test, and
+a PostgreSQL server for the archive's tests, started only when one asks for it."""
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -17,6 +19,7 @@ from taskd.embedded import RedisServer
 from taskd.embedded import free_port as free_port_now
 from taskd.store import Inspector, Store
 from tests.cluster import RedisCluster
+from tests.postgres import PostgresServer
 from tests.proxy import Proxy
 from tests.support import Api, DaemonApi, base_url, make_config, running_daemon
 
@@ -150,3 +153,26 @@ def daemon(_daemon_and_api: tuple[Daemon, Api]) -> Daemon:
 def api(_daemon_and_api: tuple[Daemon, Api]) -> Api:
     """A session to the `daemon` fixture's daemon, and its base URL."""
     return _daemon_and_api[1]
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """The session's PostgreSQL server, for the archive's tests; each takes a database."""
+    server = PostgresServer()
+    try:
+        server.start()
+        yield server
+        server.stop()
+    finally:
+        server.remove()
+
+
+@pytest.fixture
+def archive_url(postgres_server: PostgresServer) -> str:
+    """URL of a new, empty database of the session's PostgreSQL, for one test."""
+    name = f"t{next(_databases)}"
+    postgres_server.psql("postgres", f"CREATE DATABASE {name}")
+    return postgres_server.url_of(name)
+
+
+_databases = itertools.count()

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 from redis.exceptions import OutOfMemoryError
 
 from taskd.config import Config, parse
-from taskd.daemon import Daemon, connect
+from taskd.daemon import Daemon, connect, open_archive
 from taskd.egress import Policy
 from taskd.handlers import Handlers
 from taskd.store import Keys, TypeLimits
@@ -81,8 +81,11 @@ async def running_daemon(config: Config) -> AsyncIterator[Daemon]:
         store = connect(config, config.redis.url)
         try:
             egress = Policy.from_config(config.callbacks)
-            async with Handlers(config.handlers, egress=egress) as handlers:
-                daemon = Daemon(config=config, store=store, handlers=handlers)
+            async with (
+                Handlers(config.handlers, egress=egress) as handlers,
+                open_archive(config) as archive,
+            ):
+                daemon = Daemon(config=config, store=store, handlers=handlers, archive=archive)
                 async with anyio.create_task_group() as tg:
                     await tg.start(daemon.run)
                     started.set_result(daemon)

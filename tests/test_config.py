@@ -36,7 +36,7 @@ from taskd.config import (
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "taskd.toml"
 ECHO = '[handlers.echo]\nbuiltin = "echo"\n'
-TOP_KEYS = "server, redis, workers, retention, callbacks, handlers, schedules"
+TOP_KEYS = "server, redis, workers, retention, callbacks, archive, handlers, schedules"
 SERVER_KEYS = (
     "listen, max_body, max_batch, idempotency_ttl, token, allowed_hosts, public_reads,"
     " public_health, public_metrics, keepalive_timeout, request_read_timeout, max_connections"

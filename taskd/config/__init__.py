@@ -6,6 +6,7 @@ from taskd.config.model import (
     MAX_ATTEMPTS,
     QUEUE_MODES,
     QUEUE_NAME,
+    ArchiveConfig,
     CallbacksConfig,
     Config,
     HandlerConfig,
@@ -19,13 +20,14 @@ from taskd.config.model import (
 )
 from taskd.config.tables import ConfigError
 from taskd.config.targets import NoCallable, TargetError, resolve
-from taskd.config.urls import redact
+from taskd.config.urls import redact, redact_postgres
 
 __all__ = [
     "BUILTINS",
     "MAX_ATTEMPTS",
     "QUEUE_MODES",
     "QUEUE_NAME",
+    "ArchiveConfig",
     "CallbacksConfig",
     "Config",
     "ConfigError",
@@ -42,5 +44,6 @@ __all__ = [
     "load",
     "parse",
     "redact",
+    "redact_postgres",
     "resolve",
 ]

@@ -10,6 +10,7 @@ from typing import Any
 
 from taskd.config.handlers import read_handlers
 from taskd.config.model import (
+    ArchiveConfig,
     CallbacksConfig,
     Config,
     RedisConfig,
@@ -19,6 +20,7 @@ from taskd.config.model import (
 )
 from taskd.config.schedules import read_schedules
 from taskd.config.sections import (
+    read_archive,
     read_callbacks,
     read_redis,
     read_retention,
@@ -28,7 +30,9 @@ from taskd.config.sections import (
 from taskd.config.tables import ConfigError, Table
 
 # The top-level tables, in the order messages list them (Config's fields have another).
-TOP_KEYS = ("server", "redis", "workers", "retention", "callbacks", "handlers", "schedules")
+TOP_KEYS = (
+    "server", "redis", "workers", "retention", "callbacks", "archive", "handlers", "schedules",
+)  # fmt: skip
 
 
 def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> Config:
@@ -59,6 +63,8 @@ def parse(
     workers = read_workers(root.table("workers", schema=WorkersConfig))
     retention = read_retention(root.table("retention", schema=RetentionConfig))
     callbacks = read_callbacks(root.table("callbacks", schema=CallbacksConfig))
+    archive_url = env.get("TASKD_ARCHIVE_URL", "")
+    archive = read_archive(root.table("archive", schema=ArchiveConfig), archive_url)
     handlers = read_handlers(root)
     schedules = read_schedules(root, handlers)
     if problems:
@@ -72,4 +78,5 @@ def parse(
         schedules=schedules,
         source=source,
         callbacks=callbacks,
+        archive=archive,
     )

@@ -179,6 +179,15 @@ class CallbacksConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ArchiveConfig:
+    """Where finished jobs are archived, a PostgreSQL database (see taskd.archiver), and
+    for how long. Without a url nothing is archived."""
+
+    url: str | None = None  # postgresql://…; TASKD_ARCHIVE_URL overrides it
+    keep_days: int = 30  # archived jobs older than this are dropped (0: kept for ever)
+
+
+@dataclass(frozen=True, slots=True)
 class ScheduleConfig:
     """A recurring job: one job of `type` at every tick of `cron`, across all daemons."""
 
@@ -204,3 +213,4 @@ class Config:
     schedules: tuple[ScheduleConfig, ...] = ()
     source: str = field(default="<config>", metadata=_NOT_A_KEY)  # the file, for messages
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)

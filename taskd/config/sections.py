@@ -1,7 +1,8 @@
-"""The [server], [redis], [workers], [retention] and [callbacks] tables, checked."""
+"""The [server], [redis], [workers], [retention], [callbacks] and [archive] tables, checked."""
 
 from __future__ import annotations
 
+import importlib.util
 import ipaddress
 import re
 from pathlib import Path
@@ -10,6 +11,7 @@ from taskd.config.model import (
     QUEUE_MODES,
     QUEUE_NAME,
     QUEUE_RULE,
+    ArchiveConfig,
     CallbacksConfig,
     Network,
     RedisConfig,
@@ -18,7 +20,7 @@ from taskd.config.model import (
     WorkersConfig,
 )
 from taskd.config.tables import Table, describe
-from taskd.config.urls import cluster_url_problem, redis_url_problem
+from taskd.config.urls import cluster_url_problem, postgres_url_problem, redis_url_problem
 
 _HOSTNAME = re.compile(r"[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*")
 _PORT = re.compile(r"[0-9]{1,5}")
@@ -35,6 +37,7 @@ _MAX_CONCURRENCY = 100_000
 _MAX_WEIGHT = 1000
 # Longer than this, a retention is surely milliseconds written as seconds.
 _TEN_YEARS = 10 * 365 * 24 * 3600.0
+_MAX_KEEP_DAYS = 100 * 365
 _CIDR_RULE = 'a network like "10.0.0.0/8" or an address like "10.1.2.3"'
 
 
@@ -190,6 +193,22 @@ def read_retention(t: Table) -> RetentionConfig:
     completed = t.seconds("completed", most=_TEN_YEARS)
     failed = t.seconds("failed", most=_TEN_YEARS)
     return RetentionConfig(completed=completed, failed=failed)
+
+
+def read_archive(t: Table, env_url: str) -> ArchiveConfig:
+    url = t.string("url", default="") or None
+    if url is not None and (problem := postgres_url_problem(url)):
+        t.problem("url", problem)
+    if env_url:
+        url = env_url
+        if problem := postgres_url_problem(url):
+            t.problem("url", problem, suffix=" (from TASKD_ARCHIVE_URL)")
+    elif t.data and url is None and "url" not in t.bad:
+        t.problem("url", "is required: the PostgreSQL database to archive to")
+    keep_days = t.integer("keep_days", 0, _MAX_KEEP_DAYS)
+    if url is not None and importlib.util.find_spec("psycopg") is None:
+        t.problem("url", "archiving needs the archive extra: pip install 'taskd[archive]'")
+    return ArchiveConfig(url=url, keep_days=keep_days)
 
 
 def read_callbacks(t: Table) -> CallbacksConfig:

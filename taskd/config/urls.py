@@ -9,11 +9,31 @@ from urllib.parse import urlsplit
 # urlsplit takes it, so that a password with an "@" in it is hidden whole.
 _USERINFO = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^@]*@(?:[^@]*@)*")
 _DB_PATH = re.compile(r"/?|/[0-9]+")
+_PASSWORD_PARAM = re.compile(r"([?&]password=)[^&]*")
 
 
 def redact(url: str) -> str:
     """The URL with its user name and password hidden, for logs and messages."""
     return _USERINFO.sub(r"\1***@", url)
+
+
+def redact_postgres(url: str) -> str:
+    """A PostgreSQL URL with its credentials hidden: the user info, and a password given
+    as a query parameter."""
+    return _PASSWORD_PARAM.sub(r"\1***", redact(url))
+
+
+def postgres_url_problem(url: str) -> str | None:
+    """What is wrong with an [archive] url, or None."""
+    shown = redact_postgres(url)
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 - raises ValueError on a port that is not a number
+    except ValueError as e:
+        return f"invalid URL {shown!r}: {e}"
+    if parts.scheme not in ("postgresql", "postgres"):
+        return f"must be a postgresql:// URL, got {shown!r}"
+    return None
 
 
 def redis_url_problem(url: str) -> str | None:

@@ -243,6 +243,19 @@ class Inspector:
         memory = await self._r.info("memory")
         return {"version": info.get("redis_version"), "used_memory": memory.get("used_memory")}
 
+    async def archive_backlog(self, queues: Sequence[str]) -> dict[str, tuple[int, int | None]]:
+        """Per queue, the entries of its archive hand-off still to be archived and when
+        the oldest one's job ended (epoch ms; None when there is none)."""
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.zcard(self.keys.archive(queue))
+                pipe.zrange(self.keys.archive(queue), 0, 0, withscores=True)
+            replies = await pipe.execute()
+        return {
+            queue: (int(count), int(oldest[0][1]) if oldest else None)
+            for queue, count, oldest in zip(queues, replies[::2], replies[1::2], strict=True)
+        }
+
     # What the bench asks of its own throwaway Redis, while it measures.
 
     async def finished(self, queue: str) -> tuple[int, int]:

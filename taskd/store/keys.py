@@ -105,6 +105,19 @@ class Keys:
         """Sorted set of the callbacks a daemon is sending, scored by when it took them."""
         return self._of(queue, f"sending:{daemon_id}")
 
+    def archive(self, queue: str) -> str:
+        """The archive hand-off: sorted set of the final jobs still to be written to the
+        archive, scored by when each ended (see lua/lib.lua, keep_for_archive)."""
+        return self._of(queue, "archive")
+
+    def archive_kept(self, queue: str) -> str:
+        """Hash of copies of records that left their final state before they were archived."""
+        return self._of(queue, "archive:kept")
+
+    def archive_lock(self, queue: str) -> str:
+        """The id of the daemon archiving the queue, for a lease (see take_archive.lua)."""
+        return self._of(queue, "archive:lock")
+
     def limit_prefix(self, queue: str) -> str:
         """Prefix of the keys that enforce a job type's limits (LIMIT, lua/lib.lua);
         scripts append the type and ':running' (ids holding a global_concurrency slot),
@@ -170,6 +183,7 @@ class Keys:
             self.limit_waits(queue),
             self.unhandled(queue),
             self.schedules(queue),
+            self.archive_lock(queue),
         ]
 
     # Keys of the whole installation.

@@ -142,6 +142,18 @@ def decode_job(fields: Mapping[bytes, bytes], queue: str, job_id: str) -> Job:
     return _job(named)
 
 
+def decode_archived(what: bytes | Sequence[bytes], queue: str, job_id: str) -> Job | None:
+    """A final job as take_archive.lua answered it: its hash's field, value pairs, or its
+    kept copy (a JSON array of the same pairs); None if the record is gone or not final."""
+    flat = [item.encode() for item in orjson.loads(what)] if isinstance(what, bytes) else what
+    if not flat:
+        return None
+    fields = dict(zip(flat[::2], flat[1::2], strict=True))
+    if fields.get(b"state", b"").decode() not in FINAL_STATES:
+        return None
+    return decode_job(fields, queue, job_id)
+
+
 def decode_claimed(flat: Sequence[Any], queue: str, daemon_id: str) -> list[Job]:
     """The jobs claim.lua answered (CLAIMED_JOB entries each), now active in this daemon."""
     # Unpacked by position, not through a dict by name as decode_job does: this runs for

@@ -81,6 +81,16 @@ class _Lane:
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
+class Archived:
+    """One entry taken from a queue's archive hand-off: its name there, when its job
+    ended (its score), and the job, or None if its record is gone or no longer final."""
+
+    entry: str
+    ended_at: int
+    job: Job | None
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
 class Beat:
     """What a heartbeat found: whether the daemon was still registered, and whether the
     installation's marker was there (see beat.lua)."""
@@ -93,8 +103,10 @@ class Store:
     """Typed Redis writes of one taskd installation (one key prefix), and the few reads
     the tasks need on the way (the rest are the Inspector's)."""
 
-    def __init__(self, *, connection: Connection) -> None:
+    def __init__(self, *, connection: Connection, archive: bool = False) -> None:
         self.connection = connection
+        # Whether the jobs this daemon ends go to the archive hand-off (see archiver.py).
+        self._archives = archive
         self.keys = connection.keys
         self._r = connection.client
         self._blocking = connection.blocking
@@ -112,6 +124,7 @@ class Store:
         blocking_connections: int = 1,
         block_timeout: float = 5.0,
         cluster: bool = False,
+        archive: bool = False,
     ) -> Store:
         """A store on a connection of its own (see connect.open); close() closes it."""
         connection = connect.open(
@@ -121,7 +134,7 @@ class Store:
             block_timeout=block_timeout,
             cluster=cluster,
         )
-        return cls(connection=connection)
+        return cls(connection=connection, archive=archive)
 
     async def close(self) -> None:
         # Nothing submits any more; a call still in flight ends now, its waiters told so.
@@ -146,6 +159,11 @@ class Store:
         the limit key prefix (now 0 where the script uses none)."""
         k = self.keys
         return [now, k.job_prefix(queue), k.limit_prefix(queue)]
+
+    def _archive(self, queue: str) -> str:
+        """The archive hand-off argument of the scripts that end jobs (lua/lib.lua,
+        finish_into): the queue's hand-off when this daemon archives, else ''."""
+        return self.keys.archive(queue) if self._archives else ""
 
     # The reads the tasks need, which the Inspector owns.
 
@@ -324,6 +342,7 @@ class Store:
         whether it was recorded (False: it was no longer this daemon's)."""
         k = self.keys
         args = [*self._header(queue, now), now // record.BUCKET_MS, TIMING_SAMPLES, daemon_id]
+        args.append(self._archive(queue))
         for a in attempts:
             args += record.attempt_args(a)
         keys = [
@@ -378,7 +397,7 @@ class Store:
         k = self.keys
         keys = [k.inbox(queue), k.landing(queue, daemon_id), k.active(queue, daemon_id)]
         keys += [k.cancelled(queue), k.totals(queue), k.callbacks(queue)]
-        return keys, [*self._header(queue, now), BATCH]
+        return keys, [*self._header(queue, now), BATCH, self._archive(queue)]
 
     async def promote(self, queue: str, now: int) -> tuple[int, int | None]:
         """Move due jobs to the ready list; returns (moved, when the next one is due)."""
@@ -412,6 +431,41 @@ class Store:
         keys = [k.sending(queue, daemon_id), k.totals(queue), k.callbacks(queue)]
         return bool(await self._lua["callback_done"](keys=keys, args=[job_id, outcome]))
 
+    # The archive hand-off (see archiver.py).
+
+    async def take_archive(
+        self, queue: str, daemon_id: str, most: int, lease_ms: int
+    ) -> list[Archived] | None:
+        """The oldest entries of the queue's archive hand-off, with their jobs (None for
+        an entry whose record is gone); None if another daemon archives the queue."""
+        k = self.keys
+        keys = [k.archive(queue), k.archive_kept(queue), k.archive_lock(queue)]
+        args = [*self._header(queue), most, daemon_id, lease_ms]
+        taken = await self._lua["take_archive"](keys=keys, args=args)
+        if taken is None:
+            return None
+        return [
+            Archived(
+                entry=text(entry),
+                ended_at=int(score),
+                job=record.decode_archived(what, queue, text(entry).split("@", 1)[0]),
+            )
+            for entry, score, what in taken
+        ]
+
+    async def archive_done(
+        self, queue: str, daemon_id: str, done: Sequence[Archived], *, release: bool = False
+    ) -> int:
+        """Remove entries written to the archive from the hand-off (each only if it still
+        ends at the same time); `release` gives up the queue's archive lock as well, if
+        this daemon holds it. Returns how many entries were removed."""
+        k = self.keys
+        keys = [k.archive(queue), k.archive_kept(queue), k.archive_lock(queue)]
+        args: list[Any] = [daemon_id, 1 if release else 0]
+        for each in done:
+            args += [each.entry, each.ended_at]
+        return int(await self._lua["archive_done"](keys=keys, args=args))
+
     # Recurring schedules.
 
     async def record_schedule_run(self, queue: str, name: str, tick: int, job_id: str) -> bool:
@@ -433,7 +487,7 @@ class Store:
         k = self.keys
         keys = [k.job(queue, job_id), k.inbox(queue), k.scheduled(queue)]
         keys += [k.cancelled(queue), k.totals(queue), k.callbacks(queue)]
-        args = [*self._header(queue, now), job_id, k.cancel_channel]
+        args = [*self._header(queue, now), job_id, k.cancel_channel, self._archive(queue)]
         state = await self._lua["cancel"](keys=keys, args=args)
         return text(state)
 
@@ -441,14 +495,16 @@ class Store:
         """Put a failed job back on its queue; returns its state before (see retry.lua)."""
         k = self.keys
         keys = [k.job(queue, job_id), k.failed(queue), k.inbox(queue)]
-        return text(await self._lua["retry"](keys=keys, args=[*self._header(queue, now), job_id]))
+        args = [*self._header(queue, now), job_id, self._archive(queue)]
+        return text(await self._lua["retry"](keys=keys, args=args))
 
     async def delete(self, queue: str, job_id: str) -> str:
         """Delete a job that is not running; returns its state before (see delete.lua)."""
         k = self.keys
         keys = [k.job(queue, job_id), k.inbox(queue), k.scheduled(queue), k.completed(queue)]
         keys += [k.failed(queue), k.cancelled(queue), k.index(queue)]
-        return text(await self._lua["delete"](keys=keys, args=[*self._header(queue), job_id]))
+        args = [*self._header(queue), job_id, self._archive(queue)]
+        return text(await self._lua["delete"](keys=keys, args=args))
 
     @asynccontextmanager
     async def cancel_requests(self) -> AsyncIterator[AsyncIterator[str]]:
@@ -479,7 +535,7 @@ class Store:
         keys = [k.leases(queue), k.inbox(queue), k.landing(queue, daemon_id)]
         keys += [k.active(queue, daemon_id), k.failed(queue), k.cancelled(queue), k.totals(queue)]
         keys += [k.callbacks(queue), k.sending(queue, daemon_id)]
-        args = [*self._header(queue, now), daemon_id, before, BATCH]
+        args = [*self._header(queue, now), daemon_id, before, BATCH, self._archive(queue)]
         total = 0
         while True:
             jobs, callbacks = await self._lua["recover"](keys=keys, args=args)
@@ -492,7 +548,7 @@ class Store:
     async def trim(self, queue: str, state: str, cutoff: int) -> int:
         """Delete jobs of a final state that finished at or before `cutoff`."""
         k = self.keys
-        keys = [k.finished(queue, state), k.index(queue)]
+        keys = [k.finished(queue, state), k.index(queue), k.archive(queue)]
         total = 0
         while deleted := int(
             await self._lua["trim"](keys=keys, args=[*self._header(queue), cutoff, BATCH])
@@ -547,7 +603,8 @@ class Store:
         """Forget a queue that holds nothing (see forget_queue.lua); returns what it still
         holds, (jobs, leases, callbacks), all 0 when it was forgotten."""
         k = self.keys
-        keys = [k.index(queue), k.leases(queue), k.callbacks(queue), *k.queue_state(queue)]
+        keys = [k.index(queue), k.leases(queue), k.callbacks(queue), k.archive(queue)]
+        keys += k.queue_state(queue)
         jobs, leases, callbacks = await self._lua["forget_queue"](keys=keys, args=[])
         if jobs == leases == callbacks == 0:
             await self._r.srem(k.queues, queue)

@@ -21,13 +21,14 @@
 -- ARGV[4] -> the current throughput bucket
 -- ARGV[5] -> how many recent run times to keep
 -- ARGV[6] -> this daemon's id, for the history entries of retries
--- ARGV[7..] -> 6 entries per attempt (record.ATTEMPT): id, attempt number, outcome
+-- ARGV[7] -> <prefix>:{<queue>}:archive, the archive hand-off, or '' (lib.lua, finish_into)
+-- ARGV[8..] -> 6 entries per attempt (record.ATTEMPT): id, attempt number, outcome
 --   ('completed', 'retry', 'failed' or 'cancelled'), result JSON (completed) or error
 --   text, retry time in epoch ms (retry) or 0, when the attempt ended (epoch ms)
 -- Returns, per attempt in order, 1 if it was recorded, else 0.
-local FIRST, ENTRIES = 7, 6
+local FIRST, ENTRIES = 8, 6
 local daemon = ARGV[6]
-finish_into(KEYS[6], KEYS[10])
+finish_into(KEYS[6], KEYS[10], ARGV[7])
 
 local ids = {}
 for i = FIRST, #ARGV, ENTRIES do

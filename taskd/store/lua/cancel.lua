@@ -10,10 +10,11 @@
 -- ARGV[1..3] -> now, job hash prefix (unused), limit key prefix (the header, lib.lua)
 -- ARGV[4] -> job id
 -- ARGV[5] -> <prefix>:{<prefix>:global}:cancel, the cancel channel
+-- ARGV[6] -> <prefix>:{<queue>}:archive, the archive hand-off, or '' (lib.lua, finish_into)
 -- Returns the job's state before: 'queued', 'scheduled' or 'active' (now cancelled or
 -- cancelling), a final state (nothing changed), or 'missing'.
 local id = ARGV[4]
-finish_into(KEYS[5], KEYS[6])
+finish_into(KEYS[5], KEYS[6], ARGV[6])
 local state = redis.call('HGET', KEYS[1], 'state') or 'missing'
 if state == 'queued' or state == 'scheduled' then
   if state == 'queued' then

@@ -8,6 +8,8 @@
 -- KEYS[7] -> <prefix>:{<queue>}:index
 -- ARGV[1..3] -> now and job hash prefix (both unused), limit key prefix (the header, lib.lua)
 -- ARGV[4] -> job id
+-- ARGV[5] -> <prefix>:{<queue>}:archive, the archive hand-off, or '' (lib.lua,
+--   keep_for_archive): a final job not yet archived is kept for it
 -- Returns the job's state before ('active': nothing changed), or 'missing'.
 local id = ARGV[4]
 local state = redis.call('HGET', KEYS[1], 'state') or 'missing'
@@ -17,6 +19,7 @@ end
 if state == 'queued' then
   remove_queued(KEYS[2], KEYS[1], id)
 end
+keep_for_archive(ARGV[5], KEYS[1], id)
 for i = 3, 7 do
   redis.call('ZREM', KEYS[i], id)
 end

@@ -4,18 +4,20 @@
 -- KEYS[1] -> <prefix>:{<queue>}:index, every stored job of the queue
 -- KEYS[2] -> <prefix>:{<queue>}:owners, the leases (keys.leases)
 -- KEYS[3] -> <prefix>:{<queue>}:callbacks, the outbox
--- KEYS[4..] -> the queue's other keys, deleted: flags, counters, statistics, lists
+-- KEYS[4] -> <prefix>:{<queue>}:archive, the archive hand-off: its entries count as jobs
+--   (a deleted job may wait there for the archive)
+-- KEYS[5..] -> the queue's other keys, deleted: flags, counters, statistics, lists
 --   (keys.Keys.queue_state)
 -- No ARGV, and so no header (lib.lua): it uses none of now, job prefix and limit prefix.
 -- Returns {jobs, leases, callbacks}: all 0 when the queue was forgotten, else what it
 -- still holds (and nothing was deleted).
-local jobs = redis.call('ZCARD', KEYS[1])
+local jobs = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[4])
 local leases = redis.call('ZCARD', KEYS[2])
 local callbacks = redis.call('LLEN', KEYS[3])
 if jobs + leases + callbacks > 0 then
   return {jobs, leases, callbacks}
 end
-for i = 4, #KEYS do
+for i = 5, #KEYS do
   redis.call('DEL', KEYS[i])
 end
 return {0, 0, 0}

@@ -192,21 +192,27 @@ local function release_slot(inbox, job_key, id, job_type)
 end
 
 -- What finishing jobs adds besides their records: their ids to their state's set, the
--- queue's totals (the counter named as the state) and, for a job that asked for a
--- callback, its id to the queue's outbox, in the same step, so the callback survives any
--- crash (callbacks.py sends it). Gathered over a script call and written at its end, one
--- command per set, counter and outbox however many jobs ended: a script that finishes
--- jobs names its keys first (finish_into) and ends with flush_finished().
-local ended = {totals = false, outbox = false, sets = {}, order = {}, counts = {}, calls = {}}
+-- queue's totals (the counter named as the state), for a job that asked for a callback
+-- its id to the queue's outbox, and, when the daemon archives, its id to the queue's
+-- archive hand-off (scored by when it ended), in the same step, so that neither the
+-- callback nor the archive entry can be lost to a crash (callbacks.py, archiver.py send
+-- them). Gathered over a script call and written at its end, one command per set,
+-- counter, outbox and hand-off however many jobs ended: a script that finishes jobs names
+-- its keys first (finish_into) and ends with flush_finished().
+local ended = {totals = false, outbox = false, archive = false, sets = {}, order = {},
+  counts = {}, calls = {}, handoff = {}}
 
-local function finish_into(totals, outbox)
+-- `archive`: the queue's archive hand-off (keys.archive), or '' when the daemon running
+-- the script does not archive.
+local function finish_into(totals, outbox, archive)
   ended.totals, ended.outbox = totals, outbox
+  ended.archive = archive ~= '' and archive
 end
 
 -- End a job in a final state ('completed', 'failed' or 'cancelled'): its record (state,
--- finished_at and the field, value pairs of `fields`), its state's set, the totals and its
--- callback. `callback`: whether the job has a callback_url, or nil to read. `at`: when it
--- ended (epoch ms), or nil for NOW.
+-- finished_at and the field, value pairs of `fields`), its state's set, the totals, its
+-- callback and its archive entry. `callback`: whether the job has a callback_url, or nil
+-- to read. `at`: when it ended (epoch ms), or nil for NOW.
 local function finish_job(job_key, id, state, finished_set, fields, callback, at)
   at = at or NOW
   redis.call('HSET', job_key, 'state', state, 'finished_at', at, unpack(fields or {}))
@@ -225,6 +231,10 @@ local function finish_job(job_key, id, state, finished_set, fields, callback, at
   if callback then
     ended.calls[#ended.calls + 1] = id
   end
+  if ended.archive then
+    ended.handoff[#ended.handoff + 1] = at
+    ended.handoff[#ended.handoff + 1] = id
+  end
 end
 
 -- Write what finish_job gathered in this script call.
@@ -236,7 +246,31 @@ local function flush_finished()
     redis.call('HINCRBY', ended.totals, state, count)
   end
   call_chunked('LPUSH', ended.outbox, ended.calls)
-  ended.sets, ended.order, ended.counts, ended.calls = {}, {}, {}, {}
+  if ended.archive then
+    call_chunked('ZADD', ended.archive, ended.handoff)
+  end
+  ended.sets, ended.order, ended.counts, ended.calls, ended.handoff = {}, {}, {}, {}, {}
+end
+
+-- The archive hand-off (keys.archive) is a sorted set, scored by when each job ended, of
+-- the ids of final jobs whose record is still to be written to the archive: the archiver
+-- reads the record it names when it takes the entry. A record that leaves its final
+-- state before then (retried, deleted) would take its final state with it, so the script
+-- that changes it first keeps a copy: the entry becomes <id>@<finished_at>, its copy the
+-- field of that name in <archive>:kept (a JSON array of the hash's field, value pairs).
+-- `archive`: the hand-off, or '' when the daemon does not archive.
+local function keep_for_archive(archive, job_key, id)
+  if archive == '' then
+    return
+  end
+  local score = redis.call('ZSCORE', archive, id)
+  if not score then
+    return
+  end
+  local kept = id .. '@' .. (redis.call('HGET', job_key, 'finished_at') or score)
+  redis.call('HSET', archive .. ':kept', kept, cjson.encode(redis.call('HGETALL', job_key)))
+  redis.call('ZREM', archive, id)
+  redis.call('ZADD', archive, score, kept)
 end
 
 -- A job that stops running (given back, or taken back from a dead daemon) and that

@@ -19,6 +19,7 @@
 -- ARGV[4] -> the dead daemon's id
 -- ARGV[5] -> leases renewed before this time, epoch ms, have lapsed
 -- ARGV[6] -> most jobs to move
+-- ARGV[7] -> <prefix>:{<queue>}:archive, the archive hand-off, or '' (lib.lua, finish_into)
 -- Returns {jobs taken back, callbacks returned}, or {-1, 0} when the daemon's lease is
 -- alive.
 local daemon = ARGV[4]
@@ -27,7 +28,7 @@ if lease and tonumber(lease) >= tonumber(ARGV[5]) then
   return {-1, 0}
 end
 local most = tonumber(ARGV[6])
-finish_into(KEYS[7], KEYS[8])
+finish_into(KEYS[7], KEYS[8], ARGV[7])
 local moved = move_to_front(KEYS[3], KEYS[2], most)
 
 -- To the front of the outbox, the first taken to be taken first again.

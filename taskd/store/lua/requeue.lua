@@ -13,11 +13,12 @@
 -- KEYS[6] -> <prefix>:{<queue>}:callbacks, the outbox
 -- ARGV[1..3] -> now, job hash prefix, limit key prefix (the header, lib.lua)
 -- ARGV[4] -> most jobs to move
--- ARGV[5..] -> the ids to return (optional)
+-- ARGV[5] -> <prefix>:{<queue>}:archive, the archive hand-off, or '' (lib.lua, finish_into)
+-- ARGV[6..] -> the ids to return (optional)
 -- Returns the number of jobs moved.
 local most = tonumber(ARGV[4])
 local moved = 0
-finish_into(KEYS[5], KEYS[6])
+finish_into(KEYS[5], KEYS[6], ARGV[5])
 
 local function give_back(id)
   local key = JOB .. id
@@ -34,8 +35,8 @@ local function give_back(id)
   end
 end
 
-if #ARGV > 4 then
-  for i = 5, #ARGV do
+if #ARGV > 5 then
+  for i = 6, #ARGV do
     if redis.call('ZREM', KEYS[3], ARGV[i]) == 1 then
       give_back(ARGV[i])
       moved = moved + 1

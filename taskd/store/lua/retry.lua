@@ -6,11 +6,14 @@
 -- ARGV[1..3] -> now, then job hash prefix and limit key prefix (both unused) (the header,
 --   lib.lua)
 -- ARGV[4] -> job id
+-- ARGV[5] -> <prefix>:{<queue>}:archive, the archive hand-off, or '' (lib.lua,
+--   keep_for_archive)
 -- Returns the job's state before: 'failed' (now queued), another state (nothing
 -- changed), or 'missing'.
 local id = ARGV[4]
 local state = redis.call('HGET', KEYS[1], 'state') or 'missing'
 if state == 'failed' then
+  keep_for_archive(ARGV[5], KEYS[1], id)
   settle_history(KEYS[1])
   redis.call('ZREM', KEYS[2], id)
   redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'run_at', NOW)

@@ -4,12 +4,24 @@
 -- KEYS[1] -> <prefix>:{<queue>}:completed, :dead or :cancelled, the set of one final
 --   state, scored by finish time
 -- KEYS[2] -> <prefix>:{<queue>}:index
+-- KEYS[3] -> <prefix>:{<queue>}:archive, the archive hand-off: a job still in it is kept
+--   until it is archived, whether or not this daemon archives
 -- ARGV[1..3] -> now (unused), job hash prefix, limit key prefix (unused) (the header,
 --   lib.lua)
 -- ARGV[4] -> jobs finished at or before this time, epoch ms, go
 -- ARGV[5] -> most jobs to delete
 -- Returns the number of jobs deleted.
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[4], 'LIMIT', 0, tonumber(ARGV[5]))
+if #ids > 0 and redis.call('EXISTS', KEYS[3]) == 1 then
+  local pending = scores_of(KEYS[3], ids)
+  local archived = {}
+  for i, id in ipairs(ids) do
+    if not pending[i] then
+      archived[#archived + 1] = id
+    end
+  end
+  ids = archived
+end
 for _, id in ipairs(ids) do
   redis.call('DEL', JOB .. id)
 end

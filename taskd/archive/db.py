@@ -1,0 +1,331 @@
+"""The archive database: migrations, the archiver's batched writes, the API's reads."""
+
+from __future__ import annotations
+
+import base64
+import logging
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import orjson
+from psycopg import sql
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from taskd.archive.schema import LOCK_KEY, MIGRATIONS, TABLE, VERSIONS
+from taskd.jobs import Job
+
+logger = logging.getLogger(__name__)
+
+# Connections at most: the archiver's writes and the API's reads; PostgreSQL is not the
+# hot path, and a few keep its per-connection memory small.
+POOL_SIZE = 4
+# Longest a read or write waits for a connection, or a statement runs, in seconds: an
+# outage must show as an error soon, not hang the API or the archiver.
+TIMEOUT = 10.0
+# Most rows GET /archive answers at once.
+MAX_PAGE = 1000
+DAY = timedelta(days=1)
+_COLUMNS = (
+    "id", "attempts", "finished_at", "queue", "type", "state", "payload", "result",
+    "error", "priority", "idempotency_key", "max_attempts", "created_at", "started_at",
+    "daemon", "callback_url", "history",
+)  # fmt: skip
+_TYPES = (
+    "text", "integer", "timestamptz", "text", "text", "text", "jsonb", "jsonb", "text",
+    "smallint", "text", "integer", "timestamptz", "timestamptz", "text", "text", "jsonb",
+)  # fmt: skip
+# A JSON "\u0000" escape that is not itself escaped: PostgreSQL's jsonb cannot hold it.
+_NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Filters:
+    """What GET /archive lists: each given filter must match (None: any)."""
+
+    type: str | None = None
+    queue: str | None = None
+    state: str | None = None
+    since: int | None = None  # finished at or after, epoch ms
+    until: int | None = None  # finished before, epoch ms
+    contains: str | None = None  # JSON text of a value the payload contains (jsonb @>)
+
+
+@dataclass(frozen=True, slots=True)
+class ArchivePage:
+    """One page of archived jobs, newest first, and the cursor of the next (None: last)."""
+
+    jobs: list[Job]
+    next_cursor: str | None
+
+
+class Archive:
+    """The archive database of one daemon, through a small pool of connections.
+
+    Nothing here waits for PostgreSQL at start: the pool connects in the background, and
+    each call fails (psycopg.Error, or psycopg_pool.PoolTimeout) while the database is
+    unreachable, for its caller to retry: the archive is never the hot path.
+    """
+
+    def __init__(self, *, url: str, keep_days: int) -> None:
+        self._keep_days = keep_days
+        self._pool = AsyncConnectionPool(
+            url,
+            min_size=1,
+            max_size=POOL_SIZE,
+            open=False,
+            timeout=TIMEOUT,
+            kwargs={"autocommit": True, "connect_timeout": int(TIMEOUT)},
+            check=AsyncConnectionPool.check_connection,
+        )
+        self._days: set[datetime] = set()  # partitions known to exist
+        self._migrated = False
+
+    async def open(self) -> None:
+        await self._pool.open(wait=False)
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def migrate(self) -> int:
+        """Apply the migrations not applied yet, in one transaction under an advisory
+        lock (daemons that start at once take turns); returns the version now."""
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+            await conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {} (version integer PRIMARY KEY,"
+                    " applied_at timestamptz NOT NULL DEFAULT now())"
+                ).format(sql.Identifier(VERSIONS))
+            )
+            cursor = await conn.execute(
+                sql.SQL("SELECT coalesce(max(version), 0) FROM {}").format(sql.Identifier(VERSIONS))
+            )
+            row = await cursor.fetchone()
+            current = int(row[0]) if row else 0
+            if current > len(MIGRATIONS):
+                raise RuntimeError(
+                    f"the archive's schema is version {current}, newer than this taskd "
+                    f"knows ({len(MIGRATIONS)}): upgrade taskd"
+                )
+            for version in range(current + 1, len(MIGRATIONS) + 1):
+                await conn.execute(MIGRATIONS[version - 1])
+                await conn.execute(
+                    sql.SQL("INSERT INTO {} (version) VALUES (%s)").format(
+                        sql.Identifier(VERSIONS)
+                    ),
+                    (version,),
+                )
+                logger.info("archive schema migrated to version %d", version)
+        self._migrated = True
+        return len(MIGRATIONS)
+
+    async def write(self, jobs: Sequence[Job]) -> None:
+        """Write final jobs, one row per final attempt, in one statement; a row already
+        there (an entry written twice) is left as it is."""
+        if not jobs:
+            return
+        if not self._migrated:
+            await self.migrate()
+        await self._ensure_partitions({_day_of(job.finished_at or 0) for job in jobs})
+        columns = list(zip(*(_row(job) for job in jobs), strict=True))
+        arrays = sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(kind)) for kind in _TYPES)
+        statement = sql.SQL(
+            "INSERT INTO {table} ({columns}) SELECT * FROM unnest({arrays}) ON CONFLICT DO NOTHING"
+        ).format(
+            table=sql.Identifier(TABLE),
+            columns=sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)),
+            arrays=arrays,
+        )
+        async with self._pool.connection() as conn:
+            await conn.execute(statement, [list(column) for column in columns])
+
+    async def _ensure_partitions(self, days: set[datetime]) -> None:
+        missing = days - self._days
+        if not missing:
+            return
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+            for day in sorted(missing):
+                await conn.execute(
+                    # DDL takes no parameters: the bounds are literals.
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})"
+                    ).format(
+                        sql.Identifier(_partition(day)),
+                        sql.Identifier(TABLE),
+                        sql.Literal(day.isoformat()),
+                        sql.Literal((day + DAY).isoformat()),
+                    )
+                )
+        self._days |= missing
+
+    async def drop_expired(self, now_ms: int) -> list[str]:
+        """Drop the day partitions wholly older than keep_days; returns their names."""
+        if not self._keep_days:
+            return []
+        # A partition's day ends before the cutoff: every row in it is past keep_days.
+        cutoff = _time(now_ms) - timedelta(days=self._keep_days) - DAY
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+            cursor = await conn.execute(
+                "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid"
+                " WHERE i.inhparent = %s::regclass",
+                (TABLE,),
+            )
+            names = [str(row[0]) for row in await cursor.fetchall()]
+            dropped = [name for name in names if _partition_day(name) < cutoff]
+            for name in dropped:
+                await conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+        self._days = {day for day in self._days if day >= cutoff}  # dropped: made anew if needed
+        return dropped
+
+    async def get(self, job_id: str) -> Job | None:
+        """The latest archived final attempt of a job, or None."""
+        statement = sql.SQL(
+            "SELECT {columns} FROM {table} WHERE id = %s ORDER BY finished_at DESC LIMIT 1"
+        ).format(
+            columns=sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)), table=sql.Identifier(TABLE)
+        )
+        async with self._pool.connection() as conn:
+            cursor = conn.cursor(row_factory=dict_row)
+            await cursor.execute(statement, (job_id,))
+            row = await cursor.fetchone()
+        return None if row is None else _job(row)
+
+    async def page(self, filters: Filters, limit: int, cursor: str | None) -> ArchivePage:
+        """Archived jobs matching `filters`, newest first, after `cursor` (from a previous
+        page); keyset pagination on (finished_at, id, attempts), which the indexes order."""
+        where: list[sql.Composable] = []
+        params: list[Any] = []
+        for name in ("type", "queue", "state"):
+            value = getattr(filters, name)
+            if value is not None:
+                where.append(sql.SQL("{} = %s").format(sql.Identifier(name)))
+                params.append(value)
+        if filters.since is not None:
+            where.append(sql.SQL("finished_at >= %s"))
+            params.append(_time(filters.since))
+        if filters.until is not None:
+            where.append(sql.SQL("finished_at < %s"))
+            params.append(_time(filters.until))
+        if filters.contains is not None:
+            where.append(sql.SQL("payload @> %s::jsonb"))
+            params.append(filters.contains)
+        if cursor is not None:
+            finished, job_id = decode_cursor(cursor)
+            where.append(sql.SQL("(finished_at, id) < (%s, %s)"))
+            params += [_time(finished), job_id]
+        statement = sql.SQL(
+            "SELECT {columns} FROM {table} {where} ORDER BY finished_at DESC, id DESC LIMIT %s"
+        ).format(
+            columns=sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)),
+            table=sql.Identifier(TABLE),
+            where=sql.SQL("WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""),
+        )
+        params.append(limit + 1)
+        async with self._pool.connection() as conn:
+            rows_cursor = conn.cursor(row_factory=dict_row)
+            await rows_cursor.execute(statement, params)
+            rows = await rows_cursor.fetchall()
+        jobs = [_job(row) for row in rows[:limit]]
+        more = len(rows) > limit and jobs
+        last = jobs[-1] if more else None
+        next_cursor = encode_cursor(last.finished_at or 0, last.id) if last else None
+        return ArchivePage(jobs, next_cursor)
+
+
+def encode_cursor(finished_at: int, job_id: str) -> str:
+    return base64.urlsafe_b64encode(f"{finished_at}:{job_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[int, str]:
+    """A cursor's position; ValueError if it is not one this module made."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+        finished, job_id = text.split(":", 1)
+        return int(finished), job_id
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"not a cursor of GET /archive: {cursor!r}") from exc
+
+
+def _row(job: Job) -> tuple[Any, ...]:
+    return (
+        job.id,
+        job.attempts,
+        _time(job.finished_at or 0),
+        job.queue,
+        job.type,
+        job.state,
+        _json(job.payload),
+        None if job.result is None else _json(job.result),
+        _text(job.error),
+        job.priority,
+        _text(job.idempotency_key),
+        job.max_attempts,
+        _time(job.created_at),
+        None if job.started_at is None else _time(job.started_at),
+        _text(job.daemon),
+        _text(job.callback_url),
+        _json(list(job.history)),
+    )
+
+
+def _json(value: Any) -> str:
+    """JSON text PostgreSQL's jsonb takes: a NUL character (which it cannot store) is
+    written as U+FFFD, the replacement character."""
+    return _NUL_ESCAPE.sub(rb"\1\\ufffd", orjson.dumps(value)).decode()
+
+
+def _text(value: str | None) -> str | None:
+    # text columns cannot hold NUL either.
+    return None if value is None else value.replace("\x00", "\ufffd")
+
+
+def _job(row: dict[str, Any]) -> Job:
+    return Job(
+        id=row["id"],
+        type=row["type"],
+        queue=row["queue"],
+        payload=row["payload"],
+        state=row["state"],
+        attempts=row["attempts"],
+        created_at=_ms(row["created_at"]),
+        started_at=None if row["started_at"] is None else _ms(row["started_at"]),
+        finished_at=_ms(row["finished_at"]),
+        result=row["result"],
+        error=row["error"],
+        daemon=row["daemon"],
+        max_attempts=row["max_attempts"],
+        history=tuple(row["history"]),
+        idempotency_key=row["idempotency_key"],
+        callback_url=row["callback_url"],
+        priority=row["priority"],
+    )
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
+def _time(ms: int) -> datetime:
+    return _EPOCH + ms * _MS
+
+
+def _ms(value: datetime) -> int:
+    return (value - _EPOCH) // _MS
+
+
+def _day_of(ms: int) -> datetime:
+    return _time(ms).replace(hour=0, minute=0, second=0, microsecond=0)
+
+
+def _partition(day: datetime) -> str:
+    return f"{TABLE}_p{day:%Y%m%d}"
+
+
+def _partition_day(name: str) -> datetime:
+    return datetime.strptime(name.rsplit("_p", 1)[1], "%Y%m%d").replace(tzinfo=UTC)

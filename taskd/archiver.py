@@ -1,0 +1,149 @@
+"""The archiver writes finished jobs from Redis's archive hand-off to the archive database."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+from typing import TYPE_CHECKING
+
+import anyio
+
+from taskd.jobs import Job, now_ms
+from taskd.loop import Outage, repeat
+from taskd.store import UNAVAILABLE, Store
+
+if TYPE_CHECKING:  # psycopg, which it imports, is the optional archive extra
+    from taskd.archive import Archive
+
+logger = logging.getLogger(__name__)
+
+# Entries taken, written and removed per round trip: large enough that the per-call costs
+# (a script call, a statement, a commit) are small per job, small enough that one script
+# call and one statement stay short.
+BATCH = 1000
+# How long a daemon's hold on a queue's archiving lasts unless renewed by its next take:
+# past it, another daemon takes over (this one died or stalled). Longer than a batch's
+# write may take, so that two daemons rarely write the same entries (harmless if they do).
+LEASE_MS = 30_000
+# How often an idle archiver looks at the hand-offs: jobs that other daemons end are
+# archived within this; those this daemon ends wake it at once.
+POLL_INTERVAL = 1.0
+RETRY_DELAY = 1.0
+# How often the partitions past keep_days are looked for.
+EXPIRE_INTERVAL_MS = 3_600_000
+
+
+class Archiver:
+    """Archives the final jobs of every queue, one daemon per queue at a time.
+
+    The scripts that end a job put its id in the queue's hand-off in the same step, when
+    the daemon ending it archives (lua/lib.lua, finish_job); a job that leaves its final
+    state before it is archived leaves a copy there. The archiver takes the oldest entries
+    with their records, writes them in one statement (a row per job and final attempt, so
+    an entry written twice is harmless), and only then removes them from the hand-off: a
+    crash of the daemon, of Redis or of PostgreSQL loses none, and the janitor keeps every
+    job still in a hand-off. While PostgreSQL is down, jobs run as ever and the hand-offs
+    grow (/stats, `archive`); the backlog drains once it is back.
+    """
+
+    def __init__(
+        self,
+        *,
+        store: Store,
+        archive: Archive,
+        daemon_id: str,
+        queues: Collection[str],
+        clock: Callable[[], int] = now_ms,
+        batch: int = BATCH,
+        lease_ms: int = LEASE_MS,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
+        self._store = store
+        self._archive = archive
+        self._daemon_id = daemon_id
+        self._queues = frozenset(queues)
+        self._clock = clock
+        self._batch = batch
+        self._lease_ms = lease_ms
+        self._poll_interval = poll_interval
+        self._wake = anyio.Event()
+        self._held: set[str] = set()  # queues whose archiving this daemon holds
+        self._migrated = False
+        self._expired_at = 0  # when partitions past keep_days were last dropped
+        self.written = 0  # jobs this daemon wrote to the archive since it started
+
+    def job_ended(self, job: Job) -> None:
+        """A job this daemon ended reached its final state: archive it soon."""
+        self._wake.set()
+
+    async def tick(self) -> int:
+        """One pass: the schema up to date, then every queue's hand-off written until
+        empty; returns how many jobs were written."""
+        if not self._migrated:
+            await self._archive.migrate()
+            self._migrated = True
+        written = 0
+        # Every queue any daemon knows of, not only ours: no queue's jobs wait for a daemon
+        # that serves it.
+        for queue in sorted(self._queues | await self._store.known_queues()):
+            written += await self._archive_queue(queue)
+        await self._expire()
+        return written
+
+    async def _archive_queue(self, queue: str) -> int:
+        written = 0
+        while True:
+            taken = await self._store.take_archive(
+                queue, self._daemon_id, self._batch, self._lease_ms
+            )
+            if taken is None:  # another daemon archives this queue
+                self._held.discard(queue)
+                return written
+            self._held.add(queue)
+            if not taken:
+                return written
+            jobs = [each.job for each in taken if each.job is not None]
+            if len(jobs) < len(taken):
+                logger.warning(
+                    "%d entries of queue %s's archive hand-off name no final job; dropped",
+                    len(taken) - len(jobs),
+                    queue,
+                )
+            await self._archive.write(jobs)
+            await self._store.archive_done(queue, self._daemon_id, taken)
+            written += len(jobs)
+            self.written += len(jobs)
+            if len(taken) < self._batch:
+                return written
+
+    async def _expire(self) -> None:
+        now = self._clock()
+        if now - self._expired_at < EXPIRE_INTERVAL_MS:
+            return
+        dropped = await self._archive.drop_expired(now)
+        self._expired_at = now
+        if dropped:
+            logger.info("dropped archive partitions past keep_days: %s", ", ".join(dropped))
+
+    async def run(self) -> None:
+        """Archive until cancelled."""
+        outage = Outage("archiving finished jobs", logger)
+        await repeat(self._archive_then_wait, outage=outage, retry_delay=RETRY_DELAY)
+
+    async def _archive_then_wait(self) -> None:
+        # A new event before the pass: a job_ended() during it is not lost.
+        self._wake = anyio.Event()
+        if await self.tick():
+            return  # more may have ended meanwhile: look again at once
+        with anyio.move_on_after(self._poll_interval):
+            await self._wake.wait()
+
+    async def stop(self) -> None:
+        """Give up this daemon's hold on the queues it archives, so that another daemon
+        takes over at once rather than after the lease."""
+        for queue in sorted(self._held):
+            try:
+                await self._store.archive_done(queue, self._daemon_id, (), release=True)
+            except UNAVAILABLE:
+                logger.warning("could not release the archiving of queue %s", queue)
+        self._held.clear()

@@ -1,0 +1,37 @@
+-- Take the oldest entries of a queue's archive hand-off (lib.lua, keep_for_archive) for
+-- one daemon to write to the archive, with what each names. One daemon at a time
+-- archives a queue: it holds the queue's archive lock for a lease it renews with every
+-- take, so that daemons do not write the same entries over one another; should it die,
+-- the lease lapses and another takes over. Entries stay in the hand-off until written
+-- (archive_done.lua), so the janitor keeps their jobs (trim.lua) and no crash loses one.
+-- KEYS[1] -> <prefix>:{<queue>}:archive, the hand-off
+-- KEYS[2] -> <prefix>:{<queue>}:archive:kept, copies of records that left their final
+--   state before they were archived
+-- KEYS[3] -> <prefix>:{<queue>}:archive:lock, the daemon archiving the queue
+-- ARGV[1..3] -> now (unused), job hash prefix, limit key prefix (unused) (the header,
+--   lib.lua)
+-- ARGV[4] -> most entries to take, >= 1
+-- ARGV[5] -> this daemon's id
+-- ARGV[6] -> the lease, ms
+-- Returns false when another daemon holds the lock, else, per entry oldest first, the
+-- entry, its score (when its job ended) and what it names: the job hash's field, value
+-- pairs (HGETALL), its kept copy (JSON text of the same pairs), or nothing (an empty
+-- array: the record is gone or not final, written by a taskd that kept no copy).
+local holder = redis.call('GET', KEYS[3])
+if holder and holder ~= ARGV[5] then
+  return false
+end
+redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
+local entries = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[4]) - 1, 'WITHSCORES')
+local taken = {}
+for i = 1, #entries, 2 do
+  local entry = entries[i]
+  local what
+  if string.find(entry, '@', 1, true) then
+    what = redis.call('HGET', KEYS[2], entry) or {}
+  else
+    what = redis.call('HGETALL', JOB .. entry)
+  end
+  taken[#taken + 1] = {entry, entries[i + 1], what}
+end
+return taken

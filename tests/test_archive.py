@@ -1,0 +1,274 @@
+"""The archive on a real Redis and a real PostgreSQL: the hand-off the scripts fill, what the
+archiver writes, the janitor's respect for unarchived jobs, the schema's migrations."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anyio
+import psycopg
+import pytest
+from redis.asyncio import Redis
+
+from taskd.archive import MIGRATIONS, Archive, Filters
+from taskd.archive.schema import VERSIONS
+from taskd.archiver import Archiver
+from taskd.jobs import Job
+from taskd.store import Keys, Store
+from tests.builders import ended, enqueue, new_job
+from tests.support import ECHO
+
+Q = "default"
+ME = "daemon-a"
+K = Keys("taskd")
+DAY_MS = 86_400_000
+NOW = 1_765_000_000_000  # 2025-12-06: any fixed time past the epoch
+
+
+@pytest.fixture
+async def archiving(redis_url: str) -> AsyncIterator[Store]:
+    """A store whose scripts hand the jobs they end to the archive."""
+    store = Store.from_url(redis_url, prefix="taskd", blocking_connections=2, archive=True)
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def archive(archive_url: str) -> AsyncIterator[Archive]:
+    db = Archive(url=archive_url, keep_days=30)
+    await db.open()
+    yield db
+    await db.close()
+
+
+def archiver(store: Store, db: Archive, daemon: str = ME, **options: Any) -> Archiver:
+    return Archiver(
+        store=store, archive=db, daemon_id=daemon, queues=[Q], clock=lambda: NOW, **options
+    )
+
+
+async def rows(url: str, where: str = "true") -> list[tuple[Any, ...]]:
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        cursor = await conn.execute(
+            f"SELECT id, attempts, state, payload, result, error FROM taskd_jobs WHERE {where}"
+            " ORDER BY finished_at, id"
+        )
+        return await cursor.fetchall()
+
+
+async def finish(store: Store, jobs: list[Job], outcome: str, value: str, at: int) -> None:
+    """Claim `jobs` (queued, in this order) and end each attempt with `outcome`."""
+    claimed = (await store.claim(Q, ME, len(jobs), now=at, type_limits=ECHO)).jobs
+    assert [job.id for job in claimed] == [job.id for job in jobs]
+    await store.ack(Q, ME, [ended(job, outcome, value, finished_at=at) for job in claimed], now=at)
+
+
+async def test_every_final_state_is_handed_off_and_archived_once(
+    archiving: Store, archive: Archive, archive_url: str, redis: Redis
+) -> None:
+    done, dead, waiting = await enqueue(archiving, 3)
+    await finish(archiving, [done], "completed", '{"r":1}', at=NOW)
+    await finish(archiving, [dead], "failed", "boom", at=NOW)
+    assert await archiving.cancel(Q, waiting.id, now=NOW + 1) == "queued"
+    assert await redis.zcard(K.archive(Q)) == 3
+    assert await archiver(archiving, archive).tick() == 3
+    assert await redis.zcard(K.archive(Q)) == 0
+    found = await rows(archive_url)
+    assert [(r[0], r[2]) for r in found] == [
+        (done.id, "completed"),
+        (dead.id, "failed"),
+        (waiting.id, "cancelled"),
+    ]
+    assert found[0][1:] == (1, "completed", {"n": 0}, {"r": 1}, None)
+    assert found[1][1:] == (1, "failed", {"n": 1}, None, "boom")
+    assert found[2][1:] == (0, "cancelled", {"n": 2}, None, "cancelled")
+    # Nothing left to write: a second pass writes nothing and changes nothing.
+    assert await archiver(archiving, archive).tick() == 0
+    assert len(await rows(archive_url)) == 3
+
+
+async def test_a_daemon_that_does_not_archive_hands_nothing_off(store: Store, redis: Redis) -> None:
+    [job] = await enqueue(store, 1)
+    await finish(store, [job], "completed", "1", at=NOW)
+    assert await redis.exists(K.archive(Q)) == 0
+
+
+async def test_a_dead_letter_retried_then_finished_is_archived_twice(
+    archiving: Store, archive: Archive, archive_url: str
+) -> None:
+    [job] = await enqueue(archiving, 1, max_attempts=1)
+    await finish(archiving, [job], "failed", "boom", at=NOW)
+    assert await archiver(archiving, archive).tick() == 1
+    assert await archiving.retry(Q, job.id, now=NOW + 10) == "failed"
+    await finish(archiving, [job], "completed", '"ok"', at=NOW + 20)
+    assert await archiver(archiving, archive).tick() == 1
+    found = await rows(archive_url)
+    assert [(r[1], r[2], r[4], r[5]) for r in found] == [
+        (1, "failed", None, "boom"),
+        (1, "completed", "ok", None),
+    ]
+
+
+async def test_a_job_retried_before_it_was_archived_keeps_its_final_state_for_the_archive(
+    archiving: Store, archive: Archive, archive_url: str, redis: Redis
+) -> None:
+    [job] = await enqueue(archiving, 1, max_attempts=1)
+    await finish(archiving, [job], "failed", "boom", at=NOW)
+    assert await archiving.retry(Q, job.id, now=NOW + 10) == "failed"
+    # The record is queued again; what it said when it failed waits in a copy.
+    assert await redis.hlen(K.archive_kept(Q)) == 1
+    await finish(archiving, [job], "completed", '"ok"', at=NOW + 20)
+    assert await archiver(archiving, archive).tick() == 2
+    found = await rows(archive_url)
+    assert [(r[2], r[5]) for r in found] == [("failed", "boom"), ("completed", None)]
+    assert await redis.exists(K.archive(Q), K.archive_kept(Q)) == 0
+
+
+async def test_a_job_deleted_before_it_was_archived_is_archived_still(
+    archiving: Store, archive: Archive, archive_url: str
+) -> None:
+    [job] = await enqueue(archiving, 1)
+    await finish(archiving, [job], "completed", "7", at=NOW)
+    assert await archiving.delete(Q, job.id) == "completed"
+    assert await archiving.get_job(job.id, [Q]) is None
+    assert await archiver(archiving, archive).tick() == 1
+    assert [(r[0], r[4]) for r in await rows(archive_url)] == [(job.id, 7)]
+
+
+async def test_the_janitor_keeps_every_job_until_it_is_archived(
+    archiving: Store, archive: Archive
+) -> None:
+    jobs = await enqueue(archiving, 3)
+    await finish(archiving, jobs, "completed", "1", at=NOW)
+    assert await archiving.trim(Q, "completed", cutoff=NOW + DAY_MS) == 0
+    assert all([await archiving.get_job(job.id, [Q]) for job in jobs])
+    await archiver(archiving, archive).tick()
+    assert await archiving.trim(Q, "completed", cutoff=NOW + DAY_MS) == 3
+
+
+async def test_one_daemon_at_a_time_archives_a_queue_and_a_stopped_one_lets_go(
+    archiving: Store, archive: Archive, archive_url: str
+) -> None:
+    jobs = await enqueue(archiving, 4)
+    await finish(archiving, jobs[:2], "completed", "1", at=NOW)
+    first, second = archiver(archiving, archive, "a"), archiver(archiving, archive, "b")
+    assert await first.tick() == 2
+    await finish(archiving, jobs[2:], "completed", "1", at=NOW + 1)
+    # The first holds the queue for its lease: the second leaves it alone...
+    assert await second.tick() == 0
+    # ...until the first lets go, as it does when its daemon stops.
+    await first.stop()
+    assert await second.tick() == 2
+    assert len(await rows(archive_url)) == 4
+
+
+async def test_an_entry_written_twice_changes_nothing(
+    archiving: Store, archive: Archive, archive_url: str
+) -> None:
+    jobs = await enqueue(archiving, 2)
+    await finish(archiving, jobs, "completed", "1", at=NOW)
+    taken = await archiving.take_archive(Q, ME, 10, lease_ms=1000)
+    assert taken is not None
+    finished = [each.job for each in taken if each.job is not None]
+    # A daemon that wrote the batch and died before removing it from the hand-off: the
+    # next one writes the same rows again.
+    await archive.write(finished)
+    await archive.write(finished)
+    assert await archiver(archiving, archive).tick() == 2
+    assert len(await rows(archive_url)) == 2
+
+
+async def test_text_postgresql_cannot_hold_is_archived_as_the_replacement_character(
+    archiving: Store, archive: Archive, archive_url: str
+) -> None:
+    job = new_job(payload={"name": "a\x00b", "path": "c:\\u0000"})
+    await archiving.enqueue(job)
+    await finish(archiving, [job], "failed", "bad \x00 byte", at=NOW)
+    await archiver(archiving, archive).tick()
+    [found] = await rows(archive_url)
+    assert found[3] == {"name": "a\ufffdb", "path": "c:\\u0000"}
+    assert found[5] == "bad \ufffd byte"
+
+
+async def test_listing_pages_newest_first_and_filters(archiving: Store, archive: Archive) -> None:
+    jobs = [new_job(payload={"n": n, "even": n % 2 == 0}) for n in range(7)]
+    for job in jobs:
+        await archiving.enqueue(job)
+    for n, job in enumerate(jobs):
+        await finish(archiving, [job], "completed" if n % 3 else "failed", "1", at=NOW + n)
+    await archiver(archiving, archive).tick()
+
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = await archive.page(Filters(), limit=3, cursor=cursor)
+        seen += [job.id for job in page.jobs]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+    assert seen == [job.id for job in reversed(jobs)]
+
+    failed = await archive.page(Filters(state="failed"), limit=10, cursor=None)
+    assert [job.payload["n"] for job in failed.jobs] == [6, 3, 0]
+    even = await archive.page(Filters(contains='{"even": true}'), limit=10, cursor=None)
+    assert [job.payload["n"] for job in even.jobs] == [6, 4, 2, 0]
+    window = Filters(since=NOW + 2, until=NOW + 4, type="echo", queue=Q)
+    assert [j.payload["n"] for j in (await archive.page(window, 10, None)).jobs] == [3, 2]
+    assert await archive.get(jobs[3].id) == (await archive.page(window, 1, None)).jobs[0]
+
+
+async def test_migrations_from_an_empty_database_and_from_the_previous_version(
+    archive_url: str,
+) -> None:
+    async with await psycopg.AsyncConnection.connect(archive_url, autocommit=True) as conn:
+        # The database as the previous version of the schema left it, with a row.
+        await conn.execute(f"CREATE TABLE {VERSIONS} (version integer PRIMARY KEY,"
+                           " applied_at timestamptz NOT NULL DEFAULT now())")  # fmt: skip
+        await conn.execute(MIGRATIONS[0])
+        await conn.execute(f"INSERT INTO {VERSIONS} (version) VALUES (1)")
+        await conn.execute(
+            "CREATE TABLE taskd_jobs_p20251206 PARTITION OF taskd_jobs"
+            " FOR VALUES FROM ('2025-12-06') TO ('2025-12-07')"
+        )
+        await conn.execute(
+            "INSERT INTO taskd_jobs (id, attempts, finished_at, queue, type, state, payload,"
+            " priority, max_attempts, created_at, history) VALUES ('x', 1,"
+            " '2025-12-06T10:00:00Z', 'default', 'echo', 'completed', '{}', 5, 3,"
+            " '2025-12-06T09:00:00Z', '[]')"
+        )
+    # Daemons starting at once: each migrates, one after the other, and each step once.
+    dbs = [Archive(url=archive_url, keep_days=0) for _ in range(4)]
+    for db in dbs:
+        await db.open()
+    async with anyio.create_task_group() as tg:
+        for db in dbs:
+            tg.start_soon(db.migrate)
+    for db in dbs:
+        await db.close()
+    async with await psycopg.AsyncConnection.connect(archive_url) as conn:
+        cursor = await conn.execute(f"SELECT version FROM {VERSIONS} ORDER BY version")
+        assert [row[0] for row in await cursor.fetchall()] == list(range(1, len(MIGRATIONS) + 1))
+        cursor = await conn.execute("SELECT id FROM taskd_jobs")
+        assert await cursor.fetchall() == [("x",)]
+        cursor = await conn.execute(
+            "SELECT indexname FROM pg_indexes WHERE tablename = 'taskd_jobs' ORDER BY 1"
+        )
+        assert [row[0] for row in await cursor.fetchall()] == [
+            "taskd_jobs_finished", "taskd_jobs_payload", "taskd_jobs_pkey",
+            "taskd_jobs_queue", "taskd_jobs_state", "taskd_jobs_type",
+        ]  # fmt: skip
+
+
+async def test_partitions_past_keep_days_are_dropped(archiving: Store, archive_url: str) -> None:
+    db = Archive(url=archive_url, keep_days=2)
+    await db.open()
+    try:
+        jobs = await enqueue(archiving, 4)
+        for n, job in enumerate(jobs):
+            await finish(archiving, [job], "completed", "1", at=NOW - n * DAY_MS)
+        await archiver(archiving, db).tick()
+        # A day's partition goes once all of it is past keep_days: the oldest only.
+        assert [r[0] for r in await rows(archive_url)] == [j.id for j in reversed(jobs[:3])]
+    finally:
+        await db.close()
