@@ -20,7 +20,7 @@ from taskd.egress import DEFAULT_POLICY, Policy
 from taskd.guards import browser_guard, require_json, token_guard
 from taskd.jobs import FAILED, Job, now_ms
 from taskd.metrics import Metrics
-from taskd.stats import no_handler, snapshot
+from taskd.stats import archive_backlog, no_handler, snapshot
 from taskd.store import UNAVAILABLE, Inspector, Store, is_full
 from taskd.timeouts import Timeouts
 from taskd.validation import (
@@ -418,6 +418,8 @@ class HttpApi:
             no_handler(await self._inspector.unhandled(queues), live, now)
         )
         self._metrics.set_active(self._active())
+        backlog = await self._inspector.archive_backlog(queues)
+        self._metrics.set_archive(archive_backlog(backlog, now))
         body, content_type = self._metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
 

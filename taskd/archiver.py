@@ -24,7 +24,7 @@ BATCH = 1000
 # How long a daemon's hold on a queue's archiving lasts unless renewed by its next take:
 # past it, another daemon takes over (this one died or stalled). Longer than a batch's
 # write may take, so that two daemons rarely write the same entries (harmless if they do).
-LEASE_MS = 30_000
+LEASE_MS = 10_000
 # How often an idle archiver looks at the hand-offs: jobs that other daemons end are
 # archived within this; those this daemon ends wake it at once.
 POLL_INTERVAL = 1.0

@@ -239,6 +239,18 @@ class Metrics:
             ("queue", "type"),
             registry=r,
         )
+        self.archive_pending = Gauge(
+            "taskd_archive_pending",
+            "Finished jobs waiting in Redis to be written to the archive, cluster-wide (take"
+            " max); 0 without [archive].",
+            registry=r,
+        )
+        self.archive_oldest = Gauge(
+            "taskd_archive_oldest_age_seconds",
+            "How long ago the oldest job waiting to be archived ended, cluster-wide (take"
+            " max); 0 while none waits.",
+            registry=r,
+        )
         self.daemons_live = Gauge(
             "taskd_daemons_live",
             "Daemons registered and heartbeating, cluster-wide (take max over instances).",
@@ -316,6 +328,11 @@ class Metrics:
             self.queue_jobs.remove(*gone)
         self._cluster = seen
         self.daemons_live.set(live_daemons)
+
+    def set_archive(self, backlog: Mapping[str, Any]) -> None:
+        """The archive hand-offs' backlog, as stats.archive_backlog returns it."""
+        self.archive_pending.set(backlog["pending"])
+        self.archive_oldest.set(backlog["oldest_age_s"] or 0)
 
     def set_without_handler(self, stranded: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
         """Ready job types no live daemon can run, as stats.no_handler returns them."""

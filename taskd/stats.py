@@ -30,6 +30,7 @@ async def snapshot(
     activity = await inspector.queue_activity(queues, now)
     limits = {queue: await _limits(inspector, queue, handler_configs, now) for queue in queues}
     stranded = no_handler(await inspector.unhandled(queues), daemons, now)
+    backlog = await inspector.archive_backlog(queues)
     return {
         "time": format_ms(now),
         "queues": {
@@ -42,6 +43,7 @@ async def snapshot(
             for queue in queues
         },
         "instances": [_instance(daemon, in_flight[daemon.id], now) for daemon in daemons],
+        "archive": archive_backlog(backlog, now),
         "redis": await inspector.server_info(),
     }
 
@@ -58,6 +60,16 @@ def no_handler(
             if not any(queue in d.queues and entry.job_type in d.types for d in daemons)
         }
         for queue, entries in unhandled.items()
+    }
+
+
+def archive_backlog(backlog: Mapping[str, tuple[int, int | None]], now: int) -> dict[str, Any]:
+    """The jobs waiting in the archive hand-offs (Inspector.archive_backlog), all queues
+    together: how many, and how long ago the oldest one ended (None: none waits)."""
+    oldest = min((at for _, at in backlog.values() if at is not None), default=None)
+    return {
+        "pending": sum(count for count, _ in backlog.values()),
+        "oldest_age_s": None if oldest is None else round(max(0, now - oldest) / 1000, 1),
     }
 
 

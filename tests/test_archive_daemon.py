@@ -1,0 +1,215 @@
+"""The archive with real daemons: PostgreSQL stopped under load, a daemon SIGKILLed with jobs
+in its hand-off, /stats and /metrics while the archive falls behind, bad [archive] config."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import psycopg
+import pytest
+
+from taskd.embedded import free_port
+from tests.builders import write_daemon_config
+from tests.postgres import PostgresServer
+from tests.support import (
+    REPO,
+    TASKD,
+    DaemonApi,
+    DaemonProcess,
+    get_json,
+    post_json,
+    wait_healthy,
+    wait_until,
+)
+
+# Long enough for a loaded 2-core machine to run and archive a few thousand jobs.
+DEADLINE = 60.0
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the test's own, which it may stop and start."""
+    server = PostgresServer()
+    try:
+        server.start()
+        server.psql("postgres", "CREATE DATABASE archive")
+        yield server
+        server.stop()
+    finally:
+        server.remove()
+
+
+async def archived(url: str) -> tuple[int, int]:
+    """Rows in the archive, and distinct (job, attempt count, finish) among them."""
+    async with await psycopg.AsyncConnection.connect(url) as conn:
+        cursor = await conn.execute(
+            "SELECT count(*), count(DISTINCT (id, attempts, finished_at)) FROM taskd_jobs"
+        )
+        row = await cursor.fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+
+async def archived_or_zero(url: str) -> int:
+    try:
+        return (await archived(url))[0]
+    except psycopg.Error:
+        return 0  # not migrated yet
+
+
+async def submit(session: aiohttp.ClientSession, base: str, count: int) -> list[str]:
+    status, body = await post_json(
+        session,
+        f"{base}/jobs/batch",
+        {"jobs": [{"type": "echo", "payload": n} for n in range(count)]},
+    )
+    assert status == 201, body
+    return list(body["ids"])
+
+
+async def stats(session: aiohttp.ClientSession, base: str) -> dict[str, Any]:
+    status, body = await get_json(session, f"{base}/stats")
+    assert status == 200
+    return body
+
+
+@pytest.mark.timeout(120)
+async def test_a_postgresql_outage_under_load_loses_nothing_and_stops_nothing(
+    daemon_api: DaemonApi, own_postgres: PostgresServer
+) -> None:
+    url = own_postgres.url_of("archive")
+    async with daemon_api(archive={"url": url}, workers={"concurrency": 50}) as (_, api):
+        session, base = api
+        await submit(session, base, 300)
+        await wait_until(lambda: _count_is(url, 300), "the first jobs archived", DEADLINE)
+
+        own_postgres.stop()
+        for _ in range(4):
+            await submit(session, base, 250)
+
+        async def all_completed() -> bool:
+            return (await stats(session, base))["queues"]["default"]["completed"] == 1300
+
+        await wait_until(all_completed, "every job to run while PostgreSQL is down", DEADLINE)
+        status, health = await get_json(session, f"{base}/health")
+        assert (status, health) == (200, {"status": "ok"})
+        backlog = (await stats(session, base))["archive"]
+        assert backlog["pending"] == 1000
+        assert backlog["oldest_age_s"] is not None
+        async with session.get(f"{base}/metrics") as response:
+            assert "taskd_archive_pending 1000.0" in await response.text()
+
+        own_postgres.start()
+        await wait_until(lambda: _count_is(url, 1300), "the backlog archived", DEADLINE)
+        assert await archived(url) == (1300, 1300)  # each job once
+
+        async def drained() -> bool:
+            return (await stats(session, base))["archive"] == {"pending": 0, "oldest_age_s": None}
+
+        await wait_until(drained, "the hand-off empty", DEADLINE)
+
+
+async def _count_is(url: str, expected: int) -> bool:
+    return await archived_or_zero(url) == expected
+
+
+@pytest.mark.timeout(120)
+async def test_a_daemon_killed_with_jobs_in_its_hand_off_loses_none(
+    tmp_path: Path, redis_url: str, own_postgres: PostgresServer
+) -> None:
+    url = own_postgres.url_of("archive")
+
+    def start() -> tuple[DaemonProcess, str]:
+        port = free_port()
+        config = write_daemon_config(
+            tmp_path / f"taskd-{port}.toml",
+            port,
+            redis={"url": redis_url},
+            workers={"concurrency": 50, "heartbeat_interval": 0.5, "dead_after": 3},
+            handlers={"echo": {"builtin": "echo"}},
+            archive={"url": url},
+        )
+        process = DaemonProcess(
+            ["--config", str(config)], cwd=tmp_path, env={"PYTHONPATH": str(REPO)}
+        )
+        return process, f"http://127.0.0.1:{port}"
+
+    first, base = start()
+    try:
+        await wait_healthy(base, first)
+        async with aiohttp.ClientSession() as session:
+            await submit(session, base, 500)
+            await wait_until(lambda: _count_is(url, 500), "the first jobs archived", DEADLINE)
+            # PostgreSQL away: what the daemon ends waits in the hand-off, and it dies so.
+            own_postgres.stop()
+            for _ in range(4):
+                await submit(session, base, 500)
+
+            async def all_completed() -> bool:
+                return (await stats(session, base))["queues"]["default"]["completed"] == 2500
+
+            await wait_until(all_completed, "every job completed", DEADLINE)
+            assert (await stats(session, base))["archive"]["pending"] == 2000
+        first.signal(signal.SIGKILL)
+        first.wait()
+    finally:
+        first.kill()
+
+    own_postgres.start()
+    second, base = start()
+    try:
+        await wait_healthy(base, second)
+        await wait_until(lambda: _count_is(url, 2500), "the dead daemon's backlog", DEADLINE)
+        assert await archived(url) == (2500, 2500)
+    finally:
+        second.signal(signal.SIGTERM)
+        assert second.wait() == 0
+
+
+@pytest.mark.parametrize(
+    ("table", "expected"),
+    [
+        ('url = "mysql://db/jobs"', "archive.url: must be a postgresql:// URL"),
+        ("keep_days = 7", "archive.url: is required"),
+        ('url = "postgresql://db/jobs"\nkeep_days = -1', "archive.keep_days: must be"),
+        ('url = "postgresql://db/jobs"\nbatch = 10', "archive.batch: unknown key"),
+    ],
+)
+def test_a_bad_archive_table_stops_start_up_with_its_key_path(
+    tmp_path: Path, table: str, expected: str
+) -> None:
+    config = tmp_path / "taskd.toml"
+    config.write_text(f'[handlers.echo]\nbuiltin = "echo"\n\n[archive]\n{table}\n')
+    done = subprocess.run(
+        [str(TASKD), "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert done.returncode == 2, done.stdout
+    assert str(config) in done.stderr
+    assert expected in done.stderr
+
+
+def test_the_archive_url_password_is_never_shown(tmp_path: Path) -> None:
+    config = tmp_path / "taskd.toml"
+    config.write_text(
+        '[handlers.echo]\nbuiltin = "echo"\n\n[archive]\n'
+        'url = "mysql://taskd:s3cret@db/jobs?password=s3cret"\n'
+    )
+    done = subprocess.run(
+        [str(TASKD), "check", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=DEADLINE,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert "archive.url" in done.stderr
+    assert "s3cret" not in done.stderr
