@@ -14,12 +14,12 @@ import pytest
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
 
+from taskd.bench.postgres import PostgresServer
 from taskd.daemon import Daemon
 from taskd.embedded import RedisServer
 from taskd.embedded import free_port as free_port_now
 from taskd.store import Inspector, Store
 from tests.cluster import RedisCluster
-from tests.postgres import PostgresServer
 from tests.proxy import Proxy
 from tests.support import Api, DaemonApi, base_url, make_config, running_daemon
 

@@ -13,9 +13,9 @@ import aiohttp
 import psycopg
 import pytest
 
+from taskd.bench.postgres import PostgresServer
 from taskd.embedded import free_port
 from tests.builders import write_daemon_config
-from tests.postgres import PostgresServer
 from tests.support import (
     REPO,
     TASKD,

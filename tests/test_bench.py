@@ -371,8 +371,33 @@ def test_quick_memory_measures_bytes_per_queued_job_and_its_parts(tmp_path: Path
     assert not list(tmp_path.iterdir())
 
 
+ARCHIVE_DEADLINE = 150.0
+
+
+@pytest.mark.timeout(ARCHIVE_DEADLINE)
+def test_quick_archive_drains_with_the_archive_and_times_its_queries(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [str(TASKD), "bench", "--only", "archive", "archive-queries", "--quick", "--json"],
+        cwd=tmp_path,
+        capture_output=True,
+        timeout=ARCHIVE_DEADLINE,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    report = json.loads(done.stdout)
+    figures = {(r["workload"], r["figure"]): r["median"] for r in report["results"]}
+    drain = {name: value for (workload, name), value in figures.items() if workload == "archive"}
+    assert drain["drain, no archive"] > 0
+    assert drain["drain, archive on"] > 0
+    assert drain["archived"] > 0
+    assert drain["peak backlog"] >= 0
+    queries = {name for workload, name in figures if workload == "archive-queries"}
+    assert {"by type", "payload contains (1 user of 100,000)", "one job (GET /jobs/ID)"} <= queries
+    assert not list(tmp_path.iterdir())
+
+
 def test_opt_in_workloads_are_not_in_the_default_set() -> None:
-    assert set(OPT_IN) == {"memory", "rtt", "soak"}
+    assert set(OPT_IN) == {"memory", "rtt", "soak", "archive", "archive-queries"}
     assert set(OPT_IN) < set(WORKLOADS)
 
 

@@ -130,7 +130,7 @@ class Archive:
             return
         if not self._migrated:
             await self.migrate()
-        await self._ensure_partitions({_day_of(job.finished_at or 0) for job in jobs})
+        await self._ensure_days({_day_of(job.finished_at or 0) for job in jobs})
         columns = list(zip(*(_row(job) for job in jobs), strict=True))
         arrays = sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(kind)) for kind in _TYPES)
         statement = sql.SQL(
@@ -143,7 +143,17 @@ class Archive:
         async with self._pool.connection() as conn:
             await conn.execute(statement, [list(column) for column in columns])
 
-    async def _ensure_partitions(self, days: set[datetime]) -> None:
+    async def ensure_partitions(self, first_ms: int, last_ms: int) -> None:
+        """The day partitions from the day of `first_ms` to that of `last_ms` (epoch ms),
+        made if missing: the write path makes those it needs, this is for a bulk load."""
+        day, last = _day_of(first_ms), _day_of(last_ms)
+        days = set()
+        while day <= last:
+            days.add(day)
+            day += DAY
+        await self._ensure_days(days)
+
+    async def _ensure_days(self, days: set[datetime]) -> None:
         missing = days - self._days
         if not missing:
             return

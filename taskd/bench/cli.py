@@ -12,7 +12,7 @@ from taskd.bench.report import as_json, medians, render
 from taskd.bench.runner import WORKLOADS, Options, run
 
 # Opt-in workloads: they run only when --only names them.
-OPT_IN = ("memory", "rtt", "soak")
+OPT_IN = ("memory", "rtt", "soak", "archive", "archive-queries")
 # What --url can run: these need no daemon of our own and no access to its Redis.
 REMOTE_WORKLOADS = ("intake-single", "intake-batch", "pickup")
 

@@ -43,6 +43,8 @@ IDLE_SECONDS = (20, 3)  # s the idle daemon's commands are counted
 MEMORY_JOBS = (1_000_000, 5_000)  # jobs queued to measure Redis bytes per job
 RTT_DRAIN = (30_000, 500)  # noop jobs drained at each round trip rtt adds
 RTT_INTAKE = (20_000, 1_000)  # noop jobs POSTed at each round trip rtt adds
+ARCHIVE_DRAIN = (50_000, 2_000)  # noop jobs drained without, then with, the archive
+ARCHIVE_ROWS = (1_000_000, 20_000)  # archived jobs the archive's queries are timed on
 # The daemons' handlers; `stamp` is re-exported by the package, so its target stays put.
 HANDLERS = {
     "noop": 'builtin = "noop"',

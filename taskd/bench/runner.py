@@ -12,6 +12,7 @@ from pathlib import Path
 
 import anyio
 
+from taskd.bench.archive import archive, archive_queries
 from taskd.bench.footprint import idle, memory
 from taskd.bench.harness import Bench, BenchError, Local, SoakPlan, http_session, own_redis
 from taskd.bench.openloop import open_loop
@@ -34,6 +35,8 @@ WORKLOADS: dict[str, Workload] = {
     "memory": memory,
     "soak": soak,
     "rtt": rtt,
+    "archive": archive,
+    "archive-queries": archive_queries,
 }
 
 

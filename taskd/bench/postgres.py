@@ -1,8 +1,9 @@
-"""A throwaway PostgreSQL server for the archive's tests: its own cluster on a free port.
+"""A throwaway PostgreSQL server, for the archive's bench and tests: its own cluster on a
+free port.
 
-Debian's `postgresql` package provides the binaries (.ci/run installs it). initdb and the
-server refuse to run as root, so as root they run as the `postgres` user the package
-creates, on a data directory that user owns.
+Debian's `postgresql` package provides the binaries (.ci/run installs it for the tests).
+initdb and the server refuse to run as root, so as root they run as the `postgres` user
+the package creates, on a data directory that user owns.
 """
 
 from __future__ import annotations
@@ -20,6 +21,10 @@ from pathlib import Path
 from taskd.embedded import free_port
 
 
+class PostgresServerError(RuntimeError):
+    """The server's binaries are missing, or one of them failed."""
+
+
 def _bin_dir() -> Path:
     found = sorted(glob.glob("/usr/lib/postgresql/*/bin/pg_ctl"))
     if found:
@@ -27,7 +32,9 @@ def _bin_dir() -> Path:
     on_path = shutil.which("pg_ctl")
     if on_path:
         return Path(on_path).parent
-    raise RuntimeError("no PostgreSQL server binaries: install Debian's postgresql package")
+    raise PostgresServerError(
+        "no PostgreSQL server binaries (pg_ctl): install Debian's postgresql package"
+    )
 
 
 class PostgresServer:
@@ -95,7 +102,7 @@ class PostgresServer:
         if done.returncode:
             log = self.data_dir / "log"
             tail = log.read_text()[-2000:] if log.exists() else ""
-            raise RuntimeError(f"{program} failed: {done.stderr or done.stdout}\n{tail}")
+            raise PostgresServerError(f"{program} failed: {done.stderr or done.stdout}\n{tail}")
         return done.stdout
 
 
@@ -106,7 +113,7 @@ def wait_until_up(server: PostgresServer, timeout: float = 30.0) -> None:
         try:
             server.psql("postgres", "SELECT 1")
             return
-        except RuntimeError:
+        except PostgresServerError:
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.1)

@@ -1,0 +1,232 @@
+"""The archive workloads: a drain with the archive on, and the archive's queries at size.
+
+Both need a PostgreSQL server of their own, started from Debian's postgresql package
+(taskd.bench.postgres), and the archive extra; they run only when --only names them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import anyio
+import orjson
+
+from taskd.bench.harness import ARCHIVE_DRAIN, ARCHIVE_ROWS, POLL, QUEUE, Bench, BenchError
+from taskd.bench.postgres import PostgresServer, PostgresServerError
+from taskd.bench.report import Figure
+from taskd.bench.workloads import daemon_cpu, span
+from taskd.jobs import now_ms
+
+# Each query of the archive's is timed this many times; the median is reported.
+QUERY_RUNS = 7
+# Rows inserted per statement while filling the table for archive-queries.
+FILL_CHUNK = 200_000
+DAY_MS = 86_400_000
+
+
+@asynccontextmanager
+async def own_postgres() -> AsyncIterator[PostgresServer]:
+    """A throwaway PostgreSQL server with an empty `archive` database; removed after."""
+    try:
+        server = await anyio.to_thread.run_sync(PostgresServer)
+    except PostgresServerError as exc:
+        raise BenchError(f"the archive workloads need PostgreSQL: {exc}") from None
+    try:
+        await anyio.to_thread.run_sync(server.start)
+        await anyio.to_thread.run_sync(server.psql, "postgres", "CREATE DATABASE archive")
+        yield server
+    finally:
+        with anyio.CancelScope(shield=True):
+            await anyio.to_thread.run_sync(_stop, server)
+
+
+def _stop(server: PostgresServer) -> None:
+    try:
+        server.stop()
+    finally:
+        server.remove()
+
+
+async def archive(bench: Bench) -> list[Figure]:
+    """N noop jobs drained by one daemon (100 slots) without, then with, [archive]: the
+    drain rate each time, and how fast the archive took the jobs in and how far it fell
+    behind the drain."""
+    n = bench.scaled(ARCHIVE_DRAIN)
+    plain = await _drain(bench, n, "")
+    await bench.reset()
+    async with own_postgres() as server:
+        url = server.url_of("archive")
+        extra = f'\n[archive]\nurl = "{url}"\n'
+        with_archive = await _drain(bench, n, extra, lambda: _archived_backlog(bench))
+        drained_at = time.perf_counter()
+        await _wait_archived(bench, server, n)
+        lag = time.perf_counter() - drained_at
+    rate, cpu, peak = with_archive
+    bench.note(
+        "archive: drain rates of the same daemon without and with [archive]; archived is "
+        "jobs written to PostgreSQL per second from the drain's start to the last one "
+        "written; peak backlog is the most jobs waiting in the hand-off while it drained."
+    )
+    return [
+        Figure("drain, no archive", "jobs/s", plain[0]),
+        Figure("drain, archive on", "jobs/s", rate),
+        Figure("drain change", "%", (rate / plain[0] - 1) * 100),
+        Figure("archived", "jobs/s", n / (n / rate + lag)),
+        Figure("archive lag after drain", "s", lag),
+        Figure("peak backlog", "jobs", peak),
+        *cpu,
+    ]
+
+
+async def _drain(
+    bench: Bench, n: int, extra: str, sample: Callable[[], Awaitable[int]] | None = None
+) -> tuple[float, list[Figure], int]:
+    """Drain n waiting noop jobs with one daemon: jobs/s, its CPU per job, and the peak of
+    `sample` while it ran (0 without)."""
+    local = bench.need_local()
+    ids = await local.enqueue(n, "noop", None)
+    await local.store.pause(QUEUE)
+    peak = 0
+    async with bench.daemons(1, concurrency=100, extra=extra) as [daemon]:
+        cpu = daemon.cpu_seconds()
+        await local.store.resume(QUEUE)
+        async with anyio.create_task_group() as tg:
+            if sample is not None:
+
+                async def watch() -> None:
+                    nonlocal peak
+                    while True:
+                        peak = max(peak, await sample())
+                        await anyio.sleep(POLL)
+
+                tg.start_soon(watch)
+            await bench.wait_finished(n)
+            tg.cancel_scope.cancel()
+        used = daemon_cpu(daemon, cpu, n)
+        rows = await local.records(ids, ("started_at", "finished_at"))
+        if sample is not None:
+            # The daemon goes on archiving after the drain: keep it until the archive has all.
+            await _archived_in_redis(bench)
+    return n / span(rows), used, peak
+
+
+async def _archived_backlog(bench: Bench) -> int:
+    backlog = await bench.need_local().inspector.archive_backlog([QUEUE])
+    return backlog[QUEUE][0]
+
+
+async def _archived_in_redis(bench: Bench) -> None:
+    deadline = time.monotonic() + 120
+    while await _archived_backlog(bench):
+        if time.monotonic() > deadline:
+            raise BenchError("the archive did not catch up within 120 s of the drain")
+        await anyio.sleep(POLL)
+
+
+async def _wait_archived(bench: Bench, server: PostgresServer, n: int) -> None:
+    count = await anyio.to_thread.run_sync(
+        server.psql, "archive", "SELECT count(*) FROM taskd_jobs"
+    )
+    if int(count) != n:
+        raise BenchError(f"the archive holds {count.strip()} jobs of {n}")
+
+
+async def archive_queries(bench: Bench) -> list[Figure]:
+    """The archive's documented queries on a table of N archived jobs (1,000,000 by
+    default): the median time of each, in ms, as PostgreSQL runs them (EXPLAIN ANALYZE)."""
+    rows = bench.scaled(ARCHIVE_ROWS)
+    async with own_postgres() as server:
+        await _fill(server, rows)
+        figures = []
+        for name, query in _queries().items():
+            times = [await _time_query(server, query) for _ in range(QUERY_RUNS)]
+            figures.append(Figure(name, "ms", statistics.median(times)))
+    bench.note(
+        f"archive-queries: {rows:,} archived jobs over 30 days, 10 types, 5 queues, 1 in 10 "
+        "failed; each query as GET /archive and GET /jobs/ID send it, first page of 50 "
+        "(the median of 7 EXPLAIN ANALYZE runs, server time)."
+    )
+    return figures
+
+
+async def _fill(server: PostgresServer, rows: int) -> None:
+    """Create the schema as taskd does, and fill it with `rows` synthetic archived jobs."""
+    # The daemon's own migration code makes the schema: what is measured is what ships.
+    from taskd.archive import Archive
+
+    db = Archive(url=server.url_of("archive"), keep_days=0)
+    await db.open()
+    try:
+        await db.migrate()
+        now = now_ms()
+        await db.ensure_partitions(now - 31 * DAY_MS, now + DAY_MS)
+    finally:
+        await db.close()
+    for start in range(0, rows, FILL_CHUNK):
+        stop = min(rows, start + FILL_CHUNK)
+        await anyio.to_thread.run_sync(server.psql, "archive", _fill_sql(start, stop, rows))
+    await anyio.to_thread.run_sync(server.psql, "archive", "VACUUM ANALYZE taskd_jobs")
+
+
+def _fill_sql(start: int, stop: int, rows: int) -> str:
+    # Spread evenly over the last 30 days; ids sort as the times do, as UUIDv7s would.
+    return f"""
+    INSERT INTO taskd_jobs (id, attempts, finished_at, queue, type, state, payload, result,
+        error, priority, max_attempts, created_at, started_at, daemon, history)
+    SELECT lpad(to_hex(g), 12, '0') || '-7000-8000-000000000000', 1,
+        now() - interval '30 days' * (1 - g::float8 / {rows}),
+        'q' || (g % 5), 'type' || (g % 10),
+        CASE WHEN g % 10 = 0 THEN 'failed' ELSE 'completed' END,
+        jsonb_build_object('user', g % 100000, 'order', g, 'region', 'r' || (g % 20)),
+        '{{"ok": true}}'::jsonb,
+        CASE WHEN g % 10 = 0 THEN 'boom' END,
+        5, 3,
+        now() - interval '30 days' * (1 - g::float8 / {rows}) - interval '1 second',
+        now() - interval '30 days' * (1 - g::float8 / {rows}) - interval '10 ms',
+        'bench', '[]'::jsonb
+    FROM generate_series({start}, {stop - 1}) AS g
+    """
+
+
+def _queries() -> dict[str, str]:
+    """Each documented query, as taskd.archive.db sends it, with realistic values."""
+    columns = "*"
+    newest = "ORDER BY finished_at DESC, id DESC LIMIT 51"
+    return {
+        "newest first": f"SELECT {columns} FROM taskd_jobs {newest}",
+        "by type": f"SELECT {columns} FROM taskd_jobs WHERE type = 'type3' {newest}",
+        "by queue": f"SELECT {columns} FROM taskd_jobs WHERE queue = 'q2' {newest}",
+        "by state (failed)": f"SELECT {columns} FROM taskd_jobs WHERE state = 'failed' {newest}",
+        "type and state": (
+            f"SELECT {columns} FROM taskd_jobs WHERE type = 'type3' AND state = 'completed' "
+            f"{newest}"
+        ),
+        "one day (since/until)": (
+            f"SELECT {columns} FROM taskd_jobs WHERE finished_at >= now() - interval '10 days'"
+            f" AND finished_at < now() - interval '9 days' {newest}"
+        ),
+        "payload contains (1 user of 100,000)": (
+            f"SELECT {columns} FROM taskd_jobs WHERE payload @> '{{\"user\": 4242}}' {newest}"
+        ),
+        "payload contains (1 region of 20)": (
+            f'SELECT {columns} FROM taskd_jobs WHERE payload @> \'{{"region": "r7"}}\' {newest}'
+        ),
+        "next page (cursor)": (
+            f"SELECT {columns} FROM taskd_jobs WHERE (finished_at, id) < "
+            f"(now() - interval '15 days', 'z') {newest}"
+        ),
+        "one job (GET /jobs/ID)": (
+            "SELECT * FROM taskd_jobs WHERE id = '0000000f4240-7000-8000-000000000000' "
+            "ORDER BY finished_at DESC LIMIT 1"
+        ),
+    }
+
+
+async def _time_query(server: PostgresServer, query: str) -> float:
+    out = await anyio.to_thread.run_sync(
+        server.psql, "archive", f"EXPLAIN (ANALYZE, FORMAT JSON) {query}"
+    )
+    return float(orjson.loads(out)[0]["Execution Time"])
