@@ -3,6 +3,7 @@ archiver writes, the janitor's respect for unarchived jobs, the schema's migrati
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,10 +15,11 @@ from redis.asyncio import Redis
 from taskd.archive import MIGRATIONS, Archive, Filters
 from taskd.archive.schema import VERSIONS
 from taskd.archiver import Archiver
+from taskd.embedded import RedisServer
 from taskd.jobs import Job
 from taskd.store import Keys, Store
 from tests.builders import ended, enqueue, new_job
-from tests.support import ECHO
+from tests.support import ECHO, REPO, fill
 
 Q = "default"
 ME = "daemon-a"
@@ -272,3 +274,38 @@ async def test_partitions_past_keep_days_are_dropped(archiving: Store, archive_u
         assert [r[0] for r in await rows(archive_url)] == [j.id for j in reversed(jobs[:3])]
     finally:
         await db.close()
+
+
+async def test_a_full_redis_is_archived_and_emptied_all_the_same(
+    small_redis: RedisServer, archive: Archive, archive_url: str
+) -> None:
+    store = Store.from_url(small_redis.url, prefix="taskd", archive=True)
+    redis = Redis.from_url(small_redis.url)
+    try:
+        jobs = await enqueue(store, 50)
+        await finish(store, jobs, "completed", "1", at=NOW)
+        await fill(redis)  # past maxmemory: Redis refuses every write that takes room
+        # The lease cannot be written, but the archive is, and its entries go.
+        assert await archiver(store, archive).tick() == 50
+        assert len(await rows(archive_url)) == 50
+        assert await redis.zcard(K.archive(Q)) == 0
+        assert await store.trim(Q, "completed", cutoff=NOW + DAY_MS) == 50
+    finally:
+        await redis.aclose()
+        await store.close()
+
+
+async def test_the_documented_queries_run_on_the_archive(
+    archiving: Store, archive: Archive, archive_url: str
+) -> None:
+    jobs = await enqueue(archiving, 3)
+    await finish(archiving, jobs[:2], "completed", "1", at=NOW)
+    await finish(archiving, jobs[2:], "failed", "boom", at=NOW)
+    await archiver(archiving, archive).tick()
+    text = (REPO / "docs" / "archive.md").read_text()
+    blocks = re.findall(r"(?ms)^```sql\n(.*?)^```", text)
+    assert blocks
+    async with await psycopg.AsyncConnection.connect(archive_url) as conn:
+        for block in blocks:
+            for statement in filter(str.strip, block.split(";")):
+                await conn.execute(statement)

@@ -21,6 +21,7 @@ import pytest
 
 from taskd import config
 from taskd.config import (
+    ArchiveConfig,
     CallbacksConfig,
     Config,
     ConfigError,
@@ -72,16 +73,19 @@ def test_shipped_example_loads_and_documents_the_defaults() -> None:
     assert cfg.workers == WorkersConfig()
     assert cfg.retention == RetentionConfig()
     assert cfg.callbacks == CallbacksConfig()
+    assert cfg.archive == ArchiveConfig()
     assert list(cfg.handlers) == ["echo", "noop", "sleep", "fail"]
     for name, handler in cfg.handlers.items():
         assert handler == HandlerConfig(name=name, kind="builtin", builtin=name)
 
 
 def test_shipped_example_commented_handlers_are_well_formed() -> None:
-    # Uncommented, the examples (handlers, the token, a schedule) fail only for the program
-    # and module that do not exist here.
+    # Uncommented, the examples (handlers, the token, a schedule, the archive) fail only for
+    # the program and module that do not exist here.
     text = EXAMPLE.read_text()
-    text = re.sub(r"(?m)^# (\[handlers\.[^\]]+\]|\[\[schedules\]\]|[a-z_]+ = .*)$", r"\1", text)
+    text = re.sub(
+        r"(?m)^# (\[handlers\.[^\]]+\]|\[\[schedules\]\]|\[archive\]|[a-z_]+ = .*)$", r"\1", text
+    )
     problems = problems_of(text)
     assert problems == [
         "handlers.thumbnail.exec: program '/usr/local/bin/make-thumbnail' "

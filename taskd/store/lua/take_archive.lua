@@ -21,7 +21,10 @@ local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[5] then
   return false
 end
-redis.call('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
+-- A full Redis (maxmemory, noeviction) refuses the SET: the entries are taken all the same,
+-- unlocked. Writing them (and removing them, which frees memory) is what a full Redis
+-- needs; another daemon may write the same ones meanwhile, which is harmless.
+redis.pcall('SET', KEYS[3], ARGV[5], 'PX', ARGV[6])
 local entries = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[4]) - 1, 'WITHSCORES')
 local taken = {}
 for i = 1, #entries, 2 do
