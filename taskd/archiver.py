@@ -102,17 +102,17 @@ class Archiver:
             self._held.add(queue)
             if not taken:
                 return written
-            jobs = [each.job for each in taken if each.job is not None]
-            if len(jobs) < len(taken):
+            records = [each.record for each in taken if each.record is not None]
+            if len(records) < len(taken):
                 logger.warning(
                     "%d entries of queue %s's archive hand-off name no final job; dropped",
-                    len(taken) - len(jobs),
+                    len(taken) - len(records),
                     queue,
                 )
-            await self._archive.write(jobs)
+            await self._archive.write(records)
             await self._store.archive_done(queue, self._daemon_id, taken)
-            written += len(jobs)
-            self.written += len(jobs)
+            written += len(records)
+            self.written += len(records)
             if len(taken) < self._batch:
                 return written
 

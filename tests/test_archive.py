@@ -84,6 +84,16 @@ async def test_every_final_state_is_handed_off_and_archived_once(
     ]
     assert found[0][1:] == (1, "completed", {"n": 0}, {"r": 1}, None)
     assert found[1][1:] == (1, "failed", {"n": 1}, None, "boom")
+    # The history as GET /jobs/ID shows it: the final attempt's entry, implied by the
+    # record in Redis, is written out.
+    [done_job] = (await archive.page(Filters(state="completed"), 1, None)).jobs
+    assert done_job.history == (
+        {"attempt": 1, "daemon": ME, "started_at": NOW, "finished_at": NOW,
+         "outcome": "completed", "error": None},
+    )  # fmt: skip
+    cancelled = await archive.get(waiting.id)
+    assert cancelled is not None
+    assert cancelled.history == ()  # cancelled before it ever ran
     assert found[2][1:] == (0, "cancelled", {"n": 2}, None, "cancelled")
     # Nothing left to write: a second pass writes nothing and changes nothing.
     assert await archiver(archiving, archive).tick() == 0
@@ -124,6 +134,11 @@ async def test_a_job_retried_before_it_was_archived_keeps_its_final_state_for_th
     assert await archiver(archiving, archive).tick() == 2
     found = await rows(archive_url)
     assert [(r[2], r[5]) for r in found] == [("failed", "boom"), ("completed", None)]
+    # The copy kept its history too: one attempt, failed; the second row has both.
+    newest = (await archive.page(Filters(), 1, None)).jobs[0]
+    assert [entry["outcome"] for entry in newest.history] == ["failed", "completed"]
+    older = (await archive.page(Filters(state="failed"), 1, None)).jobs[0]
+    assert [entry["outcome"] for entry in older.history] == ["failed"]
     assert await redis.exists(K.archive(Q), K.archive_kept(Q)) == 0
 
 
@@ -172,7 +187,7 @@ async def test_an_entry_written_twice_changes_nothing(
     await finish(archiving, jobs, "completed", "1", at=NOW)
     taken = await archiving.take_archive(Q, ME, 10, lease_ms=1000)
     assert taken is not None
-    finished = [each.job for each in taken if each.job is not None]
+    finished = [each.record for each in taken if each.record is not None]
     # A daemon that wrote the batch and died before removing it from the hand-off: the
     # next one writes the same rows again.
     await archive.write(finished)

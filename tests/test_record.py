@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import re
+
 from taskd.jobs import ACTIVE
 from taskd.store import Store
-from taskd.store.record import CLAIMED_JOB, NEW_JOB, decode_claimed, new_job_args
+from taskd.store.record import ARCHIVED, CLAIMED_JOB, NEW_JOB, decode_claimed, new_job_args
 from tests.builders import enqueue, new_job, stored
-from tests.support import ECHO
+from tests.support import ECHO, REPO
 
 # One distinct value per CLAIMED_JOB entry, as Redis sends it, and the field it becomes.
 CLAIMED = {
@@ -73,3 +75,11 @@ async def test_new_jobs_are_stored_as_enqueue_lua_reads_new_job(store: Store) ->
         record = await stored(store, job.id)
         for name in NEW_JOB:
             assert getattr(record, name) == getattr(job, name), name
+
+
+def test_archived_names_the_fields_take_archive_answers_in_their_order() -> None:
+    # decode_archive_record unpacks by position what take_archive.lua lists.
+    lua = (REPO / "taskd" / "store" / "lua" / "take_archive.lua").read_text()
+    table = re.search(r"(?s)local ARCHIVED = \{(.*?)\}", lua)
+    assert table is not None
+    assert tuple(re.findall(r"'(\w+)'", table.group(1))) == ARCHIVED

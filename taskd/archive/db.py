@@ -10,13 +10,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import orjson
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from taskd.archive.schema import LOCK_KEY, MIGRATIONS, TABLE, VERSIONS
 from taskd.jobs import Job
+from taskd.store import ArchiveRecord
 
 logger = logging.getLogger(__name__)
 
@@ -29,14 +29,36 @@ TIMEOUT = 10.0
 # Most rows GET /archive answers at once.
 MAX_PAGE = 1000
 DAY = timedelta(days=1)
+_DAY_MS = 86_400_000
+# The staging table the archiver COPYs a batch into: the table's columns, with times as
+# epoch ms and JSON as text, as Redis has them, for PostgreSQL to convert in C. Private to
+# the connection and emptied at each commit.
+_STAGING = """
+    CREATE TEMPORARY TABLE IF NOT EXISTS taskd_jobs_in (
+        id text, attempts integer, finished_ms bigint, queue text, type text, state text,
+        payload text, result text, error text, priority smallint, idempotency_key text,
+        max_attempts integer, created_ms bigint, started_ms bigint, daemon text,
+        callback_url text, history text
+    ) ON COMMIT DELETE ROWS
+"""
+_COPY_IN = "COPY taskd_jobs_in FROM STDIN"
+_EPOCH_MS = "timestamptz 'epoch' + {} * interval '1 millisecond'"
+_INSERT = f"""
+    INSERT INTO {TABLE} (
+        id, attempts, finished_at, queue, type, state, payload, result, error, priority,
+        idempotency_key, max_attempts, created_at, started_at, daemon, callback_url, history
+    )
+    SELECT id, attempts, {_EPOCH_MS.format("finished_ms")}, queue, type, state,
+        payload::jsonb, result::jsonb, error, priority, idempotency_key, max_attempts,
+        {_EPOCH_MS.format("created_ms")}, {_EPOCH_MS.format("started_ms")}, daemon,
+        callback_url, history::jsonb
+    FROM taskd_jobs_in
+    ON CONFLICT DO NOTHING
+"""
 _COLUMNS = (
     "id", "attempts", "finished_at", "queue", "type", "state", "payload", "result",
     "error", "priority", "idempotency_key", "max_attempts", "created_at", "started_at",
     "daemon", "callback_url", "history",
-)  # fmt: skip
-_TYPES = (
-    "text", "integer", "timestamptz", "text", "text", "text", "jsonb", "jsonb", "text",
-    "smallint", "text", "integer", "timestamptz", "timestamptz", "text", "text", "jsonb",
 )  # fmt: skip
 # A JSON "\u0000" escape that is not itself escaped: PostgreSQL's jsonb cannot hold it.
 _NUL_ESCAPE = re.compile(rb"(?<!\\)((?:\\\\)*)\\u0000")
@@ -123,25 +145,22 @@ class Archive:
         self._migrated = True
         return len(MIGRATIONS)
 
-    async def write(self, jobs: Sequence[Job]) -> None:
-        """Write final jobs, one row per final attempt, in one statement; a row already
-        there (an entry written twice) is left as it is."""
-        if not jobs:
+    async def write(self, records: Sequence[ArchiveRecord]) -> None:
+        """Write final jobs, one row per final attempt, in one transaction: COPY into a
+        staging table, then one INSERT from it; a row already there (an entry written
+        twice) is left as it is."""
+        if not records:
             return
         if not self._migrated:
             await self.migrate()
-        await self._ensure_days({_day_of(job.finished_at or 0) for job in jobs})
-        columns = list(zip(*(_row(job) for job in jobs), strict=True))
-        arrays = sql.SQL(", ").join(sql.SQL("%s::{}[]").format(sql.SQL(kind)) for kind in _TYPES)
-        statement = sql.SQL(
-            "INSERT INTO {table} ({columns}) SELECT * FROM unnest({arrays}) ON CONFLICT DO NOTHING"
-        ).format(
-            table=sql.Identifier(TABLE),
-            columns=sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)),
-            arrays=arrays,
-        )
-        async with self._pool.connection() as conn:
-            await conn.execute(statement, [list(column) for column in columns])
+        days = {r.finished_at // _DAY_MS for r in records}
+        await self._ensure_days({_time(day * _DAY_MS) for day in days})
+        data = b"".join(map(_copy_line, records))
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute(_STAGING)
+            async with conn.cursor().copy(_COPY_IN) as copy:
+                await copy.write(data)
+            await conn.execute(_INSERT)
 
     async def ensure_partitions(self, first_ms: int, last_ms: int) -> None:
         """The day partitions from the day of `first_ms` to that of `last_ms` (epoch ms),
@@ -262,37 +281,46 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
         raise ValueError(f"not a cursor of GET /archive: {cursor!r}") from exc
 
 
-def _row(job: Job) -> tuple[Any, ...]:
-    return (
-        job.id,
-        job.attempts,
-        _time(job.finished_at or 0),
-        job.queue,
-        job.type,
-        job.state,
-        _json(job.payload),
-        None if job.result is None else _json(job.result),
-        _text(job.error),
-        job.priority,
-        _text(job.idempotency_key),
-        job.max_attempts,
-        _time(job.created_at),
-        None if job.started_at is None else _time(job.started_at),
-        _text(job.daemon),
-        _text(job.callback_url),
-        _json(list(job.history)),
-    )
+# COPY's text format: tab between fields, newline after a row, \N for NULL; a backslash,
+# tab, newline or carriage return inside a field is escaped with a backslash.
+_NULL = b"\\N"
+_ESCAPES = ((b"\\", b"\\\\"), (b"\t", b"\\t"), (b"\n", b"\\n"), (b"\r", b"\\r"))
 
 
-def _json(value: Any) -> str:
-    """JSON text PostgreSQL's jsonb takes: a NUL character (which it cannot store) is
-    written as U+FFFD, the replacement character."""
-    return _NUL_ESCAPE.sub(rb"\1\\ufffd", orjson.dumps(value)).decode()
+def _copy_line(r: ArchiveRecord) -> bytes:
+    """One record as a line of COPY text, in the staging table's column order."""
+    fields = (
+        r.id.encode(), b"%d" % r.attempts, b"%d" % r.finished_at, r.queue.encode(),
+        _field(r.type.encode()), r.state.encode(), _json(r.payload), _json(r.result),
+        _text(r.error), b"%d" % r.priority, _text(r.idempotency_key), b"%d" % r.max_attempts,
+        b"%d" % r.created_at, _NULL if r.started_at is None else b"%d" % r.started_at,
+        _text(r.daemon), _text(r.callback_url), _json(r.history),
+    )  # fmt: skip
+    return b"\t".join(fields) + b"\n"
 
 
-def _text(value: str | None) -> str | None:
-    # text columns cannot hold NUL either.
-    return None if value is None else value.replace("\x00", "\ufffd")
+def _field(value: bytes) -> bytes:
+    for raw, escaped in _ESCAPES:
+        if raw in value:
+            value = value.replace(raw, escaped)
+    return value
+
+
+def _json(value: bytes | None) -> bytes:
+    """JSON text for jsonb, which cannot hold the NUL character: a "\\u0000" escape
+    becomes U+FFFD, the replacement character."""
+    if value is None:
+        return _NULL
+    if b"\\u0000" in value:
+        value = _NUL_ESCAPE.sub(rb"\1\\ufffd", value)
+    return _field(value)
+
+
+def _text(value: bytes | None) -> bytes:
+    """Text for a text column, which cannot hold NUL either: it becomes U+FFFD."""
+    if value is None:
+        return _NULL
+    return _field(value.replace(b"\x00", "\ufffd".encode()))
 
 
 def _job(row: dict[str, Any]) -> Job:

@@ -14,13 +14,14 @@ from taskd.store.connect import (
 )
 from taskd.store.inspect import Footprint, Inspector, Page, Unhandled
 from taskd.store.keys import Keys
-from taskd.store.record import Attempt, DaemonInfo, TypeLimits
+from taskd.store.record import ArchiveRecord, Attempt, DaemonInfo, TypeLimits
 from taskd.store.store import Archived, Beat, Claimed, Store
 
 __all__ = [
     "POOL_SIZE",
     "REPLY_PARSER",
     "UNAVAILABLE",
+    "ArchiveRecord",
     "Archived",
     "Attempt",
     "Beat",

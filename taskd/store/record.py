@@ -49,6 +49,14 @@ CLAIMED_JOB = (
 # the attempt's history entry from them and the job's hash.
 ATTEMPT = ("job_id", "attempt", "outcome", "value", "retry_at", "finished_at")
 
+# A final job as take_archive.lua answers it, after the entry and its score: these fields
+# of its hash, history with the final attempt's entry written in (lua/lib.lua, settled).
+ARCHIVED = (
+    "type", "state", "attempts", "payload", "result", "error", "priority", "idempotency_key",
+    "max_attempts", "created_at", "started_at", "finished_at", "daemon", "callback_url",
+    "history",
+)  # fmt: skip
+
 # A job type's limits as claim.lua (and limits.lua) takes them: these entries per type.
 # free: its handler's free slots in this daemon, -1 for no local cap.
 TYPE_LIMITS = ("job_type", "free", "concurrency", "rate_count", "rate_per_ms")
@@ -142,16 +150,60 @@ def decode_job(fields: Mapping[bytes, bytes], queue: str, job_id: str) -> Job:
     return _job(named)
 
 
-def decode_archived(what: bytes | Sequence[bytes], queue: str, job_id: str) -> Job | None:
-    """A final job as take_archive.lua answered it: its hash's field, value pairs, or its
-    kept copy (a JSON array of the same pairs); None if the record is gone or not final."""
-    flat = [item.encode() for item in orjson.loads(what)] if isinstance(what, bytes) else what
-    if not flat:
+@dataclass(frozen=True, slots=True)
+class ArchiveRecord:
+    """A final job as the archive stores it, its values as Redis holds them: JSON values as
+    JSON text, times in epoch ms. Not a Job: the archiver writes thousands a second, and
+    parsing each payload only to serialise it again cost more than the rest."""
+
+    id: str
+    queue: str
+    type: str
+    state: str
+    attempts: int
+    payload: bytes  # JSON
+    result: bytes | None  # JSON, completed jobs only
+    error: bytes | None
+    priority: int
+    idempotency_key: bytes | None
+    max_attempts: int
+    created_at: int
+    started_at: int | None
+    finished_at: int
+    daemon: bytes | None
+    callback_url: bytes | None
+    history: bytes  # JSON array, the final attempt's entry included
+
+
+def decode_archive_record(row: Sequence[Any], queue: str, job_id: str) -> ArchiveRecord | None:
+    """A final job as take_archive.lua answers it: its ARCHIVED fields by position after
+    the entry and score (None if it answered none: the record is gone or not final)."""
+    if len(row) == 2:
         return None
-    fields = dict(zip(flat[::2], flat[1::2], strict=True))
-    if fields.get(b"state", b"").decode() not in FINAL_STATES:
-        return None
-    return decode_job(fields, queue, job_id)
+    # The unpacking below names ARCHIVED's entries in order (a test holds them equal).
+    (
+        job_type, state, attempts, payload, result, error, priority, idempotency_key,
+        max_attempts, created_at, started_at, finished_at, daemon, callback_url, history,
+    ) = row[2:]  # fmt: skip
+    return ArchiveRecord(
+        id=job_id,
+        queue=queue,
+        type=job_type.decode(),
+        state=state.decode(),
+        attempts=int(attempts or 0),
+        payload=payload,
+        result=result,
+        error=error,
+        priority=int(priority or DEFAULT_PRIORITY),
+        idempotency_key=idempotency_key,
+        max_attempts=int(max_attempts or 1),
+        created_at=int(created_at),
+        started_at=int(started_at) if started_at else None,
+        finished_at=int(finished_at or 0),
+        daemon=daemon,
+        callback_url=callback_url,
+        history=history or b"[]",
+    )
 
 
 def decode_claimed(flat: Sequence[Any], queue: str, daemon_id: str) -> list[Job]:

@@ -18,7 +18,7 @@ from taskd.jobs import Job
 from taskd.store import connect, record, scripts
 from taskd.store.connect import Connection, text
 from taskd.store.inspect import Inspector
-from taskd.store.record import Attempt, DaemonInfo, TypeLimits
+from taskd.store.record import ArchiveRecord, Attempt, DaemonInfo, TypeLimits
 
 logger = logging.getLogger(__name__)
 
@@ -83,11 +83,11 @@ class _Lane:
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Archived:
     """One entry taken from a queue's archive hand-off: its name there, when its job
-    ended (its score), and the job, or None if its record is gone or no longer final."""
+    ended (its score), and the job's record, or None if it is gone or no longer final."""
 
     entry: str
     ended_at: int
-    job: Job | None
+    record: ArchiveRecord | None
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -446,11 +446,11 @@ class Store:
             return None
         return [
             Archived(
-                entry=text(entry),
-                ended_at=int(score),
-                job=record.decode_archived(what, queue, text(entry).split("@", 1)[0]),
+                entry=text(row[0]),
+                ended_at=int(row[1]),
+                record=record.decode_archive_record(row, queue, text(row[0]).split("@", 1)[0]),
             )
-            for entry, score, what in taken
+            for row in taken
         ]
 
     async def archive_done(

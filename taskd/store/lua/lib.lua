@@ -134,25 +134,37 @@ local function append_history(job_key, entry)
   redis.call('HSET', job_key, 'history', with_entry(redis.call('HGET', job_key, 'history'), entry))
 end
 
--- Write the implied entry of a job in a final state into its history (see above), before
--- the job leaves that state; unless it is there already (an older taskd's ack stored it).
-local function settle_history(job_key)
-  local f = redis.call('HMGET', job_key, 'state', 'started_at', 'attempts', 'daemon',
-    'finished_at', 'error', 'history')
+-- What settled() reads of a job, in this order.
+local SETTLE = {'state', 'started_at', 'attempts', 'daemon', 'finished_at', 'error', 'history'}
+
+-- A job's history with the entry its record implies written in (see above), as JSON text,
+-- or false for none: `f` holds its SETTLE fields. Unchanged unless the job is in a final
+-- state with a started_at, and the entry is not there already (an older taskd's ack
+-- stored it).
+local function settled(f)
   if not (f[2] and (f[1] == 'completed' or f[1] == 'failed' or f[1] == 'cancelled')) then
-    return
+    return f[7]
   end
   if f[7] then
     local entries = cjson.decode(f[7])
     local last = entries[#entries]
     if last and tonumber(last.attempt) == tonumber(f[3])
         and tonumber(last.started_at) == tonumber(f[2]) then
-      return
+      return f[7]
     end
   end
   local err = f[1] ~= 'completed' and f[6] or nil
-  redis.call('HSET', job_key, 'history',
-    with_entry(f[7], history_entry(f[3], f[4], f[2], f[5], f[1], err)))
+  return with_entry(f[7], history_entry(f[3], f[4], f[2], f[5], f[1], err))
+end
+
+-- Write the implied entry of a job in a final state into its history, before the job
+-- leaves that state.
+local function settle_history(job_key)
+  local f = redis.call('HMGET', job_key, unpack(SETTLE))
+  local history = settled(f)
+  if history ~= f[7] then
+    redis.call('HSET', job_key, 'history', history)
+  end
 end
 
 -- Most values one command takes from a Lua table: unpack() fails past a few thousand.

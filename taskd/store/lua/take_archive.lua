@@ -13,10 +13,43 @@
 -- ARGV[4] -> most entries to take, >= 1
 -- ARGV[5] -> this daemon's id
 -- ARGV[6] -> the lease, ms
--- Returns false when another daemon holds the lock, else, per entry oldest first, the
--- entry, its score (when its job ended) and what it names: the job hash's field, value
--- pairs (HGETALL), its kept copy (JSON text of the same pairs), or nothing (an empty
--- array: the record is gone or not final, written by a taskd that kept no copy).
+-- Returns false when another daemon holds the lock, else, per entry oldest first: the
+-- entry, its score (when its job ended), then the job's ARCHIVED fields (record.ARCHIVED),
+-- its history with the final attempt's entry written in (lib.lua, settled); or only the
+-- entry and score when the record is gone or not final (written by a taskd that kept no
+-- copy), for the archiver to drop.
+local ARCHIVED = {'type', 'state', 'attempts', 'payload', 'result', 'error', 'priority',
+  'idempotency_key', 'max_attempts', 'created_at', 'started_at', 'finished_at', 'daemon',
+  'callback_url', 'history'}
+local FINAL = {completed = true, failed = true, cancelled = true}
+
+-- The ARCHIVED fields of a kept copy (a JSON array of field, value pairs).
+local function from_copy(copy)
+  local pairs_ = cjson.decode(copy)
+  local named = {}
+  for i = 1, #pairs_, 2 do
+    named[pairs_[i]] = pairs_[i + 1]
+  end
+  local f = {}
+  for i, name in ipairs(ARCHIVED) do
+    f[i] = named[name] or false
+  end
+  return f
+end
+
+-- The fields, by SETTLE's names, of a job's ARCHIVED fields.
+local function settle_fields(f)
+  local at = {}
+  for i, name in ipairs(ARCHIVED) do
+    at[name] = f[i]
+  end
+  local picked = {}
+  for i, name in ipairs(SETTLE) do
+    picked[i] = at[name]
+  end
+  return picked
+end
+
 local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[5] then
   return false
@@ -29,12 +62,20 @@ local entries = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[4]) - 1, 'WITHSCO
 local taken = {}
 for i = 1, #entries, 2 do
   local entry = entries[i]
-  local what
+  local f
   if string.find(entry, '@', 1, true) then
-    what = redis.call('HGET', KEYS[2], entry) or {}
+    local copy = redis.call('HGET', KEYS[2], entry)
+    f = copy and from_copy(copy)
   else
-    what = redis.call('HGETALL', JOB .. entry)
+    f = redis.call('HMGET', JOB .. entry, unpack(ARCHIVED))
   end
-  taken[#taken + 1] = {entry, entries[i + 1], what}
+  local row = {entry, entries[i + 1]}
+  if f and FINAL[f[2]] then
+    f[#ARCHIVED] = settled(settle_fields(f))
+    for j = 1, #ARCHIVED do
+      row[j + 2] = f[j]
+    end
+  end
+  taken[#taken + 1] = row
 end
 return taken
