@@ -15,6 +15,7 @@ from taskd.config.model import (
     RetentionConfig,
     ScheduleConfig,
     ServerConfig,
+    SigningSecret,
     WorkersConfig,
 )
 from taskd.config.tables import ConfigError
@@ -37,6 +38,7 @@ __all__ = [
     "RetentionConfig",
     "ScheduleConfig",
     "ServerConfig",
+    "SigningSecret",
     "TargetError",
     "WorkersConfig",
     "load",
