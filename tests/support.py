@@ -23,6 +23,7 @@ from taskd.config import Config, parse
 from taskd.daemon import Daemon, connect
 from taskd.egress import Policy
 from taskd.handlers import Handlers
+from taskd.signing import Signer
 from taskd.store import Keys, TypeLimits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,7 +82,8 @@ async def running_daemon(config: Config) -> AsyncIterator[Daemon]:
         store = connect(config, config.redis.url)
         try:
             egress = Policy.from_config(config.callbacks)
-            async with Handlers(config.handlers, egress=egress) as handlers:
+            signer = Signer.from_config(config.server)
+            async with Handlers(config.handlers, egress=egress, signer=signer) as handlers:
                 daemon = Daemon(config=config, store=store, handlers=handlers)
                 async with anyio.create_task_group() as tg:
                     await tg.start(daemon.run)
