@@ -14,6 +14,7 @@ from anyio.abc import TaskGroup
 from taskd.egress import DEFAULT_POLICY, Policy, Refused, connector
 from taskd.jobs import Job, now_ms
 from taskd.loop import Outage, repeat
+from taskd.signing import UNSIGNED, Signer, callback_id
 from taskd.store import Store
 
 logger = logging.getLogger(__name__)
@@ -43,7 +44,8 @@ class Callbacks:
     outbox for any daemon to send.
 
     `egress` is where callbacks may go (by default, public addresses only); they follow
-    no redirect, which would lead them past it.
+    no redirect, which would lead them past it. `signer` signs each delivery (by default
+    none): every delivery of a callback, by any daemon, is one message (callback_id).
     """
 
     def __init__(
@@ -57,9 +59,11 @@ class Callbacks:
         senders: int = SENDERS,
         poll_interval: float = POLL_INTERVAL,
         egress: Policy = DEFAULT_POLICY,
+        signer: Signer = UNSIGNED,
     ) -> None:
         self._store = store
         self._egress = egress
+        self._signer = signer
         self._daemon_id = daemon_id
         self._queues = tuple(queues)
         self._clock = clock
@@ -148,7 +152,7 @@ class Callbacks:
             if job is None or job.callback_url is None:
                 return "dropped"
             try:
-                error = await _post(session, job, self._egress)
+                error = await _post(session, job, self._egress, self._signer)
             except Refused as exc:
                 # The same policy would refuse every retry.
                 logger.warning("callback of job %s failed for good: %s", job_id, exc)
@@ -184,14 +188,18 @@ class Callbacks:
             logger.info("returned %d unsent callbacks to their outbox", returned)
 
 
-async def _post(session: aiohttp.ClientSession, job: Job, egress: Policy) -> str | None:
-    """POST the job's record; None on a 2xx answer, else what went wrong. Raise Refused
-    if the policy refuses the destination (names are checked by the session's resolver)."""
+async def _post(
+    session: aiohttp.ClientSession, job: Job, egress: Policy, signer: Signer
+) -> str | None:
+    """POST the job's record, signed; None on a 2xx answer, else what went wrong. Raise
+    Refused if the policy refuses the destination (names are checked by the session's
+    resolver)."""
     assert job.callback_url is not None
     # Submission refused these already; a job submitted under another policy may not be.
     egress.check_url(job.callback_url)
     body = orjson.dumps(job.to_public())
     headers = {"Content-Type": "application/json", "X-Taskd-Job-Id": job.id}
+    headers |= signer.headers(callback_id(job), body)
     try:
         async with session.post(
             job.callback_url, data=body, headers=headers, allow_redirects=False

@@ -42,6 +42,7 @@ from taskd.metrics import Metrics
 from taskd.promoter import Promoter
 from taskd.reaper import Reaper
 from taskd.scheduler import Scheduler
+from taskd.signing import Signer
 from taskd.store import UNAVAILABLE, Inspector, Store
 from taskd.systemd import Notifier
 from taskd.workers import BLOCK_TIMEOUT, WorkerPool
@@ -87,10 +88,15 @@ class Daemon:
             job_types=[(h.queue, h.name) for h in config.handlers.values()],
         )
         self.promoter = Promoter(store=store, queues=sorted(known))
-        # Where callbacks may go; `handlers` got the same policy from whoever built them.
+        # Where callbacks may go, and how they are signed; `handlers` got the same policy
+        # and signer from whoever built them.
         egress = Policy.from_config(config.callbacks)
         self.callbacks = Callbacks(
-            store=store, daemon_id=self.identity.id, queues=workers.queues, egress=egress
+            store=store,
+            daemon_id=self.identity.id,
+            queues=workers.queues,
+            egress=egress,
+            signer=Signer.from_config(config.server),
         )
         self.archiver = (
             None
@@ -280,8 +286,9 @@ async def serve(config: Config, redis_url: str) -> None:
     try:
         await wait_for_redis(store, redis_url)
         egress = Policy.from_config(config.callbacks)
+        signer = Signer.from_config(config.server)
         async with (
-            Handlers(config.handlers, egress=egress) as handlers,
+            Handlers(config.handlers, egress=egress, signer=signer) as handlers,
             open_archive(config) as archive,
         ):
             await Daemon(config=config, store=store, handlers=handlers, archive=archive).run()

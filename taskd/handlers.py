@@ -21,6 +21,7 @@ from yarl import URL
 from taskd.config import HandlerConfig, TargetError, resolve
 from taskd.egress import DEFAULT_POLICY, Policy, Refused, connector
 from taskd.jobs import Job
+from taskd.signing import UNSIGNED, Signer, attempt_id
 
 logger = logging.getLogger(__name__)
 
@@ -53,13 +54,19 @@ class Handlers:
     """The handlers of this daemon's job types, ready to run jobs.
 
     `egress` is where http handlers may connect: by default, public addresses only.
+    `signer` signs their requests (by default none), each attempt one message (attempt_id).
     """
 
     def __init__(
-        self, configs: Mapping[str, HandlerConfig], *, egress: Policy = DEFAULT_POLICY
+        self,
+        configs: Mapping[str, HandlerConfig],
+        *,
+        egress: Policy = DEFAULT_POLICY,
+        signer: Signer = UNSIGNED,
     ) -> None:
         self._configs = dict(configs)
         self._egress = egress
+        self._signer = signer
         self._python: dict[str, tuple[PythonHandler, bool]] = {}
         self._session: aiohttp.ClientSession | None = None
         for job_type, config in self._configs.items():
@@ -153,8 +160,9 @@ class Handlers:
         # Redirects are followed here, not by aiohttp: it would re-send the payload on a
         # 307 or 308 to any other site, and each hop's destination must be checked.
         hop = _Hop(url=url, method="POST", data=orjson.dumps(job.payload))
+        message = attempt_id(job)
         redirects = 0
-        while (answer := await self._send(hop, headers, first=redirects == 0)).location:
+        while (answer := await self._send(hop, headers, message, first=redirects == 0)).location:
             if redirects == config.max_redirects:
                 raise JobFailed(
                     f"HTTP {answer.status} from {hop.url}: redirect to {answer.location} not "
@@ -164,11 +172,16 @@ class Handlers:
             redirects += 1
         return _http_result(job, hop.url, answer)
 
-    async def _send(self, hop: _Hop, headers: dict[str, str], *, first: bool) -> _Answer:
-        """One request, its redirect left unfollowed: the answer, or JobFailed."""
+    async def _send(
+        self, hop: _Hop, headers: dict[str, str], message: str, *, first: bool
+    ) -> _Answer:
+        """One request, signed as `message`, its redirect left unfollowed: the answer, or
+        JobFailed."""
         assert self._session is not None
         if hop.data is not None:
             headers = {**headers, "Content-Type": "application/json"}
+        # Each hop signed as it is sent: a redirect turned into a GET sends no body.
+        headers = {**headers, **self._signer.headers(message, hop.data or b"")}
         try:
             # The configured URL may carry a user and password: the operator's choice.
             self._egress.check_url(hop.url, credentials=True)

@@ -58,6 +58,16 @@ class Job:
     callback_url: str | None = None  # POSTed the final record when the job ends
     priority: int = DEFAULT_PRIORITY  # 0 to 9: of a queue's ready jobs, the highest start first
     waiting_for: str | None = None  # "rate_limit" or "concurrency": why a ready job waits
+    # Attempts before the latest retry by hand (POST /jobs/ID/retry), which starts
+    # `attempts` again from 0: see attempt_number.
+    earlier_attempts: int = 0
+
+    @property
+    def attempt_number(self) -> int:
+        """The attempts this job has had in all, retries by hand or not: while it runs, the
+        number of this attempt; once it ended, of the attempt that ended it (or of the last
+        before it was cancelled)."""
+        return self.earlier_attempts + self.attempts
 
     def to_public(self) -> dict[str, Any]:
         """The job as the HTTP API shows it: RFC 3339 times, nothing internal."""

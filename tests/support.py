@@ -23,6 +23,7 @@ from taskd.config import Config, parse
 from taskd.daemon import Daemon, connect, open_archive
 from taskd.egress import Policy
 from taskd.handlers import Handlers
+from taskd.signing import Signer
 from taskd.store import Keys, TypeLimits
 
 REPO = Path(__file__).resolve().parent.parent
@@ -81,8 +82,9 @@ async def running_daemon(config: Config) -> AsyncIterator[Daemon]:
         store = connect(config, config.redis.url)
         try:
             egress = Policy.from_config(config.callbacks)
+            signer = Signer.from_config(config.server)
             async with (
-                Handlers(config.handlers, egress=egress) as handlers,
+                Handlers(config.handlers, egress=egress, signer=signer) as handlers,
                 open_archive(config) as archive,
             ):
                 daemon = Daemon(config=config, store=store, handlers=handlers, archive=archive)

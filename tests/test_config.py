@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import base64
 import dataclasses
 import datetime
 import ipaddress
@@ -40,7 +41,8 @@ ECHO = '[handlers.echo]\nbuiltin = "echo"\n'
 TOP_KEYS = "server, redis, workers, retention, callbacks, archive, handlers, schedules"
 SERVER_KEYS = (
     "listen, max_body, max_batch, idempotency_ttl, token, allowed_hosts, public_reads,"
-    " public_health, public_metrics, keepalive_timeout, request_read_timeout, max_connections"
+    " public_health, public_metrics, keepalive_timeout, request_read_timeout, max_connections,"
+    " signing_secrets"
 )
 HANDLER_KEYS = (
     "builtin, python, exec, http, queue, timeout, concurrency, max_attempts, backoff_base, "
@@ -574,6 +576,117 @@ def test_env_defaults_to_os_environ(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TASKD_REDIS_URL", "redis://from-environ:6379/0")
     cfg = parse({"handlers": {"echo": {"builtin": "echo"}}})
     assert cfg.redis.url == "redis://from-environ:6379/0"
+
+
+# [server] signing_secrets and TASKD_SIGNING_SECRETS
+
+KEY_A, KEY_B = b"a" * 32, bytes(range(24))
+SECRET_A = "whsec_" + base64.b64encode(KEY_A).decode()
+SECRET_B = "whsec_" + base64.b64encode(KEY_B).decode()
+SHORT = "whsec_" + base64.b64encode(b"s" * 23).decode()
+
+
+def secrets_text(*secrets: str) -> str:
+    return f"[server]\nsigning_secrets = {json.dumps(list(secrets))}\n" + ECHO
+
+
+def test_signing_secrets_are_decoded_in_order_and_none_by_default() -> None:
+    cfg = parse_text(secrets_text(SECRET_A, SECRET_B))
+    assert [s.key for s in cfg.server.signing_secrets] == [KEY_A, KEY_B]
+    assert parse_text(ECHO).server.signing_secrets == ()
+    # Unpadded base64, as the standardwebhooks libraries accept it.
+    [unpadded] = parse_text(secrets_text(SECRET_B.rstrip("="))).server.signing_secrets
+    assert unpadded.key == KEY_B
+
+
+def test_env_signing_secrets_replace_the_files() -> None:
+    env = {"TASKD_SIGNING_SECRETS": f" {SECRET_B},{SECRET_A}\n"}
+    cfg = parse_text(secrets_text(SECRET_A), env=env)
+    assert [s.key for s in cfg.server.signing_secrets] == [KEY_B, KEY_A]
+    spaced = parse_text(ECHO, env={"TASKD_SIGNING_SECRETS": f"{SECRET_A} {SECRET_B}"})
+    assert [s.key for s in spaced.server.signing_secrets] == [KEY_A, KEY_B]
+    unset = parse_text(secrets_text(SECRET_A), env={"TASKD_SIGNING_SECRETS": " "})
+    assert [s.key for s in unset.server.signing_secrets] == [KEY_A]
+
+
+BASE64 = 'the part after "whsec_" must be base64'
+BAD_SECRETS = [
+    ("not-whsec", 'must start with "whsec_"'),
+    ("whsec_***", BASE64),
+    ("whsec_" + base64.urlsafe_b64encode(b"\xfb" * 30).decode(), BASE64),
+    (SHORT, "must encode at least 24 bytes, got 23"),
+]
+
+
+@pytest.mark.parametrize(("secret", "expected"), BAD_SECRETS)
+def test_a_bad_signing_secret_is_named_by_its_place_and_never_shown(
+    secret: str, expected: str
+) -> None:
+    [problem] = problems_of(secrets_text(SECRET_A, secret))
+    assert problem.startswith(f"server.signing_secrets[1]: {expected}")
+    with pytest.raises(ConfigError) as info:
+        parse_text(ECHO, env={"TASKD_SIGNING_SECRETS": f"{SECRET_A} {secret}"})
+    [from_env] = info.value.problems
+    assert from_env.startswith(
+        f"server.signing_secrets[1] (from TASKD_SIGNING_SECRETS): {expected}"
+    )
+    for shown in (problem, from_env):
+        assert secret.removeprefix("whsec_") not in shown
+        assert SECRET_A.removeprefix("whsec_") not in shown
+
+
+def test_signing_secrets_of_the_wrong_shape() -> None:
+    assert problems_of(secrets_text(SECRET_A, SECRET_A)) == [
+        "server.signing_secrets[1]: repeats signing_secrets[0]"
+    ]
+    assert problems_of(f"[server]\nsigning_secrets = [{SECRET_A!r}, 7]\n") == [
+        "server.signing_secrets[1]: must be a string, got integer 7"
+    ]
+    # A secret given where the array belongs is not quoted back.
+    [problem] = problems_of(f"[server]\nsigning_secrets = {SECRET_A!r}\n")
+    assert problem == (
+        'server.signing_secrets: must be an array of strings "whsec_" followed by the base64 '
+        "of 24 or more random bytes, got a string"
+    )
+
+
+def test_file_and_env_signing_secrets_are_both_checked() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse_text(secrets_text("nope"), env={"TASKD_SIGNING_SECRETS": SHORT})
+    assert [p.partition(":")[0] for p in info.value.problems] == [
+        "server.signing_secrets[0]",
+        "server.signing_secrets[0] (from TASKD_SIGNING_SECRETS)",
+    ]
+
+
+def test_a_printed_config_shows_no_signing_key() -> None:
+    cfg = parse_text(secrets_text(SECRET_A, SECRET_B))
+    for shown in (repr(cfg), str(cfg), repr(cfg.server)):
+        assert "SigningSecret()" in shown
+        for secret, key in ((SECRET_A, KEY_A), (SECRET_B, KEY_B)):
+            assert secret.removeprefix("whsec_") not in shown
+            assert repr(key) not in shown
+
+
+def test_taskd_check_reports_a_bad_secret_without_it(tmp_path: Path) -> None:
+    path = tmp_path / "taskd.toml"
+    path.write_text(secrets_text(SECRET_A, "whsec_" + "Zm9v" * 3))
+    taskd = Path(sys.executable).parent / "taskd"
+    env = {**os.environ, "TASKD_SIGNING_SECRETS": ""}
+    run = subprocess.run(
+        [str(taskd), "check", "--config", str(path)], capture_output=True, text=True, env=env
+    )
+    assert run.returncode == 2
+    assert run.stderr.splitlines()[1:] == [
+        f"{path}: server.signing_secrets[1]: must encode at least 24 bytes, got 9 (value not shown)"
+    ]
+    assert "Zm9v" not in run.stderr + run.stdout
+    path.write_text(secrets_text(SECRET_A))
+    ok = subprocess.run(
+        [str(taskd), "check", "--config", str(path)], capture_output=True, text=True, env=env
+    )
+    assert (ok.returncode, ok.stdout.strip()) == (0, f"{path}: ok (1 handlers)")
+    assert SECRET_A.removeprefix("whsec_") not in ok.stdout + ok.stderr
 
 
 # Every validation rule, with the key path it is reported under

@@ -7,7 +7,9 @@ the suite, so new commands cannot drift. A `console` block's commands are its `$
 documented output, of which the test checks what does not vary: the scalar fields other
 than ids and times, the HTTP status line, and the fixed parts of text lines (`…` stands
 for what is left out). Ids the docs show (`01a20d20-…`) stand for the real ones the
-earlier commands returned. Reads are polled until they answer as documented.
+earlier commands returned. Reads are polled until they answer as documented. Other blocks a
+test takes from the docs as they are carry `<!-- config: NAME -->` (TOML) or
+`<!-- code: NAME -->` (Python, run by tests/test_signing.py).
 """
 
 from __future__ import annotations
@@ -27,12 +29,13 @@ from typing import Any
 import anyio
 import pytest
 
+from taskd.config import parse
 from tests.builders import shipped_config
 from tests.support import REPO, TASKD, DaemonProcess, wait_healthy, wait_until
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 SHELL = {"sh", "console"}
-MARKER = re.compile(r"^<!--\s*(test|not run|config):\s*(.*?)\s*-->$")
+MARKER = re.compile(r"^<!--\s*(test|not run|config|code):\s*(.*?)\s*-->$")
 
 # The names `<!-- test: NAME -->` may give, each run by one test of this file.
 RUNNERS = {
@@ -44,6 +47,7 @@ RUNNERS = {
     "command-line": "test_command_line",
     "promtool": "test_alert_rules_commands",
     "bench-quick": "test_quick_bench_command",
+    "make-secret": "test_a_made_signing_secret_is_one_taskd_takes",
 }
 
 # Output fields that differ from run to run: ids (mapped separately), times, hosts.
@@ -351,3 +355,13 @@ async def test_alert_rules_commands() -> None:
 async def test_quick_bench_command(tmp_path: Path) -> None:
     for block in blocks_named("test", "bench-quick"):
         await Shell("", tmp_path, user_env(), {}).run_console(block)
+
+
+async def test_a_made_signing_secret_is_one_taskd_takes(tmp_path: Path) -> None:
+    [block] = blocks_named("test", "make-secret")
+    made = [await Shell("", tmp_path, user_env(), {}).run(block.body) for _ in range(2)]
+    secrets = [text.strip() for text in made]
+    assert secrets[0] != secrets[1]  # random each time
+    data = {"server": {"signing_secrets": secrets}, "handlers": {"e": {"builtin": "echo"}}}
+    config = parse(data, env={})
+    assert [len(secret.key) for secret in config.server.signing_secrets] == [32, 32]

@@ -21,6 +21,7 @@ CLAIMED = {
     "started_at": (b"3000", 3000),
     "waited_ms": (b"40", 40),
     "callback_url": (b"http://cb.example/done", "http://cb.example/done"),
+    "earlier_attempts": (b"6", 6),
 }
 
 

@@ -165,6 +165,29 @@ async def test_the_entry_of_the_attempt_that_ended_a_job_is_implied_by_its_recor
     assert outcomes == [(1, "failed"), (1, "completed")]  # attempts start over on a retry
 
 
+async def test_a_retry_by_hand_starts_attempts_over_but_not_the_attempt_number(
+    store: Store, redis: Redis
+) -> None:
+    [job] = await enqueue(store, 1, max_attempts=2)
+    numbers = []
+    for now in (1, 10):  # two lives of two attempts each, the first ending in a retry
+        [first] = (await store.claim(Q, ME, 1, now=now, type_limits=ECHO)).jobs
+        await store.ack(Q, ME, [ended(first, "retry", "flaky", retry_at=now + 1)], now=now)
+        await store.promote(Q, now + 1)
+        [second] = (await store.claim(Q, ME, 1, now=now + 2, type_limits=ECHO)).jobs
+        await store.ack(Q, ME, [ended(second, "failed", "boom")], now=now + 3)
+        numbers += [(j.attempts, j.attempt_number) for j in (first, second)]
+        assert await store.retry(Q, job.id, now=now + 4) == "failed"
+    assert numbers == [(1, 1), (2, 2), (1, 3), (2, 4)]
+    back = await stored(store, job.id)
+    assert (back.attempts, back.earlier_attempts, back.attempt_number) == (0, 4, 4)
+    assert len(back.history) == back.attempt_number  # every attempt it had, counted
+    # Absent while at 0, as attempts is: a job never retried by hand has no such field.
+    [fresh] = await enqueue(store, 1)
+    await store.claim(Q, ME, 1, now=20, type_limits=ECHO)
+    assert await redis.hget(K.job(Q, fresh.id), "earlier_attempts") is None
+
+
 async def test_ack_of_an_attempt_no_longer_owned_changes_nothing(
     store: Store, redis: Redis
 ) -> None:

@@ -16,6 +16,7 @@ from taskd.config.model import (
     RetentionConfig,
     ScheduleConfig,
     ServerConfig,
+    SigningSecret,
     WorkersConfig,
 )
 from taskd.config.tables import ConfigError
@@ -39,6 +40,7 @@ __all__ = [
     "RetentionConfig",
     "ScheduleConfig",
     "ServerConfig",
+    "SigningSecret",
     "TargetError",
     "WorkersConfig",
     "load",

@@ -57,7 +57,8 @@ def parse(
     env = os.environ if env is None else env
     problems: list[str] = []
     root = Table(data, "", problems, known=TOP_KEYS)
-    server = read_server(root.table("server", schema=ServerConfig))
+    secrets = env.get("TASKD_SIGNING_SECRETS", "")
+    server = read_server(root.table("server", schema=ServerConfig), secrets)
     redis_url = env.get("TASKD_REDIS_URL", "")
     redis = read_redis(root.table("redis", schema=RedisConfig), redis_url)
     workers = read_workers(root.table("workers", schema=WorkersConfig))

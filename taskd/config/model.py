@@ -54,6 +54,14 @@ def defaults_of(schema: type[Any]) -> dict[str, Any]:
 
 
 @dataclass(frozen=True, slots=True)
+class SigningSecret:
+    """A key callbacks and http handler requests are signed with: a "whsec_" secret,
+    decoded. Its repr hides it, so that no config printed or logged shows it."""
+
+    key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     """The HTTP API: where it listens and how large a request it takes."""
 
@@ -82,6 +90,10 @@ class ServerConfig:
     keepalive_timeout: float = 75.0
     request_read_timeout: float = 10.0
     max_connections: int = 1000
+    # Keys that sign every callback and http handler request (Standard Webhooks), each of
+    # them: more than one while a new key replaces an old. TASKD_SIGNING_SECRETS, when set,
+    # replaces them (see taskd.config.secrets). None: nothing is signed.
+    signing_secrets: tuple[SigningSecret, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

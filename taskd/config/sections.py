@@ -19,6 +19,7 @@ from taskd.config.model import (
     ServerConfig,
     WorkersConfig,
 )
+from taskd.config.secrets import read_signing_secrets
 from taskd.config.tables import Table, describe
 from taskd.config.urls import cluster_url_problem, postgres_url_problem, redis_url_problem
 
@@ -41,7 +42,7 @@ _MAX_KEEP_DAYS = 100 * 365
 _CIDR_RULE = 'a network like "10.0.0.0/8" or an address like "10.1.2.3"'
 
 
-def read_server(t: Table) -> ServerConfig:
+def read_server(t: Table, env_secrets: str) -> ServerConfig:
     listen = t.string("listen")
     max_body = t.integer("max_body", 1, _MAX_BODY)
     max_batch = t.integer("max_batch", 1, _MAX_BATCH)
@@ -56,6 +57,7 @@ def read_server(t: Table) -> ServerConfig:
     keepalive_timeout = t.seconds("keepalive_timeout", _HOUR)
     request_read_timeout = t.seconds("request_read_timeout", _HOUR)
     max_connections = t.integer("max_connections", 1, _MAX_CONNECTIONS)
+    signing_secrets = read_signing_secrets(t, env_secrets)
     try:
         host, port, unix_path = _parse_listen(listen)
     except ValueError as e:
@@ -77,6 +79,7 @@ def read_server(t: Table) -> ServerConfig:
         keepalive_timeout=keepalive_timeout,
         request_read_timeout=request_read_timeout,
         max_connections=max_connections,
+        signing_secrets=signing_secrets,
     )
 
 

@@ -19,14 +19,15 @@ from taskd.jobs import ACTIVE, DEFAULT_PRIORITY, FINAL_STATES, Job
 # The fields of a job's hash ({prefix}:{<queue>}:job:<id>), as every script reads and
 # writes them. cancel_requested is present (with the time asked) or absent; progress,
 # progress_message and progress_at go together. attempts and priority are absent while
-# at 0 and DEFAULT_PRIORITY (a field is about 72 bytes in a hash too big to be compact).
+# at 0 and DEFAULT_PRIORITY (a field is about 72 bytes in a hash too big to be compact),
+# earlier_attempts (the attempts before the latest retry by hand, retry.lua) while at 0.
 # id and queue repeat the key: readers take them from the key they read (decode_job),
 # and a later release stops writing them, once no daemon older than this one needs them.
 JOB_FIELDS = (
     "id", "type", "queue", "payload", "state", "attempts", "max_attempts", "created_at",
     "started_at", "finished_at", "run_at", "result", "error", "daemon", "cancel_requested",
     "history", "idempotency_key", "progress", "progress_message", "progress_at",
-    "callback_url", "priority", "waiting_for",
+    "callback_url", "priority", "waiting_for", "earlier_attempts",
 )  # fmt: skip
 
 # A new job as enqueue.lua takes it: these entries per job, after the script's own
@@ -42,7 +43,7 @@ NEW_JOB = (
 # of the hash: how long the attempt waited since the job was due. callback_url '': none.
 CLAIMED_JOB = (
     "id", "type", "payload", "attempts", "created_at", "max_attempts", "started_at",
-    "waited_ms", "callback_url",
+    "waited_ms", "callback_url", "earlier_attempts",
 )  # fmt: skip
 
 # A finished attempt as ack.lua takes it: these entries per attempt. The script writes
@@ -226,10 +227,11 @@ def decode_claimed(flat: Sequence[Any], queue: str, daemon_id: str) -> list[Job]
             daemon=daemon_id,
             waited_ms=int(waited_ms),
             callback_url=callback_url.decode() or None,
+            earlier_attempts=int(earlier_attempts),
         )
         for (
             job_id, job_type, payload, attempts, created_at, max_attempts, started_at,
-            waited_ms, callback_url,
+            waited_ms, callback_url, earlier_attempts,
         ) in rows
     ]  # fmt: skip
 
@@ -276,6 +278,7 @@ def _job(f: Mapping[str, Any]) -> Job:
         callback_url=_opt_text(f.get("callback_url")),
         priority=int(f.get("priority", DEFAULT_PRIORITY)),
         waiting_for=_opt_text(f.get("waiting_for")),
+        earlier_attempts=int(f.get("earlier_attempts", 0)),
     )
 
 
