@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tomllib
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -88,7 +89,9 @@ def test_shipped_example_commented_handlers_are_well_formed() -> None:
     assert problems == [
         "handlers.thumbnail.exec: program '/usr/local/bin/make-thumbnail' "
         "not found or not executable",
-        "handlers.send-email.python: cannot import module 'myapp.jobs': No module named 'myapp'",
+        "handlers.send-email.python: cannot import module 'myapp.jobs': No module named 'myapp' "
+        "(looked in the config file's directory, [workers] python_path, then the packages of "
+        "taskd's own Python)",
     ]
 
 
@@ -234,6 +237,102 @@ def test_python_handler_in_a_package() -> None:
 def test_python_handler_dotted_attribute() -> None:
     cfg = parse({"handlers": {"enc": {"python": "json:JSONEncoder.encode"}}}, env={})
     assert cfg.handlers["enc"].python == "json:JSONEncoder.encode"
+
+
+@pytest.fixture
+def import_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """sys.path as it was, and no module of tmp_path left imported, after the test."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
+            del sys.modules[name]
+
+
+def write_module(path: Path, text: str) -> None:
+    """A module file, its directories made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+def test_python_handler_in_a_package_beside_the_config_file(
+    tmp_path: Path, import_path: None
+) -> None:
+    # A name of its own: a module another test imported stays in sys.modules.
+    write_module(tmp_path / "etc" / "beside_app" / "__init__.py", "")
+    write_module(tmp_path / "etc" / "beside_app" / "jobs.py", "def run(job):\n    return 1\n")
+    path = tmp_path / "etc" / "taskd.toml"
+    path.write_text('[handlers.run]\npython = "beside_app.jobs:run"\n')
+    cfg = load(path, env={})
+    assert cfg.handlers["run"].python == "beside_app.jobs:run"
+    assert sys.path[0] == str(tmp_path / "etc")
+    assert config.resolve("beside_app.jobs:run").__module__ == "beside_app.jobs"
+    load(path, env={})  # again: the directory is on the path once
+    assert sys.path.count(str(tmp_path / "etc")) == 1
+
+
+def test_python_path_is_taken_from_the_config_files_directory_after_it(
+    tmp_path: Path, import_path: None
+) -> None:
+    etc, elsewhere = tmp_path / "etc", tmp_path / "opt" / "lib"
+    write_module(etc / "src" / "pp_first.py", "def run(job):\n    return 'src'\n")
+    write_module(elsewhere / "pp_second.py", "def run(job):\n    return 'opt'\n")
+    path = etc / "taskd.toml"
+    path.write_text(
+        f'[workers]\npython_path = ["src", "{elsewhere}"]\n\n'
+        '[handlers.a]\npython = "pp_first:run"\n\n[handlers.b]\npython = "pp_second:run"\n'
+    )
+    cfg = load(path, env={})
+    assert cfg.workers.python_path == (etc / "src", elsewhere)
+    # As PYTHONPATH would: the config's directory, then python_path, then the rest.
+    assert sys.path[:3] == [str(etc), str(etc / "src"), str(elsewhere)]
+
+
+def test_python_path_without_a_config_file_is_taken_from_the_working_directory(
+    tmp_path: Path, import_path: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lib").mkdir()
+    cfg = parse({"workers": {"python_path": ["lib"]}, "handlers": {"e": {"builtin": "echo"}}})
+    assert cfg.workers.python_path == (tmp_path / "lib",)
+
+
+def test_python_path_names_directories_that_exist(tmp_path: Path, import_path: None) -> None:
+    (tmp_path / "file").write_text("")
+    path = tmp_path / "taskd.toml"
+    path.write_text(f'[workers]\npython_path = ["nope", "{tmp_path / "file"}", 3]\n\n{ECHO}')
+    with pytest.raises(ConfigError) as info:
+        load(path, env={})
+    assert info.value.problems == [
+        "workers.python_path[2]: must be a non-empty string, got integer 3"
+    ]
+    path.write_text(f'[workers]\npython_path = ["nope", "{tmp_path / "file"}"]\n\n{ECHO}')
+    with pytest.raises(ConfigError) as info:
+        load(path, env={})
+    assert info.value.problems == [
+        f"workers.python_path[0]: no such directory: {tmp_path / 'nope'} (from 'nope')",
+        f"workers.python_path[1]: no such directory: '{tmp_path / 'file'}'",
+    ]
+
+
+def test_a_module_the_handler_imports_is_told_apart_from_the_handlers_own(
+    tmp_path: Path, import_path: None
+) -> None:
+    write_module(tmp_path / "needs_dep.py", "import no_such_dependency_xyz\n")
+    path = tmp_path / "taskd.toml"
+    path.write_text(
+        '[handlers.a]\npython = "needs_dep:run"\n\n[handlers.b]\npython = "not_here_xyz.jobs:run"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load(path, env={})
+    assert str(info.value).splitlines() == [
+        f"{path}: handlers.a.python: cannot import module 'needs_dep': No module named "
+        "'no_such_dependency_xyz' (a module the handler imports: install it into taskd's own "
+        "Python)",
+        f"{path}: handlers.b.python: cannot import module 'not_here_xyz.jobs': No module named "
+        "'not_here_xyz' (looked in the config file's directory, [workers] python_path, then "
+        "the packages of taskd's own Python)",
+    ]
 
 
 def test_exec_handler_absolute_path() -> None:
@@ -1139,7 +1238,7 @@ def test_invalid(text: str, expected: str) -> None:
         (
             "[workers]\nthreads = 4\n",
             "workers.threads: unknown key (known: concurrency, queues, shutdown_timeout, "
-            "heartbeat_interval, dead_after, queue_mode, weights)",
+            "heartbeat_interval, dead_after, queue_mode, weights, python_path)",
         ),
         (
             '[handlers.thumb]\nbuiltin = "echo"\nfrob = 1\n',

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 from redis.asyncio import Redis
 
+from taskd.jobs import format_ms
 from taskd.store import Keys
 from tests.builders import shipped_config, write_daemon_config
 from tests.support import (
+    REPO,
+    TASKD,
     DaemonProcess,
     get_json,
     post_json,
@@ -21,6 +26,7 @@ from tests.support import (
     wait_healthy,
     wait_until,
 )
+from tests.test_docs import blocks_named, user_env
 
 K = Keys("taskd")
 
@@ -207,3 +213,116 @@ async def test_exec_programs_that_ignore_stdin_complete_in_a_real_daemon(
     finally:
         daemon.kill()
     assert await redis.zcard(K.completed("default")) == total
+
+
+# A handler that answers the Job attributes its payload names, as it sees them.
+_PROBE = """
+def attributes(job):
+    return {name: getattr(job, name) for name in job.payload}
+"""
+
+
+def documented_job_attributes() -> list[str]:
+    """The attributes the table under "**The job.**" of docs/configuration.md lists."""
+    text = (REPO / "docs" / "configuration.md").read_text()
+    table = text.split("**The job.**", 1)[1].split("\n\n", 2)[1]
+    return re.findall(r"(?m)^\| `(\w+)` \|", table)
+
+
+def python_handlers_beside(etc: Path, port: int) -> Path:
+    """The documented Python handlers (their config and module) in `etc`, as under
+    /etc/taskd, and a probe handler in a [workers] python_path directory; the config."""
+    [config] = blocks_named("config", "python-handlers")
+    [module] = blocks_named("config", "python-handlers-module")
+    (etc / "myapp").mkdir(parents=True)
+    (etc / "myapp" / "__init__.py").write_text("")
+    (etc / "myapp" / "jobs.py").write_text(module.body + "\n")
+    (etc / "lib").mkdir()
+    (etc / "lib" / "probe.py").write_text(_PROBE)
+    path = etc / "taskd.toml"
+    path.write_text(
+        f'[server]\nlisten = "127.0.0.1:{port}"\n\n[workers]\npython_path = ["lib"]\n\n'
+        f'{config.body}\n\n[handlers.probe]\npython = "probe:attributes"\n'
+    )
+    return path
+
+
+async def test_python_handlers_beside_the_config_run_without_pythonpath(
+    tmp_path: Path, free_port: Any, redis_url: str
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = python_handlers_beside(tmp_path / "etc", port)
+    # Elsewhere, and with nothing on PYTHONPATH (empty is as unset): only the config's
+    # directory can lead to myapp.
+    (elsewhere := tmp_path / "run").mkdir()
+    env = {"TASKD_REDIS_URL": redis_url, "PYTHONPATH": ""}
+    checked = await anyio.run_process(
+        [str(TASKD), "check", "--config", str(config)],
+        cwd=elsewhere,
+        env={**user_env(), **env},
+        check=False,
+    )
+    assert (checked.returncode, checked.stdout.decode()) == (
+        0,
+        f"{config}: ok (3 handlers)\n",
+    ), checked.stderr
+    daemon = DaemonProcess(["--config", str(config)], cwd=elsewhere, env=env)
+    try:
+        await wait_healthy(url, daemon)
+        async with aiohttp.ClientSession() as session:
+            jobs = {}
+            for name, body in {
+                "resized": {"type": "resize", "payload": {"width": 640}},
+                "refused": {"type": "resize", "payload": {"width": "wide"}},
+                "thumbnail": {"type": "thumbnail", "payload": "a.png"},
+                "probe": {"type": "probe", "payload": documented_job_attributes()},
+            }.items():
+                status, job = await post_json(session, f"{url}/jobs", body)
+                assert status == 201, job
+                jobs[name] = await wait_for_state(session, url, job["id"], {"completed", "failed"})
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait() == 0, daemon.output()
+    finally:
+        daemon.kill()
+    resized, refused, thumbnail = jobs["resized"], jobs["refused"], jobs["thumbnail"]
+    assert (resized["state"], resized["result"]) == ("completed", {"width": 320, "attempt": 1})
+    assert (resized["progress"]["value"], resized["progress"]["message"]) == (50, "half way")
+    assert (refused["state"], refused["attempts"]) == ("failed", 1)
+    assert refused["error"] == "payload.width must be an integer, got 'wide'"
+    assert (thumbnail["state"], thumbnail["result"]) == ("completed", "thumbnail of a.png")
+    assert (thumbnail["progress"]["value"], thumbnail["progress"]["message"]) == (100, "done")
+    probe = jobs["probe"]
+    assert probe["state"] == "completed", probe
+    expected = {
+        "id": probe["id"],
+        "type": "probe",
+        "queue": "default",
+        "payload": documented_job_attributes(),
+        "attempts": 1,
+        "max_attempts": 3,
+        "attempt_number": 1,
+        "created_at": probe["created_at"],
+        "started_at": probe["started_at"],
+        "daemon": probe["daemon"],
+        "callback_url": None,
+    }
+    seen = dict(probe["result"])
+    for field in ("created_at", "started_at"):
+        seen[field] = format_ms(seen[field])
+    assert seen == {name: expected[name] for name in documented_job_attributes()}
+    assert set(documented_job_attributes()) == set(expected)
+
+
+def test_a_handler_module_nowhere_to_be_found_stops_startup(tmp_path: Path) -> None:
+    config = tmp_path / "taskd.toml"
+    config.write_text('[handlers.resize]\npython = "nowhere_app.jobs:resize"\n')
+    daemon = DaemonProcess(["--config", str(config)], cwd=tmp_path, env={"PYTHONPATH": ""})
+    try:
+        assert daemon.wait() == 2
+    finally:
+        daemon.kill()
+    assert (
+        f"{config}: handlers.resize.python: cannot import module 'nowhere_app.jobs': No module "
+        "named 'nowhere_app' (looked in the config file's directory" in daemon.output()
+    )

@@ -128,6 +128,10 @@ class WorkersConfig:
     queue_mode: str = "weighted"
     # Weighted mode: (queue, weight) pairs as given; a queue not listed weighs 1.
     weights: tuple[tuple[str, int], ...] = ()
+    # Directories python handlers are imported from, after the config file's own and before
+    # the packages of taskd's Python; absolute, relative ones taken from the config's.
+    # Not a key of [handlers], whose keys are job types: a type may well be named "path".
+    python_path: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -134,7 +134,8 @@ def read_redis(t: Table, env_url: str) -> RedisConfig:
     )
 
 
-def read_workers(t: Table) -> WorkersConfig:
+def read_workers(t: Table, directory: Path) -> WorkersConfig:
+    """The [workers] table; relative python_path entries are taken from `directory`."""
     concurrency = t.integer("concurrency", 1, _MAX_CONCURRENCY)
     queues = t.strings("queues", "queue names")
     if "queues" not in t.bad:
@@ -153,6 +154,7 @@ def read_workers(t: Table) -> WorkersConfig:
     if "queue_mode" not in t.bad and queue_mode not in QUEUE_MODES:
         t.problem("queue_mode", f"must be one of {', '.join(QUEUE_MODES)}, got {queue_mode!r}")
     weights = _weights(t, queues, queue_mode) if "weights" in t.data else ()
+    python_path = _python_path(t, directory)
     return WorkersConfig(
         concurrency=concurrency,
         queues=queues,
@@ -161,7 +163,21 @@ def read_workers(t: Table) -> WorkersConfig:
         dead_after=dead_after,
         queue_mode=queue_mode,
         weights=weights,
+        python_path=python_path,
     )
+
+
+def _python_path(t: Table, directory: Path) -> tuple[Path, ...]:
+    entries = t.strings("python_path", "directories", empty=True)
+    found = []
+    for i, entry in enumerate(entries):
+        path = directory / entry  # an absolute entry stays as it is
+        # A typo would otherwise show only as a module not found, far from its cause.
+        if not path.is_dir():
+            shown = f"{path} (from {entry!r})" if str(path) != entry else repr(entry)
+            t.problem("python_path", f"no such directory: {shown}", suffix=f"[{i}]")
+        found.append(path)
+    return tuple(found)
 
 
 def _check_queue_names(t: Table, queues: tuple[str, ...]) -> None:
