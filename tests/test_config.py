@@ -255,6 +255,30 @@ def write_module(path: Path, text: str) -> None:
     path.write_text(text)
 
 
+@pytest.mark.parametrize(
+    ("listen", "address"),
+    [
+        ("127.0.0.1:6390", ("127.0.0.1", 6390)),
+        ("[::1]:6390", ("::1", 6390)),
+        ("0.0.0.0:6390", ("0.0.0.0", 6390)),
+        ("10.0.0.5:65535", ("10.0.0.5", 65535)),
+    ],
+)
+def test_embedded_listen(listen: str, address: tuple[str, int]) -> None:
+    cfg = parse_text(f'[redis]\nembedded_listen = "{listen}"\n\n{ECHO}')
+    assert (cfg.redis.embedded_listen, cfg.redis.embedded_address) == (listen, address)
+    assert parse_text(ECHO).redis.embedded_address is None
+
+
+def test_embedded_listen_stays_in_a_file_a_daemon_on_another_redis_shares() -> None:
+    # The first daemon's file, used by a second one that names the first's Redis.
+    cfg = parse_text(
+        f'[redis]\nembedded_listen = "127.0.0.1:6390"\n\n{ECHO}',
+        env={"TASKD_REDIS_URL": "redis://:pw@127.0.0.1:6390/0"},
+    )
+    assert not cfg.redis.embedded
+
+
 def test_python_handler_in_a_package_beside_the_config_file(
     tmp_path: Path, import_path: None
 ) -> None:
@@ -855,6 +879,24 @@ INVALID = [
         '[redis]\nurl = "redis://h:6379/2"\ncluster = true\n',
         "redis.cluster: a Redis Cluster has only database 0, got 'redis://h:6379/2'",
     ),
+    (
+        '[redis]\nembedded_listen = "localhost:6390"\n',
+        'redis.embedded_listen: must be "ADDRESS:PORT" with an IP address, e.g. '
+        '"127.0.0.1:6390" or "[::1]:6390", got \'localhost:6390\'',
+    ),
+    ('[redis]\nembedded_listen = "::1:6390"\n', 'redis.embedded_listen: must be "ADDRESS:PORT"'),
+    ('[redis]\nembedded_listen = "127.0.0.1"\n', 'redis.embedded_listen: must be "ADDRESS:PORT"'),
+    ('[redis]\nembedded_listen = "unix:/r.sock"\n', "redis.embedded_listen: must be"),
+    ('[redis]\nembedded_listen = "10.0.0.1:65536"\n', "redis.embedded_listen: must be"),
+    (
+        '[redis]\nembedded_listen = "127.0.0.1:0"\n',
+        "redis.embedded_listen: port must be from 1 to 65535, got '127.0.0.1:0'",
+    ),
+    ("[redis]\nembedded_listen = 6390\n", "redis.embedded_listen: must be a string, got integer"),
+    (
+        '[redis]\nurl = "redis://h:6379/0"\nembedded_listen = "127.0.0.1:6390"\n',
+        'redis.embedded_listen: only an embedded Redis (url = "embedded") is started here',
+    ),
     # workers
     ("[workers]\nconcurrency = 0\n", "workers.concurrency: must be an integer from 1 to 100000"),
     ("[workers]\nconcurrency = 100001\n", "workers.concurrency: must be an integer from 1 to"),
@@ -1233,7 +1275,8 @@ def test_invalid(text: str, expected: str) -> None:
         ),
         (
             '[redis]\nhost = "x"\n',
-            "redis.host: unknown key (known: url, prefix, data_dir, cluster, request_timeout)",
+            "redis.host: unknown key (known: url, prefix, data_dir, cluster, request_timeout, "
+            "embedded_listen)",
         ),
         (
             "[workers]\nthreads = 4\n",
@@ -1525,6 +1568,7 @@ SECTIONS = [
 # Fields the loader fills in itself: none of them is a TOML key.
 NOT_KEYS = {
     ServerConfig: {"host", "port", "unix_path"},
+    RedisConfig: {"embedded_address"},
     HandlerConfig: {"name", "kind"},
     Config: {"source"},
 }

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import AuthenticationError
 
 from taskd.embedded import (
     MIN_VERSION,
@@ -161,6 +162,85 @@ def test_tcp_server_listens_on_loopback_only(
         assert not (tmp_path / "redis.sock").exists()
     assert server.pid is None
     server.stop()  # idempotent
+
+
+def _recording_wrapper(path: Path, record: Path) -> str:
+    """A redis-server that is the real one, run by a script that first writes down its
+    arguments and what it got on stdin."""
+    real = find_redis_server()
+    path.write_text(
+        "#!/bin/sh\n"
+        f"printf '%s\\n' \"$@\" > {record}.args\n"
+        f'if [ "$1" = - ]; then cat > {record}.stdin; shift; '
+        f'exec {real} - "$@" < {record}.stdin; fi\n'
+        f'exec {real} "$@"\n'
+    )
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_tcp_listener_takes_the_password_made_in_data_dir_and_kept(
+    make_server: MakeServer, tmp_path: Path, free_port: Callable[[], int]
+) -> None:
+    port = free_port()
+    binary = _recording_wrapper(tmp_path / "redis-server", tmp_path / "seen")
+    server = make_server(
+        data_dir=tmp_path / "data", tcp=("127.0.0.1", port), appendonly=False, binary=binary
+    )
+    assert server.tcp_url is None  # not started: no password yet
+    server.start(timeout=START_TIMEOUT)
+    password_file = tmp_path / "data" / "redis.password"
+    assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+    password = password_file.read_text().strip()
+    assert len(password) >= 32
+    assert server.tcp_url == f"redis://:{password}@127.0.0.1:{port}/0"
+    # Never on the command line, which every user can read: on stdin.
+    assert password not in (tmp_path / "seen.args").read_text()
+    assert (tmp_path / "seen.stdin").read_text() == f"requirepass {password}\n"
+    with Redis(port=port) as stranger, pytest.raises(AuthenticationError):
+        stranger.ping()
+    with Redis.from_url(server.tcp_url) as client:
+        client.set("key", "over tcp")
+    with Redis.from_url(server.url) as owner:  # the unix socket needs it too
+        assert owner.get("key") == b"over tcp"
+    server.stop(timeout=START_TIMEOUT)
+
+    # Started again, the same password: the URL other daemons were given still works.
+    server.start(timeout=START_TIMEOUT)
+    assert password_file.read_text().strip() == password
+    with Redis.from_url(f"redis://:{password}@127.0.0.1:{port}/0") as client:
+        assert client.ping()
+
+
+@pytest.mark.parametrize(
+    ("mode", "text", "problem"),
+    [
+        (0o644, "a-password-of-32-characters-ok!", "others may read it; chmod 600 it"),
+        (0o600, "short", "must hold one password of 16 to 256 letters"),
+        (0o600, "has spaces in it, which redis would split", "must hold one password"),
+    ],
+)
+def test_a_password_file_others_may_read_or_redis_would_misread_is_refused(
+    tmp_path: Path, free_port: Callable[[], int], mode: int, text: str, problem: str
+) -> None:
+    tmp_path.joinpath("redis.password").write_text(text + "\n")
+    tmp_path.joinpath("redis.password").chmod(mode)
+    server = RedisServer(data_dir=tmp_path, tcp=("127.0.0.1", free_port()))
+    with pytest.raises(EmbeddedRedisError, match=re.escape(problem)):
+        server.start(timeout=START_TIMEOUT)
+    assert server.pid is None
+
+
+def test_a_wildcard_address_is_named_by_the_host_for_other_daemons(
+    make_server: MakeServer, tmp_path: Path, free_port: Callable[[], int]
+) -> None:
+    port = free_port()
+    server = make_server(data_dir=tmp_path, tcp=("0.0.0.0", port), appendonly=False)
+    server.start(timeout=START_TIMEOUT)
+    password = (tmp_path / "redis.password").read_text().strip()
+    assert server.tcp_url == f"redis://:{password}@{socket.gethostname()}:{port}/0"
+    with Redis(port=port, password=password) as client:
+        assert client.config_get("bind") == {"bind": "0.0.0.0"}
 
 
 def test_start_after_kill_reloads_acknowledged_writes(

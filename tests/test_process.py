@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import signal
 import socket
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from tests.support import (
     get_json,
     post_json,
     ready_ids,
+    submit_in_turn,
     wait_for_state,
     wait_healthy,
     wait_until,
@@ -326,3 +328,69 @@ def test_a_handler_module_nowhere_to_be_found_stops_startup(tmp_path: Path) -> N
         f"{config}: handlers.resize.python: cannot import module 'nowhere_app.jobs': No module "
         "named 'nowhere_app' (looked in the config file's directory" in daemon.output()
     )
+
+
+async def test_a_second_daemon_shares_the_first_ones_embedded_redis(
+    tmp_path: Path, free_port: Any
+) -> None:
+    """README's scaling out: the first daemon's embedded Redis on TCP, the second started
+    by the documented command; both take jobs, and the second waits out the first's stop."""
+    [first_redis] = blocks_named("config", "scale-out")
+    [command] = blocks_named("test", "scale-out")
+    redis_port, ports = free_port(), [free_port(), free_port()]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    redis_section = tomllib.loads(first_redis.body.replace("6390", str(redis_port)))["redis"]
+    workers = {"concurrency": 2, "heartbeat_interval": 0.5, "shutdown_timeout": 10}
+    handlers = {"sleep": {"builtin": "sleep"}}
+    (first_dir := tmp_path / "first").mkdir()
+    first_config = write_daemon_config(
+        first_dir / "taskd.toml", ports[0], redis=redis_section, workers=workers, handlers=handlers
+    )
+    write_daemon_config(first_dir / "second.toml", ports[1], workers=workers, handlers=handlers)
+    line = command.body.replace("6390", str(redis_port)).replace(".venv/bin/", f"{TASKD.parent}/")
+    first = DaemonProcess(["--config", str(first_config)], cwd=first_dir)
+    second: DaemonProcess | None = None
+    try:
+        await wait_healthy(urls[0], first)
+        assert (
+            f"listens for other daemons at redis://***@127.0.0.1:{redis_port}/0" in first.output()
+        )
+        second = DaemonProcess([line], cwd=first_dir, env=user_env(), shell=True)
+        await wait_healthy(urls[1], second)
+        assert "starting with Redis at redis://***@127.0.0.1:" in second.output()
+        async with aiohttp.ClientSession() as session:
+            sleep = {"type": "sleep", "payload": {"seconds": 0.2}}
+            ids = await submit_in_turn(session, urls, sleep, 16)
+            done = [await wait_for_state(session, urls[1], i, {"completed"}) for i in ids]
+            _, stats = await get_json(session, f"{urls[0]}/stats")
+            assert {i["pid"] for i in stats["instances"]} == {first.proc.pid, second.proc.pid}
+            assert {job["daemon"] for job in done} == {i["id"] for i in stats["instances"]}
+
+            # The first one stops, and its Redis with it: the second runs on, answering 503.
+            first.signal(signal.SIGTERM)
+            assert first.wait() == 0, first.output()
+
+            async def unavailable() -> bool:
+                async with session.get(f"{urls[1]}/health") as response:
+                    return response.status == 503
+
+            await wait_until(unavailable, "the second daemon to find Redis gone")
+            assert second.proc.poll() is None
+            status, _ = await post_json(session, f"{urls[1]}/jobs", sleep)
+            assert status == 503
+
+            # Back, with every job it had: the second resumes by itself.
+            first = DaemonProcess(["--config", str(first_config)], cwd=first_dir)
+            await wait_healthy(urls[0], first)
+            await wait_healthy(urls[1], second)
+            more = await submit_in_turn(session, [urls[1]], sleep, 4)
+            for job_id in [*ids, *more]:
+                await wait_for_state(session, urls[1], job_id, {"completed"})
+            assert second.proc.poll() is None
+        for daemon in (second, first):
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait() == 0, daemon.output()
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
