@@ -158,13 +158,13 @@ def run(config: Config) -> int:
         return _run_loop(config, config.redis.url)
     from taskd.embedded import EmbeddedRedisError, RedisServer
 
-    server = RedisServer(data_dir=config.redis.data_dir)
+    server = RedisServer(data_dir=config.redis.data_dir, tcp=config.redis.embedded_address)
     try:
         server.start()
     except EmbeddedRedisError as exc:
         logger.error("cannot start the embedded Redis: %s", exc)
         return 1
-    logger.info("embedded Redis running at %s (pid %s)", server.url, server.pid)
+    logger.info("embedded Redis running at %s (pid %s)", redact(server.url), server.pid)
     try:
         return _run_loop(config, server.url)
     finally:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
+import ipaddress
 import logging
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -20,6 +23,8 @@ from types import TracebackType
 from typing import Any, Self
 from urllib.parse import quote
 
+from taskd.config import redact
+from taskd.redisfiles import unreadable
 from taskd.store.connect import server_probe
 
 log = logging.getLogger(__name__)
@@ -32,6 +37,10 @@ _POLL_INTERVAL = 0.05
 _LOG_TAIL_LINES = 20
 _PR_SET_PDEATHSIG = 1
 _VERSION_RE = re.compile(rb"v=(\d+)\.(\d+)\.(\d+)")
+# Where a server that listens on TCP too keeps its password, in data_dir.
+_PASSWORD_FILE = "redis.password"
+# Letters, digits, '.', '_', '~' and '-' need no quoting in a URL or in redis-server's config.
+_PASSWORD = re.compile(r"[A-Za-z0-9._~-]{16,256}")
 
 
 class EmbeddedRedisError(Exception):
@@ -101,9 +110,16 @@ class RedisServer:
         binary: str | None = None,
         appendonly: bool = True,
         extra_args: Sequence[str] = (),
+        tcp: tuple[str, int] | None = None,
     ) -> None:
+        if tcp is not None and port is not None:
+            raise ValueError("tcp goes with the unix socket, not with port")
         self._data_dir = Path(data_dir).absolute()
         self._port = port
+        # Where it listens on TCP besides its unix socket, for other daemons: with a
+        # password, which the socket (0700) never needed; it applies to both.
+        self._tcp = tcp
+        self._password: str | None = None
         self._binary = binary
         self._appendonly = appendonly
         self._extra_args = tuple(extra_args)  # more redis-server options, e.g. cluster mode
@@ -143,10 +159,28 @@ class RedisServer:
 
     @property
     def url(self) -> str:
-        """Where clients connect: a unix socket URL, or 127.0.0.1:port database 0."""
+        """Where clients connect: a unix socket URL (with the password, if it has one), or
+        127.0.0.1:port database 0."""
         if self._port is None:
-            return f"unix://{quote(str(self._socket_path))}"
+            auth = f":{self._password}@" if self._password else ""
+            return f"unix://{auth}{quote(str(self._socket_path))}"
         return f"redis://127.0.0.1:{self._port}/0"
+
+    @property
+    def tcp_url(self) -> str | None:
+        """The URL other daemons connect to, password included, when it listens on TCP
+        (`tcp`); known once started. A wildcard address stands for this host's name."""
+        if self._tcp is None or self._password is None:
+            return None
+        address, port = self._tcp
+        host = socket.gethostname() if ipaddress.ip_address(address).is_unspecified else address
+        host = f"[{host}]" if ":" in host else host
+        return f"redis://:{self._password}@{host}:{port}/0"
+
+    @property
+    def password_file(self) -> Path:
+        """Where the password of a server listening on TCP is kept."""
+        return self._data_dir / _PASSWORD_FILE
 
     @property
     def port(self) -> int | None:
@@ -176,12 +210,15 @@ class RedisServer:
                 f"bytes; it must be under {_MAX_SOCKET_PATH}: use a shorter data_dir"
             )
         binary = self._binary or find_redis_server()
-        self._check_version(binary)
+        version = self._check_version(binary)
         self._data_dir.mkdir(parents=True, exist_ok=True)
         self._lock()
         try:
+            self._check_data(binary, version)
             if self._port is None:
                 self._claim_socket()
+            if self._tcp is not None:
+                self._password = self._read_password()
             self._proc = self._spawn(binary)
         except BaseException:
             self._unlock()
@@ -192,7 +229,13 @@ class RedisServer:
             self.kill()
             raise
         self._binary = binary  # restarts use the same binary
-        log.info("started %s (pid %d) at %s", binary, self._proc.pid, self.url)
+        log.info("started %s (pid %d) at %s", binary, self._proc.pid, redact(self.url))
+        if self.tcp_url is not None:
+            log.info(
+                "the embedded Redis listens for other daemons at %s (password in %s)",
+                redact(self.tcp_url),
+                self.password_file,
+            )
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (Redis fsyncs its AOF and exits), SIGKILL after timeout; idempotent."""
@@ -237,13 +280,26 @@ class RedisServer:
     ) -> None:
         self.stop()
 
-    def _check_version(self, binary: str) -> None:
+    def _check_version(self, binary: str) -> tuple[int, int, int]:
         version = server_version(binary)
         if version < MIN_VERSION:
             have, need = ".".join(map(str, version)), ".".join(map(str, MIN_VERSION))
             raise EmbeddedRedisError(
                 f"{binary} is Redis {have}; taskd needs {need} or newer: install a newer "
                 "redis-server, or `pip install 'taskd[embedded]'` and take it off PATH"
+            )
+        return version
+
+    def _check_data(self, binary: str, version: tuple[int, int, int]) -> None:
+        # A Redis older than the one that wrote data_dir either refuses it, with a line in
+        # its log, or ignores it and starts empty: jobs gone without a word. Neither.
+        problem = unreadable(self._data_dir, version)
+        if problem is not None:
+            raise EmbeddedRedisError(
+                f"{binary} cannot load the data in {self._data_dir}: {problem}. To keep "
+                "it, put a redis-server (or valkey-server) at least as new as the one that "
+                "wrote it on PATH, where taskd looks before its bundled one; to start with "
+                "an empty Redis instead, move what is named above out of data_dir"
             )
 
     def _lock(self) -> None:
@@ -255,7 +311,7 @@ class RedisServer:
             os.close(fd)
             raise EmbeddedRedisError(
                 f"another process already runs a Redis in {self._data_dir}; "
-                f"point [redis] url at {self.url} or use another data_dir"
+                f"point [redis] url at {redact(self.url)} or use another data_dir"
             ) from None
         self._lock_fd = fd
 
@@ -267,6 +323,29 @@ class RedisServer:
     def _forget(self) -> None:
         self._proc = None
         self._unlock()
+
+    def _read_password(self) -> str:
+        """The password in data_dir, made on the first start and kept, so that the URLs
+        other daemons were given go on working; delete the file for a new one."""
+        path = self.password_file
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            pass
+        else:
+            password = secrets.token_urlsafe(32)
+            with os.fdopen(fd, "w") as f:
+                f.write(password + "\n")
+            return password
+        if path.stat().st_mode & 0o077:
+            raise EmbeddedRedisError(f"{path} holds a password: others may read it; chmod 600 it")
+        password = path.read_text().strip()
+        if not _PASSWORD.fullmatch(password):
+            raise EmbeddedRedisError(
+                f"{path} must hold one password of 16 to 256 letters, digits, '.', '_', '~' "
+                "or '-'; delete it, and taskd makes a new one"
+            )
+        return password
 
     def _claim_socket(self) -> None:
         sock = self._socket_path
@@ -286,12 +365,19 @@ class RedisServer:
 
     def _args(self, binary: str) -> list[str]:
         if self._port is None:
-            listen = ["--port", "0", "--unixsocket", str(self._socket_path)]
-            listen += ["--unixsocketperm", "700"]
+            listen = ["--port", "0"]
+            if self._tcp is not None:
+                address, port = self._tcp
+                listen = ["--port", str(port), "--bind", address]
+            listen += ["--unixsocket", str(self._socket_path), "--unixsocketperm", "700"]
         else:
             listen = ["--port", str(self._port), "--bind", "127.0.0.1"]
+        # The password goes in on stdin ("-": config from there), not on the command line,
+        # which every user of the host can read.
+        stdin = ["-"] if self._password else []
         return [
             binary,
+            *stdin,
             *listen,
             *("--dir", str(self._data_dir)),
             *("--appendonly", "yes" if self._appendonly else "no"),
@@ -309,15 +395,23 @@ class RedisServer:
         with open(self._log_path, "ab") as logfile:
             self._log_start = logfile.tell()
             try:
-                return subprocess.Popen(
+                proc = subprocess.Popen(
                     self._args(binary),
-                    stdin=subprocess.DEVNULL,
+                    stdin=subprocess.PIPE if self._password else subprocess.DEVNULL,
                     stdout=logfile,
                     stderr=subprocess.STDOUT,
                     preexec_fn=child_setup(),
                 )
             except OSError as exc:
                 raise EmbeddedRedisError(f"cannot start {binary}: {exc}") from exc
+        if proc.stdin is not None:
+            # A few bytes: the pipe takes them whole. A server that died first is
+            # reported by _wait_ready, with its log.
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.write(f"requirepass {self._password}\n".encode())
+            with contextlib.suppress(BrokenPipeError):
+                proc.stdin.close()
+        return proc
 
     def _wait_ready(self, timeout: float) -> None:
         proc = self._proc

@@ -143,13 +143,21 @@ async def wait_for_state(
 
 
 class DaemonProcess:
-    """A taskd daemon as a real child process, as a user runs it."""
+    """A taskd daemon as a real child process, as a user runs it: `taskd ARGS`, or with
+    `shell`, the command line ARGS[0] as bash runs it (which execs its last command)."""
 
-    def __init__(self, args: list[str], *, cwd: Path, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        args: list[str],
+        *,
+        cwd: Path,
+        env: Mapping[str, str] | None = None,
+        shell: bool = False,
+    ) -> None:
         self.log = cwd / f"taskd-{len(list(cwd.glob('taskd-*.log')))}.log"
         self._log_file = self.log.open("wb")
         self.proc = subprocess.Popen(
-            [str(TASKD), *args],
+            ["bash", "-c", *args] if shell else [str(TASKD), *args],
             cwd=cwd,
             env={**os.environ, **(env or {})},
             stdout=self._log_file,

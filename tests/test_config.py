@@ -16,6 +16,7 @@ import subprocess
 import sys
 import tomllib
 import types
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -92,7 +93,9 @@ def test_shipped_example_commented_handlers_are_well_formed() -> None:
     assert problems == [
         "handlers.thumbnail.exec: program '/usr/local/bin/make-thumbnail' "
         "not found or not executable",
-        "handlers.send-email.python: cannot import module 'myapp.jobs': No module named 'myapp'",
+        "handlers.send-email.python: cannot import module 'myapp.jobs': No module named 'myapp' "
+        "(looked in the config file's directory, [workers] python_path, then the packages of "
+        "taskd's own Python)",
     ]
 
 
@@ -238,6 +241,126 @@ def test_python_handler_in_a_package() -> None:
 def test_python_handler_dotted_attribute() -> None:
     cfg = parse({"handlers": {"enc": {"python": "json:JSONEncoder.encode"}}}, env={})
     assert cfg.handlers["enc"].python == "json:JSONEncoder.encode"
+
+
+@pytest.fixture
+def import_path(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[None]:
+    """sys.path as it was, and no module of tmp_path left imported, after the test."""
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    yield
+    for name, module in list(sys.modules.items()):
+        if str(getattr(module, "__file__", None) or "").startswith(str(tmp_path)):
+            del sys.modules[name]
+
+
+def write_module(path: Path, text: str) -> None:
+    """A module file, its directories made."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+
+
+@pytest.mark.parametrize(
+    ("listen", "address"),
+    [
+        ("127.0.0.1:6390", ("127.0.0.1", 6390)),
+        ("[::1]:6390", ("::1", 6390)),
+        ("0.0.0.0:6390", ("0.0.0.0", 6390)),
+        ("10.0.0.5:65535", ("10.0.0.5", 65535)),
+    ],
+)
+def test_embedded_listen(listen: str, address: tuple[str, int]) -> None:
+    cfg = parse_text(f'[redis]\nembedded_listen = "{listen}"\n\n{ECHO}')
+    assert (cfg.redis.embedded_listen, cfg.redis.embedded_address) == (listen, address)
+    assert parse_text(ECHO).redis.embedded_address is None
+
+
+def test_embedded_listen_stays_in_a_file_a_daemon_on_another_redis_shares() -> None:
+    # The first daemon's file, used by a second one that names the first's Redis.
+    cfg = parse_text(
+        f'[redis]\nembedded_listen = "127.0.0.1:6390"\n\n{ECHO}',
+        env={"TASKD_REDIS_URL": "redis://:pw@127.0.0.1:6390/0"},
+    )
+    assert not cfg.redis.embedded
+
+
+def test_python_handler_in_a_package_beside_the_config_file(
+    tmp_path: Path, import_path: None
+) -> None:
+    # A name of its own: a module another test imported stays in sys.modules.
+    write_module(tmp_path / "etc" / "beside_app" / "__init__.py", "")
+    write_module(tmp_path / "etc" / "beside_app" / "jobs.py", "def run(job):\n    return 1\n")
+    path = tmp_path / "etc" / "taskd.toml"
+    path.write_text('[handlers.run]\npython = "beside_app.jobs:run"\n')
+    cfg = load(path, env={})
+    assert cfg.handlers["run"].python == "beside_app.jobs:run"
+    assert sys.path[0] == str(tmp_path / "etc")
+    assert config.resolve("beside_app.jobs:run").__module__ == "beside_app.jobs"
+    load(path, env={})  # again: the directory is on the path once
+    assert sys.path.count(str(tmp_path / "etc")) == 1
+
+
+def test_python_path_is_taken_from_the_config_files_directory_after_it(
+    tmp_path: Path, import_path: None
+) -> None:
+    etc, elsewhere = tmp_path / "etc", tmp_path / "opt" / "lib"
+    write_module(etc / "src" / "pp_first.py", "def run(job):\n    return 'src'\n")
+    write_module(elsewhere / "pp_second.py", "def run(job):\n    return 'opt'\n")
+    path = etc / "taskd.toml"
+    path.write_text(
+        f'[workers]\npython_path = ["src", "{elsewhere}"]\n\n'
+        '[handlers.a]\npython = "pp_first:run"\n\n[handlers.b]\npython = "pp_second:run"\n'
+    )
+    cfg = load(path, env={})
+    assert cfg.workers.python_path == (etc / "src", elsewhere)
+    # As PYTHONPATH would: the config's directory, then python_path, then the rest.
+    assert sys.path[:3] == [str(etc), str(etc / "src"), str(elsewhere)]
+
+
+def test_python_path_without_a_config_file_is_taken_from_the_working_directory(
+    tmp_path: Path, import_path: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lib").mkdir()
+    cfg = parse({"workers": {"python_path": ["lib"]}, "handlers": {"e": {"builtin": "echo"}}})
+    assert cfg.workers.python_path == (tmp_path / "lib",)
+
+
+def test_python_path_names_directories_that_exist(tmp_path: Path, import_path: None) -> None:
+    (tmp_path / "file").write_text("")
+    path = tmp_path / "taskd.toml"
+    path.write_text(f'[workers]\npython_path = ["nope", "{tmp_path / "file"}", 3]\n\n{ECHO}')
+    with pytest.raises(ConfigError) as info:
+        load(path, env={})
+    assert info.value.problems == [
+        "workers.python_path[2]: must be a non-empty string, got integer 3"
+    ]
+    path.write_text(f'[workers]\npython_path = ["nope", "{tmp_path / "file"}"]\n\n{ECHO}')
+    with pytest.raises(ConfigError) as info:
+        load(path, env={})
+    assert info.value.problems == [
+        f"workers.python_path[0]: no such directory: {tmp_path / 'nope'} (from 'nope')",
+        f"workers.python_path[1]: no such directory: '{tmp_path / 'file'}'",
+    ]
+
+
+def test_a_module_the_handler_imports_is_told_apart_from_the_handlers_own(
+    tmp_path: Path, import_path: None
+) -> None:
+    write_module(tmp_path / "needs_dep.py", "import no_such_dependency_xyz\n")
+    path = tmp_path / "taskd.toml"
+    path.write_text(
+        '[handlers.a]\npython = "needs_dep:run"\n\n[handlers.b]\npython = "not_here_xyz.jobs:run"\n'
+    )
+    with pytest.raises(ConfigError) as info:
+        load(path, env={})
+    assert str(info.value).splitlines() == [
+        f"{path}: handlers.a.python: cannot import module 'needs_dep': No module named "
+        "'no_such_dependency_xyz' (a module the handler imports: install it into taskd's own "
+        "Python)",
+        f"{path}: handlers.b.python: cannot import module 'not_here_xyz.jobs': No module named "
+        "'not_here_xyz' (looked in the config file's directory, [workers] python_path, then "
+        "the packages of taskd's own Python)",
+    ]
 
 
 def test_exec_handler_absolute_path() -> None:
@@ -760,6 +883,24 @@ INVALID = [
         '[redis]\nurl = "redis://h:6379/2"\ncluster = true\n',
         "redis.cluster: a Redis Cluster has only database 0, got 'redis://h:6379/2'",
     ),
+    (
+        '[redis]\nembedded_listen = "localhost:6390"\n',
+        'redis.embedded_listen: must be "ADDRESS:PORT" with an IP address, e.g. '
+        '"127.0.0.1:6390" or "[::1]:6390", got \'localhost:6390\'',
+    ),
+    ('[redis]\nembedded_listen = "::1:6390"\n', 'redis.embedded_listen: must be "ADDRESS:PORT"'),
+    ('[redis]\nembedded_listen = "127.0.0.1"\n', 'redis.embedded_listen: must be "ADDRESS:PORT"'),
+    ('[redis]\nembedded_listen = "unix:/r.sock"\n', "redis.embedded_listen: must be"),
+    ('[redis]\nembedded_listen = "10.0.0.1:65536"\n', "redis.embedded_listen: must be"),
+    (
+        '[redis]\nembedded_listen = "127.0.0.1:0"\n',
+        "redis.embedded_listen: port must be from 1 to 65535, got '127.0.0.1:0'",
+    ),
+    ("[redis]\nembedded_listen = 6390\n", "redis.embedded_listen: must be a string, got integer"),
+    (
+        '[redis]\nurl = "redis://h:6379/0"\nembedded_listen = "127.0.0.1:6390"\n',
+        'redis.embedded_listen: only an embedded Redis (url = "embedded") is started here',
+    ),
     # workers
     ("[workers]\nconcurrency = 0\n", "workers.concurrency: must be an integer from 1 to 100000"),
     ("[workers]\nconcurrency = 100001\n", "workers.concurrency: must be an integer from 1 to"),
@@ -1138,12 +1279,13 @@ def test_invalid(text: str, expected: str) -> None:
         ),
         (
             '[redis]\nhost = "x"\n',
-            "redis.host: unknown key (known: url, prefix, data_dir, cluster, request_timeout)",
+            "redis.host: unknown key (known: url, prefix, data_dir, cluster, request_timeout, "
+            "embedded_listen)",
         ),
         (
             "[workers]\nthreads = 4\n",
             "workers.threads: unknown key (known: concurrency, queues, shutdown_timeout, "
-            "heartbeat_interval, dead_after, queue_mode, weights)",
+            "heartbeat_interval, dead_after, queue_mode, weights, python_path)",
         ),
         (
             '[handlers.thumb]\nbuiltin = "echo"\nfrob = 1\n',
@@ -1430,6 +1572,7 @@ SECTIONS = [
 # Fields the loader fills in itself: none of them is a TOML key.
 NOT_KEYS = {
     ServerConfig: {"host", "port", "unix_path"},
+    RedisConfig: {"embedded_address"},
     HandlerConfig: {"name", "kind"},
     Config: {"source"},
 }

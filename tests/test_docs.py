@@ -48,6 +48,7 @@ RUNNERS = {
     "promtool": "test_alert_rules_commands",
     "bench-quick": "test_quick_bench_command",
     "make-secret": "test_a_made_signing_secret_is_one_taskd_takes",
+    "scale-out": "test_process.py::test_a_second_daemon_shares_the_first_ones_embedded_redis",
 }
 
 # Output fields that differ from run to run: ids (mapped separately), times, hosts.

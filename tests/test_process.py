@@ -2,25 +2,33 @@
 
 from __future__ import annotations
 
+import re
 import signal
 import socket
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 from redis.asyncio import Redis
 
+from taskd.jobs import format_ms
 from taskd.store import Keys
 from tests.builders import shipped_config, write_daemon_config
 from tests.support import (
+    REPO,
+    TASKD,
     DaemonProcess,
     get_json,
     post_json,
     ready_ids,
+    submit_in_turn,
     wait_for_state,
     wait_healthy,
     wait_until,
 )
+from tests.test_docs import blocks_named, user_env
 
 K = Keys("taskd")
 
@@ -207,3 +215,202 @@ async def test_exec_programs_that_ignore_stdin_complete_in_a_real_daemon(
     finally:
         daemon.kill()
     assert await redis.zcard(K.completed("default")) == total
+
+
+# A handler that answers the Job attributes its payload names, as it sees them.
+_PROBE = """
+def attributes(job):
+    return {name: getattr(job, name) for name in job.payload}
+"""
+
+
+def documented_job_attributes() -> list[str]:
+    """The attributes the table under "**The job.**" of docs/configuration.md lists."""
+    text = (REPO / "docs" / "configuration.md").read_text()
+    table = text.split("**The job.**", 1)[1].split("\n\n", 2)[1]
+    return re.findall(r"(?m)^\| `(\w+)` \|", table)
+
+
+def python_handlers_beside(etc: Path, port: int) -> Path:
+    """The documented Python handlers (their config and module) in `etc`, as under
+    /etc/taskd, and a probe handler in a [workers] python_path directory; the config."""
+    [config] = blocks_named("config", "python-handlers")
+    [module] = blocks_named("config", "python-handlers-module")
+    (etc / "myapp").mkdir(parents=True)
+    (etc / "myapp" / "__init__.py").write_text("")
+    (etc / "myapp" / "jobs.py").write_text(module.body + "\n")
+    (etc / "lib").mkdir()
+    (etc / "lib" / "probe.py").write_text(_PROBE)
+    path = etc / "taskd.toml"
+    path.write_text(
+        f'[server]\nlisten = "127.0.0.1:{port}"\n\n[workers]\npython_path = ["lib"]\n\n'
+        f'{config.body}\n\n[handlers.probe]\npython = "probe:attributes"\n'
+    )
+    return path
+
+
+async def test_python_handlers_beside_the_config_run_without_pythonpath(
+    tmp_path: Path, free_port: Any, redis_url: str
+) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    config = python_handlers_beside(tmp_path / "etc", port)
+    # Elsewhere, and with nothing on PYTHONPATH (empty is as unset): only the config's
+    # directory can lead to myapp.
+    (elsewhere := tmp_path / "run").mkdir()
+    env = {"TASKD_REDIS_URL": redis_url, "PYTHONPATH": ""}
+    checked = await anyio.run_process(
+        [str(TASKD), "check", "--config", str(config)],
+        cwd=elsewhere,
+        env={**user_env(), **env},
+        check=False,
+    )
+    assert (checked.returncode, checked.stdout.decode()) == (
+        0,
+        f"{config}: ok (3 handlers)\n",
+    ), checked.stderr
+    daemon = DaemonProcess(["--config", str(config)], cwd=elsewhere, env=env)
+    try:
+        await wait_healthy(url, daemon)
+        async with aiohttp.ClientSession() as session:
+            jobs = {}
+            for name, body in {
+                "resized": {"type": "resize", "payload": {"width": 640}},
+                "refused": {"type": "resize", "payload": {"width": "wide"}},
+                "thumbnail": {"type": "thumbnail", "payload": "a.png"},
+                "probe": {"type": "probe", "payload": documented_job_attributes()},
+            }.items():
+                status, job = await post_json(session, f"{url}/jobs", body)
+                assert status == 201, job
+                jobs[name] = await wait_for_state(session, url, job["id"], {"completed", "failed"})
+        daemon.signal(signal.SIGTERM)
+        assert daemon.wait() == 0, daemon.output()
+    finally:
+        daemon.kill()
+    resized, refused, thumbnail = jobs["resized"], jobs["refused"], jobs["thumbnail"]
+    assert (resized["state"], resized["result"]) == ("completed", {"width": 320, "attempt": 1})
+    assert (resized["progress"]["value"], resized["progress"]["message"]) == (50, "half way")
+    assert (refused["state"], refused["attempts"]) == ("failed", 1)
+    assert refused["error"] == "payload.width must be an integer, got 'wide'"
+    assert (thumbnail["state"], thumbnail["result"]) == ("completed", "thumbnail of a.png")
+    assert (thumbnail["progress"]["value"], thumbnail["progress"]["message"]) == (100, "done")
+    probe = jobs["probe"]
+    assert probe["state"] == "completed", probe
+    expected = {
+        "id": probe["id"],
+        "type": "probe",
+        "queue": "default",
+        "payload": documented_job_attributes(),
+        "attempts": 1,
+        "max_attempts": 3,
+        "attempt_number": 1,
+        "created_at": probe["created_at"],
+        "started_at": probe["started_at"],
+        "daemon": probe["daemon"],
+        "callback_url": None,
+    }
+    seen = dict(probe["result"])
+    for field in ("created_at", "started_at"):
+        seen[field] = format_ms(seen[field])
+    assert seen == {name: expected[name] for name in documented_job_attributes()}
+    assert set(documented_job_attributes()) == set(expected)
+
+
+def test_a_handler_module_nowhere_to_be_found_stops_startup(tmp_path: Path) -> None:
+    config = tmp_path / "taskd.toml"
+    config.write_text('[handlers.resize]\npython = "nowhere_app.jobs:resize"\n')
+    daemon = DaemonProcess(["--config", str(config)], cwd=tmp_path, env={"PYTHONPATH": ""})
+    try:
+        assert daemon.wait() == 2
+    finally:
+        daemon.kill()
+    assert (
+        f"{config}: handlers.resize.python: cannot import module 'nowhere_app.jobs': No module "
+        "named 'nowhere_app' (looked in the config file's directory" in daemon.output()
+    )
+
+
+async def test_a_second_daemon_shares_the_first_ones_embedded_redis(
+    tmp_path: Path, free_port: Any
+) -> None:
+    """README's scaling out: the first daemon's embedded Redis on TCP, the second started
+    by the documented command; both take jobs, and the second waits out the first's stop."""
+    [first_redis] = blocks_named("config", "scale-out")
+    [command] = blocks_named("test", "scale-out")
+    redis_port, ports = free_port(), [free_port(), free_port()]
+    urls = [f"http://127.0.0.1:{p}" for p in ports]
+    redis_section = tomllib.loads(first_redis.body.replace("6390", str(redis_port)))["redis"]
+    workers = {"concurrency": 2, "heartbeat_interval": 0.5, "shutdown_timeout": 10}
+    handlers = {"sleep": {"builtin": "sleep"}}
+    (first_dir := tmp_path / "first").mkdir()
+    first_config = write_daemon_config(
+        first_dir / "taskd.toml", ports[0], redis=redis_section, workers=workers, handlers=handlers
+    )
+    write_daemon_config(first_dir / "second.toml", ports[1], workers=workers, handlers=handlers)
+    line = command.body.replace("6390", str(redis_port)).replace(".venv/bin/", f"{TASKD.parent}/")
+    first = DaemonProcess(["--config", str(first_config)], cwd=first_dir)
+    second: DaemonProcess | None = None
+    try:
+        await wait_healthy(urls[0], first)
+        assert (
+            f"listens for other daemons at redis://***@127.0.0.1:{redis_port}/0" in first.output()
+        )
+        second = DaemonProcess([line], cwd=first_dir, env=user_env(), shell=True)
+        await wait_healthy(urls[1], second)
+        assert "starting with Redis at redis://***@127.0.0.1:" in second.output()
+        async with aiohttp.ClientSession() as session:
+            sleep = {"type": "sleep", "payload": {"seconds": 0.2}}
+            ids = await submit_in_turn(session, urls, sleep, 16)
+            done = [await wait_for_state(session, urls[1], i, {"completed"}) for i in ids]
+            _, stats = await get_json(session, f"{urls[0]}/stats")
+            assert {i["pid"] for i in stats["instances"]} == {first.proc.pid, second.proc.pid}
+            assert {job["daemon"] for job in done} == {i["id"] for i in stats["instances"]}
+
+            # The first one stops, and its Redis with it: the second runs on, answering 503.
+            first.signal(signal.SIGTERM)
+            assert first.wait() == 0, first.output()
+
+            async def unavailable() -> bool:
+                async with session.get(f"{urls[1]}/health") as response:
+                    return response.status == 503
+
+            await wait_until(unavailable, "the second daemon to find Redis gone")
+            assert second.proc.poll() is None
+            status, _ = await post_json(session, f"{urls[1]}/jobs", sleep)
+            assert status == 503
+
+            # Back, with every job it had: the second resumes by itself.
+            first = DaemonProcess(["--config", str(first_config)], cwd=first_dir)
+            await wait_healthy(urls[0], first)
+            await wait_healthy(urls[1], second)
+            more = await submit_in_turn(session, [urls[1]], sleep, 4)
+            for job_id in [*ids, *more]:
+                await wait_for_state(session, urls[1], job_id, {"completed"})
+            assert second.proc.poll() is None
+        for daemon in (second, first):
+            daemon.signal(signal.SIGTERM)
+            assert daemon.wait() == 0, daemon.output()
+    finally:
+        first.kill()
+        if second is not None:
+            second.kill()
+
+
+async def test_embedded_data_of_a_newer_redis_stops_startup(tmp_path: Path, free_port: Any) -> None:
+    """A Redis 7 append-only directory in data_dir, and only the bundled Redis 6.2 to
+    read it (which would ignore it and start empty): taskd refuses to start."""
+    manifest = tmp_path / "var" / "appendonlydir" / "appendonly.aof.manifest"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text("file appendonly.aof.1.base.rdb seq 1 type b\n")
+    (manifest.parent / "appendonly.aof.1.base.rdb").write_bytes(b"REDIS0011\xfa")
+    config = shipped_config(tmp_path, free_port())
+    # No redis-server on PATH: the one the embedded extra bundles is used.
+    daemon = DaemonProcess(["--config", str(config)], cwd=tmp_path, env={"PATH": str(TASKD.parent)})
+    try:
+        assert daemon.wait() == 1
+    finally:
+        daemon.kill()
+    output = daemon.output()
+    assert "cannot start the embedded Redis" in output
+    assert f"{tmp_path}/var/appendonlydir/ is the append-only file of Redis 7.0" in output
+    assert not (tmp_path / "var" / "appendonly.aof").exists()  # nothing written beside it

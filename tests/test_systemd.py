@@ -21,7 +21,8 @@ import pytest
 from taskd.config import ServerConfig, WorkersConfig
 from taskd.connections import open_files_needed
 from taskd.systemd import Notifier
-from tests.support import wait_until
+from tests.support import REPO, wait_until
+from tests.test_docs import parse_blocks
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 # The console script of the taskd under test, which verify can check is executable.
@@ -192,34 +193,88 @@ async def test_run_watchdog_returns_at_once_when_not_asked(receiver: Receiver) -
     assert receiver.received() == []
 
 
-# The unit files. `systemd-analyze verify` exits 0 even for settings it cannot parse
+# The unit files, against the steps docs/operations.md gives to install them, and through
+# `systemd-analyze verify` as shipped. verify exits 0 even for settings it cannot parse
 # (it ignores them, as systemd would): only its messages naming the unit tell.
 
 needs_systemd_analyze = pytest.mark.skipif(
-    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+    shutil.which("systemd-analyze") is None,
+    reason="systemd-analyze is not installed (Debian package systemd)",
 )
 UNIT_CASES = [("taskd.service", "taskd.service"), ("taskd@.service", "taskd@1.service")]
+# This machine's own units, which a unit's dependencies (network-online.target) name.
+SYSTEM_UNITS = Path("/usr/lib/systemd/system")
 
 
-def installed_copy(source: str, directory: Path, name: str) -> Path:
-    """The unit as installed on this machine: ExecStart names the taskd under test."""
+def documented_install() -> list[str]:
+    """The commands of the install block under "Running under systemd", without comments."""
+    [block] = [
+        block
+        for block in parse_blocks(REPO / "docs" / "operations.md")
+        if "cp systemd/taskd.service" in block.body
+    ]
+    return [line.partition("   #")[0].rstrip() for line in block.body.splitlines()]
+
+
+def documented_program() -> str:
+    """The console script the documented steps install: the venv's bin/taskd."""
+    [venv] = [
+        found[1]
+        for line in documented_install()
+        if (found := re.match(r"python3 -m venv (\S+) && \1/bin/pip install ", line))
+    ]
+    return f"{venv}/bin/taskd"
+
+
+def exec_start(source: str) -> list[str]:
+    [line] = re.findall(r"(?m)^ExecStart=(.*)$", (UNITS / source).read_text())
+    return line.split()
+
+
+@pytest.mark.parametrize("source", [source for source, _ in UNIT_CASES])
+def test_units_start_the_taskd_the_documented_steps_install(source: str) -> None:
+    program, *args = exec_start(source)
+    assert program == documented_program()
+    if source == "taskd.service":
+        [config] = [
+            m[1]
+            for line in documented_install()
+            if (m := re.search(r"cp config/taskd.toml (\S+)", line))
+        ]
+        assert args == ["--config", config]
+
+
+def test_the_units_install_comment_is_the_documented_steps() -> None:
+    comments = [
+        line.removeprefix("#").strip()
+        for line in (UNITS / "taskd.service").read_text().splitlines()
+        if line.startswith("#")
+    ]
+    for command in documented_install():
+        assert command in comments
+
+
+def rooted_install(root: Path, source: str, name: str, *, script: bool = True) -> Path:
+    """Under `root`, for `verify --root`: the unit as shipped where the documented steps put
+    it, beside copies of this machine's own units, and (with `script`) the console script of
+    the taskd under test at the path ExecStart names. The real system is left alone."""
     assert SCRIPT.exists(), f"no console script at {SCRIPT}: pip install -e . first"
-    text, count = re.subn(
-        r"^ExecStart=/usr/local/bin/taskd ",
-        f"ExecStart={SCRIPT} ",
-        (UNITS / source).read_text(),
-        flags=re.MULTILINE,
-    )
-    assert count == 1, f"{source}: no ExecStart=/usr/local/bin/taskd line"
-    unit = directory / name
-    unit.write_text(text)
+    shutil.copytree(SYSTEM_UNITS, root / SYSTEM_UNITS.relative_to("/"), symlinks=True)
+    unit = root / "etc" / "systemd" / "system" / name
+    unit.parent.mkdir(parents=True)
+    shutil.copyfile(UNITS / source, unit)
+    if script:
+        installed = root / documented_program().lstrip("/")
+        installed.parent.mkdir(parents=True)
+        shutil.copy2(SCRIPT, installed)
     return unit
 
 
-def verify_problems(unit: Path) -> tuple[list[str], str]:
-    """What `systemd-analyze verify` finds wrong with the unit, and its whole output."""
+def verify_problems(root: Path, unit: Path) -> tuple[list[str], str]:
+    """What `systemd-analyze verify` finds wrong with the unit under `root`, and its whole
+    output."""
     done = subprocess.run(
-        ["systemd-analyze", "verify", "--man=no", str(unit)],
+        ["systemd-analyze", "verify", "--man=no", f"--root={root}", f"/{unit.relative_to(root)}"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -234,20 +289,32 @@ def verify_problems(unit: Path) -> tuple[list[str], str]:
 
 @needs_systemd_analyze
 @pytest.mark.parametrize(("source", "name"), UNIT_CASES)
-def test_unit_passes_systemd_analyze_verify(tmp_path: Path, source: str, name: str) -> None:
-    problems, output = verify_problems(installed_copy(source, tmp_path, name))
+def test_unit_as_shipped_passes_systemd_analyze_verify(
+    tmp_path: Path, source: str, name: str
+) -> None:
+    unit = rooted_install(tmp_path, source, name)
+    problems, output = verify_problems(tmp_path, unit)
     assert problems == [], f"systemd-analyze verify {name}:\n{output}"
 
 
 @needs_systemd_analyze
 @pytest.mark.parametrize(("source", "name"), UNIT_CASES)
 def test_verify_catches_a_broken_unit(tmp_path: Path, source: str, name: str) -> None:
-    unit = installed_copy(source, tmp_path, name)
+    unit = rooted_install(tmp_path, source, name)
     text = unit.read_text()
     assert "\nType=notify\n" in text
     unit.write_text(text.replace("\nType=notify\n", "\nType=notifyy\n"))
-    problems, output = verify_problems(unit)
+    problems, output = verify_problems(tmp_path, unit)
     assert any("notifyy" in line for line in problems), output
+
+
+@needs_systemd_analyze
+def test_verify_looks_for_the_program_under_the_root(tmp_path: Path) -> None:
+    unit = rooted_install(tmp_path, "taskd.service", "taskd.service", script=False)
+    problems, output = verify_problems(tmp_path, unit)
+    assert any(f"Command {documented_program()} is not executable" in line for line in problems), (
+        output
+    )
 
 
 @pytest.mark.parametrize("source", [source for source, _ in UNIT_CASES])

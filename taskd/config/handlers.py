@@ -18,7 +18,7 @@ from taskd.config.model import (
     RateLimit,
 )
 from taskd.config.tables import Table, describe, join
-from taskd.config.targets import TargetError, resolve
+from taskd.config.targets import NoModule, TargetError, resolve
 from taskd.config.urls import http_url_problem
 
 _HANDLER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
@@ -35,6 +35,12 @@ _ENV_RULE = "use letters, digits and '_', not starting with a digit"
 # The job's own variables (TASKD_JOB_ID and the like) and the daemon's (TASKD_REDIS_URL,
 # with its password) share this prefix: a handler may neither fake the one nor leak the other.
 _JOB_ENV_PREFIX = "TASKD_"
+# Where a python handler's module was looked for, and where a module it imports belongs.
+_IMPORT_HINT = (
+    " (looked in the config file's directory, [workers] python_path, then the packages "
+    "of taskd's own Python)"
+)
+_DEPENDENCY_HINT = " (a module the handler imports: install it into taskd's own Python)"
 
 
 def valid_handler_name(name: str) -> bool:
@@ -232,6 +238,8 @@ def _python(t: Table) -> str:
     # Importing now turns a typo into a refusal to start, not a failure per job.
     try:
         resolve(target)
+    except NoModule as e:
+        t.problem("python", f"{e}{_IMPORT_HINT if e.own else _DEPENDENCY_HINT}")
     except TargetError as e:
         t.problem("python", str(e))
     return target

@@ -108,6 +108,11 @@ class RedisConfig:
     # Seconds an HTTP request may wait for Redis before it answers 503: a client is better
     # told at once than left hanging through an outage.
     request_timeout: float = 2.0
+    # "address:port" where the embedded Redis listens on TCP too (with a password), so that
+    # other daemons can share it; none: only its unix socket, which only this user can open.
+    embedded_listen: str | None = None
+    # embedded_listen as (address, port).
+    embedded_address: tuple[str, int] | None = field(default=None, metadata=_NOT_A_KEY)
 
     @property
     def embedded(self) -> bool:
@@ -128,6 +133,10 @@ class WorkersConfig:
     queue_mode: str = "weighted"
     # Weighted mode: (queue, weight) pairs as given; a queue not listed weighs 1.
     weights: tuple[tuple[str, int], ...] = ()
+    # Directories python handlers are imported from, after the config file's own and before
+    # the packages of taskd's Python; absolute, relative ones taken from the config's.
+    # Not a key of [handlers], whose keys are job types: a type may well be named "path".
+    python_path: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)

@@ -128,16 +128,42 @@ def read_redis(t: Table, env_url: str) -> RedisConfig:
     request_timeout = t.seconds("request_timeout", _MAX_REDIS_TIMEOUT)
     if "request_timeout" not in t.bad and request_timeout <= 0:
         t.problem("request_timeout", f"must be more than 0 seconds, got {request_timeout:g}")
+    embedded_listen = t.string("embedded_listen", default="") or None
+    address = _embedded_address(t, embedded_listen) if embedded_listen is not None else None
     return RedisConfig(
         url=url,
         prefix=prefix,
         data_dir=Path(data_dir),
         cluster=cluster,
         request_timeout=request_timeout,
+        embedded_listen=embedded_listen,
+        embedded_address=address,
     )
 
 
-def read_workers(t: Table) -> WorkersConfig:
+def _embedded_address(t: Table, listen: str) -> tuple[str, int] | None:
+    """embedded_listen as (address, port): an IP address, as redis-server binds one."""
+    # The file's url, not TASKD_REDIS_URL's: a second daemon may share this file and name
+    # the first one's Redis in the environment; it then starts none, and this is unused.
+    if t.data.get("url", t.default("url")) != "embedded":
+        t.problem("embedded_listen", 'only an embedded Redis (url = "embedded") is started here')
+        return None
+    try:
+        host, port, _ = _parse_listen(listen)
+        ipaddress.ip_address(host or "")  # a unix: path has no host, and fails here too
+    except ValueError:
+        rule = '"ADDRESS:PORT" with an IP address, e.g. "127.0.0.1:6390" or "[::1]:6390"'
+        t.problem("embedded_listen", f"must be {rule}, got {listen!r}")
+        return None
+    if not port:
+        # Other daemons must be told the port: one picked at random would not do.
+        t.problem("embedded_listen", f"port must be from 1 to 65535, got {listen!r}")
+        return None
+    return host or "", port
+
+
+def read_workers(t: Table, directory: Path) -> WorkersConfig:
+    """The [workers] table; relative python_path entries are taken from `directory`."""
     concurrency = t.integer("concurrency", 1, _MAX_CONCURRENCY)
     queues = t.strings("queues", "queue names")
     if "queues" not in t.bad:
@@ -156,6 +182,7 @@ def read_workers(t: Table) -> WorkersConfig:
     if "queue_mode" not in t.bad and queue_mode not in QUEUE_MODES:
         t.problem("queue_mode", f"must be one of {', '.join(QUEUE_MODES)}, got {queue_mode!r}")
     weights = _weights(t, queues, queue_mode) if "weights" in t.data else ()
+    python_path = _python_path(t, directory)
     return WorkersConfig(
         concurrency=concurrency,
         queues=queues,
@@ -164,7 +191,21 @@ def read_workers(t: Table) -> WorkersConfig:
         dead_after=dead_after,
         queue_mode=queue_mode,
         weights=weights,
+        python_path=python_path,
     )
+
+
+def _python_path(t: Table, directory: Path) -> tuple[Path, ...]:
+    entries = t.strings("python_path", "directories", empty=True)
+    found = []
+    for i, entry in enumerate(entries):
+        path = directory / entry  # an absolute entry stays as it is
+        # A typo would otherwise show only as a module not found, far from its cause.
+        if not path.is_dir():
+            shown = f"{path} (from {entry!r})" if str(path) != entry else repr(entry)
+            t.problem("python_path", f"no such directory: {shown}", suffix=f"[{i}]")
+        found.append(path)
+    return tuple(found)
 
 
 def _check_queue_names(t: Table, queues: tuple[str, ...]) -> None:
