@@ -6,13 +6,16 @@ import asyncio
 import logging
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any
+from contextvars import ContextVar
+from functools import partial
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import orjson
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
+from taskd.archive_reads import ArchiveReads
 from taskd.config import HandlerConfig, ServerConfig
 from taskd.connections import Runner
 from taskd.dashboard import Dashboard
@@ -30,6 +33,9 @@ from taskd.validation import (
     parse_submission,
     valid_queue,
 )
+
+if TYPE_CHECKING:  # psycopg, which it imports, is the optional archive extra
+    from taskd.archive import Archive
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +62,20 @@ def error_response(
 
 class RedisDeadline(Exception):
     """A request waited for Redis longer than [redis] request_timeout."""
+
+
+# Set by redis_deadline for each GET it serves, in the request's own task: ends the
+# request's deadline (see done_with_redis).
+_end_deadline: ContextVar[Callable[[], None]] = ContextVar("end_deadline")
+
+
+def done_with_redis() -> None:
+    """The GET request this task serves waits for Redis no more: its deadline is over.
+    What it waits for next (the archive) has a bound and an error of its own, and must
+    not be answered as a Redis that did not answer."""
+    end = _end_deadline.get(None)
+    if end is not None:
+        end()
 
 
 def redis_deadline(seconds: float) -> Middleware:
@@ -90,6 +110,9 @@ def redis_deadline(seconds: float) -> Middleware:
         assert task is not None
         cancelling = task.cancelling()
         deadlines.start(task, seconds)
+        # Only reads end their deadline early (the archive's); a submission need not pay.
+        if request.method == "GET":
+            _end_deadline.set(partial(deadlines.end, task, seconds))
         try:
             return await handler(request)
         except asyncio.CancelledError:
@@ -174,7 +197,9 @@ class HttpApi:
         clock: Callable[[], int] = now_ms,
         egress: Policy = DEFAULT_POLICY,
         request_timeout: float = 2.0,
+        archive: Archive | None = None,
     ) -> None:
+        self._archived = ArchiveReads(archive=archive)  # finished jobs Redis let go
         self._schedules = schedules  # the /schedules view, one entry a schedule
         self._egress = egress  # what callback_urls may name
         self._on_final = on_final
@@ -223,6 +248,7 @@ class HttpApi:
         app.router.add_post("/jobs/batch", self.submit_batch)
         app.router.add_get("/jobs", self.list_jobs)
         app.router.add_get("/jobs/{id}", self.get_job)
+        app.router.add_get("/archive", self.list_archive)
         app.router.add_delete("/jobs/{id}", self.delete_job)
         app.router.add_post("/jobs/{id}/cancel", self.cancel_job)
         app.router.add_post("/jobs/{id}/retry", self.retry_job)
@@ -314,7 +340,21 @@ class HttpApi:
         return json_response({"ids": holders}, status=201)
 
     async def get_job(self, request: web.Request) -> web.Response:
-        return json_response((await self._find(request)).to_public())
+        """The job from Redis, else (retention over, or deleted) from the archive."""
+        job_id = request.match_info["id"]
+        job = await self._inspector.get_job(job_id, sorted(await self._all_queues()))
+        if job is not None:
+            return json_response(job.to_public())
+        done_with_redis()
+        found = await self._archived.job(job_id)
+        if found is None:
+            raise _not_found(job_id)
+        return json_response(found)
+
+    async def list_archive(self, request: web.Request) -> web.Response:
+        """Archived jobs, newest first by finish time, filtered and paged."""
+        done_with_redis()
+        return json_response(await self._archived.page(request.query))
 
     async def cancel_job(self, request: web.Request) -> web.Response:
         job = await self._find(request)

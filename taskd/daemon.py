@@ -158,6 +158,7 @@ class Daemon:
             schedules=partial(self.scheduler.describe, inspector),
             request_timeout=config.redis.request_timeout,
             egress=egress,
+            archive=archive,
         )
         self._store = store
         self._stopping = anyio.Event()

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -15,6 +17,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from taskd.config import MAX_ATTEMPTS, QUEUE_NAME, HandlerConfig
+from taskd.config.handlers import valid_handler_name
 from taskd.egress import DEFAULT_POLICY, Policy, Refused
 from taskd.jobs import (
     DEFAULT_PRIORITY,
@@ -53,6 +56,15 @@ LIST_LIMIT_MAX = 1000
 # A listing's cursor is the last job id it gave, or for final states "finish-ms-id".
 _ID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
 _CURSOR = {False: re.compile(_ID), True: re.compile(r"[0-9]{1,15}-" + _ID)}
+_JOB_ID = re.compile(_ID)
+# GET /archive's cursor: "finish-ms:id" in unpadded base64url (taskd.archive.db.encode_cursor).
+_ARCHIVE_CURSOR = re.compile(r"[A-Za-z0-9_-]{1,100}")
+_ARCHIVE_POSITION = re.compile(r"[0-9]{1,14}:" + _ID)
+ARCHIVE_PARAMS = ("type", "queue", "state", "since", "until", "q", "limit", "cursor")
+# Epoch seconds in a query string: digits, maybe a fraction.
+_SECONDS = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
+# A time's "+hh:mm" offset written unencoded in a URL's query arrives with a space for the "+".
+_SPACED_OFFSET = re.compile(r" (?=[0-9]{2}:[0-9]{2}$)")
 
 
 class ApiError(Exception):
@@ -181,7 +193,9 @@ def _new_job(
     )
 
 
-def _check_depth(payload: Any) -> None:
+def _check_depth(
+    payload: Any, name: str = "payload", fail: Callable[[str], ApiError] = invalid
+) -> None:
     """Refuse a payload nested deeper than MAX_DEPTH, before anything is written: deeper
     ones would fail to encode halfway through a batch."""
     pending = [(payload, 1)] if isinstance(payload, dict | list) else []
@@ -189,7 +203,7 @@ def _check_depth(payload: Any) -> None:
         value, depth = pending.pop()
         children = value.values() if isinstance(value, dict) else value
         if depth > MAX_DEPTH:
-            raise invalid(f"'payload' nests deeper than {MAX_DEPTH} levels of objects and arrays")
+            raise fail(f"'{name}' nests deeper than {MAX_DEPTH} levels of objects and arrays")
         pending += [(child, depth + 1) for child in children if isinstance(child, dict | list)]
 
 
@@ -227,24 +241,25 @@ def _run_at(data: dict[str, Any], now: int) -> int | None:
     return due if due > now else None
 
 
-def _parse_time(value: Any) -> int:
-    """An RFC 3339 time with its offset, or epoch seconds, as epoch ms."""
+def _parse_time(value: Any, name: str = "run_at", fail: Callable[[str], ApiError] = invalid) -> int:
+    """An RFC 3339 time with its offset, or epoch seconds, as epoch ms; `fail` makes the
+    error naming `name` when it is neither."""
     if _is_number(value):
         seconds = float(value)
     elif isinstance(value, str):
         if not _RFC3339.fullmatch(value):
-            raise invalid(
-                f"'run_at' is not an RFC 3339 time with a UTC offset"
+            raise fail(
+                f"'{name}' is not an RFC 3339 time with a UTC offset"
                 f" (e.g. '2026-12-04T10:00:00Z' or '...+02:00'): {value!r}"
             )
         try:
             seconds = datetime.fromisoformat(value.upper()).timestamp()
         except ValueError:
-            raise invalid(f"'run_at' is not a valid time: {value!r}") from None
+            raise fail(f"'{name}' is not a valid time: {value!r}") from None
     else:
-        raise invalid(f"'run_at' must be an RFC 3339 time or epoch seconds, got {json_kind(value)}")
+        raise fail(f"'{name}' must be an RFC 3339 time or epoch seconds, got {json_kind(value)}")
     if not 0 <= seconds < 1e11:
-        raise invalid(f"'run_at' is out of range: {value!r}")
+        raise fail(f"'{name}' is out of range: {value!r}")
     return math.ceil(seconds * 1000)
 
 
@@ -308,31 +323,131 @@ class ListQuery:
     cursor: str | None
 
 
+def bad_query(message: str) -> ApiError:
+    return ApiError(400, "invalid_query", message)
+
+
 def parse_list_query(params: Mapping[str, str]) -> ListQuery:
     """The parameters of a listing, or an ApiError (400) saying which one is wrong."""
-    unknown = sorted(set(params) - {"queue", "state", "type", "limit", "cursor"})
-    if unknown:
-        raise ApiError(400, "invalid_query", f"unknown parameter(s) {', '.join(unknown)}")
+    _refuse_unknown(params, ("queue", "state", "type", "limit", "cursor"))
     state = params.get("state") or None
     if state is not None and state not in STATES:
-        raise ApiError(400, "invalid_query", f"'state' must be one of {', '.join(STATES)}")
+        raise bad_query(f"'state' must be one of {', '.join(STATES)}")
+    cursor = params.get("cursor") or None
+    if cursor is not None and not _CURSOR[state in FINAL_STATES].fullmatch(cursor):
+        raise bad_query("'cursor' is not one this API gave out")
+    return ListQuery(
+        queue=params.get("queue") or None,
+        state=state,
+        job_type=params.get("type") or None,
+        limit=_limit(params),
+        cursor=cursor,
+    )
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class ArchiveQuery:
+    """What GET /archive asks for; None: any. Times are epoch ms, finished at or after
+    `since` and before `until`; `contains` is the JSON text of `q`."""
+
+    job_type: str | None
+    queue: str | None
+    state: str | None
+    since: int | None
+    until: int | None
+    contains: str | None
+    limit: int
+    cursor: str | None
+
+
+def parse_archive_query(params: Mapping[str, str]) -> ArchiveQuery:
+    """The parameters of GET /archive, or an ApiError (400) saying which one is wrong.
+
+    Everything the database would refuse is refused here (a NUL in a name, a cursor that
+    is not ours), so that a bad query is a 400, never a database error.
+    """
+    _refuse_unknown(params, ARCHIVE_PARAMS)
+    state = params.get("state") or None
+    if state is not None and state not in FINAL_STATES:
+        raise bad_query(
+            f"'state' must be one of {', '.join(FINAL_STATES)}: the archive holds finished jobs"
+        )
+    job_type = params.get("type") or None
+    if job_type is not None and not valid_handler_name(job_type):
+        raise bad_query(f"'type' is not a job type's name: {job_type!r}")
+    queue = params.get("queue") or None
+    if queue is not None and not valid_queue(queue):
+        raise bad_query(f"'queue' is not a queue's name: {queue!r}")
+    since, until = _query_time(params, "since"), _query_time(params, "until")
+    if since is not None and until is not None and until <= since:
+        raise bad_query("'until' must be later than 'since'")
+    cursor = params.get("cursor") or None
+    if cursor is not None and not _is_archive_cursor(cursor):
+        raise bad_query("'cursor' is not one GET /archive gave out")
+    return ArchiveQuery(
+        job_type=job_type,
+        queue=queue,
+        state=state,
+        since=since,
+        until=until,
+        contains=_contains(params.get("q") or None),
+        limit=_limit(params),
+        cursor=cursor,
+    )
+
+
+def _refuse_unknown(params: Mapping[str, str], known: tuple[str, ...]) -> None:
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise bad_query(f"unknown parameter(s) {', '.join(unknown)}")
+
+
+def _limit(params: Mapping[str, str]) -> int:
     raw_limit = params.get("limit", str(LIST_LIMIT_DEFAULT))
     # ASCII digits only: str.isdigit() also takes digits int() refuses, such as "²".
     if (
         not (raw_limit.isascii() and raw_limit.isdigit())
         or not 1 <= int(raw_limit) <= LIST_LIMIT_MAX
     ):
-        raise ApiError(400, "invalid_query", f"'limit' must be from 1 to {LIST_LIMIT_MAX}")
-    cursor = params.get("cursor") or None
-    if cursor is not None and not _CURSOR[state in FINAL_STATES].fullmatch(cursor):
-        raise ApiError(400, "invalid_query", "'cursor' is not one this API gave out")
-    return ListQuery(
-        queue=params.get("queue") or None,
-        state=state,
-        job_type=params.get("type") or None,
-        limit=int(raw_limit),
-        cursor=cursor,
-    )
+        raise bad_query(f"'limit' must be from 1 to {LIST_LIMIT_MAX}")
+    return int(raw_limit)
+
+
+def _query_time(params: Mapping[str, str], name: str) -> int | None:
+    """A time parameter as _parse_time takes them (RFC 3339, or epoch seconds), epoch ms."""
+    value = params.get(name) or None
+    if value is None:
+        return None
+    if _SECONDS.fullmatch(value):
+        return _parse_time(float(value), name, bad_query)
+    return _parse_time(_SPACED_OFFSET.sub("+", value), name, bad_query)
+
+
+def _contains(text: str | None) -> str | None:
+    """`q`, a JSON value, as the JSON text the archive looks for in payloads."""
+    if text is None:
+        return None
+    try:
+        value = orjson.loads(text)
+    except orjson.JSONDecodeError as exc:
+        raise bad_query(f"'q' is not valid JSON: {exc}") from None
+    _check_depth(value, "q", bad_query)
+    return orjson.dumps(value).decode()
+
+
+def _is_archive_cursor(cursor: str) -> bool:
+    if not _ARCHIVE_CURSOR.fullmatch(cursor):
+        return False
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return False
+    return _ARCHIVE_POSITION.fullmatch(text) is not None
+
+
+def valid_job_id(text: str) -> bool:
+    """Whether `text` has the shape of a job id (a UUIDv7, as new_id makes them)."""
+    return _JOB_ID.fullmatch(text) is not None
 
 
 def valid_queue(name: str) -> bool:

@@ -168,6 +168,21 @@ def postgres_server() -> Iterator[PostgresServer]:
 
 
 @pytest.fixture
+def own_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL server of the test's own, with a database `archive`, which the test may
+    stop and start."""
+    server = PostgresServer()
+    try:
+        server.start()
+        server.psql("postgres", "CREATE DATABASE archive")
+        yield server
+        if server.running:  # a test that failed may have left it stopped
+            server.stop()
+    finally:
+        server.remove()
+
+
+@pytest.fixture
 def archive_url(postgres_server: PostgresServer) -> str:
     """URL of a new, empty database of the session's PostgreSQL, for one test."""
     name = f"t{next(_databases)}"

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,19 +28,6 @@ from tests.support import (
 
 # Long enough for a loaded 2-core machine to run and archive a few thousand jobs.
 DEADLINE = 60.0
-
-
-@pytest.fixture
-def own_postgres() -> Iterator[PostgresServer]:
-    """A PostgreSQL server of the test's own, which it may stop and start."""
-    server = PostgresServer()
-    try:
-        server.start()
-        server.psql("postgres", "CREATE DATABASE archive")
-        yield server
-        server.stop()
-    finally:
-        server.remove()
 
 
 async def archived(url: str) -> tuple[int, int]:

@@ -243,7 +243,8 @@ class Archive:
             params.append(_time(filters.until))
         if filters.contains is not None:
             where.append(sql.SQL("payload @> %s::jsonb"))
-            params.append(filters.contains)
+            # As payloads were written: a NUL in them is U+FFFD in the archive.
+            params.append(_NUL_ESCAPE.sub(rb"\1\\ufffd", filters.contains.encode()).decode())
         if cursor is not None:
             finished, job_id = decode_cursor(cursor)
             where.append(sql.SQL("(finished_at, id) < (%s, %s)"))

@@ -78,6 +78,11 @@ class PostgresServer:
             str(int(timeout)), "-l", str(self.data_dir / "log"), "start",
         )  # fmt: skip
 
+    @property
+    def running(self) -> bool:
+        """Whether the server runs (its PID file is there)."""
+        return (self.data_dir / "db" / "postmaster.pid").exists()
+
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data_dir / "db"), "-m", "fast", "-w", "stop")
 
