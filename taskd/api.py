@@ -432,7 +432,8 @@ class HttpApi:
         )
 
     async def picture(self) -> dict[str, Any]:
-        """What the dashboard shows: stats, latest jobs and failures, and the schedules."""
+        """What the dashboard shows: stats, latest jobs and failures, the schedules, and
+        whether there is an archive to search."""
         queues = sorted(await self._all_queues())
         recent = await self._inspector.list_jobs(
             queues, state=None, job_type=None, limit=20, cursor=None
@@ -445,6 +446,7 @@ class HttpApi:
             "stats": await self.snapshot(),
             "recent": [job.to_public() for job in recent.jobs],
             "failed": [job.to_public() for job in dead.jobs],
+            "archive": self._archived.configured,
         }
 
     async def metrics(self, request: web.Request) -> web.Response:

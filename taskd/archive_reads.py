@@ -35,6 +35,10 @@ class ArchiveReads:
         # Here, not at the top: psycopg is installed only with an archive to read.
         self._unreachable, self._unmigrated = _errors() if archive is not None else ((), ())
 
+    @property
+    def configured(self) -> bool:
+        return self._archive is not None
+
     async def job(self, job_id: str) -> dict[str, Any] | None:
         """The job's latest archived final attempt as GET /jobs/ID shows it, or None (not
         archived, or no archive)."""

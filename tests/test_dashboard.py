@@ -29,6 +29,7 @@ from tests.support import (
     get_json,
     post_json,
     wait_for_state,
+    wait_until,
 )
 
 pytest.importorskip("selenium", reason="needs selenium (the `test` extra) to drive Chromium")
@@ -213,6 +214,10 @@ async def test_the_page_loads_live_without_console_errors(
         # No handler has limits: no Limits card; every type has a daemon: no No handler card.
         assert not browser.find_element(By.ID, "limits").is_displayed()
         assert not browser.find_element(By.ID, "unhandled").is_displayed()
+        # No [archive]: the History card says so, and offers nothing to search.
+        off = browser.find_element(By.ID, "history-off")
+        wait_for(browser, lambda d: off.is_displayed(), "the History card to say: no archive")
+        assert not browser.find_element(By.ID, "history-form").is_displayed()
         assert console_errors(browser) == []
 
     await in_browser(check)
@@ -439,6 +444,103 @@ async def test_job_types_no_daemon_can_run_and_each_daemons_types_are_shown(
         browser.get("about:blank")
 
     await in_browser(check)
+
+
+def history_ids(driver: WebDriver) -> list[str]:
+    """The ids the History card lists, top to bottom."""
+    rows = driver.find_elements(By.CSS_SELECTOR, "#history-body tr")
+    return [str(row.get_attribute("data-id")) for row in rows]
+
+
+def search_history(driver: WebDriver, **fields: str) -> None:
+    """Fill in the History card's filters (the others emptied) and search."""
+    for name in ("type", "queue", "since", "until", "q"):
+        element = driver.find_element(By.ID, f"history-{name}")
+        element.clear()
+        element.send_keys(fields.get(name, ""))
+    driver.find_element(By.ID, "history-search").click()
+
+
+@pytest.mark.timeout(120)
+async def test_the_history_lists_archived_jobs_filters_them_and_pages(
+    daemon_api: DaemonApi, browser: WebDriver, archive_url: str, tmp_path: Path
+) -> None:
+    async with daemon_api(archive={"url": archive_url}) as (_, (session, url)):
+        echoes = [{"type": "echo", "payload": {"n": n, "tag": "ab"[n % 2]}} for n in range(25)]
+        fails = [{"type": "fail", "payload": {"n": n}, "max_attempts": 1} for n in range(3)]
+        status, body = await post_json(session, f"{url}/jobs/batch", {"jobs": echoes + fails})
+        assert status == 201, body
+        archived: list[dict[str, Any]] = []
+
+        async def all_archived() -> bool:
+            nonlocal archived
+            _, page = await get_json(session, f"{url}/archive?limit=1000")
+            archived = page.get("jobs", [])
+            return len(archived) == 28
+
+        await wait_until(all_archived, "28 jobs in the archive")
+        newest_first = [job["id"] for job in archived]
+        failed = [job["id"] for job in archived if job["type"] == "fail"]
+        tagged_a = [job["id"] for job in archived if job["payload"].get("tag") == "a"]
+        assert (len(failed), len(tagged_a)) == (3, 13)
+
+        def check() -> None:
+            open_page(browser, f"{url}/")
+            more = browser.find_element(By.ID, "history-more")
+            # A page of 20, newest first, then the rest through "More".
+            wait_for(browser, lambda d: len(history_ids(d)) == 20, "the history's first page")
+            assert history_ids(browser) == newest_first[:20]
+            assert more.is_displayed()
+            more.click()
+            wait_for(browser, lambda d: len(history_ids(d)) == 28, "the history's second page")
+            assert history_ids(browser) == newest_first
+            assert not more.is_displayed()
+
+            search_history(browser, type="fail")
+            wait_for(browser, lambda d: history_ids(d) == failed, "the failed jobs only")
+            search_history(browser, q='{"tag": "a"}')
+            wait_for(browser, lambda d: history_ids(d) == tagged_a, "the jobs tagged a")
+            # Times as people type them, in the browser's time zone.
+            search_history(browser, type="fail", since="2000-01-01 00:00")
+            wait_for(browser, lambda d: history_ids(d) == failed, "the failed jobs since 2000")
+            empty = browser.find_element(By.ID, "history-empty")
+            assert not empty.is_displayed()
+            search_history(browser, type="fail", until="2000-01-01 00:00")
+            wait_for(browser, lambda d: empty.is_displayed(), "no job to finish before 2000")
+            assert history_ids(browser) == []
+            # Bad JSON is caught in the page; the API's own word on a bad time is shown.
+            error = browser.find_element(By.ID, "history-error")
+            search_history(browser, q="{tag: a}")
+            wait_for(browser, lambda d: "not valid JSON" in error.text, "the filter's error")
+            search_history(browser, since="yesterday")
+            wait_for(
+                browser,
+                lambda d: "'since' is not an RFC 3339 time" in error.text,
+                "the API's error",
+            )
+
+            # A job's whole document, shown when its row is clicked.
+            search_history(browser, type="fail")
+            wait_for(browser, lambda d: history_ids(d) == failed, "the failed jobs again")
+            assert not error.is_displayed()
+            row = browser.find_element(By.CSS_SELECTOR, f'#history-body tr[data-id="{failed[0]}"]')
+            row.find_element(By.CSS_SELECTOR, '[data-action="show"]').click()
+            shown = browser.find_element(By.ID, "history-job")
+            wait_for(browser, lambda d: shown.is_displayed(), "the job's document")
+            assert f'"id": "{failed[0]}"' in shown.text
+            assert '"archived": true' in shown.text
+            assert '"state": "failed"' in shown.text
+
+            set_viewport(browser, 375, 812, mobile=True)
+            assert browser.execute_script("return document.body.scrollWidth") <= 376, too_wide(
+                browser, 375
+            )
+            # The refused time (400) is the only error the console saw.
+            assert all("400" in message for message in console_errors(browser))
+            browser.save_screenshot(str(tmp_path / "dashboard-history-phone.png"))
+            browser.get("about:blank")
+
+        await in_browser(check)
 
 
 async def test_at_phone_width_the_page_does_not_scroll_sideways(

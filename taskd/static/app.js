@@ -175,6 +175,13 @@ function render(picture) {
   renderRecent(picture.recent, now);
   renderFailed(picture.failed, now);
   rememberTypes(picture.recent.concat(picture.failed));
+  // The history's first page, once the stream shows the daemon answers (with the token);
+  // or, without an archive, a word saying so (and no request bound to fail).
+  if (!historyShown) {
+    historyShown = true;
+    if (picture.archive) searchHistory();
+    else archiveOff();
+  }
 }
 
 function renderMeta(stats) {
@@ -503,6 +510,139 @@ function rememberTypes(jobs) {
   }
 }
 
+// ---------------------------------------------------------------- history
+
+// Finished jobs from the archive (GET /archive), asked for when the user searches, not
+// with every event: the archive is PostgreSQL's, and it can be large.
+
+// Jobs per page: the API gives up to 1000, a person reads a screenful at a time.
+const HISTORY_PAGE = 20;
+const HISTORY_COLUMNS = ["id", "type", "queue", "state", "attempts", "finished", "error"];
+// A date and time without an offset, as people type them: this browser's local time.
+const LOCAL_TIME = /^\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}(:\d{2})?$/;
+
+let historyShown = false;
+// The search the list shows, and where its next page starts (null: there is none).
+let historyQuery = null;
+let historyCursor = null;
+
+// The form as GET /archive's parameters, or null after saying what is wrong in the page.
+function readHistoryForm() {
+  const params = new URLSearchParams();
+  for (const name of ["type", "queue", "state"]) {
+    const value = $(`history-${name}`).value.trim();
+    if (value) params.set(name, value);
+  }
+  for (const name of ["since", "until"]) {
+    const value = $(`history-${name}`).value.trim();
+    if (value) params.set(name, historyTime(value));
+  }
+  const contains = $("history-q").value.trim();
+  if (contains) {
+    try {
+      JSON.parse(contains);
+    } catch (err) {
+      showHistoryError(`The payload filter is not valid JSON: ${err.message}. ` +
+        'Strings need double quotes, e.g. {"name": "value"}.');
+      $("history-q").focus();
+      return null;
+    }
+    params.set("q", contains);
+  }
+  params.set("limit", String(HISTORY_PAGE));
+  return params;
+}
+
+// RFC 3339 times and epoch seconds go as they are (the API checks them); a local date and
+// time is sent as the UTC time it is.
+function historyTime(text) {
+  if (!LOCAL_TIME.test(text)) return text;
+  const when = new Date(text.replace(" ", "T"));
+  return Number.isNaN(when.getTime()) ? text : when.toISOString();
+}
+
+function showHistoryError(text) {
+  const error = $("history-error");
+  error.textContent = text || "";
+  error.hidden = !text;
+}
+
+async function searchHistory(event) {
+  if (event) event.preventDefault();
+  const params = readHistoryForm();
+  if (!params) return;
+  historyQuery = params;
+  historyCursor = null;
+  await loadHistory(true);
+}
+
+// Loads the search's first page (`fresh`), or its next one after the rows shown.
+async function loadHistory(fresh) {
+  const params = new URLSearchParams(historyQuery);
+  if (!fresh) params.set("cursor", historyCursor);
+  const buttons = [$("history-search"), $("history-more")];
+  for (const button of buttons) button.disabled = true;
+  try {
+    const page = await api("GET", `/archive?${params}`);
+    showHistoryError(null);
+    const body = $("history-body");
+    if (fresh) {
+      body.replaceChildren();
+      $("history-detail").hidden = true;
+    }
+    body.append(...page.jobs.map(historyRow));
+    historyCursor = page.next_cursor;
+    $("history-more").hidden = !historyCursor;
+    $("history-empty").hidden = body.rows.length > 0;
+  } catch (err) {
+    showHistoryError(err.message);
+  } finally {
+    for (const button of buttons) button.disabled = false;
+  }
+}
+
+// A daemon without [archive]: the card says so, and offers nothing to search.
+function archiveOff() {
+  $("history").dataset.archive = "off";
+  const parts = ["history-form", "history-times", "history-table", "history-more", "history-empty"];
+  for (const id of parts) {
+    $(id).hidden = true;
+  }
+  $("history-off").hidden = false;
+}
+
+function historyRow(job) {
+  const row = makeRow(HISTORY_COLUMNS, ["attempts"]);
+  // A job retried after it failed for good is archived once per end: ids may repeat.
+  row.dataset.id = job.id;
+  row.dataset.state = job.state;
+  const show = makeButton(shortId(job.id), "show");
+  show.classList.add("mono");
+  show.title = `${job.id}: show the whole job`;
+  show.addEventListener("click", () => showHistoryJob(job));
+  cell(row, "id").append(show);
+  const badge = document.createElement("span");
+  badge.className = `badge state-${job.state}`;
+  badge.textContent = job.state;
+  cell(row, "state").append(badge);
+  setText(row, "type", job.type);
+  setText(row, "queue", job.queue);
+  setText(row, "attempts", `${job.attempts} / ${job.max_attempts}`);
+  setText(row, "finished", new Date(job.finished_at).toLocaleString(), job.finished_at);
+  cell(row, "error").className = "error-text";
+  setText(row, "error", job.error || "", job.error || "");
+  return row;
+}
+
+// The job's whole document, as GET /jobs/ID answers it, under the list.
+function showHistoryJob(job) {
+  $("history-job-id").textContent = job.id;
+  $("history-job").textContent = JSON.stringify(job, null, 2);
+  const detail = $("history-detail");
+  detail.hidden = false;
+  detail.scrollIntoView({ block: "nearest" });
+}
+
 // ---------------------------------------------------------------- charts
 
 // Keeps one point per event: per queue, the throughput and the wait p99.
@@ -761,6 +901,8 @@ function formatBytes(bytes) {
 function start() {
   $("submit-form").addEventListener("submit", submitJob);
   $("token-form").addEventListener("submit", useToken);
+  $("history-form").addEventListener("submit", searchHistory);
+  $("history-more").addEventListener("click", () => loadHistory(false));
   // Clear the JSON complaint as soon as the user edits the payload again.
   $("job-payload").addEventListener("input", () => showPayloadError(null));
   // Canvas pixels follow the layout: redraw when it changes (rotation, resizing).
