@@ -49,6 +49,7 @@ RUNNERS = {
     "bench-quick": "test_quick_bench_command",
     "make-secret": "test_a_made_signing_secret_is_one_taskd_takes",
     "scale-out": "test_process.py::test_a_second_daemon_shares_the_first_ones_embedded_redis",
+    "archive": "test_archive_commands",
 }
 
 # Output fields that differ from run to run: ids (mapped separately), times, hosts.
@@ -366,3 +367,13 @@ async def test_a_made_signing_secret_is_one_taskd_takes(tmp_path: Path) -> None:
     data = {"server": {"signing_secrets": secrets}, "handlers": {"e": {"builtin": "echo"}}}
     config = parse(data, env={})
     assert [len(secret.key) for secret in config.server.signing_secrets] == [32, 32]
+
+
+async def test_archive_commands(tmp_path: Path, free_port: Any, archive_url: str) -> None:
+    """The archive's commands against the shipped config with [archive] on a real PostgreSQL."""
+    port = free_port()
+    extra = f'\n[archive]\nurl = "{archive_url}"\n'
+    async with shipped_daemon(tmp_path, port, extra=extra):
+        shell = Shell(f"127.0.0.1:{port}", tmp_path, user_env(), {})
+        for block in blocks_named("test", "archive"):
+            await shell.run_console(block)
