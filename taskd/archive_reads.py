@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Awaitable, Callable, Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -22,6 +23,11 @@ logger = logging.getLogger(__name__)
 # better than a person at a dashboard; longer than [redis] request_timeout, since a read
 # that filters on the payload over months of jobs may take a few seconds.
 READ_TIMEOUT = 5.0
+# Of it, the longest a read waits for a connection. The pool gives up by itself (the
+# usual outage: PostgreSQL down, no connection to be had); the whole read's bound, a
+# cancellation, is left for a query that hangs: a pool's waiting clients cancelled at
+# the wrong moment have lost connections in psycopg_pool releases (psycopg#1208, #1345).
+CONNECTION_WAIT = 4.0
 
 T = TypeVar("T")
 
@@ -29,9 +35,16 @@ T = TypeVar("T")
 class ArchiveReads:
     """What the HTTP API reads from the archive, or answers without one (`archive` None)."""
 
-    def __init__(self, *, archive: Archive | None, timeout: float = READ_TIMEOUT) -> None:
+    def __init__(
+        self,
+        *,
+        archive: Archive | None,
+        timeout: float = READ_TIMEOUT,
+        connection_wait: float = CONNECTION_WAIT,
+    ) -> None:
         self._archive = archive
         self._timeout = timeout
+        self._wait = min(connection_wait, timeout)
         # Here, not at the top: psycopg is installed only with an archive to read.
         self._unreachable, self._unmigrated = _errors() if archive is not None else ((), ())
 
@@ -45,7 +58,7 @@ class ArchiveReads:
         if self._archive is None or not valid_job_id(job_id):
             # Not a job id: nothing archived has it, and PostgreSQL would refuse some (NUL).
             return None
-        job = await self._read(self._archive.get, job_id)
+        job = await self._read(partial(self._archive.get, job_id, wait=self._wait))
         return None if job is None else archived(job)
 
     async def page(self, params: Mapping[str, str]) -> dict[str, Any]:
@@ -58,17 +71,19 @@ class ArchiveReads:
                 " [archive] url set",
             )
         query = parse_archive_query(params)
-        found = await self._read(self._archive.page, _filters(query), query.limit, query.cursor)
+        found = await self._read(
+            partial(self._archive.page, _filters(query), query.limit, query.cursor, wait=self._wait)
+        )
         if found is None:
             return {"jobs": [], "next_cursor": None}
         return {"jobs": [archived(job) for job in found.jobs], "next_cursor": found.next_cursor}
 
-    async def _read(self, call: Callable[..., Awaitable[T]], *args: Any) -> T | None:
-        """`call(*args)` within READ_TIMEOUT; None if the archive has no table yet (no
-        archiver has migrated it: nothing is archived)."""
+    async def _read(self, call: Callable[[], Awaitable[T]]) -> T | None:
+        """`call()` within READ_TIMEOUT; None if the archive has no table yet (no archiver
+        has migrated it: nothing is archived)."""
         try:
             with anyio.fail_after(self._timeout):
-                return await call(*args)
+                return await call()
         except TimeoutError:
             logger.warning("the archive did not answer within %g s", self._timeout)
             raise _unavailable(

@@ -12,6 +12,7 @@ from typing import Any
 from urllib.parse import urlencode
 
 import aiohttp
+import psycopg
 import pytest
 
 from taskd.archive import Archive
@@ -257,6 +258,27 @@ async def test_while_postgresql_is_down_archive_reads_answer_503_and_redis_reads
             return status == 200 and job["archived"] is True
 
         await wait_until(answered, "the archive to answer again", deadline=60)
+
+
+async def test_a_read_the_database_holds_up_answers_503_at_its_bound_and_leaves_no_harm(
+    daemon_api: DaemonApi, archive_url: str
+) -> None:
+    async with daemon_api(archive={"url": archive_url}) as (_, (session, url)):
+        status, job = await post_json(session, f"{url}/jobs", {"type": "echo"})
+        await wait_archived(session, url, [job["id"]])
+        locker = await psycopg.AsyncConnection.connect(archive_url)
+        async with locker, locker.transaction():
+            # Reachable, but every read of the table waits: as a query that hangs.
+            await locker.execute("LOCK TABLE taskd_jobs IN ACCESS EXCLUSIVE MODE")
+            started = time.monotonic()
+            status, body = await archive_page(session, url)
+            took = time.monotonic() - started
+            assert (status, body["error"]["code"]) == (503, "archive_unavailable"), body
+            assert f"did not answer within {READ_TIMEOUT:g} s" in body["error"]["message"]
+            assert READ_TIMEOUT - 0.5 <= took < READ_TIMEOUT + 10, took
+        # The read given up left the pool whole: the next one is answered.
+        status, page = await archive_page(session, url)
+        assert (status, [each["id"] for each in page["jobs"]]) == (200, [job["id"]])
 
 
 @pytest.fixture

@@ -212,22 +212,26 @@ class Archive:
         self._days = {day for day in self._days if day >= cutoff}  # dropped: made anew if needed
         return dropped
 
-    async def get(self, job_id: str) -> Job | None:
-        """The latest archived final attempt of a job, or None."""
+    async def get(self, job_id: str, *, wait: float | None = None) -> Job | None:
+        """The latest archived final attempt of a job, or None. `wait`: longest to wait
+        for a connection (PoolTimeout past it), if shorter than TIMEOUT."""
         statement = sql.SQL(
             "SELECT {columns} FROM {table} WHERE id = %s ORDER BY finished_at DESC LIMIT 1"
         ).format(
             columns=sql.SQL(", ").join(map(sql.Identifier, _COLUMNS)), table=sql.Identifier(TABLE)
         )
-        async with self._pool.connection() as conn:
+        async with self._pool.connection(wait) as conn:
             cursor = conn.cursor(row_factory=dict_row)
             await cursor.execute(statement, (job_id,))
             row = await cursor.fetchone()
         return None if row is None else _job(row)
 
-    async def page(self, filters: Filters, limit: int, cursor: str | None) -> ArchivePage:
+    async def page(
+        self, filters: Filters, limit: int, cursor: str | None, *, wait: float | None = None
+    ) -> ArchivePage:
         """Archived jobs matching `filters`, newest first, after `cursor` (from a previous
-        page); keyset pagination on (finished_at, id, attempts), which the indexes order."""
+        page); keyset pagination on (finished_at, id, attempts), which the indexes order.
+        `wait` as for get()."""
         where: list[sql.Composable] = []
         params: list[Any] = []
         for name in ("type", "queue", "state"):
@@ -257,7 +261,7 @@ class Archive:
             where=sql.SQL("WHERE ") + sql.SQL(" AND ").join(where) if where else sql.SQL(""),
         )
         params.append(limit + 1)
-        async with self._pool.connection() as conn:
+        async with self._pool.connection(wait) as conn:
             rows_cursor = conn.cursor(row_factory=dict_row)
             await rows_cursor.execute(statement, params)
             rows = await rows_cursor.fetchall()
