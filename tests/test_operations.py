@@ -148,6 +148,7 @@ async def guarded(redis_url: str) -> AsyncIterator[Api]:
         ("GET", "/jobs"),
         ("GET", "/jobs/x"),
         ("GET", "/dead"),
+        ("GET", "/archive"),
         ("GET", "/stats"),
         ("GET", "/schedules"),
         ("GET", "/events"),
@@ -219,7 +220,8 @@ async def test_the_event_stream_sends_a_picture_every_second(api: Api) -> None:
                         break
                     pictures = pictures[-2:]
     last = pictures[-1]
-    assert set(last) == {"stats", "recent", "failed", "schedules"}
+    assert set(last) == {"stats", "recent", "failed", "schedules", "archive"}
+    assert last["archive"] is False  # no [archive]: the History card says so
     assert last["stats"]["queues"]["default"]["failed"] == 1
     assert last["failed"][0]["state"] == "failed"
 
