@@ -6,23 +6,26 @@ import argparse
 import asyncio
 import gc
 import logging
+import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import anyio
 import orjson
 
-from taskd import __version__, bench, client, logs
-from taskd.client import ClientError, Target
+from taskd import __version__, bench, logs
+from taskd.client import AddressError, Client, TaskdError
 from taskd.config import Config, ConfigError, load, redact
 from taskd.daemon import serve
+from taskd.jobs import STATES
 from taskd.store import REPLY_PARSER
 
 logger = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2
+EXIT_USAGE = 2
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,9 +38,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        default="info",
         choices=logs.LEVELS,
-        help="least severe messages to log (default: info)",
+        help="least severe messages to log (default: info; warning for stats and submit, "
+        "which say what went wrong themselves)",
     )
     parser.add_argument(
         "--log-format",
@@ -100,8 +103,9 @@ def _json_argument(text: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logs.setup(args.log_level, args.log_format)
-    if args.command in ("stats", "submit"):
+    asks = args.command in ("stats", "submit")
+    logs.setup(args.log_level or ("warning" if asks else "info"), args.log_format)
+    if asks:
         return _ask_daemon(args)
     if args.command == "bench":
         return bench.main(args)
@@ -119,37 +123,79 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _ask_daemon(args: argparse.Namespace) -> int:
     """Run `stats` or `submit`: 0 when the daemon answered 2xx, else 1 (2 for bad usage)."""
     try:
-        target = client.locate(args.url, args.token, args.config, os.environ)
-        if args.command == "stats":
-            _stats(target, as_json=args.json)
-        else:
-            _submit(target, args)
-    except ClientError as exc:
+        with Client(args.url, token=args.token, config=args.config) as client:
+            if args.command == "stats":
+                _stats(client, as_json=args.json)
+            else:
+                _submit(client, args)
+    except TaskdError as exc:
         print(f"taskd: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return EXIT_USAGE if isinstance(exc, AddressError) else 1
     return 0
 
 
-def _stats(target: Target, *, as_json: bool) -> None:
-    answer = client.call(target, "GET", "/stats")
-    if as_json:
-        print(answer.decode())
-        return
-    print("\n".join(client.stats_lines(client.parse_json(answer, target.url))))
+def _stats(client: Client, *, as_json: bool) -> None:
+    stats = client.stats()
+    print(orjson.dumps(stats).decode() if as_json else "\n".join(stats_lines(stats)))
 
 
-def _submit(target: Target, args: argparse.Namespace) -> None:
-    body: dict[str, Any] = {"type": args.type}
-    if args.payload is not None:
-        body["payload"] = args.payload
-    if args.delay is not None:
-        body["delay"] = args.delay
-    if args.run_at is not None:
-        body["run_at"] = client.run_at_value(args.run_at)
-    if args.max_attempts is not None:
-        body["max_attempts"] = args.max_attempts
-    answer = client.call(target, "POST", "/jobs", body)
-    print(client.pretty(client.parse_json(answer, target.url)))
+def _submit(client: Client, args: argparse.Namespace) -> None:
+    job = client.submit(
+        args.type,
+        args.payload,
+        delay=args.delay,
+        run_at=None if args.run_at is None else _run_at_value(args.run_at),
+        max_attempts=args.max_attempts,
+    )
+    print(_pretty(job))
+
+
+def _pretty(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
+
+
+def _run_at_value(text: str) -> str | float:
+    """`--run-at` as the API takes it: epoch seconds as a number, anything else as given."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        return text
+    return seconds if math.isfinite(seconds) else text
+
+
+def stats_lines(stats: Mapping[str, Any]) -> list[str]:
+    """/stats as two small tables: the counts per queue, then the live daemons."""
+    queues = stats.get("queues")
+    rows = [["QUEUE", *(name.upper() for name in STATES)]]
+    for name, counts in (queues if isinstance(queues, Mapping) else {}).items():
+        counts = counts if isinstance(counts, Mapping) else {}
+        rows.append([name, *(_cell(counts.get(key)) for key in STATES)])
+    lines = _columns(rows, numeric=range(1, len(STATES) + 1))
+    instances = stats.get("instances")
+    instances = [i for i in instances if isinstance(i, Mapping)] if instances else []
+    if not instances:
+        return [*lines, "", "no live daemons"]
+    rows = [["INSTANCE", "HOST", "PID", "ACTIVE"]]
+    for one in instances:
+        busy = f"{_cell(one.get('active'))}/{_cell(one.get('concurrency'))}"
+        rows.append([_cell(one.get("id")), _cell(one.get("host")), _cell(one.get("pid")), busy])
+    return [*lines, "", *_columns(rows, numeric=(2, 3))]
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _columns(rows: list[list[str]], numeric: range | tuple[int, ...]) -> list[str]:
+    """Rows as aligned text, numeric columns flush right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(
+            cell.rjust(width) if i in numeric else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
 
 
 def run(config: Config) -> int:
