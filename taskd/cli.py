@@ -10,7 +10,7 @@ import math
 import os
 import sys
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, cast
 
 import anyio
 import orjson
@@ -26,6 +26,19 @@ logger = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2
 EXIT_USAGE = 2
+
+
+class _Subcommand(argparse.ArgumentParser):
+    """A subcommand's parser: an option it does not know is its own usage error (argparse
+    would leave it to the top-level parser, whose usage says nothing of the subcommand's)."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -48,8 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=logs.FORMATS,
         help="log lines as key=value text or as JSON objects (default: text)",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("run", help="run the daemon (the default)")
+    commands = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Subcommand),
+    )
+    run = commands.add_parser("run", help="run the daemon (the default)")
+    run.add_argument("--config", default=argparse.SUPPRESS, help="the TOML config file")
     check = commands.add_parser(
         "check", help="validate the config file and exit 0, or 2 with its errors"
     )
@@ -91,6 +108,17 @@ def _client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "--run-at", metavar="TIME", help="run it then: RFC 3339 with an offset, or epoch seconds"
     )
     submit.add_argument("--max-attempts", type=int, metavar="N", help="attempts before it fails")
+    submit.add_argument(
+        "--priority", type=int, metavar="N", help="0 (lowest) to 9 (highest); default 5"
+    )
+    submit.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="a repeated submission with this key creates nothing and prints the first job",
+    )
+    submit.add_argument(
+        "--callback-url", metavar="URL", help="POST the job's final record here when it ends"
+    )
 
 
 def _json_argument(text: str) -> Any:
@@ -115,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"taskd: invalid config\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check":
-        print(f"{args.config}: ok ({len(config.handlers)} handlers)")
+        count = len(config.handlers)
+        print(f"{args.config}: ok ({count} handler{'' if count == 1 else 's'})")
         return 0
     return run(config)
 
@@ -146,6 +175,9 @@ def _submit(client: Client, args: argparse.Namespace) -> None:
         delay=args.delay,
         run_at=None if args.run_at is None else _run_at_value(args.run_at),
         max_attempts=args.max_attempts,
+        priority=args.priority,
+        idempotency_key=args.idempotency_key,
+        callback_url=args.callback_url,
     )
     print(_pretty(job))
 
