@@ -6,23 +6,39 @@ import argparse
 import asyncio
 import gc
 import logging
+import math
 import os
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
 
 import anyio
 import orjson
 
-from taskd import __version__, bench, client, logs
-from taskd.client import ClientError, Target
+from taskd import __version__, bench, logs
+from taskd.client import AddressError, Client, TaskdError
 from taskd.config import Config, ConfigError, load, redact
 from taskd.daemon import serve
+from taskd.jobs import STATES
 from taskd.store import REPLY_PARSER
 
 logger = logging.getLogger(__name__)
 
 EXIT_CONFIG = 2
+EXIT_USAGE = 2
+
+
+class _Subcommand(argparse.ArgumentParser):
+    """A subcommand's parser: an option it does not know is its own usage error (argparse
+    would leave it to the top-level parser, whose usage says nothing of the subcommand's)."""
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -35,9 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--log-level",
-        default="info",
         choices=logs.LEVELS,
-        help="least severe messages to log (default: info)",
+        help="least severe messages to log (default: info; warning for stats and submit, "
+        "which say what went wrong themselves)",
     )
     parser.add_argument(
         "--log-format",
@@ -45,8 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         choices=logs.FORMATS,
         help="log lines as key=value text or as JSON objects (default: text)",
     )
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
-    commands.add_parser("run", help="run the daemon (the default)")
+    commands = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Subcommand),
+    )
+    run = commands.add_parser("run", help="run the daemon (the default)")
+    run.add_argument("--config", default=argparse.SUPPRESS, help="the TOML config file")
     check = commands.add_parser(
         "check", help="validate the config file and exit 0, or 2 with its errors"
     )
@@ -88,6 +108,17 @@ def _client_commands(commands: argparse._SubParsersAction[argparse.ArgumentParse
         "--run-at", metavar="TIME", help="run it then: RFC 3339 with an offset, or epoch seconds"
     )
     submit.add_argument("--max-attempts", type=int, metavar="N", help="attempts before it fails")
+    submit.add_argument(
+        "--priority", type=int, metavar="N", help="0 (lowest) to 9 (highest); default 5"
+    )
+    submit.add_argument(
+        "--idempotency-key",
+        metavar="KEY",
+        help="a repeated submission with this key creates nothing and prints the first job",
+    )
+    submit.add_argument(
+        "--callback-url", metavar="URL", help="POST the job's final record here when it ends"
+    )
 
 
 def _json_argument(text: str) -> Any:
@@ -100,8 +131,9 @@ def _json_argument(text: str) -> Any:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logs.setup(args.log_level, args.log_format)
-    if args.command in ("stats", "submit"):
+    asks = args.command in ("stats", "submit")
+    logs.setup(args.log_level or ("warning" if asks else "info"), args.log_format)
+    if asks:
         return _ask_daemon(args)
     if args.command == "bench":
         return bench.main(args)
@@ -111,7 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"taskd: invalid config\n{exc}", file=sys.stderr)
         return EXIT_CONFIG
     if args.command == "check":
-        print(f"{args.config}: ok ({len(config.handlers)} handlers)")
+        count = len(config.handlers)
+        print(f"{args.config}: ok ({count} handler{'' if count == 1 else 's'})")
         return 0
     return run(config)
 
@@ -119,37 +152,82 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _ask_daemon(args: argparse.Namespace) -> int:
     """Run `stats` or `submit`: 0 when the daemon answered 2xx, else 1 (2 for bad usage)."""
     try:
-        target = client.locate(args.url, args.token, args.config, os.environ)
-        if args.command == "stats":
-            _stats(target, as_json=args.json)
-        else:
-            _submit(target, args)
-    except ClientError as exc:
+        with Client(args.url, token=args.token, config=args.config) as client:
+            if args.command == "stats":
+                _stats(client, as_json=args.json)
+            else:
+                _submit(client, args)
+    except TaskdError as exc:
         print(f"taskd: {exc}", file=sys.stderr)
-        return exc.exit_code
+        return EXIT_USAGE if isinstance(exc, AddressError) else 1
     return 0
 
 
-def _stats(target: Target, *, as_json: bool) -> None:
-    answer = client.call(target, "GET", "/stats")
-    if as_json:
-        print(answer.decode())
-        return
-    print("\n".join(client.stats_lines(client.parse_json(answer, target.url))))
+def _stats(client: Client, *, as_json: bool) -> None:
+    stats = client.stats()
+    print(orjson.dumps(stats).decode() if as_json else "\n".join(stats_lines(stats)))
 
 
-def _submit(target: Target, args: argparse.Namespace) -> None:
-    body: dict[str, Any] = {"type": args.type}
-    if args.payload is not None:
-        body["payload"] = args.payload
-    if args.delay is not None:
-        body["delay"] = args.delay
-    if args.run_at is not None:
-        body["run_at"] = client.run_at_value(args.run_at)
-    if args.max_attempts is not None:
-        body["max_attempts"] = args.max_attempts
-    answer = client.call(target, "POST", "/jobs", body)
-    print(client.pretty(client.parse_json(answer, target.url)))
+def _submit(client: Client, args: argparse.Namespace) -> None:
+    job = client.submit(
+        args.type,
+        args.payload,
+        delay=args.delay,
+        run_at=None if args.run_at is None else _run_at_value(args.run_at),
+        max_attempts=args.max_attempts,
+        priority=args.priority,
+        idempotency_key=args.idempotency_key,
+        callback_url=args.callback_url,
+    )
+    print(_pretty(job))
+
+
+def _pretty(value: Any) -> str:
+    return orjson.dumps(value, option=orjson.OPT_INDENT_2).decode()
+
+
+def _run_at_value(text: str) -> str | float:
+    """`--run-at` as the API takes it: epoch seconds as a number, anything else as given."""
+    try:
+        seconds = float(text)
+    except ValueError:
+        return text
+    return seconds if math.isfinite(seconds) else text
+
+
+def stats_lines(stats: Mapping[str, Any]) -> list[str]:
+    """/stats as two small tables: the counts per queue, then the live daemons."""
+    queues = stats.get("queues")
+    rows = [["QUEUE", *(name.upper() for name in STATES)]]
+    for name, counts in (queues if isinstance(queues, Mapping) else {}).items():
+        counts = counts if isinstance(counts, Mapping) else {}
+        rows.append([name, *(_cell(counts.get(key)) for key in STATES)])
+    lines = _columns(rows, numeric=range(1, len(STATES) + 1))
+    instances = stats.get("instances")
+    instances = [i for i in instances if isinstance(i, Mapping)] if instances else []
+    if not instances:
+        return [*lines, "", "no live daemons"]
+    rows = [["INSTANCE", "HOST", "PID", "ACTIVE"]]
+    for one in instances:
+        busy = f"{_cell(one.get('active'))}/{_cell(one.get('concurrency'))}"
+        rows.append([_cell(one.get("id")), _cell(one.get("host")), _cell(one.get("pid")), busy])
+    return [*lines, "", *_columns(rows, numeric=(2, 3))]
+
+
+def _cell(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+def _columns(rows: list[list[str]], numeric: range | tuple[int, ...]) -> list[str]:
+    """Rows as aligned text, numeric columns flush right."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return [
+        "  ".join(
+            cell.rjust(width) if i in numeric else cell.ljust(width)
+            for i, (cell, width) in enumerate(zip(row, widths, strict=True))
+        ).rstrip()
+        for row in rows
+    ]
 
 
 def run(config: Config) -> int:

@@ -8,6 +8,7 @@ import signal
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +16,7 @@ import anyio
 import pytest
 
 from taskd import __version__
-from taskd.client import DEFAULT_URL, ClientError, Target, locate
+from taskd.client import DEFAULT_URL, AddressError, Target, locate
 from tests.support import TASKD, DaemonProcess, wait_healthy, wait_until
 
 TOKEN = "a-token-of-24-characters"
@@ -98,6 +99,26 @@ async def test_submit_prints_the_queued_job(running: Running, tmp_path: Path) ->
     assert later.code == 0, later.err
     job = json.loads(later.out)
     assert (job["state"], job["max_attempts"], job["payload"]) == ("scheduled", 2, None)
+
+
+async def test_submit_takes_priority_idempotency_key_and_callback_url(
+    running: Running, tmp_path: Path
+) -> None:
+    env = {"TASKD_URL": running.url, "TASKD_TOKEN": TOKEN}
+    tomorrow = (datetime.now(UTC) + timedelta(days=1)).strftime("%Y-%m-%dT%H:%M:%S")
+    options = ("--priority", "9", "--idempotency-key", "order-42", "--run-at", f"{tomorrow}Z")
+    callback = ("--callback-url", "https://example.org/done")
+    first = await taskd("submit", "echo", *options, *callback, cwd=tmp_path, **env)
+    assert first.code == 0, first.err
+    job = json.loads(first.out)
+    assert (job["priority"], job["idempotency_key"], job["state"]) == (9, "order-42", "scheduled")
+    assert (job["callback_url"], job["run_at"]) == (callback[1], f"{tomorrow}.000Z")
+    again = await taskd("submit", "echo", "--idempotency-key", "order-42", cwd=tmp_path, **env)
+    assert again.code == 0, again.err
+    assert json.loads(again.out)["id"] == job["id"]
+    refused = await taskd("submit", "echo", "--priority", "10", cwd=tmp_path, **env)
+    assert refused.code == 1
+    assert refused.err.startswith("taskd: 422 invalid_job: 'priority' must be an integer from 0")
 
 
 async def test_submit_with_a_bad_payload_is_a_usage_error_and_sends_nothing(
@@ -203,12 +224,47 @@ async def test_version_and_check(tmp_path: Path) -> None:
     good = write_config(tmp_path, "127.0.0.1:7700")
     ok = await taskd("check", "--config", str(good), cwd=tmp_path)
     assert (ok.code, ok.out) == (0, f"{good}: ok (2 handlers)\n")
+    one = tmp_path / "one.toml"
+    one.write_text('[handlers.echo]\nbuiltin = "echo"\n')
+    single = await taskd("check", "--config", str(one), cwd=tmp_path)
+    assert (single.code, single.out) == (0, f"{one}: ok (1 handler)\n")
     bad = tmp_path / "bad.toml"
     bad.write_text('[workers]\nconcurrency = 0\n\n[handlers.x]\nbuiltin = "nope"\n')
     failed = await taskd("check", "--config", str(bad), cwd=tmp_path)
     assert failed.code == 2
     assert f"{bad}: workers.concurrency: must be an integer from 1 to 100000, got 0" in failed.err
     assert f"{bad}: handlers.x.builtin: unknown builtin 'nope'" in failed.err
+
+
+@pytest.mark.parametrize(
+    ("command", "usage"),
+    [
+        (["submit", "echo"], "usage: taskd submit [-h] [--url URL]"),
+        (["stats"], "usage: taskd stats [-h] [--url URL]"),
+        (["check"], "usage: taskd check [-h] [--config CONFIG]"),
+        (["run"], "usage: taskd run [-h] [--config CONFIG]"),
+    ],
+)
+async def test_an_unknown_option_shows_its_subcommands_usage(
+    tmp_path: Path, command: list[str], usage: str
+) -> None:
+    done = await taskd(*command, "--bogus", cwd=tmp_path)
+    assert done.code == 2
+    assert done.err.startswith(usage)
+    assert done.err.endswith(f"taskd {command[0]}: error: unrecognized arguments: --bogus\n")
+
+
+async def test_run_takes_its_config_after_the_subcommand(
+    tmp_path: Path, redis_url: str, free_port: Callable[[], int]
+) -> None:
+    port = free_port()
+    config = write_config(tmp_path, f"127.0.0.1:{port}")
+    # daemon() puts `--config FILE` after the arguments: here, after `run`.
+    async with daemon(tmp_path, config, redis_url, "run") as process:
+        await wait_healthy(f"http://127.0.0.1:{port}", process)
+    missing = await taskd("run", "--config", str(tmp_path / "none.toml"), cwd=tmp_path)
+    assert missing.code == 2
+    assert f"{tmp_path / 'none.toml'}: cannot read file" in missing.err
 
 
 async def test_json_log_format_writes_json_lines(
@@ -273,6 +329,5 @@ def test_url_precedence_and_tokens(tmp_path: Path) -> None:
 
 
 def test_a_port_chosen_at_start_cannot_be_derived(tmp_path: Path) -> None:
-    with pytest.raises(ClientError, match="pass --url") as caught:
+    with pytest.raises(AddressError, match="pass --url"):
         locate(None, None, config_listening(tmp_path, "127.0.0.1:0"), {})
-    assert caught.value.exit_code == 2

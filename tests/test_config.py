@@ -808,7 +808,7 @@ def test_taskd_check_reports_a_bad_secret_without_it(tmp_path: Path) -> None:
     ok = subprocess.run(
         [str(taskd), "check", "--config", str(path)], capture_output=True, text=True, env=env
     )
-    assert (ok.returncode, ok.stdout.strip()) == (0, f"{path}: ok (1 handlers)")
+    assert (ok.returncode, ok.stdout.strip()) == (0, f"{path}: ok (1 handler)")
     assert SECRET_A.removeprefix("whsec_") not in ok.stdout + ok.stderr
 
 

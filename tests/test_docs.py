@@ -7,9 +7,11 @@ the suite, so new commands cannot drift. A `console` block's commands are its `$
 documented output, of which the test checks what does not vary: the scalar fields other
 than ids and times, the HTTP status line, and the fixed parts of text lines (`…` stands
 for what is left out). Ids the docs show (`01a20d20-…`) stand for the real ones the
-earlier commands returned. Reads are polled until they answer as documented. Other blocks a
-test takes from the docs as they are carry `<!-- config: NAME -->` (TOML) or
-`<!-- code: NAME -->` (Python, run by tests/test_signing.py).
+earlier commands returned. Reads are polled until they answer as documented. A `python`
+block marked `<!-- test: NAME -->` runs as a script, and prints what the comments of its
+`print(...)  # OUTPUT` lines say, in order. Other blocks a test takes from the docs as they
+are carry `<!-- config: NAME -->` (TOML) or `<!-- code: NAME -->` (Python, run by
+tests/test_signing.py).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import re
 import shlex
 import shutil
 import signal
+import sys
 import tomllib
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
@@ -50,6 +53,7 @@ RUNNERS = {
     "make-secret": "test_a_made_signing_secret_is_one_taskd_takes",
     "scale-out": "test_process.py::test_a_second_daemon_shares_the_first_ones_embedded_redis",
     "archive": "test_archive_commands",
+    "python-client": "test_python_client_examples",
 }
 
 # Output fields that differ from run to run: ids (mapped separately), times, hosts.
@@ -58,6 +62,8 @@ VARYING = {
     "heartbeat_age_ms", "uptime_s", "daemon", "host", "pid", "at", "job", "wait_ms",
     "version", "used_memory",
 }  # fmt: skip
+# A python block's line that prints, and what its comment says it prints.
+PRINTS = re.compile(r"\bprint\(.*\)\s+# (.*)$")
 PAIR = re.compile(r'"(\w+)":\s*("(?:[^"\\]|\\.)*"|-?\d+(?:\.\d+)?|true|false|null)')
 ID = re.compile(r'"id":\s*"([^"]*)"')
 STATUS = re.compile(r"^HTTP/[\d.]+ (\d{3})\b")
@@ -253,6 +259,11 @@ def test_every_shell_block_is_run_or_marked_not_run() -> None:
     used = set()
     for block in all_blocks():
         if block.lang not in SHELL:
+            # Other blocks need no marker, but one they have must name a runner.
+            if block.marker is not None and block.marker[0] == "test":
+                used.add(block.marker[1])
+                if block.marker[1] not in RUNNERS:
+                    problems.append(f"{block.where}: no test runs {block.marker[1]!r}")
             continue
         if block.marker is None:
             problems.append(f"{block.where}: no <!-- test: NAME --> or <!-- not run: REASON -->")
@@ -343,6 +354,24 @@ async def test_command_line(tmp_path: Path, free_port: Any) -> None:
         shell = Shell(f"127.0.0.1:{port}", REPO, env, {})
         for block in blocks_named("test", "command-line"):
             await shell.run_console(block)
+
+
+async def test_python_client_examples(tmp_path: Path, free_port: Any) -> None:
+    """The Python examples, each a script against the daemon the README starts (which the
+    client finds by $TASKD_URL), print what their comments say."""
+    port = free_port()
+    async with shipped_daemon(tmp_path, port):
+        env = {**user_env(), "TASKD_URL": f"http://127.0.0.1:{port}"}
+        for block in blocks_named("test", "python-client"):
+            assert block.lang == "python", block.where
+            script = tmp_path / "example.py"
+            script.write_text(block.body + "\n")
+            done = await anyio.run_process(
+                [sys.executable, str(script)], cwd=tmp_path, env=env, check=False
+            )
+            assert done.returncode == 0, f"{block.where}:\n{done.stderr.decode()}"
+            printed = [m.group(1) for line in block.body.splitlines() if (m := PRINTS.search(line))]
+            assert done.stdout.decode().splitlines() == printed, block.where
 
 
 @pytest.mark.skipif(
