@@ -84,3 +84,11 @@ def test_archived_names_the_fields_take_archive_answers_in_their_order() -> None
     table = re.search(r"(?s)local ARCHIVED = \{(.*?)\}", lua)
     assert table is not None
     assert tuple(re.findall(r"'(\w+)'", table.group(1))) == ARCHIVED
+
+
+def test_the_archive_staging_table_takes_the_archived_fields_in_their_order() -> None:
+    # The archiver writes each record's ARCHIVED values as they come, after id and queue.
+    from taskd.archive.db import _STAGING
+
+    columns = re.findall(r"(\w+) (?:text|integer|smallint|bigint)", _STAGING)
+    assert tuple(columns) == ("id", "queue", *ARCHIVED)

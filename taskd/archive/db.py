@@ -30,15 +30,16 @@ TIMEOUT = 10.0
 MAX_PAGE = 1000
 DAY = timedelta(days=1)
 _DAY_MS = 86_400_000
-# The staging table the archiver COPYs a batch into: the table's columns, with times as
-# epoch ms and JSON as text, as Redis has them, for PostgreSQL to convert in C. Private to
-# the connection and emptied at each commit.
+# The staging table the archiver COPYs a batch into: the job's id and queue, then its
+# record.ARCHIVED values in their order (a test holds them equal), as Redis has them: times
+# as epoch ms and JSON as text, for PostgreSQL to convert in C. Private to the connection
+# and emptied at each commit.
 _STAGING = """
     CREATE TEMPORARY TABLE IF NOT EXISTS taskd_jobs_in (
-        id text, attempts integer, finished_ms bigint, queue text, type text, state text,
-        payload text, result text, error text, priority smallint, idempotency_key text,
-        max_attempts integer, created_ms bigint, started_ms bigint, daemon text,
-        callback_url text, history text
+        id text, queue text, type text, state text, attempts integer, payload text,
+        result text, error text, priority smallint, idempotency_key text,
+        max_attempts integer, created_at bigint, started_at bigint, finished_at bigint,
+        daemon text, callback_url text, history text
     ) ON COMMIT DELETE ROWS
 """
 _COPY_IN = "COPY taskd_jobs_in FROM STDIN"
@@ -48,9 +49,9 @@ _INSERT = f"""
         id, attempts, finished_at, queue, type, state, payload, result, error, priority,
         idempotency_key, max_attempts, created_at, started_at, daemon, callback_url, history
     )
-    SELECT id, attempts, {_EPOCH_MS.format("finished_ms")}, queue, type, state,
+    SELECT id, attempts, {_EPOCH_MS.format("finished_at")}, queue, type, state,
         payload::jsonb, result::jsonb, error, priority, idempotency_key, max_attempts,
-        {_EPOCH_MS.format("created_ms")}, {_EPOCH_MS.format("started_ms")}, daemon,
+        {_EPOCH_MS.format("created_at")}, {_EPOCH_MS.format("started_at")}, daemon,
         callback_url, history::jsonb
     FROM taskd_jobs_in
     ON CONFLICT DO NOTHING
@@ -294,38 +295,43 @@ _ESCAPES = ((b"\\", b"\\\\"), (b"\t", b"\\t"), (b"\n", b"\\n"), (b"\r", b"\\r"))
 
 def _copy_line(r: ArchiveRecord) -> bytes:
     """One record as a line of COPY text, in the staging table's column order."""
+    (
+        job_type, state, attempts, payload, result, error, priority, idempotency_key,
+        max_attempts, created_at, started_at, finished_at, daemon, callback_url, history,
+    ) = r.values  # fmt: skip
     fields = (
-        r.id.encode(), b"%d" % r.attempts, b"%d" % r.finished_at, r.queue.encode(),
-        _field(r.type.encode()), r.state.encode(), _json(r.payload), _json(r.result),
-        _text(r.error), b"%d" % r.priority, _text(r.idempotency_key), b"%d" % r.max_attempts,
-        b"%d" % r.created_at, _NULL if r.started_at is None else b"%d" % r.started_at,
-        _text(r.daemon), _text(r.callback_url), _json(r.history),
+        r.id.encode(), r.queue.encode(), _text(job_type), state, attempts, _json(payload),
+        _json(result), _text(error), priority, _text(idempotency_key), max_attempts,
+        created_at, started_at or _NULL, finished_at, _text(daemon), _text(callback_url),
+        _json(history),
     )  # fmt: skip
-    return b"\t".join(fields) + b"\n"
+    return b"\t".join(fields) + b"\n"  # type: ignore[arg-type]  # the NOT NULL ones are set
 
 
-def _field(value: bytes) -> bytes:
+def _json(value: bytes | None) -> bytes:
+    """JSON text for jsonb. JSON has no raw tab or line break, so only its backslashes are
+    COPY's to escape; and jsonb cannot hold the NUL character: a "\\u0000" escape becomes
+    U+FFFD, the replacement character."""
+    if value is None:
+        return _NULL
+    if b"\\" not in value:
+        return value
+    if b"\\u0000" in value:
+        value = _NUL_ESCAPE.sub(rb"\1\\ufffd", value)
+    return value.replace(b"\\", b"\\\\")
+
+
+def _text(value: bytes | None) -> bytes:
+    """Text for a text column, escaped for COPY; text cannot hold NUL either: it becomes
+    U+FFFD."""
+    if value is None:
+        return _NULL
+    if b"\x00" in value:
+        value = value.replace(b"\x00", "\ufffd".encode())
     for raw, escaped in _ESCAPES:
         if raw in value:
             value = value.replace(raw, escaped)
     return value
-
-
-def _json(value: bytes | None) -> bytes:
-    """JSON text for jsonb, which cannot hold the NUL character: a "\\u0000" escape
-    becomes U+FFFD, the replacement character."""
-    if value is None:
-        return _NULL
-    if b"\\u0000" in value:
-        value = _NUL_ESCAPE.sub(rb"\1\\ufffd", value)
-    return _field(value)
-
-
-def _text(value: bytes | None) -> bytes:
-    """Text for a text column, which cannot hold NUL either: it becomes U+FFFD."""
-    if value is None:
-        return _NULL
-    return _field(value.replace(b"\x00", "\ufffd".encode()))
 
 
 def _job(row: dict[str, Any]) -> Job:

@@ -153,27 +153,19 @@ def decode_job(fields: Mapping[bytes, bytes], queue: str, job_id: str) -> Job:
 
 @dataclass(frozen=True, slots=True)
 class ArchiveRecord:
-    """A final job as the archive stores it, its values as Redis holds them: JSON values as
-    JSON text, times in epoch ms. Not a Job: the archiver writes thousands a second, and
-    parsing each payload only to serialise it again cost more than the rest."""
+    """A final job as the archive takes it: its ARCHIVED values by position, as Redis
+    holds them (bytes: JSON as text, times as epoch ms; None where the hash has none, the
+    script having filled in the fields' defaults). Not a Job: the archiver writes
+    thousands a second, and parsing each value only to write it out again cost more than
+    the rest of the archiving."""
 
     id: str
     queue: str
-    type: str
-    state: str
-    attempts: int
-    payload: bytes  # JSON
-    result: bytes | None  # JSON, completed jobs only
-    error: bytes | None
-    priority: int
-    idempotency_key: bytes | None
-    max_attempts: int
-    created_at: int
-    started_at: int | None
-    finished_at: int
-    daemon: bytes | None
-    callback_url: bytes | None
-    history: bytes  # JSON array, the final attempt's entry included
+    finished_at: int  # epoch ms
+    values: tuple[bytes | None, ...]
+
+
+_FINISHED_AT = ARCHIVED.index("finished_at")
 
 
 def decode_archive_record(row: Sequence[Any], queue: str, job_id: str) -> ArchiveRecord | None:
@@ -181,30 +173,8 @@ def decode_archive_record(row: Sequence[Any], queue: str, job_id: str) -> Archiv
     the entry and score (None if it answered none: the record is gone or not final)."""
     if len(row) == 2:
         return None
-    # The unpacking below names ARCHIVED's entries in order (a test holds them equal).
-    (
-        job_type, state, attempts, payload, result, error, priority, idempotency_key,
-        max_attempts, created_at, started_at, finished_at, daemon, callback_url, history,
-    ) = row[2:]  # fmt: skip
-    return ArchiveRecord(
-        id=job_id,
-        queue=queue,
-        type=job_type.decode(),
-        state=state.decode(),
-        attempts=int(attempts or 0),
-        payload=payload,
-        result=result,
-        error=error,
-        priority=int(priority or DEFAULT_PRIORITY),
-        idempotency_key=idempotency_key,
-        max_attempts=int(max_attempts or 1),
-        created_at=int(created_at),
-        started_at=int(started_at) if started_at else None,
-        finished_at=int(finished_at or 0),
-        daemon=daemon,
-        callback_url=callback_url,
-        history=history or b"[]",
-    )
+    values = tuple(row[2:])
+    return ArchiveRecord(job_id, queue, int(values[_FINISHED_AT] or 0), values)
 
 
 def decode_claimed(flat: Sequence[Any], queue: str, daemon_id: str) -> list[Job]:

@@ -15,13 +15,15 @@
 -- ARGV[6] -> the lease, ms
 -- Returns false when another daemon holds the lock, else, per entry oldest first: the
 -- entry, its score (when its job ended), then the job's ARCHIVED fields (record.ARCHIVED),
--- its history with the final attempt's entry written in (lib.lua, settled); or only the
--- entry and score when the record is gone or not final (written by a taskd that kept no
--- copy), for the archiver to drop.
+-- absent ones at their default or nil, its history with the final attempt's entry written
+-- in (lib.lua, settled); or only the entry and score when the record is gone or not final
+-- (written by a taskd that kept no copy), for the archiver to drop.
 local ARCHIVED = {'type', 'state', 'attempts', 'payload', 'result', 'error', 'priority',
   'idempotency_key', 'max_attempts', 'created_at', 'started_at', 'finished_at', 'daemon',
   'callback_url', 'history'}
 local FINAL = {completed = true, failed = true, cancelled = true}
+-- The values of fields absent at their default (record.JOB_FIELDS): the archive stores them.
+local DEFAULTS = {[3] = '0', [7] = tostring(DEFAULT_PRIORITY), [9] = '1', [15] = '[]'}
 
 -- The ARCHIVED fields of a kept copy (a JSON array of field, value pairs).
 local function from_copy(copy)
@@ -73,7 +75,7 @@ for i = 1, #entries, 2 do
   if f and FINAL[f[2]] then
     f[#ARCHIVED] = settled(settle_fields(f))
     for j = 1, #ARCHIVED do
-      row[j + 2] = f[j]
+      row[j + 2] = f[j] or DEFAULTS[j] or false
     end
   end
   taken[#taken + 1] = row
