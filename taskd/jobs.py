@@ -21,6 +21,8 @@ FAILED = "failed"
 CANCELLED = "cancelled"
 STATES = (QUEUED, SCHEDULED, ACTIVE, COMPLETED, FAILED, CANCELLED)
 FINAL_STATES = (COMPLETED, FAILED, CANCELLED)
+# What a queue's purge deletes: its waiting jobs, or its dead letters; never running ones.
+PURGEABLE = (QUEUED, SCHEDULED, FAILED)
 # Priorities run from 0 to 9, higher first; a job without one gets the middle, so that
 # both urgent and background work can be told apart from the ordinary.
 PRIORITIES = range(10)

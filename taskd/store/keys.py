@@ -8,8 +8,9 @@ names cannot contain a colon, so no queue shares that slot by accident.
 The Lua scripts (lua/*.lua, whose KEYS headers show these patterns) build some keys
 themselves from what the store passes them; each builder says so. They derive: the
 priority lists (the inbox's name + ':<priority>', lib.lua priority_list), job hashes
-(job_prefix + id), and a job type's limit keys (limit_prefix + type + ':running',
-':line', ':starts', ':held'; limits.lua, lib.lua release_slot and free_held).
+(job_prefix + id), landing lists (landing_prefix + daemon id, purge.lua), and a job
+type's limit keys (limit_prefix + type + ':running', ':line', ':starts', ':held';
+limits.lua, lib.lua release_slot and free_held).
 
 The method names are the things' names; a few key strings are older words for them,
 kept so that daemons of older versions go on sharing the data: the inbox is `:ready`,
@@ -62,9 +63,13 @@ class Keys:
         """Prefix of the strings mapping an idempotency key to the job that holds it."""
         return self._of(queue, "idem:")
 
+    def landing_prefix(self, queue: str) -> str:
+        """Prefix of the landing lists; purge.lua appends a daemon's id to it."""
+        return self._of(queue, "landing:")
+
     def landing(self, queue: str, daemon_id: str) -> str:
         """List a daemon's blocking fetch moves one id into (BLMOVE needs a list)."""
-        return self._of(queue, f"landing:{daemon_id}")
+        return self.landing_prefix(queue) + daemon_id
 
     def active(self, queue: str, daemon_id: str) -> str:
         """Sorted set of the ids a daemon runs, scored by start time (its in-flight set)."""

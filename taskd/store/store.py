@@ -503,8 +503,54 @@ class Store:
         k = self.keys
         keys = [k.job(queue, job_id), k.inbox(queue), k.scheduled(queue), k.completed(queue)]
         keys += [k.failed(queue), k.cancelled(queue), k.index(queue)]
-        args = [*self._header(queue), job_id, self._archive(queue)]
+        args = [*self._header(queue), job_id, self._archive(queue), k.idempotency_prefix(queue)]
         return text(await self._lua["delete"](keys=keys, args=args))
+
+    # Acting on many jobs, a batch per script call (BATCH) so that Redis serves other
+    # commands in between: callers see each batch as it is done.
+
+    async def purge(self, queue: str, state: str, now: int) -> AsyncIterator[int]:
+        """Delete a queue's jobs in `state` (one of PURGEABLE: queued, scheduled, failed) and
+        their ids wherever they wait; yields how many each batch deleted (see purge.lua).
+        `now`: when the purge began (dead letters that failed later are kept).
+
+        It stops once nothing is left to take, or once it has taken as many ids as the
+        state held at its first batch, so that jobs arriving as fast as it deletes cannot
+        keep it going: of the jobs that arrive meanwhile, some may be purged, some not.
+        """
+        k = self.keys
+        keys = [k.inbox(queue), k.scheduled(queue), k.failed(queue), k.index(queue)]
+        keys += [k.leases(queue), k.limit_waits(queue)]
+        after = [state, k.idempotency_prefix(queue), k.landing_prefix(queue)]
+        after.append(self._archive(queue))
+        # Ids it may still take: what the state held after the first batch.
+        budget: int | None = None
+        while True:
+            most = BATCH if budget is None else min(BATCH, budget)
+            args = [*self._header(queue, now), most, *after]
+            removed, taken, left = await self._lua["purge"](keys=keys, args=args)
+            budget = left if budget is None else budget - taken
+            yield int(removed)
+            if taken == 0 or budget <= 0:
+                return
+
+    async def retry_dead(
+        self, queue: str, now: int, job_type: str | None = None
+    ) -> AsyncIterator[int]:
+        """Put a queue's dead letters (of one type, or all) back on it, as `retry` does,
+        oldest first; yields how many each batch retried (see retry_dead.lua). `now`: when
+        the retry began; a job that fails again after it is not retried again."""
+        k = self.keys
+        keys = [k.failed(queue), k.inbox(queue)]
+        after: Any = ""
+        score: Any = ""
+        while True:
+            args = [*self._header(queue, now), BATCH, job_type or "", after, score]
+            args.append(self._archive(queue))
+            retried, _, done, after, score = await self._lua["retry_dead"](keys=keys, args=args)
+            yield int(retried)
+            if done:
+                return
 
     @asynccontextmanager
     async def cancel_requests(self) -> AsyncIterator[AsyncIterator[str]]:

@@ -1,4 +1,5 @@
--- Delete a job that is not running: its record and its id wherever it is.
+-- Delete a job that is not running: its record and its id wherever it is (lib.lua,
+-- drop_job: the idempotency key that names it goes too).
 -- KEYS[1] -> <prefix>:{<queue>}:job:<id>, the job's hash
 -- KEYS[2] -> <prefix>:{<queue>}:ready, the inbox (keys.inbox)
 -- KEYS[3] -> <prefix>:{<queue>}:scheduled
@@ -10,6 +11,7 @@
 -- ARGV[4] -> job id
 -- ARGV[5] -> <prefix>:{<queue>}:archive, the archive hand-off, or '' (lib.lua,
 --   keep_for_archive): a final job not yet archived is kept for it
+-- ARGV[6] -> <prefix>:{<queue>}:idem:, the idempotency key prefix
 -- Returns the job's state before ('active': nothing changed), or 'missing'.
 local id = ARGV[4]
 local state = redis.call('HGET', KEYS[1], 'state') or 'missing'
@@ -20,8 +22,8 @@ if state == 'queued' then
   remove_queued(KEYS[2], KEYS[1], id)
 end
 keep_for_archive(ARGV[5], KEYS[1], id)
-for i = 3, 7 do
+for i = 3, 6 do
   redis.call('ZREM', KEYS[i], id)
 end
-redis.call('DEL', KEYS[1])
+drop_job(KEYS[1], id, KEYS[7], ARGV[6])
 return state

@@ -84,6 +84,20 @@ local function remove_queued(inbox, job_key, id)
   end
 end
 
+-- Delete a job that is not running: its record, its id in the queue's index, and the
+-- idempotency key that names it, so that a resubmission with that key makes a new job (as
+-- it would once the key's job is gone: enqueue.lua). Its id in the list or set of its
+-- state is the caller's to remove. `index`: the queue's index; `idem`: its idempotency
+-- key prefix (keys.idempotency_prefix).
+local function drop_job(job_key, id, index, idem)
+  local key = redis.call('HGET', job_key, 'idempotency_key')
+  if key and redis.call('GET', idem .. key) == id then
+    redis.call('DEL', idem .. key)
+  end
+  redis.call('DEL', job_key)
+  redis.call('ZREM', index, id)
+end
+
 -- Move up to `most` ids from `from` to the consuming end of `to`, keeping their order:
 -- pushed last to first, so that the first taken from `from` is taken first again.
 local function move_to_front(from, to, most)
@@ -283,6 +297,24 @@ local function keep_for_archive(archive, job_key, id)
   redis.call('HSET', archive .. ':kept', kept, cjson.encode(redis.call('HGETALL', job_key)))
   redis.call('ZREM', archive, id)
   redis.call('ZADD', archive, score, kept)
+end
+
+-- Put a failed job back on its queue, its id already out of the failed set (retry.lua,
+-- retry_dead.lua): its attempts reset, those it had added to its earlier_attempts (the
+-- count of every attempt it has had goes on, and names each attempt to the endpoints it
+-- is sent to: taskd.signing), due from now (run_at), so that its wait counts from the
+-- retry, not from its creation. A final record not yet archived is kept for the archive
+-- first. `archive`: the hand-off, or '' (keep_for_archive).
+local function retry_failed(inbox, job_key, id, archive)
+  keep_for_archive(archive, job_key, id)
+  settle_history(job_key)
+  local attempts = tonumber(redis.call('HGET', job_key, 'attempts') or 0)
+  if attempts > 0 then
+    redis.call('HINCRBY', job_key, 'earlier_attempts', attempts)
+  end
+  redis.call('HSET', job_key, 'state', 'queued', 'attempts', 0, 'run_at', NOW)
+  redis.call('HDEL', job_key, 'started_at', 'finished_at', 'error', 'result')
+  make_ready(inbox, job_key, id, false)
 end
 
 -- A job that stops running (given back, or taken back from a dead daemon) and that

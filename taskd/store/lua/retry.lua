@@ -1,7 +1,5 @@
--- Put a failed job back on its queue with its attempts reset, due from now (run_at), so
--- that its wait counts from the retry, not from its creation. The attempts it had are
--- added to its earlier_attempts: the count of every attempt it has had goes on, and names
--- each attempt to the endpoints it is sent to (taskd.signing).
+-- Put a failed job back on its queue (lib.lua, retry_failed): its attempts reset, due from
+-- now.
 -- KEYS[1] -> <prefix>:{<queue>}:job:<id>, the job's hash
 -- KEYS[2] -> <prefix>:{<queue>}:dead, the failed set (keys.failed)
 -- KEYS[3] -> <prefix>:{<queue>}:ready, the inbox (keys.inbox)
@@ -15,15 +13,7 @@
 local id = ARGV[4]
 local state = redis.call('HGET', KEYS[1], 'state') or 'missing'
 if state == 'failed' then
-  keep_for_archive(ARGV[5], KEYS[1], id)
-  settle_history(KEYS[1])
   redis.call('ZREM', KEYS[2], id)
-  local attempts = tonumber(redis.call('HGET', KEYS[1], 'attempts') or 0)
-  if attempts > 0 then
-    redis.call('HINCRBY', KEYS[1], 'earlier_attempts', attempts)
-  end
-  redis.call('HSET', KEYS[1], 'state', 'queued', 'attempts', 0, 'run_at', NOW)
-  redis.call('HDEL', KEYS[1], 'started_at', 'finished_at', 'error', 'result')
-  make_ready(KEYS[3], KEYS[1], id, false)
+  retry_failed(KEYS[3], KEYS[1], id, ARGV[5])
 end
 return state
