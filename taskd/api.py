@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from contextvars import ContextVar
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -29,7 +29,9 @@ from taskd.timeouts import Timeouts
 from taskd.validation import (
     ApiError,
     parse_batch,
+    parse_dead_retry,
     parse_list_query,
+    parse_purge_query,
     parse_submission,
     valid_queue,
 )
@@ -42,6 +44,7 @@ logger = logging.getLogger(__name__)
 HEALTH_TIMEOUT = 2.0
 EVENT_GRACE = 2.0
 _HEALTH_ERRORS: tuple[type[Exception], ...] = (TimeoutError, *UNAVAILABLE)
+_BATCH_ERRORS = _HEALTH_ERRORS
 
 
 def json_response(
@@ -110,8 +113,9 @@ def redis_deadline(seconds: float) -> Middleware:
         assert task is not None
         cancelling = task.cancelling()
         deadlines.start(task, seconds)
-        # Only reads end their deadline early (the archive's); a submission need not pay.
-        if request.method == "GET":
+        # Only reads (the archive's) and the bulk writes (each of whose batches has its own
+        # bound: _in_batches) end their deadline early; a submission need not pay.
+        if request.method in ("GET", "DELETE") or request.path == "/dead/retry":
             _end_deadline.set(partial(deadlines.end, task, seconds))
         try:
             return await handler(request)
@@ -253,6 +257,7 @@ class HttpApi:
         app.router.add_post("/jobs/{id}/cancel", self.cancel_job)
         app.router.add_post("/jobs/{id}/retry", self.retry_job)
         app.router.add_get("/dead", self.list_dead)
+        app.router.add_post("/dead/retry", self.retry_dead)
         app.router.add_get("/stats", self.stats)
         app.router.add_get("/health", self.health)
         app.router.add_get("/metrics", self.metrics)
@@ -260,6 +265,7 @@ class HttpApi:
         app.router.add_post("/queues/{queue}/pause", self.pause_queue)
         app.router.add_post("/queues/{queue}/resume", self.resume_queue)
         app.router.add_delete("/queues/{queue}", self.forget_queue)
+        app.router.add_delete("/queues/{queue}/jobs", self.purge_queue)
         return app
 
     async def run(
@@ -499,8 +505,63 @@ class HttpApi:
         logger.info("queue %s forgotten", queue)
         return json_response({"queue": queue, "forgotten": True})
 
+    async def purge_queue(self, request: web.Request) -> web.Response:
+        """Delete a queue's queued or scheduled jobs, or its dead letters, in batches."""
+        state = parse_purge_query(request.query)
+        queue = await self._existing_queue(request)
+        purged = self._store.purge(queue, state, self._clock())
+        removed = await self._in_batches(purged, f"purge of the {state} jobs of '{queue}'")
+        logger.info("queue %s: %d %s jobs purged", queue, removed, state)
+        return json_response({"queue": queue, "state": state, "removed": removed})
+
+    async def retry_dead(self, request: web.Request) -> web.Response:
+        """Put dead letters back on their queues, of one queue and type or all, in batches."""
+        if request.body_exists:
+            require_json(request)
+        which = parse_dead_retry(request.query, await request.read())
+        if which.queue is None:
+            queues = sorted(await self._all_queues())
+        else:
+            queues = [await self._known_queue(which.queue)]
+        batches = self._retry_dead(queues, which.job_type, self._clock())
+        retried = await self._in_batches(batches, "retry of dead letters")
+        logger.info(
+            "%d dead letters retried (queue %s, type %s)", retried, which.queue, which.job_type
+        )
+        return json_response({"retried": retried, "queue": which.queue, "type": which.job_type})
+
+    async def _retry_dead(
+        self, queues: Iterable[str], job_type: str | None, now: int
+    ) -> AsyncIterator[int]:
+        for queue in queues:
+            async for retried in self._store.retry_dead(queue, now, job_type):
+                yield retried
+
+    async def _in_batches(self, batches: AsyncIterator[int], doing: str) -> int:
+        """The sum of what each batch did. A purge of a million jobs takes longer than a
+        request may wait for Redis, a batch does not: each gets [redis] request_timeout."""
+        done_with_redis()
+        total = 0
+        while True:
+            try:
+                with anyio.fail_after(self._request_timeout):
+                    count = await anext(batches)
+            except StopAsyncIteration:
+                return total
+            except _BATCH_ERRORS as exc:
+                raise ApiError(
+                    503,
+                    "unavailable",
+                    f"the {doing} stopped after {total} jobs: Redis did not answer a batch"
+                    f" within {self._request_timeout:g} s ([redis] request_timeout), or"
+                    f" failed ({exc!r}); send it again for the rest",
+                ) from exc
+            total += count
+
     async def _existing_queue(self, request: web.Request) -> str:
-        queue = _queue_name(request)
+        return await self._known_queue(_queue_name(request))
+
+    async def _known_queue(self, queue: str) -> str:
         if queue not in await self._all_queues():
             raise ApiError(404, "not_found", f"no queue '{queue}' (none is configured or used)")
         return queue

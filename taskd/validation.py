@@ -23,6 +23,7 @@ from taskd.jobs import (
     DEFAULT_PRIORITY,
     FINAL_STATES,
     PRIORITIES,
+    PURGEABLE,
     QUEUED,
     SCHEDULED,
     STATES,
@@ -345,6 +346,61 @@ def parse_list_query(params: Mapping[str, str]) -> ListQuery:
     )
 
 
+def parse_purge_query(params: Mapping[str, str]) -> str:
+    """The state a purge deletes (DELETE /queues/NAME/jobs?state=), or an ApiError (400)."""
+    _refuse_unknown(params, ("state",))
+    state = params.get("state") or None
+    if state is None or state not in PURGEABLE:
+        given = "give 'state'" if state is None else "'state' must be"
+        raise bad_query(
+            f"{given}: one of {', '.join(PURGEABLE)} (a purge deletes waiting jobs or dead"
+            " letters, never running ones)"
+        )
+    return state
+
+
+@dataclass(frozen=True, slots=True)
+class DeadRetry:
+    """Which dead letters POST /dead/retry puts back: of a queue and a type, or any."""
+
+    queue: str | None
+    job_type: str | None
+
+
+DEAD_RETRY_PARAMS = ("type", "queue")
+
+
+def parse_dead_retry(params: Mapping[str, str], body: bytes) -> DeadRetry:
+    """The filters of POST /dead/retry, as query parameters or a JSON object body (or
+    both, if they agree), or an ApiError (400) saying which one is wrong."""
+    _refuse_unknown(params, DEAD_RETRY_PARAMS)
+    given = {name: params.get(name) or None for name in DEAD_RETRY_PARAMS}
+    for name, value in _body_filters(body).items():
+        if given[name] not in (None, value):
+            raise bad_query(f"'{name}' is {given[name]!r} in the query but {value!r} in the body")
+        given[name] = value
+    job_type, queue = given["type"], given["queue"]
+    if job_type is not None and not valid_handler_name(job_type):
+        raise bad_query(f"'type' is not a job type's name: {job_type!r}")
+    if queue is not None and not valid_queue(queue):
+        raise bad_query(f"'queue' is not a queue's name: {queue!r}")
+    return DeadRetry(queue=queue, job_type=job_type)
+
+
+def _body_filters(body: bytes) -> dict[str, str]:
+    """The filters a JSON object body gives, those not null or empty (no body: none)."""
+    if not body.strip():
+        return {}
+    data = _json_body(body)
+    if not isinstance(data, dict):
+        raise bad_query(f"the body must be a JSON object or empty, got {json_kind(data)}")
+    _refuse_unknown(data, DEAD_RETRY_PARAMS)
+    for name, value in data.items():
+        if value is not None and not isinstance(value, str):
+            raise bad_query(f"'{name}' must be a string, got {json_kind(value)}")
+    return {name: value for name, value in data.items() if value}
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class ArchiveQuery:
     """What GET /archive asks for; None: any. Times are epoch ms, finished at or after
@@ -396,7 +452,7 @@ def parse_archive_query(params: Mapping[str, str]) -> ArchiveQuery:
     )
 
 
-def _refuse_unknown(params: Mapping[str, str], known: tuple[str, ...]) -> None:
+def _refuse_unknown(params: Mapping[str, Any], known: tuple[str, ...]) -> None:
     unknown = sorted(set(params) - set(known))
     if unknown:
         raise bad_query(f"unknown parameter(s) {', '.join(unknown)}")

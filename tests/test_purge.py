@@ -3,22 +3,40 @@ DELETE /queues/NAME/jobs and POST /dead/retry on in-process daemons."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
+import time
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
+import aiohttp
+import anyio
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
-from taskd.jobs import Job
+from taskd.daemon import Daemon
+from taskd.jobs import Job, now_ms
 from taskd.store import Keys, Store, TypeLimits
 from taskd.store.store import BATCH
 from tests.builders import ended, enqueue, new_job, stored
-from tests.support import ready_ids
+from tests.support import (
+    Api,
+    get_json,
+    make_config,
+    post_json,
+    ready_ids,
+    two_daemons,
+    wait_for_state,
+    wait_until,
+)
 
 Q = "default"
 ME = "daemon-a"
 K = Keys("taskd")
 TYPES = (TypeLimits("echo"), TypeLimits("noop"))
 TWO_AT_ONCE = (TypeLimits("slow", concurrency=2),)
+TOKEN = "purge-secret-0123456789"
 
 
 async def batches(counts: AsyncIterator[int]) -> list[int]:
@@ -218,3 +236,268 @@ async def test_a_bulk_retry_keeps_a_record_not_yet_archived_for_the_archive(
 async def test_an_empty_state_purges_nothing_in_one_call(store: Store, state: str) -> None:
     assert await batches(store.purge(Q, state, now=1)) == [0]
     assert await batches(store.retry_dead(Q, now=1)) == [0]
+
+
+# ---------------------------------------------------------------- over HTTP
+
+
+async def delete(session: aiohttp.ClientSession, url: str, **headers: str) -> tuple[int, Any]:
+    async with session.delete(url, headers=headers) as response:
+        return response.status, await response.json()
+
+
+async def counts(session: aiohttp.ClientSession, url: str, queue: str = Q) -> dict[str, int]:
+    _, stats = await get_json(session, f"{url}/stats")
+    return {state: stats["queues"][queue][state] for state in ("queued", "scheduled", "failed")}
+
+
+async def dead_letters(session: aiohttp.ClientSession, url: str, count: int, **job: Any) -> None:
+    """Submit `count` jobs that fail for good at once, and wait until they have."""
+    body = {"type": "fail", "max_attempts": 1, **job}
+    ids = [(await post_json(session, f"{url}/jobs", body))[1]["id"] for _ in range(count)]
+    for job_id in ids:
+        await wait_for_state(session, url, job_id, {"failed"})
+
+
+async def test_a_purge_over_http_answers_how_many_it_removed(api: Api) -> None:
+    session, url = api
+    await post_json(session, f"{url}/queues/{Q}/pause", {})  # the queued jobs stay queued
+    for body in [{"type": "echo"}] * 3 + [{"type": "echo", "delay": 60}] * 2:
+        assert (await post_json(session, f"{url}/jobs", body))[0] == 201
+    assert await counts(session, url) == {"queued": 3, "scheduled": 2, "failed": 0}
+
+    answer = await delete(session, f"{url}/queues/{Q}/jobs?state=queued")
+    assert answer == (200, {"queue": Q, "state": "queued", "removed": 3})
+    assert await counts(session, url) == {"queued": 0, "scheduled": 2, "failed": 0}
+    answer = await delete(session, f"{url}/queues/{Q}/jobs?state=scheduled")
+    assert answer == (200, {"queue": Q, "state": "scheduled", "removed": 2})
+    answer = await delete(session, f"{url}/queues/{Q}/jobs?state=failed")
+    assert answer == (200, {"queue": Q, "state": "failed", "removed": 0})
+    _, listed = await get_json(session, f"{url}/jobs")
+    assert listed["jobs"] == []
+
+
+async def test_a_purge_of_dead_letters_over_http(api: Api) -> None:
+    session, url = api
+    await dead_letters(session, url, 3)
+    answer = await delete(session, f"{url}/queues/{Q}/jobs?state=failed")
+    assert answer == (200, {"queue": Q, "state": "failed", "removed": 3})
+    assert await get_json(session, f"{url}/dead") == (200, {"jobs": [], "next_cursor": None})
+
+
+@pytest.mark.parametrize(
+    ("path", "status", "message"),
+    [
+        (f"/queues/{Q}/jobs", 400, "give 'state': one of queued, scheduled, failed"),
+        (f"/queues/{Q}/jobs?state=", 400, "give 'state'"),
+        (f"/queues/{Q}/jobs?state=active", 400, "'state' must be: one of queued"),
+        (f"/queues/{Q}/jobs?state=completed", 400, "never running ones"),
+        (f"/queues/{Q}/jobs?state=queued&all=1", 400, "unknown parameter(s) all"),
+        ("/queues/nowhere/jobs?state=queued", 404, "no queue 'nowhere'"),
+        ("/queues/a:b/jobs?state=queued", 404, "'a:b' is not a queue name"),
+    ],
+)
+async def test_a_bad_purge_is_refused_and_removes_nothing(
+    api: Api, path: str, status: int, message: str
+) -> None:
+    session, url = api
+    await post_json(session, f"{url}/jobs", {"type": "echo", "delay": 60})
+    code, body = await delete(session, f"{url}{path}")
+    assert (code, body["error"]["code"]) == (
+        status,
+        "not_found" if status == 404 else "invalid_query",
+    )
+    assert message in body["error"]["message"]
+    assert (await counts(session, url))["scheduled"] == 1
+
+
+@pytest.mark.daemon_config(
+    handlers={
+        "fail": {"builtin": "fail"},
+        "flaky": {"builtin": "fail"},
+        "echo": {"builtin": "echo"},
+    }
+)
+async def test_a_bulk_retry_over_http_puts_dead_letters_back_by_type_and_queue(api: Api) -> None:
+    session, url = api
+    await dead_letters(session, url, 3)
+    await dead_letters(session, url, 2, type="flaky")
+    await post_json(session, f"{url}/queues/{Q}/pause", {})  # the retried jobs stay queued
+
+    status, answer = await post_json(session, f"{url}/dead/retry?type=fail", None)
+    assert (status, answer) == (200, {"retried": 3, "queue": None, "type": "fail"})
+    _, dead = await get_json(session, f"{url}/dead")
+    assert {job["type"] for job in dead["jobs"]} == {"flaky"}
+    _, queued = await get_json(session, f"{url}/jobs?state=queued")
+    assert [(job["type"], job["attempts"]) for job in queued["jobs"]] == [("fail", 0)] * 3
+    assert {job["history"][0]["outcome"] for job in queued["jobs"]} == {"failed"}
+
+    status, answer = await post_json(session, f"{url}/dead/retry", {"queue": Q})
+    assert (status, answer) == (200, {"retried": 2, "queue": Q, "type": None})
+    assert await post_json(session, f"{url}/dead/retry", {}) == (
+        200,
+        {"retried": 0, "queue": None, "type": None},
+    )
+    assert (await counts(session, url))["queued"] == 5
+
+
+@pytest.mark.parametrize(
+    ("query", "body", "status", "code", "message"),
+    [
+        ("?queue=nowhere", None, 404, "not_found", "no queue 'nowhere'"),
+        ("", {"queue": "nowhere"}, 404, "not_found", "no queue 'nowhere'"),
+        ("?queue=no{braces}", None, 400, "invalid_query", "'queue' is not a queue's name"),
+        ("?type=a%20b", None, 400, "invalid_query", "'type' is not a job type's name"),
+        ("?state=failed", None, 400, "invalid_query", "unknown parameter(s) state"),
+        ("", {"types": "fail"}, 400, "invalid_query", "unknown parameter(s) types"),
+        ("", {"type": 5}, 400, "invalid_query", "'type' must be a string, got number"),
+        ("", ["fail"], 400, "invalid_query", "must be a JSON object or empty, got array"),
+        ("?type=fail", {"type": "echo"}, 400, "invalid_query", "'fail' in the query but 'echo'"),
+        ("", b"{nope", 400, "invalid_json", "not valid JSON"),
+        ("", b"type=fail", 415, "unsupported_media_type", "send the body as JSON"),
+    ],
+)
+async def test_a_bad_bulk_retry_is_refused_and_retries_nothing(
+    api: Api, query: str, body: Any, status: int, code: str, message: str
+) -> None:
+    session, url = api
+    await dead_letters(session, url, 1)
+    if isinstance(body, bytes):
+        kind = "text/plain" if status == 415 else "application/json"
+        request = session.post(
+            f"{url}/dead/retry{query}", data=body, headers={"Content-Type": kind}
+        )
+    else:
+        request = session.post(f"{url}/dead/retry{query}", json=body)
+    async with request as response:
+        answer = await response.json()
+        assert (response.status, answer["error"]["code"]) == (status, code), answer
+    assert message in answer["error"]["message"]
+    assert (await counts(session, url))["failed"] == 1
+
+
+@pytest.mark.daemon_config(server={"token": TOKEN})
+@pytest.mark.parametrize(
+    ("method", "path"), [("DELETE", f"/queues/{Q}/jobs?state=queued"), ("POST", "/dead/retry")]
+)
+async def test_purge_and_bulk_retry_need_the_token_and_refuse_other_sites(
+    api: Api, method: str, path: str
+) -> None:
+    session, url = api
+    token = {"Authorization": f"Bearer {TOKEN}"}
+    async with session.request(method, f"{url}{path}") as response:
+        assert response.status == 401
+        assert (await response.json())["error"]["code"] == "unauthorized"
+    foreign = {**token, "Origin": "https://evil.example"}
+    async with session.request(method, f"{url}{path}", headers=foreign) as response:
+        assert response.status == 403
+        assert (await response.json())["error"]["code"] == "forbidden_origin"
+    async with session.request(method, f"{url}{path}", headers=token) as response:
+        assert response.status == 200
+
+
+# ---------------------------------------------------------------- a large purge under load
+
+LARGE = 200_000
+# A job type of the purged queue: each daemon runs 4 at once, for longer than the test.
+SLOW = {"builtin": "sleep", "concurrency": 4}
+# What Redis's slow log records: commands that took longer than this (µs). One script
+# purging 200,000 jobs takes seconds; a batch takes milliseconds, even on a loaded machine.
+SLOW_COMMAND_US = 250_000
+
+
+class PingProbe:
+    """PINGs Redis from a thread and a connection of its own, apart from the daemons and
+    the test on the event loop, noting how long each answer took (seconds)."""
+
+    def __init__(self, url: str) -> None:
+        self.waits: list[float] = []
+        self._client = SyncRedis.from_url(url)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self) -> PingProbe:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self._client.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.005):
+            started = time.perf_counter()
+            self._client.ping()
+            self.waits.append(time.perf_counter() - started)
+
+
+async def active_ids(redis: Redis, daemons: Sequence[Daemon]) -> set[str]:
+    found: set[str] = set()
+    for daemon in daemons:
+        found |= {i.decode() for i in await redis.zrange(K.active(Q, daemon.identity.id), 0, -1)}
+    return found
+
+
+@pytest.mark.timeout(240)
+async def test_a_purge_of_200000_jobs_while_daemons_run_is_exact_and_never_holds_redis(
+    redis_url: str, store: Store, redis: Redis
+) -> None:
+    # Straight into Redis: 200,000 slow jobs, 100 delayed ones of the same queue, and
+    # 10,000 of a queue no daemon serves.
+    nap = {"seconds": 600}
+    await store.enqueue_many([new_job("slow", nap, priority=n % 10) for n in range(LARGE)])
+    delayed = await enqueue(store, 100, run_at=now_ms() + 3_600_000)
+    await store.enqueue_many([new_job(queue="elsewhere") for _ in range(10_000)])
+    config = make_config(
+        redis_url,
+        workers={"queues": [Q, "other"]},
+        handlers={"slow": SLOW, "echo": {"builtin": "echo", "queue": "other"}},
+    )
+    async with two_daemons(config) as (session, daemons, urls):
+        # Each daemon starts 4 slow jobs and runs them through the test.
+        async def all_started() -> bool:
+            return len(await active_ids(redis, daemons)) == 8
+
+        await wait_until(all_started, "each daemon to start 4 slow jobs", deadline=60)
+        running = await active_ids(redis, daemons)
+        # Meanwhile the daemons go on with the jobs of another queue.
+        sent: list[str] = []
+        other = asyncio.create_task(submit_until_cancelled(session, urls[1], sent))
+        slowlog = await redis.config_get("slowlog-log-slower-than")
+        await redis.config_set("slowlog-log-slower-than", SLOW_COMMAND_US)
+        await redis.slowlog_reset()
+        try:
+            with PingProbe(redis_url) as probe:
+                status, answer = await delete(session, f"{urls[0]}/queues/{Q}/jobs?state=queued")
+            slow_commands = await redis.slowlog_get(128)
+        finally:
+            await redis.config_set("slowlog-log-slower-than", slowlog["slowlog-log-slower-than"])
+            other.cancel()
+
+        assert (status, answer) == (200, {"queue": Q, "state": "queued", "removed": LARGE - 8})
+        # Redis served everyone between the batches: no command of anyone took long, and
+        # a client apart got its answers throughout (a generous bound: a loaded machine).
+        assert slow_commands == []
+        assert len(probe.waits) > 10
+        assert max(probe.waits) < 2.0
+        assert await active_ids(redis, daemons) == running
+        for job_id in running:
+            assert (await stored(store, job_id)).state == "active"
+        assert await counts(session, urls[0]) == {"queued": 0, "scheduled": 100, "failed": 0}
+        assert await index_ids(redis) == running | {job.id for job in delayed}
+        assert await ready_ids(redis, Q) == []
+        assert len(await ready_ids(redis, "elsewhere")) == 10_000
+        assert await redis.zcard(K.index("elsewhere")) == 10_000
+        assert sent
+        for job_id in sent:
+            await wait_for_state(session, urls[1], job_id, {"completed"})
+
+
+async def submit_until_cancelled(session: aiohttp.ClientSession, url: str, ids: list[str]) -> None:
+    """Submit echo jobs (of the queue "other") one after another, noting their ids."""
+    while True:
+        status, job = await post_json(session, f"{url}/jobs", {"type": "echo", "payload": 1})
+        assert status == 201, job
+        ids.append(job["id"])
+        await anyio.sleep(0.02)
