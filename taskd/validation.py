@@ -351,9 +351,9 @@ def parse_purge_query(params: Mapping[str, str]) -> str:
     _refuse_unknown(params, ("state",))
     state = params.get("state") or None
     if state is None or state not in PURGEABLE:
-        given = "give 'state'" if state is None else "'state' must be"
+        given = "give 'state':" if state is None else "'state' must be"
         raise bad_query(
-            f"{given}: one of {', '.join(PURGEABLE)} (a purge deletes waiting jobs or dead"
+            f"{given} one of {', '.join(PURGEABLE)} (a purge deletes waiting jobs or dead"
             " letters, never running ones)"
         )
     return state

@@ -210,6 +210,25 @@ async def test_stats_pause_and_resume(client: Calls) -> None:
         await client.pause("elsewhere")
 
 
+async def test_purge_and_retry_dead(client: Calls) -> None:
+    for _ in range(2):
+        await client.submit("echo", delay=60)
+    purged = await client.purge("default", "scheduled")
+    assert purged == {"queue": "default", "state": "scheduled", "removed": 2}
+    assert await client.every_job() == []
+    failed = await client.wait((await client.submit("fail", max_attempts=1))["id"], timeout=20)
+    assert failed["state"] == "failed"
+    retried = await client.retry_dead(type="fail", queue="default")
+    assert retried == {"retried": 1, "queue": "default", "type": "fail"}
+    assert (await client.get(failed["id"]))["history"][0]["outcome"] == "failed"
+    with pytest.raises(InvalidRequest, match="'state' must be one of queued, scheduled"):
+        await client.purge("default", "active")
+    with pytest.raises(NotFound, match="no queue 'elsewhere'"):
+        await client.purge("elsewhere", "queued")
+    with pytest.raises(NotFound, match="no queue 'elsewhere'"):
+        await client.retry_dead(queue="elsewhere")
+
+
 async def test_wait_gives_up_with_the_job_as_last_seen(client: Calls) -> None:
     job = await client.submit("echo", delay=60)
     with pytest.raises(WaitTimeout) as caught:

@@ -290,7 +290,7 @@ async def test_a_purge_of_dead_letters_over_http(api: Api) -> None:
     [
         (f"/queues/{Q}/jobs", 400, "give 'state': one of queued, scheduled, failed"),
         (f"/queues/{Q}/jobs?state=", 400, "give 'state'"),
-        (f"/queues/{Q}/jobs?state=active", 400, "'state' must be: one of queued"),
+        (f"/queues/{Q}/jobs?state=active", 400, "'state' must be one of queued"),
         (f"/queues/{Q}/jobs?state=completed", 400, "never running ones"),
         (f"/queues/{Q}/jobs?state=queued&all=1", 400, "unknown parameter(s) all"),
         ("/queues/nowhere/jobs?state=queued", 404, "no queue 'nowhere'"),

@@ -5,7 +5,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from taskd.client.address import DEFAULT_URL, Target, locate
-from taskd.client.documents import HistoryEntry, Job, NewJob, Page, Progress, QueueState
+from taskd.client.documents import (
+    HistoryEntry,
+    Job,
+    NewJob,
+    Page,
+    Progress,
+    Purged,
+    QueueState,
+    Retried,
+)
 from taskd.client.errors import (
     AddressError,
     Conflict,
@@ -38,8 +47,10 @@ __all__ = [
     "NotFound",
     "Page",
     "Progress",
+    "Purged",
     "QueueState",
     "RequestTimeout",
+    "Retried",
     "Target",
     "TaskdError",
     "TransportError",

@@ -15,7 +15,7 @@ from yarl import URL
 
 from taskd.client import core
 from taskd.client.core import Request
-from taskd.client.documents import Job, NewJob, Page, QueueState
+from taskd.client.documents import Job, NewJob, Page, Purged, QueueState, Retried
 from taskd.client.errors import DaemonError, TaskdError, TransportError
 
 T = TypeVar("T")
@@ -161,6 +161,14 @@ class AsyncClient:
 
     async def resume(self, queue: str) -> QueueState:
         return await self._call(core.resume(queue))
+
+    async def purge(self, queue: str, state: str) -> Purged:
+        """Delete the queue's jobs in `state` ("queued", "scheduled" or "failed")."""
+        return await self._call(core.purge(queue, state))
+
+    async def retry_dead(self, type: str | None = None, *, queue: str | None = None) -> Retried:
+        """Put the dead letters back on their queues, of this type and queue, or all."""
+        return await self._call(core.retry_dead(job_type=type, queue=queue))
 
     async def _call(self, request: Request[T]) -> T:
         resends = 0

@@ -18,7 +18,7 @@ import orjson
 
 from taskd import __version__
 from taskd.client.address import Endpoint, endpoint, locate
-from taskd.client.documents import Job, NewJob, Page, QueueState
+from taskd.client.documents import Job, NewJob, Page, Purged, QueueState, Retried
 from taskd.client.errors import (
     RequestTimeout,
     TaskdError,
@@ -243,6 +243,22 @@ def resume(queue: str) -> Request[QueueState]:
     return Request("POST", f"/queues/{_segment(queue)}/resume", _queue_state)
 
 
+def purge(queue: str, state: str) -> Request[Purged]:
+    # Resent: a second purge removes what arrived since the first, as a first that took
+    # longer might have (a purge leaves open whether it takes the jobs arriving meanwhile).
+    query = urlencode({"state": state})
+    return Request("DELETE", f"/queues/{_segment(queue)}/jobs?{query}", _purged)
+
+
+def retry_dead(*, job_type: str | None, queue: str | None) -> Request[Retried]:
+    # Not resent: a dead letter the first put back, which failed again since, would be
+    # retried once more.
+    params = {"type": job_type, "queue": queue}
+    query = urlencode({k: v for k, v in params.items() if v is not None})
+    path = f"/dead/retry?{query}" if query else "/dead/retry"
+    return Request("POST", path, _retried, resend=False)
+
+
 def new_job(
     job_type: str,
     payload: Any,
@@ -337,6 +353,14 @@ def _page(data: Any) -> Page:
 
 def _queue_state(data: Any) -> QueueState:
     return cast(QueueState, _object(data))
+
+
+def _purged(data: Any) -> Purged:
+    return cast(Purged, _object(data))
+
+
+def _retried(data: Any) -> Retried:
+    return cast(Retried, _object(data))
 
 
 def _nothing(data: Any) -> None:

@@ -1,4 +1,5 @@
-"""What the API answers and takes, as types: the job document, a new job, a page of jobs."""
+"""What the API answers and takes, as types: the job document, a new job, a page of jobs,
+and the answers of the queue and dead letter operations."""
 
 from __future__ import annotations
 
@@ -71,6 +72,22 @@ class QueueState(TypedDict):
 
     queue: str
     paused: bool
+
+
+class Purged(TypedDict):
+    """The answer to purge: how many of the queue's jobs in that state it deleted."""
+
+    queue: str
+    state: str
+    removed: int
+
+
+class Retried(TypedDict):
+    """The answer to retry_dead: how many dead letters went back, and the filters."""
+
+    retried: int
+    queue: str | None
+    type: str | None
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,7 +18,7 @@ from typing import Any, Self, TypeVar
 from taskd.client import core
 from taskd.client.address import Endpoint
 from taskd.client.core import Request
-from taskd.client.documents import Job, NewJob, Page, QueueState
+from taskd.client.documents import Job, NewJob, Page, Purged, QueueState, Retried
 from taskd.client.errors import DaemonError, TaskdError, TransportError
 
 logger = logging.getLogger(__name__)
@@ -169,6 +169,14 @@ class Client:
 
     def resume(self, queue: str) -> QueueState:
         return self._call(core.resume(queue))
+
+    def purge(self, queue: str, state: str) -> Purged:
+        """Delete the queue's jobs in `state` ("queued", "scheduled" or "failed")."""
+        return self._call(core.purge(queue, state))
+
+    def retry_dead(self, type: str | None = None, *, queue: str | None = None) -> Retried:
+        """Put the dead letters back on their queues, of this type and queue, or all."""
+        return self._call(core.retry_dead(job_type=type, queue=queue))
 
     def _call(self, request: Request[T]) -> T:
         resends = 0
