@@ -43,6 +43,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.chrome.webdriver import WebDriver
 from selenium.webdriver.common.by import By
 from selenium.webdriver.remote.webelement import WebElement
+from selenium.webdriver.support.select import Select
 from selenium.webdriver.support.ui import WebDriverWait
 
 CHROMIUM = shutil.which("chromium")
@@ -444,6 +445,169 @@ async def test_job_types_no_daemon_can_run_and_each_daemons_types_are_shown(
         browser.get("about:blank")
 
     await in_browser(check)
+
+
+def job_ids(driver: WebDriver) -> set[str]:
+    """The ids the job list shows."""
+    rows = driver.find_elements(By.CSS_SELECTOR, "#recent-body tr")
+    return {str(row.get_attribute("data-key")) for row in rows}
+
+
+def filter_jobs(driver: WebDriver, state: str = "", **fields: str) -> None:
+    """Set the job list's filters (the others emptied) and apply them."""
+    Select(driver.find_element(By.ID, "jobs-state")).select_by_value(state)
+    for name in ("type", "queue"):
+        element = driver.find_element(By.ID, f"jobs-{name}")
+        element.clear()
+        element.send_keys(fields.get(name, ""))
+    driver.find_element(By.ID, "jobs-filter").click()
+
+
+async def test_the_job_list_filters_by_state_type_and_queue_and_looks_a_job_up(
+    daemon_api: DaemonApi, browser: WebDriver
+) -> None:
+    images = {"thumbnail": {"builtin": "echo", "queue": "images"}}
+    started = daemon_api(workers={"queues": ["default", "images"]}, handlers=images)
+    async with started as (_, (session, url)):
+
+        async def submit(body: dict[str, Any], state: str) -> str:
+            status, job = await post_json(session, f"{url}/jobs", body)
+            assert status == 201, job
+            return str((await wait_for_state(session, url, job["id"], {state}))["id"])
+
+        later = [await submit({"type": "echo", "delay": 3600}, "scheduled") for _ in range(2)]
+        thumbnail = await submit({"type": "thumbnail", "delay": 3600}, "scheduled")
+        failed = await submit({"type": "fail", "max_attempts": 1}, "failed")
+        done = await submit({"type": "echo", "payload": {"x": 1}}, "completed")
+
+        def check() -> None:
+            open_page(browser, f"{url}/")
+            wait_for(browser, lambda d: done in job_ids(d), "the latest jobs")
+            filter_jobs(browser, "scheduled")
+            wanted = {*later, thumbnail}
+            wait_for(browser, lambda d: job_ids(d) == wanted, "the scheduled jobs only")
+            scope = browser.find_element(By.ID, "recent-scope")
+            assert scope.text == "matching state scheduled"
+            filter_jobs(browser, "scheduled", type="thumbnail")
+            wait_for(browser, lambda d: job_ids(d) == {thumbnail}, "the thumbnails only")
+            filter_jobs(browser, queue="default", type="echo")
+            wait_for(browser, lambda d: job_ids(d) == {*later, done}, "the echo jobs of default")
+            filter_jobs(browser, queue="nowhere")
+            empty = browser.find_element(By.ID, "recent-empty")
+            wait_for(browser, lambda d: empty.is_displayed(), "no job to match")
+            assert empty.text == "No job matches."
+            # Filtered, the list follows the stream still.
+            filter_jobs(browser, "failed")
+            wait_for(browser, lambda d: job_ids(d) == {failed}, "the failed job")
+
+        await in_browser(check)
+        another = await submit({"type": "fail", "max_attempts": 1}, "failed")
+
+        def check_more() -> None:
+            wait_for(browser, lambda d: job_ids(d) == {failed, another}, "the new failure")
+            clear = browser.find_element(By.ID, "jobs-clear")
+            clear.click()
+            wait_for(browser, lambda d: done in job_ids(d), "the latest jobs again")
+            assert not clear.is_displayed()
+            assert browser.find_element(By.ID, "recent-scope").text == "latest 20"
+            # One job by its id, whole; an unknown id gets the API's word.
+            lookup = browser.find_element(By.ID, "lookup-id")
+            lookup.send_keys(done + "\n")
+            shown = browser.find_element(By.ID, "lookup-job")
+            wait_for(browser, lambda d: shown.is_displayed(), "the job's document")
+            assert f'"id": "{done}"' in shown.text
+            assert '"state": "completed"' in shown.text
+            lookup.clear()
+            lookup.send_keys("0190a000-0000-7000-8000-000000000000\n")
+            error = browser.find_element(By.ID, "jobs-error")
+            wait_for(browser, lambda d: "no job with id" in error.text, "the lookup's error")
+            assert not shown.is_displayed()
+            # The unknown id (404) is the only error the console saw.
+            assert all("404" in message for message in console_errors(browser))
+            set_viewport(browser, 375, 812, mobile=True)
+            assert browser.execute_script("return document.body.scrollWidth") <= 376, too_wide(
+                browser, 375
+            )
+            browser.get("about:blank")
+
+        await in_browser(check_more)
+
+
+async def test_a_purge_asks_for_the_queue_name_and_a_bulk_retry_asks_first(
+    daemon_api: DaemonApi, browser: WebDriver
+) -> None:
+    images = {"thumbnail": {"builtin": "echo", "queue": "images"}}
+    started = daemon_api(workers={"queues": ["default", "images"]}, handlers=images)
+    async with started as (_, (session, url)):
+        later = [{"type": "echo", "delay": 3600, "payload": n} for n in range(25)]
+        later += [{"type": "thumbnail", "delay": 3600} for _ in range(3)]
+        later += [{"type": "fail", "max_attempts": 1} for _ in range(2)]
+        status, body = await post_json(session, f"{url}/jobs/batch", {"jobs": later})
+        assert status == 201, body
+        for job_id in body["ids"][-2:]:
+            await wait_for_state(session, url, job_id, {"failed"})
+        await post_json(session, f"{url}/queues/default/pause", {})  # retried jobs wait
+
+        def check() -> None:
+            open_page(browser, f"{url}/")
+            wait_for(browser, lambda d: queue_count(d, "default", "scheduled") == 25, "25 jobs")
+            dialog = browser.find_element(By.ID, "purge-dialog")
+            confirm = browser.find_element(By.ID, "purge-confirm")
+            purge = browser.find_element(By.ID, "purge-submit")
+
+            def open_purge() -> None:
+                action = queue_cell(browser, "default", "action")
+                action.find_element(By.CSS_SELECTOR, '[data-action="purge"]').click()
+                wait_for(browser, lambda d: dialog.is_displayed(), "the purge dialog")
+                Select(browser.find_element(By.ID, "purge-state")).select_by_value("scheduled")
+
+            # Cancelled, it deletes nothing.
+            open_purge()
+            assert browser.find_element(By.ID, "purge-queue").text == "default"
+            assert browser.find_element(By.ID, "purge-count").text == "25 scheduled now."
+            browser.find_element(By.ID, "purge-cancel").click()
+            wait_for(browser, lambda d: not dialog.is_displayed(), "the dialog to close")
+            # It goes only once the queue's name is typed whole.
+            open_purge()
+            confirm.send_keys("defaul")
+            assert not purge.is_enabled()
+            confirm.send_keys("t")
+            assert purge.is_enabled()
+            purge.click()
+            notice = browser.find_element(By.ID, "notice")
+            wait_for(
+                browser,
+                lambda d: notice.text == "Queue default: 25 scheduled jobs purged",
+                "the purge's answer",
+            )
+            assert not dialog.is_displayed()
+            wait_for(browser, lambda d: queue_count(d, "default", "scheduled") == 0, "0 left")
+            assert queue_count(browser, "images", "scheduled") == 3
+
+            # The dead letters of a type, back on their queue after a dialog.
+            retry = browser.find_element(By.ID, "retry-all")
+            wait_for(browser, lambda d: retry.is_displayed(), "the bulk retry's button")
+            retry.click()
+            retry_dialog = browser.find_element(By.ID, "retry-dialog")
+            wait_for(browser, lambda d: retry_dialog.is_displayed(), "the retry dialog")
+            browser.find_element(By.ID, "retry-type").send_keys("fail")
+            summary = browser.find_element(By.ID, "retry-summary").text
+            assert summary == "Retries every failed job of type fail of every queue."
+            browser.find_element(By.ID, "retry-submit").click()
+            wait_for(
+                browser,
+                lambda d: notice.text == "2 dead letters back on their queues",
+                "the bulk retry's answer",
+            )
+            assert not retry_dialog.is_displayed()
+            wait_for(browser, lambda d: queue_count(d, "default", "queued") == 2, "2 queued")
+            assert console_errors(browser) == []
+            browser.get("about:blank")
+
+        await in_browser(check)
+        _, stats = await get_json(session, f"{url}/stats")
+        default, other = stats["queues"]["default"], stats["queues"]["images"]
+        assert (default["scheduled"], default["failed"], other["scheduled"]) == (0, 0, 3)
 
 
 def history_ids(driver: WebDriver) -> list[str]:

@@ -172,9 +172,13 @@ function render(picture) {
   drawCharts();
   renderDaemons(stats.instances);
   renderSchedules(picture.schedules || []);
-  renderRecent(picture.recent, now);
+  // The job list follows the stream, or, filtered, the API (GET /jobs) once per event.
+  if (jobFilter) refreshJobs();
+  else renderRecent(picture.recent, now);
   renderFailed(picture.failed, now);
   rememberTypes(picture.recent.concat(picture.failed));
+  rememberQueues(Object.keys(stats.queues));
+  updatePurgeCount();
   // The history's first page, once the stream shows the daemon answers (with the token);
   // or, without an archive, a word saying so (and no request bound to fail).
   if (!historyShown) {
@@ -277,7 +281,9 @@ function createQueueRow(queue) {
     act(button, `Queue ${queue.name}: ${verb} requested`, "POST",
       `/queues/${encodeURIComponent(queue.name)}/${verb}`);
   });
-  cell(row, "action").append(button);
+  const purge = makeButton("Purge…", "purge");
+  purge.addEventListener("click", () => openPurge(queue.name));
+  cell(row, "action").append(button, " ", purge);
   return row;
 }
 
@@ -477,6 +483,7 @@ const FAILED_COLUMNS = ["id", "type", "queue", "priority", "attempts", "age", "e
 function renderFailed(jobs, now) {
   syncRows("failed-body", jobs, (job) => job.id, createFailedRow, (row, job) =>
     updateFailedRow(row, job, now));
+  $("retry-all").hidden = jobs.length === 0;
 }
 
 function createFailedRow(job) {
@@ -499,6 +506,18 @@ function updateFailedRow(row, job, now) {
   setText(row, "error", job.error || "(no message)", job.error || "");
 }
 
+// Queue names seen in the stream, offered as suggestions in the filters.
+function rememberQueues(names) {
+  const list = $("known-queues");
+  const known = new Set(Array.from(list.options, (option) => option.value));
+  for (const name of names) {
+    if (known.has(name)) continue;
+    const option = document.createElement("option");
+    option.value = name;
+    list.append(option);
+  }
+}
+
 function rememberTypes(jobs) {
   const list = $("known-types");
   for (const job of jobs) {
@@ -508,6 +527,192 @@ function rememberTypes(jobs) {
     option.value = job.type;
     list.append(option);
   }
+}
+
+// ---------------------------------------------------------------- the job list
+
+// Filtered, the list shows GET /jobs's first page for the filters, asked for again with
+// each event (one request at a time); without filters, the stream's latest jobs.
+
+const JOBS_PAGE = 20;
+let jobFilter = null; // the filters as GET /jobs's parameters, or null
+let jobsLoading = false;
+
+function filterJobs(event) {
+  event.preventDefault();
+  const params = new URLSearchParams();
+  for (const name of ["state", "type", "queue"]) {
+    const value = $(`jobs-${name}`).value.trim();
+    if (value) params.set(name, value);
+  }
+  if ([...params.keys()].length === 0) {
+    clearJobFilter();
+    return;
+  }
+  params.set("limit", String(JOBS_PAGE));
+  jobFilter = params;
+  const shown = [...params].filter(([name]) => name !== "limit");
+  $("recent-scope").textContent = `matching ${shown.map(([k, v]) => `${k} ${v}`).join(", ")}`;
+  $("recent-empty").textContent = "No job matches.";
+  $("jobs-clear").hidden = false;
+  refreshJobs();
+}
+
+function clearJobFilter() {
+  jobFilter = null;
+  for (const name of ["state", "type", "queue"]) $(`jobs-${name}`).value = "";
+  $("recent-scope").textContent = `latest ${JOBS_PAGE}`;
+  $("recent-empty").textContent = "No jobs yet.";
+  $("jobs-clear").hidden = true;
+  showJobsError(null);
+  if (lastPicture) renderRecent(lastPicture.recent, Date.parse(lastPicture.stats.time));
+}
+
+async function refreshJobs() {
+  if (jobsLoading || !jobFilter) return;
+  const asked = jobFilter;
+  jobsLoading = true;
+  try {
+    const page = await api("GET", `/jobs?${asked}`);
+    // Filters changed meanwhile: this answer is for the old ones.
+    if (asked !== jobFilter) return;
+    showJobsError(null);
+    const now = lastPicture ? Date.parse(lastPicture.stats.time) : Date.now();
+    renderRecent(page.jobs, now);
+    rememberTypes(page.jobs);
+  } catch (err) {
+    if (asked === jobFilter) showJobsError(err.message);
+  } finally {
+    jobsLoading = false;
+  }
+}
+
+function showJobsError(text) {
+  const error = $("jobs-error");
+  error.textContent = text || "";
+  error.hidden = !text;
+}
+
+// One job by its id, whatever its state (GET /jobs/ID), shown whole under the list.
+async function lookUpJob(event) {
+  event.preventDefault();
+  const id = $("lookup-id").value.trim();
+  if (!id) {
+    showJobsError("Give a job's id.");
+    $("lookup-id").focus();
+    return;
+  }
+  const button = $("lookup-button");
+  button.disabled = true;
+  try {
+    const job = await api("GET", `/jobs/${encodeURIComponent(id)}`);
+    showJobsError(null);
+    $("lookup-job-id").textContent = job.id;
+    $("lookup-job").textContent = JSON.stringify(job, null, 2);
+    const detail = $("lookup-detail");
+    detail.hidden = false;
+    detail.scrollIntoView({ block: "nearest" });
+  } catch (err) {
+    $("lookup-detail").hidden = true;
+    showJobsError(err.message);
+  } finally {
+    button.disabled = false;
+  }
+}
+
+// ---------------------------------------------------------------- purge and bulk retry
+
+// Both ask first, in a modal dialog; a purge only once the queue's name is typed.
+
+let purgeQueue = null;
+
+function openPurge(name) {
+  purgeQueue = name;
+  $("purge-queue").textContent = name;
+  $("purge-state").value = "queued";
+  $("purge-confirm").value = "";
+  showDialogError("purge", null);
+  updatePurgeCount();
+  $("purge-dialog").showModal();
+  $("purge-confirm").focus();
+}
+
+// What the dialog says the purge would take now, and whether it may go.
+function updatePurgeCount() {
+  if (!$("purge-dialog").open) return;
+  const state = $("purge-state").value;
+  const queue = lastPicture ? lastPicture.stats.queues[purgeQueue] : null;
+  const count = queue ? queue[state] : null;
+  $("purge-count").textContent = count == null ? "" : `${formatCount(count)} ${state} now.`;
+  $("purge-submit").disabled = $("purge-confirm").value !== purgeQueue;
+}
+
+async function purgeJobs(event) {
+  event.preventDefault();
+  if ($("purge-confirm").value !== purgeQueue) return;
+  const state = $("purge-state").value;
+  const path = `/queues/${encodeURIComponent(purgeQueue)}/jobs?state=${encodeURIComponent(state)}`;
+  await inDialog("purge", async () => {
+    const answer = await api("DELETE", path);
+    notify(`Queue ${answer.queue}: ${formatCount(answer.removed)} ${answer.state} jobs purged`,
+      false);
+  });
+}
+
+function openRetry() {
+  $("retry-type").value = "";
+  $("retry-queue").value = "";
+  showDialogError("retry", null);
+  updateRetrySummary();
+  $("retry-dialog").showModal();
+  $("retry-type").focus();
+}
+
+function retryFilters() {
+  const body = {};
+  for (const name of ["type", "queue"]) {
+    const value = $(`retry-${name}`).value.trim();
+    if (value) body[name] = value;
+  }
+  return body;
+}
+
+function updateRetrySummary() {
+  const { type, queue } = retryFilters();
+  const which = type ? `every failed job of type ${type}` : "every failed job";
+  const where = queue ? `of queue ${queue}` : "of every queue";
+  $("retry-summary").textContent = `Retries ${which} ${where}.`;
+}
+
+async function retryDead(event) {
+  event.preventDefault();
+  const body = retryFilters();
+  await inDialog("retry", async () => {
+    const answer = await api("POST", "/dead/retry", body);
+    notify(`${formatCount(answer.retried)} dead letters back on their queues`, false);
+  });
+}
+
+// Runs a dialog's action with its buttons disabled; closes the dialog when it is done,
+// or keeps it open with the API's message.
+async function inDialog(name, action) {
+  const submit = $(`${name}-submit`);
+  submit.disabled = true;
+  try {
+    await action();
+    $(`${name}-dialog`).close();
+  } catch (err) {
+    showDialogError(name, err.message);
+  } finally {
+    submit.disabled = false;
+    if (name === "purge") updatePurgeCount();
+  }
+}
+
+function showDialogError(name, text) {
+  const error = $(`${name}-error`);
+  error.textContent = text || "";
+  error.hidden = !text;
 }
 
 // ---------------------------------------------------------------- history
@@ -903,6 +1108,18 @@ function start() {
   $("token-form").addEventListener("submit", useToken);
   $("history-form").addEventListener("submit", searchHistory);
   $("history-more").addEventListener("click", () => loadHistory(false));
+  $("jobs-form").addEventListener("submit", filterJobs);
+  $("jobs-clear").addEventListener("click", clearJobFilter);
+  $("lookup-form").addEventListener("submit", lookUpJob);
+  $("purge-form").addEventListener("submit", purgeJobs);
+  $("purge-state").addEventListener("change", updatePurgeCount);
+  $("purge-confirm").addEventListener("input", updatePurgeCount);
+  $("purge-cancel").addEventListener("click", () => $("purge-dialog").close());
+  $("retry-all").addEventListener("click", openRetry);
+  $("retry-form").addEventListener("submit", retryDead);
+  $("retry-type").addEventListener("input", updateRetrySummary);
+  $("retry-queue").addEventListener("input", updateRetrySummary);
+  $("retry-cancel").addEventListener("click", () => $("retry-dialog").close());
   // Clear the JSON complaint as soon as the user edits the payload again.
   $("job-payload").addEventListener("input", () => showPayloadError(null));
   // Canvas pixels follow the layout: redraw when it changes (rotation, resizing).
