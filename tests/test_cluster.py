@@ -81,6 +81,9 @@ async def test_every_script_runs_on_the_node_of_its_queue(
         assert await store.recover(queue, "a", now=100, before=50) == 1
         assert len(await store.take_callbacks(queue, "b", 10, now=101)) == 2
         assert await store.wait_for_job(queue, "b", 1)
+        # A purge takes the 10 jobs left, the one landed for "b" too; nothing failed.
+        assert sum([n async for n in store.purge(queue, "queued", now=200)]) == 10
+        assert sum([n async for n in store.retry_dead(queue, now=200)]) == 0
     counts = await inspector.queue_counts(queues)
     assert all(counts[q]["completed"] == 2 for q in queues)
     info = await inspector.server_info()
