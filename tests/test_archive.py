@@ -324,3 +324,20 @@ async def test_the_documented_queries_run_on_the_archive(
         for block in blocks:
             for statement in filter(str.strip, block.split(";")):
                 await conn.execute(statement)
+
+
+async def test_a_daemon_that_does_not_archive_keeps_what_another_handed_off(
+    archiving: Store, store: Store, archive: Archive, archive_url: str
+) -> None:
+    # A mixed fleet: `archiving` ended the jobs; `store` (no [archive]) deletes one and
+    # retries the other by hand before the archive has them.
+    done, dead = await enqueue(archiving, 2, max_attempts=1)
+    await finish(archiving, [done], "completed", "1", at=NOW)
+    await finish(archiving, [dead], "failed", "boom", at=NOW)
+    assert await store.delete(Q, done.id) == "completed"
+    assert await store.retry(Q, dead.id, now=NOW + 1) == "failed"
+    assert await archiver(archiving, archive).tick() == 2
+    assert [(r[0], r[2]) for r in await rows(archive_url)] == [
+        (done.id, "completed"),
+        (dead.id, "failed"),
+    ]

@@ -162,7 +162,10 @@ class Store:
 
     def _archive(self, queue: str) -> str:
         """The archive hand-off argument of the scripts that end jobs (lua/lib.lua,
-        finish_into): the queue's hand-off when this daemon archives, else ''."""
+        finish_into): the queue's hand-off when this daemon archives, else ''. The scripts
+        that take a job out of its final state (retry, delete, purge) get the hand-off
+        whatever this daemon's config: a job another daemon handed off is kept for the
+        archive all the same (keep_for_archive)."""
         return self.keys.archive(queue) if self._archives else ""
 
     # The reads the tasks need, which the Inspector owns.
@@ -495,7 +498,7 @@ class Store:
         """Put a failed job back on its queue; returns its state before (see retry.lua)."""
         k = self.keys
         keys = [k.job(queue, job_id), k.failed(queue), k.inbox(queue)]
-        args = [*self._header(queue, now), job_id, self._archive(queue)]
+        args = [*self._header(queue, now), job_id, k.archive(queue)]
         return text(await self._lua["retry"](keys=keys, args=args))
 
     async def delete(self, queue: str, job_id: str) -> str:
@@ -503,7 +506,7 @@ class Store:
         k = self.keys
         keys = [k.job(queue, job_id), k.inbox(queue), k.scheduled(queue), k.completed(queue)]
         keys += [k.failed(queue), k.cancelled(queue), k.index(queue)]
-        args = [*self._header(queue), job_id, self._archive(queue), k.idempotency_prefix(queue)]
+        args = [*self._header(queue), job_id, k.archive(queue), k.idempotency_prefix(queue)]
         return text(await self._lua["delete"](keys=keys, args=args))
 
     # Acting on many jobs, a batch per script call (BATCH) so that Redis serves other
@@ -522,7 +525,7 @@ class Store:
         keys = [k.inbox(queue), k.scheduled(queue), k.failed(queue), k.index(queue)]
         keys += [k.leases(queue), k.limit_waits(queue)]
         after = [state, k.idempotency_prefix(queue), k.landing_prefix(queue)]
-        after.append(self._archive(queue))
+        after.append(k.archive(queue))
         # Ids it may still take: what the state held after the first batch.
         budget: int | None = None
         while True:
@@ -546,7 +549,7 @@ class Store:
         score: Any = ""
         while True:
             args = [*self._header(queue, now), BATCH, job_type or "", after, score]
-            args.append(self._archive(queue))
+            args.append(k.archive(queue))
             retried, _, done, after, score = await self._lua["retry_dead"](keys=keys, args=args)
             yield int(retried)
             if done:

@@ -9,7 +9,7 @@
 -- KEYS[7] -> <prefix>:{<queue>}:index
 -- ARGV[1..3] -> now and job hash prefix (both unused), limit key prefix (the header, lib.lua)
 -- ARGV[4] -> job id
--- ARGV[5] -> <prefix>:{<queue>}:archive, the archive hand-off, or '' (lib.lua,
+-- ARGV[5] -> <prefix>:{<queue>}:archive, the archive hand-off (lib.lua,
 --   keep_for_archive): a final job not yet archived is kept for it
 -- ARGV[6] -> <prefix>:{<queue>}:idem:, the idempotency key prefix
 -- Returns the job's state before ('active': nothing changed), or 'missing'.

@@ -284,11 +284,9 @@ end
 -- state before then (retried, deleted) would take its final state with it, so the script
 -- that changes it first keeps a copy: the entry becomes <id>@<finished_at>, its copy the
 -- field of that name in <archive>:kept (a JSON array of the hash's field, value pairs).
--- `archive`: the hand-off, or '' when the daemon does not archive.
+-- `archive`: the hand-off, whether or not the daemon archives: a job another daemon
+-- handed off is kept all the same.
 local function keep_for_archive(archive, job_key, id)
-  if archive == '' then
-    return
-  end
   local score = redis.call('ZSCORE', archive, id)
   if not score then
     return
@@ -304,7 +302,7 @@ end
 -- count of every attempt it has had goes on, and names each attempt to the endpoints it
 -- is sent to: taskd.signing), due from now (run_at), so that its wait counts from the
 -- retry, not from its creation. A final record not yet archived is kept for the archive
--- first. `archive`: the hand-off, or '' (keep_for_archive).
+-- first. `archive`: the hand-off (keep_for_archive).
 local function retry_failed(inbox, job_key, id, archive)
   keep_for_archive(archive, job_key, id)
   settle_history(job_key)

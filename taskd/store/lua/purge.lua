@@ -27,7 +27,7 @@
 -- ARGV[5] -> the state: 'queued', 'scheduled' or 'failed'
 -- ARGV[6] -> <prefix>:{<queue>}:idem:, the idempotency key prefix
 -- ARGV[7] -> <prefix>:{<queue>}:landing:, the landing lists' prefix (keys.landing_prefix)
--- ARGV[8] -> <prefix>:{<queue>}:archive, the archive hand-off, or '' (lib.lua,
+-- ARGV[8] -> <prefix>:{<queue>}:archive, the archive hand-off (lib.lua,
 --   keep_for_archive)
 -- Returns {removed, taken, left}: the jobs deleted, the ids taken out of where they were
 -- (strays too: 0 when there was nothing left to take), and the ids still there after it.

@@ -6,7 +6,7 @@
 -- ARGV[1..3] -> now, then job hash prefix and limit key prefix (both unused) (the header,
 --   lib.lua)
 -- ARGV[4] -> job id
--- ARGV[5] -> <prefix>:{<queue>}:archive, the archive hand-off, or '' (lib.lua,
+-- ARGV[5] -> <prefix>:{<queue>}:archive, the archive hand-off (lib.lua,
 --   keep_for_archive)
 -- Returns the job's state before: 'failed' (now queued), another state (nothing
 -- changed), or 'missing'.

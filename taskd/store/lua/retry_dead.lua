@@ -13,7 +13,7 @@
 -- ARGV[5] -> the job type to retry, or '' for every type
 -- ARGV[6] -> where the last call stopped: the id it left, or '' to start from the oldest
 -- ARGV[7] -> that id's score (when it failed, epoch ms), or ''
--- ARGV[8] -> <prefix>:{<queue>}:archive, the archive hand-off, or '' (lib.lua,
+-- ARGV[8] -> <prefix>:{<queue>}:archive, the archive hand-off (lib.lua,
 --   keep_for_archive)
 -- Returns {retried, looked at, done (1: nothing that failed by NOW is left to look at),
 -- where it stopped: the id (or '') and its score (or '')}.
