@@ -16,14 +16,15 @@ from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
 
 from taskd.archive_reads import ArchiveReads
-from taskd.config import HandlerConfig, ServerConfig
+from taskd.config import AutoscaleConfig, HandlerConfig, ServerConfig
 from taskd.connections import Runner
 from taskd.dashboard import Dashboard
 from taskd.egress import DEFAULT_POLICY, Policy
 from taskd.guards import browser_guard, require_json, token_guard
 from taskd.jobs import FAILED, Job, now_ms
 from taskd.metrics import Metrics
-from taskd.stats import archive_backlog, no_handler, snapshot
+from taskd.sizing import desired_daemons, fleet_load
+from taskd.stats import archive_backlog, autoscale_loads, no_handler, snapshot
 from taskd.store import UNAVAILABLE, Inspector, Store, is_full
 from taskd.timeouts import Timeouts
 from taskd.validation import (
@@ -202,8 +203,10 @@ class HttpApi:
         egress: Policy = DEFAULT_POLICY,
         request_timeout: float = 2.0,
         archive: Archive | None = None,
+        autoscale: AutoscaleConfig | None = None,
     ) -> None:
         self._archived = ArchiveReads(archive=archive)  # finished jobs Redis let go
+        self._autoscale = autoscale or AutoscaleConfig()  # the sizing hint's target, bounds
         self._schedules = schedules  # the /schedules view, one entry a schedule
         self._egress = egress  # what callback_urls may name
         self._on_final = on_final
@@ -435,6 +438,7 @@ class HttpApi:
             now=self._clock(),
             dead_after_ms=self._dead_after_ms,
             handler_configs=self._handler_configs,
+            autoscale=self._autoscale,
         )
 
     async def picture(self) -> dict[str, Any]:
@@ -468,6 +472,9 @@ class HttpApi:
         self._metrics.set_active(self._active())
         backlog = await self._inspector.archive_backlog(queues)
         self._metrics.set_archive(archive_backlog(backlog, now))
+        loads = await autoscale_loads(self._inspector, queues, counts, live, now, self._autoscale)
+        fleet = fleet_load(list(loads.values()), live)
+        self._metrics.set_desired_daemons(desired_daemons(fleet, self._autoscale))
         body, content_type = self._metrics.render()
         return web.Response(body=body, headers={"Content-Type": content_type})
 

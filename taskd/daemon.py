@@ -159,6 +159,7 @@ class Daemon:
             request_timeout=config.redis.request_timeout,
             egress=egress,
             archive=archive,
+            autoscale=config.autoscale,
         )
         self._store = store
         self._stopping = anyio.Event()

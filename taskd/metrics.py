@@ -251,6 +251,12 @@ class Metrics:
             " max); 0 while none waits.",
             registry=r,
         )
+        self.desired_daemons = Gauge(
+            "taskd_autoscale_desired_daemons",
+            "Daemons of the current size that would drain the backlog within [autoscale]"
+            " target_drain_s, from min_daemons to max_daemons; cluster-wide (take max).",
+            registry=r,
+        )
         self.daemons_live = Gauge(
             "taskd_daemons_live",
             "Daemons registered and heartbeating, cluster-wide (take max over instances).",
@@ -328,6 +334,10 @@ class Metrics:
             self.queue_jobs.remove(*gone)
         self._cluster = seen
         self.daemons_live.set(live_daemons)
+
+    def set_desired_daemons(self, desired: int) -> None:
+        """The fleet's autoscaling hint, as /stats gives it (autoscale.desired_daemons)."""
+        self.desired_daemons.set(desired)
 
     def set_archive(self, backlog: Mapping[str, Any]) -> None:
         """The archive hand-offs' backlog, as stats.archive_backlog returns it."""

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from taskd.config import HandlerConfig
+from taskd.config import AutoscaleConfig, HandlerConfig
 from taskd.jobs import format_ms
+from taskd.sizing import Load, fleet_load, public, queue_load
 from taskd.store import DaemonInfo, Inspector, Unhandled
 from taskd.workers import type_limits_of
 
@@ -18,6 +19,7 @@ async def snapshot(
     now: int,
     dead_after_ms: int,
     handler_configs: Mapping[str, HandlerConfig],
+    autoscale: AutoscaleConfig | None = None,
 ) -> dict[str, Any]:
     """The same document from any daemon: it is read from Redis, not from local memory.
 
@@ -31,6 +33,8 @@ async def snapshot(
     limits = {queue: await _limits(inspector, queue, handler_configs, now) for queue in queues}
     stranded = no_handler(await inspector.unhandled(queues), daemons, now)
     backlog = await inspector.archive_backlog(queues)
+    policy = autoscale or AutoscaleConfig()
+    loads = await autoscale_loads(inspector, queues, counts, daemons, now, policy)
     return {
         "time": format_ms(now),
         "queues": {
@@ -39,12 +43,38 @@ async def snapshot(
                 **activity[queue],
                 "limits": limits[queue],
                 "no_handler": stranded[queue],
+                "autoscale": public(loads[queue], policy),
             }
             for queue in queues
         },
         "instances": [_instance(daemon, in_flight[daemon.id], now) for daemon in daemons],
+        "autoscale": public(fleet_load(list(loads.values()), daemons), policy, fleet=True),
         "archive": archive_backlog(backlog, now),
         "redis": await inspector.server_info(),
+    }
+
+
+async def autoscale_loads(
+    inspector: Inspector,
+    queues: Sequence[str],
+    counts: Mapping[str, Mapping[str, Any]],
+    daemons: Sequence[DaemonInfo],
+    now: int,
+    policy: AutoscaleConfig,
+) -> dict[str, Load]:
+    """Per queue, what it asks of the daemons (taskd.sizing), from its counts
+    (Inspector.queue_counts) and its rates, read here."""
+    rates = await inspector.queue_rates(queues, now)
+    return {
+        queue: queue_load(
+            queued=counts[queue]["queued"],
+            active=counts[queue]["active"],
+            rates=rates[queue],
+            serving=[d for d in daemons if queue in d.queues],
+            live=daemons,
+            target_drain_s=policy.target_drain_s,
+        )
+        for queue in queues
     }
 
 

@@ -24,6 +24,7 @@ import pytest
 from taskd import config
 from taskd.config import (
     ArchiveConfig,
+    AutoscaleConfig,
     CallbacksConfig,
     Config,
     ConfigError,
@@ -39,7 +40,7 @@ from taskd.config import (
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "taskd.toml"
 ECHO = '[handlers.echo]\nbuiltin = "echo"\n'
-TOP_KEYS = "server, redis, workers, retention, callbacks, archive, handlers, schedules"
+TOP_KEYS = "server, redis, workers, retention, callbacks, archive, autoscale, handlers, schedules"
 SERVER_KEYS = (
     "listen, max_body, max_batch, idempotency_ttl, token, allowed_hosts, public_reads,"
     " public_health, public_metrics, keepalive_timeout, request_read_timeout, max_connections,"
@@ -77,6 +78,7 @@ def test_shipped_example_loads_and_documents_the_defaults() -> None:
     assert cfg.retention == RetentionConfig()
     assert cfg.callbacks == CallbacksConfig()
     assert cfg.archive == ArchiveConfig()
+    assert cfg.autoscale == AutoscaleConfig()
     assert list(cfg.handlers) == ["echo", "noop", "sleep", "fail"]
     for name, handler in cfg.handlers.items():
         assert handler == HandlerConfig(name=name, kind="builtin", builtin=name)
@@ -1560,6 +1562,98 @@ def test_exec_executable_script(tmp_path: Path) -> None:
     assert cfg.handlers["x"].exec == (str(script), "--flag")
 
 
+# [autoscale]
+
+
+def test_autoscale_every_key_set() -> None:
+    cfg = parse_text(
+        """
+        [autoscale]
+        target_drain_s = 30
+        min_daemons = 2
+        max_daemons = 8
+        hysteresis = 0
+        cooldown_up_s = 10
+        cooldown_down_s = 600
+        poll_interval_s = 5
+        url = "http://10.0.0.5:7701"
+        start_command = ["/usr/local/bin/up", "--instance={n}"]
+        stop_command = ["/usr/local/bin/down", "{n}"]
+        command_timeout_s = 90
+        state_file = "/var/lib/taskd-autoscale/state.json"
+        """
+        + ECHO
+    )
+    assert cfg.autoscale == AutoscaleConfig(
+        target_drain_s=30.0,
+        min_daemons=2,
+        max_daemons=8,
+        hysteresis=0.0,
+        cooldown_up_s=10.0,
+        cooldown_down_s=600.0,
+        poll_interval_s=5.0,
+        url="http://10.0.0.5:7701",
+        start_command=("/usr/local/bin/up", "--instance={n}"),
+        stop_command=("/usr/local/bin/down", "{n}"),
+        command_timeout_s=90.0,
+        state_file=Path("/var/lib/taskd-autoscale/state.json"),
+    )
+    assert isinstance(cfg.autoscale.hysteresis, float)
+    assert AutoscaleConfig().start_command == ("systemctl", "start", "taskd@{n}")
+    assert AutoscaleConfig().stop_command == ("systemctl", "stop", "taskd@{n}")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "min_daemons = 0",
+            "autoscale.min_daemons: must be an integer from 1 to 1000, got 0",
+        ),
+        (
+            "min_daemons = 4\nmax_daemons = 3",
+            "autoscale.min_daemons: must be at most autoscale.max_daemons (3), got 4",
+        ),
+        ("hysteresis = 0.95", "autoscale.hysteresis: must be a number from 0 to 0.9, got 0.95"),
+        ("hysteresis = -0.1", "autoscale.hysteresis: must be a number from 0 to 0.9, got -0.1"),
+        ('hysteresis = "10%"', "autoscale.hysteresis: must be a number from 0 to 0.9, got string"),
+        ("target_drain_s = 0", "autoscale.target_drain_s: must be a number of seconds greater"),
+        ("cooldown_down_s = -1", "autoscale.cooldown_down_s: must be a number of seconds greater"),
+        (
+            'url = "10.0.0.5:7701"',
+            "autoscale.url: not a daemon URL: '10.0.0.5:7701' (use http://HOST:PORT or unix:/PATH)",
+        ),
+        (
+            'start_command = ["systemctl", "start", "taskd"]',
+            "autoscale.start_command: must contain {n}, the instance number, in one of its "
+            "arguments",
+        ),
+        (
+            'stop_command = "systemctl stop taskd@{n}"',
+            "autoscale.stop_command: must be a non-empty array of a program and its arguments",
+        ),
+        ('stop_command = ["", "{n}"]', "autoscale.stop_command[0]: must be a non-empty string"),
+        ('state_file = ""', "autoscale.state_file: must not be empty"),
+    ],
+)
+def test_autoscale_invalid(text: str, expected: str) -> None:
+    (problem,) = problems_of(f"[autoscale]\n{text}\n")
+    assert problem.startswith(expected), problem
+
+
+def test_a_bad_autoscale_table_stops_taskd_check_with_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "taskd.toml"
+    path.write_text(ECHO + "[autoscale]\nmax_daemons = 0\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "taskd", "check", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2
+    assert f"{path}: autoscale.max_daemons: must be an integer from 1 to 1000" in done.stderr
+
+
 # The schema: the dataclasses are the one statement of keys and defaults
 
 SECTIONS = [
@@ -1568,6 +1662,7 @@ SECTIONS = [
     ("workers", WorkersConfig),
     ("retention", RetentionConfig),
     ("callbacks", CallbacksConfig),
+    ("autoscale", AutoscaleConfig),
 ]
 # Fields the loader fills in itself: none of them is a TOML key.
 NOT_KEYS = {

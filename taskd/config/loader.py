@@ -9,9 +9,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from taskd.config.autoscale import read_autoscale
 from taskd.config.handlers import read_handlers
 from taskd.config.model import (
     ArchiveConfig,
+    AutoscaleConfig,
     CallbacksConfig,
     Config,
     RedisConfig,
@@ -33,7 +35,8 @@ from taskd.config.targets import add_import_dirs
 
 # The top-level tables, in the order messages list them (Config's fields have another).
 TOP_KEYS = (
-    "server", "redis", "workers", "retention", "callbacks", "archive", "handlers", "schedules",
+    "server", "redis", "workers", "retention", "callbacks", "archive", "autoscale", "handlers",
+    "schedules",
 )  # fmt: skip
 
 
@@ -83,6 +86,7 @@ def parse(
     callbacks = read_callbacks(root.table("callbacks", schema=CallbacksConfig))
     archive_url = env.get("TASKD_ARCHIVE_URL", "")
     archive = read_archive(root.table("archive", schema=ArchiveConfig), archive_url)
+    autoscale = read_autoscale(root.table("autoscale", schema=AutoscaleConfig))
     own = [Path(directory)] if directory is not None else []
     add_import_dirs([*own, *workers.python_path])
     handlers = read_handlers(root)
@@ -99,4 +103,5 @@ def parse(
         source=source,
         callbacks=callbacks,
         archive=archive,
+        autoscale=autoscale,
     )

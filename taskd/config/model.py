@@ -209,6 +209,30 @@ class ArchiveConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class AutoscaleConfig:
+    """Sizing the fleet on its queues' depth (docs/operations.md#autoscaling): every
+    daemon's /stats hint reads target_drain_s, min_daemons and max_daemons; the
+    `taskd autoscale` controller, which starts and stops instances on that hint, the rest."""
+
+    target_drain_s: float = 60.0  # the backlog should be gone within this many seconds
+    min_daemons: int = 1
+    max_daemons: int = 10
+    # Scale down only to a count each daemon of which stays at most 1 - hysteresis busy.
+    hysteresis: float = 0.2
+    cooldown_up_s: float = 30.0  # after any change, before adding instances
+    cooldown_down_s: float = 300.0  # the hint must stay lower this long before removing
+    poll_interval_s: float = 10.0
+    # The daemon whose /stats the controller reads; none: this file's [server] listen.
+    url: str | None = None
+    # {n} stands for the instance number, 1 to max_daemons.
+    start_command: tuple[str, ...] = ("systemctl", "start", "taskd@{n}")
+    stop_command: tuple[str, ...] = ("systemctl", "stop", "taskd@{n}")
+    command_timeout_s: float = 120.0
+    # Which instances the controller runs, kept across its restarts.
+    state_file: Path = Path("autoscale.json")
+
+
+@dataclass(frozen=True, slots=True)
 class ScheduleConfig:
     """A recurring job: one job of `type` at every tick of `cron`, across all daemons."""
 
@@ -235,3 +259,4 @@ class Config:
     source: str = field(default="<config>", metadata=_NOT_A_KEY)  # the file, for messages
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)

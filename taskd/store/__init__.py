@@ -12,7 +12,7 @@ from taskd.store.connect import (
     is_full,
     open,
 )
-from taskd.store.inspect import Footprint, Inspector, Page, Unhandled
+from taskd.store.inspect import Footprint, Inspector, Page, Rates, Unhandled
 from taskd.store.keys import Keys
 from taskd.store.record import ArchiveRecord, Attempt, DaemonInfo, TypeLimits
 from taskd.store.store import Archived, Beat, Claimed, Store
@@ -32,6 +32,7 @@ __all__ = [
     "Inspector",
     "Keys",
     "Page",
+    "Rates",
     "Store",
     "TypeLimits",
     "Unhandled",

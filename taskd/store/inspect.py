@@ -16,6 +16,12 @@ from taskd.store.record import BUCKET_MS, TOTALS, DaemonInfo, TypeLimits, decode
 
 # Most ids a listing examines per request when filters skip most of them.
 LIST_SCAN_BUDGET = 2000
+# The full throughput buckets the autoscaling hint's rates span (the last minute), besides
+# the current one.
+RATE_BUCKETS = 6
+# The latest run times its mean run time is taken over: enough to smooth one odd job out,
+# few enough to follow the run times as a busy daemon slows down.
+RATE_RUNS = 100
 # HMGETs per pipeline when the bench reads job records back.
 READ_CHUNK = 5_000
 
@@ -27,6 +33,20 @@ class Unhandled:
     job_type: str
     job_id: str  # the first such job that claim passed
     due: int  # when that job became due, epoch ms
+
+
+@dataclass(frozen=True, slots=True)
+class Rates:
+    """What a queue's autoscaling hint is made of (taskd.sizing), besides its counts: the
+    jobs submitted and finished over a recent window, the scheduled jobs already due, and
+    the mean of its recent run times."""
+
+    arrived: int  # jobs submitted in the window
+    finished: int  # jobs that ended (completed, failed, cancelled) in the window
+    window_ms: int  # how long the window is
+    due: int  # scheduled jobs whose time has come, not yet moved to the ready ones
+    mean_run_ms: float | None  # over the latest RATE_RUNS run times; None: none yet
+    paused: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -197,6 +217,35 @@ class Inspector:
                 "run_ms": percentiles(runs),
             }
         return activity
+
+    async def queue_rates(self, queues: Sequence[str], now: int) -> dict[str, Rates]:
+        """Per queue, the arrivals and ends of the last minute and of the current bucket
+        (so that a burst shows within seconds, not once its bucket is full), the due
+        scheduled jobs, and the mean recent run time. Bounded reads, as queue_activity's."""
+        k = self.keys
+        current = now // BUCKET_MS
+        buckets = [current - n for n in range(RATE_BUCKETS + 1)]  # the current one first
+        window_ms = RATE_BUCKETS * BUCKET_MS + now - current * BUCKET_MS
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.hmget(k.arrivals(queue), buckets)
+                pipe.hmget(k.throughput(queue), buckets)
+                pipe.zcount(k.scheduled(queue), "-inf", now)
+                pipe.lrange(k.runs(queue), 0, RATE_RUNS - 1)
+                pipe.exists(k.paused(queue))
+            replies = iter(await pipe.execute())
+        rates: dict[str, Rates] = {}
+        for queue in queues:
+            arrived, finished, due, runs, paused = (next(replies) for _ in range(5))
+            rates[queue] = Rates(
+                arrived=sum(int(n) for n in arrived if n),
+                finished=sum(int(n) for n in finished if n),
+                window_ms=window_ms,
+                due=int(due),
+                mean_run_ms=sum(int(r) for r in runs) / len(runs) if runs else None,
+                paused=bool(paused),
+            )
+        return rates
 
     async def limit_status(
         self, queue: str, type_limits: Sequence[TypeLimits], now: int

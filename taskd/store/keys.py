@@ -164,6 +164,11 @@ class Keys:
         """Hash of finished-job counts per 10-second bucket (field: epoch ms // 10000)."""
         return self._of(queue, "throughput")
 
+    def arrivals(self, queue: str) -> str:
+        """Hash of submitted-job counts per 10-second bucket (field: epoch ms // 10000),
+        kept as long as the throughput's: the arrival rate of the autoscaling hint."""
+        return self._of(queue, "arrivals")
+
     def waits(self, queue: str) -> str:
         """List of the latest wait times (ms from due to start), newest first, capped."""
         return self._of(queue, "waits")
@@ -185,6 +190,7 @@ class Keys:
             self.waits(queue),
             self.runs(queue),
             self.throughput(queue),
+            self.arrivals(queue),
             self.limit_waits(queue),
             self.unhandled(queue),
             self.schedules(queue),

@@ -284,10 +284,11 @@ class Store:
         """One enqueue.lua call: jobs of one queue, as their NEW_JOB entries."""
         k = self.keys
         args = self._header(queue, now)
-        args += [queue, k.idempotency_prefix(queue), dedup_ttl_ms]
+        args += [queue, k.idempotency_prefix(queue), dedup_ttl_ms, now // record.BUCKET_MS]
         for job_entries in entries:
             args += job_entries
         keys = [k.inbox(queue), k.scheduled(queue), k.index(queue), k.totals(queue)]
+        keys.append(k.arrivals(queue))
         return [text(holder) for holder in await self._lua["enqueue"](keys=keys, args=args)]
 
     # Running jobs.
@@ -677,12 +678,12 @@ class Store:
         await self._r.flushall()
 
     async def trim_throughput(self, queue: str, now: int) -> None:
-        """Forget throughput buckets older than THROUGHPUT_KEEP_MS."""
-        key = self.keys.throughput(queue)
+        """Forget throughput and arrivals buckets older than THROUGHPUT_KEEP_MS."""
         oldest = (now - THROUGHPUT_KEEP_MS) // record.BUCKET_MS
-        stale = [field for field in await self._r.hkeys(key) if int(field) < oldest]
-        if stale:
-            await self._r.hdel(key, *stale)
+        for key in (self.keys.throughput(queue), self.keys.arrivals(queue)):
+            stale = [field for field in await self._r.hkeys(key) if int(field) < oldest]
+            if stale:
+                await self._r.hdel(key, *stale)
 
 
 def _fail(waiting: Iterable[_Waiting], error: Exception) -> None:

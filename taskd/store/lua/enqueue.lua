@@ -8,12 +8,14 @@
 -- KEYS[2] -> <prefix>:{<queue>}:scheduled
 -- KEYS[3] -> <prefix>:{<queue>}:index
 -- KEYS[4] -> <prefix>:{<queue>}:totals
+-- KEYS[5] -> <prefix>:{<queue>}:arrivals, jobs added per 10-second bucket
 -- ARGV[1..3] -> now (the newest created_at of the call's jobs), job hash prefix, limit key
 --   prefix (unused) (the header, lib.lua)
 -- ARGV[4] -> the queue's name
 -- ARGV[5] -> <prefix>:{<queue>}:idem:, the idempotency key prefix
 -- ARGV[6] -> how long an idempotency key holds, ms
--- ARGV[7..] -> 9 entries per job (record.NEW_JOB): id, type, payload (JSON text),
+-- ARGV[7] -> the current arrivals bucket (record.BUCKET_MS)
+-- ARGV[8..] -> 9 entries per job (record.NEW_JOB): id, type, payload (JSON text),
 --   max_attempts, run_at (epoch ms, or 0 to run now), idempotency key (or ''), callback
 --   URL (or ''), priority (0 to 9), created_at (epoch ms: each job its own, as the store
 --   gathers jobs submitted at different moments into one call)
@@ -26,7 +28,7 @@ local seen = {}
 -- per call after the loop, in the order the jobs came.
 local ready, lists = {}, {}
 local scheduled, indexed = {}, {}
-for i = 7, #ARGV, 9 do
+for i = 8, #ARGV, 9 do
   -- NEW_JOB's entries, in order.
   local id, job_type, payload, max_attempts, run_at, dedup, callback_url, priority,
     created_at = unpack(ARGV, i, i + 8)
@@ -91,4 +93,7 @@ end
 call_chunked('ZADD', KEYS[2], scheduled)
 call_chunked('ZADD', KEYS[3], indexed)
 redis.call('HINCRBY', KEYS[4], 'enqueued', added)
+if added > 0 then
+  redis.call('HINCRBY', KEYS[5], ARGV[7], added)
+end
 return holders
