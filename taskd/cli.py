@@ -71,6 +71,10 @@ def _parser() -> argparse.ArgumentParser:
         "check", help="validate the config file and exit 0, or 2 with its errors"
     )
     check.add_argument("--config", default=argparse.SUPPRESS, help="the TOML config file")
+    autoscale = commands.add_parser(
+        "autoscale", help="start and stop daemon instances on the fleet's sizing hint"
+    )
+    autoscale.add_argument("--config", default=argparse.SUPPRESS, help="the TOML config file")
     _client_commands(commands)
     bench.add_parser(commands)
     return parser
@@ -146,6 +150,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         count = len(config.handlers)
         print(f"{args.config}: ok ({count} handler{'' if count == 1 else 's'})")
         return 0
+    if args.command == "autoscale":
+        from taskd import autoscaler  # aiohttp's client: only for this command
+
+        return autoscaler.main(config)
     return run(config)
 
 
