@@ -212,6 +212,12 @@ async def test_the_page_loads_live_without_console_errors(
         assert browser.title == "taskd"
         daemons = browser.find_element(By.ID, "daemons-body")
         wait_for(browser, lambda d: daemon.identity.id in daemons.text, "this daemon's row")
+        # Beside the daemons, the fleet's sizing hint: nothing waits, one daemon will do.
+        hint = browser.find_element(By.ID, "autoscale")
+        wait_for(browser, lambda d: hint.get_attribute("data-desired") == "1", "the sizing hint")
+        assert hint.is_displayed()
+        assert hint.text.startswith("Sizing hint: 1 daemon (1 live; 1 to 10) · backlog 0 ·")
+        assert "nothing waits (target 60 s)" in hint.text
         # No handler has limits: no Limits card; every type has a daemon: no No handler card.
         assert not browser.find_element(By.ID, "limits").is_displayed()
         assert not browser.find_element(By.ID, "unhandled").is_displayed()

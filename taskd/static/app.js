@@ -171,6 +171,7 @@ function render(picture) {
   remember(stats.queues);
   drawCharts();
   renderDaemons(stats.instances);
+  renderAutoscale(stats.autoscale);
   renderSchedules(picture.schedules || []);
   // The job list follows the stream, or, filtered, the API (GET /jobs) once per event.
   if (jobFilter) refreshJobs();
@@ -383,6 +384,26 @@ function updateDaemonRow(row, daemon) {
   setText(row, "uptime", formatDuration(daemon.uptime_s * 1000), `since ${daemon.started_at}`);
   setText(row, "heartbeat", formatMs(daemon.heartbeat_age_ms), daemon.last_heartbeat);
   cell(row, "heartbeat").classList.toggle("warn", daemon.heartbeat_age_ms > STALE_HEARTBEAT_MS);
+}
+
+// ---- the sizing hint, for the fleet (docs/operations.md#autoscaling)
+
+function renderAutoscale(hint) {
+  const line = $("autoscale");
+  line.hidden = !hint; // a daemon older than the hint gives none
+  if (!hint) return;
+  const desired = hint.desired_daemons;
+  let drain = `drains in ${formatMs(hint.drain_s * 1000)}`;
+  if (hint.backlog === 0) drain = "nothing waits";
+  else if (hint.drain_s == null) drain = "does not drain at these rates";
+  line.textContent =
+    `Sizing hint: ${desired} daemon${desired === 1 ? "" : "s"} ` +
+    `(${hint.daemons} live; ${hint.min_daemons} to ${hint.max_daemons}) · ` +
+    `backlog ${formatCount(hint.backlog)} · ` +
+    `${hint.arrival_per_s.toFixed(1)} jobs/s in, ${hint.completion_per_s.toFixed(1)} done · ` +
+    `${drain} (target ${hint.target_drain_s} s)`;
+  line.dataset.desired = String(desired);
+  line.classList.toggle("warn", desired > hint.daemons);
 }
 
 // ---- schedules
