@@ -37,6 +37,13 @@ from tests.support import (
     post_json,
     wait_until,
 )
+from tests.test_systemd import (
+    documented_program,
+    exec_start,
+    needs_systemd_analyze,
+    rooted_install,
+    verify_problems,
+)
 
 POLICY = AutoscaleConfig(
     min_daemons=1,
@@ -425,3 +432,25 @@ async def test_taskd_autoscale_refuses_a_state_file_it_cannot_read(tmp_path: Pat
     )
     assert done.returncode == 1
     assert "autoscale.json: not a list of instance numbers" in done.stderr.decode()
+
+
+# The controller's systemd unit
+
+
+def test_the_controller_unit_runs_the_documented_taskd_on_instance_1s_config() -> None:
+    program, *args = exec_start("taskd-autoscale.service")
+    assert program == documented_program()
+    assert args == ["autoscale", "--config", "/etc/taskd/1.toml"]
+    assert AutoscaleConfig().start_command == ("systemctl", "start", "taskd@{n}")
+    # The unit's working directory is its state directory, where the state file goes.
+    unit = (REPO / "systemd" / "taskd-autoscale.service").read_text()
+    assert "\nStateDirectory=taskd-autoscale\n" in unit
+    assert "\nWorkingDirectory=/var/lib/taskd-autoscale\n" in unit
+    assert not AutoscaleConfig().state_file.is_absolute()
+
+
+@needs_systemd_analyze
+def test_the_controller_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
+    unit = rooted_install(tmp_path, "taskd-autoscale.service", "taskd-autoscale.service")
+    problems, output = verify_problems(tmp_path, unit)
+    assert problems == [], f"systemd-analyze verify taskd-autoscale.service:\n{output}"

@@ -4,15 +4,18 @@
 from __future__ import annotations
 
 import math
+import re
+from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from taskd.config import AutoscaleConfig
+from taskd.metrics import Metrics
 from taskd.sizing import Load, desired_daemons, drain_s, fleet_load, public, queue_load
 from taskd.store import DaemonInfo, Inspector, Rates, Store
 from tests.builders import Clock, Q, ended, new_job
-from tests.support import ECHO, DaemonApi, get_json, post_json, wait_until
+from tests.support import ECHO, REPO, DaemonApi, get_json, post_json, wait_until
 
 POLICY = AutoscaleConfig(target_drain_s=10.0, min_daemons=1, max_daemons=20)
 MINUTE_MS = 60_000
@@ -237,3 +240,90 @@ async def test_a_backlog_shows_in_stats_and_metrics_until_it_is_drained(
         assert stats["autoscale"]["drain_s"] == 0.0
         assert stats["autoscale"]["arrival_per_s"] > 0  # the 40 jobs, over the last minute
         assert await metric() == 1
+
+
+# The KEDA example, read as YAML without a YAML library (PyYAML is no dependency of
+# taskd's): the block-style subset it is written in, mappings, lists and plain scalars.
+
+KEDA = REPO / "config" / "keda" / "scaledobject.yaml"
+
+
+def yaml_subset(text: str) -> Any:
+    """Block mappings and `- ` lists of them, scalars plain or double-quoted; comments
+    dropped. Anything else (flow style, anchors, tabs, odd indents): ValueError."""
+    lines: list[tuple[int, str]] = []
+    for raw in text.splitlines():
+        _require("\t" not in raw, f"a tab in {raw!r}")
+        content = re.sub(r"\s+#.*$", "", raw) if not raw.lstrip().startswith("#") else ""
+        if content.strip():
+            lines.append((len(content) - len(content.lstrip()), content.strip()))
+    value, rest = _block(lines, 0)
+    _require(not rest, f"left over: {rest}")
+    return value
+
+
+def _block(lines: list[tuple[int, str]], indent: int) -> tuple[Any, list[tuple[int, str]]]:
+    if lines and lines[0][0] == indent and lines[0][1].startswith("- "):
+        items = []
+        while lines and lines[0][0] == indent and lines[0][1].startswith("- "):
+            # "- key: value" opens a mapping whose keys sit two columns further in.
+            lines = [(indent + 2, lines[0][1][2:]), *lines[1:]]
+            item, lines = _block(lines, indent + 2)
+            items.append(item)
+        return items, lines
+    mapping: dict[str, Any] = {}
+    while lines and lines[0][0] == indent:
+        key, sep, value = lines[0][1].partition(":")
+        _require(bool(sep and re.fullmatch(r"[A-Za-z_][\w.-]*", key)), f"no key: {lines[0]}")
+        _require(key not in mapping, f"{key} twice")
+        lines = lines[1:]
+        if value.strip():
+            mapping[key] = _scalar(value.strip())
+        else:
+            _require(bool(lines) and lines[0][0] > indent, f"{key}: no value")
+            mapping[key], lines = _block(lines, lines[0][0])
+    _require(not lines or lines[0][0] < indent, f"bad indent at {lines[:1]}")
+    return mapping, lines
+
+
+def _require(holds: bool, problem: str) -> None:
+    if not holds:
+        raise ValueError(problem)
+
+
+def _scalar(text: str) -> Any:
+    if text.startswith('"'):
+        _require(text.endswith('"') and len(text) > 1, text)
+        return text[1:-1]
+    _require(text[0] not in "[{&*!|>'%@`", f"not a plain scalar: {text!r}")
+    return int(text) if re.fullmatch(r"-?\d+", text) else text
+
+
+def test_the_keda_example_scales_on_the_gauge_within_the_default_bounds() -> None:
+    scaled = yaml_subset(KEDA.read_text())
+    assert (scaled["apiVersion"], scaled["kind"]) == ("keda.sh/v1alpha1", "ScaledObject")
+    spec = scaled["spec"]
+    assert spec["scaleTargetRef"] == {"name": "taskd"}
+    policy = AutoscaleConfig()
+    assert (spec["minReplicaCount"], spec["maxReplicaCount"]) == (
+        policy.min_daemons,
+        policy.max_daemons,
+    )
+    behavior = spec["advanced"]["horizontalPodAutoscalerConfig"]["behavior"]
+    assert behavior["scaleDown"]["stabilizationWindowSeconds"] == policy.cooldown_down_s
+    [trigger] = spec["triggers"]
+    assert (trigger["type"], trigger["metricType"]) == ("prometheus", "AverageValue")
+    assert trigger["metadata"]["query"] == "max(taskd_autoscale_desired_daemons)"
+    assert trigger["metadata"]["threshold"] == "1"
+    assert trigger["metadata"]["serverAddress"].startswith("http://")
+    # The gauge it asks for is one the daemons export.
+    assert "taskd_autoscale_desired_daemons" in Metrics(concurrency=1).render()[0].decode()
+
+
+def test_the_yaml_reader_refuses_what_it_does_not_know() -> None:
+    assert yaml_subset('a:\n  b: 1\n  c:\n    - d: x\n      e: "2"\n') == {
+        "a": {"b": 1, "c": [{"d": "x", "e": "2"}]}
+    }
+    for bad in ("a: [1, 2]\n", "a:\n\tb: 1\n", "a: 1\n  b: 2\n", "a: 1\na: 2\n", "a: &x 1\n"):
+        with pytest.raises(ValueError, match=r"tab|twice|indent|scalar|left over"):
+            yaml_subset(bad)
