@@ -190,6 +190,7 @@ async def test_rates_of_a_queue_with_no_data(inspector: Inspector) -> None:
 # A real daemon's /stats and /metrics
 
 
+@pytest.mark.timeout(150)
 async def test_a_backlog_shows_in_stats_and_metrics_until_it_is_drained(
     daemon_api: DaemonApi,
 ) -> None:
