@@ -23,6 +23,7 @@ from taskd.egress import DEFAULT_POLICY, Policy
 from taskd.guards import browser_guard, require_json, token_guard
 from taskd.jobs import FAILED, Job, now_ms
 from taskd.metrics import Metrics
+from taskd.openapi import describe
 from taskd.sizing import desired_daemons, fleet_load
 from taskd.stats import archive_backlog, autoscale_loads, no_handler, snapshot
 from taskd.store import UNAVAILABLE, Inspector, Store, is_full
@@ -225,6 +226,8 @@ class HttpApi:
         self._accepting = True
         self.addresses: list[Any] = []
         self._runner: Runner | None = None
+        # It depends on the config alone: built once, answered as is.
+        self._openapi = orjson.dumps(describe(server=server, job_types=handler_configs))
         self.app = self._make_app()
 
     @property
@@ -269,6 +272,7 @@ class HttpApi:
         app.router.add_post("/queues/{queue}/resume", self.resume_queue)
         app.router.add_delete("/queues/{queue}", self.forget_queue)
         app.router.add_delete("/queues/{queue}/jobs", self.purge_queue)
+        app.router.add_get("/openapi.json", self.openapi)
         return app
 
     async def run(
@@ -572,6 +576,10 @@ class HttpApi:
         if queue not in await self._all_queues():
             raise ApiError(404, "not_found", f"no queue '{queue}' (none is configured or used)")
         return queue
+
+    async def openapi(self, request: web.Request) -> web.Response:
+        """The OpenAPI document of this API, as this daemon is configured."""
+        return web.Response(body=self._openapi, content_type="application/json")
 
     async def health(self, request: web.Request) -> web.Response:
         if not self._accepting:

@@ -15,7 +15,13 @@ logger = logging.getLogger(__name__)
 
 # How often the event stream sends a fresh picture.
 EVENT_INTERVAL = 1.0
-_TYPES = {".html": "text/html", ".js": "text/javascript", ".css": "text/css", ".png": "image/png"}
+# The files of the page, by suffix, and the content type each is served as.
+CONTENT_TYPES = {
+    ".html": "text/html",
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".png": "image/png",
+}
 
 
 class Dashboard:
@@ -44,9 +50,9 @@ class Dashboard:
     def _file(self, name: str) -> web.Response:
         suffix = name[name.rfind(".") :] if "." in name else ""
         path = resources.files("taskd").joinpath("static", name)
-        if "/" in name or suffix not in _TYPES or not path.is_file():
+        if "/" in name or suffix not in CONTENT_TYPES or not path.is_file():
             raise web.HTTPNotFound()
-        return web.Response(body=path.read_bytes(), content_type=_TYPES[suffix])
+        return web.Response(body=path.read_bytes(), content_type=CONTENT_TYPES[suffix])
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: one `picture` event a second until the client or we go."""

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 from aiohttp import web
 from aiohttp.typedefs import Handler, Middleware
@@ -109,27 +109,34 @@ def _known_host(host: str, allowed: Collection[str]) -> bool:
     return True  # no rebinding through an address: the browser asked for this very one
 
 
-def token_guard(server: ServerConfig) -> Middleware:
-    """Middleware: with [server] token set, every endpoint needs it, as
-    `Authorization: Bearer TOKEN`, except the dashboard's page and files (they hold no
-    data: the page asks for the token), and what public_reads, public_health and
-    public_metrics leave open. Never in the URL: URLs end up in logs and histories.
-    """
-    token = server.token
+def token_needed(server: ServerConfig) -> Callable[[str, str], bool]:
+    """Whether a request (method, path) needs [server] token, when one is set: every one
+    does, except the dashboard's page and files (they hold no data: the page asks for the
+    token), and what public_reads, public_health and public_metrics leave open. The guard
+    below and the OpenAPI document (taskd.openapi) both ask it."""
     open_paths = {"/"}
     if server.public_health:
         open_paths.add("/health")
     if server.public_metrics:
         open_paths.add("/metrics")
 
-    def needs_token(request: web.Request) -> bool:
-        if request.path in open_paths or request.path.startswith("/static/"):
+    def needed(method: str, path: str) -> bool:
+        if path in open_paths or path.startswith("/static/"):
             return False
-        return not (server.public_reads and request.method in SAFE_METHODS)
+        return not (server.public_reads and method in SAFE_METHODS)
+
+    return needed
+
+
+def token_guard(server: ServerConfig) -> Middleware:
+    """Middleware: with [server] token set, the endpoints token_needed names need it, as
+    `Authorization: Bearer TOKEN`. Never in the URL: URLs end up in logs and histories."""
+    token = server.token
+    needed = token_needed(server)
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
-        if token is None or not needs_token(request) or _presented(request, token):
+        if token is None or not needed(request.method, request.path) or _presented(request, token):
             return await handler(request)
         return web.json_response(
             {"error": {"code": "unauthorized", "message": "this needs the [server] token"}},

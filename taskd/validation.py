@@ -49,21 +49,26 @@ INT_RANGE = (-(2**63), 2**64 - 1)
 # A run of digits long enough to be such an integer (or part of a string, or a fraction).
 _LONG_DIGITS = re.compile(rb"[0-9]{19,}")
 # RFC 3339 date-time with its offset; Python's fromisoformat takes more forms than that.
-_RFC3339 = re.compile(
-    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
+RFC3339_PATTERN = (
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt][0-9]{2}:[0-9]{2}:[0-9]{2}"
+    r"(\.[0-9]+)?([Zz]|[+-][0-9]{2}:[0-9]{2})"
 )
+_RFC3339 = re.compile(RFC3339_PATTERN)
+# Epoch seconds a run_at may give at most: later is a unit mistake (milliseconds).
+MAX_RUN_AT_EPOCH = 1e11
 LIST_LIMIT_DEFAULT = 50
 LIST_LIMIT_MAX = 1000
 # A listing's cursor is the last job id it gave, or for final states "finish-ms-id".
-_ID = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
-_CURSOR = {False: re.compile(_ID), True: re.compile(r"[0-9]{1,15}-" + _ID)}
-_JOB_ID = re.compile(_ID)
+ID_PATTERN = r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}"
+CURSOR_PATTERNS = (ID_PATTERN, r"[0-9]{1,15}-" + ID_PATTERN)  # by creation; by finish
+_CURSOR = {False: re.compile(CURSOR_PATTERNS[0]), True: re.compile(CURSOR_PATTERNS[1])}
+_JOB_ID = re.compile(ID_PATTERN)
 # GET /archive's cursor: "finish-ms:id" in unpadded base64url (taskd.archive.db.encode_cursor).
-_ARCHIVE_CURSOR = re.compile(r"[A-Za-z0-9_-]{1,100}")
-_ARCHIVE_POSITION = re.compile(r"[0-9]{1,14}:" + _ID)
+ARCHIVE_CURSOR = re.compile(r"[A-Za-z0-9_-]{1,100}")
+_ARCHIVE_POSITION = re.compile(r"[0-9]{1,14}:" + ID_PATTERN)
 ARCHIVE_PARAMS = ("type", "queue", "state", "since", "until", "q", "limit", "cursor")
 # Epoch seconds in a query string: digits, maybe a fraction.
-_SECONDS = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
+SECONDS = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
 # A time's "+hh:mm" offset written unencoded in a URL's query arrives with a space for the "+".
 _SPACED_OFFSET = re.compile(r" (?=[0-9]{2}:[0-9]{2}$)")
 
@@ -259,7 +264,7 @@ def _parse_time(value: Any, name: str = "run_at", fail: Callable[[str], ApiError
             raise fail(f"'{name}' is not a valid time: {value!r}") from None
     else:
         raise fail(f"'{name}' must be an RFC 3339 time or epoch seconds, got {json_kind(value)}")
-    if not 0 <= seconds < 1e11:
+    if not 0 <= seconds < MAX_RUN_AT_EPOCH:
         raise fail(f"'{name}' is out of range: {value!r}")
     return math.ceil(seconds * 1000)
 
@@ -474,7 +479,7 @@ def _query_time(params: Mapping[str, str], name: str) -> int | None:
     value = params.get(name) or None
     if value is None:
         return None
-    if _SECONDS.fullmatch(value):
+    if SECONDS.fullmatch(value):
         return _parse_time(float(value), name, bad_query)
     return _parse_time(_SPACED_OFFSET.sub("+", value), name, bad_query)
 
@@ -492,7 +497,7 @@ def _contains(text: str | None) -> str | None:
 
 
 def _is_archive_cursor(cursor: str) -> bool:
-    if not _ARCHIVE_CURSOR.fullmatch(cursor):
+    if not ARCHIVE_CURSOR.fullmatch(cursor):
         return False
     try:
         text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode()

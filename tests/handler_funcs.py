@@ -120,6 +120,12 @@ async def progressing(job: Job) -> str:
     return "finished"
 
 
+async def reports_then_returns(job: Job) -> Any:
+    """Report progress once, then return the payload: a finished job that has progress."""
+    await report_progress(100, "done")
+    return job.payload
+
+
 class Run:
     """One run of `stepped`: the test sets `go` to let it report again and finish."""
 

@@ -1,5 +1,6 @@
 """The configuration: frozen dataclasses loaded from TOML, validated at start."""
 
+from taskd.config.handlers import HANDLER_NAME
 from taskd.config.loader import load, parse
 from taskd.config.model import (
     BUILTINS,
@@ -26,6 +27,7 @@ from taskd.config.urls import redact, redact_postgres
 
 __all__ = [
     "BUILTINS",
+    "HANDLER_NAME",
     "MAX_ATTEMPTS",
     "QUEUE_MODES",
     "QUEUE_NAME",

@@ -21,7 +21,7 @@ from taskd.config.tables import Table, describe, join
 from taskd.config.targets import NoModule, TargetError, resolve
 from taskd.config.urls import http_url_problem
 
-_HANDLER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+HANDLER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 HANDLER_RULE = "1-128 letters, digits, '_', '.', ':' or '-', starting with a letter or digit"
 _NO_HANDLERS = 'at least one handler is required, e.g. [handlers.echo] builtin = "echo"'
 _WEEK = 7 * 24 * 3600.0
@@ -45,7 +45,7 @@ _DEPENDENCY_HINT = " (a module the handler imports: install it into taskd's own 
 
 def valid_handler_name(name: str) -> bool:
     """Whether `name` may name a handler (and so a job type) or a schedule."""
-    return _HANDLER_NAME.fullmatch(name) is not None
+    return HANDLER_NAME.fullmatch(name) is not None
 
 
 def read_handlers(root: Table) -> dict[str, HandlerConfig]:
