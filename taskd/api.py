@@ -158,7 +158,9 @@ async def errors_as_json(request: web.Request, handler: Handler) -> web.StreamRe
         code, message = _HTTP_CODES.get(exc.status, ("http_error", exc.reason))
         if exc.status == 413:
             message = f"{message} ({exc.text})"
-        return error_response(exc.status, code, message)
+        # A 405 must say which methods the endpoint takes (RFC 9110): aiohttp's Allow.
+        allow = exc.headers.get("Allow")
+        return error_response(exc.status, code, message, {"Allow": allow} if allow else None)
     except UNAVAILABLE as exc:
         if request.transport is None:
             # Not Redis: the connection closed while the body was read (the client went,

@@ -262,6 +262,22 @@ async def test_routing_errors_are_json(
         assert (await response.json())["error"]["code"] == code
 
 
+@pytest.mark.parametrize(
+    ("method", "path", "allowed"),
+    [("DELETE", "/health", {"GET", "HEAD"}), ("PUT", "/jobs", {"GET", "HEAD", "POST"})],
+)
+async def test_a_method_an_endpoint_does_not_take_is_405_saying_which_it_does(
+    api: Api, method: str, path: str, allowed: set[str]
+) -> None:
+    # RFC 9110: a 405 must carry Allow. The JSON error body once replaced aiohttp's
+    # answer without it (found by the schemathesis run, test_fuzz).
+    session, url = api
+    async with session.request(method, f"{url}{path}") as response:
+        assert response.status == 405
+        assert (await response.json())["error"]["code"] == "method_not_allowed"
+        assert set(response.headers["Allow"].replace(" ", "").split(",")) == allowed
+
+
 async def test_daemon_keeps_serving_after_bad_input(api: Api) -> None:
     session, url = api
     for _ in range(3):
