@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import orjson
 
@@ -273,7 +273,7 @@ def _callback_url(data: dict[str, Any], egress: Policy) -> str | None:
     url = data.get("callback_url")
     if url is None:
         return None
-    parts = urlsplit(url) if isinstance(url, str) and len(url) <= MAX_URL else None
+    parts = _split(url) if isinstance(url, str) and len(url) <= MAX_URL else None
     if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
         raise invalid(f"'callback_url' must be an http:// or https:// URL, got {url!r}")
     # Names are checked when the callback is sent: DNS here would slow every submission,
@@ -283,6 +283,14 @@ def _callback_url(data: dict[str, Any], egress: Policy) -> str | None:
     except Refused as exc:
         raise invalid(f"'callback_url' refused: {exc}") from None
     return str(url)
+
+
+def _split(url: str) -> SplitResult | None:
+    """The URL's parts, or None where urlsplit refuses it (an unclosed IPv6 bracket)."""
+    try:
+        return urlsplit(url)
+    except ValueError:
+        return None
 
 
 def _idempotency_key(data: dict[str, Any]) -> str | None:
