@@ -17,6 +17,7 @@ import pytest
 from openapi_spec_validator import validate
 
 from taskd import api as api_module
+from taskd.client import documents
 from taskd.config import ScheduleConfig, ServerConfig
 from taskd.daemon import Daemon
 from taskd.openapi import ERRORS, FALLBACK_CODE, describe
@@ -225,6 +226,20 @@ async def test_stats_and_schedules_match_their_schemas(redis_url: str, store: St
     conforms(document, "Stats", stats)
     assert [schedule["name"] for schedule in listed["schedules"]] == ["hourly"]
     conforms(document, "Schedules", listed)
+
+
+def test_the_python_clients_documents_have_the_schemas_properties() -> None:
+    # The client types what the API answers and takes by hand (taskd.client.documents).
+    schemas = describe(server=ServerConfig(), job_types=TYPES)["components"]["schemas"]
+    pairs = [
+        (documents.Job, "Job"),
+        (documents.HistoryEntry, "HistoryEntry"),
+        (documents.Progress, "Progress"),
+        (documents.NewJob, "Submission"),
+        (documents.QueueState, "Paused"),
+    ]
+    for typed, name in pairs:
+        assert set(typed.__annotations__) == set(schemas[name]["properties"]), name
 
 
 # The submission rules: the document's limits are the ones the daemon enforces.
