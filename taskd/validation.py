@@ -274,7 +274,13 @@ def _callback_url(data: dict[str, Any], egress: Policy) -> str | None:
     if url is None:
         return None
     parts = _split(url) if isinstance(url, str) and len(url) <= MAX_URL else None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+    if (
+        parts is None
+        or parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or _BAD_HOST.search(parts.hostname)
+        or _CONTROL.search(url)
+    ):
         raise invalid(f"'callback_url' must be an http:// or https:// URL, got {url!r}")
     # Names are checked when the callback is sent: DNS here would slow every submission,
     # and what a name resolves to may change before then.
@@ -283,6 +289,14 @@ def _callback_url(data: dict[str, Any], egress: Policy) -> str | None:
     except Refused as exc:
         raise invalid(f"'callback_url' refused: {exc}") from None
     return str(url)
+
+
+# What no host name or address holds (urlsplit lets them through): spaces and control
+# characters, and those RFC 3986 leaves out of a host. Such a URL could never be sent.
+_BAD_HOST = re.compile(r'[\x00-\x20\x7f"<>\\^`{|}%]')
+# Nor does a URL anywhere: urlsplit drops tabs and line breaks silently, so the URL it
+# checked would not be the one stored.
+_CONTROL = re.compile(r"[\x00-\x20\x7f]")
 
 
 def _split(url: str) -> SplitResult | None:

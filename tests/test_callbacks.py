@@ -133,7 +133,11 @@ async def test_a_callback_that_keeps_failing_is_counted_and_changes_nothing(
 async def test_bad_callback_urls_are_refused(redis_url: str) -> None:
     async with running_daemon(make_config(redis_url)) as daemon, aiohttp.ClientSession() as s:
         # An unclosed IPv6 bracket made urlsplit raise: a 500, found by test_fuzz.
-        for bad in ("ftp://x/y", "not a url", 7, "https://[x", "http://[::1/hook"):
+        # A host with a space or a NUL could never be sent to: refused too (also found so).
+        for bad in (
+            "ftp://x/y", "not a url", 7, "https://[x", "http://[::1/hook", "http://a b/",
+            "http://a\x00b/", "http://a%20b/", "http://a\tb.example/",
+        ):  # fmt: skip
             status, body = await post_json(
                 s, f"{base_url(daemon)}/jobs", {"type": "echo", "callback_url": bad}
             )
