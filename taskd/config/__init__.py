@@ -18,6 +18,7 @@ from taskd.config.model import (
     ScheduleConfig,
     ServerConfig,
     SigningSecret,
+    TracingConfig,
     WorkersConfig,
 )
 from taskd.config.tables import ConfigError
@@ -44,6 +45,7 @@ __all__ = [
     "ServerConfig",
     "SigningSecret",
     "TargetError",
+    "TracingConfig",
     "WorkersConfig",
     "load",
     "parse",
