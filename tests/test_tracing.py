@@ -50,6 +50,7 @@ from tests.support import (
     wait_healthy,
     wait_until,
 )
+from tests.test_docs import Shell, blocks_named, user_env
 from tests.test_handlers import PROGRAMS
 from tests.test_signing import SECRET_A, Receiver, receiver  # noqa: F401 (a fixture)
 
@@ -618,14 +619,15 @@ async def collector() -> AsyncIterator[Collector]:
 async def test_a_daemon_sends_its_spans_over_otlp_http_when_it_stops(
     tmp_path: Path, free_port: Any, redis_url: str, collector: Collector
 ) -> None:
+    """The documented [tracing] and submission, against a real OTLP/HTTP receiver."""
+    [documented] = blocks_named("config", "tracing")
+    tracing_table = documented.body.replace("http://jaeger:4318", collector.base)
+    assert tracing_table != documented.body
     port = free_port()
     config = write_daemon_config(
-        tmp_path / "taskd.toml",
-        port,
-        redis={"url": redis_url},
-        handlers={"echo": {"builtin": "echo"}},
-        tracing={"otlp_endpoint": collector.base, "service_name": "from-the-file"},
+        tmp_path / "taskd.toml", port, redis={"url": redis_url}, handlers={"echo": BUILTINS["echo"]}
     )
+    config.write_text(config.read_text() + "\n" + tracing_table + "\n")
     env = {
         "OTEL_SERVICE_NAME": "from-the-environment",  # over the file's
         # A batch waits this long unless flushed: what arrives was sent at shutdown.
@@ -635,9 +637,12 @@ async def test_a_daemon_sends_its_spans_over_otlp_http_when_it_stops(
     try:
         url = f"http://127.0.0.1:{port}"
         await wait_healthy(url, daemon)
+        shell = Shell(f"127.0.0.1:{port}", tmp_path, user_env(), {})
+        [block] = blocks_named("test", "tracing")
+        await shell.run_console(block)
+        [job_id] = shell.ids.values()
         async with aiohttp.ClientSession() as session:
-            job = await submit(session, url, {"type": "echo", "payload": 7}, CLIENT)
-            done = await wait_for_state(session, url, job["id"], {"completed"})
+            done = await wait_for_state(session, url, job_id, {"completed"})
         assert collector.exports == []
         daemon.signal(signal.SIGTERM)
         assert await anyio.to_thread.run_sync(daemon.wait) == 0, daemon.output()
@@ -660,8 +665,8 @@ async def test_a_daemon_sends_its_spans_over_otlp_http_when_it_stops(
         "messaging.system": "taskd",
         "messaging.operation.type": "process",
         "messaging.destination.name": "default",
-        "messaging.message.id": job["id"],
-        "taskd.job.id": job["id"],
+        "messaging.message.id": job_id,
+        "taskd.job.id": job_id,
         "taskd.job.type": "echo",
         "taskd.job.attempt": 1,
         "taskd.job.outcome": "completed",
