@@ -237,15 +237,16 @@ class Daemon:
         # once (what it was writing stays in the hand-off: written again, harmlessly).
         if self.archiver is not None:
             await self.archiver.stop()
-        # 7. Deregister: nothing of this daemon is left in Redis for a reaper to find.
+        # 7. Send the spans still batched (the last attempts', the callbacks'), for a few
+        # seconds at most: a collector that does not answer does not hold the exit.
+        # Before deregistering: the heartbeat still runs, and would register us again.
+        if self._tracing is not None:
+            await self._tracing.flush()
+        # 8. Deregister: nothing of this daemon is left in Redis for a reaper to find.
         try:
             await self.heartbeat.deregister()
         except UNAVAILABLE:
             logger.warning("could not deregister: Redis unreachable")
-        # 8. Send the spans still batched (the last attempts', the callbacks'), for a few
-        # seconds at most: a collector that does not answer does not hold the exit.
-        if self._tracing is not None:
-            await self._tracing.flush()
         logger.info("taskd %s stopped", self.identity.id)
 
     async def _release_orphans(self) -> None:

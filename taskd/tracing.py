@@ -71,6 +71,7 @@ class Tracing:
     def __init__(self, *, provider: TracerProvider) -> None:
         self._provider = provider
         self._tracer = provider.get_tracer("taskd", __version__)
+        self._stuck = False  # a flush gave up: the collector does not answer
 
     @classmethod
     def start(cls, config: TracingConfig) -> Tracing:
@@ -92,11 +93,14 @@ class Tracing:
 
     async def flush(self) -> None:
         """Send the spans ended so far, waiting FLUSH_TIMEOUT at most."""
-        await _within(FLUSH_TIMEOUT, self._provider.force_flush, "flushing spans")
+        done = await _within(FLUSH_TIMEOUT, self._provider.force_flush, "flushing spans")
+        self._stuck = not done
 
     async def close(self) -> None:
-        """Shut the SDK down (flushing first), waiting FLUSH_TIMEOUT at most."""
-        await _within(FLUSH_TIMEOUT, self._provider.shutdown, "shutting tracing down")
+        """Shut the SDK down (flushing first), waiting FLUSH_TIMEOUT at most; not at all
+        once a flush gave up, which the collector would only make wait again."""
+        seconds = 0.0 if self._stuck else FLUSH_TIMEOUT
+        await _within(seconds, self._provider.shutdown, "shutting tracing down")
 
     @contextmanager
     def submissions(self, jobs: Sequence[Job]) -> Iterator[list[Job]]:
@@ -271,8 +275,8 @@ def _set_error(span: trace.Span, text: str) -> None:
     span.set_status(Status(StatusCode.ERROR, text[:STATUS_TEXT]))
 
 
-async def _within(seconds: float, call: Callable[[], object], what: str) -> None:
-    """Run the blocking `call` in a thread, waiting `seconds` at most.
+async def _within(seconds: float, call: Callable[[], object], what: str) -> bool:
+    """Run the blocking `call` in a thread, waiting `seconds` at most: whether it ended.
 
     A daemon thread of its own, not one of anyio's workers: if the collector does not
     answer, the thread is left to its export, and must not keep the process alive.
@@ -291,10 +295,13 @@ async def _within(seconds: float, call: Callable[[], object], what: str) -> None
                 loop.call_soon_threadsafe(_settle, done)
 
     threading.Thread(target=run, name=f"taskd {what}", daemon=True).start()
+    if seconds <= 0:
+        return False
     with anyio.move_on_after(seconds) as scope:
         await asyncio.shield(done)
     if scope.cancelled_caught:
         logger.warning("%s: gave up after %g s (the OTLP collector does not answer)", what, seconds)
+    return not scope.cancelled_caught
 
 
 def _settle(future: asyncio.Future[None]) -> None:

@@ -9,7 +9,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,12 +30,13 @@ from opentelemetry.sdk.trace import ReadableSpan, SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
+from redis.asyncio import Redis
 from standardwebhooks import Webhook
 
 from taskd import tracing as tracing_module
 from taskd.config import ScheduleConfig, TracingConfig, parse
 from taskd.scheduler import Scheduler
-from taskd.store import Store
+from taskd.store import Keys, Store
 from taskd.tracing import Tracing, sampler
 from taskd.validation import ApiError, parse_batch, parse_submission, trace_context
 from tests.builders import Clock, new_job, stored, write_daemon_config
@@ -478,7 +479,8 @@ def test_a_job_is_recorded_as_its_submitters_trace_is() -> None:
 
 
 class _Stuck(SpanProcessor):
-    """A span processor whose flush hangs, as an export to a collector that never answers."""
+    """A span processor whose flush and shutdown hang, as an export to a collector that
+    does not answer does."""
 
     def __init__(self) -> None:
         self.release = threading.Event()
@@ -487,20 +489,40 @@ class _Stuck(SpanProcessor):
         self.release.wait(30)
         return True
 
+    def shutdown(self) -> None:
+        self.release.wait(30)
+
+
+@pytest.fixture
+def stuck(monkeypatch: pytest.MonkeyPatch) -> Iterator[Tracing]:
+    """Tracing to a collector that does not answer, given 1 s to flush."""
+    monkeypatch.setattr(tracing_module, "FLUSH_TIMEOUT", 1.0)
+    processor = _Stuck()
+    provider = TracerProvider()
+    provider.add_span_processor(processor)
+    yield Tracing(provider=provider)
+    processor.release.set()
+
 
 async def test_a_collector_that_does_not_answer_does_not_hold_the_exit(
-    monkeypatch: pytest.MonkeyPatch,
+    stuck: Tracing, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(tracing_module, "FLUSH_TIMEOUT", 0.2)
-    stuck = _Stuck()
-    provider = TracerProvider()
-    provider.add_span_processor(stuck)
     started = time.monotonic()
-    try:
-        await Tracing(provider=provider).flush()
-        assert time.monotonic() - started < 10  # not the processor's 30 s
-    finally:
-        stuck.release.set()
+    await stuck.flush()
+    # Once a flush gave up, closing does not wait for the collector again.
+    monkeypatch.setattr(tracing_module, "FLUSH_TIMEOUT", 30.0)
+    await stuck.close()
+    assert time.monotonic() - started < 15  # not the processor's 30 s
+
+
+async def test_a_daemon_flushes_its_spans_before_it_deregisters(
+    redis_url: str, redis: Redis, stuck: Tracing
+) -> None:
+    # The flush outlasts heartbeats (0.5 s apart here): a daemon deregistered before it
+    # would register again, and stay registered once stopped.
+    async with running_daemon(make_config(redis_url), stuck):
+        assert await redis.zcard(Keys("taskd").daemons) == 1
+    assert await redis.zcard(Keys("taskd").daemons) == 0
 
 
 # Off: not one module of OpenTelemetry
