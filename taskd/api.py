@@ -35,11 +35,13 @@ from taskd.validation import (
     parse_list_query,
     parse_purge_query,
     parse_submission,
+    trace_context,
     valid_queue,
 )
 
-if TYPE_CHECKING:  # psycopg, which it imports, is the optional archive extra
+if TYPE_CHECKING:  # psycopg and opentelemetry, which they import, are optional extras
     from taskd.archive import Archive
+    from taskd.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -207,9 +209,11 @@ class HttpApi:
         request_timeout: float = 2.0,
         archive: Archive | None = None,
         autoscale: AutoscaleConfig | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self._archived = ArchiveReads(archive=archive)  # finished jobs Redis let go
         self._autoscale = autoscale or AutoscaleConfig()  # the sizing hint's target, bounds
+        self._tracing = tracing  # None: off
         self._schedules = schedules  # the /schedules view, one entry a schedule
         self._egress = egress  # what callback_urls may name
         self._on_final = on_final
@@ -316,9 +320,22 @@ class HttpApi:
         self._check_accepting()
         require_json(request)
         header = request.headers.get("Idempotency-Key")
+        tracing = self._tracing
         job = parse_submission(
-            await request.read(), self._handler_configs, self._clock(), header, egress=self._egress
+            await request.read(),
+            self._handler_configs,
+            self._clock(),
+            header,
+            egress=self._egress,
+            traced=tracing is not None,
+            trace=None if tracing is None else request_trace(request),
         )
+        if tracing is None:
+            return await self._submit(job)
+        with tracing.submissions([job]) as [traced]:
+            return await self._submit(traced)
+
+    async def _submit(self, job: Job) -> web.Response:
         # Twice at most: a first job deleted between the two calls holds its key no more.
         for _ in range(2):
             holder = await self._store.enqueue(job, self._dedup_ttl_ms)
@@ -342,10 +359,21 @@ class HttpApi:
         self._check_accepting()
         require_json(request)
         body = await request.read()
+        tracing = self._tracing
         jobs = parse_batch(
-            body, self._handler_configs, self._clock(), self._server.max_batch, egress=self._egress
+            body,
+            self._handler_configs,
+            self._clock(),
+            self._server.max_batch,
+            egress=self._egress,
+            traced=tracing is not None,
+            trace=None if tracing is None else request_trace(request),
         )
-        holders = await self._store.enqueue_many(jobs, self._dedup_ttl_ms)
+        if tracing is None:
+            holders = await self._store.enqueue_many(jobs, self._dedup_ttl_ms)
+        else:
+            with tracing.submissions(jobs) as jobs:
+                holders = await self._store.enqueue_many(jobs, self._dedup_ttl_ms)
         added = [job for job, holder in zip(jobs, holders, strict=True) if holder == job.id]
         for (queue, job_type), count in Counter((j.queue, j.type) for j in added).items():
             self._metrics.enqueued(queue, job_type, count)
@@ -599,6 +627,17 @@ class HttpApi:
             reason = "Redis is full (maxmemory): it refuses writes until memory is freed"
             return json_response({"status": "storage_full", "reason": reason}, status=503)
         return json_response({"status": "ok"})
+
+
+def request_trace(request: web.Request) -> str | None:
+    """The request's W3C trace context (traceparent and tracestate headers), as
+    validation.trace_context makes it. A traceparent sent twice is invalid, so ignored;
+    tracestate headers join into one (RFC 9110 field lines)."""
+    parents = request.headers.getall("traceparent", [])
+    if len(parents) != 1:
+        return None
+    states = request.headers.getall("tracestate", [])
+    return trace_context(parents[0], ",".join(states) if states else None)
 
 
 def _not_found(job_id: str) -> ApiError:

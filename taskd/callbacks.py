@@ -5,17 +5,22 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import aiohttp
 import anyio
 import orjson
 from anyio.abc import TaskGroup
+from yarl import URL
 
 from taskd.egress import DEFAULT_POLICY, Policy, Refused, connector
 from taskd.jobs import Job, now_ms
 from taskd.loop import Outage, repeat
 from taskd.signing import UNSIGNED, Signer, callback_id
 from taskd.store import Store
+
+if TYPE_CHECKING:  # opentelemetry, which it imports, is the optional otel extra
+    from taskd.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +51,7 @@ class Callbacks:
     `egress` is where callbacks may go (by default, public addresses only); they follow
     no redirect, which would lead them past it. `signer` signs each delivery (by default
     none): every delivery of a callback, by any daemon, is one message (callback_id).
+    With `tracing`, each request is a span in the job's trace, and says so (traceparent).
     """
 
     def __init__(
@@ -60,7 +66,9 @@ class Callbacks:
         poll_interval: float = POLL_INTERVAL,
         egress: Policy = DEFAULT_POLICY,
         signer: Signer = UNSIGNED,
+        tracing: Tracing | None = None,
     ) -> None:
+        self._tracing = tracing  # None: off
         self._store = store
         self._egress = egress
         self._signer = signer
@@ -152,7 +160,7 @@ class Callbacks:
             if job is None or job.callback_url is None:
                 return "dropped"
             try:
-                error = await _post(session, job, self._egress, self._signer)
+                error = await _post(session, job, self._egress, self._signer, self._tracing)
             except Refused as exc:
                 # The same policy would refuse every retry.
                 logger.warning("callback of job %s failed for good: %s", job_id, exc)
@@ -189,7 +197,11 @@ class Callbacks:
 
 
 async def _post(
-    session: aiohttp.ClientSession, job: Job, egress: Policy, signer: Signer
+    session: aiohttp.ClientSession,
+    job: Job,
+    egress: Policy,
+    signer: Signer,
+    tracing: Tracing | None,
 ) -> str | None:
     """POST the job's record, signed; None on a 2xx answer, else what went wrong. Raise
     Refused if the policy refuses the destination (names are checked by the session's
@@ -200,10 +212,20 @@ async def _post(
     body = orjson.dumps(job.to_public())
     headers = {"Content-Type": "application/json", "X-Taskd-Job-Id": job.id}
     headers |= signer.headers(callback_id(job), body)
+    if tracing is None:
+        return await _send(session, job.callback_url, body, headers)
+    with tracing.callback(job, URL(job.callback_url).host or "") as span:
+        # Not signed, nor need they be: a signature covers the body (signing.py).
+        span.error = await _send(session, job.callback_url, body, headers | span.headers)
+        return span.error
+
+
+async def _send(
+    session: aiohttp.ClientSession, url: str, body: bytes, headers: dict[str, str]
+) -> str | None:
+    """One POST of a callback: None on a 2xx answer, else what went wrong."""
     try:
-        async with session.post(
-            job.callback_url, data=body, headers=headers, allow_redirects=False
-        ) as response:
+        async with session.post(url, data=body, headers=headers, allow_redirects=False) as response:
             if 200 <= response.status < 300:
                 return None
             if 300 <= response.status < 400:

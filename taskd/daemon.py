@@ -49,6 +49,7 @@ from taskd.workers import BLOCK_TIMEOUT, WorkerPool
 
 if TYPE_CHECKING:
     from taskd.archive import Archive
+    from taskd.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -70,15 +71,22 @@ class Daemon:
         handlers: Handlers,
         notifier: Notifier | None = None,
         archive: Archive | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
         self.config = config
+        # Spans of submissions and attempts (None: off); `handlers` got the same from
+        # whoever built them.
+        self._tracing = tracing
         # systemd's readiness and watchdog; inert unless systemd started us (Type=notify).
         self.notifier = Notifier() if notifier is None else notifier
         self.identity = Identity.create()
         workers = config.workers
         # Queues this daemon knows of: it serves some, and takes jobs for its handlers'.
         self.scheduler = Scheduler(
-            store=store, schedules=config.schedules, handler_configs=config.handlers
+            store=store,
+            schedules=config.schedules,
+            handler_configs=config.handlers,
+            tracing=tracing,
         )
         known = frozenset(workers.queues) | {h.queue for h in config.handlers.values()}
         known |= {self.scheduler.queue_of(s) for s in config.schedules}
@@ -97,6 +105,7 @@ class Daemon:
             queues=workers.queues,
             egress=egress,
             signer=Signer.from_config(config.server),
+            tracing=tracing,
         )
         self.archiver = (
             None
@@ -115,6 +124,7 @@ class Daemon:
             metrics=self.metrics,
             on_retry=self.promoter.wake,
             on_final=self._job_ended,
+            tracing=tracing,
         )
         self.heartbeat = Heartbeat(
             store=store,
@@ -160,6 +170,7 @@ class Daemon:
             egress=egress,
             archive=archive,
             autoscale=config.autoscale,
+            tracing=tracing,
         )
         self._store = store
         self._stopping = anyio.Event()
@@ -226,7 +237,12 @@ class Daemon:
         # once (what it was writing stays in the hand-off: written again, harmlessly).
         if self.archiver is not None:
             await self.archiver.stop()
-        # 7. Deregister: nothing of this daemon is left in Redis for a reaper to find.
+        # 7. Send the spans still batched (the last attempts', the callbacks'), for a few
+        # seconds at most: a collector that does not answer does not hold the exit.
+        # Before deregistering: the heartbeat still runs, and would register us again.
+        if self._tracing is not None:
+            await self._tracing.flush()
+        # 8. Deregister: nothing of this daemon is left in Redis for a reaper to find.
         try:
             await self.heartbeat.deregister()
         except UNAVAILABLE:
@@ -290,10 +306,14 @@ async def serve(config: Config, redis_url: str) -> None:
         egress = Policy.from_config(config.callbacks)
         signer = Signer.from_config(config.server)
         async with (
-            Handlers(config.handlers, egress=egress, signer=signer) as handlers,
+            open_tracing(config) as tracing,
+            Handlers(config.handlers, egress=egress, signer=signer, tracing=tracing) as handlers,
             open_archive(config) as archive,
         ):
-            await Daemon(config=config, store=store, handlers=handlers, archive=archive).run()
+            daemon = Daemon(
+                config=config, store=store, handlers=handlers, archive=archive, tracing=tracing
+            )
+            await daemon.run()
     finally:
         with anyio.CancelScope(shield=True):
             await store.close()
@@ -317,3 +337,21 @@ async def open_archive(config: Config) -> AsyncIterator[Archive | None]:
     finally:
         with anyio.CancelScope(shield=True):
             await archive.close()
+
+
+@asynccontextmanager
+async def open_tracing(config: Config) -> AsyncIterator[Tracing | None]:
+    """Tracing as [tracing] configures it, or None when it is off; shut down on exit."""
+    if not config.tracing.on:
+        yield None
+        return
+    # Here, not at the top: with tracing off, not one module of OpenTelemetry is imported.
+    from taskd.tracing import Tracing
+
+    tracing = Tracing.start(config.tracing)
+    logger.info("tracing: spans go to %s", redact(config.tracing.traces_url or ""))
+    try:
+        yield tracing
+    finally:
+        with anyio.CancelScope(shield=True):
+            await tracing.close()

@@ -11,7 +11,7 @@ import os
 import signal
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn, Self, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, Self, TypeVar
 
 import aiohttp
 import anyio
@@ -22,6 +22,9 @@ from taskd.config import HandlerConfig, TargetError, resolve
 from taskd.egress import DEFAULT_POLICY, Policy, Refused, connector
 from taskd.jobs import Job
 from taskd.signing import UNSIGNED, Signer, attempt_id
+
+if TYPE_CHECKING:  # opentelemetry, which it imports, is the optional otel extra
+    from taskd.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,8 @@ class Handlers:
 
     `egress` is where http handlers may connect: by default, public addresses only.
     `signer` signs their requests (by default none), each attempt one message (attempt_id).
+    With `tracing`, exec and http handlers are handed the current trace context: the
+    attempt's, which the worker pool makes current around run().
     """
 
     def __init__(
@@ -63,7 +68,9 @@ class Handlers:
         *,
         egress: Policy = DEFAULT_POLICY,
         signer: Signer = UNSIGNED,
+        tracing: Tracing | None = None,
     ) -> None:
+        self._tracing = tracing  # None: off
         self._configs = dict(configs)
         self._egress = egress
         self._signer = signer
@@ -135,11 +142,17 @@ class Handlers:
         if config.kind == "python":
             return self._run_python(job)
         if config.kind == "exec":
-            return _run_exec(_require(config.exec, config), config, job)
+            return _run_exec(_require(config.exec, config), config, job, self._trace_env())
         if config.kind == "http":
             return self._run_http(config, URL(_require(config.http, config)), job)
         message = f"unknown handler kind '{config.kind}' for type '{job.type}'"
         raise JobFailed(message, permanent=True)
+
+    def _trace_env(self) -> dict[str, str]:
+        """The current trace context as an exec program's TRACEPARENT and TRACESTATE."""
+        if self._tracing is None:
+            return {}
+        return {name.upper(): value for name, value in self._tracing.carrier().items()}
 
     async def _run_python(self, job: Job) -> Any:
         func, is_async = self._python[job.type]
@@ -157,6 +170,9 @@ class Handlers:
             "X-Taskd-Job-Type": job.type,
             "X-Taskd-Attempt": str(job.attempts),
         }
+        if self._tracing is not None:
+            # Not signed, nor need they be: a signature covers the body (signing.py).
+            headers |= self._tracing.carrier()
         # Redirects are followed here, not by aiohttp: it would re-send the payload on a
         # 307 or 308 to any other site, and each hop's destination must be checked.
         hop = _Hop(url=url, method="POST", data=orjson.dumps(job.payload))
@@ -340,13 +356,15 @@ def _sleep_seconds(payload: Any) -> float:
 # ---------------------------------------------------------------- exec
 
 
-async def _run_exec(argv: tuple[str, ...], config: HandlerConfig, job: Job) -> Any:
+async def _run_exec(
+    argv: tuple[str, ...], config: HandlerConfig, job: Job, trace_env: Mapping[str, str]
+) -> Any:
     proc = await asyncio.create_subprocess_exec(
         *argv,
         stdin=asyncio.subprocess.PIPE,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env=_exec_env(config, job),
+        env=_exec_env(config, job, trace_env),
         start_new_session=True,  # its own process group, so a kill reaches grandchildren
     )
     try:
@@ -365,14 +383,16 @@ async def _run_exec(argv: tuple[str, ...], config: HandlerConfig, job: Job) -> A
     return _parse_output(bytes(stdout.data), stdout.dropped > 0)
 
 
-def _exec_env(config: HandlerConfig, job: Job) -> dict[str, str]:
+def _exec_env(config: HandlerConfig, job: Job, trace_env: Mapping[str, str]) -> dict[str, str]:
     """The whole environment of the job's program: BASE_ENV and the handler's pass_env
-    where the daemon has them, then the handler's env, then the job's TASKD_* variables."""
+    where the daemon has them, then the handler's env, then the attempt's trace context
+    (`trace_env`: TRACEPARENT, TRACESTATE), then the job's TASKD_* variables."""
     names = (*BASE_ENV, *config.pass_env)
     env = {name: os.environ[name] for name in names if name in os.environ}
     # A program that runs others by bare name needs a PATH; without one each would guess.
     env.setdefault("PATH", os.defpath)
     env.update(config.env)
+    env.update(trace_env)
     # Last, so nothing overrides them (the config refuses TASKD_* names anyway).
     env.update(
         TASKD_JOB_ID=job.id,

@@ -63,6 +63,9 @@ class Job:
     # Attempts before the latest retry by hand (POST /jobs/ID/retry), which starts
     # `attempts` again from 0: see attempt_number.
     earlier_attempts: int = 0
+    # The trace context its attempts continue (taskd.tracing): a W3C traceparent, then a
+    # space and the tracestate, if any. None: submitted with tracing off.
+    trace: str | None = None
 
     @property
     def attempt_number(self) -> int:

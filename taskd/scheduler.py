@@ -6,7 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo
 
 import anyio
@@ -16,6 +16,9 @@ from taskd.config import HandlerConfig, ScheduleConfig
 from taskd.jobs import DEFAULT_PRIORITY, QUEUED, Job, format_ms, new_id, now_ms
 from taskd.loop import Outage, repeat
 from taskd.store import Inspector, Store
+
+if TYPE_CHECKING:  # opentelemetry, which it imports, is the optional otel extra
+    from taskd.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +37,8 @@ class Scheduler:
 
     A tick is fired as a submission whose idempotency key names the schedule and the
     tick, so the enqueue script lets exactly one job through whichever daemons fire it.
+    With `tracing`, each tick fired starts a trace of its own, which its job's attempts
+    join.
     """
 
     def __init__(
@@ -43,7 +48,9 @@ class Scheduler:
         schedules: Sequence[ScheduleConfig],
         handler_configs: Mapping[str, HandlerConfig],
         clock: Callable[[], int] = now_ms,
+        tracing: Tracing | None = None,
     ) -> None:
+        self._tracing = tracing  # None: off
         self._store = store
         self.schedules = tuple(schedules)
         self._handler_configs = handler_configs
@@ -119,7 +126,11 @@ class Scheduler:
             idempotency_key=f"schedule:{schedule.name}:{tick}",
             priority=DEFAULT_PRIORITY if schedule.priority is None else schedule.priority,
         )
-        holder = await self._store.enqueue(job, TICK_KEY_TTL_MS)
+        if self._tracing is None:
+            holder = await self._store.enqueue(job, TICK_KEY_TTL_MS)
+        else:
+            with self._tracing.tick(job, schedule.name) as traced:
+                holder = await self._store.enqueue(traced, TICK_KEY_TTL_MS)
         if holder == job.id:
             logger.info("schedule %s: enqueued job %s for tick %s", schedule.name, job.id, tick)
         return holder

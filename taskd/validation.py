@@ -36,8 +36,10 @@ from taskd.jobs import (
 MAX_DELAY = 366 * 24 * 3600
 SUBMIT_FIELDS = (
     "type", "payload", "delay", "run_at", "max_attempts", "idempotency_key", "callback_url",
-    "priority",
+    "priority", "trace",
 )  # fmt: skip
+# A submission's `trace`: W3C Trace Context, as its headers of these names would carry it.
+TRACE_FIELDS = ("traceparent", "tracestate")
 MAX_URL = 2048
 MAX_IDEMPOTENCY_KEY = 255
 # How deep a payload may nest (objects and arrays): far beyond real data, and well inside
@@ -71,6 +73,10 @@ ARCHIVE_PARAMS = ("type", "queue", "state", "since", "until", "q", "limit", "cur
 SECONDS = re.compile(r"[0-9]{1,12}(\.[0-9]{1,9})?")
 # A time's "+hh:mm" offset written unencoded in a URL's query arrives with a space for the "+".
 _SPACED_OFFSET = re.compile(r" (?=[0-9]{2}:[0-9]{2}$)")
+# What a traceparent or tracestate may hold at all (W3C: printable ASCII, no space in a
+# traceparent), and how long: the rest of their rules taskd.tracing checks.
+_TRACEPARENT = re.compile(r"[\x21-\x7e]{1,512}")
+_TRACESTATE = re.compile(r"[\x20-\x7e]{1,8192}")
 
 
 class ApiError(Exception):
@@ -94,12 +100,16 @@ def parse_submission(
     header_key: str | None = None,
     *,
     egress: Policy = DEFAULT_POLICY,
+    traced: bool = False,
+    trace: str | None = None,
 ) -> Job:
     """The new job a request body asks for, or an ApiError saying what is wrong with it.
 
     `header_key` is the request's Idempotency-Key header, the same as the body's
     `idempotency_key` field (giving both, they must agree). `egress` refuses callback
-    URLs it can judge without DNS.
+    URLs it can judge without DNS. With `traced` (tracing on), the job's `trace` is the
+    body's `trace` field, else `trace`, the request's own (its W3C headers, as
+    trace_context makes it); without, it is None.
     """
     data = _json_body(body)
     if not isinstance(data, dict):
@@ -110,7 +120,7 @@ def parse_submission(
             data["idempotency_key"] = header_key
         if data["idempotency_key"] != header_key:
             raise invalid("the Idempotency-Key header and 'idempotency_key' differ")
-    return _new_job(data, handlers, now, egress)
+    return _new_job(data, handlers, now, egress, trace, traced=traced)
 
 
 def parse_batch(
@@ -120,8 +130,11 @@ def parse_batch(
     most: int,
     *,
     egress: Policy = DEFAULT_POLICY,
+    traced: bool = False,
+    trace: str | None = None,
 ) -> list[Job]:
-    """The jobs of a batch, all valid, or an ApiError naming the first bad one's index."""
+    """The jobs of a batch, all valid, or an ApiError naming the first bad one's index.
+    `traced` and `trace` as for parse_submission: `trace` is each job's without a field."""
     data = _json_body(body)
     if not isinstance(data, dict) or set(data) != {"jobs"} or not isinstance(data["jobs"], list):
         raise invalid('the request body must be {"jobs": [job, ...]}')
@@ -134,7 +147,7 @@ def parse_batch(
         try:
             if not isinstance(item, dict):
                 raise invalid(f"must be a JSON object, got {json_kind(item)}")
-            jobs.append(_new_job(item, handlers, now, egress))
+            jobs.append(_new_job(item, handlers, now, egress, trace, traced=traced))
         except ApiError as exc:
             raise ApiError(exc.status, exc.code, f"jobs[{index}]: {exc.message}") from None
     return jobs
@@ -173,8 +186,15 @@ def _check_integers(body: bytes) -> None:
 
 
 def _new_job(
-    data: dict[str, Any], handlers: Mapping[str, HandlerConfig], now: int, egress: Policy
+    data: dict[str, Any],
+    handlers: Mapping[str, HandlerConfig],
+    now: int,
+    egress: Policy,
+    trace: str | None = None,
+    *,
+    traced: bool = False,
 ) -> Job:
+    """The job `data` asks for; `trace` and `traced` as for parse_submission."""
     unknown = sorted(set(data) - set(SUBMIT_FIELDS))
     if unknown:
         raise invalid(
@@ -183,6 +203,10 @@ def _new_job(
     handler = handlers[_job_type(data, handlers)]
     _check_depth(data.get("payload"))
     run_at = _run_at(data, now)
+    own = data.get("trace")
+    if own is not None:
+        # Checked with tracing off too: whether a body is valid does not depend on config.
+        trace = _trace(own)
     return Job(
         id=new_id(),
         type=handler.name,
@@ -196,7 +220,34 @@ def _new_job(
         idempotency_key=_idempotency_key(data),
         callback_url=_callback_url(data, egress),
         priority=_priority(data),
+        trace=trace if traced else None,
     )
+
+
+def trace_context(traceparent: str | None, tracestate: str | None) -> str | None:
+    """A W3C trace context as Job.trace holds it: the traceparent, then a space and the
+    tracestate if any. None without a traceparent that could be one: W3C Trace Context
+    asks receivers to ignore an invalid one (and then its tracestate), never to refuse
+    the request. The rest of its rules are checked where it is used (taskd.tracing)."""
+    if traceparent is None or not _TRACEPARENT.fullmatch(traceparent := traceparent.strip()):
+        return None
+    if tracestate is None or not _TRACESTATE.fullmatch(tracestate := tracestate.strip()):
+        return traceparent
+    return f"{traceparent} {tracestate}"
+
+
+def _trace(value: Any) -> str | None:
+    """A submission's `trace` field: its shape is ours to check, its values W3C's."""
+    rule = f"an object of the W3C strings {' and '.join(TRACE_FIELDS)}"
+    if not isinstance(value, dict):
+        raise invalid(f"'trace' must be {rule}, got {json_kind(value)}")
+    unknown = sorted(set(value) - set(TRACE_FIELDS))
+    if unknown:
+        raise invalid(f"unknown field(s) in 'trace': {', '.join(unknown)}; it takes {rule}")
+    for name, given in value.items():
+        if given is not None and not isinstance(given, str):
+            raise invalid(f"'trace.{name}' must be a string, got {json_kind(given)}")
+    return trace_context(value.get("traceparent"), value.get("tracestate"))
 
 
 def _check_depth(

@@ -7,7 +7,7 @@ import logging
 import random
 from collections import Counter
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
@@ -21,6 +21,9 @@ from taskd.progress import set_reporter
 from taskd.slots import SlotArbiter
 from taskd.store import Attempt, Claimed, Store, TypeLimits
 from taskd.timeouts import Timeouts
+
+if TYPE_CHECKING:  # opentelemetry, which it imports, is the optional otel extra
+    from taskd.tracing import Tracing
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +107,9 @@ class WorkerPool:
         on_final: Callable[[Job], None] = _nothing,
         queue_mode: str = "weighted",
         weights: Mapping[str, int] | None = None,
+        tracing: Tracing | None = None,
     ) -> None:
+        self._tracing = tracing  # None: off
         self._on_final = on_final
         self._on_retry = on_retry
         self._type_limits = [
@@ -338,6 +343,10 @@ class WorkerPool:
     async def _execute(self, running: _Running) -> None:
         job = running.job
         acking = False
+        attempt: Attempt | None = None
+        # The attempt's span is the current one in this job's task from here on, so that
+        # its handler's own spans, and the requests it sends, nest under it.
+        span = None if self._tracing is None else self._tracing.attempt(job)
         try:
             self._metrics.started(job.queue, job.type, job.waited_ms / 1000)
             timeout = self._handlers.timeout_of(job)
@@ -361,6 +370,8 @@ class WorkerPool:
             # No task group to take it to: our bug, and it ends this job, not the pool.
             logger.exception("job %s (%s) crashed the worker", job.id, job.type)
         finally:
+            if span is not None:
+                span.end(attempt, running.reason)
             # A job waiting for its ack keeps its slot, so that no more jobs than slots
             # are ever this daemon's in Redis (and at most that many run again should it
             # die); its task ends here all the same, and _recorded frees the slot.

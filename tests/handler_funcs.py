@@ -160,3 +160,22 @@ async def stubborn(job: Job) -> None:
     with contextlib.suppress(BaseException):  # swallowing it is the point
         await anyio.sleep(60)
     await anyio.sleep(60)
+
+
+async def traced(job: Job) -> dict[str, str]:
+    """Makes a span of its own under the current one: their ids."""
+    return _own_span()
+
+
+def traced_sync(job: Job) -> dict[str, str]:
+    """traced, in a worker thread."""
+    return _own_span()
+
+
+def _own_span() -> dict[str, str]:
+    # Here, not at the top: the other tests, which import this module, run without tracing.
+    from opentelemetry import trace
+
+    with trace.get_tracer("tests").start_as_current_span("handler's own work") as span:
+        ids = span.get_span_context()
+        return {"trace_id": f"{ids.trace_id:032x}", "span_id": f"{ids.span_id:016x}"}

@@ -11,7 +11,7 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import anyio
@@ -25,6 +25,9 @@ from taskd.egress import Policy
 from taskd.handlers import Handlers
 from taskd.signing import Signer
 from taskd.store import Keys, TypeLimits
+
+if TYPE_CHECKING:  # opentelemetry, which it imports, is the optional otel extra
+    from taskd.tracing import Tracing
 
 REPO = Path(__file__).resolve().parent.parent
 # The console script pip installed next to this interpreter: what the README runs.
@@ -69,8 +72,9 @@ def base_url(daemon: Daemon) -> str:
 
 
 @asynccontextmanager
-async def running_daemon(config: Config) -> AsyncIterator[Daemon]:
-    """A daemon in this process, started and ready; stopped gracefully on exit.
+async def running_daemon(config: Config, tracing: Tracing | None = None) -> AsyncIterator[Daemon]:
+    """A daemon in this process, started and ready; stopped gracefully on exit. With
+    `tracing`, its spans go to that (the config's [tracing] is not read).
 
     The daemon runs in a task of its own: pytest-asyncio sets fixtures up and tears them
     down in different tasks, and an anyio task group must be left in the task that
@@ -84,10 +88,14 @@ async def running_daemon(config: Config) -> AsyncIterator[Daemon]:
             egress = Policy.from_config(config.callbacks)
             signer = Signer.from_config(config.server)
             async with (
-                Handlers(config.handlers, egress=egress, signer=signer) as handlers,
+                Handlers(
+                    config.handlers, egress=egress, signer=signer, tracing=tracing
+                ) as handlers,
                 open_archive(config) as archive,
             ):
-                daemon = Daemon(config=config, store=store, handlers=handlers, archive=archive)
+                daemon = Daemon(
+                    config=config, store=store, handlers=handlers, archive=archive, tracing=tracing
+                )
                 async with anyio.create_task_group() as tg:
                     await tg.start(daemon.run)
                     started.set_result(daemon)

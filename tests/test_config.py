@@ -33,14 +33,18 @@ from taskd.config import (
     RedisConfig,
     RetentionConfig,
     ServerConfig,
+    TracingConfig,
     WorkersConfig,
     load,
     parse,
 )
+from tests.support import TASKD
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config" / "taskd.toml"
 ECHO = '[handlers.echo]\nbuiltin = "echo"\n'
-TOP_KEYS = "server, redis, workers, retention, callbacks, archive, autoscale, handlers, schedules"
+TOP_KEYS = (
+    "server, redis, workers, retention, callbacks, archive, autoscale, handlers, schedules, tracing"
+)
 SERVER_KEYS = (
     "listen, max_body, max_batch, idempotency_ttl, token, allowed_hosts, public_reads,"
     " public_health, public_metrics, keepalive_timeout, request_read_timeout, max_connections,"
@@ -79,17 +83,20 @@ def test_shipped_example_loads_and_documents_the_defaults() -> None:
     assert cfg.callbacks == CallbacksConfig()
     assert cfg.archive == ArchiveConfig()
     assert cfg.autoscale == AutoscaleConfig()
+    assert cfg.tracing == TracingConfig()
     assert list(cfg.handlers) == ["echo", "noop", "sleep", "fail"]
     for name, handler in cfg.handlers.items():
         assert handler == HandlerConfig(name=name, kind="builtin", builtin=name)
 
 
 def test_shipped_example_commented_handlers_are_well_formed() -> None:
-    # Uncommented, the examples (handlers, the token, a schedule, the archive) fail only for
-    # the program and module that do not exist here.
+    # Uncommented, the examples (handlers, the token, a schedule, the archive, tracing) fail
+    # only for the program and module that do not exist here.
     text = EXAMPLE.read_text()
     text = re.sub(
-        r"(?m)^# (\[handlers\.[^\]]+\]|\[\[schedules\]\]|\[archive\]|[a-z_]+ = .*)$", r"\1", text
+        r"(?m)^# (\[handlers\.[^\]]+\]|\[\[schedules\]\]|\[archive\]|\[tracing\]|[a-z_]+ = .*)$",
+        r"\1",
+        text,
     )
     problems = problems_of(text)
     assert problems == [
@@ -1663,9 +1670,11 @@ SECTIONS = [
     ("retention", RetentionConfig),
     ("callbacks", CallbacksConfig),
     ("autoscale", AutoscaleConfig),
+    ("tracing", TracingConfig),
 ]
 # Fields the loader fills in itself: none of them is a TOML key.
 NOT_KEYS = {
+    TracingConfig: {"traces_url", "sampler"},
     ServerConfig: {"host", "port", "unix_path"},
     RedisConfig: {"embedded_address"},
     HandlerConfig: {"name", "kind"},
@@ -1680,6 +1689,8 @@ def wrap(section: str, table: dict[str, object]) -> dict[str, object]:
     if section == "schedules":
         schedule = {"name": "s", "cron": "@daily", "type": "x", **table}
         return {"handlers": {"x": {"builtin": "echo"}}, "schedules": [schedule]}
+    if section == "tracing":  # whose table needs an endpoint
+        table = {"otlp_endpoint": "http://jaeger:4318", **table}
     return {section: table, "handlers": {"x": {"builtin": "echo"}}}
 
 
@@ -1819,3 +1830,162 @@ def test_the_daemon_logs_urls_through_the_one_redactor() -> None:
     assert daemon.redact is config.redact
     assert cli.redact is config.redact
     assert not hasattr(daemon, "redacted")
+
+
+# [tracing], and the OTEL_* variables over it
+
+JAEGER = "http://jaeger:4318"
+
+
+def test_tracing_is_off_without_a_tracing_table_whatever_the_environment() -> None:
+    env = {"OTEL_EXPORTER_OTLP_ENDPOINT": JAEGER, "OTEL_SERVICE_NAME": "x"}
+    cfg = parse(wrap("server", {}), env=env)
+    assert cfg.tracing == TracingConfig()
+    assert not cfg.tracing.on
+
+
+@pytest.mark.parametrize(
+    ("table", "env", "expected"),
+    [
+        (
+            {"otlp_endpoint": JAEGER},
+            {},
+            TracingConfig(otlp_endpoint=JAEGER, traces_url=f"{JAEGER}/v1/traces"),
+        ),
+        (
+            {"otlp_endpoint": "https://otel.example.com/base/", "sample_ratio": 0},
+            {},
+            TracingConfig(
+                otlp_endpoint="https://otel.example.com/base/",
+                sample_ratio=0.0,
+                traces_url="https://otel.example.com/base/v1/traces",
+            ),
+        ),
+        (
+            {},
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318"},
+            TracingConfig(traces_url="http://collector:4318/v1/traces"),
+        ),
+        (
+            {"otlp_endpoint": JAEGER, "service_name": "jobs", "sample_ratio": 0.5},
+            {
+                "OTEL_EXPORTER_OTLP_ENDPOINT": "http://collector:4318",
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://traces:4318/custom/path",
+                "OTEL_SERVICE_NAME": "jobs-eu",
+                "OTEL_TRACES_SAMPLER": "parentbased_always_on",
+                "OTEL_TRACES_SAMPLER_ARG": "0.125",
+            },
+            TracingConfig(
+                otlp_endpoint=JAEGER,
+                service_name="jobs-eu",
+                sample_ratio=0.125,
+                traces_url="http://traces:4318/custom/path",
+                sampler="parentbased_always_on",
+            ),
+        ),
+        (
+            {"otlp_endpoint": JAEGER},
+            {"OTEL_SDK_DISABLED": "True", "OTEL_EXPORTER_OTLP_ENDPOINT": "not even a URL"},
+            TracingConfig(),
+        ),
+    ],
+)
+def test_tracing_takes_the_otel_variables_over_its_keys(
+    table: dict[str, object], env: dict[str, str], expected: TracingConfig
+) -> None:
+    assert parse(wrap("tracing", {}) | {"tracing": table}, env=env).tracing == expected
+
+
+@pytest.mark.parametrize(
+    ("table", "env", "expected"),
+    [
+        (
+            {},
+            {},
+            "tracing.otlp_endpoint: is required: the collector's OTLP/HTTP address, e.g. "
+            '"http://jaeger:4318" (or OTEL_EXPORTER_OTLP_ENDPOINT)',
+        ),
+        (
+            {"otlp_endpoint": "jaeger:4318"},
+            {},
+            "tracing.otlp_endpoint: must be an http:// or https:// URL (OTLP/HTTP, port 4318), "
+            "got 'jaeger:4318'",
+        ),
+        (
+            {"otlp_endpoint": "http://jaeger:4318/v1/traces"},
+            {},
+            "tracing.otlp_endpoint: give the base URL (taskd adds /v1/traces), "
+            "got 'http://jaeger:4318/v1/traces'",
+        ),
+        (
+            {"otlp_endpoint": "http://user:secret@jaeger:port"},
+            {},
+            "tracing.otlp_endpoint: invalid URL 'http://***@jaeger:port': Port could not be "
+            "cast to integer value as 'port'",
+        ),
+        (
+            {},
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "grpc://collector:4317"},
+            "tracing.otlp_endpoint (from OTEL_EXPORTER_OTLP_ENDPOINT): must be an http:// or "
+            "https:// URL (OTLP/HTTP, port 4318), got 'grpc://collector:4317'",
+        ),
+        (
+            {"otlp_endpoint": JAEGER, "service_name": " "},
+            {},
+            "tracing.service_name: must not be empty",
+        ),
+        (
+            {"otlp_endpoint": JAEGER, "sample_ratio": 1.5},
+            {},
+            "tracing.sample_ratio: must be a number from 0 to 1, got 1.5",
+        ),
+        (
+            {"otlp_endpoint": JAEGER, "sample_ratio": "all"},
+            {},
+            "tracing.sample_ratio: must be a number from 0 to 1, got string 'all'",
+        ),
+        (
+            {"otlp_endpoint": JAEGER},
+            {"OTEL_TRACES_SAMPLER_ARG": "-0.5"},
+            "tracing.sample_ratio (from OTEL_TRACES_SAMPLER_ARG): must be a number from 0 to 1, "
+            "got -0.5",
+        ),
+        (
+            {"otlp_endpoint": JAEGER},
+            {"OTEL_TRACES_SAMPLER": "jaeger_remote"},
+            "tracing.sample_ratio (from OTEL_TRACES_SAMPLER): taskd takes the samplers "
+            "always_on, always_off, traceidratio, parentbased_always_on, parentbased_always_off, "
+            "parentbased_traceidratio, got 'jaeger_remote'",
+        ),
+    ],
+)
+def test_a_bad_tracing_value_names_its_key_and_where_it_came_from(
+    table: dict[str, object], env: dict[str, str], expected: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        parse({"tracing": table, "handlers": {"x": {"builtin": "echo"}}}, env=env)
+    assert info.value.problems == [expected]
+
+
+def test_tracing_without_the_otel_extra_is_a_config_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(config.tracing.importlib.util, "find_spec", lambda name: None)
+    problems = parse_problems(wrap("tracing", {}))
+    assert problems == [
+        "tracing.otlp_endpoint: tracing needs the otel extra: pip install 'taskd[otel]'"
+    ]
+
+
+def test_taskd_check_exits_2_on_a_bad_tracing_variable(tmp_path: Path) -> None:
+    path = tmp_path / "taskd.toml"
+    path.write_text(f'[tracing]\notlp_endpoint = "{JAEGER}"\n\n{ECHO}')
+    env = {**os.environ, "OTEL_TRACES_SAMPLER_ARG": "half"}
+    done = subprocess.run(
+        [TASKD, "check", "--config", str(path)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 2
+    assert done.stderr.splitlines()[-1] == (
+        f"{path}: tracing.sample_ratio (from OTEL_TRACES_SAMPLER_ARG): must be a number from "
+        "0 to 1, got string 'half'"
+    )

@@ -54,6 +54,7 @@ RUNNERS = {
     "scale-out": "test_process.py::test_a_second_daemon_shares_the_first_ones_embedded_redis",
     "archive": "test_archive_commands",
     "python-client": "test_python_client_examples",
+    "tracing": "test_tracing.py::test_a_daemon_sends_its_spans_over_otlp_http_when_it_stops",
 }
 
 # Output fields that differ from run to run: ids (mapped separately), times, hosts.

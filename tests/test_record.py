@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import re
 
+import pytest
+
 from taskd.jobs import ACTIVE
 from taskd.store import Store
 from taskd.store.record import ARCHIVED, CLAIMED_JOB, NEW_JOB, decode_claimed, new_job_args
 from tests.builders import enqueue, new_job, stored
 from tests.support import ECHO, REPO
 
+TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01 k=v"
 # One distinct value per CLAIMED_JOB entry, as Redis sends it, and the field it becomes.
 CLAIMED = {
     "id": (b"j-1", "j-1"),
@@ -22,6 +25,7 @@ CLAIMED = {
     "waited_ms": (b"40", 40),
     "callback_url": (b"http://cb.example/done", "http://cb.example/done"),
     "earlier_attempts": (b"6", 6),
+    "trace": (b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01 k=v", TRACE),
 }
 
 
@@ -36,15 +40,18 @@ def test_claimed_jobs_are_read_in_the_order_claim_lua_answers() -> None:
     assert (jobs[0].queue, jobs[0].state, jobs[0].daemon) == ("default", ACTIVE, "daemon-a")
 
 
-def test_no_callback_url_reads_as_none() -> None:
-    flat = [b"" if name == "callback_url" else CLAIMED[name][0] for name in CLAIMED_JOB]
-    assert decode_claimed(flat, "default", "daemon-a")[0].callback_url is None
+@pytest.mark.parametrize("name", ["callback_url", "trace"])
+def test_no_callback_url_or_trace_reads_as_none(name: str) -> None:
+    flat = [b"" if entry == name else CLAIMED[entry][0] for entry in CLAIMED_JOB]
+    assert getattr(decode_claimed(flat, "default", "daemon-a")[0], name) is None
 
 
 async def test_a_claimed_job_is_the_stored_record(store: Store) -> None:
     # The two decoders of one record (claim's answer, the hash) must agree on every field
     # the claim answers; the stored one also knows what the claim leaves out.
-    [job] = await enqueue(store, 1, callback_url="http://cb.example/done", max_attempts=4)
+    [job] = await enqueue(
+        store, 1, callback_url="http://cb.example/done", max_attempts=4, trace=TRACE
+    )
     [claimed] = (await store.claim("default", "daemon-a", 1, now=job.created_at + 5,
                                    type_limits=ECHO)).jobs  # fmt: skip
     record = await stored(store, job.id)
@@ -67,6 +74,7 @@ async def test_new_jobs_are_stored_as_enqueue_lua_reads_new_job(store: Store) ->
             callback_url=f"http://cb.example/{n}",
             priority=n + 7,
             created_at=1_000 + n,
+            trace=f"00-{n + 1:032x}-{n + 1:016x}-01",
         )
         for n in range(2)
     ]

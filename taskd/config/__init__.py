@@ -19,6 +19,7 @@ from taskd.config.model import (
     ScheduleConfig,
     ServerConfig,
     SigningSecret,
+    TracingConfig,
     WorkersConfig,
 )
 from taskd.config.tables import ConfigError
@@ -46,6 +47,7 @@ __all__ = [
     "ServerConfig",
     "SigningSecret",
     "TargetError",
+    "TracingConfig",
     "WorkersConfig",
     "load",
     "parse",

@@ -19,6 +19,7 @@ from taskd.config.model import (
     RedisConfig,
     RetentionConfig,
     ServerConfig,
+    TracingConfig,
     WorkersConfig,
 )
 from taskd.config.schedules import read_schedules
@@ -32,11 +33,12 @@ from taskd.config.sections import (
 )
 from taskd.config.tables import ConfigError, Table
 from taskd.config.targets import add_import_dirs
+from taskd.config.tracing import read_tracing
 
 # The top-level tables, in the order messages list them (Config's fields have another).
 TOP_KEYS = (
     "server", "redis", "workers", "retention", "callbacks", "archive", "autoscale", "handlers",
-    "schedules",
+    "schedules", "tracing",
 )  # fmt: skip
 
 
@@ -87,6 +89,8 @@ def parse(
     archive_url = env.get("TASKD_ARCHIVE_URL", "")
     archive = read_archive(root.table("archive", schema=ArchiveConfig), archive_url)
     autoscale = read_autoscale(root.table("autoscale", schema=AutoscaleConfig))
+    tracing_table = root.table("tracing", schema=TracingConfig)
+    tracing = read_tracing(tracing_table, env, present="tracing" in data)
     own = [Path(directory)] if directory is not None else []
     add_import_dirs([*own, *workers.python_path])
     handlers = read_handlers(root)
@@ -104,4 +108,5 @@ def parse(
         callbacks=callbacks,
         archive=archive,
         autoscale=autoscale,
+        tracing=tracing,
     )

@@ -233,6 +233,28 @@ class AutoscaleConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """Tracing with OpenTelemetry (see taskd.tracing): a span per submission and per
+    attempt, sent over OTLP/HTTP. On with a [tracing] table; the standard OTEL_*
+    variables override its keys (see taskd.config.tracing)."""
+
+    # The collector's OTLP/HTTP base URL, e.g. "http://jaeger:4318"; /v1/traces is added.
+    otlp_endpoint: str | None = None
+    service_name: str = "taskd"
+    # Of new traces, the share recorded (0 to 1); a job whose submitter sent a trace
+    # context is recorded as the submitter's trace is (parent-based).
+    sample_ratio: float = 1.0
+    # Where spans go, the whole URL: None while tracing is off.
+    traces_url: str | None = field(default=None, metadata=_NOT_A_KEY)
+    # Which sampler (OTEL_TRACES_SAMPLER's names); sample_ratio is its ratio.
+    sampler: str = field(default="parentbased_traceidratio", metadata=_NOT_A_KEY)
+
+    @property
+    def on(self) -> bool:
+        return self.traces_url is not None
+
+
+@dataclass(frozen=True, slots=True)
 class ScheduleConfig:
     """A recurring job: one job of `type` at every tick of `cron`, across all daemons."""
 
@@ -260,3 +282,4 @@ class Config:
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
     autoscale: AutoscaleConfig = field(default_factory=AutoscaleConfig)
+    tracing: TracingConfig = field(default_factory=TracingConfig)

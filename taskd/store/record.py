@@ -23,27 +23,29 @@ from taskd.jobs import ACTIVE, DEFAULT_PRIORITY, FINAL_STATES, Job
 # earlier_attempts (the attempts before the latest retry by hand, retry.lua) while at 0.
 # id and queue repeat the key: readers take them from the key they read (decode_job),
 # and a later release stops writing them, once no daemon older than this one needs them.
+# trace is present only for jobs submitted with tracing on (Job.trace).
 JOB_FIELDS = (
     "id", "type", "queue", "payload", "state", "attempts", "max_attempts", "created_at",
     "started_at", "finished_at", "run_at", "result", "error", "daemon", "cancel_requested",
     "history", "idempotency_key", "progress", "progress_message", "progress_at",
-    "callback_url", "priority", "waiting_for", "earlier_attempts",
+    "callback_url", "priority", "waiting_for", "earlier_attempts", "trace",
 )  # fmt: skip
 
 # A new job as enqueue.lua takes it: these entries per job, after the script's own
-# arguments. run_at 0: run now; idempotency_key and callback_url '': none. Each job
+# arguments. run_at 0: run now; idempotency_key, callback_url and trace '': none. Each job
 # brings its created_at: one call carries jobs submitted at different moments (the
 # store gathers them, see Store.enqueue), and each is stored as its submitter was told.
 NEW_JOB = (
     "id", "type", "payload", "max_attempts", "run_at", "idempotency_key", "callback_url",
-    "priority", "created_at",
+    "priority", "created_at", "trace",
 )  # fmt: skip
 
 # A job as claim.lua answers it: these entries per claimed job. waited_ms is not a field
-# of the hash: how long the attempt waited since the job was due. callback_url '': none.
+# of the hash: how long the attempt waited since the job was due. callback_url and trace
+# '': none (trace: the context the attempt's span continues, taskd.tracing).
 CLAIMED_JOB = (
     "id", "type", "payload", "attempts", "created_at", "max_attempts", "started_at",
-    "waited_ms", "callback_url", "earlier_attempts",
+    "waited_ms", "callback_url", "earlier_attempts", "trace",
 )  # fmt: skip
 
 # A finished attempt as ack.lua takes it: these entries per attempt. The script writes
@@ -121,6 +123,7 @@ def new_job_args(job: Job) -> list[Any]:
     return [
         job.id, job.type, orjson.dumps(job.payload), job.max_attempts, job.run_at or 0,
         job.idempotency_key or "", job.callback_url or "", job.priority, job.created_at,
+        job.trace or "",
     ]  # fmt: skip
 
 
@@ -198,10 +201,11 @@ def decode_claimed(flat: Sequence[Any], queue: str, daemon_id: str) -> list[Job]
             waited_ms=int(waited_ms),
             callback_url=callback_url.decode() or None,
             earlier_attempts=int(earlier_attempts),
+            trace=trace.decode() if trace else None,
         )
         for (
             job_id, job_type, payload, attempts, created_at, max_attempts, started_at,
-            waited_ms, callback_url, earlier_attempts,
+            waited_ms, callback_url, earlier_attempts, trace,
         ) in rows
     ]  # fmt: skip
 
@@ -249,6 +253,7 @@ def _job(f: Mapping[str, Any]) -> Job:
         priority=int(f.get("priority", DEFAULT_PRIORITY)),
         waiting_for=_opt_text(f.get("waiting_for")),
         earlier_attempts=int(f.get("earlier_attempts", 0)),
+        trace=_opt_text(f.get("trace")),
     )
 
 

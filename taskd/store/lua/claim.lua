@@ -36,9 +36,10 @@
 -- ARGV[7..] -> 5 entries per job type this daemon has a handler for (record.TYPE_LIMITS):
 --   type, its free slots here (-1: the handler has no concurrency), global_concurrency
 --   (0: none), rate_limit count (0: none), rate_limit window in ms
--- Returns {status, due, rate-limited, held, skipped, then 10 entries per claimed job
+-- Returns {status, due, rate-limited, held, skipped, then 11 entries per claimed job
 --   (record.CLAIMED_JOB): id, type, payload, attempts, created_at, max_attempts,
---   started_at, ms waited since due, callback URL (or ''), earlier attempts}.
+--   started_at, ms waited since due, callback URL (or ''), earlier attempts, trace
+--   context (or '')}.
 --   status: 'ok'; 'more' when it stopped at its budget of ids examined with ready jobs
 --   left that it did not skip (claim again rather than block); 'paused'. due: when the
 --   earliest job it scheduled for its rate limit is due (epoch ms), or 0. rate-limited,
@@ -113,8 +114,9 @@ local function start(id, f, t)
   local n = #out
   out[n + 1], out[n + 2], out[n + 3], out[n + 4], out[n + 5] =
     id, f[TYPE], f[PAYLOAD], attempts, f[CREATED_AT]
-  out[n + 6], out[n + 7], out[n + 8], out[n + 9], out[n + 10] =
-    f[MAX_ATTEMPTS], started, started - due, f[CALLBACK_URL] or '', f[EARLIER_ATTEMPTS] or 0
+  out[n + 6], out[n + 7], out[n + 8], out[n + 9], out[n + 10], out[n + 11] =
+    f[MAX_ATTEMPTS], started, started - due, f[CALLBACK_URL] or '', f[EARLIER_ATTEMPTS] or 0,
+    f[TRACE] or ''
   most = most - 1
   t.free = t.free - 1
 end

@@ -15,10 +15,10 @@
 -- ARGV[5] -> <prefix>:{<queue>}:idem:, the idempotency key prefix
 -- ARGV[6] -> how long an idempotency key holds, ms
 -- ARGV[7] -> the current arrivals bucket (record.BUCKET_MS)
--- ARGV[8..] -> 9 entries per job (record.NEW_JOB): id, type, payload (JSON text),
+-- ARGV[8..] -> 10 entries per job (record.NEW_JOB): id, type, payload (JSON text),
 --   max_attempts, run_at (epoch ms, or 0 to run now), idempotency key (or ''), callback
 --   URL (or ''), priority (0 to 9), created_at (epoch ms: each job its own, as the store
---   gathers jobs submitted at different moments into one call)
+--   gathers jobs submitted at different moments into one call), trace context (or '')
 -- Returns, per job in order, the id of the job that holds it: its own id, or the id of
 -- the earlier job with the same idempotency key, while that job is stored.
 local holders = {}
@@ -28,10 +28,10 @@ local seen = {}
 -- per call after the loop, in the order the jobs came.
 local ready, lists = {}, {}
 local scheduled, indexed = {}, {}
-for i = 8, #ARGV, 9 do
+for i = 8, #ARGV, 10 do
   -- NEW_JOB's entries, in order.
   local id, job_type, payload, max_attempts, run_at, dedup, callback_url, priority,
-    created_at = unpack(ARGV, i, i + 8)
+    created_at, trace = unpack(ARGV, i, i + 9)
   local holder = false
   if dedup ~= '' then
     holder = redis.call('GET', ARGV[5] .. dedup)
@@ -58,6 +58,10 @@ for i = 8, #ARGV, 9 do
       if callback_url ~= '' then
         fields[#fields + 1] = 'callback_url'
         fields[#fields + 1] = callback_url
+      end
+      if trace ~= '' then
+        fields[#fields + 1] = 'trace'
+        fields[#fields + 1] = trace
       end
       if dedup ~= '' then
         redis.call('SET', ARGV[5] .. dedup, id, 'PX', ARGV[6])

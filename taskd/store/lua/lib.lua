@@ -49,9 +49,9 @@ end
 -- f[STATE] and so on (nil where the hash has none). By position, not by name: a claim
 -- reads every job it examines, and filling a table by name cost more than the read.
 local READ = {'state', 'type', 'payload', 'created_at', 'max_attempts', 'run_at',
-  'callback_url', 'priority', 'attempts', 'waiting_for', 'earlier_attempts'}
+  'callback_url', 'priority', 'attempts', 'waiting_for', 'earlier_attempts', 'trace'}
 local STATE, TYPE, PAYLOAD, CREATED_AT, MAX_ATTEMPTS, RUN_AT, CALLBACK_URL, PRIORITY,
-  ATTEMPTS, WAITING_FOR, EARLIER_ATTEMPTS = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11
+  ATTEMPTS, WAITING_FOR, EARLIER_ATTEMPTS, TRACE = 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12
 
 local function read_job(job_key)
   return redis.call('HMGET', job_key, unpack(READ))
