@@ -24,6 +24,7 @@ from taskd.validation import (
     MAX_URL,
     RFC3339_PATTERN,
     SECONDS,
+    TRACE_FIELDS,
 )
 
 JSON = "application/json"
@@ -131,7 +132,7 @@ def _operations(server: ServerConfig) -> Iterable[tuple[str, str, dict[str, Any]
         "submitJob",
         "jobs",
         "Submit a job",
-        parameters=[_idempotency_header()],
+        parameters=[_idempotency_header(), *_trace_headers()],
         body=_ref("Submission"),
         ok={
             "201": _json("The job, created", _ref("Job"), location=True, links=created),
@@ -160,6 +161,7 @@ def _operations(server: ServerConfig) -> Iterable[tuple[str, str, dict[str, Any]
         "submitBatch",
         "jobs",
         f"Submit 1 to {server.max_batch} jobs at once ([server] max_batch)",
+        parameters=_trace_headers(),
         body=_ref("Batch"),
         ok={
             "201": _json(
@@ -493,6 +495,20 @@ def _idempotency_header() -> dict[str, Any]:
     }
 
 
+def _trace_headers() -> list[dict[str, Any]]:
+    """W3C Trace Context: the submitter's span, the parent of the job's (with [tracing]).
+    An invalid one is ignored, as the standard asks: it never fails a request."""
+    return [
+        {
+            "name": name,
+            "in": "header",
+            "description": f"W3C Trace Context `{name}`; a job's own `trace` field wins",
+            "schema": {"type": "string"},
+        }
+        for name in TRACE_FIELDS
+    ]
+
+
 def _listing(*, with_state: bool) -> list[dict[str, Any]]:
     """The query of a listing. An empty value is as good as none (a form sends them)."""
     # A cursor is the last id of a page, or for finished jobs "<finish ms>-<id>".
@@ -758,6 +774,15 @@ def _submission(job_types: list[str]) -> dict[str, Any]:
                 "maximum": high,
                 "default": DEFAULT_PRIORITY,
                 "description": "higher first; written without a fraction",
+            }
+        ),
+        "trace": _nullable(
+            {
+                "type": "object",
+                "properties": {name: {"type": ["string", "null"]} for name in TRACE_FIELDS},
+                "additionalProperties": False,
+                "description": "the submitter's W3C Trace Context, as its headers would carry"
+                " it (an invalid traceparent is ignored); wins over the request's headers",
             }
         ),
     }

@@ -34,6 +34,7 @@ from redis.asyncio import Redis
 from standardwebhooks import Webhook
 
 from taskd import tracing as tracing_module
+from taskd.client import AsyncClient, TraceContext
 from taskd.config import ScheduleConfig, TracingConfig, parse
 from taskd.scheduler import Scheduler
 from taskd.store import Keys, Store
@@ -196,6 +197,16 @@ async def test_a_job_is_a_submission_span_under_the_clients_and_an_attempt_span_
         "taskd.job.outcome": "completed",
     }
     assert attempt.status.status_code == StatusCode.UNSET
+
+
+async def test_the_python_clients_trace_argument_is_the_submissions_parent(
+    redis_url: str, tracing: Tracing, spans: InMemorySpanExporter
+) -> None:
+    async with traced_daemon(redis_url, tracing) as (_, url), AsyncClient(url) as client:
+        job = await client.submit("echo", 1, trace=TraceContext(traceparent=CLIENT["traceparent"]))
+        await client.wait(job["id"], timeout=30)
+    [submission] = await finished(spans, "taskd.submit echo")
+    assert (trace_id(submission), parent_id(submission)) == (CLIENT_TRACE, CLIENT_SPAN)
 
 
 async def test_a_submission_without_a_traceparent_starts_a_trace(

@@ -14,6 +14,7 @@ from taskd.client.documents import (
     Purged,
     QueueState,
     Retried,
+    TraceContext,
 )
 from taskd.client.errors import (
     AddressError,
@@ -53,6 +54,7 @@ __all__ = [
     "Retried",
     "Target",
     "TaskdError",
+    "TraceContext",
     "TransportError",
     "Unauthorized",
     "Unavailable",

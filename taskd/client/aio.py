@@ -15,7 +15,15 @@ from yarl import URL
 
 from taskd.client import core
 from taskd.client.core import Request
-from taskd.client.documents import Job, NewJob, Page, Purged, QueueState, Retried
+from taskd.client.documents import (
+    Job,
+    NewJob,
+    Page,
+    Purged,
+    QueueState,
+    Retried,
+    TraceContext,
+)
 from taskd.client.errors import DaemonError, TaskdError, TransportError
 
 T = TypeVar("T")
@@ -78,8 +86,10 @@ class AsyncClient:
         idempotency_key: str | None = None,
         callback_url: str | None = None,
         max_attempts: int | None = None,
+        trace: TraceContext | None = None,
     ) -> Job:
-        """Submit a job; the job as created (or, for a repeated idempotency key, the first)."""
+        """Submit a job; the job as created (or, for a repeated idempotency key, the first).
+        `trace`: the caller's W3C Trace Context, for a daemon with [tracing]."""
         job = core.new_job(
             type,
             payload,
@@ -89,6 +99,7 @@ class AsyncClient:
             idempotency_key=idempotency_key,
             callback_url=callback_url,
             max_attempts=max_attempts,
+            trace=trace,
         )
         return await self._call(core.submit(job, key_if_none=self._options.makes_keys))
 

@@ -18,7 +18,15 @@ import orjson
 
 from taskd import __version__
 from taskd.client.address import Endpoint, endpoint, locate
-from taskd.client.documents import Job, NewJob, Page, Purged, QueueState, Retried
+from taskd.client.documents import (
+    Job,
+    NewJob,
+    Page,
+    Purged,
+    QueueState,
+    Retried,
+    TraceContext,
+)
 from taskd.client.errors import (
     RequestTimeout,
     TaskdError,
@@ -269,6 +277,7 @@ def new_job(
     idempotency_key: str | None,
     callback_url: str | None,
     max_attempts: int | None,
+    trace: TraceContext | None = None,
 ) -> NewJob:
     """submit()'s arguments as one job, leaving out those not given."""
     job = NewJob(type=job_type, payload=payload)
@@ -279,6 +288,7 @@ def new_job(
         "idempotency_key": idempotency_key,
         "callback_url": callback_url,
         "max_attempts": max_attempts,
+        "trace": trace,
     }
     job.update(cast(NewJob, {k: v for k, v in given.items() if v is not None}))
     return job

@@ -54,6 +54,13 @@ class Job(TypedDict):
     history: list[HistoryEntry]
 
 
+class TraceContext(TypedDict, total=False):
+    """The submitter's W3C Trace Context, for a daemon with [tracing] to continue its trace."""
+
+    traceparent: str
+    tracestate: str
+
+
 class NewJob(TypedDict, total=False):
     """One job of `submit_many`: the fields of `submit`, `type` required."""
 
@@ -65,6 +72,7 @@ class NewJob(TypedDict, total=False):
     idempotency_key: str
     callback_url: str
     max_attempts: int
+    trace: TraceContext
 
 
 class QueueState(TypedDict):

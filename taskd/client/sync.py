@@ -18,7 +18,15 @@ from typing import Any, Self, TypeVar
 from taskd.client import core
 from taskd.client.address import Endpoint
 from taskd.client.core import Request
-from taskd.client.documents import Job, NewJob, Page, Purged, QueueState, Retried
+from taskd.client.documents import (
+    Job,
+    NewJob,
+    Page,
+    Purged,
+    QueueState,
+    Retried,
+    TraceContext,
+)
 from taskd.client.errors import DaemonError, TaskdError, TransportError
 
 logger = logging.getLogger(__name__)
@@ -92,8 +100,10 @@ class Client:
         idempotency_key: str | None = None,
         callback_url: str | None = None,
         max_attempts: int | None = None,
+        trace: TraceContext | None = None,
     ) -> Job:
-        """Submit a job; the job as created (or, for a repeated idempotency key, the first)."""
+        """Submit a job; the job as created (or, for a repeated idempotency key, the first).
+        `trace`: the caller's W3C Trace Context, for a daemon with [tracing]."""
         job = core.new_job(
             type,
             payload,
@@ -103,6 +113,7 @@ class Client:
             idempotency_key=idempotency_key,
             callback_url=callback_url,
             max_attempts=max_attempts,
+            trace=trace,
         )
         return self._call(core.submit(job, key_if_none=self._options.makes_keys))
 
