@@ -53,7 +53,7 @@ CLAIMED_JOB = (
 ATTEMPT = ("job_id", "attempt", "outcome", "value", "retry_at", "finished_at")
 
 # A final job as take_archive.lua answers it, after the entry and its score: these fields
-# of its hash, history with the final attempt's entry written in (lua/lib.lua, settled).
+# of its hash (decode_archive_record fills in defaults and the implied history entry).
 ARCHIVED = (
     "type", "state", "attempts", "payload", "result", "error", "priority", "idempotency_key",
     "max_attempts", "created_at", "started_at", "finished_at", "daemon", "callback_url",
@@ -157,10 +157,10 @@ def decode_job(fields: Mapping[bytes, bytes], queue: str, job_id: str) -> Job:
 @dataclass(frozen=True, slots=True)
 class ArchiveRecord:
     """A final job as the archive takes it: its ARCHIVED values by position, as Redis
-    holds them (bytes: JSON as text, times as epoch ms; None where the hash has none, the
-    script having filled in the fields' defaults). Not a Job: the archiver writes
-    thousands a second, and parsing each value only to write it out again cost more than
-    the rest of the archiving."""
+    holds them (bytes: JSON as text, times as epoch ms; None where the job has none), with
+    the defaults of absent fields and the history entry its record implies filled in. Not
+    a Job: the archiver writes thousands a second, and parsing each value only to write it
+    out again cost more than the rest of the archiving."""
 
     id: str
     queue: str
@@ -168,16 +168,47 @@ class ArchiveRecord:
     values: tuple[bytes | None, ...]
 
 
-_FINISHED_AT = ARCHIVED.index("finished_at")
+_AT = {name: i for i, name in enumerate(ARCHIVED)}
+# The values the archive stores for fields a hash leaves out at their default.
+_ARCHIVED_DEFAULTS = {
+    _AT["attempts"]: b"0",
+    _AT["priority"]: str(DEFAULT_PRIORITY).encode(),
+    _AT["max_attempts"]: b"1",
+}
 
 
 def decode_archive_record(row: Sequence[Any], queue: str, job_id: str) -> ArchiveRecord | None:
-    """A final job as take_archive.lua answers it: its ARCHIVED fields by position after
-    the entry and score (None if it answered none: the record is gone or not final)."""
-    if len(row) == 2:
+    """A final job as take_archive.lua answers it: after the entry and score, its ARCHIVED
+    fields by position, or a kept copy's JSON text (None if neither, or if the job is not
+    in a final state: the record is gone)."""
+    if len(row) == 3:
+        values = _kept_values(row[2])
+    elif len(row) == 2 + len(ARCHIVED):
+        values = list(row[2:])
+    else:
         return None
-    values = tuple(row[2:])
-    return ArchiveRecord(job_id, queue, int(values[_FINISHED_AT] or 0), values)
+    if _text(values[_AT["state"]] or b"") not in FINAL_STATES:
+        return None
+    for i, default in _ARCHIVED_DEFAULTS.items():
+        if values[i] is None:
+            values[i] = default
+    values[_AT["history"]] = _settled_history(values)
+    return ArchiveRecord(job_id, queue, int(values[_AT["finished_at"]] or 0), tuple(values))
+
+
+def _kept_values(copy: bytes) -> list[bytes | None]:
+    """The ARCHIVED values of a kept copy (lua/lib.lua, keep_for_archive: a JSON array of
+    the hash's field, value pairs)."""
+    pairs = orjson.loads(copy)
+    named = dict(zip(pairs[::2], pairs[1::2], strict=True))
+    return [None if (value := named.get(name)) is None else value.encode() for name in ARCHIVED]
+
+
+def _settled_history(values: Sequence[bytes | None]) -> bytes:
+    """The history JSON with the entry the record implies (see _history): the archive
+    keeps every attempt."""
+    named = {name: values[i] for name, i in _AT.items() if values[i] is not None}
+    return orjson.dumps(_history(named))
 
 
 def decode_claimed(flat: Sequence[Any], queue: str, daemon_id: str) -> list[Job]:

@@ -11,18 +11,23 @@
 -- ARGV[2] -> 1: give up the lock if this daemon holds it; 0: keep it
 -- ARGV[3..] -> entry, score pairs, as take_archive.lua answered them
 -- Returns how many entries were removed.
-local removed = 0
+local entries = {}
 for i = 3, #ARGV, 2 do
-  local entry = ARGV[i]
-  if redis.call('ZSCORE', KEYS[1], entry) == ARGV[i + 1] then
-    redis.call('ZREM', KEYS[1], entry)
-    removed = removed + 1
+  entries[#entries + 1] = ARGV[i]
+end
+local scores = scores_of(KEYS[1], entries)
+local done, kept = {}, {}
+for n, entry in ipairs(entries) do
+  if scores[n] == ARGV[2 + 2 * n] then
+    done[#done + 1] = entry
   end
   if string.find(entry, '@', 1, true) then
-    redis.call('HDEL', KEYS[2], entry)
+    kept[#kept + 1] = entry
   end
 end
+call_chunked('ZREM', KEYS[1], done)
+call_chunked('HDEL', KEYS[2], kept)
 if ARGV[2] == '1' and redis.call('GET', KEYS[3]) == ARGV[1] then
   redis.call('DEL', KEYS[3])
 end
-return removed
+return #done

@@ -4,6 +4,10 @@
 -- take, so that daemons do not write the same entries over one another; should it die,
 -- the lease lapses and another takes over. Entries stay in the hand-off until written
 -- (archive_done.lua), so the janitor keeps their jobs (trim.lua) and no crash loses one.
+--
+-- The record is answered as the hash holds it: filling in defaults and the history entry
+-- the record implies is the archiver's (record.py, decode_archive_record), in its own
+-- process, not Redis's, which every daemon shares.
 -- KEYS[1] -> <prefix>:{<queue>}:archive, the hand-off
 -- KEYS[2] -> <prefix>:{<queue>}:archive:kept, copies of records that left their final
 --   state before they were archived
@@ -13,44 +17,14 @@
 -- ARGV[4] -> most entries to take, >= 1
 -- ARGV[5] -> this daemon's id
 -- ARGV[6] -> the lease, ms
--- Returns false when another daemon holds the lock, else, per entry oldest first: the
--- entry, its score (when its job ended), then the job's ARCHIVED fields (record.ARCHIVED),
--- absent ones at their default or nil, its history with the final attempt's entry written
--- in (lib.lua, settled); or only the entry and score when the record is gone or not final
--- (written by a taskd that kept no copy), for the archiver to drop.
+-- Returns false when another daemon holds the lock, else, per entry oldest first, an
+-- array: the entry, its score (when its job ended), and then either the job's ARCHIVED
+-- fields (record.ARCHIVED; nil where the hash has none), or, for a kept copy, its JSON
+-- text (an array of field, value pairs); or nothing more when the record is gone (written
+-- by a taskd that kept no copy), for the archiver to drop.
 local ARCHIVED = {'type', 'state', 'attempts', 'payload', 'result', 'error', 'priority',
   'idempotency_key', 'max_attempts', 'created_at', 'started_at', 'finished_at', 'daemon',
   'callback_url', 'history'}
-local FINAL = {completed = true, failed = true, cancelled = true}
--- The values of fields absent at their default (record.JOB_FIELDS): the archive stores them.
-local DEFAULTS = {[3] = '0', [7] = tostring(DEFAULT_PRIORITY), [9] = '1', [15] = '[]'}
-
--- The ARCHIVED fields of a kept copy (a JSON array of field, value pairs).
-local function from_copy(copy)
-  local pairs_ = cjson.decode(copy)
-  local named = {}
-  for i = 1, #pairs_, 2 do
-    named[pairs_[i]] = pairs_[i + 1]
-  end
-  local f = {}
-  for i, name in ipairs(ARCHIVED) do
-    f[i] = named[name] or false
-  end
-  return f
-end
-
--- The fields, by SETTLE's names, of a job's ARCHIVED fields.
-local function settle_fields(f)
-  local at = {}
-  for i, name in ipairs(ARCHIVED) do
-    at[name] = f[i]
-  end
-  local picked = {}
-  for i, name in ipairs(SETTLE) do
-    picked[i] = at[name]
-  end
-  return picked
-end
 
 local holder = redis.call('GET', KEYS[3])
 if holder and holder ~= ARGV[5] then
@@ -64,19 +38,13 @@ local entries = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[4]) - 1, 'WITHSCO
 local taken = {}
 for i = 1, #entries, 2 do
   local entry = entries[i]
-  local f
+  local row
   if string.find(entry, '@', 1, true) then
-    local copy = redis.call('HGET', KEYS[2], entry)
-    f = copy and from_copy(copy)
+    row = {entry, entries[i + 1], redis.call('HGET', KEYS[2], entry)}
   else
-    f = redis.call('HMGET', JOB .. entry, unpack(ARCHIVED))
-  end
-  local row = {entry, entries[i + 1]}
-  if f and FINAL[f[2]] then
-    f[#ARCHIVED] = settled(settle_fields(f))
-    for j = 1, #ARCHIVED do
-      row[j + 2] = f[j] or DEFAULTS[j] or false
-    end
+    local f = redis.call('HMGET', JOB .. entry, unpack(ARCHIVED))
+    -- No type: no hash (every job has one).
+    row = f[1] and {entry, entries[i + 1], unpack(f)} or {entry, entries[i + 1]}
   end
   taken[#taken + 1] = row
 end
