@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 import anyio
 
-from taskd.jobs import Job, now_ms
+from taskd.jobs import now_ms
 from taskd.loop import Outage, repeat
 from taskd.store import UNAVAILABLE, Store
 
@@ -26,7 +26,7 @@ BATCH = 1000
 # write may take, so that two daemons rarely write the same entries (harmless if they do).
 LEASE_MS = 10_000
 # How often an idle archiver looks at the hand-offs: jobs that other daemons end are
-# archived within this; those this daemon ends wake it at once.
+# archived within this; those its daemon ends wake it at once (wake()).
 POLL_INTERVAL = 1.0
 RETRY_DELAY = 1.0
 # How often the partitions past keep_days are looked for.
@@ -72,8 +72,9 @@ class Archiver:
         self._expired_at = 0  # when partitions past keep_days were last dropped
         self.written = 0  # jobs this daemon wrote to the archive since it started
 
-    def job_ended(self, job: Job) -> None:
-        """A job this daemon ended reached its final state: archive it soon."""
+    def wake(self) -> None:
+        """Jobs wait in a hand-off (the daemon ended some): archive them now, not at the
+        next poll."""
         self._wake.set()
 
     async def tick(self) -> int:
@@ -131,7 +132,7 @@ class Archiver:
         await repeat(self._archive_then_wait, outage=outage, retry_delay=RETRY_DELAY)
 
     async def _archive_then_wait(self) -> None:
-        # A new event before the pass: a job_ended() during it is not lost.
+        # A new event before the pass: a wake() during it is not lost.
         self._wake = anyio.Event()
         if await self.tick():
             return  # more may have ended meanwhile: look again at once

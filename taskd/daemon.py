@@ -5,8 +5,8 @@ passed below, invisible in the import graph. Most are wake-up hints that make a 
 sooner than its next poll, never more correct:
 - workers -> promoter (`on_retry`), the HTTP API -> promoter (`on_scheduled`): a job falls due
   earlier than the promoter planned to look.
-- workers, the HTTP API -> callbacks, archiver (`on_final`): a job ended, with a callback
-  to send or an archive entry to write.
+- workers, the HTTP API -> callbacks, the archiver process (`on_final`): a job ended, with
+  a callback to send or an archive entry to write.
 - heartbeat -> workers (`on_reaped`): a reaper took this daemon's jobs back; stop them.
 - canceller -> workers (`cancel_local`): cancel a job if it runs here.
 - workers -> heartbeat, the HTTP API (`active`): how many jobs run now, for /stats.
@@ -27,8 +27,8 @@ from typing import TYPE_CHECKING
 import anyio
 from anyio.abc import TaskStatus
 
+from taskd import logs
 from taskd.api import HttpApi
-from taskd.archiver import Archiver
 from taskd.callbacks import Callbacks
 from taskd.canceller import Canceller
 from taskd.config import Config, redact, redact_postgres
@@ -49,6 +49,7 @@ from taskd.workers import BLOCK_TIMEOUT, WorkerPool
 
 if TYPE_CHECKING:
     from taskd.archive import Archive
+    from taskd.archive.process import ArchiverProcess
     from taskd.tracing import Tracing
 
 logger = logging.getLogger(__name__)
@@ -72,7 +73,11 @@ class Daemon:
         notifier: Notifier | None = None,
         archive: Archive | None = None,
         tracing: Tracing | None = None,
+        redis_url: str | None = None,
     ) -> None:
+        """`archive`: the archive's database, for the API's reads (None: no [archive]);
+        `redis_url`: where `store` connects, for the archiver process (default: the
+        config's)."""
         self.config = config
         # Spans of submissions and attempts (None: off); `handlers` got the same from
         # whoever built them.
@@ -108,9 +113,7 @@ class Daemon:
             tracing=tracing,
         )
         self.archiver = (
-            None
-            if archive is None
-            else Archiver(store=store, archive=archive, daemon_id=self.identity.id, queues=known)
+            None if archive is None else _archiver_process(config, redis_url, self.identity, known)
         )
         self.pool = WorkerPool(
             store=store,
@@ -178,7 +181,7 @@ class Daemon:
     def _job_ended(self, job: Job) -> None:
         self.callbacks.job_ended(job)
         if self.archiver is not None:
-            self.archiver.job_ended(job)
+            self.archiver.job_ended()
 
     def stop(self) -> None:
         """Begin the graceful shutdown (what SIGTERM does)."""
@@ -233,8 +236,9 @@ class Daemon:
         # 5. Stop sending callbacks, returning the unsent ones to their outbox for any
         # daemon to send (before deregistering: a reaper would not look for them after).
         await self.callbacks.stop()
-        # 6. Give up the queues this daemon archives, for another daemon to take over at
-        # once (what it was writing stays in the hand-off: written again, harmlessly).
+        # 6. Stop the archiver process: it gives up the queues it archives, for another
+        # daemon's to take over at once (what it was writing stays in the hand-off:
+        # written again, harmlessly). After the drain: it archived what the drain ended.
         if self.archiver is not None:
             await self.archiver.stop()
         # 7. Send the spans still batched (the last attempts', the callbacks'), for a few
@@ -311,12 +315,39 @@ async def serve(config: Config, redis_url: str) -> None:
             open_archive(config) as archive,
         ):
             daemon = Daemon(
-                config=config, store=store, handlers=handlers, archive=archive, tracing=tracing
+                config=config,
+                store=store,
+                handlers=handlers,
+                archive=archive,
+                tracing=tracing,
+                redis_url=redis_url,
             )
             await daemon.run()
     finally:
         with anyio.CancelScope(shield=True):
             await store.close()
+
+
+def _archiver_process(
+    config: Config, redis_url: str | None, identity: Identity, queues: frozenset[str]
+) -> ArchiverProcess:
+    # Here, not at the top: it imports psycopg, the optional archive extra.
+    from taskd.archive.process import ArchiverProcess, Spec
+
+    assert config.archive.url is not None
+    level, fmt = logs.current()
+    spec = Spec(
+        redis_url=redis_url or config.redis.url,
+        prefix=config.redis.prefix,
+        cluster=config.redis.cluster,
+        archive_url=config.archive.url,
+        keep_days=config.archive.keep_days,
+        daemon_id=f"{identity.id}-archiver",
+        queues=sorted(queues),
+        log_level=level,
+        log_format=fmt,
+    )
+    return ArchiverProcess(spec=spec)
 
 
 @asynccontextmanager

@@ -64,6 +64,14 @@ def setup(level: str, fmt: str, stream: TextIO | None = None) -> None:
         logging.getLogger(name).setLevel(quiet)
 
 
+def current() -> tuple[str, str]:
+    """The level and format setup() was last given, for a child process to log alike."""
+    root = logging.getLogger()
+    level = logging.getLevelName(root.level).lower()
+    json = any(isinstance(handler.formatter, JsonFormatter) for handler in root.handlers)
+    return (level if level in LEVELS else "info", "json" if json else "text")
+
+
 class TextFormatter(logging.Formatter):
     """`time=... level=info logger=taskd.x msg="..." key=value ...`, always one line."""
 

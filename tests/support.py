@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import subprocess
@@ -189,6 +190,28 @@ class DaemonProcess:
             self.proc.kill()
             self.proc.wait()
         self._log_file.close()
+
+    def children(self) -> list[int]:
+        """The pids of the daemon's live child processes (its archiver process, say)."""
+        return children_of(self.proc.pid)
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids of a live process's children, from /proc."""
+    pids: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):  # the thread or the process ended meanwhile
+            pids += [int(child) for child in (task / "children").read_text().split()]
+    return pids
+
+
+def alive(pid: int) -> bool:
+    """Whether a process runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 async def wait_healthy(url: str, process: DaemonProcess) -> None:

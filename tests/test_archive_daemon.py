@@ -3,6 +3,7 @@ in its hand-off, /stats and /metrics while the archive falls behind, bad [archiv
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -20,6 +21,7 @@ from tests.support import (
     TASKD,
     DaemonApi,
     DaemonProcess,
+    alive,
     get_json,
     post_json,
     wait_healthy,
@@ -141,10 +143,15 @@ async def test_a_daemon_killed_with_jobs_in_its_hand_off_loses_none(
 
             await wait_until(all_completed, "every job completed", DEADLINE)
             assert (await stats(session, base))["archive"]["pending"] == 2000
+        archivers = first.children()
+        assert len(archivers) == 1, archivers  # its archiver process
         first.signal(signal.SIGKILL)
         first.wait()
     finally:
         first.kill()
+
+    # Its stdin closed with the daemon: the archiver process does not outlive it.
+    await wait_until(lambda: _gone(archivers[0]), "the archiver process to exit", DEADLINE)
 
     own_postgres.start()
     second, base = start()
@@ -152,9 +159,46 @@ async def test_a_daemon_killed_with_jobs_in_its_hand_off_loses_none(
         await wait_healthy(base, second)
         await wait_until(lambda: _count_is(url, 2500), "the dead daemon's backlog", DEADLINE)
         assert await archived(url) == (2500, 2500)
+        archivers = second.children()
+        assert len(archivers) == 1, archivers
     finally:
         second.signal(signal.SIGTERM)
         assert second.wait() == 0
+    # A graceful stop stops it too.
+    assert not alive(archivers[0])
+
+
+async def _gone(pid: int) -> bool:
+    return not alive(pid)
+
+
+@pytest.mark.timeout(120)
+async def test_an_archiver_process_that_dies_is_started_again(
+    daemon_api: DaemonApi, own_postgres: PostgresServer
+) -> None:
+    url = own_postgres.url_of("archive")
+    async with daemon_api(archive={"url": url}) as (daemon, api):
+        session, base = api
+        assert daemon.archiver is not None
+        await submit(session, base, 100)
+        await wait_until(lambda: _count_is(url, 100), "the first jobs archived", DEADLINE)
+        first = daemon.archiver.pid
+        assert first is not None
+        assert alive(first)
+
+        os.kill(first, signal.SIGKILL)
+
+        async def another() -> bool:
+            pid = daemon.archiver.pid if daemon.archiver else None
+            return pid is not None and pid != first
+
+        await wait_until(another, "a new archiver process", DEADLINE)
+        await submit(session, base, 100)
+        await wait_until(lambda: _count_is(url, 200), "the next jobs archived", DEADLINE)
+        assert await archived(url) == (200, 200)
+        pid = daemon.archiver.pid
+    assert pid is not None
+    assert not alive(pid)
 
 
 @pytest.mark.parametrize(

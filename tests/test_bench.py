@@ -390,6 +390,9 @@ def test_quick_archive_drains_with_the_archive_and_times_its_queries(tmp_path: P
     assert drain["drain, no archive"] > 0
     assert drain["drain, archive on"] > 0
     assert drain["archived"] > 0
+    # What each process spent: the archiver's is its own process's, not the daemon's.
+    for process in ("daemon", "archiver process", "Redis", "PostgreSQL"):
+        assert drain[f"{process} CPU"] > 0, process
     assert drain["peak backlog"] >= 0
     queries = {name for workload, name in figures if workload == "archive-queries"}
     assert {"by type", "payload contains (1 user of 100,000)", "one job (GET /jobs/ID)"} <= queries

@@ -135,3 +135,9 @@ def test_setup_replaces_the_handlers_it_finds() -> None:
         log.info("once")
     assert first.getvalue() == ""
     assert json.loads(second.getvalue())["msg"] == "once"
+
+
+@pytest.mark.parametrize(("fmt", "level"), [("json", "warning"), ("text", "debug")])
+def test_current_says_what_setup_was_given_for_a_child_to_log_alike(fmt: str, level: str) -> None:
+    with logging_to(fmt, level=level):
+        assert logs.current() == (level, fmt)

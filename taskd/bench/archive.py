@@ -8,16 +8,24 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import anyio
 import orjson
 
-from taskd.bench.harness import ARCHIVE_DRAIN, ARCHIVE_ROWS, POLL, QUEUE, Bench, BenchError
+from taskd.bench.harness import (
+    ARCHIVE_DRAIN,
+    ARCHIVE_ROWS,
+    POLL,
+    QUEUE,
+    Bench,
+    BenchError,
+    Spawned,
+)
 from taskd.bench.postgres import PostgresServer, PostgresServerError
 from taskd.bench.report import Figure
-from taskd.bench.workloads import daemon_cpu, span
+from taskd.bench.workloads import span
 from taskd.jobs import now_ms
 
 # Each query of the archive's is timed this many times; the median is reported.
@@ -52,28 +60,27 @@ def _stop(server: PostgresServer) -> None:
 
 async def archive(bench: Bench) -> list[Figure]:
     """N noop jobs drained by one daemon (100 slots) without, then with, [archive]: the
-    drain rate each time, and how fast the archive took the jobs in and how far it fell
-    behind the drain."""
+    drain rate each time, how fast the archive took the jobs in and how far it fell
+    behind the drain, and what the jobs cost each process in CPU time."""
     n = bench.scaled(ARCHIVE_DRAIN)
-    plain = await _drain(bench, n, "")
+    plain, _, _ = await _drain(bench, n, None)
     await bench.reset()
     async with own_postgres() as server:
-        url = server.url_of("archive")
-        extra = f'\n[archive]\nurl = "{url}"\n'
-        with_archive = await _drain(bench, n, extra, lambda: _archived_backlog(bench))
+        rate, cpu, peak = await _drain(bench, n, server)
         drained_at = time.perf_counter()
         await _wait_archived(bench, server, n)
         lag = time.perf_counter() - drained_at
-    rate, cpu, peak = with_archive
     bench.note(
         "archive: drain rates of the same daemon without and with [archive]; archived is "
         "jobs written to PostgreSQL per second from the drain's start to the last one "
-        "written; peak backlog is the most jobs waiting in the hand-off while it drained."
+        "written; peak backlog is the most jobs waiting in the hand-off while it drained; "
+        "the CPU figures are from the drain's start until the hand-off is empty: the "
+        "daemon, its archiver process, Redis and PostgreSQL share the machine's cores."
     )
     return [
-        Figure("drain, no archive", "jobs/s", plain[0]),
+        Figure("drain, no archive", "jobs/s", plain),
         Figure("drain, archive on", "jobs/s", rate),
-        Figure("drain change", "%", (rate / plain[0] - 1) * 100),
+        Figure("drain change", "%", (rate / plain - 1) * 100),
         Figure("archived", "jobs/s", n / (n / rate + lag)),
         Figure("archive lag after drain", "s", lag),
         Figure("peak backlog", "jobs", peak),
@@ -82,35 +89,54 @@ async def archive(bench: Bench) -> list[Figure]:
 
 
 async def _drain(
-    bench: Bench, n: int, extra: str, sample: Callable[[], Awaitable[int]] | None = None
+    bench: Bench, n: int, server: PostgresServer | None
 ) -> tuple[float, list[Figure], int]:
-    """Drain n waiting noop jobs with one daemon: jobs/s, its CPU per job, and the peak of
-    `sample` while it ran (0 without)."""
+    """Drain n waiting noop jobs with one daemon, archiving to `server` (None: not):
+    jobs/s, the CPU per job of each process while it drained and archived, and the peak
+    of the hand-off's backlog."""
     local = bench.need_local()
     ids = await local.enqueue(n, "noop", None)
     await local.store.pause(QUEUE)
+    extra = "" if server is None else f'\n[archive]\nurl = "{server.url_of("archive")}"\n'
     peak = 0
     async with bench.daemons(1, concurrency=100, extra=extra) as [daemon]:
-        cpu = daemon.cpu_seconds()
+        before = await _cpu(bench, daemon, server)
         await local.store.resume(QUEUE)
         async with anyio.create_task_group() as tg:
-            if sample is not None:
+            if server is not None:
 
                 async def watch() -> None:
                     nonlocal peak
                     while True:
-                        peak = max(peak, await sample())
+                        peak = max(peak, await _archived_backlog(bench))
                         await anyio.sleep(POLL)
 
                 tg.start_soon(watch)
             await bench.wait_finished(n)
             tg.cancel_scope.cancel()
-        used = daemon_cpu(daemon, cpu, n)
         rows = await local.records(ids, ("started_at", "finished_at"))
-        if sample is not None:
+        if server is not None:
             # The daemon goes on archiving after the drain: keep it until the archive has all.
             await _archived_in_redis(bench)
+        after = await _cpu(bench, daemon, server)
+    used = []
+    for name, then in before.items():
+        now = after[name]
+        if then is not None and now is not None:
+            used.append(Figure(f"{name} CPU", "µs/job", (now - then) / n * 1e6))
     return n / span(rows), used, peak
+
+
+async def _cpu(
+    bench: Bench, daemon: Spawned, server: PostgresServer | None
+) -> dict[str, float | None]:
+    """CPU seconds so far of each process a drain with the archive keeps busy."""
+    cpu = {"daemon": daemon.cpu_seconds()}
+    if server is not None:
+        cpu["archiver process"] = daemon.children_cpu_seconds()
+        cpu["Redis"] = await bench.need_local().inspector.cpu_seconds()
+        cpu["PostgreSQL"] = server.cpu_seconds()
+    return cpu
 
 
 async def _archived_backlog(bench: Bench) -> int:

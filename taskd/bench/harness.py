@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -106,13 +106,53 @@ class Spawned:
     def cpu_seconds(self) -> float | None:
         """User and system CPU time the live process used so far; None where /proc does
         not tell."""
-        try:
-            stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
-        except OSError:
-            return None
-        # Fields after the command name (which may hold spaces), from field 3 on.
-        fields = stat.rpartition(")")[2].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return process_cpu_seconds(self.proc.pid)
+
+    def children_cpu_seconds(self) -> float | None:
+        """CPU time of the live process's children and theirs (its archiver process, the
+        exec handlers it waited for); None where /proc does not tell."""
+        return tree_cpu_seconds(self.proc.pid, itself=False)
+
+
+# Clock ticks per second, the unit of /proc's CPU times.
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields from the third on (after the command name, which may hold
+    spaces); None where /proc does not tell."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User and system CPU time a live process used so far."""
+    fields = _stat(pid)
+    return None if fields is None else (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def tree_cpu_seconds(pid: int, *, itself: bool = True) -> float | None:
+    """CPU time of a live process (unless not `itself`) and of its descendants: the live
+    ones, and those that ended and were waited for (cutime, cstime)."""
+    fields = _stat(pid)
+    if fields is None:
+        return None
+    total = (int(fields[13]) + int(fields[14])) / _TICKS
+    if itself:
+        total += (int(fields[11]) + int(fields[12])) / _TICKS
+    for child in _children(pid):
+        total += tree_cpu_seconds(child) or 0.0
+    return total
+
+
+def _children(pid: int) -> list[int]:
+    children: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with suppress(OSError):  # the thread or process ended meanwhile
+            children += map(int, (task / "children").read_text().split())
+    return children
 
 
 def _status_mib(pid: int, name: str) -> float | None:

@@ -18,6 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from taskd.bench.harness import tree_cpu_seconds
 from taskd.embedded import free_port
 
 
@@ -82,6 +83,15 @@ class PostgresServer:
     def running(self) -> bool:
         """Whether the server runs (its PID file is there)."""
         return (self.data_dir / "db" / "postmaster.pid").exists()
+
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server (its postmaster and every backend) used so far; None
+        where /proc does not tell or the server is not running."""
+        try:
+            pid = int((self.data_dir / "db" / "postmaster.pid").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+        return tree_cpu_seconds(pid)
 
     def stop(self) -> None:
         self._run("pg_ctl", "-D", str(self.data_dir / "db"), "-m", "fast", "-w", "stop")

@@ -339,6 +339,11 @@ class Inspector:
         call counted as well as the EVALSHA that ran them, less the INFO calls asking this."""
         return sum((await self.command_calls()).values())
 
+    async def cpu_seconds(self) -> float:
+        """CPU time Redis's process used since it started, user and system (INFO cpu)."""
+        cpu = await self._r.info("cpu")
+        return float(cpu["used_cpu_user"]) + float(cpu["used_cpu_sys"])
+
     async def command_calls(self) -> dict[str, int]:
         """commands_called per command name (lower case), less INFO."""
         stats = await self._r.info("commandstats")
