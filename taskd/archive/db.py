@@ -290,6 +290,7 @@ def decode_cursor(cursor: str) -> tuple[int, str]:
 # COPY's text format: tab between fields, newline after a row, \N for NULL; a backslash,
 # tab, newline or carriage return inside a field is escaped with a backslash.
 _NULL = b"\\N"
+_SPECIAL = re.compile(rb"[\x00\t\n\r\\]")
 _ESCAPES = ((b"\\", b"\\\\"), (b"\t", b"\\t"), (b"\n", b"\\n"), (b"\r", b"\\r"))
 
 
@@ -326,6 +327,9 @@ def _text(value: bytes | None) -> bytes:
     U+FFFD."""
     if value is None:
         return _NULL
+    # One scan for the common case, nothing to escape: a fifth of the time of five.
+    if _SPECIAL.search(value) is None:
+        return value
     if b"\x00" in value:
         value = value.replace(b"\x00", "\ufffd".encode())
     for raw, escaped in _ESCAPES:

@@ -339,6 +339,11 @@ class Inspector:
         call counted as well as the EVALSHA that ran them, less the INFO calls asking this."""
         return sum((await self.command_calls()).values())
 
+    async def archiver_of(self, queue: str) -> str | None:
+        """Who holds the queue's archiving (take_archive.lua's lock), or None."""
+        holder = await self._r.get(self.keys.archive_lock(queue))
+        return None if holder is None else text(holder)
+
     async def cpu_seconds(self) -> float:
         """CPU time Redis's process used since it started, user and system (INFO cpu)."""
         cpu = await self._r.info("cpu")

@@ -169,6 +169,11 @@ class ArchiveRecord:
 
 
 _AT = {name: i for i, name in enumerate(ARCHIVED)}
+_STATE, _ATTEMPTS, _STARTED_AT, _FINISHED_AT = (
+    _AT["state"], _AT["attempts"], _AT["started_at"], _AT["finished_at"],
+)  # fmt: skip
+_DAEMON, _ERROR, _HISTORY = _AT["daemon"], _AT["error"], _AT["history"]
+_FINAL_RAW = frozenset(state.encode() for state in FINAL_STATES)
 # The values the archive stores for fields a hash leaves out at their default.
 _ARCHIVED_DEFAULTS = {
     _AT["attempts"]: b"0",
@@ -177,23 +182,19 @@ _ARCHIVED_DEFAULTS = {
 }
 
 
-def decode_archive_record(row: Sequence[Any], queue: str, job_id: str) -> ArchiveRecord | None:
-    """A final job as take_archive.lua answers it: after the entry and score, its ARCHIVED
-    fields by position, or a kept copy's JSON text (None if neither, or if the job is not
-    in a final state: the record is gone)."""
-    if len(row) == 3:
-        values = _kept_values(row[2])
-    elif len(row) == 2 + len(ARCHIVED):
-        values = list(row[2:])
-    else:
-        return None
-    if _text(values[_AT["state"]] or b"") not in FINAL_STATES:
+def decode_archive_record(
+    fields: list[bytes | None] | bytes | None, queue: str, job_id: str
+) -> ArchiveRecord | None:
+    """A final job from its ARCHIVED fields by position (HMGET), or from a kept copy's
+    JSON text (lua/lib.lua, keep_for_archive); None if the job is gone or not final."""
+    values = _kept_values(fields) if isinstance(fields, bytes) else fields
+    if not values or values[_STATE] not in _FINAL_RAW:
         return None
     for i, default in _ARCHIVED_DEFAULTS.items():
         if values[i] is None:
             values[i] = default
-    values[_AT["history"]] = _settled_history(values)
-    return ArchiveRecord(job_id, queue, int(values[_AT["finished_at"]] or 0), tuple(values))
+    values[_HISTORY] = _settled_history(values)
+    return ArchiveRecord(job_id, queue, int(values[_FINISHED_AT] or 0), tuple(values))
 
 
 def _kept_values(copy: bytes) -> list[bytes | None]:
@@ -204,11 +205,15 @@ def _kept_values(copy: bytes) -> list[bytes | None]:
     return [None if (value := named.get(name)) is None else value.encode() for name in ARCHIVED]
 
 
-def _settled_history(values: Sequence[bytes | None]) -> bytes:
-    """The history JSON with the entry the record implies (see _history): the archive
-    keeps every attempt."""
-    named = {name: values[i] for name, i in _AT.items() if values[i] is not None}
-    return orjson.dumps(_history(named))
+def _settled_history(v: Sequence[bytes | None]) -> bytes:
+    """The history JSON with the entry the record implies (see _history_of): the archive
+    keeps every attempt. By position: this runs for every job archived."""
+    return orjson.dumps(
+        _history_of(
+            v[_HISTORY], v[_STATE], v[_ATTEMPTS], v[_STARTED_AT], v[_DAEMON], v[_FINISHED_AT],
+            v[_ERROR],
+        )
+    )  # fmt: skip
 
 
 def decode_claimed(flat: Sequence[Any], queue: str, daemon_id: str) -> list[Job]:
@@ -289,14 +294,31 @@ def _job(f: Mapping[str, Any]) -> Job:
 
 
 def _history(f: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
+    """A job's history, from its hash's fields by name (see _history_of)."""
+    return _history_of(
+        f.get("history"), f["state"], f.get("attempts"), f.get("started_at"),
+        f.get("daemon"), f.get("finished_at"), f.get("error"),
+    )  # fmt: skip
+
+
+def _history_of(
+    history_json: Any,
+    state_raw: Any,
+    attempts: Any,
+    started_raw: Any,
+    daemon: Any,
+    finished_at: Any,
+    error: Any,
+) -> tuple[dict[str, Any], ...]:
     """The stored entries, and the one the record implies: the ack does not write the
     entry of an attempt that ends its job, since the record already says it all; every
-    other way out of an attempt clears started_at (lua/lib.lua, history_entry)."""
-    history = tuple(orjson.loads(f["history"])) if f.get("history") else ()
-    state = _text(f["state"])
-    if state not in FINAL_STATES or not f.get("started_at"):
+    other way out of an attempt clears started_at (lua/lib.lua, history_entry). Takes the
+    fields as the hash holds them (bytes, or None where it has none)."""
+    history = tuple(orjson.loads(history_json)) if history_json else ()
+    state = _text(state_raw)
+    if state not in FINAL_STATES or not started_raw:
         return history
-    attempt, started_at = int(f.get("attempts", 0)), int(f["started_at"])
+    attempt, started_at = int(attempts or 0), int(started_raw)
     if history and (history[-1].get("attempt"), history[-1].get("started_at")) == (
         attempt,
         started_at,
@@ -304,11 +326,11 @@ def _history(f: Mapping[str, Any]) -> tuple[dict[str, Any], ...]:
         return history  # written by a daemon of an older taskd, which stored it
     implied = {
         "attempt": attempt,
-        "daemon": _opt_text(f.get("daemon")),
+        "daemon": _opt_text(daemon),
         "started_at": started_at,
-        "finished_at": _opt_int(f.get("finished_at")),
+        "finished_at": _opt_int(finished_at),
         "outcome": state,
-        "error": None if state == "completed" else _opt_text(f.get("error")),
+        "error": None if state == "completed" else _opt_text(error),
     }
     return (*history, implied)
 

@@ -448,13 +448,14 @@ class Store:
         taken = await self._lua["take_archive"](keys=keys, args=args)
         if taken is None:
             return None
+        entries = [text(entry) for entry in taken[::3]]
         return [
             Archived(
-                entry=text(row[0]),
-                ended_at=int(row[1]),
-                record=record.decode_archive_record(row, queue, text(row[0]).split("@", 1)[0]),
+                entry=entry,
+                ended_at=int(score),
+                record=record.decode_archive_record(fields, queue, entry.split("@", 1)[0]),
             )
-            for row in taken
+            for entry, score, fields in zip(entries, taken[1::3], taken[2::3], strict=True)
         ]
 
     async def archive_done(

@@ -17,11 +17,10 @@
 -- ARGV[4] -> most entries to take, >= 1
 -- ARGV[5] -> this daemon's id
 -- ARGV[6] -> the lease, ms
--- Returns false when another daemon holds the lock, else, per entry oldest first, an
--- array: the entry, its score (when its job ended), and then either the job's ARCHIVED
--- fields (record.ARCHIVED; nil where the hash has none), or, for a kept copy, its JSON
--- text (an array of field, value pairs); or nothing more when the record is gone (written
--- by a taskd that kept no copy), for the archiver to drop.
+-- Returns false when another daemon holds the lock, else, per entry oldest first, three
+-- entries: the entry, its score (when its job ended), and then either the job's ARCHIVED
+-- fields (record.ARCHIVED; nil where the hash has none, all nil when it is gone), or for
+-- a kept copy its JSON text (an array of field, value pairs), nil when gone.
 local ARCHIVED = {'type', 'state', 'attempts', 'payload', 'result', 'error', 'priority',
   'idempotency_key', 'max_attempts', 'created_at', 'started_at', 'finished_at', 'daemon',
   'callback_url', 'history'}
@@ -38,14 +37,15 @@ local entries = redis.call('ZRANGE', KEYS[1], 0, tonumber(ARGV[4]) - 1, 'WITHSCO
 local taken = {}
 for i = 1, #entries, 2 do
   local entry = entries[i]
-  local row
+  local found
   if string.find(entry, '@', 1, true) then
-    row = {entry, entries[i + 1], redis.call('HGET', KEYS[2], entry)}
+    found = redis.call('HGET', KEYS[2], entry)
   else
-    local f = redis.call('HMGET', JOB .. entry, unpack(ARCHIVED))
-    -- No type: no hash (every job has one).
-    row = f[1] and {entry, entries[i + 1], unpack(f)} or {entry, entries[i + 1]}
+    found = redis.call('HMGET', JOB .. entry, unpack(ARCHIVED))
   end
-  taken[#taken + 1] = row
+  -- Three entries a row: a table per row to convert cost Redis more than the fields.
+  taken[#taken + 1] = entry
+  taken[#taken + 1] = entries[i + 1]
+  taken[#taken + 1] = found
 end
 return taken
