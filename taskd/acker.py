@@ -9,7 +9,7 @@ from collections.abc import Callable
 import anyio
 
 from taskd.loop import Outage, repeat
-from taskd.store import Attempt, Store
+from taskd.store import Attempt, Claimed, ClaimRequest, Store
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +26,9 @@ class Acker:
     the cost per job one script call divided by the batch, not one call each. When
     idle, an outcome goes out at once. Nobody waits for an outcome: record() queues it
     and returns, and the acker calls `on_recorded` once Redis has answered, so no task
-    or event is kept per job meanwhile (see WorkerPool).
+    or event is kept per job meanwhile (see WorkerPool). With an ack goes the claim of
+    the jobs to take the slots it frees, when the pool plans one (`plan_claim`): one
+    round trip a cycle instead of two.
     """
 
     def __init__(
@@ -37,7 +39,15 @@ class Acker:
         clock: Callable[[], int],
         on_retry: Callable[[str, int], None] = lambda queue, due: None,
         on_recorded: Callable[[Attempt, bool], None] = lambda attempt, recorded: None,
+        plan_claim: Callable[[str, list[Attempt]], ClaimRequest | None] = lambda q, a: None,
+        on_claimed: Callable[[str, ClaimRequest, Claimed | None], None] = lambda q, r, c: None,
     ) -> None:
+        """`plan_claim(queue, attempts)`: a claim to send with the ack of these attempts,
+        in the same round trip (Store.ack_and_claim), or None; `on_claimed(queue, request,
+        claimed)` then gets what it claimed, before `on_recorded` hears of the attempts
+        (the claim takes the slots they free), or None if the call failed."""
+        self._plan_claim = plan_claim
+        self._on_claimed = on_claimed
         self._store = store
         self._daemon_id = daemon_id
         self._clock = clock
@@ -105,7 +115,18 @@ class Acker:
                 return
 
     async def _send(self, queue: str, attempts: list[Attempt]) -> list[bool]:
-        flags = await self._store.ack(queue, self._daemon_id, attempts, self._clock())
+        request = self._plan_claim(queue, attempts)
+        if request is None:
+            flags = await self._store.ack(queue, self._daemon_id, attempts, self._clock())
+        else:
+            try:
+                flags, claimed = await self._store.ack_and_claim(
+                    queue, self._daemon_id, attempts, request
+                )
+            except BaseException:
+                self._on_claimed(queue, request, None)
+                raise
+            self._on_claimed(queue, request, claimed)
         if not all(flags):
             # The missing ones were taken back while they ran (this daemon was taken for
             # dead); a newer attempt owns their record now.

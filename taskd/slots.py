@@ -93,6 +93,18 @@ class SlotArbiter:
         self._free += unused
         self._take_back(q, idle=idle)
 
+    def alone(self, queue: str) -> bool:
+        """Whether `queue` contends for slots and no other queue does: every slot freed
+        would be handed to it."""
+        q = self._queues[queue]
+        return not q.idle and all(other.idle for other in self._order if other is not q)
+
+    def take(self, count: int) -> None:
+        """Use `count` slots at once, for jobs that take the slots of jobs about to be
+        released (a claim sent with their ack): for that moment more slots are in use
+        than there are, never once the releases that follow have run."""
+        self._free -= count
+
     def release(self, count: int = 1) -> None:
         """Free `count` slots: a job ended."""
         self._free += count

@@ -19,7 +19,7 @@ from taskd.loop import Outage, repeat
 from taskd.metrics import Metrics
 from taskd.progress import set_reporter
 from taskd.slots import SlotArbiter
-from taskd.store import Attempt, Claimed, Store, TypeLimits
+from taskd.store import Attempt, Claimed, ClaimRequest, Store, TypeLimits
 from taskd.timeouts import Timeouts
 
 if TYPE_CHECKING:  # opentelemetry, which it imports, is the optional otel extra
@@ -147,6 +147,8 @@ class WorkerPool:
             clock=clock,
             on_retry=on_retry,
             on_recorded=self._recorded,
+            plan_claim=self._plan_claim,
+            on_claimed=self._claimed_with_ack,
         )
         self._running: dict[str, _Running] = {}
         # The jobs whose attempt ended, by id and attempt, until the ack answers for them.
@@ -169,7 +171,7 @@ class WorkerPool:
         wanted = await self._slots.acquire(queue)
         # Room offered to this claim is taken until it answers, so that a claim of another
         # queue meanwhile cannot be offered the same room.
-        free = {name: cap - self._taken[name] for name, cap in self._caps.items()}
+        free = self._room()
         self._take_types(free, 1)
         try:
             claim = await self._store.claim(
@@ -180,22 +182,64 @@ class WorkerPool:
             raise
         finally:
             self._take_types(free, -1)
+        # Fewer jobs than slots and nothing left unexamined: the queue is empty (or paused)
+        # and its fetcher waits; in strict mode that lets the queues after it have slots.
+        dry = claim.paused or (len(claim.jobs) < wanted and not claim.more)
+        self._slots.settle(queue, wanted - len(claim.jobs), idle=dry)
+        self._start(queue, claim)
+        return claim
+
+    def _room(self, returning: Mapping[str, int] | None = None) -> dict[str, int]:
+        """Free room per capped type: its concurrency less the jobs of it held, plus those
+        of `returning` (jobs whose slots a claim takes as they are acked)."""
+        returning = returning or {}
+        return {
+            name: cap - self._taken[name] + returning.get(name, 0)
+            for name, cap in self._caps.items()
+        }
+
+    def _start(self, queue: str, claim: Claimed) -> None:
+        """Start the jobs a claim gave, each in a task of its own."""
         if self._caps:
             self._take_types(Counter(job.type for job in claim.jobs), 1)
         if claim.due is not None:
             self._on_retry(queue, claim.due)  # the promoter wakes for the rate-limited jobs
         if claim.rate_limited or claim.held:
             self._metrics.limited(queue, claim.rate_limited, claim.held)
-        # Fewer jobs than slots and nothing left unexamined: the queue is empty (or paused)
-        # and its fetcher waits; in strict mode that lets the queues after it have slots.
-        dry = claim.paused or (len(claim.jobs) < wanted and not claim.more)
-        self._slots.settle(queue, wanted - len(claim.jobs), idle=dry)
         create_task = asyncio.get_running_loop().create_task
         for job in claim.jobs:
             # Known as running from now on, before its task starts: see release_orphans.
             self._running[job.id] = running = _Running(job)
             running.task = create_task(self._execute(running))
-        return claim
+
+    def _plan_claim(self, queue: str, attempts: list[Attempt]) -> ClaimRequest | None:
+        """The claim to send with the ack of these attempts (Acker): as many jobs as their
+        slots, which the ack frees before the claim runs, so that a cycle of a busy queue
+        is one round trip (ack and claim), not two (the ack, then the claim the freed
+        slots wake). Only for a queue that no other queue of the pool contends with for
+        slots (the arbiter would hand them all to it anyway), and not once stopping."""
+        if self._stopping or self._fetching.cancel_called or not self._slots.alone(queue):
+            return None
+        returning = Counter[str]()
+        for attempt in attempts:
+            running = self._acking.get((attempt.job_id, attempt.attempt))
+            if running is not None and running.holds_slot:
+                returning[running.job.type] += 1
+        if not returning:
+            return None
+        free = self._room(returning)
+        self._take_types(free, 1)
+        return ClaimRequest(returning.total(), self._clock(), self._type_limits, free)
+
+    def _claimed_with_ack(self, queue: str, request: ClaimRequest, claim: Claimed | None) -> None:
+        """What the claim sent with an ack gave (None: the call failed). Called before the
+        acked attempts are reported: the jobs take slots those attempts then give back."""
+        self._take_types(request.free, -1)
+        if claim is None or self._stopping or self._fetching.cancel_called:
+            # Not started: the final requeue, or the orphan release, returns them.
+            return
+        self._slots.take(len(claim.jobs))
+        self._start(queue, claim)
 
     async def run(
         self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED

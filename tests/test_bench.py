@@ -78,6 +78,7 @@ def test_quick_bench_runs_every_workload_in_under_a_minute(tmp_path: Path) -> No
         assert figures[(workload, "Redis commands")] == "per job", figures
     for workload in ("intake-single", "drain"):
         assert figures[(workload, "daemon CPU")] == "µs/job", figures
+    assert figures[("drain", "Redis CPU")] == "µs/job", figures
     # Single submissions: how long each request took, and what the client cost.
     for figure in ("p50", "p99", "max"):
         assert figures[("intake-single", figure)] == "ms", figures

@@ -13,7 +13,7 @@ import pytest
 
 from taskd.handlers import Handlers
 from taskd.metrics import Metrics
-from taskd.store import Attempt, Store
+from taskd.store import Attempt, Claimed, ClaimRequest, Store
 from taskd.workers import WorkerPool
 from tests.builders import Q, enqueue, stored
 from tests.support import REPO, is_gone, make_config, read_pids, wait_until
@@ -35,6 +35,13 @@ class HeldAcks(Store):
         self.waiting += len(attempts)
         await self.through.wait()
         return await super().ack(queue, daemon_id, attempts, now)
+
+    async def ack_and_claim(
+        self, queue: str, daemon_id: str, attempts: Sequence[Attempt], request: ClaimRequest
+    ) -> tuple[list[bool], Claimed]:
+        self.waiting += len(attempts)
+        await self.through.wait()
+        return await super().ack_and_claim(queue, daemon_id, attempts, request)
 
 
 @asynccontextmanager
@@ -165,3 +172,49 @@ async def test_every_queue_claims_again_once_outcomes_are_recorded(
             lambda: _completed(store, 300, "other"), "300 jobs of the other queue", deadline=30
         )
         await wait_until(lambda: _idle(pool), "every slot free")
+
+
+class CountedClaims(Store):
+    """A store that counts the jobs claimed on their own and with an ack, and the most
+    jobs this daemon held in Redis (its active set) after each of its calls."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(connection=store.connection)
+        self.alone = 0
+        self.with_acks = 0
+        self.most_held = 0
+
+    async def claim(self, queue: str, daemon_id: str, *args: Any, **kwargs: Any) -> Claimed:
+        claimed = await super().claim(queue, daemon_id, *args, **kwargs)
+        self.alone += len(claimed.jobs)
+        await self._held(queue, daemon_id)
+        return claimed
+
+    async def ack_and_claim(
+        self, queue: str, daemon_id: str, attempts: Sequence[Attempt], request: ClaimRequest
+    ) -> tuple[list[bool], Claimed]:
+        flags, claimed = await super().ack_and_claim(queue, daemon_id, attempts, request)
+        self.with_acks += len(claimed.jobs)
+        await self._held(queue, daemon_id)
+        return flags, claimed
+
+    async def _held(self, queue: str, daemon_id: str) -> None:
+        held = int(await self.connection.client.zcard(self.keys.active(queue, daemon_id)))
+        self.most_held = max(self.most_held, held)
+
+
+@pytest.mark.timeout(60)
+async def test_a_busy_queue_claims_with_the_acks_that_free_the_slots(
+    store: Store, redis_url: str
+) -> None:
+    counted = CountedClaims(store)
+    await enqueue(store, 600)
+    async with running_pool(counted, redis_url, concurrency=10) as pool:
+        await wait_until(lambda: _completed(store, 600), "600 jobs completed", deadline=45)
+        await wait_until(lambda: _idle(pool), "every slot free")
+    # Past the first claims, the slots an ack frees are filled in its own round trip: a
+    # claim on its own is what a queue running dry (or a claim that came up short) costs.
+    assert counted.alone + counted.with_acks == 600
+    assert counted.with_acks >= 400, (counted.alone, counted.with_acks)
+    # And never more jobs in Redis than slots: the ack runs before the claim sent with it.
+    assert counted.most_held <= 10

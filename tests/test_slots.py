@@ -143,3 +143,32 @@ async def test_a_cancelled_acquire_has_nothing_kept_for_it() -> None:
 def test_an_unknown_mode_is_refused() -> None:
     with pytest.raises(ValueError, match="strict, weighted"):
         SlotArbiter(capacity=1, queues=["a"], batch=1, mode="fair")
+
+
+async def test_slots_taken_for_jobs_about_to_be_released_are_never_handed_out_twice() -> None:
+    arbiter = SlotArbiter(capacity=2, queues=QUEUES, batch=10)
+    # Neither queue has claimed yet, so either may have work: neither is alone.
+    assert not arbiter.alone("high")
+    arbiter.settle("low", 0, idle=True)  # low's claim found it empty
+    assert await arbiter.acquire("high") == 2
+    arbiter.settle("high", 0, idle=False)
+    assert arbiter.alone("high")
+    assert not arbiter.alone("low")
+    # Two jobs of high are acked with a claim that got two more: their slots pass on.
+    arbiter.take(2)
+    assert arbiter.active == 4
+    arbiter.release()
+    arbiter.release()
+    assert arbiter.active == 2
+    got: list[int] = []
+
+    async def fetch() -> None:
+        got.append(await arbiter.acquire("high"))
+
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(fetch)
+        await anyio.wait_all_tasks_blocked()
+        assert got == []  # every slot is in use: nothing for the fetcher
+        arbiter.release()
+        await anyio.wait_all_tasks_blocked()
+        assert got == [1]

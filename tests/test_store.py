@@ -7,8 +7,8 @@ import orjson
 from redis.asyncio import Redis
 
 from taskd.jobs import Job
-from taskd.store import Beat, DaemonInfo, Inspector, Keys, Store
-from tests.builders import ended, enqueue, new_job, stored
+from taskd.store import Beat, ClaimRequest, DaemonInfo, Inspector, Keys, Store
+from tests.builders import done, ended, enqueue, new_job, stored
 from tests.support import ECHO, ready_ids
 
 Q = "default"
@@ -125,6 +125,36 @@ async def test_ack_records_each_outcome(store: Store, redis: Redis) -> None:
         b"failed": b"1",
         b"cancelled": b"1",
     }
+
+
+async def test_ack_and_claim_records_the_acks_then_claims_in_the_slots_they_free(
+    store: Store, redis: Redis
+) -> None:
+    jobs = await enqueue(store, 5)
+    first = (await store.claim(Q, ME, 2, now=10, type_limits=ECHO)).jobs
+    request = ClaimRequest(2, 20, ECHO, {})
+    flags, claimed = await store.ack_and_claim(Q, ME, [done(job) for job in first], request)
+    assert flags == [True, True]
+    assert [job.id for job in claimed.jobs] == [job.id for job in jobs[2:4]]
+    assert [await place(redis, job.id) for job in jobs] == [
+        ["completed"], ["completed"], ["active"], ["active"], ["ready"],
+    ]  # fmt: skip
+    # An attempt no longer this daemon's is refused as by ack(); the claim runs all the same.
+    flags, claimed = await store.ack_and_claim(Q, ME, [done(first[0])], request)
+    assert flags == [False]
+    assert [job.id for job in claimed.jobs] == [jobs[4].id]
+
+
+async def test_ack_and_claim_loads_its_scripts_again_after_a_script_flush(
+    store: Store, redis: Redis
+) -> None:
+    jobs = await enqueue(store, 2)
+    [job] = (await store.claim(Q, ME, 1, now=10, type_limits=ECHO)).jobs
+    await redis.script_flush()  # as a Redis restarted without its scripts
+    flags, claimed = await store.ack_and_claim(Q, ME, [done(job)], ClaimRequest(1, 20, ECHO, {}))
+    assert flags == [True]
+    assert [each.id for each in claimed.jobs] == [jobs[1].id]
+    assert await place(redis, job.id) == ["completed"]
 
 
 async def test_history_grows_one_entry_per_attempt(store: Store) -> None:

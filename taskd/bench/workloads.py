@@ -156,12 +156,16 @@ async def drain(bench: Bench) -> list[Figure]:
     await local.store.pause(QUEUE)
     async with bench.daemons(1, concurrency=100) as [daemon]:
         cpu, commands = daemon.cpu_seconds(), await _commands(bench)
+        redis_cpu = await local.inspector.cpu_seconds()
         await local.store.resume(QUEUE)
         await bench.wait_finished(n)
+        redis_cpu = await local.inspector.cpu_seconds() - redis_cpu
         commands = await _commands(bench) - commands
         used = daemon_cpu(daemon, cpu, n)
     rows = await local.records(ids, ("started_at", "finished_at"))
-    return [Figure("throughput", "jobs/s", n / span(rows)), *_per_job(commands, n), *used]
+    # Beside the daemon's: a drain is the two taking turns (docs/performance.md).
+    redis = Figure("Redis CPU", "µs/job", redis_cpu / n * 1e6)
+    return [Figure("throughput", "jobs/s", n / span(rows)), *_per_job(commands, n), *used, redis]
 
 
 async def pickup(bench: Bench) -> list[Figure]:

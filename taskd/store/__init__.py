@@ -15,7 +15,7 @@ from taskd.store.connect import (
 from taskd.store.inspect import Footprint, Inspector, Page, Rates, Unhandled
 from taskd.store.keys import Keys
 from taskd.store.record import ArchiveRecord, Attempt, DaemonInfo, TypeLimits
-from taskd.store.store import Archived, Beat, Claimed, Store
+from taskd.store.store import Archived, Beat, Claimed, ClaimRequest, Store
 
 __all__ = [
     "POOL_SIZE",
@@ -25,6 +25,7 @@ __all__ = [
     "Archived",
     "Attempt",
     "Beat",
+    "ClaimRequest",
     "Claimed",
     "Connection",
     "DaemonInfo",

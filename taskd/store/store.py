@@ -54,6 +54,31 @@ class Claimed:
     skipped: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class ClaimRequest:
+    """A claim's arguments but the queue and daemon (see Store.claim)."""
+
+    most: int
+    now: int
+    type_limits: Sequence[TypeLimits]
+    free: Mapping[str, int]
+
+
+def _claimed(reply: Any, queue: str, daemon_id: str) -> Claimed:
+    """What claim.lua answered."""
+    status, due, rate_limited, held, skipped, *flat = reply
+    if status == b"paused":
+        return Claimed([], paused=True)
+    return Claimed(
+        record.decode_claimed(flat, queue, daemon_id),
+        more=status == b"more",
+        due=int(due) or None,
+        rate_limited=int(rate_limited),
+        held=int(held),
+        skipped=int(skipped),
+    )
+
+
 class _Waiting:
     """One job handed to `enqueue`, waiting for the call that carries it, and its answer."""
 
@@ -306,26 +331,22 @@ class Store:
         set and return them: only jobs of the types in `type_limits` (those this daemon has a
         handler for), at most `free[type]` of a type (absent: no local cap). Jobs over
         their type's global limits wait; the others stay ready (see claim.lua)."""
+        request = ClaimRequest(most, now, type_limits, free or {})
+        keys, args = self._claim_call(queue, daemon_id, request)
+        reply = await self._lua["claim"](keys=keys, args=args)
+        return _claimed(reply, queue, daemon_id)
+
+    def _claim_call(
+        self, queue: str, daemon_id: str, request: ClaimRequest
+    ) -> tuple[list[str], list[Any]]:
         k = self.keys
-        free = free or {}
         keys = [k.inbox(queue), k.landing(queue, daemon_id), k.active(queue, daemon_id)]
         keys += [k.leases(queue), k.paused(queue), k.waits(queue), k.scheduled(queue)]
         keys += [k.totals(queue), k.limit_waits(queue), k.unhandled(queue)]
-        args = [*self._header(queue, now), most, daemon_id, TIMING_SAMPLES]
-        for spec in type_limits:
-            args += record.type_limits_args(spec, free.get(spec.job_type, -1))
-        reply = await self._lua["claim"](keys=keys, args=args)
-        status, due, rate_limited, held, skipped, *flat = reply
-        if status == b"paused":
-            return Claimed([], paused=True)
-        return Claimed(
-            record.decode_claimed(flat, queue, daemon_id),
-            more=status == b"more",
-            due=int(due) or None,
-            rate_limited=int(rate_limited),
-            held=int(held),
-            skipped=int(skipped),
-        )
+        args = [*self._header(queue, request.now), request.most, daemon_id, TIMING_SAMPLES]
+        for spec in request.type_limits:
+            args += record.type_limits_args(spec, request.free.get(spec.job_type, -1))
+        return keys, args
 
     async def wait_for_job(self, queue: str, daemon_id: str, block_seconds: int) -> bool:
         """Block until a job is ready, moving its id into this daemon's landing list.
@@ -344,6 +365,43 @@ class Store:
     ) -> list[bool]:
         """Record finished attempts of one queue in one script call; returns, for each,
         whether it was recorded (False: it was no longer this daemon's)."""
+        keys, args = self._ack_call(queue, daemon_id, attempts, now)
+        return [bool(flag) for flag in await self._lua["ack"](keys=keys, args=args)]
+
+    async def ack_and_claim(
+        self, queue: str, daemon_id: str, attempts: Sequence[Attempt], request: ClaimRequest
+    ) -> tuple[list[bool], Claimed]:
+        """ack() these attempts, then claim() as `request` says, in one round trip.
+
+        Pipelined on one connection, the claim runs after the ack, so the slots the ack
+        frees in Redis are free when it runs, and a daemon still never holds more jobs
+        there than it has slots; the round trip a claim would wait for on its own after
+        each ack is saved. Not a transaction: should the connection fail, either may have
+        run, as with two calls (the acker sends the ack again, and a claim whose answer
+        was lost is returned by the pool's orphan release).
+        """
+        ack_keys, ack_args = self._ack_call(queue, daemon_id, attempts, request.now)
+        claim_keys, claim_args = self._claim_call(queue, daemon_id, request)
+        ack_script, claim_script = self._lua["ack"], self._lua["claim"]
+        async with self._r.pipeline(transaction=False) as pipe:
+            # EVALSHA by hand: a script called on a pipeline asks Redis whether it has it
+            # first, one more round trip each time.
+            pipe.evalsha(ack_script.sha, len(ack_keys), *ack_keys, *ack_args)
+            pipe.evalsha(claim_script.sha, len(claim_keys), *claim_keys, *claim_args)
+            acked, claimed = await pipe.execute(raise_on_error=False)
+        # Redis restarted or flushed since the scripts were loaded: each in turn, loading it.
+        if isinstance(acked, redis.exceptions.NoScriptError):
+            acked = await ack_script(keys=ack_keys, args=ack_args)
+        if isinstance(claimed, redis.exceptions.NoScriptError):
+            claimed = await claim_script(keys=claim_keys, args=claim_args)
+        for reply in (acked, claimed):
+            if isinstance(reply, Exception):
+                raise reply
+        return [bool(flag) for flag in acked], _claimed(claimed, queue, daemon_id)
+
+    def _ack_call(
+        self, queue: str, daemon_id: str, attempts: Sequence[Attempt], now: int
+    ) -> tuple[list[str], list[Any]]:
         k = self.keys
         args = [*self._header(queue, now), now // record.BUCKET_MS, TIMING_SAMPLES, daemon_id]
         args.append(self._archive(queue))
@@ -361,7 +419,7 @@ class Store:
             k.inbox(queue),
             k.callbacks(queue),
         ]
-        return [bool(flag) for flag in await self._lua["ack"](keys=keys, args=args)]
+        return keys, args
 
     async def report_progress(
         self, job: Job, daemon_id: str, value: float, message: str, now: int
