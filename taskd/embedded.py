@@ -30,6 +30,10 @@ from taskd.store.connect import server_probe
 log = logging.getLogger(__name__)
 
 MIN_VERSION = (6, 2, 0)
+# The longest value a hash keeps in its compact encoding (hash-max-ziplist-value, an alias
+# of hash-max-listpack-value from Redis 7): above a job's usual payload, result and
+# history, so that a job's hash is a compact array rather than a table of entries.
+HASH_MAX_VALUE = 1024
 
 # sun_path holds 108 bytes on Linux but 104 on macOS and the BSDs: stay under both.
 _MAX_SOCKET_PATH = 104
@@ -386,6 +390,10 @@ class RedisServer:
             *("--daemonize", "no"),
             *("--logfile", str(self._log_path)),
             *("--maxmemory-policy", "noeviction"),
+            # A job's hash stays compact (a ziplist, a listpack from Redis 7) only while
+            # each value is at most this long: at the default 64, a 100-byte payload made
+            # every field an entry of its own, and a queued job took twice the memory.
+            *("--hash-max-ziplist-value", str(HASH_MAX_VALUE)),
             *self._extra_args,
         ]
 

@@ -144,8 +144,11 @@ async def test_two_daemons_run_at_most_global_concurrency_jobs_of_a_type(
     redis_url: str,
 ) -> None:
     gauge = handler_funcs.reset_gauge()
-    handlers = {"gated": {"python": "tests.handler_funcs:gated", "global_concurrency": 3}}
-    config = make_config(redis_url, handlers=handlers)
+    # At most 2 at once in each daemon, so that 3 at once takes both: the limit is held
+    # across them, not within one (a daemon that frees a slot of the type claims the next
+    # job with that ack, so one daemon alone would otherwise keep the work).
+    gated = {"python": "tests.handler_funcs:gated", "global_concurrency": 3, "concurrency": 2}
+    config = make_config(redis_url, handlers={"gated": gated})
     async with two_daemons(config) as (session, (one, two), urls):
         ids = await submit_in_turn(session, urls, {"type": "gated"}, 12)
         free = await post_json(session, f"{urls[0]}/jobs", {"type": "noop"})
