@@ -394,6 +394,11 @@ class RedisServer:
             # each value is at most this long: at the default 64, a 100-byte payload made
             # every field an entry of its own, and a queued job took twice the memory.
             *("--hash-max-ziplist-value", str(HASH_MAX_VALUE)),
+            # Every sorted set a skiplist, however small: a small one is a ziplist
+            # (listpack from Redis 7) that each ZADD, ZREM or ZMSCORE walks entry by entry,
+            # parsing each score, and a daemon's in-flight set, up to its concurrency, is
+            # written twice a job; the sets that would stay small are few.
+            *("--zset-max-ziplist-entries", "0"),
             *self._extra_args,
         ]
 

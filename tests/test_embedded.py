@@ -135,6 +135,8 @@ def test_unix_socket_server_keeps_data_across_restart(
         assert client.config_get("port") == {"port": "0"}  # no TCP listener
         # A job's hash stays compact with payloads up to 1 KB (docs/performance.md).
         assert client.config_get("hash-max-ziplist-value") == {"hash-max-ziplist-value": "1024"}
+        # ...and sorted sets are skiplists at any size.
+        assert client.config_get("zset-max-ziplist-entries") == {"zset-max-ziplist-entries": "0"}
         client.set("key", "kept")
     first_pid = server.pid
     assert first_pid is not None
