@@ -55,6 +55,7 @@ class Acker:
         self._on_recorded = on_recorded
         # (queue, outcome) in the order they came.
         self._pending: list[tuple[str, Attempt]] = []
+        self._failing = False  # the last send failed (see _send)
         self._sending_lock = anyio.Lock()
         self._has_work = anyio.Event()
 
@@ -115,7 +116,10 @@ class Acker:
                 return
 
     async def _send(self, queue: str, attempts: list[Attempt]) -> list[bool]:
-        request = self._plan_claim(queue, attempts)
+        # No claim with an ack sent again after a failure: one that ran each time while
+        # the ack kept failing would take more jobs than the slots the ack frees.
+        request = None if self._failing else self._plan_claim(queue, attempts)
+        self._failing = True  # until this send answers
         if request is None:
             flags = await self._store.ack(queue, self._daemon_id, attempts, self._clock())
         else:
@@ -126,7 +130,14 @@ class Acker:
             except BaseException:
                 self._on_claimed(queue, request, None)
                 raise
-            self._on_claimed(queue, request, claimed)
+            if isinstance(claimed, Exception):
+                # The ack is recorded; the jobs the claim may have taken are orphans that
+                # the pool's orphan release returns.
+                logger.warning("the claim sent with an ack of queue %s failed: %s", queue, claimed)
+                self._on_claimed(queue, request, None)
+            else:
+                self._on_claimed(queue, request, claimed)
+        self._failing = False
         if not all(flags):
             # The missing ones were taken back while they ran (this daemon was taken for
             # dead); a newer attempt owns their record now.

@@ -237,8 +237,9 @@ class Daemon:
         # daemon to send (before deregistering: a reaper would not look for them after).
         await self.callbacks.stop()
         # 6. Stop the archiver process: it gives up the queues it archives, for another
-        # daemon's to take over at once (what it was writing stays in the hand-off:
-        # written again, harmlessly). After the drain: it archived what the drain ended.
+        # daemon's to take over at once. What it had not written yet, what it was writing
+        # included, stays in the hand-off for whichever archiver takes the queue next
+        # (written twice, harmlessly).
         if self.archiver is not None:
             await self.archiver.stop()
         # 7. Send the spans still batched (the last attempts', the callbacks'), for a few

@@ -193,8 +193,11 @@ class WorkerPool:
         """Free room per capped type: its concurrency less the jobs of it held, plus those
         of `returning` (jobs whose slots a claim takes as they are acked)."""
         returning = returning or {}
+        # At least 0: while a claim sent with an ack holds the room of the jobs it acks,
+        # the room left can be below nothing, and claim.lua takes a negative room for no
+        # cap at all.
         return {
-            name: cap - self._taken[name] + returning.get(name, 0)
+            name: max(0, cap - self._taken[name] + returning.get(name, 0))
             for name, cap in self._caps.items()
         }
 

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import pytest
+import redis.exceptions
+
 from taskd.acker import Acker
 from taskd.jobs import Job
-from taskd.store import Attempt, Store
+from taskd.store import Attempt, Claimed, ClaimRequest, Store
 from tests.builders import Clock, Q, done, enqueue, reaper, stored
 from tests.support import ECHO
 
@@ -67,3 +72,54 @@ async def test_the_outcome_of_a_job_taken_back_meanwhile_is_dropped(store: Store
     assert await record_all(acker, recorded, [done(job)]) == [False]
     back = await stored(store, job.id)
     assert (back.state, back.attempts) == ("queued", 1)
+
+
+class FailsOnce(Store):
+    """A store whose first ack sent with a claim fails, as a dropped connection does."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(connection=store.connection)
+        self.failed = False
+
+    async def ack_and_claim(
+        self, queue: str, daemon_id: str, attempts: Sequence[Attempt], request: ClaimRequest
+    ) -> tuple[list[bool], Claimed | Exception]:
+        if not self.failed:
+            self.failed = True
+            raise redis.exceptions.ConnectionError("dropped")
+        return await super().ack_and_claim(queue, daemon_id, attempts, request)
+
+
+async def test_an_ack_sent_again_after_a_failure_carries_no_claim(store: Store) -> None:
+    clock = Clock()
+    jobs = await claim(store, clock, 2)
+    await enqueue(store, 2)  # ready for the claims sent with the acks
+    planned: list[int] = []
+    claimed: list[Claimed | None] = []
+
+    def plan(queue: str, attempts: list[Attempt]) -> ClaimRequest:
+        planned.append(len(attempts))
+        return ClaimRequest(len(attempts), clock.now, ECHO, {})
+
+    acker = Acker(
+        store=FailsOnce(store),
+        daemon_id="me",
+        clock=clock,
+        plan_claim=plan,
+        on_claimed=lambda queue, request, got: claimed.append(got),
+    )
+    acker.record(Q, done(jobs[0]))
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await acker.tick()
+    assert (planned, claimed) == ([1], [None])  # the claim's room is given back
+    # Sent again alone: had the failed call run in Redis, a second claim would take
+    # more jobs than the ack frees.
+    assert await acker.tick() == 1
+    assert planned == [1]
+    # Once an ack went through, claims go with acks again.
+    acker.record(Q, done(jobs[1]))
+    assert await acker.tick() == 1
+    assert planned == [1, 1]
+    got = claimed[-1]
+    assert got is not None
+    assert len(got.jobs) == 1

@@ -218,3 +218,29 @@ async def test_a_busy_queue_claims_with_the_acks_that_free_the_slots(
     assert counted.with_acks >= 400, (counted.alone, counted.with_acks)
     # And never more jobs in Redis than slots: the ack runs before the claim sent with it.
     assert counted.most_held <= 10
+
+
+async def test_the_room_offered_for_a_capped_type_is_never_below_nothing(
+    store: Store, redis_url: str
+) -> None:
+    # While a claim sent with an ack holds the room of the jobs it acks, more than the cap
+    # of a type can be counted as taken; a claim offered a negative room would take it for
+    # no cap at all (claim.lua), so it is offered none. A pool not running: no fetcher
+    # holds room meanwhile.
+    handlers = {"capped": {"builtin": "noop", "concurrency": 2}}
+    config = make_config(redis_url, handlers=handlers)
+    async with Handlers(config.handlers) as runners:
+        pool = WorkerPool(
+            store=store,
+            handlers=runners,
+            handler_configs=config.handlers,
+            daemon_id=ME,
+            queues=(Q,),
+            concurrency=4,
+            metrics=Metrics(concurrency=4),
+        )
+        assert pool._room() == {"capped": 2}
+        pool._take_types({"capped": 3}, 1)  # as _plan_claim does, with nothing running
+        assert pool._room() == {"capped": 0}
+        assert pool._room({"capped": 1}) == {"capped": 0}
+        assert pool._room({"capped": 2}) == {"capped": 1}

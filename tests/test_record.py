@@ -8,7 +8,14 @@ import pytest
 
 from taskd.jobs import ACTIVE
 from taskd.store import Store
-from taskd.store.record import ARCHIVED, CLAIMED_JOB, NEW_JOB, decode_claimed, new_job_args
+from taskd.store.record import (
+    ARCHIVED,
+    CLAIMED_JOB,
+    NEW_JOB,
+    decode_archive_record,
+    decode_claimed,
+    new_job_args,
+)
 from tests.builders import enqueue, new_job, stored
 from tests.support import ECHO, REPO
 
@@ -100,3 +107,9 @@ def test_the_archive_staging_table_takes_the_archived_fields_in_their_order() ->
 
     columns = re.findall(r"(\w+) (?:text|integer|smallint|bigint)", _STAGING)
     assert tuple(columns) == ("id", "queue", *ARCHIVED)
+
+
+@pytest.mark.parametrize("copy", [b"{}", b"not json", b'["state"]', b'["state", 3]'])
+def test_a_kept_copy_that_is_no_record_is_dropped_not_raised(copy: bytes) -> None:
+    # Raised, it would fail its whole batch, and every later take of its queue.
+    assert decode_archive_record(copy, "default", "job-1") is None

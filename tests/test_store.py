@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import anyio
 import orjson
+from redis import exceptions as redis_exceptions
 from redis.asyncio import Redis
 
 from taskd.jobs import Job
@@ -143,6 +146,26 @@ async def test_ack_and_claim_records_the_acks_then_claims_in_the_slots_they_free
     flags, claimed = await store.ack_and_claim(Q, ME, [done(first[0])], request)
     assert flags == [False]
     assert [job.id for job in claimed.jobs] == [jobs[4].id]
+
+
+class BrokenClaims(Store):
+    """A store whose claims fail in Redis (a script error), acks not."""
+
+    def _claim_call(self, *args: Any) -> tuple[list[str], list[Any]]:
+        keys, args_ = super()._claim_call(*args)
+        return keys[:1], args_  # the script's other keys missing: it fails
+
+
+async def test_ack_and_claim_records_the_ack_when_only_the_claim_fails(
+    store: Store, redis: Redis
+) -> None:
+    await enqueue(store, 2)
+    [job] = (await store.claim(Q, ME, 1, now=10, type_limits=ECHO)).jobs
+    broken = BrokenClaims(connection=store.connection)
+    flags, claimed = await broken.ack_and_claim(Q, ME, [done(job)], ClaimRequest(1, 20, ECHO, {}))
+    assert flags == [True]
+    assert isinstance(claimed, redis_exceptions.ResponseError)
+    assert await place(redis, job.id) == ["completed"]
 
 
 async def test_ack_and_claim_loads_its_scripts_again_after_a_script_flush(

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 RESTART_DELAY = 1.0
 # How long the daemon waits at shutdown for its child to give up its queues and exit,
 # before it kills it (another daemon's archiver then takes over after the lease).
-STOP_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
 _WAKE = b"."
 
 
@@ -96,11 +96,15 @@ class ArchiverProcess:
     async def _run_child(self) -> None:
         if self._stopping:
             await anyio.sleep_forever()
-        command = [sys.executable, "-m", "taskd.archive.process"]
+        # -P: the working directory (writable by exec handlers, under systemd) is not on
+        # the import path of a process that holds the database's URL.
+        command = [sys.executable, "-P", "-m", "taskd.archive.process"]
         # stdout and stderr are the daemon's: the child logs where the daemon does.
         process = await anyio.open_process(command, stdin=subprocess.PIPE, stdout=None, stderr=None)
         self._process = process
         try:
+            if self._stopping:  # stop() came while it started: it saw no process to end
+                return
             assert process.stdin is not None
             await process.stdin.send(self._spec.encode())
             logger.info("archiver process started (pid %d)", process.pid)
@@ -146,7 +150,8 @@ async def _end(process: anyio.abc.Process) -> None:
         await process.wait()
         return
     logger.warning("archiver process %d did not stop in %g s: killed", process.pid, STOP_TIMEOUT)
-    process.kill()
+    with contextlib.suppress(ProcessLookupError):  # gone meanwhile
+        process.kill()
     await process.wait()
 
 

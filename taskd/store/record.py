@@ -197,12 +197,16 @@ def decode_archive_record(
     return ArchiveRecord(job_id, queue, int(values[_FINISHED_AT] or 0), tuple(values))
 
 
-def _kept_values(copy: bytes) -> list[bytes | None]:
+def _kept_values(copy: bytes) -> list[bytes | None] | None:
     """The ARCHIVED values of a kept copy (lua/lib.lua, keep_for_archive: a JSON array of
-    the hash's field, value pairs)."""
-    pairs = orjson.loads(copy)
-    named = dict(zip(pairs[::2], pairs[1::2], strict=True))
-    return [None if (value := named.get(name)) is None else value.encode() for name in ARCHIVED]
+    the hash's field, value pairs); None for one that is not (a copy of a hash already
+    gone is "{}"), which is dropped rather than stopping its queue's archiving."""
+    try:
+        pairs = orjson.loads(copy)
+        named = dict(zip(pairs[::2], pairs[1::2], strict=True))
+        return [None if (value := named.get(name)) is None else value.encode() for name in ARCHIVED]
+    except (orjson.JSONDecodeError, TypeError, ValueError, AttributeError):
+        return None
 
 
 def _settled_history(v: Sequence[bytes | None]) -> bytes:

@@ -370,8 +370,10 @@ class Store:
 
     async def ack_and_claim(
         self, queue: str, daemon_id: str, attempts: Sequence[Attempt], request: ClaimRequest
-    ) -> tuple[list[bool], Claimed]:
-        """ack() these attempts, then claim() as `request` says, in one round trip.
+    ) -> tuple[list[bool], Claimed | Exception]:
+        """ack() these attempts, then claim() as `request` says, in one round trip; the
+        claim's error, if only the claim failed, is answered beside the ack's flags (the
+        ack is recorded all the same), and raised if the ack failed.
 
         Pipelined on one connection, the claim runs after the ack, so the slots the ack
         frees in Redis are free when it runs, and a daemon still never holds more jobs
@@ -394,10 +396,15 @@ class Store:
             acked = await ack_script(keys=ack_keys, args=ack_args)
         if isinstance(claimed, redis.exceptions.NoScriptError):
             claimed = await claim_script(keys=claim_keys, args=claim_args)
-        for reply in (acked, claimed):
-            if isinstance(reply, Exception):
-                raise reply
-        return [bool(flag) for flag in acked], _claimed(claimed, queue, daemon_id)
+        if isinstance(acked, Exception):
+            raise acked
+        flags = [bool(flag) for flag in acked]
+        if isinstance(claimed, Exception):
+            return flags, claimed
+        try:
+            return flags, _claimed(claimed, queue, daemon_id)
+        except Exception as exc:  # an answer it cannot read: the claim's failure, not the ack's
+            return flags, exc
 
     def _ack_call(
         self, queue: str, daemon_id: str, attempts: Sequence[Attempt], now: int
