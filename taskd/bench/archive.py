@@ -63,17 +63,16 @@ async def archive(bench: Bench) -> list[Figure]:
     drain rate each time, how fast the archive took the jobs in and how far it fell
     behind the drain, and what the jobs cost each process in CPU time."""
     n = bench.scaled(ARCHIVE_DRAIN)
-    plain, _, _ = await _drain(bench, n, None)
+    plain, _, _, _ = await _drain(bench, n, None)
     await bench.reset()
     async with own_postgres() as server:
-        rate, cpu, peak = await _drain(bench, n, server)
-        drained_at = time.perf_counter()
+        rate, cpu, peak, lag = await _drain(bench, n, server)
         await _wait_archived(bench, server, n)
-        lag = time.perf_counter() - drained_at
     bench.note(
         "archive: drain rates of the same daemon without and with [archive]; archived is "
         "jobs written to PostgreSQL per second from the drain's start to the last one "
-        "written; peak backlog is the most jobs waiting in the hand-off while it drained; "
+        "written; archive lag is from the drain's last job done to the hand-off empty; "
+        "peak backlog is the most jobs waiting in the hand-off while it drained; "
         "the CPU figures are from the drain's start until the hand-off is empty: the "
         "daemon, its archiver process, Redis and PostgreSQL share the machine's cores."
     )
@@ -90,10 +89,10 @@ async def archive(bench: Bench) -> list[Figure]:
 
 async def _drain(
     bench: Bench, n: int, server: PostgresServer | None
-) -> tuple[float, list[Figure], int]:
+) -> tuple[float, list[Figure], int, float]:
     """Drain n waiting noop jobs with one daemon, archiving to `server` (None: not):
-    jobs/s, the CPU per job of each process while it drained and archived, and the peak
-    of the hand-off's backlog."""
+    jobs/s, the CPU per job of each process while it drained and archived, the peak of
+    the hand-off's backlog, and the seconds from the drain's end to the hand-off empty."""
     local = bench.need_local()
     ids = await local.enqueue(n, "noop", None)
     await local.store.pause(QUEUE)
@@ -116,17 +115,19 @@ async def _drain(
                 tg.start_soon(watch)
             await bench.wait_finished(n)
             tg.cancel_scope.cancel()
-        rows = await local.records(ids, ("started_at", "finished_at"))
+        drained_at = time.perf_counter()
         if server is not None:
             # The daemon goes on archiving after the drain: keep it until the archive has all.
             await _archived_in_redis(bench)
+        lag = time.perf_counter() - drained_at
+        rows = await local.records(ids, ("started_at", "finished_at"))
         after = await _cpu(bench, daemon, server)
     used = []
     for name, then in before.items():
         now = after[name]
         if then is not None and now is not None:
             used.append(Figure(f"{name} CPU", "µs/job", (now - then) / n * 1e6))
-    return n / span(rows), used, peak
+    return n / span(rows), used, peak, lag
 
 
 async def _archiver_ready(bench: Bench) -> None:
