@@ -88,6 +88,20 @@ async def enqueue(redis_url: str, count: int, seconds: float) -> list[str]:
         await store.close()
 
 
+async def enqueue_at_once(redis_url: str, count: int, seconds: float) -> list[str]:
+    """`count` jobs, all ready at once (one script call)."""
+    store = Store.from_url(redis_url, prefix="taskd")
+    try:
+        jobs = [
+            Job(new_id(), "record", Q, seconds, QUEUED, 0, now_ms(), max_attempts=25)
+            for _ in range(count)
+        ]
+        await store.enqueue_many(jobs)
+        return [job.id for job in jobs]
+    finally:
+        await store.close()
+
+
 async def completed(redis: Redis) -> int:
     return int(await redis.zcard(K.completed(Q)))
 
@@ -105,7 +119,11 @@ async def test_sigkill_chaos_loses_nothing(
         for _ in range(kills):
             # Each round brings its own jobs: on a loaded machine b and c could otherwise
             # finish every job while "a" restarts, and there would be nothing left to kill.
-            ids += await enqueue(redis_url, per_kill, seconds=0.05)
+            # All at once, and long enough (0.2 s each: a round is over 2 s of work for the
+            # three daemons) that a test starved of the CPU for a while on a loaded machine
+            # still sees "a" running some: sent one at a time, 0.05 s each, the daemons ran
+            # them as fast as they came, and a round could end unseen.
+            ids += await enqueue_at_once(redis_url, per_kill, seconds=0.2)
             # Kill only once the daemon runs jobs, so that every kill leaves some behind.
             victim = await cluster.daemon_id("a")
             await wait_until(lambda v=victim: _running(redis, v), f"{victim} to run jobs")
