@@ -101,6 +101,21 @@ async def test_rate_limit_schedules_jobs_over_it_at_the_rate(
     assert fourth.attempts == 1
 
 
+async def test_a_rate_counts_a_start_when_its_started_at_says(store: Store) -> None:
+    # A claim's time is read before it waits for a connection, so a job can be newer than
+    # it; such a job's started_at is its creation. The window counts that time too, or
+    # a second of started_at values could hold more starts than the rate.
+    first = [new_job("slow", {"n": n}, created_at=1050) for n in range(3)]
+    await store.enqueue_many(first)
+    claimed = (await store.claim(Q, "a", 10, now=1000, type_limits=THREE_A_SECOND)).jobs
+    assert [j.started_at for j in claimed] == [1050] * 3
+    await store.enqueue_many([new_job("slow", {"n": 3}, created_at=1500)])
+    assert (await store.claim(Q, "b", 10, now=2040, type_limits=THREE_A_SECOND)).jobs == []
+    assert await store.promote(Q, now=2050) == (1, None)
+    [late] = (await store.claim(Q, "b", 10, now=2050, type_limits=THREE_A_SECOND)).jobs
+    assert late.started_at == 2050
+
+
 async def test_a_claim_stops_at_its_budget_and_says_there_is_more(
     store: Store, redis: Redis
 ) -> None:

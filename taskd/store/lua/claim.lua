@@ -92,14 +92,14 @@ local types, limited = read_type_limits(7, {scheduled = KEYS[7], totals = KEYS[8
 local noted = {}
 
 local function start(id, f, t)
-  if not admit(id, f, t) then
-    return
-  end
-  local key = JOB .. id
   -- Waiting starts when the job is due. The claim's time is read before the call waits
   -- for a connection, so a job can be newer than it: such a job starts when it was due.
   local due = due_of(f)
   local started = math.max(NOW, due)
+  if not admit(id, f, t, started) then
+    return
+  end
+  local key = JOB .. id
   local attempts = tonumber(f[ATTEMPTS] or 0) + 1
   redis.call('HSET', key, 'state', 'active', 'started_at', started, 'daemon', daemon,
     'attempts', attempts)

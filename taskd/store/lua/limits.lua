@@ -88,9 +88,11 @@ local function rate_due(t)
   return t.free_at + math.floor((t.late - 1) * t.window / t.count)
 end
 
--- Whether a job may start under its type's global limits, counted as started if so; if
--- not, it is put where it waits.
-local function admit(id, f, t)
+-- Whether a job may start at `at` (epoch ms) under its type's global limits, counted as
+-- started if so; if not, it is put where it waits. The start is counted at the time the
+-- job's started_at will say, which can be later than NOW, so no window of started_at
+-- values ever holds more starts than the rate.
+local function admit(id, f, t, at)
   if t.concurrency > 0 and t.running >= t.concurrency then
     redis.call('ZADD', t.base .. ':line', hold_score(f), id)
     t.best = math.max(t.best, priority_of(f))
@@ -108,8 +110,8 @@ local function admit(id, f, t)
       end
       return false
     end
-    redis.call('ZADD', t.base .. ':starts', NOW, id .. ':' .. (tonumber(f[ATTEMPTS] or 0) + 1))
-    redis.call('PEXPIRE', t.base .. ':starts', t.window)
+    redis.call('ZADD', t.base .. ':starts', at, id .. ':' .. (tonumber(f[ATTEMPTS] or 0) + 1))
+    redis.call('PEXPIRE', t.base .. ':starts', at - NOW + t.window)
     t.used = t.used + 1
   end
   if t.concurrency > 0 then
