@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import aiohttp
 import anyio
 import pytest
 from redis.asyncio import Redis
@@ -22,10 +23,11 @@ from redis.asyncio import Redis
 from taskd import callbacks, janitor, promoter, workers
 from taskd.bench import SIZES, WORKLOADS, Figure, aggregate, growth, percentile
 from taskd.bench.cli import OPT_IN
-from taskd.bench.harness import spawn_delay_proxy
+from taskd.bench.harness import spawn_delay_proxy, spawn_floor
 from taskd.bench.openloop import LOADS, arrivals
 from taskd.bench.report import latency_figures, number
 from taskd.config.model import WorkersConfig
+from taskd.jobs import Job
 from taskd.store import Keys
 from tests.support import TASKD, make_config, running_daemon
 
@@ -83,6 +85,9 @@ def test_quick_bench_runs_every_workload_in_under_a_minute(tmp_path: Path) -> No
     for figure in ("p50", "p99", "max"):
         assert figures[("intake-single", figure)] == "ms", figures
     assert figures[("intake-single", "bench client CPU")] == "µs/job", figures
+    # The same requests to aiohttp alone, in the same round: the intake's floor.
+    assert figures[("intake-single", "aiohttp alone")] == "jobs/s", figures
+    assert figures[("intake-single", "aiohttp alone CPU")] == "µs/job", figures
     # Open loop: each load level's offered rate, its latency percentiles, in order, and
     # how late the bench sent jobs.
     medians = {(r["workload"], r["figure"]): r["median"] for r in results}
@@ -246,6 +251,25 @@ PROXY_RTT = 0.1  # s: far above the jitter of a loaded machine
 CHUNKS = 40
 CHUNK_GAP = 0.005  # s: many chunks in flight at once
 CHUNK = 8  # bytes: "%07d\n"
+
+
+async def test_the_floor_answers_a_submission_as_the_daemon_does(tmp_path: Path) -> None:
+    """aiohttp alone (taskd.bench.floor) parses the job and answers it as created, with a
+    body of a queued job's fields: the same work per request as the daemon's, but Redis."""
+    floor = spawn_floor(tmp_path / "floor.log")
+    try:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(f"{floor.url}/jobs", json={"type": "noop", "payload": [1]}) as response,
+        ):
+            body = await response.json()
+            assert response.status == 201
+            assert response.headers["Location"] == f"/jobs/{body['id']}"
+    finally:
+        floor.proc.terminate()
+        floor.proc.wait(timeout=10)
+    assert (body["type"], body["payload"], body["state"]) == ("noop", [1], "queued")
+    assert set(body) == set(Job("x", "noop", "default", None, "queued", 0, 1).to_public())
 
 
 @pytest.mark.parametrize("timers", ["timerfd", "loop"])

@@ -56,7 +56,7 @@ START_DEADLINE = 30.0  # s for a daemon to answer /health: generous on a loaded 
 STOP_DEADLINE = 15.0  # s for daemons to exit after SIGTERM (drain and requeue) before SIGKILL
 START_ATTEMPTS = 3  # the free port we pick may be taken before the daemon binds it
 HTTP_TIMEOUT = 120.0
-PROXY_BACKLOG = 128
+LISTEN_BACKLOG = 128
 JSON = {"Content-Type": "application/json"}
 
 
@@ -238,6 +238,10 @@ class Local:
             target_url=self.redis_url, rtt_ms=rtt_ms, log=self.tmp / f"{self._name('delay')}.log"
         )
 
+    def spawn_floor(self) -> Spawned:
+        """Start the intake's floor (taskd.bench.floor); it accepts connections at once."""
+        return spawn_floor(self.tmp / f"{self._name('floor')}.log")
+
     def _name(self, kind: str) -> str:
         self._spawned += 1
         return f"{kind}-{self._spawned}"
@@ -247,17 +251,30 @@ def spawn_delay_proxy(
     *, target_url: str, rtt_ms: float, log: Path, timers: str | None = None
 ) -> Spawned:
     """Start taskd.bench.delay in front of target_url's host and port, adding `rtt_ms` to
-    the round trip (`timers`: its --timers, if not its default). Its listening socket is
-    bound here and handed over, so there is no race for a free port and connections wait
-    in its backlog until it accepts them."""
+    the round trip (`timers`: its --timers, if not its default)."""
     target = urlsplit(target_url)
-    with socket.create_server(("127.0.0.1", 0), backlog=PROXY_BACKLOG) as listener:
+    arguments = [
+        "--target", f"{target.hostname}:{target.port}",
+        "--rtt-ms", f"{rtt_ms:g}",
+        *(["--timers", timers] if timers else []),
+    ]  # fmt: skip
+    proxy = _spawn_listening("taskd.bench.delay", arguments, log)
+    return Spawned(url=target._replace(netloc=proxy.url).geturl(), proc=proxy.proc, log=log)
+
+
+def spawn_floor(log: Path) -> Spawned:
+    """Start taskd.bench.floor, aiohttp alone answering POST /jobs; its URL in `url`."""
+    floor = _spawn_listening("taskd.bench.floor", [], log)
+    return Spawned(url=f"http://{floor.url}", proc=floor.proc, log=log)
+
+
+def _spawn_listening(module: str, arguments: list[str], log: Path) -> Spawned:
+    """Start `python -m module --listen-fd N arguments` (`url`: the HOST:PORT it listens
+    on). Its listening socket is bound here and handed over, so there is no race for a
+    free port and connections wait in its backlog until it accepts them."""
+    with socket.create_server(("127.0.0.1", 0), backlog=LISTEN_BACKLOG) as listener:
         command = [
-            sys.executable, "-m", "taskd.bench.delay",
-            "--listen-fd", str(listener.fileno()),
-            "--target", f"{target.hostname}:{target.port}",
-            "--rtt-ms", f"{rtt_ms:g}",
-            *(["--timers", timers] if timers else []),
+            sys.executable, "-m", module, "--listen-fd", str(listener.fileno()), *arguments,
         ]  # fmt: skip
         with log.open("wb") as out:
             proc = subprocess.Popen(
@@ -270,7 +287,7 @@ def spawn_delay_proxy(
                 preexec_fn=child_setup(),  # as the daemons', see Local.spawn
             )
         address = f"127.0.0.1:{listener.getsockname()[1]}"
-    return Spawned(url=target._replace(netloc=address).geturl(), proc=proc, log=log)
+    return Spawned(url=address, proc=proc, log=log)
 
 
 def _config_text(port: int, concurrency: int) -> str:
@@ -403,6 +420,17 @@ class Bench:
         finally:
             with anyio.CancelScope(shield=True):
                 await _stop([proxy])
+
+    @asynccontextmanager
+    async def floor(self) -> AsyncIterator[Spawned]:
+        """The intake's floor (taskd.bench.floor), stopped after."""
+        floor = self.need_local().spawn_floor()
+        try:
+            with self.need_local().watching([floor]):
+                yield floor
+        finally:
+            with anyio.CancelScope(shield=True):
+                await _stop([floor])
 
     async def _start(
         self, started: list[Spawned], concurrency: int, extra: str, redis_url: str | None

@@ -51,7 +51,21 @@ async def intake_single(bench: Bench) -> list[Figure]:
     # The client shares the machine with the daemon (and Redis): what it takes is not
     # the daemon's to use.
     client = Figure("bench client CPU", "µs/job", client_cpu / n * 1e6)
-    return [*figures, *_per_job(commands, n), *used, client]
+    floor = await aiohttp_alone(bench, n) if bench.local is not None else []
+    return [*figures, *_per_job(commands, n), *used, client, *floor]
+
+
+async def aiohttp_alone(bench: Bench, n: int) -> list[Figure]:
+    """The same requests from the same clients, to aiohttp alone (taskd.bench.floor): the
+    rate no aiohttp intake here could pass, and what a request costs aiohttp itself."""
+    async with bench.floor() as floor:
+        cpu = floor.cpu_seconds()
+        elapsed, _ = await post_singles(bench, floor.url, n)
+        used = daemon_cpu(floor, cpu, n)
+    return [
+        Figure("aiohttp alone", "jobs/s", n / elapsed),
+        *(Figure("aiohttp alone CPU", f.unit, f.value) for f in used),
+    ]
 
 
 async def post_singles(bench: Bench, url: str, n: int) -> tuple[float, list[float]]:
