@@ -81,8 +81,8 @@ class SoakPlan:
 
 @dataclass(kw_only=True)
 class Spawned:
-    """A process the bench started: a daemon (`url` its HTTP API) or a delay proxy (`url`
-    its target's URL with the proxy's address in it)."""
+    """A process the bench started: a daemon or aiohttp alone (`url` its HTTP API), or a
+    delay proxy (`url` its target's URL with the proxy's address in it)."""
 
     url: str
     proc: subprocess.Popen[bytes]
