@@ -413,24 +413,24 @@ class Bench:
     async def delay_proxy(self, rtt_ms: float) -> AsyncIterator[Spawned]:
         """A delay proxy in front of the bench's Redis, adding `rtt_ms` to the round trip;
         stopped after (before the bench's Redis, after the daemons using it)."""
-        proxy = self.need_local().spawn_proxy(rtt_ms)
-        try:
-            with self.need_local().watching([proxy]):
-                yield proxy
-        finally:
-            with anyio.CancelScope(shield=True):
-                await _stop([proxy])
+        async with self._watched(self.need_local().spawn_proxy(rtt_ms)) as proxy:
+            yield proxy
 
     @asynccontextmanager
     async def floor(self) -> AsyncIterator[Spawned]:
         """The intake's floor (taskd.bench.floor), stopped after."""
-        floor = self.need_local().spawn_floor()
+        async with self._watched(self.need_local().spawn_floor()) as floor:
+            yield floor
+
+    @asynccontextmanager
+    async def _watched(self, spawned: Spawned) -> AsyncIterator[Spawned]:
+        """`spawned`, watched (wait_finished fails should it exit), and stopped after."""
         try:
-            with self.need_local().watching([floor]):
-                yield floor
+            with self.need_local().watching([spawned]):
+                yield spawned
         finally:
             with anyio.CancelScope(shield=True):
-                await _stop([floor])
+                await _stop([spawned])
 
     async def _start(
         self, started: list[Spawned], concurrency: int, extra: str, redis_url: str | None
