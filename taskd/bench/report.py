@@ -83,13 +83,15 @@ def latency_figures(
     ]
 
 
-def machine(redis_version: str) -> dict[str, Any]:
-    """What the figures depend on besides taskd: CPU, cores, Python, Redis, loop, parser."""
+def machine(redis_version: str, redis_allocator: str | None = None) -> dict[str, Any]:
+    """What the figures depend on besides taskd: CPU, cores, Python, Redis (and its memory
+    allocator, where the bench's own Redis tells), loop, parser."""
     return {
         "cpu": _cpu_model(),
         "cores": os.cpu_count(),
         "python": platform.python_version(),
         "redis": redis_version,
+        **({"redis_allocator": redis_allocator} if redis_allocator else {}),
         "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0],
         "redis_parser": REPLY_PARSER,
     }
@@ -115,7 +117,8 @@ def render(
     m = report.machine
     sizes = "quick sizes" if quick else "full sizes"
     header = (
-        f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, Redis {m['redis']}, "
+        f"machine: {m['cpu']}, {m['cores']} cores, Python {m['python']}, Redis {m['redis']}"
+        f"{f' ({allocator})' if (allocator := m.get('redis_allocator')) else ''}, "
         f"{m['event_loop']}, {m['redis_parser']} parser; {rounds} round(s), {sizes}"
     )
     rows = [["WORKLOAD", "FIGURE", "UNIT", "MEDIAN", "MIN", "MAX"]]

@@ -121,11 +121,12 @@ async def _local(options: Options, redis_url: str, tmp: Path) -> Report:
         async with http_session() as session:
             bench = Bench(session=session, quick=options.quick, local=local, soak=options.soak)
             redis_version = str((await local.inspector.server_info())["version"])
+            allocator = await local.inspector.allocator()
             results = await run_rounds(bench, options)
     finally:
         with anyio.CancelScope(shield=True):
             await local.close()
-    return Report(machine(redis_version), results, bench.notes)
+    return Report(machine(redis_version, allocator), results, bench.notes)
 
 
 async def _remote(options: Options) -> Report:

