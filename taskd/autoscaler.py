@@ -164,10 +164,13 @@ class StateFile:
 async def run_command(argv: Sequence[str], most_s: float) -> None:
     """Run a start or stop command to its end; CommandFailed if it fails or outlasts
     `most_s` seconds (then it is killed, as it is when the controller is cancelled)."""
-    process = await asyncio.create_subprocess_exec(
-        *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
-    )  # fmt: skip
+    # Shielded: a cancellation while it starts would cut short the loop's clean-up of it
+    # (see handlers._run_exec); it takes effect below, which kills and reaps it.
+    with anyio.CancelScope(shield=True):
+        process = await asyncio.create_subprocess_exec(
+            *argv, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )  # fmt: skip
     try:
         with anyio.fail_after(most_s):
             output, _ = await process.communicate()

@@ -359,14 +359,19 @@ def _sleep_seconds(payload: Any) -> float:
 async def _run_exec(
     argv: tuple[str, ...], config: HandlerConfig, job: Job, trace_env: Mapping[str, str]
 ) -> Any:
-    proc = await asyncio.create_subprocess_exec(
-        *argv,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=_exec_env(config, job, trace_env),
-        start_new_session=True,  # its own process group, so a kill reaches grandchildren
-    )
+    # Shielded: a cancellation (the job's timeout, a stop) that came while the program was
+    # being started would cut short the event loop's own clean-up of it, leaving it to the
+    # loop's child watcher, unreaped and its pipes open should the loop close first. It
+    # takes effect at the first wait below instead, which kills the group and reaps it.
+    with anyio.CancelScope(shield=True):
+        proc = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env=_exec_env(config, job, trace_env),
+            start_new_session=True,  # its own process group, so a kill reaches grandchildren
+        )
     try:
         stdout, stderr = await _communicate(proc, orjson.dumps(job.payload))
         code = await proc.wait()

@@ -263,6 +263,16 @@ async def submit_in_turn(
     return ids
 
 
+def children() -> set[int]:
+    """This process's child processes, zombies included (each is listed under the thread
+    that started it; a thread that ended meanwhile handed its children to another)."""
+    found: set[int] = set()
+    for task in Path("/proc/self/task").iterdir():
+        with contextlib.suppress(FileNotFoundError):
+            found.update(int(pid) for pid in (task / "children").read_text().split())
+    return found
+
+
 def is_gone(pid: int) -> bool:
     """No such process, or only a zombie left (PID 1 here need not reap orphans)."""
     try:

@@ -3,6 +3,7 @@ state file, the commands it runs, and `taskd autoscale` driving real daemon proc
 
 from __future__ import annotations
 
+import gc
 import re
 import sys
 from collections.abc import Mapping, Sequence
@@ -32,6 +33,7 @@ from tests.support import (
     REPO,
     TASKD,
     DaemonProcess,
+    children,
     get_json,
     is_gone,
     post_json,
@@ -301,6 +303,23 @@ async def test_a_command_that_hangs_is_killed_after_its_time(tmp_path: Path) -> 
     with pytest.raises(CommandFailed, match="took more than 1 s"):
         await run_command([sys.executable, "-c", script], 1.0)
     assert is_gone(int(pid_file.read_text()))
+
+
+def test_a_command_cancelled_while_it_starts_is_killed_and_reaped() -> None:
+    """The controller stopped while a command starts: the command does not outlive it,
+    nor is it left to the event loop's child watcher (see handlers' test of the same)."""
+    before = children()
+
+    async def main() -> None:
+        for _ in range(20):
+            with anyio.CancelScope() as scope:
+                scope.cancel()  # pending before the start: delivered at its first wait
+                await run_command(["sleep", "60"], 30.0)
+            assert scope.cancelled_caught
+
+    anyio.run(main)
+    gc.collect()  # an unreaped one warns when collected, which fails the test
+    assert children() == before
 
 
 # `taskd autoscale` on real daemon processes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import ipaddress
 import json
 import os
@@ -31,7 +32,7 @@ from taskd.handlers import MAX_OUTPUT, STDERR_TAIL, Handlers, JobFailed
 from taskd.jobs import ACTIVE, Job
 from tests import handler_funcs
 from tests.builders import new_job
-from tests.support import is_gone, read_pids
+from tests.support import children, is_gone, read_pids
 
 PROGRAMS = Path(__file__).parent / "programs"
 FUNCS = "tests.handler_funcs"
@@ -616,6 +617,30 @@ def test_exec_cancel_of_a_program_that_never_reads(
 
     assert on_loop(use_uvloop, main) == []  # cancelled: neither a result nor a failure
     assert is_gone(int(pid_file.read_text()))  # killed and reaped before cancellation went on
+
+
+@LOOPS
+def test_exec_cancelled_while_its_program_starts_leaves_nothing_running(
+    use_uvloop: bool,
+) -> None:
+    """A job cancelled (timed out, or its daemon stopping) while its program is being
+    started: the program is killed and reaped as at any other moment, not left to the
+    event loop's child watcher, which may report to a loop already closed (an unreaped
+    process, and a ResourceWarning when its object is collected)."""
+    config = sh("sleep 60 & exec sleep 60")
+    before = children()
+
+    async def main() -> None:
+        async with Handlers({config.name: config}) as handlers:
+            for _ in range(20):
+                with anyio.CancelScope() as scope:
+                    scope.cancel()  # pending before the start: delivered at its first wait
+                    await handlers.run(make_job(config.name))
+                assert scope.cancelled_caught
+
+    on_loop(use_uvloop, main)
+    gc.collect()  # an unreaped one warns when collected, which fails the test
+    assert children() == before
 
 
 # ---------------------------------------------------------------- http

@@ -99,8 +99,13 @@ class ArchiverProcess:
         # -P: the working directory (writable by exec handlers, under systemd) is not on
         # the import path of a process that holds the database's URL.
         command = [sys.executable, "-P", "-m", "taskd.archive.process"]
-        # stdout and stderr are the daemon's: the child logs where the daemon does.
-        process = await anyio.open_process(command, stdin=subprocess.PIPE, stdout=None, stderr=None)
+        # stdout and stderr are the daemon's: the child logs where the daemon does. Shielded:
+        # a cancellation while it starts would cut short the loop's clean-up of it (see
+        # handlers._run_exec); it takes effect below, where _end stops and reaps it.
+        with anyio.CancelScope(shield=True):
+            process = await anyio.open_process(
+                command, stdin=subprocess.PIPE, stdout=None, stderr=None
+            )
         self._process = process
         try:
             if self._stopping:  # stop() came while it started: it saw no process to end
