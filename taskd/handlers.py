@@ -33,6 +33,8 @@ STDERR_TAIL = 4096  # bytes of an exec program's stderr kept for the error text
 HTTP_ERROR_TAIL = 500  # characters of a failed response's body kept for the error text
 _REDIRECTS = frozenset({301, 302, 303, 307, 308})
 _CHUNK = 64 * 1024
+# Longest a killed program's output pipes are waited for to close (see _kill_group).
+PIPE_GRACE = 1.0
 # What an exec program gets of the daemon's environment unasked: enough to find other
 # programs and to handle text and time. The rest of it (TASKD_REDIS_URL with its password,
 # tokens, cloud credentials) is the daemon's; a handler passes on more by name (pass_env).
@@ -476,6 +478,13 @@ async def _kill_group(proc: asyncio.subprocess.Process) -> None:
     # Shielded so a cancelled job still reaps its child before cancellation goes on.
     with anyio.CancelScope(shield=True):
         await proc.wait()
+        # Its output pipes close once the group is gone and the loop has read their end:
+        # read it here, so that nothing of the program is left open when the job is over.
+        # Bounded: a process that left the group (setsid) may hold them open.
+        with anyio.move_on_after(PIPE_GRACE):
+            for stream in (proc.stdout, proc.stderr):
+                while stream is not None and await stream.read(_CHUNK):
+                    pass
 
 
 def _exit_error(code: int, stderr: bytes, permanent: bool) -> str:

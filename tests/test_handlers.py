@@ -643,6 +643,26 @@ def test_exec_cancelled_while_its_program_starts_leaves_nothing_running(
     assert children() == before
 
 
+@LOOPS
+def test_exec_cancelled_waits_for_its_output_pipes_to_close(
+    use_uvloop: bool, tmp_path: Path
+) -> None:
+    """A cancelled program whose output a process outside its group still holds (here
+    for 0.3 s): the job ends once the pipes close, nothing of it left open, even if the
+    loop closes right after (as a daemon's does at its end)."""
+    pid_file = tmp_path / "pid"
+    config = sh(f"setsid sleep 0.3 & echo $$ > {pid_file}; exec sleep 60")
+
+    async def main() -> None:
+        async with Handlers({config.name: config}) as handlers, anyio.create_task_group() as tg:
+            tg.start_soon(handlers.run, make_job(config.name))
+            await wait_for(pid_file.exists, "the program to write its pid")
+            tg.cancel_scope.cancel()
+
+    on_loop(use_uvloop, main)
+    gc.collect()  # a pipe left open warns when collected, which fails the test
+
+
 # ---------------------------------------------------------------- http
 
 
