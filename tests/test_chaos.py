@@ -76,20 +76,7 @@ class Cluster:
 
 
 async def enqueue(redis_url: str, count: int, seconds: float) -> list[str]:
-    store = Store.from_url(redis_url, prefix="taskd")
-    try:
-        ids = []
-        for _ in range(count):
-            job = Job(new_id(), "record", Q, seconds, QUEUED, 0, now_ms(), max_attempts=25)
-            await store.enqueue(job)
-            ids.append(job.id)
-        return ids
-    finally:
-        await store.close()
-
-
-async def enqueue_at_once(redis_url: str, count: int, seconds: float) -> list[str]:
-    """`count` jobs, all ready at once (one script call)."""
+    """`count` jobs of `seconds` each, all ready at once (one script call)."""
     store = Store.from_url(redis_url, prefix="taskd")
     try:
         jobs = [
@@ -123,7 +110,7 @@ async def test_sigkill_chaos_loses_nothing(
             # three daemons) that a test starved of the CPU for a while on a loaded machine
             # still sees "a" running some: sent one at a time, 0.05 s each, the daemons ran
             # them as fast as they came, and a round could end unseen.
-            ids += await enqueue_at_once(redis_url, per_kill, seconds=0.2)
+            ids += await enqueue(redis_url, per_kill, seconds=0.2)
             # Kill only once the daemon runs jobs, so that every kill leaves some behind.
             victim = await cluster.daemon_id("a")
             await wait_until(lambda v=victim: _running(redis, v), f"{victim} to run jobs")
