@@ -104,14 +104,17 @@ class Archiver:
             if not taken:
                 return written
             records = [each.record for each in taken if each.record is not None]
-            if len(records) < len(taken):
+            await self._archive.write(records)
+            removed = await self._store.archive_done(queue, self._daemon_id, taken)
+            # An entry whose job was gone or not final when read, and is still there: a
+            # stray (a job that moved on meanwhile moved its entry first, see
+            # archive_lease.lua).
+            if removed > len(records):
                 logger.warning(
-                    "%d entries of queue %s's archive hand-off name no final job; dropped",
-                    len(taken) - len(records),
+                    "%d entries of queue %s's archive hand-off named no final job; dropped",
+                    removed - len(records),
                     queue,
                 )
-            await self._archive.write(records)
-            await self._store.archive_done(queue, self._daemon_id, taken)
             written += len(records)
             self.written += len(records)
             if len(taken) < self._batch:

@@ -142,6 +142,34 @@ async def test_a_job_retried_before_it_was_archived_keeps_its_final_state_for_th
     assert await redis.exists(K.archive(Q), K.archive_kept(Q)) == 0
 
 
+async def test_a_job_retried_while_the_archiver_reads_it_is_archived_from_its_copy(
+    archiving: Store, archive: Archive, archive_url: str, redis: Redis, caplog: Any
+) -> None:
+    # The archiver takes entries, then reads their records, in two round trips: a job
+    # retried in between is read queued. That read is not written, and its entry, moved
+    # to a kept copy, is not removed: the copy is archived, then the retried job's end.
+    [job] = await enqueue(archiving, 1, max_attempts=1)
+    await finish(archiving, [job], "failed", "boom", at=NOW)
+    read, retried = archiving._archived_records, anyio.Event()
+
+    async def retried_first(queue: str, entries: list[str]) -> Any:
+        if not retried.is_set():
+            retried.set()
+            assert await archiving.retry(Q, job.id, now=NOW + 10) == "failed"
+        return await read(queue, entries)
+
+    archiving._archived_records = retried_first  # type: ignore[method-assign]
+    assert await archiver(archiving, archive).tick() == 0
+    assert await archiver(archiving, archive).tick() == 1
+    assert [(r[2], r[5]) for r in await rows(archive_url)] == [("failed", "boom")]
+    await finish(archiving, [job], "completed", '"ok"', at=NOW + 20)
+    assert await archiver(archiving, archive).tick() == 1
+    found = await rows(archive_url)
+    assert [(r[2], r[5]) for r in found] == [("failed", "boom"), ("completed", None)]
+    assert await redis.exists(K.archive(Q), K.archive_kept(Q)) == 0
+    assert "dropped" not in caplog.text  # moved on, not a stray
+
+
 async def test_a_job_deleted_before_it_was_archived_is_archived_still(
     archiving: Store, archive: Archive, archive_url: str
 ) -> None:

@@ -17,7 +17,7 @@ from taskd.store.record import (
     new_job_args,
 )
 from tests.builders import enqueue, new_job, stored
-from tests.support import ECHO, REPO
+from tests.support import ECHO
 
 TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01 k=v"
 # One distinct value per CLAIMED_JOB entry, as Redis sends it, and the field it becomes.
@@ -91,14 +91,6 @@ async def test_new_jobs_are_stored_as_enqueue_lua_reads_new_job(store: Store) ->
         record = await stored(store, job.id)
         for name in NEW_JOB:
             assert getattr(record, name) == getattr(job, name), name
-
-
-def test_archived_names_the_fields_take_archive_answers_in_their_order() -> None:
-    # decode_archive_record unpacks by position what take_archive.lua lists.
-    lua = (REPO / "taskd" / "store" / "lua" / "take_archive.lua").read_text()
-    table = re.search(r"(?s)local ARCHIVED = \{(.*?)\}", lua)
-    assert table is not None
-    assert tuple(re.findall(r"'(\w+)'", table.group(1))) == ARCHIVED
 
 
 def test_the_archive_staging_table_takes_the_archived_fields_in_their_order() -> None:

@@ -340,7 +340,7 @@ class Inspector:
         return sum((await self.command_calls()).values())
 
     async def archiver_of(self, queue: str) -> str | None:
-        """Who holds the queue's archiving (take_archive.lua's lock), or None."""
+        """Who holds the queue's archiving (archive_lease.lua's lease), or None."""
         holder = await self._r.get(self.keys.archive_lock(queue))
         return None if holder is None else text(holder)
 

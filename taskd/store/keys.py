@@ -120,7 +120,7 @@ class Keys:
         return self._of(queue, "archive:kept")
 
     def archive_lock(self, queue: str) -> str:
-        """The id of the daemon archiving the queue, for a lease (see take_archive.lua)."""
+        """The id of the daemon archiving the queue, for a lease (see archive_lease.lua)."""
         return self._of(queue, "archive:lock")
 
     def limit_prefix(self, queue: str) -> str:

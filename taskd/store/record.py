@@ -52,8 +52,8 @@ CLAIMED_JOB = (
 # the attempt's history entry from them and the job's hash.
 ATTEMPT = ("job_id", "attempt", "outcome", "value", "retry_at", "finished_at")
 
-# A final job as take_archive.lua answers it, after the entry and its score: these fields
-# of its hash (decode_archive_record fills in defaults and the implied history entry).
+# A final job as the archiver reads it (Store.take_archive): these fields of its hash
+# (decode_archive_record fills in defaults and the implied history entry).
 ARCHIVED = (
     "type", "state", "attempts", "payload", "result", "error", "priority", "idempotency_key",
     "max_attempts", "created_at", "started_at", "finished_at", "daemon", "callback_url",

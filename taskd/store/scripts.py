@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 NAMES = (
     "enqueue", "claim", "ack", "requeue", "promote", "cancel", "retry", "delete",
     "recover", "trim", "beat", "forget", "progress", "schedule", "take_callbacks",
-    "callback_done", "free_held", "forget_queue", "take_archive", "archive_done", "purge",
+    "callback_done", "free_held", "forget_queue", "archive_lease", "archive_done", "purge",
     "retry_dead",
 )  # fmt: skip
 

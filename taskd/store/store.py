@@ -105,6 +105,10 @@ class _Lane:
         self.sender: asyncio.Task[None] | None = None
 
 
+# The ARCHIVED field names as a job's hash answers them (HGETALL: bytes).
+_ARCHIVED_RAW = tuple(name.encode() for name in record.ARCHIVED)
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Archived:
     """One entry taken from a queue's archive hand-off: its name there, when its job
@@ -506,22 +510,58 @@ class Store:
         self, queue: str, daemon_id: str, most: int, lease_ms: int
     ) -> list[Archived] | None:
         """The oldest entries of the queue's archive hand-off, with their jobs (None for
-        an entry whose record is gone); None if another daemon archives the queue."""
+        an entry whose record is gone or no longer final); None if another daemon archives
+        the queue. The lease first, then the entries and their records read by plain
+        commands (see archive_lease.lua): two round trips."""
         k = self.keys
-        keys = [k.archive(queue), k.archive_kept(queue), k.archive_lock(queue)]
-        args = [*self._header(queue), most, daemon_id, lease_ms]
-        taken = await self._lua["take_archive"](keys=keys, args=args)
-        if taken is None:
+        lease, lease_args = self._lua["archive_lease"], [daemon_id, str(lease_ms)]
+        async with self._r.pipeline(transaction=False) as pipe:
+            # EVALSHA by hand, as in ack_and_claim.
+            pipe.evalsha(lease.sha, 1, k.archive_lock(queue), *lease_args)
+            pipe.zrange(k.archive(queue), 0, most - 1, withscores=True)
+            held, oldest = await pipe.execute(raise_on_error=False)
+        if isinstance(held, redis.exceptions.NoScriptError):
+            held = await lease(keys=[k.archive_lock(queue)], args=lease_args)
+        for answer in (held, oldest):
+            if isinstance(answer, Exception):
+                raise answer
+        if not held:
             return None
-        entries = [text(entry) for entry in taken[::3]]
+        entries = [(text(entry), int(score)) for entry, score in oldest]
+        records = await self._archived_records(queue, [entry for entry, _ in entries])
         return [
-            Archived(
-                entry=entry,
-                ended_at=int(score),
-                record=record.decode_archive_record(fields, queue, entry.split("@", 1)[0]),
-            )
-            for entry, score, fields in zip(entries, taken[1::3], taken[2::3], strict=True)
+            Archived(entry=entry, ended_at=ended_at, record=found)
+            for (entry, ended_at), found in zip(entries, records, strict=True)
         ]
+
+    async def _archived_records(self, queue: str, entries: list[str]) -> list[ArchiveRecord | None]:
+        """The record each hand-off entry names: the job's hash, or for a kept copy
+        (<id>@<finished_at>) the copy. HGETALL rather than HMGET of the ARCHIVED fields:
+        redis-py packing fifteen field names per job cost the archiver more than the
+        fields it does not need cost Redis."""
+        if not entries:
+            return []
+        k = self.keys
+        kept = [entry for entry in entries if "@" in entry]
+        async with self._r.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                if "@" not in entry:
+                    pipe.hgetall(k.job(queue, entry))
+            if kept:
+                pipe.hmget(k.archive_kept(queue), kept)
+            answers: list[Any] = await pipe.execute()
+        copies = iter(answers.pop() if kept else ())
+        hashes = iter(answers)
+        found: list[ArchiveRecord | None] = []
+        for entry in entries:
+            job_id, copy, _ = entry.partition("@")
+            if copy:
+                fields = next(copies)
+            else:
+                named = next(hashes)
+                fields = [named.get(name) for name in _ARCHIVED_RAW] if named else None
+            found.append(record.decode_archive_record(fields, queue, job_id))
+        return found
 
     async def archive_done(
         self, queue: str, daemon_id: str, done: Sequence[Archived], *, release: bool = False

@@ -1,4 +1,4 @@
--- Remove entries a daemon wrote to the archive from a queue's hand-off (take_archive.lua),
+-- Remove entries a daemon wrote to the archive from a queue's hand-off (Store.take_archive),
 -- with their kept copies, and, when it stops archiving, give up the queue's archive lock
 -- so that another daemon takes over at once. An entry goes only if its score is still the
 -- one taken: a job that ended again meanwhile (retried, then finished) is a new entry
@@ -9,7 +9,7 @@
 -- No ARGV header (lib.lua): it uses none of now, job prefix and limit prefix.
 -- ARGV[1] -> this daemon's id
 -- ARGV[2] -> 1: give up the lock if this daemon holds it; 0: keep it
--- ARGV[3..] -> entry, score pairs, as take_archive.lua answered them
+-- ARGV[3..] -> entry, score pairs, as Store.take_archive took them
 -- Returns how many entries were removed.
 local entries = {}
 for i = 3, #ARGV, 2 do
