@@ -91,6 +91,32 @@ async def test_every_script_runs_on_the_node_of_its_queue(
     assert info["version"] >= "6.2"
 
 
+async def test_the_archive_hand_off_is_taken_on_the_node_of_its_queue(
+    cluster_url: str, queues: list[str]
+) -> None:
+    store = Store.from_url(
+        cluster_url, prefix="taskd", blocking_connections=2, cluster=True, archive=True
+    )
+    try:
+        for queue in queues:
+            jobs = [new_job(payload=n, queue=queue) for n in range(3)]
+            await store.enqueue_many(jobs)
+            claimed = (await store.claim(queue, "a", 3, now=10, type_limits=ECHO)).jobs
+            ends = [Attempt(j.id, j.attempts, "completed", str(j.payload)) for j in claimed]
+            assert await store.ack(queue, "a", ends, now=11) == [True] * 3
+            # One deleted before it is archived: its entry names a kept copy.
+            assert await store.delete(queue, jobs[0].id) == "completed"
+            taken = await store.take_archive(queue, "a", 10, lease_ms=1000)
+            assert taken is not None
+            found = {each.entry.split("@")[0]: each.record for each in taken}
+            assert sorted(found) == sorted(j.id for j in jobs)
+            assert all(r is not None and r.values[1] == b"completed" for r in found.values())
+            assert await store.archive_done(queue, "a", taken, release=True) == 3
+            assert await store.take_archive(queue, "a", 10, lease_ms=1000) == []
+    finally:
+        await store.close()
+
+
 async def test_cancel_requests_reach_subscribers_through_the_cluster(
     cluster_store: Store, queues: list[str]
 ) -> None:
