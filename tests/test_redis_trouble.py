@@ -9,10 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import pytest
+import redis.exceptions as redis_errors
 from redis.asyncio import Redis
 
 from taskd.embedded import RedisServer
+from taskd.store import Store
 from tests.proxy import Proxy
 from tests.support import (
     base_url,
@@ -82,6 +85,35 @@ async def test_connections_reset_under_the_daemon_are_opened_again(proxy: Proxy)
         await wait_until(accepted, "submissions to be accepted after the resets")
         for job_id in jobs:
             await wait_for_state(s, url, job_id, {"completed"})
+
+
+async def test_a_bulk_read_cut_short_leaves_no_answers_for_the_next_command(
+    proxy: Proxy, redis: Redis
+) -> None:
+    # The archiver reads many hashes on one connection with one deadline for all (see
+    # Store._hashes). Cut short (cancelled, or by an error answer), the rest of its
+    # answers are still to come on that connection: no later command may read them as
+    # its own.
+    keys = [f"h:{n}" for n in range(200)]
+    for n, key in enumerate(keys):
+        await redis.hset(key, "n", n)
+    store = Store.from_url(proxy.url, prefix="taskd")
+    try:
+        assert await store._hashes(keys[:2]) == [{b"n": b"0"}, {b"n": b"1"}]
+        proxy.blackhole()
+        with anyio.move_on_after(0.5) as waited:
+            await store._hashes(keys)
+        assert waited.cancel_called
+        proxy.restore()
+        assert await store._hashes(["h:7"]) == [{b"n": b"7"}]
+        # An error answer (a key that holds no hash) ends the read with the rest unread.
+        await redis.set("h:1", "not a hash")
+        with pytest.raises(redis_errors.ResponseError):
+            await store._hashes(keys)
+        assert await store._hashes(["h:7"]) == [{b"n": b"7"}]
+        assert await store.connection.client.hget("h:9", "n") == b"9"
+    finally:
+        await store.close()
 
 
 async def test_a_full_redis_answers_storage_full_and_recovers(small_redis: RedisServer) -> None:
