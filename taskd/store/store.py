@@ -14,12 +14,16 @@ import anyio
 import redis.exceptions
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
+from redis.utils import HIREDIS_AVAILABLE
 
 from taskd.jobs import Job
 from taskd.store import connect, record, scripts
 from taskd.store.connect import Connection, text
 from taskd.store.inspect import Inspector
 from taskd.store.record import ArchiveRecord, Attempt, DaemonInfo, TypeLimits
+
+if HIREDIS_AVAILABLE:  # a dependency (redis[hiredis]); redis-py packs without it
+    import hiredis
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +108,13 @@ class _Lane:
         self.loop = asyncio.get_running_loop()
         self.waiting: list[_Waiting] = []
         self.sender: asyncio.Task[None] | None = None
+
+
+def _packed(conn: Any, commands: Sequence[tuple[Any, ...]]) -> bytes | list[bytes]:
+    """Commands in Redis's protocol: by hiredis (C) when installed, else by redis-py."""
+    if HIREDIS_AVAILABLE:
+        return b"".join(map(hiredis.pack_command, commands))
+    return cast(list[bytes], conn.pack_commands(commands))
 
 
 # The ARCHIVED field names as a job's hash answers them (HGETALL: bytes).
@@ -390,12 +401,12 @@ class Store:
         ack_keys, ack_args = self._ack_call(queue, daemon_id, attempts, request.now)
         claim_keys, claim_args = self._claim_call(queue, daemon_id, request)
         ack_script, claim_script = self._lua["ack"], self._lua["claim"]
-        async with self._r.pipeline(transaction=False) as pipe:
-            # EVALSHA by hand: a script called on a pipeline asks Redis whether it has it
-            # first, one more round trip each time.
-            pipe.evalsha(ack_script.sha, len(ack_keys), *ack_keys, *ack_args)
-            pipe.evalsha(claim_script.sha, len(claim_keys), *claim_keys, *claim_args)
-            acked, claimed = await pipe.execute(raise_on_error=False)
+        acked, claimed = await self._together(
+            [
+                ("EVALSHA", ack_script.sha, len(ack_keys), *ack_keys, *ack_args),
+                ("EVALSHA", claim_script.sha, len(claim_keys), *claim_keys, *claim_args),
+            ]
+        )
         # Redis restarted or flushed since the scripts were loaded: each in turn, loading it.
         if isinstance(acked, redis.exceptions.NoScriptError):
             acked = await ack_script(keys=ack_keys, args=ack_args)
@@ -564,40 +575,56 @@ class Store:
         return found
 
     async def _hashes(self, keys: list[str]) -> list[dict[bytes, bytes]]:
-        """Every field of each hash (HGETALL), many at once on one connection.
+        """Every field of each hash (HGETALL), many at once (see _together)."""
+        replies = await self._together([("HGETALL", key) for key in keys])
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        # A map in RESP3 (redis-py's default), field, value pairs in RESP2.
+        return [
+            reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
+            for reply in replies
+        ]
 
-        Read with one deadline for the whole batch: redis-py's pipeline reads each reply
-        under a deadline of its own and through its callbacks, some 11 µs a reply on top
-        of the 5 µs reading it takes, which for the archiver was more than the rest of
-        writing a job to the archive. A batch cut short (the deadline, a cancellation,
-        an error reply) leaves replies on the socket: the connection is closed, not
-        given back to others. A cluster's client has no single pool: its pipeline.
+    async def _together(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """Send commands in one write on one connection of the pool and read their answers
+        (an error answer as its exception, in its place), under one deadline for all.
+
+        For the calls that carry many arguments or answers: redis-py's pipeline packs each
+        argument in Python (about 0.45 µs each, 600 for an acknowledgement of 100 jobs)
+        and reads each answer under a deadline of its own and through its callbacks (some
+        11 µs an answer on top of the 5 µs reading it takes). hiredis packs the commands
+        here. One attempt, as redis-py's commands make here: the caller retries. Cut short
+        (the deadline, a cancellation, a lost connection) the connection is closed, not
+        given back with answers still to come. A cluster's client has no single pool: it
+        sends them as a pipeline.
         """
-        if not keys:
+        if not commands:
             return []
         if self.connection.cluster:
             async with self._r.pipeline(transaction=False) as pipe:
-                for key in keys:
-                    pipe.hgetall(key)
-                return cast(list[dict[bytes, bytes]], await pipe.execute())
+                for command in commands:
+                    pipe.execute_command(*command)
+                return await pipe.execute(raise_on_error=False)
         pool = self._r.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
             with anyio.fail_after(connect.COMMAND_TIMEOUT):
-                await conn.send_packed_command(conn.pack_commands(("HGETALL", key) for key in keys))
-                # timeout=inf: no deadline of each reply's own (see above).
-                replies = [await conn.read_response(timeout=math.inf) for _ in keys]
+                await conn.send_packed_command(_packed(conn, commands))
+                answers: list[Any] = []
+                for _ in commands:
+                    try:
+                        # timeout=inf: no deadline of each answer's own (see above).
+                        answers.append(await conn.read_response(timeout=math.inf))
+                    except redis.exceptions.ResponseError as exc:
+                        answers.append(exc)
         except BaseException:
             with anyio.CancelScope(shield=True):
                 await conn.disconnect()
             raise
         finally:
             await pool.release(conn)
-        # A map in RESP3 (redis-py's default), field, value pairs in RESP2.
-        return [
-            reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
-            for reply in replies
-        ]
+        return answers
 
     async def archive_done(
         self, queue: str, daemon_id: str, done: Sequence[Archived], *, release: bool = False
