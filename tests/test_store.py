@@ -180,6 +180,18 @@ async def test_ack_and_claim_loads_its_scripts_again_after_a_script_flush(
     assert await place(redis, job.id) == ["completed"]
 
 
+async def test_enqueue_claim_and_ack_load_their_scripts_again_after_a_script_flush(
+    store: Store, redis: Redis
+) -> None:
+    await redis.script_flush()
+    [job] = await enqueue(store, 1)
+    await redis.script_flush()
+    [claimed] = (await store.claim(Q, ME, 1, now=10, type_limits=ECHO)).jobs
+    await redis.script_flush()
+    assert await store.ack(Q, ME, [done(claimed)], now=11) == [True]
+    assert await place(redis, job.id) == ["completed"]
+
+
 async def test_history_grows_one_entry_per_attempt(store: Store) -> None:
     [job] = await enqueue(store, 1)
     [first] = (await store.claim(Q, ME, 1, now=1, type_limits=ECHO)).jobs

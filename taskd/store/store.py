@@ -330,7 +330,7 @@ class Store:
             args += job_entries
         keys = [k.inbox(queue), k.scheduled(queue), k.index(queue), k.totals(queue)]
         keys.append(k.arrivals(queue))
-        return [text(holder) for holder in await self._lua["enqueue"](keys=keys, args=args)]
+        return [text(holder) for holder in await self._script("enqueue", keys, args)]
 
     # Running jobs.
 
@@ -349,7 +349,7 @@ class Store:
         their type's global limits wait; the others stay ready (see claim.lua)."""
         request = ClaimRequest(most, now, type_limits, free or {})
         keys, args = self._claim_call(queue, daemon_id, request)
-        reply = await self._lua["claim"](keys=keys, args=args)
+        reply = await self._script("claim", keys, args)
         return _claimed(reply, queue, daemon_id)
 
     def _claim_call(
@@ -382,7 +382,7 @@ class Store:
         """Record finished attempts of one queue in one script call; returns, for each,
         whether it was recorded (False: it was no longer this daemon's)."""
         keys, args = self._ack_call(queue, daemon_id, attempts, now)
-        return [bool(flag) for flag in await self._lua["ack"](keys=keys, args=args)]
+        return [bool(flag) for flag in await self._script("ack", keys, args)]
 
     async def ack_and_claim(
         self, queue: str, daemon_id: str, attempts: Sequence[Attempt], request: ClaimRequest
@@ -400,18 +400,9 @@ class Store:
         """
         ack_keys, ack_args = self._ack_call(queue, daemon_id, attempts, request.now)
         claim_keys, claim_args = self._claim_call(queue, daemon_id, request)
-        ack_script, claim_script = self._lua["ack"], self._lua["claim"]
-        acked, claimed = await self._together(
-            [
-                ("EVALSHA", ack_script.sha, len(ack_keys), *ack_keys, *ack_args),
-                ("EVALSHA", claim_script.sha, len(claim_keys), *claim_keys, *claim_args),
-            ]
+        acked, claimed = await self._scripts(
+            [("ack", ack_keys, ack_args), ("claim", claim_keys, claim_args)]
         )
-        # Redis restarted or flushed since the scripts were loaded: each in turn, loading it.
-        if isinstance(acked, redis.exceptions.NoScriptError):
-            acked = await ack_script(keys=ack_keys, args=ack_args)
-        if isinstance(claimed, redis.exceptions.NoScriptError):
-            claimed = await claim_script(keys=claim_keys, args=claim_args)
         if isinstance(acked, Exception):
             raise acked
         flags = [bool(flag) for flag in acked]
@@ -585,6 +576,32 @@ class Store:
             reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
             for reply in replies
         ]
+
+    async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """Run one script (see _scripts); its error raised."""
+        [answer] = await self._scripts([(name, keys, args)])
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def _scripts(self, calls: Sequence[tuple[str, list[str], list[Any]]]) -> list[Any]:
+        """Run scripts, each (name, keys, args), in order in one round trip (_together):
+        the calls of the hot paths, whose arguments are many. Answers as _together's. A
+        script Redis lacks (restarted or flushed since the scripts were loaded) runs again
+        on its own, which loads it."""
+        answers = await self._together(
+            [
+                ("EVALSHA", self._lua[name].sha, len(keys), *keys, *args)
+                for name, keys, args in calls
+            ]
+        )
+        for n, (name, keys, args) in enumerate(calls):
+            if isinstance(answers[n], redis.exceptions.NoScriptError):
+                try:
+                    answers[n] = await self._lua[name](keys=keys, args=args)
+                except redis.exceptions.ResponseError as exc:
+                    answers[n] = exc
+        return answers
 
     async def _together(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Send commands in one write on one connection of the pool and read their answers
