@@ -88,6 +88,27 @@ async def test_leftovers_of_a_claim_stay_where_a_blocked_daemon_gets_them(
     assert await ready_ids(redis, Q) == []
 
 
+async def test_a_claim_that_empties_the_inbox_leaves_the_backlog_where_daemons_block(
+    store: Store, redis: Redis
+) -> None:
+    # A claim puts back what it did not take: the best 16 in the inbox, the rest in their
+    # priority's list. A next claim that takes just the inbox's must not leave it empty
+    # with a backlog behind it: jobs that arrive then join the backlog, and a daemon
+    # blocked on the empty inbox would sleep through them (5 s, under load, before this
+    # was fixed). Daemon b takes 2 of a burst of 20, then 16; daemon a, about to block,
+    # must find the last 2 and, after them, the job that arrives meanwhile.
+    burst = [new_job(payload={"n": n}) for n in range(20)]
+    await store.enqueue_many(burst)
+    assert len((await store.claim(Q, "b", 2, now=2, type_limits=ECHO)).jobs) == 2
+    assert len((await store.claim(Q, "b", 16, now=3, type_limits=ECHO)).jobs) == 16
+    late = new_job(payload={"n": 20})
+    await store.enqueue(late)
+    with anyio.fail_after(5):
+        assert await store.wait_for_job(Q, "a", 2)
+    claimed = (await store.claim(Q, "a", 100, now=4, type_limits=ECHO)).jobs
+    assert [j.id for j in claimed] == [j.id for j in burst[18:]] + [late.id]
+
+
 async def test_returned_and_promoted_jobs_keep_their_priority(store: Store) -> None:
     low, high = new_job(payload={"n": 0}, priority=1), new_job(payload={"n": 0}, priority=8)
     await store.enqueue_many([low, high])

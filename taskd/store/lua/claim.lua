@@ -159,6 +159,9 @@ local function start_one_held(id, t)
   end
 end
 
+-- Whether a priority list may hold ready jobs still: one this claim did not empty.
+local backlog = false
+
 -- Landed and inbox ids, sorted by priority (each priority keeps their order).
 local incoming = {}
 for p = 0, 9 do
@@ -184,9 +187,12 @@ for p = 9, 0, -1 do
     end
   end
   local list = priority_list(KEYS[1], p)
+  local emptied = false
   while most > 0 and examined < budget do
-    local ids = redis.call('RPOP', list, math.min(most, budget - examined))
+    local want = math.min(most, budget - examined)
+    local ids = redis.call('RPOP', list, want)
     if not ids then
+      emptied = true
       break
     end
     for _, id in ipairs(ids) do
@@ -195,7 +201,12 @@ for p = 9, 0, -1 do
         take(id, f, p)
       end
     end
+    if #ids < want then
+      emptied = true
+      break
+    end
   end
+  backlog = backlog or not emptied
 end
 
 -- What was not taken goes back in front of its lists, the best KEEP of it to the inbox;
@@ -209,6 +220,24 @@ end
 for i = #returning, 1, -1 do
   local id, p = returning[i][1], returning[i][2]
   redis.call('RPUSH', i <= KEEP and KEYS[1] or priority_list(KEYS[1], p), id)
+end
+-- Nor may this claim leave the inbox empty with ready jobs in the priority lists (having
+-- taken the inbox's and a part of a list): jobs that arrive then join the lists, and a
+-- daemon blocked on the empty inbox would not wake for them. The oldest of the highest
+-- priorities move to it, as a put-back's best do; they stay older than their lists.
+if backlog and redis.call('LLEN', KEYS[1]) == 0 then
+  local front = {}
+  for p = 9, 0, -1 do
+    if #front >= KEEP then
+      break
+    end
+    for _, id in ipairs(redis.call('RPOP', priority_list(KEYS[1], p), KEEP - #front) or {}) do
+      front[#front + 1] = id
+    end
+  end
+  for i = #front, 1, -1 do
+    redis.call('RPUSH', KEYS[1], front[i])
+  end
 end
 -- Claiming again helps only if this claim moved some ids on; skipped ones stay in front.
 if most > 0 and examined >= budget and examined > skipped then
