@@ -519,7 +519,8 @@ class Store:
         k = self.keys
         lease, lease_args = self._lua["archive_lease"], [daemon_id, str(lease_ms)]
         async with self._r.pipeline(transaction=False) as pipe:
-            # EVALSHA by hand, as in ack_and_claim.
+            # EVALSHA by hand: a script called on a pipeline asks Redis whether it has it
+            # first, one more round trip each time.
             pipe.evalsha(lease.sha, 1, k.archive_lock(queue), *lease_args)
             pipe.zrange(k.archive(queue), 0, most - 1, withscores=True)
             held, oldest = await pipe.execute(raise_on_error=False)
@@ -539,9 +540,8 @@ class Store:
 
     async def _archived_records(self, queue: str, entries: list[str]) -> list[ArchiveRecord | None]:
         """The record each hand-off entry names: the job's hash, or for a kept copy
-        (<id>@<finished_at>) the copy. HGETALL rather than HMGET of the ARCHIVED fields:
-        redis-py packing fifteen field names per job cost the archiver more than the
-        fields it does not need cost Redis."""
+        (<id>@<finished_at>) the copy. HGETALL rather than HMGET of the ARCHIVED fields,
+        which cost the archiver 2.5 µs a job more (2026-12-07, redis-py packing then)."""
         if not entries:
             return []
         k = self.keys
