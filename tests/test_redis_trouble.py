@@ -106,7 +106,8 @@ async def test_a_bulk_read_cut_short_leaves_no_answers_for_the_next_command(
         assert waited.cancel_called
         proxy.restore()
         assert await store._hashes(["h:7"]) == [{b"n": b"7"}]
-        # An error answer (a key that holds no hash) ends the read with the rest unread.
+        # An error answer (a key that holds no hash) fails the read; the answers after it
+        # are read all the same.
         await redis.set("h:1", "not a hash")
         with pytest.raises(redis_errors.ResponseError):
             await store._hashes(keys)

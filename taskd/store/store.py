@@ -514,24 +514,15 @@ class Store:
     ) -> list[Archived] | None:
         """The oldest entries of the queue's archive hand-off, with their jobs (None for
         an entry whose record is gone or no longer final); None if another daemon archives
-        the queue. The lease first, then the entries and their records read by plain
-        commands (see archive_lease.lua): two round trips."""
+        the queue. The lease first, then the entries and their records, read by plain
+        commands (see archive_lease.lua)."""
         k = self.keys
-        lease, lease_args = self._lua["archive_lease"], [daemon_id, str(lease_ms)]
-        async with self._r.pipeline(transaction=False) as pipe:
-            # EVALSHA by hand: a script called on a pipeline asks Redis whether it has it
-            # first, one more round trip each time.
-            pipe.evalsha(lease.sha, 1, k.archive_lock(queue), *lease_args)
-            pipe.zrange(k.archive(queue), 0, most - 1, withscores=True)
-            held, oldest = await pipe.execute(raise_on_error=False)
-        if isinstance(held, redis.exceptions.NoScriptError):
-            held = await lease(keys=[k.archive_lock(queue)], args=lease_args)
-        for answer in (held, oldest):
-            if isinstance(answer, Exception):
-                raise answer
-        if not held:
+        if not await self._script("archive_lease", [k.archive_lock(queue)], [daemon_id, lease_ms]):
             return None
-        entries = [(text(entry), int(score)) for entry, score in oldest]
+        oldest = await self._r.zrange(k.archive(queue), 0, most - 1, withscores=True)
+        entries = [
+            (text(entry), int(score)) for entry, score in cast(list[tuple[bytes, float]], oldest)
+        ]
         records = await self._archived_records(queue, [entry for entry, _ in entries])
         return [
             Archived(entry=entry, ended_at=ended_at, record=found)
