@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections import defaultdict
 from collections.abc import Callable
+from functools import partial
 
 import anyio
 
@@ -15,8 +16,15 @@ logger = logging.getLogger(__name__)
 
 # Most outcomes recorded by one script call: bounds how long the script blocks Redis.
 ACK_BATCH = 500
+# Acknowledgements on the wire at once (see Acker).
+LANES = 2
+# Fewest outcomes in each half of a batch split between the lanes: below that, the fixed
+# cost of a script call in Redis outweighs what the overlap saves.
+LANE_MIN = 16
 # Pause after a failed ack (Redis down); the outcomes wait and are sent again.
 RETRY_DELAY = 0.5
+
+_Pending = list[tuple[str, Attempt]]
 
 
 class Acker:
@@ -29,6 +37,17 @@ class Acker:
     or event is kept per job meanwhile (see WorkerPool). With an ack goes the claim of
     the jobs to take the slots it frees, when the pool plans one (`plan_claim`): one
     round trip a cycle instead of two.
+
+    Two acks may be on the wire at once (LANES), so that Redis records one batch and
+    claims the jobs for its slots while the daemon runs the jobs of the other: with one,
+    the two took turns, each idle while the other worked. When every job the daemon holds
+    (`holding`) waits for its ack and none is on the wire, as after a drain's first
+    claim, the batch is split in two halves, one a lane; from then on each half's jobs
+    end while the other half's ack is out, and go together. A second ack goes out only
+    for at least half the jobs held, so that jobs ending one by one are not sent in
+    twice the calls, each with its fixed cost in Redis: they wait for the ack on the
+    wire, as with one lane. Each ack claims only for the slots it frees, so a daemon
+    still never holds more jobs in Redis than slots.
     """
 
     def __init__(
@@ -41,40 +60,100 @@ class Acker:
         on_recorded: Callable[[Attempt, bool], None] = lambda attempt, recorded: None,
         plan_claim: Callable[[str, list[Attempt]], ClaimRequest | None] = lambda q, a: None,
         on_claimed: Callable[[str, ClaimRequest, Claimed | None], None] = lambda q, r, c: None,
+        holding: Callable[[], int] = lambda: 0,
     ) -> None:
         """`plan_claim(queue, attempts)`: a claim to send with the ack of these attempts,
         in the same round trip (Store.ack_and_claim), or None; `on_claimed(queue, request,
         claimed)` then gets what it claimed, before `on_recorded` hears of the attempts
-        (the claim takes the slots they free), or None if the call failed."""
+        (the claim takes the slots they free), or None if the call failed. `holding()`:
+        the jobs the daemon holds (running or waiting for their ack)."""
         self._plan_claim = plan_claim
         self._on_claimed = on_claimed
+        self._holding = holding
         self._store = store
         self._daemon_id = daemon_id
         self._clock = clock
         self._on_retry = on_retry
         self._on_recorded = on_recorded
         # (queue, outcome) in the order they came.
-        self._pending: list[tuple[str, Attempt]] = []
-        self._failing = False  # the last send failed (see _send)
-        self._sending_lock = anyio.Lock()
-        self._has_work = anyio.Event()
+        self._pending: _Pending = []
+        self._on_wire = 0  # batches sent and not answered yet
+        # A send failed, and none begun since has answered (see _send).
+        self._failing = False
+        self._failures = 0
+        # Set, and replaced, when an outcome is queued or a batch answers, if waited for.
+        self._changed = anyio.Event()
+        self._watched = False
 
     def record(self, queue: str, attempt: Attempt) -> None:
         """Queue one attempt's outcome; `on_recorded(attempt, recorded)` is called once
         Redis has it: False if Redis dropped it, the job having been taken back from this
         daemon meanwhile. Outcomes are sent until Redis answers, through outages."""
         self._pending.append((queue, attempt))
-        self._has_work.set()
+        self._notify()
 
     async def tick(self) -> int:
-        """Send one batch of pending outcomes; returns how many were sent."""
-        # One batch on the wire at a time: flush() at shutdown must not return while
-        # run()'s batch is still out, lest the final requeue take back its jobs.
-        async with self._sending_lock:
-            return await self._tick()
+        """Send what is pending as one batch (up to ACK_BATCH), once no batch is on the
+        wire; returns how many were sent."""
+        # flush() at shutdown must not return while a lane's batch is still out, lest the
+        # final requeue take back its jobs.
+        while self._on_wire:
+            await self._next_change()
+        if not self._pending:
+            return 0
+        return await self._send_batch(self._take_first(ACK_BATCH))
 
-    async def _tick(self) -> int:
-        batch, self._pending = self._pending[:ACK_BATCH], self._pending[ACK_BATCH:]
+    async def run(self) -> None:
+        """Send outcomes as they arrive, LANES batches on the wire at most, until cancelled."""
+        outage = Outage("recording job outcomes", logger)
+        lane = partial(repeat, self._send_next, outage=outage, retry_delay=RETRY_DELAY)
+        async with anyio.create_task_group() as tg:
+            for _ in range(LANES):
+                tg.start_soon(lane)
+
+    async def flush(self) -> None:
+        """Send everything pending, retrying through errors (bounded by the caller); the
+        batches already on the wire are waited for first."""
+        while True:
+            try:
+                await self.tick()
+            except Exception:
+                logger.warning("recording job outcomes failed at shutdown; retrying")
+                await anyio.sleep(RETRY_DELAY)
+                continue
+            if not self._pending and not self._on_wire:
+                return
+
+    async def _send_next(self) -> None:
+        """One lane's pass: wait for a batch it may send, and send it."""
+        while (batch := self._take()) is None:
+            await self._next_change()
+        await self._send_batch(batch)
+
+    def _take(self) -> _Pending | None:
+        """The outcomes a lane sends now; None while there are none, every lane is out, or
+        a second ack would carry too few (see Acker)."""
+        pending = len(self._pending)
+        if not pending or self._on_wire >= LANES:
+            return None
+        holding = self._holding()
+        if not self._on_wire:
+            split = pending >= holding and pending >= LANES * LANE_MIN
+            size = -(-pending // LANES) if split else pending
+        elif pending >= max(LANE_MIN, holding // LANES):
+            size = pending
+        else:
+            return None
+        return self._take_first(min(size, ACK_BATCH))
+
+    def _take_first(self, size: int) -> _Pending:
+        batch, self._pending = self._pending[:size], self._pending[size:]
+        self._on_wire += 1
+        return batch
+
+    async def _send_batch(self, batch: _Pending) -> int:
+        """Send a batch taken from the pending outcomes (one call a queue); returns how many
+        were sent. What was not sent goes back to the front, in order."""
         by_queue: dict[str, list[Attempt]] = defaultdict(list)
         for queue, attempt in batch:
             by_queue[queue].append(attempt)
@@ -85,59 +164,40 @@ class Acker:
                 sent += len(attempts)
                 self._report(queue, attempts, flags)
         except BaseException:
-            # Keep what was not sent, in order, for the next attempt.
-            unsent = [(q, a) for q, attempts in by_queue.items() for a in attempts][sent:]
-            self._pending[:0] = unsent
+            grouped = [(q, a) for q, attempts in by_queue.items() for a in attempts]
+            self._pending[:0] = grouped[sent:]
             raise
+        finally:
+            self._on_wire -= 1
+            self._notify()  # a lane, or tick(), may go on
         return sent
 
-    async def run(self) -> None:
-        """Send outcomes as they arrive, until cancelled."""
-        outage = Outage("recording job outcomes", logger)
-        await repeat(self._send_pending, outage=outage, retry_delay=RETRY_DELAY)
+    def _notify(self) -> None:
+        if self._watched:
+            self._watched = False
+            self._changed.set()
+            self._changed = anyio.Event()
 
-    async def _send_pending(self) -> None:
-        if not self._pending:
-            self._has_work = anyio.Event()
-            await self._has_work.wait()
-        await self.tick()
-
-    async def flush(self) -> None:
-        """Send everything pending, retrying through errors (bounded by the caller); a
-        batch already on the wire is waited for first."""
-        while True:
-            try:
-                await self.tick()
-            except Exception:
-                logger.warning("recording job outcomes failed at shutdown; retrying")
-                await anyio.sleep(RETRY_DELAY)
-                continue
-            if not self._pending:
-                return
+    async def _next_change(self) -> None:
+        """Wait until an outcome is queued or a batch answers."""
+        self._watched = True
+        await self._changed.wait()
 
     async def _send(self, queue: str, attempts: list[Attempt]) -> list[bool]:
         # No claim with an ack sent again after a failure: one that ran each time while
-        # the ack kept failing would take more jobs than the slots the ack frees.
+        # the ack kept failing would take more jobs than the slots the ack frees. Nor with
+        # any other until a send begun since has answered: which lane sends what again is
+        # not kept track of.
         request = None if self._failing else self._plan_claim(queue, attempts)
-        self._failing = True  # until this send answers
-        if request is None:
-            flags = await self._store.ack(queue, self._daemon_id, attempts, self._clock())
-        else:
-            try:
-                flags, claimed = await self._store.ack_and_claim(
-                    queue, self._daemon_id, attempts, request
-                )
-            except BaseException:
-                self._on_claimed(queue, request, None)
-                raise
-            if isinstance(claimed, Exception):
-                # The ack is recorded; the jobs the claim may have taken are orphans that
-                # the pool's orphan release returns.
-                logger.warning("the claim sent with an ack of queue %s failed: %s", queue, claimed)
-                self._on_claimed(queue, request, None)
-            else:
-                self._on_claimed(queue, request, claimed)
-        self._failing = False
+        failures = self._failures
+        try:
+            flags = await self._call(queue, attempts, request)
+        except BaseException:
+            self._failing = True
+            self._failures += 1
+            raise
+        if failures == self._failures:
+            self._failing = False
         if not all(flags):
             # The missing ones were taken back while they ran (this daemon was taken for
             # dead); a newer attempt owns their record now.
@@ -146,6 +206,28 @@ class Acker:
                 flags.count(False),
                 queue,
             )
+        return flags
+
+    async def _call(
+        self, queue: str, attempts: list[Attempt], request: ClaimRequest | None
+    ) -> list[bool]:
+        """The ack, with the claim `request` if any (its outcome told to on_claimed)."""
+        if request is None:
+            return await self._store.ack(queue, self._daemon_id, attempts, self._clock())
+        try:
+            flags, claimed = await self._store.ack_and_claim(
+                queue, self._daemon_id, attempts, request
+            )
+        except BaseException:
+            self._on_claimed(queue, request, None)
+            raise
+        if isinstance(claimed, Exception):
+            # The ack is recorded; the jobs the claim may have taken are orphans that the
+            # pool's orphan release returns.
+            logger.warning("the claim sent with an ack of queue %s failed: %s", queue, claimed)
+            self._on_claimed(queue, request, None)
+        else:
+            self._on_claimed(queue, request, claimed)
         return flags
 
     def _report(self, queue: str, attempts: list[Attempt], flags: list[bool]) -> None:

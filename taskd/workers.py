@@ -149,6 +149,7 @@ class WorkerPool:
             on_recorded=self._recorded,
             plan_claim=self._plan_claim,
             on_claimed=self._claimed_with_ack,
+            holding=lambda: self._slots.active,
         )
         self._running: dict[str, _Running] = {}
         # The jobs whose attempt ended, by id and attempt, until the ack answers for them.

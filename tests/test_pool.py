@@ -175,14 +175,17 @@ async def test_every_queue_claims_again_once_outcomes_are_recorded(
 
 
 class CountedClaims(Store):
-    """A store that counts the jobs claimed on their own and with an ack, and the most
-    jobs this daemon held in Redis (its active set) after each of its calls."""
+    """A store that counts the jobs claimed on their own and with an ack, the most jobs
+    this daemon held in Redis (its active set) after each of its calls, and the most acks
+    with a claim on the wire at once."""
 
     def __init__(self, store: Store) -> None:
         super().__init__(connection=store.connection)
         self.alone = 0
         self.with_acks = 0
         self.most_held = 0
+        self.on_wire = 0
+        self.most_on_wire = 0
 
     async def claim(self, queue: str, daemon_id: str, *args: Any, **kwargs: Any) -> Claimed:
         claimed = await super().claim(queue, daemon_id, *args, **kwargs)
@@ -193,7 +196,12 @@ class CountedClaims(Store):
     async def ack_and_claim(
         self, queue: str, daemon_id: str, attempts: Sequence[Attempt], request: ClaimRequest
     ) -> tuple[list[bool], Claimed]:
-        flags, claimed = await super().ack_and_claim(queue, daemon_id, attempts, request)
+        self.on_wire += 1
+        self.most_on_wire = max(self.most_on_wire, self.on_wire)
+        try:
+            flags, claimed = await super().ack_and_claim(queue, daemon_id, attempts, request)
+        finally:
+            self.on_wire -= 1
         self.with_acks += len(claimed.jobs)
         await self._held(queue, daemon_id)
         return flags, claimed
@@ -218,6 +226,21 @@ async def test_a_busy_queue_claims_with_the_acks_that_free_the_slots(
     assert counted.with_acks >= 400, (counted.alone, counted.with_acks)
     # And never more jobs in Redis than slots: the ack runs before the claim sent with it.
     assert counted.most_held <= 10
+
+
+@pytest.mark.timeout(60)
+async def test_a_drain_keeps_two_acks_on_the_wire_and_no_more_jobs_than_slots(
+    store: Store, redis_url: str
+) -> None:
+    # 64 slots: every job ends before the first ack, which is split in two halves, each
+    # acknowledged (and its slots claimed again) while the other's jobs run.
+    counted = CountedClaims(store)
+    await enqueue(store, 2000)
+    async with running_pool(counted, redis_url, concurrency=64) as pool:
+        await wait_until(lambda: _completed(store, 2000), "2000 jobs completed", deadline=45)
+        await wait_until(lambda: _idle(pool), "every slot free")
+    assert counted.most_on_wire == 2
+    assert counted.most_held <= 64
 
 
 async def test_the_room_offered_for_a_capped_type_is_never_below_nothing(
