@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from taskd.embedded import RedisServer
 from taskd.store import UNAVAILABLE, Keys, Store, is_full
+from taskd.store.store import ENQUEUE_LANE_AFTER_S, ENQUEUE_LANE_MIN
 from tests.builders import new_job, stored
 from tests.proxy import Proxy
 from tests.support import fill, wait_until
@@ -158,3 +159,28 @@ async def test_closing_the_store_answers_whoever_still_waits(proxied: Store, pro
     await store.close()
     answers = await asyncio.gather(*tasks, return_exceptions=True)
     assert all(isinstance(answer, UNAVAILABLE) for answer in answers), answers
+
+
+async def test_a_second_call_goes_out_beside_one_held_up(proxied: Store, proxy: Proxy) -> None:
+    # Behind a long round trip, the jobs that arrive during a call wait for part of it.
+    store = proxied
+    proxy.blackhole()
+    first = asyncio.create_task(store.enqueue(new_job()))
+    await until_sent(proxy)
+    held = proxy.held
+    await asyncio.sleep(2 * ENQUEUE_LANE_AFTER_S)
+    # Too few to be worth a call of their own: they wait for the one out.
+    waiting = [asyncio.create_task(store.enqueue(new_job())) for _ in range(ENQUEUE_LANE_MIN - 1)]
+    await asyncio.sleep(0.2)  # time for a second call that should not go
+    assert proxy.held == held
+    # Enough: a second call goes beside the first.
+    waiting.append(asyncio.create_task(store.enqueue(new_job())))
+
+    async def second_sent() -> bool:
+        return proxy.held > held
+
+    await wait_until(second_sent, "a second call on its way")
+    proxy.restore()
+    holders = await asyncio.gather(first, *waiting)
+    for job_id in holders:
+        await stored(store, job_id)

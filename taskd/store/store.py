@@ -35,6 +35,12 @@ DEDUP_TTL_MS = 86_400_000
 # Jobs sent per script call by enqueue and enqueue_many: bounds how long one call blocks
 # Redis.
 ENQUEUE_CHUNK = 1000
+# Enqueue calls of one queue on the wire at once (see Store.enqueue); a second one goes
+# once the first has been out this long, with at least this many jobs (and half as many
+# as the first carries).
+ENQUEUE_LANES = 2
+ENQUEUE_LANE_AFTER_S = 0.001
+ENQUEUE_LANE_MIN = 16
 # Payload bytes gathered into one enqueue call at most (a job over it goes alone): 1,000
 # submissions of up to [server] max_body each must not make one command of a gigabyte.
 ENQUEUE_BYTES = 4 * 1024 * 1024
@@ -96,10 +102,10 @@ class _Waiting:
 
 
 class _Lane:
-    """The jobs of one queue waiting to be enqueued, and the task sending them while any
+    """The jobs of one queue waiting to be enqueued, and the tasks sending them while any
     wait. One per queue and idempotency TTL: a script call takes one TTL for its jobs."""
 
-    __slots__ = ("dedup_ttl_ms", "loop", "queue", "sender", "waiting")
+    __slots__ = ("dedup_ttl_ms", "loop", "on_wire", "queue", "senders", "sent_at", "waiting")
 
     def __init__(self, queue: str, dedup_ttl_ms: int) -> None:
         self.queue = queue
@@ -107,7 +113,21 @@ class _Lane:
         # Kept: on Python 3.11 asyncio.get_running_loop() makes a system call (getpid).
         self.loop = asyncio.get_running_loop()
         self.waiting: list[_Waiting] = []
-        self.sender: asyncio.Task[None] | None = None
+        self.senders: set[asyncio.Task[None]] = set()
+        self.on_wire = 0  # jobs in the calls the senders have on the wire
+        self.sent_at = 0.0  # loop time the latest call went out
+
+    def may_send(self) -> bool:
+        """Whether a sender may send what waits now: with no call on the wire, or beside
+        one out for ENQUEUE_LANE_AFTER_S, half as many as it carries (see Store.enqueue)."""
+        if not self.waiting:
+            return False
+        if not self.on_wire:
+            return True
+        return (
+            len(self.waiting) >= max(ENQUEUE_LANE_MIN, self.on_wire // 2)
+            and self.loop.time() - self.sent_at >= ENQUEUE_LANE_AFTER_S
+        )
 
 
 def _packed(conn: Any, commands: Sequence[tuple[Any, ...]]) -> bytes | list[bytes]:
@@ -179,7 +199,7 @@ class Store:
 
     async def close(self) -> None:
         # Nothing submits any more; a call still in flight ends now, its waiters told so.
-        senders = [lane.sender for lane in self._lanes.values() if lane.sender is not None]
+        senders = [sender for lane in self._lanes.values() for sender in lane.senders]
         for sender in senders:
             sender.cancel()
         if senders:
@@ -235,6 +255,12 @@ class Store:
         one call (up to ENQUEUE_CHUNK). No timer holds a job back, so an idle daemon adds no
         latency, and under load a job costs a fraction of a call. Each caller gets its own
         holder's id, or the error of the call that carried its job.
+
+        A second call goes out beside one that has been on the wire for a millisecond,
+        once at least half as many jobs wait as that one carries (and ENQUEUE_LANE_MIN):
+        behind a long round trip they then wait for part of it, not all of it, while with
+        Redis near, where a call answers sooner and fewer arrive meanwhile, calls stay as
+        large and as few as with one.
         """
         # Encoded here: a job that cannot be fails its own caller, not a whole call.
         entries = record.new_job_args(job)
@@ -243,8 +269,11 @@ class Store:
             lane = self._lanes[job.queue, dedup_ttl_ms] = _Lane(job.queue, dedup_ttl_ms)
         answer: asyncio.Future[str] = lane.loop.create_future()
         lane.waiting.append(_Waiting(entries, job.created_at, answer))
-        if lane.sender is None:
-            lane.sender = lane.loop.create_task(self._send_waiting(lane))
+        # A second sender only beside a call on the wire: one about to send takes this job.
+        if not lane.senders or (
+            len(lane.senders) < ENQUEUE_LANES and lane.on_wire and lane.may_send()
+        ):
+            lane.senders.add(lane.loop.create_task(self._send_waiting(lane)))
         try:
             return await answer
         except asyncio.CancelledError:
@@ -253,22 +282,30 @@ class Store:
             raise
 
     async def _send_waiting(self, lane: _Lane) -> None:
-        """Send the lane's waiting jobs, a call at a time, until none waits.
+        """Send the lane's waiting jobs, a call at a time, while any wait and it may
+        (_Lane.may_send: the other sender, if any, takes them once it has its answer).
 
         A task of its own rather than the first caller's: a caller that goes away (its
         client left, its request's deadline passed) cancels its wait only. The call carrying
         its job runs to its end for the others, and a job whose caller went before its call
         was sent is not sent at all.
         """
+        sender = asyncio.current_task()
         try:
-            while lane.waiting:
-                batch = _take_batch(lane.waiting)
-                await self._send_batch(lane, [w for w in batch if not w.answer.done()])
+            while lane.may_send():
+                batch = [w for w in _take_batch(lane.waiting) if not w.answer.done()]
+                lane.on_wire += len(batch)
+                lane.sent_at = lane.loop.time()
+                try:
+                    await self._send_batch(lane, batch)
+                finally:
+                    lane.on_wire -= len(batch)
         finally:
-            lane.sender = None
+            lane.senders.discard(sender)
             # Only when cancelled (the store closing) is anyone left waiting.
-            _fail(lane.waiting, _closed())
-            lane.waiting.clear()
+            if not lane.senders:
+                _fail(lane.waiting, _closed())
+                lane.waiting.clear()
 
     async def _send_batch(self, lane: _Lane, batch: list[_Waiting]) -> None:
         if not batch:
