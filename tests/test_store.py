@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from taskd.jobs import Job
 from taskd.store import Beat, ClaimRequest, DaemonInfo, Inspector, Keys, Store
+from taskd.store.record import RECORD_VERSION
 from tests.builders import done, ended, enqueue, new_job, stored
 from tests.support import ECHO, ready_ids
 
@@ -427,20 +428,56 @@ async def test_trim_deletes_jobs_past_their_retention(store: Store, redis: Redis
 
 
 def info(daemon_id: str, beat: int) -> DaemonInfo:
-    return DaemonInfo(daemon_id, "h", 1, 1, 4, (Q,), 0, beat)
+    return DaemonInfo(daemon_id, "h", 1, 1, 4, (Q,), 0, beat, record_version=RECORD_VERSION)
 
 
 async def test_beat_registers_and_tells_when_the_daemon_was_forgotten(
     store: Store, inspector: Inspector
 ) -> None:
-    assert await store.beat(info(ME, 1000)) == Beat(registered=False, marked=False)
-    assert await store.beat(info(ME, 2000)) == Beat(registered=True, marked=True)
+    new = RECORD_VERSION
+    assert await store.beat(info(ME, 1000)) == Beat(
+        registered=False, marked=False, record_version=new
+    )
+    assert await store.beat(info(ME, 2000)) == Beat(
+        registered=True, marked=True, record_version=new
+    )
     assert await inspector.live_daemons(since=2000) == [info(ME, 2000)]
     assert await store.stale_daemons(before=2001) == [ME]
     assert not await store.forget_daemon(ME, before=2000)  # it beat at 2000
     assert await store.forget_daemon(ME, before=2001)
     # Forgotten: the beat says so; the installation's marker is still there.
-    assert await store.beat(info(ME, 3000)) == Beat(registered=False, marked=True)
+    assert await store.beat(info(ME, 3000)) == Beat(
+        registered=False, marked=True, record_version=new
+    )
+
+
+async def _id_and_queue(redis: Redis, job: Job) -> list[bytes | None]:
+    return list(await redis.hmget(K.job(Q, job.id), ["id", "queue"]))
+
+
+async def test_records_keep_id_and_queue_while_a_registered_daemon_reads_them(
+    store: Store, redis: Redis
+) -> None:
+    # Until a heartbeat has found what the registered daemons read, the two are written.
+    [first] = await enqueue(store, 1)
+    assert await _id_and_queue(redis, first) == [first.id.encode(), Q.encode()]
+    assert (await store.beat(info(ME, 1000))).record_version == RECORD_VERSION
+    [lean] = await enqueue(store, 1)
+    assert await _id_and_queue(redis, lean) == [None, None]
+    # Read from the key, as every reader of this taskd does.
+    assert (await stored(store, lean.id)).to_public() == lean.to_public()
+    # A daemon of an older taskd registers, as its heartbeat would (its record does not
+    # say which layout it reads): they are written again from the next beat on.
+    await redis.hset(K.daemon("old"), mapping={"id": "old", "queues": f'["{Q}"]'})
+    await redis.zadd(K.daemons, {"old": 1500})
+    assert (await store.beat(info(ME, 2000))).record_version == 1
+    [kept] = await enqueue(store, 1)
+    assert await _id_and_queue(redis, kept) == [kept.id.encode(), Q.encode()]
+    # Once it has left the registry (its jobs reaped), they are not.
+    assert await store.forget_daemon("old", before=1600)
+    assert (await store.beat(info(ME, 3000))).record_version == RECORD_VERSION
+    [lean_again] = await enqueue(store, 1)
+    assert await _id_and_queue(redis, lean_again) == [None, None]
 
 
 async def test_queue_counts_and_totals(store: Store, inspector: Inspector) -> None:

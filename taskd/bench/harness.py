@@ -22,6 +22,7 @@ import orjson
 from taskd.embedded import EmbeddedRedisError, RedisServer, child_setup, free_port
 from taskd.jobs import QUEUED, Job, new_id, now_ms
 from taskd.store import Inspector, Store
+from taskd.store.record import RECORD_VERSION
 
 QUEUE = "default"
 PREFIX = "taskd"
@@ -175,6 +176,9 @@ class Local:
         self.tmp = tmp
         # One connection, as a daemon has: the Store puts jobs in, the Inspector reads.
         self.store = Store.from_url(redis_url, prefix=PREFIX)
+        # Its jobs' records as a fleet of this taskd writes them, once a heartbeat has found
+        # no daemon of an older one (Store.beat): the bench's daemons are all of this one.
+        self.store.record_version = RECORD_VERSION
         self.inspector = Inspector(connection=self.store.connection)
         self.running: list[Spawned] = []  # the daemons and proxies in use, that must not die
         self._spawned = 0

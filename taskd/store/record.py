@@ -21,8 +21,8 @@ from taskd.jobs import ACTIVE, DEFAULT_PRIORITY, FINAL_STATES, Job
 # progress_message and progress_at go together. attempts and priority are absent while
 # at 0 and DEFAULT_PRIORITY (a field is about 72 bytes in a hash too big to be compact),
 # earlier_attempts (the attempts before the latest retry by hand, retry.lua) while at 0.
-# id and queue repeat the key: readers take them from the key they read (decode_job),
-# and a later release stops writing them, once no daemon older than this one needs them.
+# id and queue repeat the key, and readers take them from the key they read (decode_job):
+# they are written only for daemons of an older taskd (see RECORD_VERSION).
 # trace is present only for jobs submitted with tracing on (Job.trace).
 JOB_FIELDS = (
     "id", "type", "queue", "payload", "state", "attempts", "max_attempts", "created_at",
@@ -30,6 +30,14 @@ JOB_FIELDS = (
     "history", "idempotency_key", "progress", "progress_message", "progress_at",
     "callback_url", "priority", "waiting_for", "earlier_attempts", "trace",
 )  # fmt: skip
+
+# The job record layouts this taskd reads and writes: 1 with id and queue, 2 without.
+# Each daemon registers the newest it reads (DAEMON_FIELDS record_version; a daemon that
+# does not say reads only 1), and a store writes 2 once a heartbeat has found that every
+# registered daemon reads it (Store.beat): in a rolling upgrade from a taskd that needs
+# the two fields, records keep them until its last daemon has left the registry.
+RECORD_VERSION = 2
+OLDEST_RECORD_VERSION = 1
 
 # A new job as enqueue.lua takes it: these entries per job, after the script's own
 # arguments. run_at 0: run now; idempotency_key, callback_url and trace '': none. Each job
@@ -65,10 +73,11 @@ ARCHIVED = (
 TYPE_LIMITS = ("job_type", "free", "concurrency", "rate_count", "rate_per_ms")
 
 # The fields of a daemon's hash ({prefix}:{<prefix>:global}:daemon:<id>), which beat.lua
-# writes as field, value pairs. Older daemons write no types.
+# writes as field, value pairs (and reads record_version of). Older daemons write no
+# types, and no record_version.
 DAEMON_FIELDS = (
     "id", "host", "pid", "started_at", "concurrency", "queues", "types", "active",
-    "last_heartbeat",
+    "last_heartbeat", "record_version",
 )  # fmt: skip
 
 # The counters of a queue's totals hash, which the scripts count up; /stats shows each,
@@ -116,6 +125,8 @@ class DaemonInfo:
     active: int
     last_heartbeat: int
     types: tuple[str, ...] = ()  # the job types it has handlers for
+    # The newest job record layout it reads (RECORD_VERSION).
+    record_version: int = OLDEST_RECORD_VERSION
 
 
 def new_job_args(job: Job) -> list[Any]:
@@ -138,11 +149,13 @@ def type_limits_args(spec: TypeLimits, free: int) -> list[Any]:
 
 
 def daemon_args(info: DaemonInfo) -> list[Any]:
-    """A daemon's hash as the field, value pairs beat.lua writes."""
+    """This daemon's hash as the field, value pairs beat.lua writes: the record layout it
+    reads is this taskd's."""
     values = {
         **{name: getattr(info, name) for name in DAEMON_FIELDS},
         "queues": orjson.dumps(list(info.queues)),
         "types": orjson.dumps(list(info.types)),
+        "record_version": RECORD_VERSION,
     }
     return [item for name in DAEMON_FIELDS for item in (name, values[name])]
 
@@ -264,6 +277,7 @@ def decode_daemon(fields: Mapping[bytes, bytes]) -> DaemonInfo:
         last_heartbeat=int(f["last_heartbeat"]),
         # Daemons of an older taskd do not say: taken as knowing none.
         types=tuple(orjson.loads(f["types"])) if "types" in f else (),
+        record_version=int(f.get("record_version", OLDEST_RECORD_VERSION)),
     )
 
 

@@ -153,11 +153,13 @@ class Archived:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class Beat:
-    """What a heartbeat found: whether the daemon was still registered, and whether the
-    installation's marker was there (see beat.lua)."""
+    """What a heartbeat found: whether the daemon was still registered, whether the
+    installation's marker was there, and the oldest job record layout a registered daemon
+    reads (see beat.lua)."""
 
     registered: bool
     marked: bool
+    record_version: int
 
 
 class Store:
@@ -175,6 +177,9 @@ class Store:
         self._lua = scripts.load(self._r)
         self._reads = Inspector(connection=connection)
         self._lanes: dict[tuple[str, int], _Lane] = {}
+        # The job record layout it writes (record.RECORD_VERSION): the oldest one, until a
+        # heartbeat finds every registered daemon reads the newer (beat).
+        self.record_version = record.OLDEST_RECORD_VERSION
 
     @classmethod
     def from_url(
@@ -362,7 +367,9 @@ class Store:
         """One enqueue.lua call: jobs of one queue, as their NEW_JOB entries."""
         k = self.keys
         args = self._header(queue, now)
-        args += [queue, k.idempotency_prefix(queue), dedup_ttl_ms, now // record.BUCKET_MS]
+        # The queue's name, to write in each record as older daemons read it; '' for none.
+        named = queue if self.record_version == record.OLDEST_RECORD_VERSION else ""
+        args += [named, k.idempotency_prefix(queue), dedup_ttl_ms, now // record.BUCKET_MS]
         for job_entries in entries:
             args += job_entries
         keys = [k.inbox(queue), k.scheduled(queue), k.index(queue), k.totals(queue)]
@@ -825,16 +832,24 @@ class Store:
     async def beat(self, info: DaemonInfo) -> Beat:
         """Write a daemon's record and heartbeat (see beat.lua)."""
         k = self.keys
-        known, marked = await self._lua["beat"](
+        known, marked, oldest = await self._lua["beat"](
             keys=[k.daemons, k.daemon(info.id), k.marker],
             args=[info.last_heartbeat, info.id, *record.daemon_args(info)],
         )
+        if oldest != self.record_version:
+            self.record_version = int(oldest)
+            if oldest == record.OLDEST_RECORD_VERSION:
+                logger.info("a daemon of an older taskd is registered: new jobs' records "
+                            "carry their id and queue for it")  # fmt: skip
+            else:
+                logger.info("every registered daemon reads job records without their id "
+                            "and queue: new jobs' records leave them out")  # fmt: skip
         async with self._r.pipeline(transaction=False) as pipe:
             for queue in info.queues:
                 pipe.zadd(k.leases(queue), {info.id: info.last_heartbeat})
             pipe.sadd(k.queues, *info.queues)
             await pipe.execute()
-        return Beat(registered=bool(known), marked=bool(marked))
+        return Beat(registered=bool(known), marked=bool(marked), record_version=int(oldest))
 
     async def deregister_daemon(self, daemon_id: str, queues: Sequence[str]) -> None:
         """Remove a daemon that stopped cleanly (its in-flight keys are already empty)."""

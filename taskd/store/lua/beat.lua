@@ -7,10 +7,11 @@
 -- ARGV[1] -> now, epoch ms (of no queue: the header's first entry only, lib.lua)
 -- ARGV[2] -> this daemon's id
 -- ARGV[3..] -> field, value pairs of the record (record.DAEMON_FIELDS)
--- Returns {registered, marked}: 1 if the daemon was registered before this beat (for a
--- daemon that has beaten before, 0 means a reaper took it for dead and took its jobs
--- back), and 1 if the marker was there (0: a new Redis, or one that lost its data; it is
--- written again either way).
+-- Returns {registered, marked, record version}: 1 if the daemon was registered before
+-- this beat (for a daemon that has beaten before, 0 means a reaper took it for dead and
+-- took its jobs back), 1 if the marker was there (0: a new Redis, or one that lost its
+-- data; it is written again either way), and the oldest job record layout a registered
+-- daemon reads (record.RECORD_VERSION; 1 for a daemon whose record does not say).
 local known = redis.call('ZSCORE', KEYS[1], ARGV[2])
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
 redis.call('HSET', KEYS[2], unpack(ARGV, 3))
@@ -18,4 +19,14 @@ local marked = redis.call('EXISTS', KEYS[3])
 if marked == 0 then
   redis.call('SET', KEYS[3], ARGV[2] .. ' ' .. ARGV[1])
 end
-return {known and 1 or 0, marked}
+-- Every daemon in the registry, live or not reaped yet: one that died still has its
+-- jobs' records to read should it come back. The records share this one's key prefix.
+local prefix = string.sub(KEYS[2], 1, #KEYS[2] - #ARGV[2])
+local oldest = nil
+for _, id in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
+  local version = tonumber(redis.call('HGET', prefix .. id, 'record_version') or 1)
+  if oldest == nil or version < oldest then
+    oldest = version
+  end
+end
+return {known and 1 or 0, marked, oldest}

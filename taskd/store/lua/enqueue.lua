@@ -11,7 +11,8 @@
 -- KEYS[5] -> <prefix>:{<queue>}:arrivals, jobs added per 10-second bucket
 -- ARGV[1..3] -> now (the newest created_at of the call's jobs), job hash prefix, limit key
 --   prefix (unused) (the header, lib.lua)
--- ARGV[4] -> the queue's name
+-- ARGV[4] -> the queue's name, to write id and queue in each record for daemons that read
+--   them (record.RECORD_VERSION 1); '' to write neither
 -- ARGV[5] -> <prefix>:{<queue>}:idem:, the idempotency key prefix
 -- ARGV[6] -> how long an idempotency key holds, ms
 -- ARGV[7] -> the current arrivals bucket (record.BUCKET_MS)
@@ -49,8 +50,13 @@ for i = 8, #ARGV, 10 do
       -- No attempts (0) and no priority at its default: an absent field reads as those,
       -- and each field costs some 72 bytes of Redis memory in a hash too big for a
       -- listpack (record.JOB_FIELDS).
-      local fields = {'id', id, 'type', job_type, 'queue', ARGV[4], 'payload', payload,
-        'max_attempts', max_attempts, 'created_at', created_at}
+      local fields = {'type', job_type, 'payload', payload, 'max_attempts', max_attempts,
+        'created_at', created_at}
+      if ARGV[4] ~= '' then
+        for _, v in ipairs({'id', id, 'queue', ARGV[4]}) do
+          fields[#fields + 1] = v
+        end
+      end
       if tonumber(priority) ~= DEFAULT_PRIORITY then
         fields[#fields + 1] = 'priority'
         fields[#fields + 1] = priority
