@@ -133,6 +133,38 @@ async def test_sigkill_chaos_loses_nothing(
     assert duplicates <= recovered, (duplicates, recovered)
 
 
+async def test_sigkill_mid_drain_with_two_acks_on_the_wire_loses_nothing(
+    tmp_path: Path, redis_url: str, redis: Redis, free_port: Any
+) -> None:
+    # Short jobs and 64 slots: each drain splits its slots in two halves, each acked (and
+    # its slots claimed again) while the other's jobs run (taskd.acker, LANES). A kill
+    # then leaves two calls' worth of jobs behind, and the bound on them holds.
+    concurrency, per_kill, kills = 64, 20_000, 3
+    cluster = Cluster(tmp_path, redis_url, free_port, concurrency=concurrency)
+    ids: list[str] = []
+    try:
+        await cluster.start("a")
+        for _ in range(kills):
+            ids += await enqueue(redis_url, per_kill, seconds=0)
+            victim = await cluster.daemon_id("a")
+            await wait_until(lambda v=victim: _running(redis, v), f"{victim} to run jobs")
+            cluster.daemons["a"].proc.send_signal(signal.SIGKILL)
+            cluster.daemons["a"].kill()
+            await cluster.start("a")
+        total = per_kill * kills
+        await wait_until(lambda: _at_least(redis, total), "every job completed", deadline=120)
+    finally:
+        cluster.stop_all()
+    assert await completed(redis) == total
+    assert len(await ready_ids(redis, Q)) == 0
+    runs = cluster.executions()
+    assert set(runs) == set(ids)
+    # A daemon never holds more jobs in Redis than slots: at most that many per kill.
+    recovered = int(await redis.hget(K.totals(Q), "recovered") or 0)
+    assert kills <= recovered <= kills * concurrency
+    assert sum(runs.values()) - total <= recovered
+
+
 async def test_sigterm_under_load_requeues_and_exits_in_time(
     tmp_path: Path, redis_url: str, redis: Redis, free_port: Any
 ) -> None:
