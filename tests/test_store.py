@@ -428,7 +428,7 @@ async def test_trim_deletes_jobs_past_their_retention(store: Store, redis: Redis
 
 
 def info(daemon_id: str, beat: int) -> DaemonInfo:
-    return DaemonInfo(daemon_id, "h", 1, 1, 4, (Q,), 0, beat, record_version=RECORD_VERSION)
+    return DaemonInfo(daemon_id, "h", 1, 1, 4, (Q,), 0, beat)
 
 
 async def test_beat_registers_and_tells_when_the_daemon_was_forgotten(
@@ -478,6 +478,11 @@ async def test_records_keep_id_and_queue_while_a_registered_daemon_reads_them(
     assert (await store.beat(info(ME, 3000))).record_version == RECORD_VERSION
     [lean_again] = await enqueue(store, 1)
     assert await _id_and_queue(redis, lean_again) == [None, None]
+    # What a daemon that left the registry said goes at the next beat.
+    await store.beat(info("gone", 3000))
+    assert await store.forget_daemon("gone", before=3500)
+    await store.beat(info(ME, 4000))
+    assert await redis.hkeys(K.record_versions) == [ME.encode()]
 
 
 async def test_queue_counts_and_totals(store: Store, inspector: Inspector) -> None:

@@ -212,6 +212,12 @@ class Keys:
         return self._global(f"daemon:{daemon_id}")
 
     @property
+    def record_versions(self) -> str:
+        """Hash of daemon id to the job record layout it reads (record.RECORD_VERSION), one
+        field per daemon that says: a registered daemon without one reads only the first."""
+        return self._global("record_versions")
+
+    @property
     def marker(self) -> str:
         """Written by the first heartbeat on a Redis ("DAEMON EPOCH_MS"), never deleted: a
         heartbeat that finds it gone knows Redis lost its data."""

@@ -32,8 +32,8 @@ JOB_FIELDS = (
 )  # fmt: skip
 
 # The job record layouts this taskd reads and writes: 1 with id and queue, 2 without.
-# Each daemon registers the newest it reads (DAEMON_FIELDS record_version; a daemon that
-# does not say reads only 1), and a store writes 2 once a heartbeat has found that every
+# Each daemon registers the newest it reads (keys.record_versions; a daemon that does not
+# say reads only 1), and a store writes 2 once a heartbeat has found that every
 # registered daemon reads it (Store.beat): in a rolling upgrade from a taskd that needs
 # the two fields, records keep them until its last daemon has left the registry.
 RECORD_VERSION = 2
@@ -73,11 +73,10 @@ ARCHIVED = (
 TYPE_LIMITS = ("job_type", "free", "concurrency", "rate_count", "rate_per_ms")
 
 # The fields of a daemon's hash ({prefix}:{<prefix>:global}:daemon:<id>), which beat.lua
-# writes as field, value pairs (and reads record_version of). Older daemons write no
-# types, and no record_version.
+# writes as field, value pairs. Older daemons write no types.
 DAEMON_FIELDS = (
     "id", "host", "pid", "started_at", "concurrency", "queues", "types", "active",
-    "last_heartbeat", "record_version",
+    "last_heartbeat",
 )  # fmt: skip
 
 # The counters of a queue's totals hash, which the scripts count up; /stats shows each,
@@ -125,8 +124,6 @@ class DaemonInfo:
     active: int
     last_heartbeat: int
     types: tuple[str, ...] = ()  # the job types it has handlers for
-    # The newest job record layout it reads (RECORD_VERSION).
-    record_version: int = OLDEST_RECORD_VERSION
 
 
 def new_job_args(job: Job) -> list[Any]:
@@ -149,13 +146,11 @@ def type_limits_args(spec: TypeLimits, free: int) -> list[Any]:
 
 
 def daemon_args(info: DaemonInfo) -> list[Any]:
-    """This daemon's hash as the field, value pairs beat.lua writes: the record layout it
-    reads is this taskd's."""
+    """A daemon's hash as the field, value pairs beat.lua writes."""
     values = {
         **{name: getattr(info, name) for name in DAEMON_FIELDS},
         "queues": orjson.dumps(list(info.queues)),
         "types": orjson.dumps(list(info.types)),
-        "record_version": RECORD_VERSION,
     }
     return [item for name in DAEMON_FIELDS for item in (name, values[name])]
 
@@ -277,7 +272,6 @@ def decode_daemon(fields: Mapping[bytes, bytes]) -> DaemonInfo:
         last_heartbeat=int(f["last_heartbeat"]),
         # Daemons of an older taskd do not say: taken as knowing none.
         types=tuple(orjson.loads(f["types"])) if "types" in f else (),
-        record_version=int(f.get("record_version", OLDEST_RECORD_VERSION)),
     )
 
 

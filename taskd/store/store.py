@@ -833,8 +833,8 @@ class Store:
         """Write a daemon's record and heartbeat (see beat.lua)."""
         k = self.keys
         known, marked, oldest = await self._lua["beat"](
-            keys=[k.daemons, k.daemon(info.id), k.marker],
-            args=[info.last_heartbeat, info.id, *record.daemon_args(info)],
+            keys=[k.daemons, k.daemon(info.id), k.marker, k.record_versions],
+            args=[info.last_heartbeat, info.id, record.RECORD_VERSION, *record.daemon_args(info)],
         )
         if oldest != self.record_version:
             self.record_version = int(oldest)
