@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import AsyncIterator
 
+import anyio
 import pytest
 from redis.asyncio import Redis
 
@@ -184,3 +185,20 @@ async def test_a_second_call_goes_out_beside_one_held_up(proxied: Store, proxy: 
     holders = await asyncio.gather(first, *waiting)
     for job_id in holders:
         await stored(store, job_id)
+
+
+async def test_closing_answers_the_jobs_of_a_sender_that_never_started(
+    proxied: Store, proxy: Proxy
+) -> None:
+    # A second sender is made beside a call held up, and the store closes before it ran.
+    store = proxied
+    proxy.blackhole()
+    first = asyncio.create_task(store.enqueue(new_job()))
+    await until_sent(proxy)
+    await asyncio.sleep(2 * ENQUEUE_LANE_AFTER_S)
+    waiting = [asyncio.create_task(store.enqueue(new_job())) for _ in range(ENQUEUE_LANE_MIN)]
+    await asyncio.sleep(0)  # each runs to its wait; the second sender has not started
+    await store.close()
+    with anyio.fail_after(5):
+        answers = await asyncio.gather(first, *waiting, return_exceptions=True)
+    assert all(isinstance(answer, UNAVAILABLE) for answer in answers), answers

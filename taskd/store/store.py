@@ -209,6 +209,12 @@ class Store:
             sender.cancel()
         if senders:
             await asyncio.wait(senders)
+        # A sender cancelled before its first step never ran its clean-up: whoever still
+        # waits is told here.
+        for lane in self._lanes.values():
+            lane.senders.clear()
+            _fail(lane.waiting, _closed())
+            lane.waiting.clear()
         await self.connection.close()
 
     async def ping(self) -> None:
