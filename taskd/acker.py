@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from collections import defaultdict
 from collections.abc import Callable
 from functools import partial
@@ -81,6 +82,12 @@ class Acker:
         # A send failed, and none begun since has answered (see _send).
         self._failing = False
         self._failures = 0
+        # Attempts (job id, attempt) put back by a failed send, until sent again (_send).
+        self._resent: set[tuple[str, int]] = set()
+        # After a failed send no lane sends before this time (anyio's clock): the other
+        # lane would otherwise send the outcomes again at once, not after RETRY_DELAY.
+        self._hold_until = 0.0
+        self._wait_s = math.inf  # how long an idle lane waits at most (see _take)
         # Set, and replaced, when an outcome is queued or a batch answers, if waited for.
         self._changed = anyio.Event()
         self._watched = False
@@ -127,12 +134,17 @@ class Acker:
     async def _send_next(self) -> None:
         """One lane's pass: wait for a batch it may send, and send it."""
         while (batch := self._take()) is None:
-            await self._next_change()
+            with anyio.move_on_after(self._wait_s):
+                await self._next_change()
         await self._send_batch(batch)
 
     def _take(self) -> _Pending | None:
         """The outcomes a lane sends now; None while there are none, every lane is out, or
         a second ack would carry too few (see Acker)."""
+        self._wait_s = self._hold_until - anyio.current_time()
+        if self._wait_s > 0:
+            return None
+        self._wait_s = math.inf
         pending = len(self._pending)
         if not pending or self._on_wire >= LANES:
             return None
@@ -163,9 +175,12 @@ class Acker:
                 flags = await self._send(queue, attempts)
                 sent += len(attempts)
                 self._report(queue, attempts, flags)
-        except BaseException:
-            grouped = [(q, a) for q, attempts in by_queue.items() for a in attempts]
-            self._pending[:0] = grouped[sent:]
+        except BaseException as exc:
+            unsent = [(q, a) for q, attempts in by_queue.items() for a in attempts][sent:]
+            self._pending[:0] = unsent
+            self._resent.update((a.job_id, a.attempt) for _, a in unsent)
+            if isinstance(exc, Exception):
+                self._hold_until = anyio.current_time() + RETRY_DELAY
             raise
         finally:
             self._on_wire -= 1
@@ -184,11 +199,12 @@ class Acker:
         await self._changed.wait()
 
     async def _send(self, queue: str, attempts: list[Attempt]) -> list[bool]:
-        # No claim with an ack sent again after a failure: one that ran each time while
-        # the ack kept failing would take more jobs than the slots the ack frees. Nor with
-        # any other until a send begun since has answered: which lane sends what again is
-        # not kept track of.
-        request = None if self._failing else self._plan_claim(queue, attempts)
+        # No claim with an ack sent again after a failure: had the failed call run in
+        # Redis, its claim took jobs for these slots already, and one each time the ack
+        # kept failing would take more jobs than the slots free. Nor with any ack until one
+        # begun after the failure has answered: Redis may still be failing.
+        resent = bool(self._resent) and any((a.job_id, a.attempt) in self._resent for a in attempts)
+        request = None if self._failing or resent else self._plan_claim(queue, attempts)
         failures = self._failures
         try:
             flags = await self._call(queue, attempts, request)
@@ -196,6 +212,8 @@ class Acker:
             self._failing = True
             self._failures += 1
             raise
+        if resent:
+            self._resent.difference_update((a.job_id, a.attempt) for a in attempts)
         if failures == self._failures:
             self._failing = False
         if not all(flags):

@@ -9,7 +9,8 @@ import anyio
 import pytest
 import redis.exceptions
 
-from taskd.acker import LANE_MIN, Acker
+import taskd.acker
+from taskd.acker import LANE_MIN, RETRY_DELAY, Acker
 from taskd.jobs import Job
 from taskd.store import Attempt, Claimed, ClaimRequest, Store
 from tests.builders import Clock, Q, done, enqueue, reaper, stored
@@ -280,3 +281,65 @@ async def test_no_claim_goes_with_an_ack_until_one_sent_after_a_failure_answers(
         assert planned == [LANE_MIN, LANE_MIN, 1]
         gated.gates[3].set()
         tg.cancel_scope.cancel()
+
+
+class Failing(Store):
+    """A store whose acks all fail, as a Redis that is down; it notes when each came."""
+
+    def __init__(self, store: Store) -> None:
+        super().__init__(connection=store.connection)
+        self.calls: list[float] = []
+
+    async def ack(
+        self, queue: str, daemon_id: str, attempts: Sequence[Attempt], now: int
+    ) -> list[bool]:
+        self.calls.append(anyio.current_time())
+        raise redis.exceptions.ConnectionError("down")
+
+
+@pytest.mark.timeout(30)
+async def test_a_failed_ack_is_sent_again_once_a_retry_delay_later(store: Store) -> None:
+    # Two lanes: the one whose send failed waits RETRY_DELAY, and so does the other.
+    clock = Clock()
+    [job] = await claim(store, clock, 1)
+    failing = Failing(store)
+    acker = Acker(store=failing, daemon_id="me", clock=clock)
+    acker.record(Q, done(job))
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(acker.run)
+        await anyio.sleep(2.5 * RETRY_DELAY)
+        tg.cancel_scope.cancel()
+    gaps = [b - a for a, b in zip(failing.calls, failing.calls[1:], strict=False)]
+    assert len(failing.calls) == 3, failing.calls
+    assert min(gaps) >= 0.9 * RETRY_DELAY, gaps
+
+
+async def test_an_outcome_sent_again_carries_no_claim_even_after_another_ack_answered(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A failed batch sent again in parts: the first part's answer does not make a claim
+    # safe for the rest, whose failed call may have run (and claimed) in Redis.
+    clock = Clock()
+    jobs = await claim(store, clock, 2)
+    await enqueue(store, 2)
+    planned: list[int] = []
+
+    def plan(queue: str, attempts: list[Attempt]) -> ClaimRequest:
+        planned.append(len(attempts))
+        return ClaimRequest(len(attempts), clock.now, ECHO, {})
+
+    acker = Acker(store=FailsOnce(store), daemon_id="me", clock=clock, plan_claim=plan)
+    acker.record(Q, done(jobs[0]))
+    acker.record(Q, done(jobs[1]))
+    with pytest.raises(redis.exceptions.ConnectionError):
+        await acker.tick()  # both, with a claim: the call fails
+    assert planned == [2]
+    monkeypatch.setattr(taskd.acker, "ACK_BATCH", 1)
+    assert await acker.tick() == 1  # the first again, without a claim; it answers
+    assert await acker.tick() == 1  # the second again: still without one
+    assert planned == [2]
+    # An outcome not sent before goes with a claim again.
+    [third] = (await store.claim(Q, "me", 1, now=clock.now, type_limits=ECHO)).jobs
+    acker.record(Q, done(third))
+    assert await acker.tick() == 1
+    assert planned == [2, 1]

@@ -478,9 +478,11 @@ async def test_records_keep_id_and_queue_while_a_registered_daemon_reads_them(
     assert (await store.beat(info(ME, 3000))).record_version == RECORD_VERSION
     [lean_again] = await enqueue(store, 1)
     assert await _id_and_queue(redis, lean_again) == [None, None]
-    # What a daemon that left the registry said goes at the next beat.
+    # What a daemon that left the registry said goes at the next beat, also while one that
+    # says nothing is registered.
     await store.beat(info("gone", 3000))
     assert await store.forget_daemon("gone", before=3500)
+    await redis.zadd(K.daemons, {"old": 3600})
     await store.beat(info(ME, 4000))
     assert await redis.hkeys(K.record_versions) == [ME.encode()]
 

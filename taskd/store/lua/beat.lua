@@ -28,15 +28,19 @@ end
 -- whatever the size of the fleet.
 local ids = redis.call('ZRANGE', KEYS[1], 0, -1)
 local oldest = tonumber(ARGV[3])
+local said = 0  -- registered daemons with an entry
 for first = 1, #ids, 1000 do
   local last = math.min(first + 999, #ids)
   for _, version in ipairs(redis.call('HMGET', KEYS[4], unpack(ids, first, last))) do
+    if version then
+      said = said + 1
+    end
     oldest = math.min(oldest, tonumber(version) or 1)
   end
 end
 -- Entries of daemons no longer registered go (a reaper or a clean stop removed them from
 -- the registry only).
-if redis.call('HLEN', KEYS[4]) > #ids then
+if redis.call('HLEN', KEYS[4]) > said then
   local registered = {}
   for _, id in ipairs(ids) do
     registered[id] = true
