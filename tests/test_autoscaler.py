@@ -331,11 +331,15 @@ def instance_command(action: str, directory: Path) -> list[str]:
 
 def live_instances(directory: Path) -> set[int]:
     """The instances whose daemon process runs, as their pid files say."""
-    return {
-        int(pid_file.stem)
-        for pid_file in directory.glob("*.pid")
-        if not is_gone(int(pid_file.read_text()))
-    }
+    return {int(pid_file.stem) for pid_file in directory.glob("*.pid") if _runs(pid_file)}
+
+
+def _runs(pid_file: Path) -> bool:
+    try:
+        pid = int(pid_file.read_text())
+    except FileNotFoundError:
+        return False  # its stop removed it between the listing and the reading
+    return not is_gone(pid)
 
 
 @pytest.mark.timeout(180)
