@@ -211,15 +211,21 @@ class CountedClaims(Store):
         self.most_held = max(self.most_held, held)
 
 
+async def drained(store: Store, redis_url: str, jobs: int, concurrency: int) -> CountedClaims:
+    """`jobs` waiting jobs run by a pool of `concurrency` slots, until every slot is free."""
+    counted = CountedClaims(store)
+    await enqueue(store, jobs)
+    async with running_pool(counted, redis_url, concurrency=concurrency) as pool:
+        await wait_until(lambda: _completed(store, jobs), f"{jobs} jobs completed", deadline=45)
+        await wait_until(lambda: _idle(pool), "every slot free")
+    return counted
+
+
 @pytest.mark.timeout(60)
 async def test_a_busy_queue_claims_with_the_acks_that_free_the_slots(
     store: Store, redis_url: str
 ) -> None:
-    counted = CountedClaims(store)
-    await enqueue(store, 600)
-    async with running_pool(counted, redis_url, concurrency=10) as pool:
-        await wait_until(lambda: _completed(store, 600), "600 jobs completed", deadline=45)
-        await wait_until(lambda: _idle(pool), "every slot free")
+    counted = await drained(store, redis_url, 600, concurrency=10)
     # Past the first claims, the slots an ack frees are filled in its own round trip: a
     # claim on its own is what a queue running dry (or a claim that came up short) costs.
     assert counted.alone + counted.with_acks == 600
@@ -234,11 +240,7 @@ async def test_a_drain_keeps_two_acks_on_the_wire_and_no_more_jobs_than_slots(
 ) -> None:
     # 64 slots: every job ends before the first ack, which is split in two halves, each
     # acknowledged (and its slots claimed again) while the other's jobs run.
-    counted = CountedClaims(store)
-    await enqueue(store, 2000)
-    async with running_pool(counted, redis_url, concurrency=64) as pool:
-        await wait_until(lambda: _completed(store, 2000), "2000 jobs completed", deadline=45)
-        await wait_until(lambda: _idle(pool), "every slot free")
+    counted = await drained(store, redis_url, 2000, concurrency=64)
     assert counted.most_on_wire == 2
     assert counted.most_held <= 64
 

@@ -209,8 +209,8 @@ class Store:
             sender.cancel()
         if senders:
             await asyncio.wait(senders)
-        # A sender cancelled before its first step never ran its clean-up: whoever still
-        # waits is told here.
+        # Whoever still waits is told here, also the jobs of a sender cancelled before its
+        # first step.
         for lane in self._lanes.values():
             lane.senders.clear()
             _fail(lane.waiting, _closed())
@@ -312,11 +312,8 @@ class Store:
                 finally:
                     lane.on_wire -= len(batch)
         finally:
+            # Cancelled (the store closing), it leaves jobs waiting: close() answers them.
             lane.senders.discard(sender)
-            # Only when cancelled (the store closing) is anyone left waiting.
-            if not lane.senders:
-                _fail(lane.waiting, _closed())
-                lane.waiting.clear()
 
     async def _send_batch(self, lane: _Lane, batch: list[_Waiting]) -> None:
         if not batch:
