@@ -17,16 +17,16 @@ from redis.asyncio import Redis as AsyncRedis
 from taskd.bench.postgres import PostgresServer
 from taskd.daemon import Daemon
 from taskd.embedded import RedisServer
-from taskd.embedded import free_port as free_port_now
 from taskd.store import Inspector, Store
 from tests.cluster import RedisCluster
+from tests.ports import free_port as free_port_now
 from tests.proxy import Proxy
 from tests.support import Api, DaemonApi, base_url, make_config, running_daemon
 
 
 @pytest.fixture(scope="session")
 def free_port() -> Callable[[], int]:
-    """Call it for a free TCP port, e.g. for a daemon a test starts."""
+    """Call it for a free TCP port, e.g. for a daemon a test starts (see tests/ports.py)."""
     return free_port_now
 
 

@@ -14,8 +14,8 @@ import psycopg
 import pytest
 
 from taskd.bench.postgres import PostgresServer
-from taskd.embedded import free_port
 from tests.builders import write_daemon_config
+from tests.ports import free_port
 from tests.support import (
     REPO,
     TASKD,
