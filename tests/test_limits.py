@@ -116,6 +116,24 @@ async def test_a_rate_counts_a_start_when_its_started_at_says(store: Store) -> N
     assert late.started_at == 2050
 
 
+async def test_a_late_claim_with_an_older_time_does_not_start_within_the_window(
+    store: Store,
+) -> None:
+    # Two daemons' claims can reach Redis out of the order of their times (each read its
+    # time before it waited for a connection). The fresher one drops starts that left ITS
+    # window; the older time must not then count a window those starts were still in.
+    await store.enqueue_many([new_job("slow", {"n": n}) for n in range(3)])
+    first = (await store.claim(Q, "a", 10, now=1000, type_limits=THREE_A_SECOND)).jobs
+    assert [j.started_at for j in first] == [1000] * 3
+    await store.enqueue_many([new_job("slow", {"n": n}, created_at=1500) for n in range(2)])
+    [fresh] = (await store.claim(Q, "a", 1, now=2000, type_limits=THREE_A_SECOND)).jobs
+    assert fresh.started_at == 2000
+    [late] = (await store.claim(Q, "b", 1, now=1990, type_limits=THREE_A_SECOND)).jobs
+    starts = sorted(j.started_at for j in [*first, fresh, late])
+    assert all(b - a >= 1000 for a, b in zip(starts, starts[3:], strict=False)), starts
+    assert late.started_at == 2000
+
+
 async def test_a_claim_stops_at_its_budget_and_says_there_is_more(
     store: Store, redis: Redis
 ) -> None:

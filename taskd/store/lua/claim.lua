@@ -95,8 +95,8 @@ local function start(id, f, t)
   -- Waiting starts when the job is due. The claim's time is read before the call waits
   -- for a connection, so a job can be newer than it: such a job starts when it was due.
   local due = due_of(f)
-  local started = math.max(NOW, due)
-  if not admit(id, f, t, started) then
+  local started = admit(id, f, t, math.max(NOW, due))
+  if not started then
     return
   end
   local key = JOB .. id

@@ -69,12 +69,25 @@ local function wait_for(id, f, why)
   waited[why] = waited[why] + 1
 end
 
+-- Read a type's rate window once per call: t.newest, the latest start recorded (a start
+-- is never counted earlier than it), and t.used, the starts within the window before it.
+-- Claims reach Redis out of the order of their times (each daemon reads its time before
+-- it waits for a connection), and a claim with a later time may already have dropped
+-- starts that an earlier time's window still holds. Counting from the newest start
+-- keeps the starts in the order the calls run, so a dropped start is out of every later
+-- start's window.
+local function read_rate_window(t)
+  local newest = redis.call('ZRANGE', t.base .. ':starts', -1, -1, 'WITHSCORES')[2]
+  t.newest = math.max(NOW, tonumber(newest) or NOW)
+  redis.call('ZREMRANGEBYSCORE', t.base .. ':starts', '-inf', t.newest - t.window)
+  t.used = redis.call('ZCARD', t.base .. ':starts')
+  t.late = 0
+end
+
 -- When a job over its type's rate may start, or nil when the rate has room now.
 local function rate_due(t)
   if t.used == nil then
-    redis.call('ZREMRANGEBYSCORE', t.base .. ':starts', '-inf', NOW - t.window)
-    t.used = redis.call('ZCARD', t.base .. ':starts')
-    t.late = 0
+    read_rate_window(t)
   end
   if t.used < t.count then
     return nil
@@ -88,16 +101,17 @@ local function rate_due(t)
   return t.free_at + math.floor((t.late - 1) * t.window / t.count)
 end
 
--- Whether a job may start at `at` (epoch ms) under its type's global limits, counted as
--- started if so; if not, it is put where it waits. The start is counted at the time the
--- job's started_at will say, which can be later than NOW, so no window of started_at
--- values ever holds more starts than the rate.
+-- When a job may start under its type's global limits, at `at` (epoch ms) or later, or
+-- nil when it may not; if it may not, it is put where it waits. A rate-limited start is
+-- counted at the time the job's started_at will say, which can be later than NOW (and
+-- than `at`, read_rate_window), so no window of started_at values ever holds more starts
+-- than the rate.
 local function admit(id, f, t, at)
   if t.concurrency > 0 and t.running >= t.concurrency then
     redis.call('ZADD', t.base .. ':line', hold_score(f), id)
     t.best = math.max(t.best, priority_of(f))
     wait_for(id, f, 'concurrency')
-    return false
+    return nil
   end
   if t.count > 0 then
     local due = rate_due(t)
@@ -108,8 +122,10 @@ local function admit(id, f, t, at)
       if waited.due == 0 or due < waited.due then
         waited.due = due
       end
-      return false
+      return nil
     end
+    at = math.max(at, t.newest)
+    t.newest = at
     redis.call('ZADD', t.base .. ':starts', at, id .. ':' .. (tonumber(f[ATTEMPTS] or 0) + 1))
     redis.call('PEXPIRE', t.base .. ':starts', at - NOW + t.window)
     t.used = t.used + 1
@@ -118,7 +134,7 @@ local function admit(id, f, t, at)
     redis.call('ZADD', t.base .. ':running', NOW, id)
     t.running = t.running + 1
   end
-  return true
+  return at
 end
 
 -- Hand the held jobs of priority p, best first, to start(id, t), while their type has a
