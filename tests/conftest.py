@@ -158,7 +158,7 @@ def api(_daemon_and_api: tuple[Daemon, Api]) -> Api:
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """The session's PostgreSQL server, for the archive's tests; each takes a database."""
-    server = PostgresServer()
+    server = PostgresServer(port=free_port_now())
     try:
         server.start()
         yield server
@@ -171,7 +171,7 @@ def postgres_server() -> Iterator[PostgresServer]:
 def own_postgres() -> Iterator[PostgresServer]:
     """A PostgreSQL server of the test's own, with a database `archive`, which the test may
     stop and start."""
-    server = PostgresServer()
+    server = PostgresServer(port=free_port_now())
     try:
         server.start()
         server.psql("postgres", "CREATE DATABASE archive")

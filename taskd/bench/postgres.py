@@ -47,9 +47,11 @@ class PostgresServer:
     private to root, and the server runs as `postgres`.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, port: int | None = None) -> None:
+        """`port`: the TCP port it listens on once started (None: one free now, which
+        another process may take first; the test suite passes one that none will)."""
         self.data_dir = Path(tempfile.mkdtemp(prefix="taskd-test-pg-"))
-        self.port = free_port()
+        self.port = port or free_port()
         self._bin = _bin_dir()
         self._user = "postgres" if os.geteuid() == 0 else None
         if self._user:
