@@ -18,6 +18,7 @@ from taskd.bench.postgres import PostgresServer
 from taskd.daemon import Daemon
 from taskd.embedded import RedisServer
 from taskd.store import Inspector, Store
+from taskd.store.record import RECORD_VERSION
 from tests.cluster import RedisCluster
 from tests.ports import free_port as free_port_now
 from tests.proxy import Proxy
@@ -87,8 +88,11 @@ async def redis(redis_url: str) -> AsyncIterator[AsyncRedis]:
 
 @pytest.fixture
 async def store(redis_url: str) -> AsyncIterator[Store]:
-    """A store on the clean database (two blocking connections), closed after the test."""
+    """A store on the clean database (two blocking connections), closed after the test. It
+    writes this taskd's record layout, as a daemon's store does once its first heartbeat
+    has found no older daemon (tests of the older layouts set record_version)."""
     store = Store.from_url(redis_url, prefix="taskd", blocking_connections=2)
+    store.record_version = RECORD_VERSION
     yield store
     await store.close()
 

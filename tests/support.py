@@ -26,6 +26,7 @@ from taskd.egress import Policy
 from taskd.handlers import Handlers
 from taskd.signing import Signer
 from taskd.store import Keys, TypeLimits
+from taskd.store.record import id_text
 
 if TYPE_CHECKING:  # opentelemetry, which it imports, is the optional otel extra
     from taskd.tracing import Tracing
@@ -228,6 +229,17 @@ async def wait_healthy(url: str, process: DaemonProcess) -> None:
                 return False
 
         await wait_until(healthy, f"{url}/health")
+
+
+async def indexed_ids(redis: Redis, queue: str, prefix: str = "taskd") -> list[str]:
+    """Every id in a queue's index, wherever its layout put it (the sorted set and the
+    pages), each as often as it is there."""
+    keys = Keys(prefix)
+    found = [member.decode() for member in await redis.zrange(keys.index(queue), 0, -1)]
+    for member in await redis.zrange(keys.pages(queue), 0, -1):
+        page = keys.page(queue, int(member.rpartition(b":")[2]))
+        found += [id_text(raw) for raw in await redis.hkeys(page)]
+    return found
 
 
 async def ready_ids(redis: Redis, queue: str, prefix: str = "taskd") -> list[bytes]:

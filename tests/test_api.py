@@ -15,11 +15,11 @@ from redis.asyncio import Redis
 from taskd.api import errors_as_json, redis_deadline
 from taskd.daemon import Daemon
 from taskd.embedded import RedisServer
-from taskd.store import Keys
 from tests.support import (
     Api,
     base_url,
     get_json,
+    indexed_ids,
     make_config,
     post_json,
     running_daemon,
@@ -372,7 +372,7 @@ async def test_a_bad_batch_is_refused_whole(
         "unknown_type" if "unknown job type" in message else "invalid_job"
     )
     assert message in body["error"]["message"]
-    assert await redis.zcard(Keys("taskd").index("default")) == 0  # nothing was enqueued
+    assert len(await indexed_ids(redis, "default")) == 0  # nothing was enqueued
 
 
 async def test_each_request_gets_its_own_deadline(free_port: Any) -> None:

@@ -5,20 +5,23 @@ from __future__ import annotations
 import re
 
 import pytest
+from redis.asyncio import Redis
 
 from taskd.jobs import ACTIVE
-from taskd.store import Store
+from taskd.store import Keys, Store
 from taskd.store.record import (
     ARCHIVED,
     CLAIMED_JOB,
     NEW_JOB,
     decode_archive_record,
     decode_claimed,
+    id_bytes,
     new_job_args,
 )
 from tests.builders import enqueue, new_job, stored
 from tests.support import ECHO
 
+K = Keys("taskd")
 TRACE = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01 k=v"
 # One distinct value per CLAIMED_JOB entry, as Redis sends it, and the field it becomes.
 CLAIMED = {
@@ -68,7 +71,7 @@ async def test_a_claimed_job_is_the_stored_record(store: Store) -> None:
     assert claimed.waited_ms == 5
 
 
-async def test_new_jobs_are_stored_as_enqueue_lua_reads_new_job(store: Store) -> None:
+async def test_new_jobs_are_stored_as_enqueue_lua_reads_new_job(store: Store, redis: Redis) -> None:
     # enqueue.lua reads NEW_JOB's entries by position: a distinct value in every entry,
     # over two jobs of one call, shows any entry read out of place or a wrong count.
     jobs = [
@@ -89,8 +92,12 @@ async def test_new_jobs_are_stored_as_enqueue_lua_reads_new_job(store: Store) ->
     assert await store.enqueue_many(jobs) == [job.id for job in jobs]
     for job in jobs:
         record = await stored(store, job.id)
-        for name in NEW_JOB:
+        for name in NEW_JOB[:-1]:
             assert getattr(record, name) == getattr(job, name), name
+    # The last, id_bytes: each id is in the paged index, as its bytes.
+    [member] = await redis.zrange(K.pages("default"), 0, -1)
+    page = K.page("default", int(member.rpartition(b":")[2]))
+    assert set(await redis.hkeys(page)) == {id_bytes(job.id) for job in jobs}
 
 
 def test_the_archive_staging_table_takes_the_archived_fields_in_their_order() -> None:

@@ -15,7 +15,7 @@ from taskd.jobs import DEFAULT_PRIORITY, QUEUED
 from taskd.scheduler import Scheduler, next_tick, prev_tick
 from taskd.store import Keys, Store
 from tests.builders import Clock
-from tests.support import base_url, get_json, running_daemon
+from tests.support import base_url, get_json, indexed_ids, running_daemon
 
 K = Keys("taskd")
 HANDLERS = {"echo": HandlerConfig(name="echo", kind="builtin", builtin="echo")}
@@ -52,14 +52,14 @@ async def test_many_daemons_firing_one_tick_make_one_job(stores: list[Store], re
     async with anyio.create_task_group() as tg:
         for scheduler in schedulers * 3:
             tg.start_soon(scheduler.tick)
-    assert await redis.zcard(K.index("default")) == 1
+    assert len(await indexed_ids(redis, "default")) == 1
     [job_id] = await redis.lrange(K.inbox("default"), 0, -1)
     assert await redis.hget(K.job("default", job_id.decode()), "payload") == b'{"n":1}'
     # The next tick makes the next job.
     clock.now = ms("2026-11-24T10:10:00.100+00:00")
     assert await schedulers[0].tick() == ms("2026-11-24T10:15:00+00:00")
     await schedulers[1].tick()
-    assert await redis.zcard(K.index("default")) == 2
+    assert len(await indexed_ids(redis, "default")) == 2
 
 
 async def test_the_enqueued_job_has_the_schedule_fields_and_priority(
@@ -107,12 +107,12 @@ async def test_a_tick_missed_while_every_daemon_was_down(
         store=stores[0], schedules=[schedule], handler_configs=HANDLERS, clock=clock
     )
     await scheduler.tick()  # fires 10:00
-    assert await redis.zcard(K.index("default")) == 1
+    assert len(await indexed_ids(redis, "default")) == 1
     clock.now = ms("2026-11-24T10:17:00+00:00")  # down through 10:05, 10:10 and 10:15
     await scheduler.tick()
-    assert await redis.zcard(K.index("default")) == 1 + jobs
+    assert len(await indexed_ids(redis, "default")) == 1 + jobs
     await scheduler.tick()  # the latest tick is handled once only
-    assert await redis.zcard(K.index("default")) == 1 + jobs
+    assert len(await indexed_ids(redis, "default")) == 1 + jobs
 
 
 async def test_a_new_schedule_does_not_fire_a_long_past_tick(
@@ -123,7 +123,7 @@ async def test_a_new_schedule_does_not_fire_a_long_past_tick(
     await Scheduler(
         store=stores[0], schedules=[schedule], handler_configs=HANDLERS, clock=clock
     ).tick()
-    assert await redis.zcard(K.index("default")) == 0
+    assert len(await indexed_ids(redis, "default")) == 0
 
 
 async def test_get_schedules_shows_next_and_last_runs(redis_url: str) -> None:

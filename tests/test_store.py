@@ -11,9 +11,9 @@ from redis.asyncio import Redis
 
 from taskd.jobs import Job
 from taskd.store import Beat, ClaimRequest, DaemonInfo, Inspector, Keys, Store
-from taskd.store.record import RECORD_VERSION
+from taskd.store.record import OLDEST_RECORD_VERSION, RECORD_VERSION
 from tests.builders import done, ended, enqueue, new_job, stored
-from tests.support import ECHO, ready_ids
+from tests.support import ECHO, indexed_ids, ready_ids
 
 Q = "default"
 ME = "daemon-a"
@@ -379,7 +379,7 @@ async def test_delete_removes_a_job_wherever_it_waits(store: Store, redis: Redis
     assert await place(redis, queued.id) == []
     assert await place(redis, scheduled.id) == []
     assert await place(redis, active.id) == ["active"]
-    assert await redis.zcard(K.index(Q)) == 1
+    assert len(await indexed_ids(redis, Q)) == 1
 
 
 async def test_recover_takes_back_the_jobs_of_a_lapsed_lease(store: Store, redis: Redis) -> None:
@@ -423,7 +423,7 @@ async def test_trim_deletes_jobs_past_their_retention(store: Store, redis: Redis
     assert await store.trim(Q, "completed", cutoff=20) == 2
     assert await store.get_job(jobs[0].id, [Q]) is None
     assert await store.get_job(jobs[2].id, [Q]) is not None
-    assert await redis.zcard(K.index(Q)) == 1
+    assert len(await indexed_ids(redis, Q)) == 1
     assert await redis.zcard(K.completed(Q)) == 1
 
 
@@ -459,6 +459,7 @@ async def test_records_keep_id_and_queue_while_a_registered_daemon_reads_them(
     store: Store, redis: Redis
 ) -> None:
     # Until a heartbeat has found what the registered daemons read, the two are written.
+    store.record_version = OLDEST_RECORD_VERSION  # as a daemon's store starts
     [first] = await enqueue(store, 1)
     assert await _id_and_queue(redis, first) == [first.id.encode(), Q.encode()]
     assert (await store.beat(info(ME, 1000))).record_version == RECORD_VERSION
@@ -485,6 +486,33 @@ async def test_records_keep_id_and_queue_while_a_registered_daemon_reads_them(
     await redis.zadd(K.daemons, {"old": 3600})
     await store.beat(info(ME, 4000))
     assert await redis.hkeys(K.record_versions) == [ME.encode()]
+
+
+async def test_new_jobs_go_to_the_sorted_set_while_a_daemon_reading_only_it_is_registered(
+    store: Store, redis: Redis, inspector: Inspector
+) -> None:
+    assert (await store.beat(info(ME, 1000))).record_version == RECORD_VERSION
+    [paged] = await enqueue(store, 1)
+    # A daemon of the taskd before the paged index (layout 2) registers.
+    await store.beat(info("mid", 1000))
+    await redis.hset(K.record_versions, "mid", 2)
+    assert (await store.beat(info(ME, 2000))).record_version == 2
+    [listed] = await enqueue(store, 1)
+    assert await redis.zrange(K.index(Q), 0, -1) == [listed.id.encode()]
+    assert await _id_and_queue(redis, listed) == [None, None]
+    # This taskd lists, and deletes, the jobs of either index.
+    page = await inspector.list_jobs([Q], state=None, job_type=None, limit=10, cursor=None)
+    assert [job.id for job in page.jobs] == [listed.id, paged.id]
+    assert await store.delete(Q, listed.id) == "queued"
+    assert await store.delete(Q, paged.id) == "queued"
+    assert await indexed_ids(redis, Q) == []
+    assert await redis.exists(K.index(Q), K.pages(Q)) == 0
+    # Once it has left the registry, new jobs go to pages again.
+    assert await store.forget_daemon("mid", before=1600)
+    assert (await store.beat(info(ME, 3000))).record_version == RECORD_VERSION
+    [again] = await enqueue(store, 1)
+    assert await redis.exists(K.index(Q)) == 0
+    assert await indexed_ids(redis, Q) == [again.id]
 
 
 async def test_queue_counts_and_totals(store: Store, inspector: Inspector) -> None:

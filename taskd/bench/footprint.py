@@ -55,8 +55,8 @@ async def memory(bench: Bench) -> list[Figure]:
     bench.note(
         f"memory: a job's hash is {footprint.job_encoding}-encoded (Redis keeps a hash "
         "compact, as a ziplist or listpack, only while every value is at most "
-        f"hash-max-ziplist-value = {footprint.compact_value_limit} bytes); the index is a "
-        f"{footprint.index_encoding}"
+        f"hash-max-ziplist-value = {footprint.compact_value_limit} bytes); the index's "
+        f"pages are {footprint.index_encoding}-encoded hashes of 16-byte ids"
     )
     return [
         Figure("Redis memory", "bytes/job", total),

@@ -12,7 +12,16 @@ from redis.asyncio.cluster import RedisCluster
 
 from taskd.jobs import FINAL_STATES, QUEUED, Job
 from taskd.store.connect import Connection, text
-from taskd.store.record import BUCKET_MS, TOTALS, DaemonInfo, TypeLimits, decode_daemon, decode_job
+from taskd.store.keys import Keys
+from taskd.store.record import (
+    BUCKET_MS,
+    TOTALS,
+    DaemonInfo,
+    TypeLimits,
+    decode_daemon,
+    decode_job,
+    id_text,
+)
 
 # Most ids a listing examines per request when filters skip most of them.
 LIST_SCAN_BUDGET = 2000
@@ -59,9 +68,9 @@ class Footprint:
     compact_value_limit: int  # hash-max-ziplist-value: longer values make a hashtable
     ready_bytes: int  # every ready list of the queue
     ready_ids: int
-    index_bytes: int
+    index_bytes: int  # the sorted set index and the paged one (directory and pages)
     index_ids: int
-    index_encoding: str
+    index_encoding: str  # a page's (or, with no pages, the sorted set's)
 
 
 @dataclass(frozen=True, slots=True)
@@ -387,15 +396,29 @@ class Inspector:
             pipe.memory_usage(k.index(queue), samples=0)
             pipe.zcard(k.index(queue))
             pipe.object("encoding", k.index(queue))
+            pipe.memory_usage(k.pages(queue), samples=0)
+            pipe.zrange(k.pages(queue), 0, -1)
             job_bytes, job_encoding, limit, *rest = await pipe.execute()
-        ready, index_bytes, indexed, index_encoding = rest[: 2 * len(lists)], *rest[-3:]
+        ready = rest[: 2 * len(lists)]
+        index_bytes, indexed, index_encoding, directory_bytes, members = rest[-5:]
+        index_bytes = int(index_bytes or 0) + int(directory_bytes or 0)
+        async with self._r.pipeline(transaction=False) as pipe:
+            for member in members:
+                page = k.page(queue, _page_number(member))
+                pipe.memory_usage(page, samples=0)
+                pipe.hlen(page)
+                pipe.object("encoding", page)
+            pages = await pipe.execute()
+        index_bytes += sum(int(size or 0) for size in pages[::3])
+        indexed += sum(pages[1::3])
+        index_encoding = pages[2] if pages else index_encoding
         return Footprint(
             job_bytes=int(job_bytes or 0),
             job_encoding=text(job_encoding or b"none"),
             compact_value_limit=int(next(iter(limit.values()), 0)),
             ready_bytes=sum(int(size or 0) for size in ready[::2]),
             ready_ids=sum(ready[1::2]),
-            index_bytes=int(index_bytes or 0),
+            index_bytes=index_bytes,
             index_ids=int(indexed),
             index_encoding=text(index_encoding or b"none"),
         )
@@ -420,7 +443,7 @@ class Inspector:
             sets = [self.keys.finished(queue, state) for queue in queues]
             walk = _ByFinish(self._r, sets, cursor)
         else:
-            walk = _ByCreation(self._r, [self.keys.index(queue) for queue in queues], cursor)
+            walk = _ByCreation(self._r, self.keys, queues, cursor)
         jobs: list[Job] = []
         scanned = 0
         while len(jobs) < limit and scanned < LIST_SCAN_BUDGET:
@@ -455,23 +478,62 @@ class _Walk:
         self.cursor = cursor
 
 
-class _ByCreation(_Walk):
-    """Walks index sets (ids ordered as created) of several queues, newest first, merged."""
+class _ByCreation:
+    """Walks the indexes of several queues (ids ordered as created), newest first, merged:
+    each queue's paged index and its sorted set (record.RECORD_VERSION; lib.lua)."""
+
+    def __init__(self, r: aioredis.Redis, keys: Keys, queues: Sequence[str], cursor: str | None):
+        self._r = r
+        self._keys = keys
+        self._queues = list(queues)
+        self.cursor = cursor
 
     async def next_ids(self, count: int) -> list[tuple[str, str]]:
         """The next `count` (queue, id) pairs after the cursor; the cursor moves past them."""
-        start = f"({self.cursor}" if self.cursor else "+"
-        async with self._r.pipeline(transaction=False) as pipe:
-            for key in self._keys:
-                pipe.zrevrangebylex(key, start, "-", 0, count)
-            pages: list[list[bytes]] = await pipe.execute()
+        newest = await self._newest(count)
         merged = heapq.merge(
-            *([(text(i), n) for i in page] for n, page in enumerate(pages)), reverse=True
+            *([(job_id, n) for job_id in ids] for n, ids in enumerate(newest)), reverse=True
         )
-        picked = [(self._keys[n], job_id) for job_id, n in list(merged)[:count]]
+        picked = [(self._queues[n], job_id) for job_id, n in list(merged)[:count]]
         if picked:
             self.cursor = picked[-1][1]
-        return [(_queue_of(key), job_id) for key, job_id in picked]
+        return picked
+
+    async def _newest(self, count: int) -> list[list[str]]:
+        """Per queue, its `count` newest ids before the cursor, newest first."""
+        before = self.cursor
+        k = self._keys
+        async with self._r.pipeline(transaction=False) as pipe:
+            for queue in self._queues:
+                pipe.zrevrangebylex(k.index(queue), f"({before}" if before else "+", "-", 0, count)
+            found = [[text(i) for i in ids] for ids in await pipe.execute()]
+        # Pages hold disjoint ranges of ids, so the pages newest first, read whole until
+        # they hold `count` ids before the cursor, hold that many newest ones. ';' follows
+        # ':' in '<first id>:<number>': the page the cursor falls in is read too.
+        marks = {n: f"({before};" if before else "+" for n in range(len(self._queues))}
+        per_call = count // 50 + 2
+        paged: list[list[str]] = [[] for _ in self._queues]
+        while marks:
+            async with self._r.pipeline(transaction=False) as pipe:
+                for n, mark in marks.items():
+                    pipe.zrevrangebylex(k.pages(self._queues[n]), mark, "-", 0, per_call)
+                members = dict(zip(marks, await pipe.execute(), strict=True))
+            async with self._r.pipeline(transaction=False) as pipe:
+                for n, listed in members.items():
+                    for member in listed:
+                        pipe.hkeys(k.page(self._queues[n], _page_number(member)))
+                fields = iter(await pipe.execute())
+            for n, listed in members.items():
+                for _ in listed:
+                    ids = (id_text(raw) for raw in next(fields))
+                    paged[n] += [i for i in ids if before is None or i < before]
+                if len(listed) < per_call or len(paged[n]) >= count:
+                    del marks[n]
+                else:
+                    marks[n] = "(" + text(listed[-1])
+        return [
+            sorted(old + new, reverse=True)[:count] for old, new in zip(found, paged, strict=True)
+        ]
 
 
 class _ByFinish(_Walk):
@@ -527,6 +589,11 @@ def _parse_finish_cursor(cursor: str | None) -> tuple[int, str] | None:
         return None
     score, _, job_id = cursor.partition("-")
     return int(score), job_id
+
+
+def _page_number(member: bytes | str) -> int:
+    """The page number of a paged index directory member, '<first id>:<number>'."""
+    return int(text(member).rpartition(":")[2])
 
 
 def _queue_of(key: str) -> str:

@@ -98,9 +98,26 @@ class Keys:
         ](queue)
 
     def index(self, queue: str) -> str:
-        """Sorted set of every stored id, all scored 0: ids are time-ordered UUIDv7s, so
-        lexicographic order is creation order and a listing can page by id."""
+        """The index of record layouts 1 and 2 (record.RECORD_VERSION): a sorted set of
+        stored ids, all scored 0: ids are time-ordered UUIDv7s, so lexicographic order is
+        creation order and a listing can page by id. Written while a daemon that reads
+        only it is registered; read and cleared always."""
         return self._of(queue, "index")
+
+    def pages(self, queue: str) -> str:
+        """The paged index's directory (layout 3; lib.lua, "The paged index"): a sorted set,
+        all scored 0, of '<first id>:<page number>', one member per page of ids."""
+        return self._of(queue, "pages")
+
+    def page(self, queue: str, number: int) -> str:
+        """One page of the paged index: a hash of 16-byte ids to ''. lib.lua names it the
+        same way, from the directory's key (page_key)."""
+        return f"{self.pages(queue)}:{number}"
+
+    def page_counters(self, queue: str) -> list[str]:
+        """The paged index's counters, named from the directory's key as lib.lua does:
+        the last page number handed out, and the greatest id ever indexed."""
+        return [f"{self.pages(queue)}:seq", f"{self.pages(queue)}:top"]
 
     def callbacks(self, queue: str) -> str:
         """The callback outbox: ids of final jobs whose callback is still to be sent."""
@@ -195,6 +212,7 @@ class Keys:
             self.unhandled(queue),
             self.schedules(queue),
             self.archive_lock(queue),
+            *self.page_counters(queue),
         ]
 
     # Keys of the whole installation.

@@ -370,13 +370,12 @@ class Store:
         """One enqueue.lua call: jobs of one queue, as their NEW_JOB entries."""
         k = self.keys
         args = self._header(queue, now)
-        # The queue's name, to write in each record as older daemons read it; '' for none.
-        named = queue if self.record_version == record.OLDEST_RECORD_VERSION else ""
-        args += [named, k.idempotency_prefix(queue), dedup_ttl_ms, now // record.BUCKET_MS]
+        args += [self.record_version, queue, k.idempotency_prefix(queue), dedup_ttl_ms]
+        args.append(now // record.BUCKET_MS)
         for job_entries in entries:
             args += job_entries
         keys = [k.inbox(queue), k.scheduled(queue), k.index(queue), k.totals(queue)]
-        keys.append(k.arrivals(queue))
+        keys += [k.arrivals(queue), k.pages(queue)]
         return [text(holder) for holder in await self._script("enqueue", keys, args)]
 
     # Running jobs.
@@ -730,7 +729,7 @@ class Store:
         """Delete a job that is not running; returns its state before (see delete.lua)."""
         k = self.keys
         keys = [k.job(queue, job_id), k.inbox(queue), k.scheduled(queue), k.completed(queue)]
-        keys += [k.failed(queue), k.cancelled(queue), k.index(queue)]
+        keys += [k.failed(queue), k.cancelled(queue), k.index(queue), k.pages(queue)]
         args = [*self._header(queue), job_id, k.archive(queue), k.idempotency_prefix(queue)]
         return text(await self._lua["delete"](keys=keys, args=args))
 
@@ -748,7 +747,7 @@ class Store:
         """
         k = self.keys
         keys = [k.inbox(queue), k.scheduled(queue), k.failed(queue), k.index(queue)]
-        keys += [k.leases(queue), k.limit_waits(queue)]
+        keys += [k.leases(queue), k.limit_waits(queue), k.pages(queue)]
         after = [state, k.idempotency_prefix(queue), k.landing_prefix(queue)]
         after.append(k.archive(queue))
         # Ids it may still take: what the state held after the first batch.
@@ -822,7 +821,7 @@ class Store:
     async def trim(self, queue: str, state: str, cutoff: int) -> int:
         """Delete jobs of a final state that finished at or before `cutoff`."""
         k = self.keys
-        keys = [k.finished(queue, state), k.index(queue), k.archive(queue)]
+        keys = [k.finished(queue, state), k.index(queue), k.archive(queue), k.pages(queue)]
         total = 0
         while deleted := int(
             await self._lua["trim"](keys=keys, args=[*self._header(queue), cutoff, BATCH])
@@ -841,12 +840,7 @@ class Store:
         )
         if oldest != self.record_version:
             self.record_version = int(oldest)
-            if oldest == record.OLDEST_RECORD_VERSION:
-                logger.info("a daemon of an older taskd is registered: new jobs' records "
-                            "carry their id and queue for it")  # fmt: skip
-            else:
-                logger.info("every registered daemon reads job records without their id "
-                            "and queue: new jobs' records leave them out")  # fmt: skip
+            logger.info("%s", _LAYOUT_NEWS[self.record_version])
         async with self._r.pipeline(transaction=False) as pipe:
             for queue in info.queues:
                 pipe.zadd(k.leases(queue), {info.id: info.last_heartbeat})
@@ -886,7 +880,7 @@ class Store:
         holds, (jobs, leases, callbacks), all 0 when it was forgotten."""
         k = self.keys
         keys = [k.index(queue), k.leases(queue), k.callbacks(queue), k.archive(queue)]
-        keys += k.queue_state(queue)
+        keys += [k.pages(queue), *k.queue_state(queue)]
         jobs, leases, callbacks = await self._lua["forget_queue"](keys=keys, args=[])
         if jobs == leases == callbacks == 0:
             await self._r.srem(k.queues, queue)
@@ -939,6 +933,15 @@ async def _messages(pubsub: PubSub) -> AsyncIterator[str]:
 
 
 _PAYLOAD = record.NEW_JOB.index("payload")
+
+# What the store writes from now on, logged as the oldest record layout registered changes.
+_LAYOUT_NEWS = {
+    1: "a daemon of an older taskd is registered: new jobs' records carry their id and "
+    "queue for it, and are indexed in the sorted set it reads",
+    2: "a daemon of an older taskd is registered: new jobs are indexed in the sorted set it reads",
+    3: "every registered daemon reads job records without their id and queue, and the "
+    "paged index: new jobs' records leave them out, and are indexed in pages",
+}
 
 
 def _take_batch(waiting: list[_Waiting]) -> list[_Waiting]:

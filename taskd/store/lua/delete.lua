@@ -6,7 +6,8 @@
 -- KEYS[4] -> <prefix>:{<queue>}:completed
 -- KEYS[5] -> <prefix>:{<queue>}:dead, the failed set (keys.failed)
 -- KEYS[6] -> <prefix>:{<queue>}:cancelled
--- KEYS[7] -> <prefix>:{<queue>}:index
+-- KEYS[7] -> <prefix>:{<queue>}:index, the sorted set index (keys.index)
+-- KEYS[8] -> <prefix>:{<queue>}:pages, the paged index's directory (lib.lua)
 -- ARGV[1..3] -> now and job hash prefix (both unused), limit key prefix (the header, lib.lua)
 -- ARGV[4] -> job id
 -- ARGV[5] -> <prefix>:{<queue>}:archive, the archive hand-off (lib.lua,
@@ -25,5 +26,6 @@ keep_for_archive(ARGV[5], KEYS[1], id)
 for i = 3, 6 do
   redis.call('ZREM', KEYS[i], id)
 end
-drop_job(KEYS[1], id, KEYS[7], ARGV[6])
+drop_job(KEYS[1], id, ARGV[6])
+unindex(KEYS[7], KEYS[8], dropped)
 return state

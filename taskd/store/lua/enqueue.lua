@@ -6,36 +6,41 @@
 -- batch (the store sends at most ENQUEUE_CHUNK jobs per call).
 -- KEYS[1] -> <prefix>:{<queue>}:ready, the inbox (keys.inbox)
 -- KEYS[2] -> <prefix>:{<queue>}:scheduled
--- KEYS[3] -> <prefix>:{<queue>}:index
+-- KEYS[3] -> <prefix>:{<queue>}:index, the sorted set index (layouts 1 and 2)
 -- KEYS[4] -> <prefix>:{<queue>}:totals
 -- KEYS[5] -> <prefix>:{<queue>}:arrivals, jobs added per 10-second bucket
+-- KEYS[6] -> <prefix>:{<queue>}:pages, the paged index's directory (layout 3, lib.lua)
 -- ARGV[1..3] -> now (the newest created_at of the call's jobs), job hash prefix, limit key
 --   prefix (unused) (the header, lib.lua)
--- ARGV[4] -> the queue's name, to write id and queue in each record for daemons that read
---   them (record.RECORD_VERSION 1); '' to write neither
--- ARGV[5] -> <prefix>:{<queue>}:idem:, the idempotency key prefix
--- ARGV[6] -> how long an idempotency key holds, ms
--- ARGV[7] -> the current arrivals bucket (record.BUCKET_MS)
--- ARGV[8..] -> 10 entries per job (record.NEW_JOB): id, type, payload (JSON text),
+-- ARGV[4] -> the record layout to write (record.RECORD_VERSION): 1 writes id and queue
+--   in each record, for daemons that read them there; 1 and 2 index in the sorted set,
+--   3 in pages
+-- ARGV[5] -> the queue's name
+-- ARGV[6] -> <prefix>:{<queue>}:idem:, the idempotency key prefix
+-- ARGV[7] -> how long an idempotency key holds, ms
+-- ARGV[8] -> the current arrivals bucket (record.BUCKET_MS)
+-- ARGV[9..] -> 11 entries per job (record.NEW_JOB): id, type, payload (JSON text),
 --   max_attempts, run_at (epoch ms, or 0 to run now), idempotency key (or ''), callback
 --   URL (or ''), priority (0 to 9), created_at (epoch ms: each job its own, as the store
---   gathers jobs submitted at different moments into one call), trace context (or '')
+--   gathers jobs submitted at different moments into one call), trace context (or ''),
+--   the id's 16 bytes
 -- Returns, per job in order, the id of the job that holds it: its own id, or the id of
 -- the earlier job with the same idempotency key, while that job is stored.
 local holders = {}
 local added = 0
 local seen = {}
--- Ids per ready list, the scheduled set's and the index's score, id pairs: written once
--- per call after the loop, in the order the jobs came.
+local layout = tonumber(ARGV[4])
+-- Ids per ready list, the scheduled set's score, id pairs, and the new ids (with their
+-- bytes) for the index: written once per call after the loop, in the order the jobs came.
 local ready, lists = {}, {}
-local scheduled, indexed = {}, {}
-for i = 8, #ARGV, 10 do
+local scheduled, indexed, raw = {}, {}, {}
+for i = 9, #ARGV, 11 do
   -- NEW_JOB's entries, in order.
   local id, job_type, payload, max_attempts, run_at, dedup, callback_url, priority,
-    created_at, trace = unpack(ARGV, i, i + 9)
+    created_at, trace, id_raw = unpack(ARGV, i, i + 10)
   local holder = false
   if dedup ~= '' then
-    holder = redis.call('GET', ARGV[5] .. dedup)
+    holder = redis.call('GET', ARGV[6] .. dedup)
     -- A key whose job is gone (deleted, or past its retention) holds nothing any more.
     if holder and redis.call('EXISTS', JOB .. holder) == 0 then
       holder = false
@@ -52,8 +57,8 @@ for i = 8, #ARGV, 10 do
       -- listpack (record.JOB_FIELDS).
       local fields = {'type', job_type, 'payload', payload, 'max_attempts', max_attempts,
         'created_at', created_at}
-      if ARGV[4] ~= '' then
-        for _, v in ipairs({'id', id, 'queue', ARGV[4]}) do
+      if layout == 1 then
+        for _, v in ipairs({'id', id, 'queue', ARGV[5]}) do
           fields[#fields + 1] = v
         end
       end
@@ -70,7 +75,7 @@ for i = 8, #ARGV, 10 do
         fields[#fields + 1] = trace
       end
       if dedup ~= '' then
-        redis.call('SET', ARGV[5] .. dedup, id, 'PX', ARGV[6])
+        redis.call('SET', ARGV[6] .. dedup, id, 'PX', ARGV[7])
         fields[#fields + 1] = 'idempotency_key'
         fields[#fields + 1] = dedup
       end
@@ -91,8 +96,8 @@ for i = 8, #ARGV, 10 do
         ready[list][#ready[list] + 1] = id
       end
       redis.call('HSET', key, unpack(fields))
-      indexed[#indexed + 1] = 0
       indexed[#indexed + 1] = id
+      raw[#raw + 1] = id_raw
       added = added + 1
     end
   end
@@ -101,9 +106,18 @@ for _, list in ipairs(lists) do
   call_chunked('LPUSH', list, ready[list])
 end
 call_chunked('ZADD', KEYS[2], scheduled)
-call_chunked('ZADD', KEYS[3], indexed)
+if layout >= 3 then
+  index_add(KEYS[6], indexed, raw)
+else
+  local scored = {}
+  for _, id in ipairs(indexed) do
+    scored[#scored + 1] = 0
+    scored[#scored + 1] = id
+  end
+  call_chunked('ZADD', KEYS[3], scored)
+end
 redis.call('HINCRBY', KEYS[4], 'enqueued', added)
 if added > 0 then
-  redis.call('HINCRBY', KEYS[5], ARGV[7], added)
+  redis.call('HINCRBY', KEYS[5], ARGV[8], added)
 end
 return holders

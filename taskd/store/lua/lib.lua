@@ -84,18 +84,22 @@ local function remove_queued(inbox, job_key, id)
   end
 end
 
--- Delete a job that is not running: its record, its id in the queue's index, and the
--- idempotency key that names it, so that a resubmission with that key makes a new job (as
--- it would once the key's job is gone: enqueue.lua). Its id in the list or set of its
--- state is the caller's to remove. `index`: the queue's index; `idem`: its idempotency
--- key prefix (keys.idempotency_prefix).
-local function drop_job(job_key, id, index, idem)
+-- Ids of the jobs drop_job deleted in this script call, for unindex() to take out of the
+-- queue's index in one pass.
+local dropped = {}
+
+-- Delete a job that is not running: its record, and the idempotency key that names it, so
+-- that a resubmission with that key makes a new job (as it would once the key's job is
+-- gone: enqueue.lua). Its id in the list or set of its state is the caller's to remove,
+-- and its id in the index too: a script that drops jobs ends with unindex(dropped).
+-- `idem`: the queue's idempotency key prefix (keys.idempotency_prefix).
+local function drop_job(job_key, id, idem)
   local key = redis.call('HGET', job_key, 'idempotency_key')
   if key and redis.call('GET', idem .. key) == id then
     redis.call('DEL', idem .. key)
   end
   redis.call('DEL', job_key)
-  redis.call('ZREM', index, id)
+  dropped[#dropped + 1] = id
 end
 
 -- Move up to `most` ids from `from` to the consuming end of `to`, keeping their order:
@@ -201,6 +205,187 @@ local function scores_of(set, ids)
     end
   end
   return scores
+end
+
+-- The paged index (record.RECORD_VERSION 3): every stored id of a queue, newest first for
+-- GET /jobs, in about 23 bytes an id where a sorted set of the ids took 120 to 144.
+-- Pages are hashes of ids as their 16 bytes (field: the id's bytes; value: ''), at most
+-- PAGE_MAX of them, so each stays in Redis's compact encoding (128 fields by default).
+-- Each page holds a range of ids: from its first id up to the next page's. The directory
+-- (keys.pages) is a sorted set, all scored 0, of '<first id>:<page number>', the id as
+-- text, so its lexicographic order is the ids' order and one ZREVRANGEBYLEX finds the
+-- page of an id. A page's hash is '<directory>:<number>'; '<directory>:seq' hands out
+-- numbers, '<directory>:top' holds the greatest id ever indexed (keys.page, page_counters).
+--
+-- New ids mostly come in order. The newest page takes them until it holds PAGE_FILL,
+-- then a new page starts at the next id greater than any indexed, so pages fill with no
+-- sorting. An id older than that (a late submission) goes to its page, whatever it
+-- holds; a page past PAGE_MAX splits in two, after turning its ids back into text: Lua
+-- compares strings with strcoll, in the locale Redis runs in, which need not order bytes
+-- as Redis does, but orders these texts (lowercase hex, dashes in the same places) right.
+local PAGE_FILL = 100
+local PAGE_MAX = 120
+
+-- A job id's 16 bytes (record.id_bytes).
+local function id_bytes(id)
+  return (string.gsub(string.gsub(id, '-', ''), '%x%x', function(pair)
+    return string.char(tonumber(pair, 16))
+  end))
+end
+
+-- A job id from its 16 bytes (record.id_text).
+local function id_text(raw)
+  local h = string.gsub(raw, '.', function(c)
+    return string.format('%02x', string.byte(c))
+  end)
+  return string.sub(h, 1, 8) .. '-' .. string.sub(h, 9, 12) .. '-' .. string.sub(h, 13, 16) ..
+    '-' .. string.sub(h, 17, 20) .. '-' .. string.sub(h, 21)
+end
+
+-- A directory member's first id, and its page's key.
+local function page_start(member)
+  return string.match(member, '^(.*):')
+end
+
+local function page_key(pages, member)
+  return pages .. ':' .. string.match(member, ':(%d+)$')
+end
+
+-- The page whose range holds `id` (its directory member, or nil when the id is below
+-- every page), and the first id of the page after it (nil: it is the last).
+local function page_of(pages, id)
+  -- ';' follows ':' : a page starting at the id itself is found too.
+  local member = redis.call('ZREVRANGEBYLEX', pages, '(' .. id .. ';', '-', 'LIMIT', 0, 1)[1]
+  if not member then
+    return nil, nil
+  end
+  local after = redis.call('ZRANGEBYLEX', pages, '(' .. member, '+', 'LIMIT', 0, 1)[1]
+  return member, after and page_start(after)
+end
+
+-- A new page starting at `id`: its directory member.
+local function new_page(pages, id)
+  local member = id .. ':' .. redis.call('INCR', pages .. ':seq')
+  redis.call('ZADD', pages, 0, member)
+  return member
+end
+
+-- The page a new `id` goes to, and the first id of the page after it (nil: the last). An
+-- id below every page lowers the first page's start to it.
+local function page_to_add(pages, id)
+  local last = redis.call('ZRANGE', pages, -1, -1)[1]
+  if not last then
+    return new_page(pages, id), nil
+  end
+  if page_start(last) <= id then
+    return last, nil
+  end
+  local member, after = page_of(pages, id)
+  if member then
+    return member, after
+  end
+  local first = redis.call('ZRANGE', pages, 0, 0)[1]
+  redis.call('ZREM', pages, first)
+  member = id .. ':' .. string.match(first, ':(%d+)$')
+  redis.call('ZADD', pages, 0, member)
+  local second = redis.call('ZRANGE', pages, 1, 1)[1]
+  return member, second and page_start(second)
+end
+
+-- Split a page past PAGE_MAX ids in two halves: the upper half becomes a new page.
+local function split_page(pages, key)
+  local raw = redis.call('HKEYS', key)
+  if #raw <= PAGE_MAX then
+    return
+  end
+  local ids = {}
+  for i, b in ipairs(raw) do
+    ids[i] = {id_text(b), b}
+  end
+  table.sort(ids, function(x, y) return x[1] < y[1] end)
+  local upper = {}
+  local moved = {}
+  for i = math.floor(#ids / 2) + 1, #ids do
+    upper[#upper + 1] = ids[i][2]
+    upper[#upper + 1] = ''
+    moved[#moved + 1] = ids[i][2]
+  end
+  local member = new_page(pages, ids[math.floor(#ids / 2) + 1][1])
+  redis.call('HSET', page_key(pages, member), unpack(upper))
+  redis.call('HDEL', key, unpack(moved))
+end
+
+-- Index new ids (text, in `ids`; their bytes in `raw`, by position) in the paged index
+-- `pages`: each run of ids that falls in one page in one HSET.
+local function index_add(pages, ids, raw)
+  local was = redis.call('GET', pages .. ':top') or ''
+  local top = was
+  local i = 1
+  while i <= #ids do
+    local member, after = page_to_add(pages, ids[i])
+    local key = page_key(pages, member)
+    local start = page_start(member)
+    -- The newest page's fill counts for the roll-over to a new page.
+    local held = after == nil and redis.call('HLEN', key) or 0
+    local fields = {}
+    while i <= #ids and ids[i] >= start and (after == nil or ids[i] < after) do
+      if after == nil and held >= PAGE_FILL and ids[i] > top then
+        break
+      end
+      fields[#fields + 1] = raw[i]
+      fields[#fields + 1] = ''
+      held = held + 1
+      if ids[i] > top then
+        top = ids[i]
+      end
+      i = i + 1
+    end
+    if #fields > 0 then
+      call_chunked('HSET', key, fields)
+      split_page(pages, key)
+    end
+    if after == nil and i <= #ids and ids[i] > top then
+      new_page(pages, ids[i])
+    end
+  end
+  if top ~= was then
+    redis.call('SET', pages .. ':top', top)
+  end
+end
+
+-- Take ids (text) out of the paged index `pages`, each run of ids of one page in one HDEL;
+-- a page left empty leaves the directory.
+local function index_remove(pages, ids)
+  local member, after, fields
+  local function flush()
+    if member and #fields > 0 then
+      local key = page_key(pages, member)
+      call_chunked('HDEL', key, fields)
+      if redis.call('EXISTS', key) == 0 then
+        redis.call('ZREM', pages, member)
+      end
+    end
+  end
+  for _, id in ipairs(ids) do
+    if not member or id < page_start(member) or (after and id >= after) then
+      flush()
+      fields = {}
+      member, after = page_of(pages, id)
+    end
+    if member then
+      fields[#fields + 1] = id_bytes(id)
+    end
+  end
+  flush()
+end
+
+-- Take ids (text) out of a queue's index: the sorted set (`index`, keys.index) and the
+-- pages (`pages`, keys.pages), wherever the layout that stored them put them.
+local function unindex(index, pages, ids)
+  if #ids > 0 then
+    call_chunked('ZREM', index, ids)
+    index_remove(pages, ids)
+  end
 end
 
 -- Give back the slot a job held of its type's global_concurrency (if it held one). Held

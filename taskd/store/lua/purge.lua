@@ -19,9 +19,10 @@
 -- KEYS[1] -> <prefix>:{<queue>}:ready, the inbox (keys.inbox)
 -- KEYS[2] -> <prefix>:{<queue>}:scheduled
 -- KEYS[3] -> <prefix>:{<queue>}:dead, the failed set (keys.failed)
--- KEYS[4] -> <prefix>:{<queue>}:index
+-- KEYS[4] -> <prefix>:{<queue>}:index, the sorted set index (keys.index)
 -- KEYS[5] -> <prefix>:{<queue>}:owners, the leases (keys.leases): whose landing lists to read
 -- KEYS[6] -> <prefix>:{<queue>}:limit_waits: TYPE:concurrency names the types that held jobs
+-- KEYS[7] -> <prefix>:{<queue>}:pages, the paged index's directory (lib.lua)
 -- ARGV[1..3] -> now, job hash prefix, limit key prefix (the header, lib.lua)
 -- ARGV[4] -> most ids to take, >= 1
 -- ARGV[5] -> the state: 'queued', 'scheduled' or 'failed'
@@ -49,7 +50,7 @@ local function purge(id)
   elseif state == 'failed' then
     keep_for_archive(ARGV[8], key, id)
   end
-  drop_job(key, id, KEYS[4], ARGV[6])
+  drop_job(key, id, ARGV[6])
   removed = removed + 1
 end
 
@@ -133,4 +134,5 @@ elseif state == 'failed' then
 else
   return redis.error_reply('purge: no such state ' .. state)
 end
+unindex(KEYS[4], KEYS[7], dropped)
 return {removed, taken, left}

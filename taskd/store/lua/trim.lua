@@ -3,9 +3,10 @@
 -- endless traffic.
 -- KEYS[1] -> <prefix>:{<queue>}:completed, :dead or :cancelled, the set of one final
 --   state, scored by finish time
--- KEYS[2] -> <prefix>:{<queue>}:index
+-- KEYS[2] -> <prefix>:{<queue>}:index, the sorted set index (keys.index)
 -- KEYS[3] -> <prefix>:{<queue>}:archive, the archive hand-off: a job still in it is kept
 --   until it is archived, whether or not this daemon archives
+-- KEYS[4] -> <prefix>:{<queue>}:pages, the paged index's directory (lib.lua)
 -- ARGV[1..3] -> now (unused), job hash prefix, limit key prefix (unused) (the header,
 --   lib.lua)
 -- ARGV[4] -> jobs finished at or before this time, epoch ms, go
@@ -27,6 +28,6 @@ for _, id in ipairs(ids) do
 end
 if #ids > 0 then
   redis.call('ZREM', KEYS[1], unpack(ids))
-  redis.call('ZREM', KEYS[2], unpack(ids))
+  unindex(KEYS[2], KEYS[4], ids)
 end
 return #ids

@@ -1,0 +1,157 @@
+"""The paged index (record layout 3): every stored id of a queue in pages of compact
+hashes, each holding a range of ids, so that GET /jobs lists them newest first."""
+
+from __future__ import annotations
+
+import random
+
+from redis.asyncio import Redis
+
+from taskd.jobs import new_id
+from taskd.store import Inspector, Keys, Store
+from taskd.store.record import id_text
+from tests.builders import done, new_job
+from tests.support import ECHO, indexed_ids
+
+Q = "default"
+K = Keys("taskd")
+PAGE_FILL = 100  # lib.lua
+PAGE_MAX = 120
+
+
+async def pages(redis: Redis, queue: str = Q) -> list[tuple[str, list[str]]]:
+    """Each page, in the directory's order: its first id and the ids it holds, sorted."""
+    found = []
+    for member in await redis.zrange(K.pages(queue), 0, -1):
+        start, _, number = member.decode().rpartition(":")
+        raw = await redis.hkeys(K.page(queue, int(number)))
+        found.append((start, sorted(id_text(b) for b in raw)))
+    return found
+
+
+async def assert_well_formed(redis: Redis, queue: str = Q) -> list[str]:
+    """Check every page holds ids of its range only (from its first id to the next page's),
+    no more than PAGE_MAX, and is not empty; return all ids, oldest first."""
+    listed = await pages(redis, queue)
+    every: list[str] = []
+    for n, (start, ids) in enumerate(listed):
+        after = listed[n + 1][0] if n + 1 < len(listed) else None
+        assert ids, f"page {n} is empty"
+        assert len(ids) <= PAGE_MAX
+        assert all(start <= i and (after is None or i < after) for i in ids), (n, start, after)
+        every += ids
+    assert every == sorted(every)
+    assert len(set(every)) == len(every)
+    return every
+
+
+async def list_all(inspector: Inspector, queues: list[str], limit: int) -> list[str]:
+    """Every id GET /jobs lists, following the cursor, `limit` a page."""
+    ids: list[str] = []
+    cursor = None
+    while True:
+        page = await inspector.list_jobs(
+            queues, state=None, job_type=None, limit=limit, cursor=cursor
+        )
+        ids += [job.id for job in page.jobs]
+        if page.cursor is None:
+            return ids
+        cursor = page.cursor
+
+
+async def test_ids_in_order_fill_pages_of_a_hundred(
+    store: Store, redis: Redis, inspector: Inspector
+) -> None:
+    jobs = [new_job(payload={"n": n}) for n in range(1050)]
+    # In calls of various sizes, as the intake's group commit makes them.
+    for chunk in (jobs[:1], jobs[1:250], jobs[250:251], jobs[251:1050]):
+        await store.enqueue_many(chunk)
+    every = await assert_well_formed(redis)
+    assert every == [job.id for job in jobs]
+    assert [len(ids) for _, ids in await pages(redis)] == [PAGE_FILL] * 10 + [50]
+    assert await list_all(inspector, [Q], 37) == every[::-1]
+
+
+async def test_ids_out_of_order_split_pages_and_keep_each_range(
+    store: Store, redis: Redis, inspector: Inspector
+) -> None:
+    # Late submissions: ids older than ones already stored, down to below every page.
+    ids = [new_id() for _ in range(1500)]
+    late = ids[:]
+    random.Random(7).shuffle(late)
+    jobs = [new_job(id=i, payload=None) for i in late]
+    for n in range(0, len(jobs), 7):
+        await store.enqueue_many(jobs[n : n + 7])
+    every = await assert_well_formed(redis)
+    assert every == ids
+    assert len(await pages(redis)) <= len(ids) // (PAGE_MAX // 2) + 1
+    assert await list_all(inspector, [Q], 100) == ids[::-1]
+
+
+async def test_a_listing_across_queues_and_the_sorted_set_is_one_order(
+    store: Store, redis: Redis, inspector: Inspector
+) -> None:
+    # Jobs from a fleet that still had a daemon reading only the sorted set, then not.
+    ids = [new_id() for _ in range(600)]
+    store.record_version = 2
+    await store.enqueue_many([new_job(id=i, queue="a") for i in ids[:100]])
+    store.record_version = 3
+    chosen = random.Random(3)
+    for i in ids[100:]:
+        await store.enqueue_many([new_job(id=i, queue=chosen.choice(["a", "b"]))])
+    assert await redis.zcard(K.index("a")) == 100
+    assert await list_all(inspector, ["a", "b"], 45) == ids[::-1]
+    # From a cursor in the middle: the older ones only.
+    page = await inspector.list_jobs(
+        ["a", "b"], state=None, job_type=None, limit=3, cursor=ids[300]
+    )
+    assert [job.id for job in page.jobs] == [ids[299], ids[298], ids[297]]
+
+
+async def test_deletes_while_listing_skip_no_job_and_repeat_none(
+    store: Store, redis: Redis, inspector: Inspector
+) -> None:
+    jobs = [new_job(payload=None) for _ in range(700)]
+    await store.enqueue_many(jobs)
+    doomed = random.Random(5).sample([job.id for job in jobs], 300)
+    deleted: set[str] = set()
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = await inspector.list_jobs([Q], state=None, job_type=None, limit=50, cursor=cursor)
+        seen += [job.id for job in page.jobs]
+        # Delete some jobs, whether listed already or still ahead of the cursor, which can
+        # empty a page or leave it with a few.
+        for job_id in doomed[:25]:
+            assert await store.delete(Q, job_id) == "queued"
+            deleted.add(job_id)
+        del doomed[:25]
+        if page.cursor is None:
+            break
+        cursor = page.cursor
+    assert len(seen) == len(set(seen))
+    assert {job.id for job in jobs} - deleted <= set(seen)
+    assert set(await assert_well_formed(redis)) == {job.id for job in jobs} - deleted
+
+
+async def test_every_way_out_takes_the_id_out_of_its_page(store: Store, redis: Redis) -> None:
+    jobs = [new_job(payload=None) for _ in range(350)]
+    await store.enqueue_many(jobs)
+    # Finished and trimmed, purged, deleted: each goes.
+    ran = (await store.claim(Q, "d", 100, now=2, type_limits=ECHO)).jobs
+    await store.ack(Q, "d", [done(job) for job in ran], now=3)
+    assert await store.trim(Q, "completed", cutoff=3_600_000) == 100
+    assert await store.delete(Q, jobs[-1].id) == "queued"
+    assert len(await assert_well_formed(redis)) == 249
+    assert sum([n async for n in store.purge(Q, "queued", now=4)]) == 249
+    assert await indexed_ids(redis, Q) == []
+    assert await redis.exists(K.pages(Q)) == 0
+
+
+async def test_forgetting_a_queue_counts_the_jobs_in_its_pages(store: Store, redis: Redis) -> None:
+    jobs = [new_job(payload=None) for _ in range(250)]
+    await store.enqueue_many(jobs)
+    assert await store.forget_queue(Q) == (250, 0, 0)
+    assert sum([n async for n in store.purge(Q, "queued", now=4)]) == 250
+    assert await store.forget_queue(Q) == (0, 0, 0)
+    assert await redis.exists(*K.page_counters(Q)) == 0
