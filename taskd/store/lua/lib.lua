@@ -226,11 +226,28 @@ end
 local PAGE_FILL = 100
 local PAGE_MAX = 120
 
--- A job id's 16 bytes (record.id_bytes).
-local function id_bytes(id)
-  return (string.gsub(string.gsub(id, '-', ''), '%x%x', function(pair)
-    return string.char(tonumber(pair, 16))
-  end))
+-- Hex pairs to their byte: by a function (2.7 µs an id), or by a table of the 256 pairs
+-- (1.1 µs an id, but some 40 µs to make, once per script call that converts many ids).
+local function pair_byte(pair)
+  return string.char(tonumber(pair, 16))
+end
+local PAIR_BYTES
+local MANY_IDS = 32
+
+-- A job id's 16 bytes (record.id_bytes). `many`: the call converts many ids.
+local function id_bytes(id, many)
+  local with = pair_byte
+  if many then
+    if not PAIR_BYTES then
+      PAIR_BYTES = {}
+      for i = 0, 255 do
+        PAIR_BYTES[string.format('%02x', i)] = string.char(i)
+      end
+    end
+    with = PAIR_BYTES
+  end
+  -- Each pair with the dash after it, if any: the dashes fall between pairs.
+  return (string.gsub(id, '(%x%x)%-?', with))
 end
 
 -- A job id from its 16 bytes (record.id_text).
@@ -356,6 +373,7 @@ end
 -- Take ids (text) out of the paged index `pages`, each run of ids of one page in one HDEL;
 -- a page left empty leaves the directory.
 local function index_remove(pages, ids)
+  local many = #ids >= MANY_IDS
   local member, after, fields
   local function flush()
     if member and #fields > 0 then
@@ -373,7 +391,7 @@ local function index_remove(pages, ids)
       member, after = page_of(pages, id)
     end
     if member then
-      fields[#fields + 1] = id_bytes(id)
+      fields[#fields + 1] = id_bytes(id, many)
     end
   end
   flush()
