@@ -20,7 +20,7 @@ from tests.support import ECHO, indexed_ids
 
 Q = "default"
 K = Keys("taskd")
-PAGE_FILL = 100  # lib.lua
+PAGE_FILL = 100  # index.lua
 PAGE_MAX = 120
 
 

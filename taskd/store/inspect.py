@@ -480,7 +480,7 @@ class _Walk:
 
 class _ByCreation:
     """Walks the indexes of several queues (ids ordered as created), newest first, merged:
-    each queue's paged index and its sorted set (record.RECORD_VERSION; lib.lua)."""
+    each queue's paged index and its sorted set (record.RECORD_VERSION; index.lua)."""
 
     def __init__(self, r: aioredis.Redis, keys: Keys, queues: Sequence[str], cursor: str | None):
         self._r = r

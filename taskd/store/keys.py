@@ -105,17 +105,17 @@ class Keys:
         return self._of(queue, "index")
 
     def pages(self, queue: str) -> str:
-        """The paged index's directory (layout 3; lib.lua, "The paged index"): a sorted set,
+        """The paged index's directory (layout 3; index.lua): a sorted set,
         all scored 0, of '<first id>:<page number>', one member per page of ids."""
         return self._of(queue, "pages")
 
     def page(self, queue: str, number: int) -> str:
-        """One page of the paged index: a hash of 16-byte ids to ''. lib.lua names it the
+        """One page of the paged index: a hash of 16-byte ids to ''. index.lua names it the
         same way, from the directory's key (page_key)."""
         return f"{self.pages(queue)}:{number}"
 
     def page_counters(self, queue: str) -> list[str]:
-        """The paged index's counters, named from the directory's key as lib.lua does:
+        """The paged index's counters, named from the directory's key as index.lua does:
         the last page number handed out, and the greatest id ever indexed."""
         return [f"{self.pages(queue)}:seq", f"{self.pages(queue)}:top"]
 

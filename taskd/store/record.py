@@ -33,7 +33,7 @@ JOB_FIELDS = (
 
 # The job record layouts this taskd reads and writes: 1 with id and queue in each record,
 # 2 without; both index ids in a sorted set (keys.index). 3 indexes them in pages
-# (keys.pages, lib.lua "The paged index"), which daemons of 1 and 2 do not read.
+# (keys.pages, index.lua), which daemons of 1 and 2 do not read.
 # Each daemon registers the newest it reads (keys.record_versions; a daemon that does not
 # say reads only 1), and a store writes the oldest layout that a heartbeat found some
 # registered daemon reads (Store.beat): in a rolling upgrade, records keep the two fields,
@@ -143,7 +143,7 @@ def new_job_args(job: Job) -> list[Any]:
 
 
 def id_bytes(job_id: str) -> bytes:
-    """A job id's 16 bytes, as the paged index holds it (lib.lua, id_bytes)."""
+    """A job id's 16 bytes, as the paged index holds it (index.lua, id_bytes)."""
     return bytes.fromhex(job_id.replace("-", ""))
 
 

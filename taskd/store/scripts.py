@@ -16,8 +16,12 @@ NAMES = (
 )  # fmt: skip
 
 # Preludes, in the order they go in front of a script: lib.lua before every script,
-# limits.lua (claim's per-type limits) only before those named here.
-_PRELUDES: dict[str, tuple[str, ...]] = {"claim": ("limits",)}
+# limits.lua (claim's per-type limits) and index.lua (the paged index) only before those
+# named here.
+_PRELUDES: dict[str, tuple[str, ...]] = {
+    "claim": ("limits",),
+    **{name: ("index",) for name in ("enqueue", "trim", "delete", "purge")},
+}
 
 
 def source(name: str) -> str:

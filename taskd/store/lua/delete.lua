@@ -7,7 +7,7 @@
 -- KEYS[5] -> <prefix>:{<queue>}:dead, the failed set (keys.failed)
 -- KEYS[6] -> <prefix>:{<queue>}:cancelled
 -- KEYS[7] -> <prefix>:{<queue>}:index, the sorted set index (keys.index)
--- KEYS[8] -> <prefix>:{<queue>}:pages, the paged index's directory (lib.lua)
+-- KEYS[8] -> <prefix>:{<queue>}:pages, the paged index's directory (index.lua)
 -- ARGV[1..3] -> now and job hash prefix (both unused), limit key prefix (the header, lib.lua)
 -- ARGV[4] -> job id
 -- ARGV[5] -> <prefix>:{<queue>}:archive, the archive hand-off (lib.lua,

@@ -9,7 +9,7 @@
 -- KEYS[3] -> <prefix>:{<queue>}:index, the sorted set index (layouts 1 and 2)
 -- KEYS[4] -> <prefix>:{<queue>}:totals
 -- KEYS[5] -> <prefix>:{<queue>}:arrivals, jobs added per 10-second bucket
--- KEYS[6] -> <prefix>:{<queue>}:pages, the paged index's directory (layout 3, lib.lua)
+-- KEYS[6] -> <prefix>:{<queue>}:pages, the paged index's directory (layout 3, index.lua)
 -- ARGV[1..3] -> now (the newest created_at of the call's jobs), job hash prefix, limit key
 --   prefix (unused) (the header, lib.lua)
 -- ARGV[4] -> the record layout to write (record.RECORD_VERSION): 1 writes id and queue

@@ -22,7 +22,7 @@
 -- KEYS[4] -> <prefix>:{<queue>}:index, the sorted set index (keys.index)
 -- KEYS[5] -> <prefix>:{<queue>}:owners, the leases (keys.leases): whose landing lists to read
 -- KEYS[6] -> <prefix>:{<queue>}:limit_waits: TYPE:concurrency names the types that held jobs
--- KEYS[7] -> <prefix>:{<queue>}:pages, the paged index's directory (lib.lua)
+-- KEYS[7] -> <prefix>:{<queue>}:pages, the paged index's directory (index.lua)
 -- ARGV[1..3] -> now, job hash prefix, limit key prefix (the header, lib.lua)
 -- ARGV[4] -> most ids to take, >= 1
 -- ARGV[5] -> the state: 'queued', 'scheduled' or 'failed'

@@ -6,7 +6,7 @@
 -- KEYS[2] -> <prefix>:{<queue>}:index, the sorted set index (keys.index)
 -- KEYS[3] -> <prefix>:{<queue>}:archive, the archive hand-off: a job still in it is kept
 --   until it is archived, whether or not this daemon archives
--- KEYS[4] -> <prefix>:{<queue>}:pages, the paged index's directory (lib.lua)
+-- KEYS[4] -> <prefix>:{<queue>}:pages, the paged index's directory (index.lua)
 -- ARGV[1..3] -> now (unused), job hash prefix, limit key prefix (unused) (the header,
 --   lib.lua)
 -- ARGV[4] -> jobs finished at or before this time, epoch ms, go
