@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
@@ -162,41 +163,113 @@ async def test_forgetting_a_queue_counts_the_jobs_in_its_pages(store: Store, red
     assert await redis.exists(*K.page_counters(Q)) == 0
 
 
+@pytest.mark.parametrize(
+    ("locale", "shows"),
+    [
+        # In C, 'B' (66) sorts before 'a' (97); under en_US.UTF-8 it does not.
+        ("en_US", "return tostring('a' < 'B')"),
+        # Under da_DK.UTF-8 'aa' is one letter, sorted after 'z'.
+        ("da_DK", "return tostring('aa' > 'z')"),
+    ],
+)
 def test_pages_keep_their_ranges_in_a_redis_running_in_a_utf8_locale(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, locale: str, shows: str
 ) -> None:
     # Lua compares strings with strcoll, in the locale Redis runs in. Under en_US.UTF-8 two
     # ids' 16 bytes compare out of byte order about half the time (measured: 22,997 of
-    # 50,000 random pairs), and their text never does; so the pages compare text.
+    # 50,000 random pairs); under da_DK.UTF-8 even their text does, where 'aa' appears.
     locales = tmp_path / "locales"
     locales.mkdir()
     subprocess.run(
-        ["localedef", "-i", "en_US", "-f", "UTF-8", str(locales / "en_US.UTF-8")],
+        ["localedef", "-i", locale, "-f", "UTF-8", str(locales / f"{locale}.UTF-8")],
         check=True,
         capture_output=True,
     )
     monkeypatch.setenv("LOCPATH", str(locales))
-    monkeypatch.setenv("LC_ALL", "en_US.UTF-8")
+    monkeypatch.setenv("LC_ALL", f"{locale}.UTF-8")
     server = RedisServer.start_on_free_port(data_dir=tmp_path / "redis", appendonly=False)
     try:
-        anyio.run(_shuffled_ids_in, server.url)
+        anyio.run(_ids_in, server.url, shows)
     finally:
         server.stop()
 
 
-async def _shuffled_ids_in(url: str) -> None:
+async def _ids_in(url: str, shows: str) -> None:
     redis = Redis.from_url(url)
     store = Store.from_url(url, prefix="taskd")
     store.record_version = RECORD_VERSION
     try:
-        # The locale took: in C, 'B' (66) sorts before 'a' (97).
-        assert await redis.eval("return tostring('a' < 'B')", 0) == b"true"
+        assert await redis.eval(shows, 0) == b"true"  # the locale took
+        # A full page of ids with 'aa', a newer page, then an id between them.
+        crafted = [f"0190aa00-0000-7000-8000-{n:012x}" for n in range(PAGE_FILL)]
+        crafted += ["01910000-0000-7000-8000-000000000000", "0190ab00-0000-7000-8000-000000000000"]
+        for n in range(0, len(crafted), 50):
+            await store.enqueue_many([new_job(id=i) for i in crafted[n : n + 50]])
         ids = [new_id() for _ in range(800)]
         late = ids[:]
         random.Random(11).shuffle(late)
         for n in range(0, len(late), 5):
             await store.enqueue_many([new_job(id=i) for i in late[n : n + 5]])
-        assert await assert_well_formed(redis) == ids
+        assert await assert_well_formed(redis) == sorted(crafted) + ids
     finally:
         await store.close()
         await redis.aclose()
+
+
+async def test_a_late_batch_is_cut_into_pages_that_stay_compact(store: Store, redis: Redis) -> None:
+    ids = [new_id() for _ in range(1101)]
+    await store.enqueue_many([new_job(id=i) for i in ids[:100]])  # a full newest page
+    await store.enqueue_many([new_job(id=ids[-1])])  # a newer id starts the next
+    # Another daemon's 1,000 jobs, made before that one, land in the full page.
+    await store.enqueue_many([new_job(id=i) for i in ids[100:-1]])
+    assert await assert_well_formed(redis) == ids
+    for member in await redis.zrange(K.pages(Q), 0, -1):
+        page = K.page(Q, int(member.rpartition(b":")[2]))
+        assert await redis.object("encoding", page) in {b"ziplist", b"listpack"}
+
+
+async def test_a_page_split_while_a_listing_reads_loses_it_no_job(
+    store: Store, redis: Redis, inspector: Inspector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = [new_id() for _ in range(241)]
+    late = ids[120:141]  # in the second page's range once the others are indexed
+    stored_first = [i for i in ids if i not in set(late)]
+    await store.enqueue_many([new_job(id=i) for i in stored_first])  # pages of 100, 100, 20
+    client = inspector._r  # to act between the listing's round trips
+    pipeline = client.pipeline
+    split: list[bool] = []
+
+    def between(*args: Any, **kwargs: Any) -> Any:
+        pipe = pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        async def late_ids_first(*a: Any, **kw: Any) -> Any:
+            if not split and any(c[0][0] == "HKEYS" for c in pipe.command_stack):
+                # A late submission splits the middle page after the directory was read.
+                split.append(True)
+                await store.enqueue_many([new_job(id=i) for i in late])
+            return await execute(*a, **kw)
+
+        pipe.execute = late_ids_first
+        return pipe
+
+    monkeypatch.setattr(client, "pipeline", between)
+    listed = await list_all(inspector, [Q], 50)
+    assert split
+    assert set(stored_first) <= set(listed)
+    assert listed == sorted(listed, reverse=True)
+
+
+async def test_ids_of_jobs_an_older_daemon_deleted_go_with_delete_or_forget(
+    store: Store, redis: Redis
+) -> None:
+    jobs = [new_job(payload=None) for _ in range(3)]
+    await store.enqueue_many(jobs)
+    # A daemon of the taskd before the pages deletes jobs: their records go, their ids
+    # stay in the pages.
+    await redis.delete(*(K.job(Q, job.id) for job in jobs))
+    assert await store.delete(Q, jobs[0].id) == "missing"
+    assert sorted(await indexed_ids(redis, Q)) == sorted(job.id for job in jobs[1:])
+    assert await store.forget_queue(Q) == (0, 0, 0)
+    assert await redis.exists(K.pages(Q), *K.page_counters(Q)) == 0
+    assert await redis.keys(f"{K.pages(Q)}*") == []

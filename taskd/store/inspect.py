@@ -514,18 +514,9 @@ class _ByCreation:
         per_call = count // 50 + 2
         paged: list[list[str]] = [[] for _ in self._queues]
         while marks:
-            async with self._r.pipeline(transaction=False) as pipe:
-                for n, mark in marks.items():
-                    pipe.zrevrangebylex(k.pages(self._queues[n]), mark, "-", 0, per_call)
-                members = dict(zip(marks, await pipe.execute(), strict=True))
-            async with self._r.pipeline(transaction=False) as pipe:
-                for n, listed in members.items():
-                    for member in listed:
-                        pipe.hkeys(k.page(self._queues[n], _page_number(member)))
-                fields = iter(await pipe.execute())
-            for n, listed in members.items():
-                for _ in listed:
-                    ids = (id_text(raw) for raw in next(fields))
+            for n, (listed, pages) in (await self._pages(marks, per_call)).items():
+                for raw in pages:
+                    ids = (id_text(b) for b in raw)
                     paged[n] += [i for i in ids if before is None or i < before]
                 if len(listed) < per_call or len(paged[n]) >= count:
                     del marks[n]
@@ -534,6 +525,44 @@ class _ByCreation:
         return [
             sorted(old + new, reverse=True)[:count] for old, new in zip(found, paged, strict=True)
         ]
+
+    async def _pages(
+        self, marks: dict[int, str], per_call: int
+    ) -> dict[int, tuple[list[bytes], list[list[bytes]]]]:
+        """Per queue n, up to `per_call` directory members from marks[n] down, and their
+        pages' ids, as they were at one moment.
+
+        The directory and the pages are read in two round trips. A late id can split a
+        page in between, moving its upper part to a new page the first read did not see:
+        the ids read would lack them, and the cursor would pass them for good. So the
+        second round trip reads the directory again, after the pages, and a queue whose
+        range read gained a page is read again. (A page newer than all those read holds
+        jobs newer than the listing, which a listing newest first does not promise.)
+        """
+        k = self._keys
+        read: dict[int, tuple[list[bytes], list[list[bytes]]]] = {}
+        for _ in range(_PAGE_READS):
+            async with self._r.pipeline(transaction=False) as pipe:
+                for n, mark in marks.items():
+                    pipe.zrevrangebylex(k.pages(self._queues[n]), mark, "-", 0, per_call)
+                members = dict(zip(marks, await pipe.execute(), strict=True))
+            async with self._r.pipeline(transaction=False) as pipe:
+                for n, listed in members.items():
+                    for member in listed:
+                        pipe.hkeys(k.page(self._queues[n], _page_number(member)))
+                    pipe.zrevrangebylex(k.pages(self._queues[n]), marks[n], "-", 0, per_call)
+                answers = iter(await pipe.execute())
+            unsettled = {}
+            for n, listed in members.items():
+                read[n] = (listed, [next(answers) for _ in listed])
+                if [m for m in next(answers) if listed and m < listed[0] and m not in listed]:
+                    unsettled[n] = marks[n]
+            # Pages split faster than they could be read (late ids pouring into the range):
+            # what was read last stands.
+            marks = unsettled
+            if not marks:
+                break
+        return read
 
 
 class _ByFinish(_Walk):
@@ -589,6 +618,10 @@ def _parse_finish_cursor(cursor: str | None) -> tuple[int, str] | None:
         return None
     score, _, job_id = cursor.partition("-")
     return int(score), job_id
+
+
+# How many times a listing reads a queue's pages again when a page split under it.
+_PAGE_READS = 5
 
 
 def _page_number(member: bytes | str) -> int:

@@ -20,7 +20,7 @@ NAMES = (
 # named here.
 _PRELUDES: dict[str, tuple[str, ...]] = {
     "claim": ("limits",),
-    **{name: ("index",) for name in ("enqueue", "trim", "delete", "purge")},
+    **{name: ("index",) for name in ("enqueue", "trim", "delete", "purge", "forget_queue")},
 }
 
 

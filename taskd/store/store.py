@@ -881,7 +881,9 @@ class Store:
         k = self.keys
         keys = [k.index(queue), k.leases(queue), k.callbacks(queue), k.archive(queue)]
         keys += [k.pages(queue), *k.queue_state(queue)]
-        jobs, leases, callbacks = await self._lua["forget_queue"](keys=keys, args=[])
+        jobs, leases, callbacks = await self._lua["forget_queue"](
+            keys=keys, args=self._header(queue)
+        )
         if jobs == leases == callbacks == 0:
             await self._r.srem(k.queues, queue)
         return int(jobs), int(leases), int(callbacks)

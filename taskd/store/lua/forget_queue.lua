@@ -9,19 +9,40 @@
 -- KEYS[5] -> <prefix>:{<queue>}:pages, the paged index's directory: the other stored jobs
 -- KEYS[6..] -> the queue's other keys, deleted: flags, counters, statistics, lists
 --   (keys.Keys.queue_state)
--- No ARGV, and so no header (lib.lua): it uses none of now, job prefix and limit prefix.
+-- ARGV[1..3] -> now (unused), job hash prefix, limit key prefix (unused) (the header,
+--   lib.lua)
 -- Returns {jobs, leases, callbacks}: all 0 when the queue was forgotten, else what it
 -- still holds (and nothing was deleted).
-local jobs = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[4])
-for _, member in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
-  jobs = jobs + redis.call('HLEN', KEYS[5] .. ':' .. string.match(member, ':(%d+)$'))
+
+-- The jobs in the paged index: how many ids it holds, or 0 when none of them has a
+-- record. A daemon of a taskd before the paged index deletes jobs without taking their
+-- ids out of it (a rollback, or one left running): such ids name no job, and go with the
+-- queue. Which records exist is read only until one does.
+local function paged_jobs(pages)
+  local ids, live = 0, false
+  for _, member in ipairs(redis.call('ZRANGE', pages, 0, -1)) do
+    local page = page_key(pages, member)
+    for _, raw in ipairs(live and {} or redis.call('HKEYS', page)) do
+      if redis.call('EXISTS', JOB .. id_text(raw)) == 1 then
+        live = true
+        break
+      end
+    end
+    ids = ids + redis.call('HLEN', page)
+  end
+  return live and ids or 0
 end
+
+local jobs = redis.call('ZCARD', KEYS[1]) + redis.call('ZCARD', KEYS[4]) + paged_jobs(KEYS[5])
 local leases = redis.call('ZCARD', KEYS[2])
 local callbacks = redis.call('LLEN', KEYS[3])
 if jobs + leases + callbacks > 0 then
   return {jobs, leases, callbacks}
 end
-for i = 6, #KEYS do
+for _, member in ipairs(redis.call('ZRANGE', KEYS[5], 0, -1)) do
+  redis.call('DEL', page_key(KEYS[5], member))
+end
+for i = 5, #KEYS do
   redis.call('DEL', KEYS[i])
 end
 return {0, 0, 0}

@@ -4,21 +4,23 @@
 -- some 1.5 µs.
 --
 -- Every stored id of a queue, newest first for GET /jobs, in about 23 bytes an id where
--- a sorted set of the ids took 120 to 144.
--- Pages are hashes of ids as their 16 bytes (field: the id's bytes; value: ''), at most
--- PAGE_MAX of them, so each stays in Redis's compact encoding (128 fields by default).
--- Each page holds a range of ids: from its first id up to the next page's. The directory
--- (keys.pages) is a sorted set, all scored 0, of '<first id>:<page number>', the id as
--- text, so its lexicographic order is the ids' order and one ZREVRANGEBYLEX finds the
--- page of an id. A page's hash is '<directory>:<number>'; '<directory>:seq' hands out
--- numbers, '<directory>:top' holds the greatest id ever indexed (keys.page, page_counters).
+-- a sorted set of the ids took 120 to 144. Pages are hashes of ids as their 16 bytes
+-- (field: the id's bytes; value: ''), so small that each stays in Redis's compact
+-- encoding (128 fields by default). Each page holds a range of ids: from its first id up
+-- to the next page's. The directory (keys.pages) is a sorted set, all scored 0, of
+-- '<first id>:<page number>', the id as text, so its lexicographic order is the ids'
+-- order and one ZREVRANGEBYLEX finds the page of an id. A page's hash is
+-- '<directory>:<number>'; '<directory>:seq' hands out numbers, '<directory>:top' holds
+-- the greatest id ever indexed (keys.page, page_counters).
 --
 -- New ids mostly come in order. The newest page takes them until it holds PAGE_FILL,
 -- then a new page starts at the next id greater than any indexed, so pages fill with no
 -- sorting. An id older than that (a late submission) goes to its page, whatever it
--- holds; a page past PAGE_MAX splits in two, after turning its ids back into text: Lua
--- compares strings with strcoll, in the locale Redis runs in, which need not order bytes
--- as Redis does, but orders these texts (lowercase hex, dashes in the same places) right.
+-- holds; a page past PAGE_MAX is cut into pages of at most PAGE_FILL.
+--
+-- Ids are never compared with Lua's < on strings: it uses strcoll, in the locale Redis
+-- runs in, which need not be byte order (under da_DK.UTF-8 'aa' sorts after 'z'), while
+-- the directory's lexicographic ranges are. They are compared by id_key.
 local PAGE_FILL = 100
 local PAGE_MAX = 120
 
@@ -55,6 +57,25 @@ local function id_text(raw)
     '-' .. string.sub(h, 17, 20) .. '-' .. string.sub(h, 21)
 end
 
+-- An id's order, whatever the locale: its 32 hex digits as three numbers of 12, 12 and
+-- 8 digits, each exact in a double (an id not in hex sorts first).
+local function id_key(id)
+  local h = string.gsub(id, '-', '')
+  return {tonumber(string.sub(h, 1, 12), 16) or -1, tonumber(string.sub(h, 13, 24), 16) or -1,
+    tonumber(string.sub(h, 25), 16) or -1}
+end
+
+-- Whether the id of key a comes before the id of key b.
+local function before(a, b)
+  if a[1] ~= b[1] then
+    return a[1] < b[1]
+  end
+  if a[2] ~= b[2] then
+    return a[2] < b[2]
+  end
+  return a[3] < b[3]
+end
+
 -- A directory member's first id, and its page's key.
 local function page_start(member)
   return string.match(member, '^(.*):')
@@ -64,8 +85,13 @@ local function page_key(pages, member)
   return pages .. ':' .. string.match(member, ':(%d+)$')
 end
 
+-- The key of a directory member's first id, or nil for no member.
+local function start_key(member)
+  return member and id_key(page_start(member))
+end
+
 -- The page whose range holds `id` (its directory member, or nil when the id is below
--- every page), and the first id of the page after it (nil: it is the last).
+-- every page), and the key of the next page's first id (nil: it is the last).
 local function page_of(pages, id)
   -- ';' follows ':' : a page starting at the id itself is found too.
   local member = redis.call('ZREVRANGEBYLEX', pages, '(' .. id .. ';', '-', 'LIMIT', 0, 1)[1]
@@ -73,7 +99,7 @@ local function page_of(pages, id)
     return nil, nil
   end
   local after = redis.call('ZRANGEBYLEX', pages, '(' .. member, '+', 'LIMIT', 0, 1)[1]
-  return member, after and page_start(after)
+  return member, start_key(after)
 end
 
 -- A new page starting at `id`: its directory member.
@@ -83,14 +109,14 @@ local function new_page(pages, id)
   return member
 end
 
--- The page a new `id` goes to, and the first id of the page after it (nil: the last). An
--- id below every page lowers the first page's start to it.
-local function page_to_add(pages, id)
+-- The page a new id (text, and its key) goes to, and the key of the next page's first id
+-- (nil: it is the last). An id below every page lowers the first page's start to it.
+local function page_to_add(pages, id, key)
   local last = redis.call('ZRANGE', pages, -1, -1)[1]
   if not last then
     return new_page(pages, id), nil
   end
-  if page_start(last) <= id then
+  if not before(key, start_key(last)) then
     return last, nil
   end
   local member, after = page_of(pages, id)
@@ -101,11 +127,11 @@ local function page_to_add(pages, id)
   redis.call('ZREM', pages, first)
   member = id .. ':' .. string.match(first, ':(%d+)$')
   redis.call('ZADD', pages, 0, member)
-  local second = redis.call('ZRANGE', pages, 1, 1)[1]
-  return member, second and page_start(second)
+  return member, start_key(redis.call('ZRANGE', pages, 1, 1)[1])
 end
 
--- Split a page past PAGE_MAX ids in two halves: the upper half becomes a new page.
+-- Cut a page past PAGE_MAX ids into pages of at most PAGE_FILL, in order: the first part
+-- stays in it, each other one becomes a page starting at its first id.
 local function split_page(pages, key)
   local raw = redis.call('HKEYS', key)
   if #raw <= PAGE_MAX then
@@ -113,56 +139,67 @@ local function split_page(pages, key)
   end
   local ids = {}
   for i, b in ipairs(raw) do
-    ids[i] = {id_text(b), b}
+    local id = id_text(b)
+    ids[i] = {id_key(id), id, b}
   end
-  table.sort(ids, function(x, y) return x[1] < y[1] end)
-  local upper = {}
-  local moved = {}
-  for i = math.floor(#ids / 2) + 1, #ids do
-    upper[#upper + 1] = ids[i][2]
-    upper[#upper + 1] = ''
-    moved[#moved + 1] = ids[i][2]
+  table.sort(ids, function(x, y) return before(x[1], y[1]) end)
+  local parts = math.ceil(#ids / PAGE_FILL)
+  local size = math.ceil(#ids / parts)
+  -- Every part written anew, the first too: a hash that outgrew the compact encoding
+  -- keeps its table when it shrinks.
+  redis.call('DEL', key)
+  for first = 1, #ids, size do
+    local fields = {}
+    for i = first, math.min(first + size - 1, #ids) do
+      fields[#fields + 1] = ids[i][3]
+      fields[#fields + 1] = ''
+    end
+    local part = first == 1 and key or page_key(pages, new_page(pages, ids[first][2]))
+    redis.call('HSET', part, unpack(fields))
   end
-  local member = new_page(pages, ids[math.floor(#ids / 2) + 1][1])
-  redis.call('HSET', page_key(pages, member), unpack(upper))
-  redis.call('HDEL', key, unpack(moved))
 end
 
 -- Index new ids (text, in `ids`; their bytes in `raw`, by position) in the paged index
 -- `pages`: each run of ids that falls in one page in one HSET.
 local function index_add(pages, ids, raw)
-  local was = redis.call('GET', pages .. ':top') or ''
-  local top = was
+  local was = redis.call('GET', pages .. ':top')
+  local top = was and id_key(was)
+  local newest = was
   local i = 1
+  local key = ids[1] and id_key(ids[1])
   while i <= #ids do
-    local member, after = page_to_add(pages, ids[i])
-    local key = page_key(pages, member)
-    local start = page_start(member)
+    local member, after = page_to_add(pages, ids[i], key)
+    local page = page_key(pages, member)
+    local start = start_key(member)
     -- The newest page's fill counts for the roll-over to a new page.
-    local held = after == nil and redis.call('HLEN', key) or 0
+    local held = after == nil and redis.call('HLEN', page) or 0
     local fields = {}
-    while i <= #ids and ids[i] >= start and (after == nil or ids[i] < after) do
-      if after == nil and held >= PAGE_FILL and ids[i] > top then
+    while i <= #ids and not before(key, start) and (after == nil or before(key, after)) do
+      local above = not top or before(top, key)
+      if after == nil and held >= PAGE_FILL and above then
         break
       end
       fields[#fields + 1] = raw[i]
       fields[#fields + 1] = ''
       held = held + 1
-      if ids[i] > top then
-        top = ids[i]
+      if above then
+        top, newest = key, ids[i]
       end
       i = i + 1
+      key = ids[i] and id_key(ids[i])
     end
     if #fields > 0 then
-      call_chunked('HSET', key, fields)
-      split_page(pages, key)
-    end
-    if after == nil and i <= #ids and ids[i] > top then
+      call_chunked('HSET', page, fields)
+      split_page(pages, page)
+    elseif after == nil and i <= #ids then
+      -- The newest page is full and the id is above every indexed: a page of its own.
       new_page(pages, ids[i])
+    else
+      error('paged index: id ' .. ids[i] .. ' fits no page')
     end
   end
-  if top ~= was then
-    redis.call('SET', pages .. ':top', top)
+  if newest ~= was then
+    redis.call('SET', pages .. ':top', newest)
   end
 end
 
@@ -170,21 +207,23 @@ end
 -- a page left empty leaves the directory.
 local function index_remove(pages, ids)
   local many = #ids >= MANY_IDS
-  local member, after, fields
+  local member, start, after, fields
   local function flush()
     if member and #fields > 0 then
-      local key = page_key(pages, member)
-      call_chunked('HDEL', key, fields)
-      if redis.call('EXISTS', key) == 0 then
+      local page = page_key(pages, member)
+      call_chunked('HDEL', page, fields)
+      if redis.call('EXISTS', page) == 0 then
         redis.call('ZREM', pages, member)
       end
     end
   end
   for _, id in ipairs(ids) do
-    if not member or id < page_start(member) or (after and id >= after) then
+    local key = id_key(id)
+    if not member or before(key, start) or (after and not before(key, after)) then
       flush()
       fields = {}
       member, after = page_of(pages, id)
+      start = start_key(member)
     end
     if member then
       fields[#fields + 1] = id_bytes(id, many)
