@@ -446,6 +446,8 @@ class HttpApi:
             limit=query.limit,
             cursor=query.cursor,
         )
+        if page.gone:
+            await self._store.unindex_gone(page.gone)
         return json_response(
             {"jobs": [j.to_public() for j in page.jobs], "next_cursor": page.cursor}
         )

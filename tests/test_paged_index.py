@@ -17,7 +17,7 @@ from taskd.jobs import new_id
 from taskd.store import Inspector, Keys, Store
 from taskd.store.record import RECORD_VERSION, id_text
 from tests.builders import done, new_job
-from tests.support import ECHO, indexed_ids
+from tests.support import ECHO, Api, get_json, indexed_ids
 
 Q = "default"
 K = Keys("taskd")
@@ -228,36 +228,63 @@ async def test_a_late_batch_is_cut_into_pages_that_stay_compact(store: Store, re
         assert await redis.object("encoding", page) in {b"ziplist", b"listpack"}
 
 
-async def test_a_page_split_while_a_listing_reads_loses_it_no_job(
+def between_reads(
+    inspector: Inspector, monkeypatch: pytest.MonkeyPatch, after: int, act: Any
+) -> list[int]:
+    """Run `act()` once, right after the listing's `after`-th read of a run of pages."""
+    script = inspector._read_pages  # each run of pages is read at one moment: act between
+    reads: list[int] = []
+
+    async def read_then_act(*args: Any, **kwargs: Any) -> Any:
+        out = await script(*args, **kwargs)
+        reads.append(1)
+        if len(reads) == after:
+            await act()
+        return out
+
+    monkeypatch.setattr(inspector, "_read_pages", read_then_act)
+    return reads
+
+
+async def test_late_ids_splitting_pages_between_reads_lose_a_listing_no_job(
     store: Store, redis: Redis, inspector: Inspector, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    # The split moves ids of the page the next call's cursor falls in to a new page.
     ids = [new_id() for _ in range(241)]
-    late = ids[120:141]  # in the second page's range once the others are indexed
+    late = ids[120:141]  # in the middle page's range once the others are indexed
     stored_first = [i for i in ids if i not in set(late)]
     await store.enqueue_many([new_job(id=i) for i in stored_first])  # pages of 100, 100, 20
-    client = inspector._r  # to act between the listing's round trips
-    pipeline = client.pipeline
-    split: list[bool] = []
 
-    def between(*args: Any, **kwargs: Any) -> Any:
-        pipe = pipeline(*args, **kwargs)
-        execute = pipe.execute
+    async def late_ones() -> None:
+        await store.enqueue_many([new_job(id=i) for i in late])
 
-        async def late_ids_first(*a: Any, **kw: Any) -> Any:
-            if not split and any(c[0][0] == "HKEYS" for c in pipe.command_stack):
-                # A late submission splits the middle page after the directory was read.
-                split.append(True)
-                await store.enqueue_many([new_job(id=i) for i in late])
-            return await execute(*a, **kw)
-
-        pipe.execute = late_ids_first
-        return pipe
-
-    monkeypatch.setattr(client, "pipeline", between)
+    reads = between_reads(inspector, monkeypatch, 1, late_ones)
     listed = await list_all(inspector, [Q], 50)
-    assert split
+    assert len(reads) > 1
     assert set(stored_first) <= set(listed)
     assert listed == sorted(listed, reverse=True)
+    assert len(listed) == len(set(listed))
+
+
+async def test_a_first_page_lowered_between_reads_lists_its_jobs_once(
+    store: Store, redis: Redis, inspector: Inspector, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ids = [new_id() for _ in range(301)]
+    await store.enqueue_many([new_job(id=i) for i in ids[1:]])  # pages of 100
+    for n, job_id in enumerate(ids[1:]):
+        if n % 100 >= 10:
+            assert await store.delete(Q, job_id) == "queued"
+    # Three pages of 10: a listing of 50 reads them, then reads on below the last one.
+    # Meanwhile an id below every page arrives, and the first page now starts at it.
+
+    async def lowest() -> None:
+        await store.enqueue_many([new_job(id=ids[0])])
+
+    between_reads(inspector, monkeypatch, 1, lowest)
+    page = await inspector.list_jobs([Q], state=None, job_type=None, limit=50, cursor=None)
+    listed = [job.id for job in page.jobs]
+    assert len(listed) == len(set(listed))
+    assert len(listed) == 31
 
 
 async def test_ids_of_jobs_an_older_daemon_deleted_go_with_delete_or_forget(
@@ -273,3 +300,16 @@ async def test_ids_of_jobs_an_older_daemon_deleted_go_with_delete_or_forget(
     assert await store.forget_queue(Q) == (0, 0, 0)
     assert await redis.exists(K.pages(Q), *K.page_counters(Q)) == 0
     assert await redis.keys(f"{K.pages(Q)}*") == []
+
+
+async def test_a_listing_takes_out_ids_whose_record_is_gone(
+    store: Store, redis: Redis, api: Api
+) -> None:
+    jobs = [new_job("no_handler_here", payload=None) for _ in range(3)]  # none runs
+    await store.enqueue_many(jobs)
+    await redis.delete(K.job(Q, jobs[1].id), K.job(Q, jobs[2].id))  # as an older daemon
+    # The listing reads on past ids with no record, and takes them out as it goes.
+    session, url = api
+    status, body = await get_json(session, f"{url}/jobs?limit=1")
+    assert (status, [job["id"] for job in body["jobs"]]) == (200, [jobs[0].id])
+    assert await indexed_ids(redis, Q) == [jobs[0].id]

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import heapq
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 
 from taskd.jobs import FINAL_STATES, QUEUED, Job
+from taskd.store import scripts
 from taskd.store.connect import Connection, text
 from taskd.store.keys import Keys
 from taskd.store.record import (
@@ -79,6 +80,9 @@ class Page:
 
     jobs: list[Job]
     cursor: str | None
+    # (queue, id) of ids the index listed whose record is gone: a daemon of a taskd
+    # before the paged index deleted the job and left its id in the pages (Store.unindex).
+    gone: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Inspector:
@@ -88,6 +92,8 @@ class Inspector:
         self.keys = connection.keys
         self._r = connection.client
         self._cluster = connection.cluster
+        # The one script it runs, which only reads (see read_pages.lua).
+        self._read_pages = self._r.register_script(scripts.source("read_pages"))
 
     async def get_job(self, job_id: str, queues: Iterable[str]) -> Job | None:
         """The job with this id in any of these queues, or None."""
@@ -443,30 +449,38 @@ class Inspector:
             sets = [self.keys.finished(queue, state) for queue in queues]
             walk = _ByFinish(self._r, sets, cursor)
         else:
-            walk = _ByCreation(self._r, self.keys, queues, cursor)
+            walk = _ByCreation(self._r, self._read_pages, self.keys, queues, cursor)
         jobs: list[Job] = []
+        gone: list[tuple[str, str]] = []
         scanned = 0
         while len(jobs) < limit and scanned < LIST_SCAN_BUDGET:
             batch = await walk.next_ids(limit - len(jobs))
             if not batch:
-                return Page(jobs, None)
+                return Page(jobs, None, gone)
             scanned += len(batch)
-            for job in await self._jobs_by_id(queues, batch):
+            found, missing = await self._jobs_by_id(batch)
+            for job in found:
                 if (state is None or job.state == state) and job_type in (None, job.type):
                     jobs.append(job)
-        return Page(jobs, walk.cursor)
+            # A record can be gone (trimmed, deleted) between the two reads; from the
+            # index, it can also be one an older daemon deleted (Page.gone).
+            gone += missing if isinstance(walk, _ByCreation) else []
+        return Page(jobs, walk.cursor, gone)
 
-    async def _jobs_by_id(self, queues: Sequence[str], ids: list[tuple[str, str]]) -> list[Job]:
+    async def _jobs_by_id(
+        self, ids: list[tuple[str, str]]
+    ) -> tuple[list[Job], list[tuple[str, str]]]:
+        """The jobs of these (queue, id) pairs that have a record, and the pairs that do not."""
         async with self._r.pipeline(transaction=False) as pipe:
             for queue, job_id in ids:
                 pipe.hgetall(self.keys.job(queue, job_id))
             records: list[dict[bytes, bytes]] = await pipe.execute()
-        # A record can be gone (trimmed, deleted) between the two reads.
-        return [
+        found = [
             decode_job(fields, queue, job_id)
             for (queue, job_id), fields in zip(ids, records, strict=True)
             if fields
         ]
+        return found, [pair for pair, fields in zip(ids, records, strict=True) if not fields]
 
 
 class _Walk:
@@ -482,8 +496,16 @@ class _ByCreation:
     """Walks the indexes of several queues (ids ordered as created), newest first, merged:
     each queue's paged index and its sorted set (record.RECORD_VERSION; index.lua)."""
 
-    def __init__(self, r: aioredis.Redis, keys: Keys, queues: Sequence[str], cursor: str | None):
+    def __init__(
+        self,
+        r: aioredis.Redis,
+        read_pages: Any,
+        keys: Keys,
+        queues: Sequence[str],
+        cursor: str | None,
+    ) -> None:
         self._r = r
+        self._read_pages = read_pages  # read_pages.lua
         self._keys = keys
         self._queues = list(queues)
         self.cursor = cursor
@@ -513,10 +535,17 @@ class _ByCreation:
         marks = {n: f"({before};" if before else "+" for n in range(len(self._queues))}
         per_call = count // 50 + 2
         paged: list[list[str]] = [[] for _ in self._queues]
+        seen: list[set[str]] = [set() for _ in self._queues]
         while marks:
-            for n, (listed, pages) in (await self._pages(marks, per_call)).items():
+            for n, mark in list(marks.items()):
+                # Each run of pages read at one moment (read_pages.lua); between two runs
+                # the first page can be lowered and so read again: its ids count once.
+                listed, *pages = await self._read_pages(
+                    keys=[k.pages(self._queues[n])], args=[0, "", "", mark, per_call]
+                )
                 for raw in pages:
-                    ids = (id_text(b) for b in raw)
+                    ids = {id_text(b) for b in raw} - seen[n]
+                    seen[n] |= ids
                     paged[n] += [i for i in ids if before is None or i < before]
                 if len(listed) < per_call or len(paged[n]) >= count:
                     del marks[n]
@@ -525,44 +554,6 @@ class _ByCreation:
         return [
             sorted(old + new, reverse=True)[:count] for old, new in zip(found, paged, strict=True)
         ]
-
-    async def _pages(
-        self, marks: dict[int, str], per_call: int
-    ) -> dict[int, tuple[list[bytes], list[list[bytes]]]]:
-        """Per queue n, up to `per_call` directory members from marks[n] down, and their
-        pages' ids, as they were at one moment.
-
-        The directory and the pages are read in two round trips. A late id can split a
-        page in between, moving its upper part to a new page the first read did not see:
-        the ids read would lack them, and the cursor would pass them for good. So the
-        second round trip reads the directory again, after the pages, and a queue whose
-        range read gained a page is read again. (A page newer than all those read holds
-        jobs newer than the listing, which a listing newest first does not promise.)
-        """
-        k = self._keys
-        read: dict[int, tuple[list[bytes], list[list[bytes]]]] = {}
-        for _ in range(_PAGE_READS):
-            async with self._r.pipeline(transaction=False) as pipe:
-                for n, mark in marks.items():
-                    pipe.zrevrangebylex(k.pages(self._queues[n]), mark, "-", 0, per_call)
-                members = dict(zip(marks, await pipe.execute(), strict=True))
-            async with self._r.pipeline(transaction=False) as pipe:
-                for n, listed in members.items():
-                    for member in listed:
-                        pipe.hkeys(k.page(self._queues[n], _page_number(member)))
-                    pipe.zrevrangebylex(k.pages(self._queues[n]), marks[n], "-", 0, per_call)
-                answers = iter(await pipe.execute())
-            unsettled = {}
-            for n, listed in members.items():
-                read[n] = (listed, [next(answers) for _ in listed])
-                if [m for m in next(answers) if listed and m < listed[0] and m not in listed]:
-                    unsettled[n] = marks[n]
-            # Pages split faster than they could be read (late ids pouring into the range):
-            # what was read last stands.
-            marks = unsettled
-            if not marks:
-                break
-        return read
 
 
 class _ByFinish(_Walk):
@@ -618,10 +609,6 @@ def _parse_finish_cursor(cursor: str | None) -> tuple[int, str] | None:
         return None
     score, _, job_id = cursor.partition("-")
     return int(score), job_id
-
-
-# How many times a listing reads a queue's pages again when a page split under it.
-_PAGE_READS = 5
 
 
 def _page_number(member: bytes | str) -> int:

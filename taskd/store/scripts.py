@@ -12,7 +12,7 @@ NAMES = (
     "enqueue", "claim", "ack", "requeue", "promote", "cancel", "retry", "delete",
     "recover", "trim", "beat", "forget", "progress", "schedule", "take_callbacks",
     "callback_done", "free_held", "forget_queue", "archive_lease", "archive_done", "purge",
-    "retry_dead",
+    "retry_dead", "read_pages", "unindex_gone",
 )  # fmt: skip
 
 # Preludes, in the order they go in front of a script: lib.lua before every script,
@@ -20,7 +20,18 @@ NAMES = (
 # named here.
 _PRELUDES: dict[str, tuple[str, ...]] = {
     "claim": ("limits",),
-    **{name: ("index",) for name in ("enqueue", "trim", "delete", "purge", "forget_queue")},
+    **{
+        name: ("index",)
+        for name in (
+            "enqueue",
+            "trim",
+            "delete",
+            "purge",
+            "forget_queue",
+            "read_pages",
+            "unindex_gone",
+        )
+    },
 }
 
 

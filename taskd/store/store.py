@@ -725,6 +725,20 @@ class Store:
         args = [*self._header(queue, now), job_id, k.archive(queue)]
         return text(await self._lua["retry"](keys=keys, args=args))
 
+    async def unindex_gone(self, gone: Sequence[tuple[str, str]]) -> int:
+        """Take out of their queue's index the ids of these (queue, id) pairs whose record
+        is gone (see unindex_gone.lua, Page.gone); how many."""
+        by_queue: dict[str, list[str]] = {}
+        for queue, job_id in gone:
+            by_queue.setdefault(queue, []).append(job_id)
+        total = 0
+        for queue, ids in by_queue.items():
+            keys = [self.keys.index(queue), self.keys.pages(queue)]
+            total += int(
+                await self._lua["unindex_gone"](keys=keys, args=[*self._header(queue), *ids])
+            )
+        return total
+
     async def delete(self, queue: str, job_id: str) -> str:
         """Delete a job that is not running; returns its state before (see delete.lua)."""
         k = self.keys
