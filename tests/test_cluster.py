@@ -12,6 +12,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from taskd.config import Config
 from taskd.store import Attempt, Inspector, Keys, Store, TypeLimits
+from taskd.store.record import RECORD_VERSION
 from tests.builders import new_job
 from tests.support import (
     ECHO,
@@ -57,7 +58,9 @@ async def test_every_script_runs_on_the_node_of_its_queue(
     cluster_store: Store, queues: list[str]
 ) -> None:
     store = cluster_store
+    store.record_version = RECORD_VERSION  # the paged index
     inspector = Inspector(connection=store.connection)
+    completed: list[str] = []
     for queue in queues:
         jobs = [
             new_job(
@@ -76,6 +79,7 @@ async def test_every_script_runs_on_the_node_of_its_queue(
         assert [j.payload for j in claim.jobs] == [9, 8, 7]  # highest first, 3 at once
         ends = [Attempt(j.id, j.attempts, "completed", "1") for j in claim.jobs[:2]]
         assert await store.ack(queue, "a", ends, now=11) == [True, True]
+        completed += [j.id for j in claim.jobs[:2]]
         assert len(await store.take_callbacks(queue, "a", 10, now=12)) == 2
         # Daemon "a" dies: its job and its callbacks in flight come back.
         assert await store.recover(queue, "a", now=100, before=50) == 1
@@ -86,6 +90,14 @@ async def test_every_script_runs_on_the_node_of_its_queue(
         assert sum([n async for n in store.retry_dead(queue, now=200)]) == 0
     counts = await inspector.queue_counts(queues)
     assert all(counts[q]["completed"] == 2 for q in queues)
+    # The index of each queue, read on its node (read_pages.lua), merged newest first.
+    page = await inspector.list_jobs(queues, state=None, job_type=None, limit=10, cursor=None)
+    assert [j.id for j in page.jobs] == sorted(completed, reverse=True)
+    for queue in queues:
+        assert await store.trim(queue, "completed", cutoff=11) == 2
+    assert (
+        await inspector.list_jobs(queues, state=None, job_type=None, limit=10, cursor=None)
+    ).jobs == []
     info = await inspector.server_info()
     assert info["nodes"] == 3
     assert info["version"] >= "6.2"
