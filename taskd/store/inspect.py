@@ -21,6 +21,7 @@ from taskd.store.record import (
     TypeLimits,
     decode_daemon,
     decode_job,
+    id_bytes,
     id_text,
 )
 
@@ -533,26 +534,28 @@ class _ByCreation:
         # they hold `count` ids before the cursor, hold that many newest ones. ';' follows
         # ':' in '<first id>:<number>': the page the cursor falls in is read too.
         marks = {n: f"({before};" if before else "+" for n in range(len(self._queues))}
-        per_call = count // 50 + 2
-        paged: list[list[str]] = [[] for _ in self._queues]
-        seen: list[set[str]] = [set() for _ in self._queues]
+        # Ids as their bytes until the newest are picked (byte order is the texts' order).
+        limit = _id_bytes_or_none(before)
+        per_call = count // 100 + 2
+        paged: list[set[bytes]] = [set() for _ in self._queues]
         while marks:
             for n, mark in list(marks.items()):
-                # Each run of pages read at one moment (read_pages.lua); between two runs
-                # the first page can be lowered and so read again: its ids count once.
+                # Each run of pages read at one moment (read_pages.lua). Between two runs
+                # the first page can be lowered and read again: a set counts its ids once.
                 listed, *pages = await self._read_pages(
                     keys=[k.pages(self._queues[n])], args=[0, "", "", mark, per_call]
                 )
                 for raw in pages:
-                    ids = {id_text(b) for b in raw} - seen[n]
-                    seen[n] |= ids
-                    paged[n] += [i for i in ids if before is None or i < before]
+                    paged[n].update(b for b in raw if limit is None or b < limit)
                 if len(listed) < per_call or len(paged[n]) >= count:
                     del marks[n]
                 else:
                     marks[n] = "(" + text(listed[-1])
         return [
-            sorted(old + new, reverse=True)[:count] for old, new in zip(found, paged, strict=True)
+            sorted(old + [id_text(b) for b in sorted(new, reverse=True)[:count]], reverse=True)[
+                :count
+            ]
+            for old, new in zip(found, paged, strict=True)
         ]
 
 
@@ -609,6 +612,17 @@ def _parse_finish_cursor(cursor: str | None) -> tuple[int, str] | None:
         return None
     score, _, job_id = cursor.partition("-")
     return int(score), job_id
+
+
+def _id_bytes_or_none(cursor: str | None) -> bytes | None:
+    """A listing cursor (a job id) as the paged index holds ids; None for no cursor."""
+    if cursor is None:
+        return None
+    try:
+        return id_bytes(cursor)
+    except ValueError:
+        # Not an id (the API refuses such cursors): no id comes before it.
+        return b""
 
 
 def _page_number(member: bytes | str) -> int:
