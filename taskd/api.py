@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping, Sequence
 from contextvars import ContextVar
 from functools import partial
 from typing import TYPE_CHECKING, Any
@@ -69,6 +69,10 @@ def error_response(
 
 class RedisDeadline(Exception):
     """A request waited for Redis longer than [redis] request_timeout."""
+
+
+# What may stop a listing's clean-up (Api._take_out_gone) without failing the listing.
+_LISTING_CLEANUP_ERRORS: tuple[type[Exception], ...] = (*UNAVAILABLE, RedisDeadline)
 
 
 # Set by redis_deadline for each GET it serves, in the request's own task: ends the
@@ -446,8 +450,7 @@ class HttpApi:
             limit=query.limit,
             cursor=query.cursor,
         )
-        if page.gone:
-            await self._store.unindex_gone(page.gone)
+        await self._take_out_gone(page.gone)
         return json_response(
             {"jobs": [j.to_public() for j in page.jobs], "next_cursor": page.cursor}
         )
@@ -477,6 +480,21 @@ class HttpApi:
             autoscale=self._autoscale,
         )
 
+    async def _take_out_gone(self, gone: Sequence[tuple[str, str]]) -> None:
+        """Have the store take out of the index the ids a listing met with no record
+        (Page.gone). The listing stands whatever this does: a full or unreachable Redis
+        leaves them for the next one."""
+        if not gone:
+            return
+        try:
+            await self._store.unindex_gone(gone)
+        except _LISTING_CLEANUP_ERRORS as exc:
+            logger.warning("ids of deleted jobs stay in the index for now: %s", exc)
+        except Exception as exc:
+            if not is_full(exc):
+                raise
+            logger.warning("ids of deleted jobs stay in the index for now: Redis is full")
+
     async def picture(self) -> dict[str, Any]:
         """What the dashboard shows: stats, latest jobs and failures, the schedules, and
         whether there is an archive to search."""
@@ -484,6 +502,7 @@ class HttpApi:
         recent = await self._inspector.list_jobs(
             queues, state=None, job_type=None, limit=20, cursor=None
         )
+        await self._take_out_gone(recent.gone)
         dead = await self._inspector.list_jobs(
             queues, state=FAILED, job_type=None, limit=10, cursor=None
         )

@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import anyio
 import pytest
 from redis.asyncio import Redis
@@ -17,7 +18,16 @@ from taskd.jobs import new_id
 from taskd.store import Inspector, Keys, Store
 from taskd.store.record import RECORD_VERSION, id_text
 from tests.builders import done, new_job
-from tests.support import ECHO, Api, get_json, indexed_ids
+from tests.support import (
+    ECHO,
+    Api,
+    base_url,
+    fill,
+    get_json,
+    indexed_ids,
+    make_config,
+    running_daemon,
+)
 
 Q = "default"
 K = Keys("taskd")
@@ -313,3 +323,25 @@ async def test_a_listing_takes_out_ids_whose_record_is_gone(
     status, body = await get_json(session, f"{url}/jobs?limit=1")
     assert (status, [job["id"] for job in body["jobs"]]) == (200, [jobs[0].id])
     assert await indexed_ids(redis, Q) == [jobs[0].id]
+
+
+async def test_a_full_redis_lists_jobs_all_the_same(small_redis: RedisServer) -> None:
+    # The listing's clean-up writes; a full Redis still takes deletions (HDEL, ZREM are
+    # not refused past maxmemory), so it goes through, and the listing answers.
+    redis = Redis.from_url(small_redis.url)
+    store = Store.from_url(small_redis.url, prefix="taskd")
+    store.record_version = RECORD_VERSION
+    try:
+        async with running_daemon(make_config(small_redis.url)) as daemon:
+            jobs = [new_job("no_handler_here", payload=None) for _ in range(2)]
+            await store.enqueue_many(jobs)
+            await redis.delete(K.job(Q, jobs[1].id))  # as an older daemon
+            await fill(redis)
+            async with aiohttp.ClientSession() as session:
+                status, body = await get_json(session, f"{base_url(daemon)}/jobs")
+            assert (status, [job["id"] for job in body["jobs"]]) == (200, [jobs[0].id])
+            assert await indexed_ids(redis, Q) == [jobs[0].id]
+            await redis.config_set("maxmemory", 0)  # room again, for the daemon to stop
+    finally:
+        await store.close()
+        await redis.aclose()

@@ -450,7 +450,7 @@ class Inspector:
             sets = [self.keys.finished(queue, state) for queue in queues]
             walk = _ByFinish(self._r, sets, cursor)
         else:
-            walk = _ByCreation(self._r, self._read_pages, self.keys, queues, cursor)
+            walk = _ByCreation(self._r, self._read_pages, self._cluster, self.keys, queues, cursor)
         jobs: list[Job] = []
         gone: list[tuple[str, str]] = []
         scanned = 0
@@ -501,12 +501,14 @@ class _ByCreation:
         self,
         r: aioredis.Redis,
         read_pages: Any,
+        cluster: bool,
         keys: Keys,
         queues: Sequence[str],
         cursor: str | None,
     ) -> None:
         self._r = r
         self._read_pages = read_pages  # read_pages.lua
+        self._cluster = cluster
         self._keys = keys
         self._queues = list(queues)
         self.cursor = cursor
@@ -539,12 +541,9 @@ class _ByCreation:
         per_call = count // 100 + 2
         paged: list[set[bytes]] = [set() for _ in self._queues]
         while marks:
-            for n, mark in list(marks.items()):
-                # Each run of pages read at one moment (read_pages.lua). Between two runs
-                # the first page can be lowered and read again: a set counts its ids once.
-                listed, *pages = await self._read_pages(
-                    keys=[k.pages(self._queues[n])], args=[0, "", "", mark, per_call]
-                )
+            # Each run of pages read at one moment (read_pages.lua). Between two runs the
+            # first page can be lowered and read again: a set counts its ids once.
+            for n, (listed, *pages) in (await self._runs(marks, per_call)).items():
                 for raw in pages:
                     paged[n].update(b for b in raw if limit is None or b < limit)
                 if len(listed) < per_call or len(paged[n]) >= count:
@@ -557,6 +556,22 @@ class _ByCreation:
             ]
             for old, new in zip(found, paged, strict=True)
         ]
+
+    async def _runs(self, marks: dict[int, str], per_call: int) -> dict[int, list[Any]]:
+        """Per queue n, read_pages.lua's answer from marks[n]: every queue's in one round
+        trip on one Redis; on a cluster, one call after another (its pipeline does not
+        load a script Redis lacks)."""
+        calls = {
+            n: ([self._keys.pages(self._queues[n])], [mark, per_call]) for n, mark in marks.items()
+        }
+        if self._cluster:
+            return {
+                n: await self._read_pages(keys=keys, args=args) for n, (keys, args) in calls.items()
+            }
+        async with self._r.pipeline(transaction=False) as pipe:
+            for keys, args in calls.values():
+                await self._read_pages(keys=keys, args=args, client=pipe)
+            return dict(zip(calls, await pipe.execute(), strict=True))
 
 
 class _ByFinish(_Walk):

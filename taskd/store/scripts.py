@@ -7,12 +7,12 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-# Every script the store runs (lua/<name>.lua).
+# Every script the store runs (lua/<name>.lua). The Inspector runs read_pages.lua.
 NAMES = (
     "enqueue", "claim", "ack", "requeue", "promote", "cancel", "retry", "delete",
     "recover", "trim", "beat", "forget", "progress", "schedule", "take_callbacks",
     "callback_done", "free_held", "forget_queue", "archive_lease", "archive_done", "purge",
-    "retry_dead", "read_pages", "unindex_gone",
+    "retry_dead", "unindex_gone",
 )  # fmt: skip
 
 # Preludes, in the order they go in front of a script: lib.lua before every script,
