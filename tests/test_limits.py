@@ -134,6 +134,16 @@ async def test_a_late_claim_with_an_older_time_does_not_start_within_the_window(
     assert late.started_at == 2000
 
 
+async def test_the_starts_outlive_their_window_by_as_late_as_a_claim_can_come(
+    store: Store, redis: Redis
+) -> None:
+    # Redis expires the key by its own clock; a claim made (NOW read) up to the request
+    # timeout earlier must still find the starts of its window there.
+    await store.enqueue_many([new_job("slow", {"n": n}) for n in range(3)])
+    assert len((await store.claim(Q, "a", 10, now=1000, type_limits=THREE_A_SECOND)).jobs) == 3
+    assert await redis.pttl(K.limit(Q, "slow", "starts")) > 1000 + 59_000
+
+
 async def test_a_claim_stops_at_its_budget_and_says_there_is_more(
     store: Store, redis: Redis
 ) -> None:

@@ -12,6 +12,11 @@
 -- A held job's score: (9 - priority) steps, plus the time it became due (epoch ms, below
 -- one step), so the line pops the highest priority first, the oldest first within one.
 local PRIORITY_STEP = 1e13
+-- How late a claim can reach Redis after its daemon read NOW: its wait for a connection
+-- and the call, both within [redis] request_timeout (at most 60 s). The starts outlive
+-- their window by that much: a key expired by Redis's clock would give a late claim an
+-- empty window that its own NOW still says is full (5 starts in 999 ms, seen in CI).
+local LATE_CLAIM_MS = 60000
 -- What the limits made wait in this script call (the claim answers them): jobs held
 -- ('concurrency'), jobs scheduled ('rate_limit'), and the earliest of those one's due
 -- times (0: none).
@@ -127,7 +132,7 @@ local function admit(id, f, t, at)
     at = math.max(at, t.newest)
     t.newest = at
     redis.call('ZADD', t.base .. ':starts', at, id .. ':' .. (tonumber(f[ATTEMPTS] or 0) + 1))
-    redis.call('PEXPIRE', t.base .. ':starts', at - NOW + t.window)
+    redis.call('PEXPIRE', t.base .. ':starts', at - NOW + t.window + LATE_CLAIM_MS)
     t.used = t.used + 1
   end
   if t.concurrency > 0 then
