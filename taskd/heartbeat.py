@@ -68,6 +68,10 @@ class Heartbeat:
         self._on_data_lost = on_data_lost
         self._clock = clock
         self._registered = False
+        # Held by a beat on its way to Redis and by the deregistration: a beat sent just
+        # before the shutdown deregisters must not land after it and register us again.
+        self._writing = anyio.Lock()
+        self._deregistered = False
 
     async def tick(self) -> None:
         """Write the record once, with the current time and active job count.
@@ -78,19 +82,22 @@ class Heartbeat:
         Finding the installation's marker gone too means Redis lost its data.
         """
         me = self._identity
-        beat = await self._store.beat(
-            DaemonInfo(
-                id=me.id,
-                host=me.host,
-                pid=me.pid,
-                started_at=me.started_at,
-                concurrency=self._concurrency,
-                queues=self._queues,
-                active=self._active(),
-                last_heartbeat=self._clock(),
-                types=self._types,
+        async with self._writing:
+            if self._deregistered:
+                return
+            beat = await self._store.beat(
+                DaemonInfo(
+                    id=me.id,
+                    host=me.host,
+                    pid=me.pid,
+                    started_at=me.started_at,
+                    concurrency=self._concurrency,
+                    queues=self._queues,
+                    active=self._active(),
+                    last_heartbeat=self._clock(),
+                    types=self._types,
+                )
             )
-        )
         if self._registered and not beat.marked:
             # No marker, no registration: not a reaper's doing, an empty Redis.
             logger.error(
@@ -119,5 +126,8 @@ class Heartbeat:
         await self.tick()
 
     async def deregister(self) -> None:
-        """Remove this daemon's record (at a clean shutdown)."""
-        await self._store.deregister_daemon(self._identity.id, self._queues)
+        """Remove this daemon's record (at a clean shutdown), after any beat on its way;
+        the beats after it write nothing."""
+        async with self._writing:
+            self._deregistered = True
+            await self._store.deregister_daemon(self._identity.id, self._queues)

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any
 
+import anyio
 import pytest
 from redis.asyncio import Redis
 
@@ -62,6 +64,37 @@ async def test_each_beat_writes_the_record_with_the_time_and_active_count(
     assert (record[b"active"], record[b"concurrency"]) == (b"2", b"4")
     assert record[b"types"] == b'["echo"]'
     assert beats.calls == {"beats": 2}
+
+
+async def test_a_beat_on_its_way_when_the_daemon_deregisters_does_not_register_it_again(
+    beats: Beats, store: Store, redis: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    await beats.heartbeat.tick()
+    # A beat sent just before the shutdown deregisters, reaching Redis after it.
+    beat = store.beat
+    sent = anyio.Event()
+    lands = anyio.Event()
+
+    async def late_beat(info: Any) -> Any:
+        sent.set()
+        await lands.wait()
+        return await beat(info)
+
+    monkeypatch.setattr(store, "beat", late_beat)
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(beats.heartbeat.tick)
+        await sent.wait()
+        tg.start_soon(beats.heartbeat.deregister)
+        # Time for the deregistration to go first, if nothing holds it back (the bug this
+        # test is for); the beat is held, so the order is the only thing that can differ.
+        await anyio.sleep(0.05)
+        lands.set()
+    assert await redis.zscore(K.daemons, ME.id) is None
+    assert not await redis.exists(K.daemon(ME.id))
+    # And a later tick (the loop not yet cancelled) writes nothing.
+    monkeypatch.setattr(store, "beat", beat)
+    await beats.heartbeat.tick()
+    assert await redis.zscore(K.daemons, ME.id) is None
 
 
 async def test_a_beat_after_a_reaper_took_it_for_dead_registers_again_and_says_so(
