@@ -484,15 +484,6 @@ class Inspector:
         return found, [pair for pair, fields in zip(ids, records, strict=True) if not fields]
 
 
-class _Walk:
-    """Walks sorted sets of several queues, newest first, from a cursor (None: the start)."""
-
-    def __init__(self, r: aioredis.Redis, keys: list[str], cursor: str | None) -> None:
-        self._r = r
-        self._keys = keys
-        self.cursor = cursor
-
-
 class _ByCreation:
     """Walks the indexes of several queues (ids ordered as created), newest first, merged:
     each queue's paged index and its sorted set (record.RECORD_VERSION; index.lua)."""
@@ -574,8 +565,14 @@ class _ByCreation:
             return dict(zip(calls, await pipe.execute(), strict=True))
 
 
-class _ByFinish(_Walk):
-    """Walks final-state sets (scored by finish time) of several queues, newest first."""
+class _ByFinish:
+    """Walks final-state sets (scored by finish time) of several queues, newest first,
+    from a cursor (None: the start)."""
+
+    def __init__(self, r: aioredis.Redis, keys: list[str], cursor: str | None) -> None:
+        self._r = r
+        self._keys = keys
+        self.cursor = cursor
 
     async def next_ids(self, count: int) -> list[tuple[str, str]]:
         after = _parse_finish_cursor(self.cursor)

@@ -41,8 +41,6 @@ JOB_FIELDS = (
 # registry. Readers and removers handle every layout, whatever they write.
 RECORD_VERSION = 3
 OLDEST_RECORD_VERSION = 1
-# The first layout that indexes in pages.
-PAGED_RECORD_VERSION = 3
 
 # A new job as enqueue.lua takes it: these entries per job, after the script's own
 # arguments. run_at 0: run now; idempotency_key, callback_url and trace '': none. Each job

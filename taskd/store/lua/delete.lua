@@ -16,12 +16,7 @@
 -- Returns the job's state before ('active': nothing changed), or 'missing'.
 local id = ARGV[4]
 local state = redis.call('HGET', KEYS[1], 'state') or 'missing'
-if state == 'missing' then
-  -- Its id may still be in the pages: a daemon of a taskd before them deleted it.
-  unindex(KEYS[7], KEYS[8], {id})
-  return state
-end
-if state == 'active' then
+if state == 'missing' or state == 'active' then
   return state
 end
 if state == 'queued' then
