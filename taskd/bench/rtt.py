@@ -17,6 +17,10 @@ from taskd.store import UNAVAILABLE, Store
 # Round trips the proxy adds, in ms, (full, --quick); the first is the baseline.
 RTTS_MS = ((0.0, 0.5, 1.0, 2.0, 5.0), (0.0, 2.0))
 PINGS = 20
+SLOTS = 100  # the daemon's concurrency, as drain's
+# A second daemon's, drained behind each round trip too: a daemon drains at most its slots
+# over a round trip, so this many show what covering a longer one takes.
+WIDE_SLOTS = 400
 
 
 @dataclass(frozen=True, slots=True)
@@ -26,13 +30,15 @@ class _Step:
     round_trip_ms: float  # the median PING through the proxy
     drain: float  # jobs/s
     intake: float  # jobs/s
+    wide_drain: float  # jobs/s, with WIDE_SLOTS
     drain_proxy_cpu: float | None  # % of one core the proxy used, None where /proc does not tell
     intake_proxy_cpu: float | None
 
 
 async def rtt(bench: Bench) -> list[Figure]:
     """For each added round trip, one daemon (100 slots) with its Redis behind a delay
-    proxy: its drain rate, its intake from 100 clients, and how much of 0 ms's they keep."""
+    proxy: its drain rate, its intake from 100 clients, and how much of 0 ms's they keep;
+    then the drain rate of one with WIDE_SLOTS."""
     steps: dict[float, _Step] = {}
     for rtt_ms in RTTS_MS[bench.quick]:
         await bench.reset()
@@ -42,12 +48,13 @@ async def rtt(bench: Bench) -> list[Figure]:
 
 
 async def _step(bench: Bench, rtt_ms: float) -> _Step:
-    """A drain (as open-loop measures its max), then intake-single's, through one proxy."""
+    """A drain (as open-loop measures its max), then intake-single's, through one proxy;
+    then a drain by a daemon of WIDE_SLOTS."""
     local = bench.need_local()
     drain_jobs, intake_jobs = bench.scaled(RTT_DRAIN), bench.scaled(RTT_INTAKE)
     async with bench.delay_proxy(rtt_ms) as proxy:
         round_trip = await _round_trip(proxy)
-        async with bench.daemons(1, concurrency=100, redis_url=proxy.url) as [daemon]:
+        async with bench.daemons(1, concurrency=SLOTS, redis_url=proxy.url) as [daemon]:
             cpu = proxy.cpu_seconds()
             drain = await max_drain(bench, local, drain_jobs)
             drain_cpu = _used(proxy, cpu)
@@ -55,10 +62,14 @@ async def _step(bench: Bench, rtt_ms: float) -> _Step:
                 cpu = proxy.cpu_seconds()
                 elapsed, _ = await post_singles(bench, daemon.url, intake_jobs)
                 intake_cpu = _used(proxy, cpu)
+        await bench.reset()
+        async with bench.daemons(1, concurrency=WIDE_SLOTS, redis_url=proxy.url):
+            wide_drain = await max_drain(bench, local, drain_jobs)
     return _Step(
         round_trip_ms=round_trip,
         drain=drain,
         intake=intake_jobs / elapsed,
+        wide_drain=wide_drain,
         # Over the drain's span, not the whole wait (the enqueue, the polls after the end).
         drain_proxy_cpu=None if drain_cpu is None else drain_cpu / (drain_jobs / drain) * 100,
         intake_proxy_cpu=None if intake_cpu is None else intake_cpu / elapsed * 100,
@@ -96,6 +107,7 @@ def _figures(steps: Mapping[float, _Step]) -> list[Figure]:
     figures = [Figure(f"round trip {_at(ms)}", "ms", s.round_trip_ms) for ms, s in steps.items()]
     figures += _curve("drain", {ms: s.drain for ms, s in steps.items()})
     figures += _curve("intake", {ms: s.intake for ms, s in steps.items()})
+    figures += _curve(f"drain {WIDE_SLOTS} slots", {ms: s.wide_drain for ms, s in steps.items()})
     for name, share in (("drain", base.drain_proxy_cpu), ("intake", base.intake_proxy_cpu)):
         if share is not None:
             figures.append(Figure(f"proxy CPU in {name} {_at(base_ms)}", "% of a core", share))
@@ -118,7 +130,7 @@ def _at(rtt_ms: float) -> str:
 
 def _notes(bench: Bench) -> None:
     bench.note(
-        "rtt: one daemon (100 slots) whose Redis connections go through a delay proxy "
+        f"rtt: one daemon ({SLOTS} slots) whose Redis connections go through a delay proxy "
         f"(taskd.bench.delay, a process of its own, {delay.TIMERS} timers) that forwards each "
         "chunk half the added round trip after it came, in each direction, however many are "
         "in flight; the bench's own reads and writes go to Redis directly"
@@ -134,4 +146,9 @@ def _notes(bench: Bench) -> None:
         f"finish; intake: intake-single's {SINGLE_CLIENTS} clients, "
         f"{bench.scaled(RTT_INTAKE):,} jobs; proxy CPU: the share of one core it used "
         "meanwhile at the baseline, where it forwards the most"
+    )
+    bench.note(
+        f"rtt: drain {WIDE_SLOTS} slots: the same drain by a daemon of {WIDE_SLOTS} slots "
+        f"behind the same proxy: a daemon drains at most its slots over the round trip, and "
+        f"{SLOTS} cover a local Redis but not one a few ms away"
     )
