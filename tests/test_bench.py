@@ -191,10 +191,10 @@ def test_quick_rtt_measures_drain_and_intake_behind_a_delay_proxy(tmp_path: Path
     figures = {r["figure"]: (r["unit"], r["median"]) for r in report["results"]}
     for at in ("@0ms", "@2ms"):
         assert figures[f"round trip {at}"][0] == "ms", figures
-        for curve in ("drain", "intake", "drain 400 slots"):
+        for curve in ("drain", "intake", "drain 800 slots"):
             unit, value = figures[f"{curve} {at}"]
             assert (unit, value > 0) == ("jobs/s", True), (curve, at, figures)
-    for curve in ("drain", "intake", "drain 400 slots"):
+    for curve in ("drain", "intake", "drain 800 slots"):
         unit, value = figures[f"{curve} kept @2ms"]
         assert (unit, value > 0) == ("% of @0ms", True), figures
     for curve in ("drain", "intake"):

@@ -20,7 +20,7 @@ PINGS = 20
 SLOTS = 100  # the daemon's concurrency, as drain's
 # A second daemon's, drained behind each round trip too: a daemon drains at most its slots
 # over a round trip, so this many show what covering a longer one takes.
-WIDE_SLOTS = 400
+WIDE_SLOTS = 800
 
 
 @dataclass(frozen=True, slots=True)
