@@ -231,13 +231,22 @@ async def wait_healthy(url: str, process: DaemonProcess) -> None:
         await wait_until(healthy, f"{url}/health")
 
 
+async def index_pages(redis: Redis, queue: str, prefix: str = "taskd") -> list[tuple[str, str]]:
+    """Each page of a queue's paged index, in the directory's order: its first id and its
+    key."""
+    keys = Keys(prefix)
+    found = []
+    for member in await redis.zrange(keys.pages(queue), 0, -1):
+        start, _, number = member.decode().rpartition(":")
+        found.append((start, keys.page(queue, int(number))))
+    return found
+
+
 async def indexed_ids(redis: Redis, queue: str, prefix: str = "taskd") -> list[str]:
     """Every id in a queue's index, wherever its layout put it (the sorted set and the
     pages), each as often as it is there."""
-    keys = Keys(prefix)
-    found = [member.decode() for member in await redis.zrange(keys.index(queue), 0, -1)]
-    for member in await redis.zrange(keys.pages(queue), 0, -1):
-        page = keys.page(queue, int(member.rpartition(b":")[2]))
+    found = [member.decode() for member in await redis.zrange(Keys(prefix).index(queue), 0, -1)]
+    for _, page in await index_pages(redis, queue, prefix):
         found += [id_text(raw) for raw in await redis.hkeys(page)]
     return found
 

@@ -24,6 +24,7 @@ from tests.support import (
     base_url,
     fill,
     get_json,
+    index_pages,
     indexed_ids,
     make_config,
     running_daemon,
@@ -38,10 +39,8 @@ PAGE_MAX = 120
 async def pages(redis: Redis, queue: str = Q) -> list[tuple[str, list[str]]]:
     """Each page, in the directory's order: its first id and the ids it holds, sorted."""
     found = []
-    for member in await redis.zrange(K.pages(queue), 0, -1):
-        start, _, number = member.decode().rpartition(":")
-        raw = await redis.hkeys(K.page(queue, int(number)))
-        found.append((start, sorted(id_text(b) for b in raw)))
+    for start, page in await index_pages(redis, queue):
+        found.append((start, sorted(id_text(b) for b in await redis.hkeys(page))))
     return found
 
 
@@ -233,8 +232,7 @@ async def test_a_late_batch_is_cut_into_pages_that_stay_compact(store: Store, re
     # Another daemon's 1,000 jobs, made before that one, land in the full page.
     await store.enqueue_many([new_job(id=i) for i in ids[100:-1]])
     assert await assert_well_formed(redis) == ids
-    for member in await redis.zrange(K.pages(Q), 0, -1):
-        page = K.page(Q, int(member.rpartition(b":")[2]))
+    for _, page in await index_pages(redis, Q):
         assert await redis.object("encoding", page) in {b"ziplist", b"listpack"}
 
 

@@ -82,7 +82,7 @@ class Page:
     jobs: list[Job]
     cursor: str | None
     # (queue, id) of ids the index listed whose record is gone: a daemon of a taskd
-    # before the paged index deleted the job and left its id in the pages (Store.unindex).
+    # before the paged index deleted the job and left its id in the pages (Store.unindex_gone).
     gone: list[tuple[str, str]] = field(default_factory=list)
 
 

@@ -85,13 +85,17 @@ local function before(a, b)
   return a[3] < b[3]
 end
 
--- A directory member's first id, and its page's key.
+-- A directory member's first id, its page's number, and its page's key.
 local function page_start(member)
   return string.match(member, '^(.*):')
 end
 
+local function page_number(member)
+  return string.match(member, ':(%d+)$')
+end
+
 local function page_key(pages, member)
-  return pages .. ':' .. string.match(member, ':(%d+)$')
+  return pages .. ':' .. page_number(member)
 end
 
 -- The key of a directory member's first id, or nil for no member.
@@ -134,7 +138,7 @@ local function page_to_add(pages, id, key)
   end
   local first = redis.call('ZRANGE', pages, 0, 0)[1]
   redis.call('ZREM', pages, first)
-  member = id .. ':' .. string.match(first, ':(%d+)$')
+  member = id .. ':' .. page_number(first)
   redis.call('ZADD', pages, 0, member)
   return member, start_key(redis.call('ZRANGE', pages, 1, 1)[1])
 end
