@@ -3,16 +3,20 @@ in its hand-off, /stats and /metrics while the archive falls behind, bad [archiv
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import anyio
 import psycopg
 import pytest
 
+from taskd.archive.process import ArchiverProcess, Spec
 from taskd.bench.postgres import PostgresServer
 from tests.builders import write_daemon_config
 from tests.ports import free_port
@@ -199,6 +203,45 @@ async def test_an_archiver_process_that_dies_is_started_again(
         pid = daemon.archiver.pid
     assert pid is not None
     assert not alive(pid)
+
+
+async def test_a_burst_of_ended_jobs_wakes_the_archiver_process_once_an_interval() -> None:
+    # The daemon wakes its archiver process for jobs it ended: at once, then at most once
+    # an interval however many end meanwhile, and once more for the last of a burst, so
+    # that an idle archiver process never waits for its poll.
+    interval = 0.3
+    spec = Spec(
+        redis_url="redis://127.0.0.1:1", prefix="taskd", cluster=False,
+        archive_url="postgresql://127.0.0.1:1/archive", keep_days=0, daemon_id="d",
+        queues=("default",), log_level="info", log_format="text",
+    )  # fmt: skip
+    process = ArchiverProcess(spec=spec, wake_interval=interval)
+    sender, receiver = anyio.create_memory_object_stream[bytes](10_000)
+    wakes: list[float] = []
+
+    async def count() -> None:
+        async for _ in receiver:
+            wakes.append(time.monotonic())
+
+    async with sender, receiver, anyio.create_task_group() as tg:
+        tg.start_soon(process._send_wakes, sender)
+        tg.start_soon(count)
+        started = time.monotonic()
+        while time.monotonic() - started < 2 * interval:
+            process.job_ended()
+            await anyio.sleep(0.001)
+        last = time.monotonic()
+        most = (last - started) / interval + 2
+
+        async def done() -> bool:
+            return len(wakes) > most or wakes[-1] > last
+
+        await wait_until(done, "a wake after the burst's last job", DEADLINE)
+        tg.cancel_scope.cancel()
+    assert wakes[0] - started < interval
+    assert len(wakes) <= most
+    # anyio.sleep may wake a clock tick early.
+    assert all(later - earlier > 0.9 * interval for earlier, later in itertools.pairwise(wakes))
 
 
 @pytest.mark.parametrize(
