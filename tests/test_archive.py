@@ -208,6 +208,38 @@ async def test_one_daemon_at_a_time_archives_a_queue_and_a_stopped_one_lets_go(
     assert len(await rows(archive_url)) == 4
 
 
+async def test_the_archiver_reads_the_next_batch_while_postgresql_writes_one(
+    archiving: Store, archive: Archive, archive_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Read and written one after the other, the two took turns on the machine's cores and
+    # the archive fell behind a fast drain: each full batch's successor is read meanwhile.
+    jobs = await enqueue(archiving, 25)
+    await finish(archiving, jobs, "completed", "1", at=NOW)
+    events: list[tuple[str, int]] = []
+    take, write = archiving.take_archive, archive.write
+
+    async def watched_take(*args: Any, **options: Any) -> Any:
+        events.append(("take", options.get("skip", 0)))
+        return await take(*args, **options)
+
+    async def watched_write(records: Any) -> None:
+        events.append(("write", len(records)))
+        await write(records)
+        events.append(("written", len(records)))
+
+    monkeypatch.setattr(archiving, "take_archive", watched_take)
+    monkeypatch.setattr(archive, "write", watched_write)
+    assert await archiver(archiving, archive, batch=10).tick() == 25
+    assert events == [
+        ("take", 0),
+        ("write", 10), ("take", 10), ("written", 10),
+        ("write", 10), ("take", 10), ("written", 10),
+        ("write", 5), ("written", 5),
+    ]  # fmt: skip
+    found = await rows(archive_url)
+    assert sorted(r[0] for r in found) == sorted(job.id for job in jobs)
+
+
 async def test_an_entry_written_twice_changes_nothing(
     archiving: Store, archive: Archive, archive_url: str
 ) -> None:

@@ -552,16 +552,16 @@ class Store:
     # The archive hand-off (see archiver.py).
 
     async def take_archive(
-        self, queue: str, daemon_id: str, most: int, lease_ms: int
+        self, queue: str, daemon_id: str, most: int, lease_ms: int, *, skip: int = 0
     ) -> list[Archived] | None:
-        """The oldest entries of the queue's archive hand-off, with their jobs (None for
-        an entry whose record is gone or no longer final); None if another daemon archives
-        the queue. The lease first, then the entries and their records, read by plain
-        commands (see archive_lease.lua)."""
+        """The oldest entries of the queue's archive hand-off after the first `skip` (those
+        being written), with their jobs (None for an entry whose record is gone or no
+        longer final); None if another daemon archives the queue. The lease first, then
+        the entries and their records, read by plain commands (see archive_lease.lua)."""
         k = self.keys
         if not await self._script("archive_lease", [k.archive_lock(queue)], [daemon_id, lease_ms]):
             return None
-        oldest = await self._r.zrange(k.archive(queue), 0, most - 1, withscores=True)
+        oldest = await self._r.zrange(k.archive(queue), skip, skip + most - 1, withscores=True)
         entries = [
             (text(entry), int(score)) for entry, score in cast(list[tuple[bytes, float]], oldest)
         ]
