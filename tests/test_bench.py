@@ -11,6 +11,7 @@ import random
 import signal
 import statistics
 import subprocess
+import sys
 import time
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,7 +24,7 @@ from redis.asyncio import Redis
 from taskd import callbacks, janitor, promoter, workers
 from taskd.bench import SIZES, WORKLOADS, Figure, aggregate, growth, percentile
 from taskd.bench.cli import OPT_IN
-from taskd.bench.harness import spawn_delay_proxy, spawn_floor
+from taskd.bench.harness import Bench, Local, Spawned, spawn_delay_proxy, spawn_floor
 from taskd.bench.openloop import LOADS, arrivals
 from taskd.bench.report import latency_figures, number
 from taskd.config.model import WorkersConfig
@@ -256,6 +257,35 @@ PROXY_RTT = 0.1  # s: far above the jitter of a loaded machine
 CHUNKS = 40
 CHUNK_GAP = 0.005  # s: many chunks in flight at once
 CHUNK = 8  # bytes: "%07d\n"
+
+
+async def test_a_daemon_that_exits_while_starting_is_replaced_not_counted(
+    tmp_path: Path, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The free port picked for a daemon may be taken before it binds it: it exits, and
+    # another is started in its place. The one that exited is not among those asked for.
+    local = Local(redis_url=redis_url, tmp=tmp_path)
+    spawn = local.spawn
+    attempts = 0
+
+    def first_exits(concurrency: int, extra: str = "", url: str | None = None) -> Spawned:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            proc = subprocess.Popen([sys.executable, "-c", "pass"])
+            return Spawned(url="http://127.0.0.1:1", proc=proc, log=tmp_path / "gone.log")
+        return spawn(concurrency, extra, url)
+
+    monkeypatch.setattr(local, "spawn", first_exits)
+    try:
+        async with aiohttp.ClientSession() as session:
+            bench = Bench(session=session, quick=True, local=local)
+            async with bench.daemons(1, concurrency=10) as daemons:
+                assert attempts == 2
+                assert len(daemons) == 1
+                assert daemons[0].proc.poll() is None
+    finally:
+        await local.close()
 
 
 async def test_the_floor_answers_a_submission_as_the_daemon_does(tmp_path: Path) -> None:

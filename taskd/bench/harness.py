@@ -442,9 +442,11 @@ class Bench:
         local = self.need_local()
         for attempt in range(1, START_ATTEMPTS + 1):
             daemon = local.spawn(concurrency, extra, redis_url)
-            started.append(daemon)
+            started.append(daemon)  # stopped with the others, should _ready raise
             if await self._ready(daemon):
                 return
+            # It exited (its port taken first): nothing to stop, and not one of `count`.
+            started.remove(daemon)
             if attempt == START_ATTEMPTS:
                 raise BenchError(f"a daemon exited while starting\n{daemon.tail()}")
 
