@@ -61,20 +61,25 @@ def _stop(server: PostgresServer) -> None:
 async def archive(bench: Bench) -> list[Figure]:
     """N noop jobs drained by one daemon (100 slots) without, then with, [archive]: the
     drain rate each time, how fast the archive took the jobs in and how far it fell
-    behind the drain, and what the jobs cost each process in CPU time."""
+    behind the drain, and what the jobs cost each process in CPU time; then N more
+    drained while PostgreSQL is down, and how fast the archive catches up once it is back."""
     n = bench.scaled(ARCHIVE_DRAIN)
     plain, _, _, _ = await _drain(bench, n, None)
     await bench.reset()
     async with own_postgres() as server:
         rate, cpu, peak, lag = await _drain(bench, n, server)
         await _wait_archived(bench, server, n)
+        catch_up = await _catch_up(bench, n, server)
+        await _wait_archived(bench, server, 2 * n)
     bench.note(
         "archive: drain rates of the same daemon without and with [archive]; archived is "
         "jobs written to PostgreSQL per second from the drain's start to the last one "
         "written; archive lag is from the drain's last job done to the hand-off empty; "
         "peak backlog is the most jobs waiting in the hand-off while it drained; "
         "the CPU figures are from the drain's start until the hand-off is empty: the "
-        "daemon, its archiver process, Redis and PostgreSQL share the machine's cores."
+        "daemon, its archiver process, Redis and PostgreSQL share the machine's cores; "
+        "catch-up is how fast the archive wrote a backlog of as many jobs, drained while "
+        "PostgreSQL was down, once it was back (from the first row written to the last)."
     )
     return [
         Figure("drain, no archive", "jobs/s", plain),
@@ -84,6 +89,7 @@ async def archive(bench: Bench) -> list[Figure]:
         Figure("archive lag after drain", "s", lag),
         Figure("peak backlog", "jobs", peak),
         *cpu,
+        Figure("catch-up after an outage", "jobs/s", catch_up),
     ]
 
 
@@ -130,6 +136,33 @@ async def _drain(
     return n / span(rows), used, peak, lag
 
 
+async def _catch_up(bench: Bench, n: int, server: PostgresServer) -> float:
+    """Drain n noop jobs with PostgreSQL stopped, so that they wait in the hand-off; start
+    it again and return how many jobs a second the archive then wrote, from the first
+    written (the archiver retries a second after a failure) to the hand-off empty."""
+    local = bench.need_local()
+    await local.enqueue(n, "noop", None)
+    await local.store.pause(QUEUE)
+    extra = f'\n[archive]\nurl = "{server.url_of("archive")}"\n'
+    async with bench.daemons(1, concurrency=100, extra=extra) as [_]:
+        await _archiver_ready(bench)  # migrated, so that it needs PostgreSQL for nothing else
+        await anyio.to_thread.run_sync(server.stop)
+        await local.store.resume(QUEUE)
+        await bench.wait_finished(2 * n)  # those of the drain before, and these
+        backlog = await _archived_backlog(bench)
+        await anyio.to_thread.run_sync(server.start)
+        up = time.perf_counter()
+        while (left := await _archived_backlog(bench)) == backlog:
+            if time.perf_counter() - up > 120:
+                raise BenchError("the archive wrote nothing within 120 s of PostgreSQL's start")
+            await anyio.sleep(POLL / 10)
+        started = time.perf_counter()
+        await _archived_in_redis(bench, POLL / 10)
+        if not left:  # all written between two looks: timed from PostgreSQL's start
+            return backlog / (time.perf_counter() - up)
+        return left / (time.perf_counter() - started)
+
+
 async def _archiver_ready(bench: Bench) -> None:
     """Wait until the daemon's archiver process holds the queue: started, imported and
     migrated, so that none of that counts in the drain's figures."""
@@ -157,12 +190,12 @@ async def _archived_backlog(bench: Bench) -> int:
     return backlog[QUEUE][0]
 
 
-async def _archived_in_redis(bench: Bench) -> None:
+async def _archived_in_redis(bench: Bench, poll: float = POLL) -> None:
     deadline = time.monotonic() + 120
     while await _archived_backlog(bench):
         if time.monotonic() > deadline:
-            raise BenchError("the archive did not catch up within 120 s of the drain")
-        await anyio.sleep(POLL)
+            raise BenchError("the archive did not catch up within 120 s")
+        await anyio.sleep(poll)
 
 
 async def _wait_archived(bench: Bench, server: PostgresServer, n: int) -> None:
