@@ -119,7 +119,7 @@ class Archiver:
         """Write `records` and, while PostgreSQL does, take the entries after them (none
         after a short batch: the hand-off is empty). Taken one after the other, the two
         took turns on the machine's cores, and the archive fell behind a drain of no-op
-        jobs by some 3,500 a second, its backlog growing with the drain (2026-12-08).
+        jobs by some 5,000 a second, its backlog growing with the drain (2026-12-08).
 
         An entry read twice, should the hand-off's order shift between the two reads, is
         written twice, harmlessly; one not read yet stays for the next pass."""
