@@ -91,31 +91,27 @@ async def test_a_bulk_read_cut_short_leaves_no_answers_for_the_next_command(
     proxy: Proxy, redis: Redis
 ) -> None:
     # The archiver reads many hashes on one connection with one deadline for all (see
-    # Store._read_all). Cut short (cancelled, or by an error answer), the rest of its
+    # Store._hashes). Cut short (cancelled, or by an error answer), the rest of its
     # answers are still to come on that connection: no later command may read them as
     # its own.
     keys = [f"h:{n}" for n in range(200)]
-
-    def gets(keys: list[str]) -> list[tuple[str, ...]]:
-        return [("HGET", key, "n") for key in keys]
-
     for n, key in enumerate(keys):
         await redis.hset(key, "n", n)
     store = Store.from_url(proxy.url, prefix="taskd")
     try:
-        assert await store._read_all(gets(keys[:2])) == [b"0", b"1"]
+        assert await store._hashes(keys[:2]) == [{b"n": b"0"}, {b"n": b"1"}]
         proxy.blackhole()
         with anyio.move_on_after(0.5) as waited:
-            await store._read_all(gets(keys))
+            await store._hashes(keys)
         assert waited.cancel_called
         proxy.restore()
-        assert await store._read_all(gets(["h:7"])) == [b"7"]
+        assert await store._hashes(["h:7"]) == [{b"n": b"7"}]
         # An error answer (a key that holds no hash) fails the read; the answers after it
         # are read all the same.
         await redis.set("h:1", "not a hash")
         with pytest.raises(redis_errors.ResponseError):
-            await store._read_all(gets(keys))
-        assert await store._read_all(gets(["h:7"])) == [b"7"]
+            await store._hashes(keys)
+        assert await store._hashes(["h:7"]) == [{b"n": b"7"}]
         assert await store.connection.client.hget("h:9", "n") == b"9"
     finally:
         await store.close()

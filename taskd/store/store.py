@@ -591,7 +591,7 @@ class Store:
             else ()
         )
         jobs = [k.job(queue, entry) for entry in entries if "@" not in entry]
-        hashes = iter(await self._read_all([("HGETALL", job) for job in jobs]))
+        hashes = iter(await self._hashes(jobs))
         found: list[ArchiveRecord | None] = []
         for entry in entries:
             job_id, copy, _ = entry.partition("@")
@@ -600,20 +600,21 @@ class Store:
                 fields = next(copies)
             else:
                 named = next(hashes)
-                if not isinstance(named, dict):  # field, value pairs in RESP2
-                    named = dict(zip(named[::2], named[1::2], strict=True))
                 fields = [named.get(name) for name in _ARCHIVED_RAW] if named else None
             found.append(record.decode_archive_record(fields, queue, job_id))
         return found
 
-    async def _read_all(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """The answers of many read commands at once (see _together); an error answer
-        raised."""
-        replies = await self._together(commands)
+    async def _hashes(self, keys: list[str]) -> list[dict[bytes, bytes]]:
+        """Every field of each hash (HGETALL), many at once (see _together)."""
+        replies = await self._together([("HGETALL", key) for key in keys])
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        return replies
+        # A map in RESP3 (redis-py's default), field, value pairs in RESP2.
+        return [
+            reply if isinstance(reply, dict) else dict(zip(reply[::2], reply[1::2], strict=True))
+            for reply in replies
+        ]
 
     async def _script(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """Run one script (see _scripts); its error raised."""
