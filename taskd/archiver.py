@@ -4,16 +4,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Collection
-from typing import TYPE_CHECKING
 
 import anyio
 
+from taskd.archive import UNREACHABLE, Archive
 from taskd.jobs import now_ms
 from taskd.loop import Outage, repeat
 from taskd.store import UNAVAILABLE, Archived, ArchiveRecord, Store
-
-if TYPE_CHECKING:  # psycopg, which it imports, is the optional archive extra
-    from taskd.archive import Archive
 
 logger = logging.getLogger(__name__)
 
@@ -21,6 +18,13 @@ logger = logging.getLogger(__name__)
 # (a script call, a statement, a commit) are small per job, small enough that one script
 # call and one statement stay short.
 BATCH = 1000
+# Most batches of one queue a pass writes before it turns to the next queue: a queue with
+# a long backlog (after an outage) must not keep the others' jobs waiting until it is
+# empty. The pass after follows at once.
+ROUNDS = 10
+# Errors after which every queue's write would fail alike (Redis or PostgreSQL down): the
+# pass stops there. Any other error stops only its queue's archiving for the pass.
+_DOWN = (*UNAVAILABLE, *UNREACHABLE)
 # How long a daemon's hold on a queue's archiving lasts unless renewed by its next take:
 # past it, another daemon takes over (this one died or stalled). Longer than a batch's
 # write may take, so that two daemons rarely write the same entries (harmless if they do).
@@ -85,19 +89,35 @@ class Archiver:
             await self._archive.migrate()
             self._migrated = True
         written = 0
+        failed: Exception | None = None
         # Every queue any daemon knows of, not only ours: no queue's jobs wait for a daemon
         # that serves it.
         for queue in sorted(self._queues | await self._store.known_queues()):
-            written += await self._archive_queue(queue)
+            try:
+                written += await self._archive_queue(queue)
+            except _DOWN:
+                raise
+            except Exception as exc:
+                # A batch PostgreSQL refuses must not stop the other queues' archiving;
+                # the loop reports the error and tries its queue again.
+                exc.add_note(f"while archiving queue {queue}")
+                failed = failed or exc
         await self._expire()
+        if failed is not None:
+            raise failed
         return written
 
     async def _archive_queue(self, queue: str) -> int:
         written = 0
         taken = await self._take(queue, skip=0)
-        while taken:
+        for rounds in range(1, ROUNDS + 1):
+            if not taken:
+                break
             records = [each.record for each in taken if each.record is not None]
-            following = await self._write_and_take(queue, records, skip=len(taken))
+            # The next batch is read meanwhile only if there may be one, and this pass
+            # is to write it.
+            ahead = len(taken) == self._batch and rounds < ROUNDS
+            following = await self._write_and_take(queue, records, skip=len(taken) if ahead else 0)
             removed = await self._store.archive_done(queue, self._daemon_id, taken)
             # An entry whose job was gone or not final when read, and is still there: a
             # stray (a job that moved on meanwhile moved its entry first, see
@@ -116,10 +136,10 @@ class Archiver:
     async def _write_and_take(
         self, queue: str, records: list[ArchiveRecord], *, skip: int
     ) -> list[Archived]:
-        """Write `records` and, while PostgreSQL does, take the entries after them (none
-        after a short batch: the hand-off is empty). Taken one after the other, the two
-        took turns on the machine's cores, and the archive fell behind a drain of no-op
-        jobs by some 5,000 a second, its backlog growing with the drain (2026-12-08).
+        """Write `records` and, while PostgreSQL does, take the entries after the first
+        `skip` (none if `skip` is 0). Taken one after the other, the two took turns on the
+        machine's cores, and the archive fell behind a drain of no-op jobs by some 5,000 a
+        second, its backlog growing with the drain (2026-12-08).
 
         An entry read twice, should the hand-off's order shift between the two reads, is
         written twice, harmlessly; one not read yet stays for the next pass."""
@@ -131,7 +151,7 @@ class Archiver:
 
         try:
             async with anyio.create_task_group() as tg:
-                if skip == self._batch:
+                if skip:
                     tg.start_soon(take)
                 await self._archive.write(records)
         except BaseExceptionGroup as group:

@@ -14,7 +14,7 @@ from redis.asyncio import Redis
 
 from taskd.archive import MIGRATIONS, Archive, Filters
 from taskd.archive.schema import VERSIONS
-from taskd.archiver import Archiver
+from taskd.archiver import ROUNDS, Archiver
 from taskd.embedded import RedisServer
 from taskd.jobs import Job
 from taskd.store import Keys, Store
@@ -44,9 +44,11 @@ async def archive(archive_url: str) -> AsyncIterator[Archive]:
     await db.close()
 
 
-def archiver(store: Store, db: Archive, daemon: str = ME, **options: Any) -> Archiver:
+def archiver(
+    store: Store, db: Archive, daemon: str = ME, queues: tuple[str, ...] = (Q,), **options: Any
+) -> Archiver:
     return Archiver(
-        store=store, archive=db, daemon_id=daemon, queues=[Q], clock=lambda: NOW, **options
+        store=store, archive=db, daemon_id=daemon, queues=queues, clock=lambda: NOW, **options
     )
 
 
@@ -59,11 +61,21 @@ async def rows(url: str, where: str = "true") -> list[tuple[Any, ...]]:
         return await cursor.fetchall()
 
 
-async def finish(store: Store, jobs: list[Job], outcome: str, value: str, at: int) -> None:
+async def finish(
+    store: Store, jobs: list[Job], outcome: str, value: str, at: int, queue: str = Q
+) -> None:
     """Claim `jobs` (queued, in this order) and end each attempt with `outcome`."""
-    claimed = (await store.claim(Q, ME, len(jobs), now=at, type_limits=ECHO)).jobs
+    claimed = (await store.claim(queue, ME, len(jobs), now=at, type_limits=ECHO)).jobs
     assert [job.id for job in claimed] == [job.id for job in jobs]
-    await store.ack(Q, ME, [ended(job, outcome, value, finished_at=at) for job in claimed], now=at)
+    done = [ended(job, outcome, value, finished_at=at) for job in claimed]
+    await store.ack(queue, ME, done, now=at)
+
+
+async def ended_in(store: Store, queue: str, count: int) -> list[Job]:
+    """`count` jobs of `queue`, completed at NOW."""
+    jobs = await enqueue(store, count, queue=queue)
+    await finish(store, jobs, "completed", "1", at=NOW, queue=queue)
+    return jobs
 
 
 async def test_every_final_state_is_handed_off_and_archived_once(
@@ -238,6 +250,64 @@ async def test_the_archiver_reads_the_next_batch_while_postgresql_writes_one(
     ]  # fmt: skip
     found = await rows(archive_url)
     assert sorted(r[0] for r in found) == sorted(job.id for job in jobs)
+
+
+async def test_a_queue_whose_batch_postgresql_refuses_leaves_the_other_queues_archived(
+    archiving: Store, archive: Archive, archive_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    refused = await ended_in(archiving, "a", 2)
+    others = await ended_in(archiving, "b", 3)
+    write = archive.write
+
+    async def refusing(records: Any) -> None:
+        if any(r.queue == "a" for r in records):
+            raise psycopg.errors.DataError("a value PostgreSQL refuses")
+        await write(records)
+
+    monkeypatch.setattr(archive, "write", refusing)
+    archiving_ab = archiver(archiving, archive, queues=("a", "b"))
+    with pytest.raises(psycopg.errors.DataError) as raised:
+        await archiving_ab.tick()
+    # The error reaches the loop's policy, naming its queue; queue b, after it, is written.
+    assert "while archiving queue a" in (raised.value.__notes__ or [])
+    assert sorted(r[0] for r in await rows(archive_url)) == sorted(j.id for j in others)
+    monkeypatch.setattr(archive, "write", write)
+    assert await archiving_ab.tick() == 2
+    assert len(await rows(archive_url)) == 5
+    assert sorted(r[0] for r in await rows(archive_url, "queue = 'a'")) == sorted(
+        j.id for j in refused
+    )
+
+
+async def test_a_database_that_does_not_answer_ends_the_pass_at_once(
+    archiving: Store, archive: Archive, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every queue would wait for it alike: the loop reports it and tries again later.
+    await ended_in(archiving, "a", 1)
+    await ended_in(archiving, "b", 1)
+    writes: list[str] = []
+
+    async def down(records: Any) -> None:
+        writes.append(records[0].queue)
+        raise psycopg.OperationalError("connection refused")
+
+    monkeypatch.setattr(archive, "write", down)
+    with pytest.raises(psycopg.OperationalError):
+        await archiver(archiving, archive, queues=("a", "b")).tick()
+    assert writes == ["a"]
+
+
+async def test_a_long_backlog_does_not_keep_another_queue_waiting_for_its_end(
+    archiving: Store, archive: Archive, archive_url: str
+) -> None:
+    await ended_in(archiving, "a", 2 * ROUNDS + 5)
+    other = await ended_in(archiving, "b", 1)
+    archiving_ab = archiver(archiving, archive, queues=("a", "b"), batch=2)
+    # ROUNDS batches of queue a, then queue b's job; a's rest in the next pass.
+    assert await archiving_ab.tick() == 2 * ROUNDS + 1
+    assert [r[0] for r in await rows(archive_url, "queue = 'b'")] == [other[0].id]
+    assert await archiving_ab.tick() == 5
+    assert len(await rows(archive_url)) == 2 * ROUNDS + 6
 
 
 async def test_an_entry_written_twice_changes_nothing(

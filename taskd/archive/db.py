@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import psycopg
 from psycopg import sql
 from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
@@ -26,6 +27,9 @@ POOL_SIZE = 4
 # Longest a read or write waits for a connection, or a statement runs, in seconds: an
 # outage must show as an error soon, not hang the API or the archiver.
 TIMEOUT = 10.0
+# The errors of a database that is down or does not answer (PoolTimeout is one): every
+# write fails alike until it is back.
+UNREACHABLE: tuple[type[Exception], ...] = (psycopg.OperationalError,)
 # Most rows GET /archive answers at once.
 MAX_PAGE = 1000
 DAY = timedelta(days=1)
