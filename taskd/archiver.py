@@ -21,7 +21,7 @@ BATCH = 1000
 # Most batches of one queue a pass writes before it turns to the next queue: a queue with
 # a long backlog (after an outage) must not keep the others' jobs waiting until it is
 # empty. The pass after follows at once.
-ROUNDS = 10
+ROUNDS = 50
 # Errors after which every queue's write would fail alike (Redis or PostgreSQL down): the
 # pass stops there. Any other error stops only its queue's archiving for the pass.
 _DOWN = (*UNAVAILABLE, *UNREACHABLE)

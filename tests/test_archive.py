@@ -18,6 +18,7 @@ from taskd.archiver import ROUNDS, Archiver
 from taskd.embedded import RedisServer
 from taskd.jobs import Job
 from taskd.store import Keys, Store
+from taskd.store import store as store_module
 from tests.builders import ended, enqueue, new_job
 from tests.support import ECHO, REPO, fill
 
@@ -308,6 +309,29 @@ async def test_a_long_backlog_does_not_keep_another_queue_waiting_for_its_end(
     assert [r[0] for r in await rows(archive_url, "queue = 'b'")] == [other[0].id]
     assert await archiving_ab.tick() == 5
     assert len(await rows(archive_url)) == 2 * ROUNDS + 6
+
+
+async def test_a_batch_of_large_jobs_ends_at_its_byte_budget(
+    archiving: Store, archive: Archive, archive_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Jobs of a MiB each must not make a batch of a GiB: read in chunks that would fit
+    # the bytes left, it ends with the chunk that passes them, and the rest waits.
+    monkeypatch.setattr(store_module, "ARCHIVE_CHUNK", 2)
+    monkeypatch.setattr(store_module, "ARCHIVE_BYTES", 5000)
+    jobs = [new_job(payload={"text": "x" * 2000, "n": n}) for n in range(9)]
+    for job in jobs:
+        assert await archiving.enqueue(job)
+    await finish(archiving, jobs, "completed", "1", at=NOW)
+    taken = await archiving.take_archive(Q, ME, 100, lease_ms=1000)
+    assert taken is not None
+    # A queue's first take: chunks of ARCHIVE_CHUNK (2 jobs of 2,000 bytes and more),
+    # then of as many as would fit were each as large as the largest so far (1).
+    assert [each.entry for each in taken] == [job.id for job in jobs[:3]]
+    assert all(each.record is not None for each in taken)
+    # A pass writes such a batch; the loop passes again at once after one that wrote.
+    writer = archiver(archiving, archive)
+    assert [await writer.tick() for _ in range(4)] == [3, 3, 3, 0]
+    assert sorted(r[0] for r in await rows(archive_url)) == sorted(job.id for job in jobs)
 
 
 async def test_an_entry_written_twice_changes_nothing(

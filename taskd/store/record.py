@@ -191,12 +191,19 @@ class ArchiveRecord:
     finished_at: int  # epoch ms
     values: tuple[bytes | None, ...]
 
+    @property
+    def size(self) -> int:
+        """Its bytes, near enough: those of the values without a bound of their own."""
+        v = self.values
+        return sum(len(v[i] or b"") for i in _UNBOUNDED)
+
 
 _AT = {name: i for i, name in enumerate(ARCHIVED)}
 _STATE, _ATTEMPTS, _STARTED_AT, _FINISHED_AT = (
     _AT["state"], _AT["attempts"], _AT["started_at"], _AT["finished_at"],
 )  # fmt: skip
 _DAEMON, _ERROR, _HISTORY = _AT["daemon"], _AT["error"], _AT["history"]
+_UNBOUNDED = (_AT["payload"], _AT["result"], _ERROR, _HISTORY)
 _FINAL_RAW = frozenset(state.encode() for state in FINAL_STATES)
 # The values the archive stores for fields a hash leaves out at their default.
 _ARCHIVED_DEFAULTS = {

@@ -44,6 +44,14 @@ ENQUEUE_LANE_MIN = 16
 # Payload bytes gathered into one enqueue call at most (a job over it goes alone): 1,000
 # submissions of up to [server] max_body each must not make one command of a gigabyte.
 ENQUEUE_BYTES = 4 * 1024 * 1024
+# The bytes of the records the archiver takes at once, near enough: 1,000 jobs with
+# payloads and results of a MiB each must not make one answer of 2 GiB, nor an archiver
+# process that holds it and the next. It reads a batch in chunks that would fit the bytes
+# left were each record as large as the largest of the queue's last take: of small jobs,
+# a batch in one round trip (a chunk a round trip cost the archive an eighth of its rate,
+# 2026-12-08); of a queue's first take, chunks of ARCHIVE_CHUNK.
+ARCHIVE_BYTES = 16 * 1024 * 1024
+ARCHIVE_CHUNK = 100
 # Recent wait and run times kept per queue, for the percentiles /stats shows.
 TIMING_SAMPLES = 1000
 # Throughput buckets are kept this long (ms), then the janitor forgets them.
@@ -177,6 +185,9 @@ class Store:
         self._lua = scripts.load(self._r)
         self._reads = Inspector(connection=connection)
         self._lanes: dict[tuple[str, int], _Lane] = {}
+        # The largest archive record of each queue's last take (take_archive), which sizes
+        # the chunks of its next.
+        self._archive_largest: dict[str, int] = {}
         # The job record layout it writes (record.RECORD_VERSION): the oldest one, until a
         # heartbeat finds every registered daemon reads the newer (beat).
         self.record_version = record.OLDEST_RECORD_VERSION
@@ -559,9 +570,10 @@ class Store:
         self, queue: str, daemon_id: str, most: int, lease_ms: int, *, skip: int = 0
     ) -> list[Archived] | None:
         """The oldest entries of the queue's archive hand-off after the first `skip` (those
-        being written), with their jobs (None for an entry whose record is gone or no
-        longer final); None if another daemon archives the queue. The lease first, then
-        the entries and their records, read by plain commands (see archive_lease.lua)."""
+        being written), `most` of them or those of ARCHIVE_BYTES, with their jobs (None for
+        an entry whose record is gone or no longer final); None if another daemon archives
+        the queue. The lease first, then the entries and their records, read by plain
+        commands (see archive_lease.lua)."""
         k = self.keys
         if not await self._script("archive_lease", [k.archive_lock(queue)], [daemon_id, lease_ms]):
             return None
@@ -569,11 +581,31 @@ class Store:
         entries = [
             (text(entry), int(score)) for entry, score in cast(list[tuple[bytes, float]], oldest)
         ]
-        records = await self._archived_records(queue, [entry for entry, _ in entries])
+        records = await self._archive_records_within(queue, [entry for entry, _ in entries])
+        # The entries not read (past ARCHIVE_BYTES) are the next batch's.
         return [
             Archived(entry=entry, ended_at=ended_at, record=found)
-            for (entry, ended_at), found in zip(entries, records, strict=True)
+            for (entry, ended_at), found in zip(entries, records, strict=False)
         ]
+
+    async def _archive_records_within(
+        self, queue: str, entries: list[str]
+    ) -> list[ArchiveRecord | None]:
+        """The records of the first entries, up to ARCHIVE_BYTES of them (see there)."""
+        records: list[ArchiveRecord | None] = []
+        size = largest = 0
+        hint = self._archive_largest.get(queue, ARCHIVE_BYTES // ARCHIVE_CHUNK)
+        while len(records) < len(entries) and size < ARCHIVE_BYTES:
+            fit = (ARCHIVE_BYTES - size) // max(hint, largest, 1)
+            chunk = entries[len(records) : len(records) + max(fit, 1)]
+            read = await self._archived_records(queue, chunk)
+            sizes = [found.size for found in read if found is not None]
+            size += sum(sizes)
+            largest = max(largest, *sizes) if sizes else largest
+            records += read
+        if largest:
+            self._archive_largest[queue] = largest
+        return records
 
     async def _archived_records(self, queue: str, entries: list[str]) -> list[ArchiveRecord | None]:
         """The record each hand-off entry names: the job's hash, or for a kept copy
