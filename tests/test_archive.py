@@ -15,6 +15,7 @@ from redis.asyncio import Redis
 from taskd.archive import MIGRATIONS, Archive, Filters
 from taskd.archive.schema import VERSIONS
 from taskd.archiver import ROUNDS, Archiver
+from taskd.bench.postgres import PostgresServer
 from taskd.embedded import RedisServer
 from taskd.jobs import Job
 from taskd.store import Keys, Store
@@ -441,6 +442,47 @@ async def test_partitions_past_keep_days_are_dropped(archiving: Store, archive_u
         await archiver(archiving, db).tick()
         # A day's partition goes once all of it is past keep_days: the oldest only.
         assert [r[0] for r in await rows(archive_url)] == [j.id for j in reversed(jobs[:3])]
+    finally:
+        await db.close()
+
+
+async def test_a_partition_another_daemon_dropped_is_made_again(
+    archiving: Store, archive_url: str
+) -> None:
+    # A job that ended over keep_days ago, archived late (after an outage), by a daemon
+    # that made its day's partition before another daemon's expiry dropped it.
+    writer, expirer = Archive(url=archive_url, keep_days=0), Archive(url=archive_url, keep_days=1)
+    await writer.open()
+    await expirer.open()
+    try:
+        jobs = await enqueue(archiving, 2)
+        for n, job in enumerate(jobs):
+            await finish(archiving, [job], "completed", "1", at=NOW - 10 * DAY_MS + n)
+        taken = await archiving.take_archive(Q, ME, 10, lease_ms=1000)
+        assert taken is not None
+        first, second = [each.record for each in taken if each.record is not None]
+        await writer.write([first])
+        assert len(await expirer.drop_expired(NOW)) == 1
+        await writer.write([second])
+        assert [r[0] for r in await rows(archive_url)] == [jobs[1].id]
+    finally:
+        await writer.close()
+        await expirer.close()
+
+
+async def test_a_database_not_in_utf8_is_refused_naming_its_encoding(
+    postgres_server: PostgresServer,
+) -> None:
+    # Some text would be refused, its batch with it for ever, or garbled.
+    postgres_server.psql(
+        "postgres",
+        "CREATE DATABASE latin ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
+    )
+    db = Archive(url=postgres_server.url_of("latin"), keep_days=1)
+    await db.open()
+    try:
+        with pytest.raises(RuntimeError, match="encoding is LATIN1; taskd needs UTF8"):
+            await db.migrate()
     finally:
         await db.close()
 

@@ -105,7 +105,12 @@ class Archive:
             max_size=POOL_SIZE,
             open=False,
             timeout=TIMEOUT,
-            kwargs={"autocommit": True, "connect_timeout": int(TIMEOUT)},
+            # UTF-8 whatever PGCLIENTENCODING or the URL says: the COPY data is.
+            kwargs={
+                "autocommit": True,
+                "connect_timeout": int(TIMEOUT),
+                "client_encoding": "UTF8",
+            },
             check=AsyncConnectionPool.check_connection,
         )
         self._days: set[datetime] = set()  # partitions known to exist
@@ -122,6 +127,7 @@ class Archive:
         lock (daemons that start at once take turns); returns the version now."""
         async with self._pool.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+            await _check_encoding(conn)
             await conn.execute(
                 sql.SQL(
                     "CREATE TABLE IF NOT EXISTS {} (version integer PRIMARY KEY,"
@@ -158,9 +164,19 @@ class Archive:
             return
         if not self._migrated:
             await self.migrate()
-        days = {r.finished_at // _DAY_MS for r in records}
-        await self._ensure_days({_time(day * _DAY_MS) for day in days})
+        days = {_time(day * _DAY_MS) for day in {r.finished_at // _DAY_MS for r in records}}
+        await self._ensure_days(days)
         data = b"".join(map(_copy_line, records))
+        try:
+            await self._insert(data)
+        except psycopg.errors.CheckViolation:
+            # No partition for a row: another daemon's expiry dropped one this process
+            # made (a job that ended over keep_days ago, archived after an outage).
+            self._days -= days
+            await self._ensure_days(days)
+            await self._insert(data)
+
+    async def _insert(self, data: bytes) -> None:
         async with self._pool.connection() as conn, conn.transaction():
             await conn.execute(_STAGING)
             async with conn.cursor().copy(_COPY_IN) as copy:
@@ -275,6 +291,20 @@ class Archive:
         last = jobs[-1] if more else None
         next_cursor = encode_cursor(last.finished_at or 0, last.id) if last else None
         return ArchivePage(jobs, next_cursor)
+
+
+async def _check_encoding(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Refuse a database that cannot hold every character a job may carry: in any other
+    encoding than UTF8, some text would be refused (its batch with it, for ever) or
+    garbled."""
+    cursor = await conn.execute("SHOW server_encoding")
+    row = await cursor.fetchone()
+    encoding = str(row[0]) if row else "?"
+    if encoding != "UTF8":
+        raise RuntimeError(
+            f"the archive database's encoding is {encoding}; taskd needs UTF8 "
+            "(CREATE DATABASE ... ENCODING 'UTF8' TEMPLATE template0)"
+        )
 
 
 def encode_cursor(finished_at: int, job_id: str) -> str:
