@@ -13,12 +13,13 @@ import pytest
 from redis.asyncio import Redis
 
 from taskd.archive import MIGRATIONS, Archive, Filters
+from taskd.archive import db as db_module
 from taskd.archive.schema import VERSIONS
 from taskd.archiver import ROUNDS, Archiver
 from taskd.bench.postgres import PostgresServer
 from taskd.embedded import RedisServer
 from taskd.jobs import Job
-from taskd.store import Keys, Store
+from taskd.store import ArchiveRecord, Keys, Store
 from taskd.store import store as store_module
 from tests.builders import ended, enqueue, new_job
 from tests.support import ECHO, REPO, fill
@@ -71,6 +72,13 @@ async def finish(
     assert [job.id for job in claimed] == [job.id for job in jobs]
     done = [ended(job, outcome, value, finished_at=at) for job in claimed]
     await store.ack(queue, ME, done, now=at)
+
+
+async def handed_off(store: Store) -> list[ArchiveRecord]:
+    """The records of the jobs in the default queue's hand-off, left there."""
+    taken = await store.take_archive(Q, ME, 100, lease_ms=1000)
+    assert taken is not None
+    return [each.record for each in taken if each.record is not None]
 
 
 async def ended_in(store: Store, queue: str, count: int) -> list[Job]:
@@ -340,9 +348,7 @@ async def test_an_entry_written_twice_changes_nothing(
 ) -> None:
     jobs = await enqueue(archiving, 2)
     await finish(archiving, jobs, "completed", "1", at=NOW)
-    taken = await archiving.take_archive(Q, ME, 10, lease_ms=1000)
-    assert taken is not None
-    finished = [each.record for each in taken if each.record is not None]
+    finished = await handed_off(archiving)
     # A daemon that wrote the batch and died before removing it from the hand-off: the
     # next one writes the same rows again.
     await archive.write(finished)
@@ -458,9 +464,7 @@ async def test_a_partition_another_daemon_dropped_is_made_again(
         jobs = await enqueue(archiving, 2)
         for n, job in enumerate(jobs):
             await finish(archiving, [job], "completed", "1", at=NOW - 10 * DAY_MS + n)
-        taken = await archiving.take_archive(Q, ME, 10, lease_ms=1000)
-        assert taken is not None
-        first, second = [each.record for each in taken if each.record is not None]
+        first, second = await handed_off(archiving)
         await writer.write([first])
         assert len(await expirer.drop_expired(NOW)) == 1
         await writer.write([second])
@@ -468,6 +472,41 @@ async def test_a_partition_another_daemon_dropped_is_made_again(
     finally:
         await writer.close()
         await expirer.close()
+
+
+async def test_a_long_read_of_the_table_holds_up_neither_a_new_days_write_nor_the_reader(
+    archiving: Store, archive: Archive, archive_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A report in SQL holds the table for as long as it runs: a new day's partition is
+    # made and written meanwhile, and the drop of an expired one gives up and waits for
+    # the next expiry instead of holding every statement behind it.
+    monkeypatch.setattr(db_module, "DROP_LOCK_TIMEOUT", 0.2)
+    jobs = await enqueue(archiving, 2)
+    await finish(archiving, jobs[:1], "completed", "1", at=NOW - 40 * DAY_MS)
+    await archive.write(await handed_off(archiving))
+    async with await psycopg.AsyncConnection.connect(archive_url) as report:
+        await report.execute("SELECT count(*) FROM taskd_jobs")  # its transaction stays open
+        await finish(archiving, jobs[1:], "completed", "1", at=NOW)
+        with anyio.fail_after(5):
+            await archive.write(await handed_off(archiving))
+            assert await archive.drop_expired(NOW) == []
+    assert [r[0] for r in await rows(archive_url)] == [jobs[0].id, jobs[1].id]
+    assert len(await archive.drop_expired(NOW)) == 1
+    assert [r[0] for r in await rows(archive_url)] == [jobs[1].id]
+
+
+async def test_the_server_stops_a_statement_that_runs_past_the_timeout(
+    archive_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(db_module, "TIMEOUT", 0.5)
+    db = Archive(url=archive_url, keep_days=1)
+    await db.open()
+    try:
+        async with db._pool.connection() as conn:
+            with pytest.raises(psycopg.errors.QueryCanceled):
+                await conn.execute("SELECT pg_sleep(5)")
+    finally:
+        await db.close()
 
 
 async def test_a_database_not_in_utf8_is_refused_naming_its_encoding(

@@ -27,6 +27,10 @@ POOL_SIZE = 4
 # Longest a read or write waits for a connection, or a statement runs, in seconds: an
 # outage must show as an error soon, not hang the API or the archiver.
 TIMEOUT = 10.0
+# Longest dropping a partition waits for the reads of the table to end, in seconds: the
+# statements that come meanwhile wait behind it. One that gives up is tried again at the
+# next expiry (archiver.EXPIRE_INTERVAL_MS).
+DROP_LOCK_TIMEOUT = 1.0
 # The errors of a database that is down or does not answer (PoolTimeout is one): every
 # write fails alike until it is back.
 UNREACHABLE: tuple[type[Exception], ...] = (psycopg.OperationalError,)
@@ -112,6 +116,7 @@ class Archive:
                 "client_encoding": "UTF8",
             },
             check=AsyncConnectionPool.check_connection,
+            configure=_configure,
         )
         self._days: set[datetime] = set()  # partitions known to exist
         self._migrated = False
@@ -127,6 +132,8 @@ class Archive:
         lock (daemons that start at once take turns); returns the version now."""
         async with self._pool.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+            # A migration may build an index over millions of rows.
+            await conn.execute("SET LOCAL statement_timeout = 0")
             await _check_encoding(conn)
             await conn.execute(
                 sql.SQL(
@@ -200,17 +207,7 @@ class Archive:
         async with self._pool.connection() as conn, conn.transaction():
             await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
             for day in sorted(missing):
-                await conn.execute(
-                    # DDL takes no parameters: the bounds are literals.
-                    sql.SQL(
-                        "CREATE TABLE IF NOT EXISTS {} PARTITION OF {} FOR VALUES FROM ({}) TO ({})"
-                    ).format(
-                        sql.Identifier(_partition(day)),
-                        sql.Identifier(TABLE),
-                        sql.Literal(day.isoformat()),
-                        sql.Literal((day + DAY).isoformat()),
-                    )
-                )
+                await _make_partition(conn, day)
         self._days |= missing
 
     async def drop_expired(self, now_ms: int) -> list[str]:
@@ -227,11 +224,23 @@ class Archive:
                 (TABLE,),
             )
             names = [str(row[0]) for row in await cursor.fetchall()]
-            dropped = [name for name in names if _partition_day(name) < cutoff]
-            for name in dropped:
-                await conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
+        expired = [name for name in names if _partition_day(name) < cutoff]
+        dropped = [name for name in expired if await self._drop(name)]
         self._days = {day for day in self._days if day >= cutoff}  # dropped: made anew if needed
         return dropped
+
+    async def _drop(self, partition: str) -> bool:
+        """Drop one partition, unless the reads of the table hold it past DROP_LOCK_TIMEOUT
+        (a long report in SQL, say): then it is left for the next expiry."""
+        try:
+            async with self._pool.connection() as conn, conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
+                await conn.execute(f"SET LOCAL lock_timeout = {int(DROP_LOCK_TIMEOUT * 1000)}")
+                await conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(partition)))
+        except psycopg.errors.LockNotAvailable:
+            logger.info("archive partition %s is in use; dropped at the next expiry", partition)
+            return False
+        return True
 
     async def get(self, job_id: str, *, wait: float | None = None) -> Job | None:
         """The latest archived final attempt of a job, or None. `wait`: longest to wait
@@ -291,6 +300,38 @@ class Archive:
         last = jobs[-1] if more else None
         next_cursor = encode_cursor(last.finished_at or 0, last.id) if last else None
         return ArchivePage(jobs, next_cursor)
+
+
+async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
+    """Each new connection of the pool: the server stops a statement that runs past
+    TIMEOUT (a read the API gave up on, too)."""
+    await conn.execute(f"SET statement_timeout = {int(TIMEOUT * 1000)}")
+
+
+async def _make_partition(conn: psycopg.AsyncConnection[Any], day: datetime) -> None:
+    """The partition of one day, made unless it is there. Made as a table of its own and
+    then attached: CREATE TABLE ... PARTITION OF waits for every read of the table to end,
+    and every statement after it waits too (a report in SQL of an hour stopped the
+    archive for that hour); ATTACH PARTITION waits for none of them."""
+    name = _partition(day)
+    found = await (await conn.execute("SELECT to_regclass(%s)", (name,))).fetchone()
+    if found and found[0] is not None:
+        return
+    table, partition = sql.Identifier(TABLE), sql.Identifier(name)
+    await conn.execute(
+        sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)").format(
+            partition, table
+        )
+    )
+    await conn.execute(
+        # DDL takes no parameters: the bounds are literals.
+        sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(
+            table,
+            partition,
+            sql.Literal(day.isoformat()),
+            sql.Literal((day + DAY).isoformat()),
+        )
+    )
 
 
 async def _check_encoding(conn: psycopg.AsyncConnection[Any]) -> None:
