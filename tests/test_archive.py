@@ -214,6 +214,21 @@ async def test_the_janitor_keeps_every_job_until_it_is_archived(
     assert await archiving.trim(Q, "completed", cutoff=NOW + DAY_MS) == 3
 
 
+async def test_jobs_waiting_for_the_archive_do_not_keep_newer_ones_from_retention(
+    archiving: Store, store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The oldest jobs past retention wait for the archive (turned off since, say): the
+    # newer ones, which a daemon without it ended, go all the same, however many wait.
+    monkeypatch.setattr(store_module, "BATCH", 3)
+    waiting = await enqueue(archiving, 7)
+    await finish(archiving, waiting, "completed", "1", at=NOW)
+    newer = await enqueue(store, 2)
+    await finish(store, newer, "completed", "1", at=NOW + 1)
+    assert await archiving.trim(Q, "completed", cutoff=NOW + DAY_MS) == 2
+    assert all([await archiving.get_job(job.id, [Q]) for job in waiting])
+    assert not any([await archiving.get_job(job.id, [Q]) for job in newer])
+
+
 async def test_one_daemon_at_a_time_archives_a_queue_and_a_stopped_one_lets_go(
     archiving: Store, archive: Archive, archive_url: str
 ) -> None:

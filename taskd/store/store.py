@@ -30,6 +30,10 @@ logger = logging.getLogger(__name__)
 # Ids moved per script call by requeue, recover, promote and trim: bounds how long one
 # script blocks Redis.
 BATCH = 500
+# Most jobs kept for the archive that one trim looks past to the jobs after them: past
+# retention and still waiting, they are many only when the archive has been down for
+# longer than retention, and then the jobs after them wait too.
+TRIM_KEPT_MOST = 10_000
 # How long an idempotency key holds by default, ms ([server] idempotency_ttl).
 DEDUP_TTL_MS = 86_400_000
 # Jobs sent per script call by enqueue and enqueue_many: bounds how long one call blocks
@@ -870,11 +874,15 @@ class Store:
         """Delete jobs of a final state that finished at or before `cutoff`."""
         k = self.keys
         keys = [k.finished(queue, state), k.index(queue), k.archive(queue), k.pages(queue)]
-        total = 0
-        while deleted := int(
-            await self._lua["trim"](keys=keys, args=[*self._header(queue), cutoff, BATCH])
-        ):
-            total += deleted
+        total = kept = 0
+        more = 1
+        # Jobs kept for the archive are looked past: the oldest waiting must not keep the
+        # newer ones that are archived (or were never handed off) in Redis for ever.
+        while more and kept <= TRIM_KEPT_MOST:
+            args = [*self._header(queue), cutoff, BATCH, kept]
+            deleted, held, more = await self._lua["trim"](keys=keys, args=args)
+            total += int(deleted)
+            kept += int(held)
         return total
 
     # Daemons.

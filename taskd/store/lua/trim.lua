@@ -10,9 +10,23 @@
 -- ARGV[1..3] -> now (unused), job hash prefix, limit key prefix (unused) (the header,
 --   lib.lua)
 -- ARGV[4] -> jobs finished at or before this time, epoch ms, go
--- ARGV[5] -> most jobs to delete
--- Returns the number of jobs deleted.
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[4], 'LIMIT', 0, tonumber(ARGV[5]))
+-- ARGV[5] -> most jobs to look at
+-- ARGV[6] -> the rank to look from: the jobs before it are kept for the archive, as
+--   earlier calls of this pass found (they stay, and must not hide the jobs after them)
+-- Returns {deleted, kept, more}: the jobs deleted, the jobs kept for the archive, and 1 if
+-- every job looked at was past its retention (the next may be too), else 0.
+local limit, cutoff = tonumber(ARGV[5]), tonumber(ARGV[4])
+local from = tonumber(ARGV[6])
+local window = redis.call('ZRANGE', KEYS[1], from, from + limit - 1, 'WITHSCORES')
+local ids = {}
+for i = 1, #window, 2 do
+  if tonumber(window[i + 1]) > cutoff then
+    break
+  end
+  ids[#ids + 1] = window[i]
+end
+local more = (#ids == limit) and 1 or 0
+local looked = #ids
 if #ids > 0 and redis.call('EXISTS', KEYS[3]) == 1 then
   local pending = scores_of(KEYS[3], ids)
   local archived = {}
@@ -30,4 +44,4 @@ if #ids > 0 then
   redis.call('ZREM', KEYS[1], unpack(ids))
   unindex(KEYS[2], KEYS[4], ids)
 end
-return #ids
+return {#ids, looked - #ids, more}
