@@ -260,8 +260,9 @@ class Archive:
         self, filters: Filters, limit: int, cursor: str | None, *, wait: float | None = None
     ) -> ArchivePage:
         """Archived jobs matching `filters`, newest first, after `cursor` (from a previous
-        page); keyset pagination on (finished_at, id, attempts), which the indexes order.
-        `wait` as for get()."""
+        page); keyset pagination on (finished_at, id), which the indexes order (two final
+        attempts of one job that ended in the same ms would share a position: one of them
+        could be missed at a page's end). `wait` as for get()."""
         where: list[sql.Composable] = []
         params: list[Any] = []
         for name in ("type", "queue", "state"):
