@@ -7,7 +7,7 @@ from collections.abc import Callable, Collection
 
 import anyio
 
-from taskd.archive import UNREACHABLE, Archive
+from taskd.archive import Archive, unreachable
 from taskd.jobs import now_ms
 from taskd.loop import Outage, repeat
 from taskd.store import UNAVAILABLE, Archived, ArchiveRecord, Store
@@ -22,9 +22,6 @@ BATCH = 1000
 # a long backlog (after an outage) must not keep the others' jobs waiting until it is
 # empty. The pass after follows at once.
 ROUNDS = 50
-# Errors after which every queue's write would fail alike (Redis or PostgreSQL down): the
-# pass stops there. Any other error stops only its queue's archiving for the pass.
-_DOWN = (*UNAVAILABLE, *UNREACHABLE)
 # How long a daemon's hold on a queue's archiving lasts unless renewed by its next take:
 # past it, another daemon takes over (this one died or stalled). Longer than a batch's
 # write may take, so that two daemons rarely write the same entries (harmless if they do).
@@ -89,22 +86,27 @@ class Archiver:
             await self._archive.migrate()
             self._migrated = True
         written = 0
-        failed: Exception | None = None
+        failed: list[Exception] = []
         # Every queue any daemon knows of, not only ours: no queue's jobs wait for a daemon
         # that serves it.
         for queue in sorted(self._queues | await self._store.known_queues()):
             try:
                 written += await self._archive_queue(queue)
-            except _DOWN:
-                raise
             except Exception as exc:
+                if _down(exc):
+                    raise  # every queue would fail alike: the pass ends here
                 # A batch PostgreSQL refuses must not stop the other queues' archiving;
-                # the loop reports the error and tries its queue again.
+                # the loop reports the errors and tries their queues again.
                 exc.add_note(f"while archiving queue {queue}")
-                failed = failed or exc
-        await self._expire()
-        if failed is not None:
-            raise failed
+                failed.append(exc)
+        try:
+            await self._expire()
+        except Exception as exc:
+            failed.append(exc)
+        if len(failed) > 1:
+            raise ExceptionGroup(f"archiving failed {len(failed)} ways", failed)
+        if failed:
+            raise failed[0]
         return written
 
     async def _archive_queue(self, queue: str) -> int:
@@ -206,6 +208,12 @@ class Archiver:
             except UNAVAILABLE:
                 logger.warning("could not release the archiving of queue %s", queue)
         self._held.clear()
+
+
+def _down(error: Exception) -> bool:
+    """Whether Redis or PostgreSQL is down or not answering: then every queue's write would
+    fail alike. Any other error is of one queue's batch."""
+    return isinstance(error, UNAVAILABLE) or unreachable(error)
 
 
 def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:

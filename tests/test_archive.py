@@ -277,8 +277,20 @@ async def test_the_archiver_reads_the_next_batch_while_postgresql_writes_one(
     assert sorted(r[0] for r in found) == sorted(job.id for job in jobs)
 
 
+@pytest.mark.parametrize(
+    "error",
+    [
+        psycopg.errors.DataError("a value PostgreSQL refuses"),
+        # An OperationalError, but of one statement: the database answers.
+        psycopg.errors.QueryCanceled("canceling statement due to statement timeout"),
+    ],
+)
 async def test_a_queue_whose_batch_postgresql_refuses_leaves_the_other_queues_archived(
-    archiving: Store, archive: Archive, archive_url: str, monkeypatch: pytest.MonkeyPatch
+    archiving: Store,
+    archive: Archive,
+    archive_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    error: psycopg.Error,
 ) -> None:
     refused = await ended_in(archiving, "a", 2)
     others = await ended_in(archiving, "b", 3)
@@ -286,12 +298,12 @@ async def test_a_queue_whose_batch_postgresql_refuses_leaves_the_other_queues_ar
 
     async def refusing(records: Any) -> None:
         if any(r.queue == "a" for r in records):
-            raise psycopg.errors.DataError("a value PostgreSQL refuses")
+            raise error
         await write(records)
 
     monkeypatch.setattr(archive, "write", refusing)
     archiving_ab = archiver(archiving, archive, queues=("a", "b"))
-    with pytest.raises(psycopg.errors.DataError) as raised:
+    with pytest.raises(type(error)) as raised:
         await archiving_ab.tick()
     # The error reaches the loop's policy, naming its queue; queue b, after it, is written.
     assert "while archiving queue a" in (raised.value.__notes__ or [])
@@ -522,6 +534,24 @@ async def test_the_server_stops_a_statement_that_runs_past_the_timeout(
                 await conn.execute("SELECT pg_sleep(5)")
     finally:
         await db.close()
+
+
+async def test_a_partition_detached_by_hand_is_attached_again(
+    archiving: Store, archive: Archive, archive_url: str
+) -> None:
+    jobs = await enqueue(archiving, 2)
+    await finish(archiving, jobs[:1], "completed", "1", at=NOW)
+    await archive.write(await handed_off(archiving))
+    async with await psycopg.AsyncConnection.connect(archive_url, autocommit=True) as conn:
+        await conn.execute("ALTER TABLE taskd_jobs DETACH PARTITION taskd_jobs_p20251206")
+    await finish(archiving, jobs[1:], "completed", "1", at=NOW + 1)
+    fresh = Archive(url=archive_url, keep_days=0)  # a daemon started since
+    await fresh.open()
+    try:
+        await fresh.write(await handed_off(archiving))
+    finally:
+        await fresh.close()
+    assert [r[0] for r in await rows(archive_url)] == [job.id for job in jobs]
 
 
 async def test_a_database_not_in_utf8_is_refused_naming_its_encoding(

@@ -5,7 +5,7 @@ Only this package talks to PostgreSQL, and it is imported only when [archive] is
 driver, psycopg, is the optional `archive` extra.
 """
 
-from taskd.archive.db import UNREACHABLE, Archive, ArchivePage, Filters
+from taskd.archive.db import Archive, ArchivePage, Filters, unreachable
 from taskd.archive.schema import MIGRATIONS, TABLE
 
-__all__ = ["MIGRATIONS", "TABLE", "UNREACHABLE", "Archive", "ArchivePage", "Filters"]
+__all__ = ["MIGRATIONS", "TABLE", "Archive", "ArchivePage", "Filters", "unreachable"]

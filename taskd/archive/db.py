@@ -31,9 +31,6 @@ TIMEOUT = 10.0
 # statements that come meanwhile wait behind it. One that gives up is tried again at the
 # next expiry (archiver.EXPIRE_INTERVAL_MS).
 DROP_LOCK_TIMEOUT = 1.0
-# The errors of a database that is down or does not answer (PoolTimeout is one): every
-# write fails alike until it is back.
-UNREACHABLE: tuple[type[Exception], ...] = (psycopg.OperationalError,)
 # Most rows GET /archive answers at once.
 MAX_PAGE = 1000
 DAY = timedelta(days=1)
@@ -131,9 +128,10 @@ class Archive:
         """Apply the migrations not applied yet, in one transaction under an advisory
         lock (daemons that start at once take turns); returns the version now."""
         async with self._pool.connection() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
-            # A migration may build an index over millions of rows.
+            # A migration may build an index over millions of rows, and the daemons that
+            # start meanwhile wait for it here.
             await conn.execute("SET LOCAL statement_timeout = 0")
+            await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
             await _check_encoding(conn)
             await conn.execute(
                 sql.SQL(
@@ -236,7 +234,10 @@ class Archive:
             async with self._pool.connection() as conn, conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK_KEY,))
                 await conn.execute(f"SET LOCAL lock_timeout = {int(DROP_LOCK_TIMEOUT * 1000)}")
-                await conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(partition)))
+                # Another daemon's expiry may have dropped it since it was listed.
+                await conn.execute(
+                    sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(partition))
+                )
         except psycopg.errors.LockNotAvailable:
             logger.info("archive partition %s is in use; dropped at the next expiry", partition)
             return False
@@ -303,6 +304,17 @@ class Archive:
         return ArchivePage(jobs, next_cursor)
 
 
+def unreachable(error: BaseException) -> bool:
+    """Whether `error` says the database is down or does not answer, so that every write
+    fails alike until it is back: no connection (PoolTimeout among them), or the server
+    shutting down or starting. A statement cancelled at its timeout, a lock not had or a
+    full disk are OperationalErrors too, but of one statement."""
+    if not isinstance(error, psycopg.OperationalError):
+        return False
+    state = error.sqlstate
+    return state is None or state.startswith(("08", "57P"))
+
+
 async def _configure(conn: psycopg.AsyncConnection[Any]) -> None:
     """Each new connection of the pool: the server stops a statement that runs past
     TIMEOUT (a read the API gave up on, too)."""
@@ -315,15 +327,21 @@ async def _make_partition(conn: psycopg.AsyncConnection[Any], day: datetime) -> 
     and every statement after it waits too (a report in SQL of an hour stopped the
     archive for that hour); ATTACH PARTITION waits for none of them."""
     name = _partition(day)
-    found = await (await conn.execute("SELECT to_regclass(%s)", (name,))).fetchone()
-    if found and found[0] is not None:
+    cursor = await conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL,"
+        " EXISTS (SELECT FROM pg_inherits WHERE inhrelid = to_regclass(%s))",
+        (name, name),
+    )
+    exists, attached = await cursor.fetchone() or (False, False)
+    if attached:
         return
     table, partition = sql.Identifier(TABLE), sql.Identifier(name)
-    await conn.execute(
-        sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)").format(
-            partition, table
+    if not exists:  # else one detached by hand: attached again
+        await conn.execute(
+            sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)").format(
+                partition, table
+            )
         )
-    )
     await conn.execute(
         # DDL takes no parameters: the bounds are literals.
         sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM ({}) TO ({})").format(

@@ -53,7 +53,9 @@ ENQUEUE_BYTES = 4 * 1024 * 1024
 # process that holds it and the next. It reads a batch in chunks that would fit the bytes
 # left were each record as large as the largest of the queue's last take: of small jobs,
 # a batch in one round trip (a chunk a round trip cost the archive an eighth of its rate,
-# 2026-12-08); of a queue's first take, chunks of ARCHIVE_CHUNK.
+# 2026-12-08); of a queue's first take, chunks of ARCHIVE_CHUNK. Only a queue whose jobs
+# grow at once from small to large passes it, by one chunk, once: its next take is sized
+# by them.
 ARCHIVE_BYTES = 16 * 1024 * 1024
 ARCHIVE_CHUNK = 100
 # Recent wait and run times kept per queue, for the percentiles /stats shows.
