@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -39,12 +40,21 @@ async def archiving(redis_url: str) -> AsyncIterator[Store]:
     await store.close()
 
 
+@asynccontextmanager
+async def opened(url: str, keep_days: int = 30) -> AsyncIterator[Archive]:
+    """An archive database as a daemon opens it, closed after."""
+    db = Archive(url=url, keep_days=keep_days)
+    await db.open()
+    try:
+        yield db
+    finally:
+        await db.close()
+
+
 @pytest.fixture
 async def archive(archive_url: str) -> AsyncIterator[Archive]:
-    db = Archive(url=archive_url, keep_days=30)
-    await db.open()
-    yield db
-    await db.close()
+    async with opened(archive_url) as db:
+        yield db
 
 
 def archiver(
@@ -466,17 +476,13 @@ async def test_migrations_from_an_empty_database_and_from_the_previous_version(
 
 
 async def test_partitions_past_keep_days_are_dropped(archiving: Store, archive_url: str) -> None:
-    db = Archive(url=archive_url, keep_days=2)
-    await db.open()
-    try:
-        jobs = await enqueue(archiving, 4)
-        for n, job in enumerate(jobs):
-            await finish(archiving, [job], "completed", "1", at=NOW - n * DAY_MS)
+    jobs = await enqueue(archiving, 4)
+    for n, job in enumerate(jobs):
+        await finish(archiving, [job], "completed", "1", at=NOW - n * DAY_MS)
+    async with opened(archive_url, keep_days=2) as db:
         await archiver(archiving, db).tick()
-        # A day's partition goes once all of it is past keep_days: the oldest only.
-        assert [r[0] for r in await rows(archive_url)] == [j.id for j in reversed(jobs[:3])]
-    finally:
-        await db.close()
+    # A day's partition goes once all of it is past keep_days: the oldest only.
+    assert [r[0] for r in await rows(archive_url)] == [j.id for j in reversed(jobs[:3])]
 
 
 async def test_a_partition_another_daemon_dropped_is_made_again(
@@ -484,21 +490,16 @@ async def test_a_partition_another_daemon_dropped_is_made_again(
 ) -> None:
     # A job that ended over keep_days ago, archived late (after an outage), by a daemon
     # that made its day's partition before another daemon's expiry dropped it.
-    writer, expirer = Archive(url=archive_url, keep_days=0), Archive(url=archive_url, keep_days=1)
-    await writer.open()
-    await expirer.open()
-    try:
-        jobs = await enqueue(archiving, 2)
-        for n, job in enumerate(jobs):
-            await finish(archiving, [job], "completed", "1", at=NOW - 10 * DAY_MS + n)
-        first, second = await handed_off(archiving)
+    jobs = await enqueue(archiving, 2)
+    for n, job in enumerate(jobs):
+        await finish(archiving, [job], "completed", "1", at=NOW - 10 * DAY_MS + n)
+    first, second = await handed_off(archiving)
+    async with opened(archive_url, keep_days=0) as writer:
         await writer.write([first])
-        assert len(await expirer.drop_expired(NOW)) == 1
+        async with opened(archive_url, keep_days=1) as expirer:
+            assert len(await expirer.drop_expired(NOW)) == 1
         await writer.write([second])
-        assert [r[0] for r in await rows(archive_url)] == [jobs[1].id]
-    finally:
-        await writer.close()
-        await expirer.close()
+    assert [r[0] for r in await rows(archive_url)] == [jobs[1].id]
 
 
 async def test_a_long_read_of_the_table_holds_up_neither_a_new_days_write_nor_the_reader(
@@ -526,14 +527,9 @@ async def test_the_server_stops_a_statement_that_runs_past_the_timeout(
     archive_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(db_module, "TIMEOUT", 0.5)
-    db = Archive(url=archive_url, keep_days=1)
-    await db.open()
-    try:
-        async with db._pool.connection() as conn:
-            with pytest.raises(psycopg.errors.QueryCanceled):
-                await conn.execute("SELECT pg_sleep(5)")
-    finally:
-        await db.close()
+    async with opened(archive_url) as db, db._pool.connection() as conn:
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            await conn.execute("SELECT pg_sleep(5)")
 
 
 async def test_a_partition_detached_by_hand_is_attached_again(
@@ -545,12 +541,8 @@ async def test_a_partition_detached_by_hand_is_attached_again(
     async with await psycopg.AsyncConnection.connect(archive_url, autocommit=True) as conn:
         await conn.execute("ALTER TABLE taskd_jobs DETACH PARTITION taskd_jobs_p20251206")
     await finish(archiving, jobs[1:], "completed", "1", at=NOW + 1)
-    fresh = Archive(url=archive_url, keep_days=0)  # a daemon started since
-    await fresh.open()
-    try:
+    async with opened(archive_url) as fresh:  # a daemon started since
         await fresh.write(await handed_off(archiving))
-    finally:
-        await fresh.close()
     assert [r[0] for r in await rows(archive_url)] == [job.id for job in jobs]
 
 
@@ -562,13 +554,9 @@ async def test_a_database_not_in_utf8_is_refused_naming_its_encoding(
         "postgres",
         "CREATE DATABASE latin ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0",
     )
-    db = Archive(url=postgres_server.url_of("latin"), keep_days=1)
-    await db.open()
-    try:
+    async with opened(postgres_server.url_of("latin")) as db:
         with pytest.raises(RuntimeError, match="encoding is LATIN1; taskd needs UTF8"):
             await db.migrate()
-    finally:
-        await db.close()
 
 
 async def test_a_full_redis_is_archived_and_emptied_all_the_same(
