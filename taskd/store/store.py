@@ -607,7 +607,7 @@ class Store:
             read = await self._archived_records(queue, chunk)
             sizes = [found.size for found in read if found is not None]
             size += sum(sizes)
-            largest = max(largest, *sizes) if sizes else largest
+            largest = max([largest, *sizes])
             records += read
         if largest:
             self._archive_largest[queue] = largest
